@@ -1,0 +1,1 @@
+"""Plain data and ML library code. Nothing in this package may import Dagster."""

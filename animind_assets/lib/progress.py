@@ -1,0 +1,109 @@
+"""Progress reporting with counts, rates and ETA, decoupled from any orchestrator.
+
+Library code takes a ``log`` callable (``context.log.info`` in Dagster, ``print`` in scripts).
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterable, Iterator
+from typing import TypeVar
+
+T = TypeVar("T")
+LogFn = Callable[[str], None]
+
+
+def _noop(_: str) -> None:
+    return None
+
+
+def fmt_seconds(seconds: float) -> str:
+    seconds = max(0.0, float(seconds))
+    if seconds < 60:
+        return f"{seconds:.1f}s"
+    minutes, sec = divmod(int(round(seconds)), 60)
+    if minutes < 60:
+        return f"{minutes}m{sec:02d}s"
+    hours, minutes = divmod(minutes, 60)
+    return f"{hours}h{minutes:02d}m"
+
+
+class Progress:
+    """Counts work done and logs ``label: done/total (pct) rate/s, elapsed, ETA`` at most every
+    ``every_s`` seconds (and always at the end).
+
+    >>> p = Progress("embed", total=10, unit="texts", log=print, every_s=0)
+    >>> p.update(10)  # doctest: +ELLIPSIS
+    embed: 10/10 texts (100.0%) ...
+    """
+
+    def __init__(
+        self,
+        label: str,
+        total: int | None = None,
+        unit: str = "items",
+        log: LogFn | None = None,
+        every_s: float = 5.0,
+    ) -> None:
+        self.label = label
+        self.total = total
+        self.unit = unit
+        self.log = log or _noop
+        self.every_s = every_s
+        self.done = 0
+        self.start = time.perf_counter()
+        self._last = self.start - every_s - 1.0 if every_s > 0 else self.start
+
+    @property
+    def elapsed(self) -> float:
+        return time.perf_counter() - self.start
+
+    @property
+    def rate(self) -> float:
+        elapsed = self.elapsed
+        return self.done / elapsed if elapsed > 0 else 0.0
+
+    def message(self, extra: str = "") -> str:
+        rate = self.rate
+        if self.total:
+            pct = 100.0 * self.done / self.total
+            eta = (self.total - self.done) / rate if rate > 0 else float("nan")
+            eta_s = fmt_seconds(eta) if eta == eta else "?"
+            msg = (
+                f"{self.label}: {self.done}/{self.total} {self.unit} ({pct:.1f}%) "
+                f"{rate:,.1f} {self.unit}/s, elapsed {fmt_seconds(self.elapsed)}, ETA {eta_s}"
+            )
+        else:
+            msg = f"{self.label}: {self.done} {self.unit} {rate:,.1f} {self.unit}/s, elapsed {fmt_seconds(self.elapsed)}"
+        return f"{msg} {extra}".rstrip()
+
+    def update(self, n: int = 1, extra: str = "", force: bool = False) -> None:
+        self.done += n
+        now = time.perf_counter()
+        finished = self.total is not None and self.done >= self.total
+        if force or finished or self.every_s <= 0 or now - self._last >= self.every_s:
+            self._last = now
+            self.log(self.message(extra))
+
+    def finish(self, extra: str = "") -> None:
+        self.log(self.message(extra))
+
+
+def track(
+    items: Iterable[T],
+    label: str,
+    total: int | None = None,
+    unit: str = "items",
+    log: LogFn | None = None,
+    every_s: float = 5.0,
+) -> Iterator[T]:
+    """Iterate ``items`` while reporting progress (one unit per item)."""
+    if total is None:
+        try:
+            total = len(items)  # type: ignore[arg-type]
+        except TypeError:
+            total = None
+    progress = Progress(label, total=total, unit=unit, log=log, every_s=every_s)
+    for item in items:
+        yield item
+        progress.update(1)

@@ -1,0 +1,190 @@
+"""Quantizer configuration (plain dataclass, JSON/checkpoint friendly) and named presets.
+
+``QuantizerConfig`` holds every knob of both quantizers (RQ-VAE and residual k-means) and of the
+trainer. It round-trips through ``to_dict`` / ``from_dict`` with plain Python types only, so it can
+live inside a ``torch.load(weights_only=True)`` checkpoint and in MLflow params.
+
+Presets (``PRESETS`` / ``preset_config(name, **overrides)``):
+
+* ``default``: TIGER-like RQ-VAE for ~384-d sentence embeddings: MLP 384 -> 256 -> 128 -> 32,
+  3 levels x 256 codes, per-level codebooks initialised by k-means on the encoded residuals, EMA
+  codebook updates, dead-code restarts over a 50-step usage window, AdamW + cosine LR.
+* ``rqkmeans``: residual k-means on centred, L2-normalised inputs with normalised residuals (no
+  training; a strong, cheap baseline).
+* ``conservative`` / ``aggressive``: the original AniMind tokenizer's ``rqvae_conservative`` /
+  ``rqvae_aggressive`` hyper-parameters (8 levels x 2048 codes in one shared codebook, latent 256,
+  hidden 1024, Adam(0.5, 0.9), lr 2.5e-5 / 6e-5, beta 0.20 / 0.35, EMA decay 0.995 / 0.98, batch
+  192 / 320, 60 / 30 epochs, warm-up 3000 / 800 steps) run on this library's machinery (k-means
+  codebook init, windowed dead-code restarts, cosine decay after the warm-up).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any
+
+QUANTIZERS = ("rqvae", "rqkmeans")
+CODEBOOK_UPDATES = ("ema", "gradient")
+ESTIMATORS = ("ste", "rotation")
+OPTIMIZERS = ("adam", "adamw", "adagrad")
+INPUT_NORMS = ("standardize", "center", "none")
+ACTIVATIONS = ("silu", "gelu", "relu")
+LR_SCHEDULES = ("cosine", "constant")
+
+
+@dataclass
+class QuantizerConfig:
+    # --- which quantizer -------------------------------------------------------------------------
+    quantizer: str = "rqvae"  # "rqvae" (trained MLP auto-encoder + residual VQ) | "rqkmeans"
+    # --- architecture ----------------------------------------------------------------------------
+    hidden_dims: list[int] = field(default_factory=lambda: [256, 128])  # encoder MLP widths
+    decoder_hidden_dims: list[int] | None = None  # None: mirror of hidden_dims
+    latent_dim: int = 32
+    levels: int = 3
+    codebook_size: int = 256
+    shared_codebook: bool = False  # one codebook for every level (the original AniMind layout)
+    activation: str = "silu"
+    input_norm: str = "standardize"  # per-dimension z-score with training-set statistics
+    # --- codebook learning -----------------------------------------------------------------------
+    codebook_update: str = "ema"  # "ema" (default) | "gradient" (codebook loss + optimizer)
+    estimator: str = "ste"  # encoder gradient through the quantizer: "ste" | "rotation" (2410.06424)
+    beta: float = 0.25  # commitment weight
+    ema_decay: float = 0.99
+    ema_eps: float = 1e-5
+    codebook_init: str = "kmeans"  # "kmeans" (level by level on encoded residuals) | "random"
+    kmeans_iters: int = 20
+    kmeans_init_samples: int = 0  # 0 = every training row
+    restart_dead_codes: bool = True
+    restart_window: int = 50  # steps over which code usage is counted before deciding
+    restart_min_usage: float = 1.0  # codes used fewer times than this in a full window restart
+    # --- residual k-means (quantizer == "rqkmeans") -------------------------------------------------
+    normalize_residuals: bool = True  # L2-normalise the residual before each level's k-means
+    # --- training --------------------------------------------------------------------------------
+    optimizer: str = "adamw"
+    lr: float = 2e-3
+    weight_decay: float = 1e-4
+    adam_betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
+    lr_schedule: str = "cosine"
+    warmup_steps: int = 50
+    min_lr_ratio: float = 0.05
+    batch_size: int = 512
+    epochs: int = 25
+    grad_accum_steps: int = 1
+    grad_clip: float = 1.0  # 0 = off
+    amp: bool = True  # bf16 autocast of the MLPs, CUDA only
+    device: str = "auto"
+    seed: int = 42
+    val_fraction: float = 0.05
+    early_stopping_patience: int = 0  # epochs without val improvement; 0 = off
+    early_stopping_min_delta: float = 0.0
+    stop_after_epochs: int = 0  # train at most this many epochs in this call (schedule still spans `epochs`)
+    full_eval_every: int = 1  # epochs between full-catalogue code passes (unique-ID fraction); 0 = end only
+    num_threads: int = 0  # torch CPU threads; 0 = leave as is
+    dry_run: bool = False
+    dry_run_rows: int = 512
+    dry_run_epochs: int = 1
+
+    # ---------------------------------------------------------------------------------------------
+    def validate(self) -> QuantizerConfig:
+        def check(name: str, value: Any, allowed: tuple) -> None:
+            if value not in allowed:
+                raise ValueError(f"QuantizerConfig.{name}={value!r}; expected one of {allowed}")
+
+        check("quantizer", self.quantizer, QUANTIZERS)
+        check("codebook_update", self.codebook_update, CODEBOOK_UPDATES)
+        check("estimator", self.estimator, ESTIMATORS)
+        check("optimizer", self.optimizer, OPTIMIZERS)
+        check("input_norm", self.input_norm, INPUT_NORMS)
+        check("activation", self.activation, ACTIVATIONS)
+        check("lr_schedule", self.lr_schedule, LR_SCHEDULES)
+        check("codebook_init", self.codebook_init, ("kmeans", "random"))
+        for name in ("latent_dim", "levels", "codebook_size", "batch_size", "epochs", "grad_accum_steps"):
+            if int(getattr(self, name)) < 1:
+                raise ValueError(f"QuantizerConfig.{name} must be >= 1, got {getattr(self, name)}")
+        if not 0.0 <= self.val_fraction < 1.0:
+            raise ValueError(f"QuantizerConfig.val_fraction must be in [0, 1), got {self.val_fraction}")
+        if not 0.0 < self.ema_decay < 1.0:
+            raise ValueError(f"QuantizerConfig.ema_decay must be in (0, 1), got {self.ema_decay}")
+        if self.restart_window < 1:
+            raise ValueError("QuantizerConfig.restart_window must be >= 1")
+        if len(self.adam_betas) != 2:
+            raise ValueError("QuantizerConfig.adam_betas needs two values")
+        return self
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> QuantizerConfig:
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ValueError(f"unknown QuantizerConfig fields: {unknown}")
+        return cls(**{k: (list(v) if isinstance(v, tuple) else v) for k, v in data.items()}).validate()
+
+    def replace(self, **overrides: Any) -> QuantizerConfig:
+        data = self.to_dict()
+        data.update(overrides)
+        return QuantizerConfig.from_dict(data)
+
+    def effective(self) -> QuantizerConfig:
+        """The configuration actually trained (dry-run caps applied)."""
+        if not self.dry_run:
+            return self
+        return self.replace(epochs=min(self.epochs, self.dry_run_epochs), stop_after_epochs=0)
+
+
+_ORIGINAL_COMMON: dict[str, Any] = dict(
+    quantizer="rqvae",
+    hidden_dims=[1024],
+    latent_dim=256,
+    levels=8,
+    codebook_size=2048,
+    shared_codebook=True,
+    activation="gelu",
+    input_norm="none",
+    codebook_update="ema",
+    estimator="ste",
+    ema_eps=1e-5,
+    optimizer="adam",
+    adam_betas=[0.5, 0.9],
+    weight_decay=0.0,
+    grad_clip=0.0,
+    val_fraction=0.05,
+    full_eval_every=10,
+    kmeans_iters=10,
+)
+
+PRESETS: dict[str, dict[str, Any]] = {
+    "default": {},
+    "rqkmeans": dict(quantizer="rqkmeans", kmeans_iters=25),
+    "conservative": dict(
+        _ORIGINAL_COMMON,
+        lr=2.5e-5,
+        beta=0.20,
+        ema_decay=0.995,
+        batch_size=192,
+        epochs=60,
+        warmup_steps=3000,
+    ),
+    "aggressive": dict(
+        _ORIGINAL_COMMON,
+        lr=6e-5,
+        beta=0.35,
+        ema_decay=0.98,
+        batch_size=320,
+        epochs=30,
+        warmup_steps=800,
+    ),
+}
+
+
+def preset_config(name: str = "default", **overrides: Any) -> QuantizerConfig:
+    """``QuantizerConfig`` for a named preset, with field overrides applied on top."""
+    if name not in PRESETS:
+        raise ValueError(f"unknown quantizer preset {name!r}; known: {sorted(PRESETS)}")
+    data = QuantizerConfig().to_dict()
+    data.update(PRESETS[name])
+    data.update(overrides)
+    return QuantizerConfig.from_dict(data)

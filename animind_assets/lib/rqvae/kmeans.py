@@ -1,0 +1,109 @@
+"""Seeded k-means in plain PyTorch (k-means++ seeding + Lloyd iterations).
+
+Used to initialise codebooks (level by level, on encoded residuals) and by the residual k-means
+quantizer. Deterministic for a given ``seed`` on CPU. Empty clusters are re-seeded with the points
+farthest from their centroid, so every returned centroid owns at least one point when
+``n >= k`` (good for codebook usage).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass
+class KMeansResult:
+    centroids: torch.Tensor  # (k, d)
+    assignments: torch.Tensor  # (n,) int64
+    inertia: float  # mean squared distance to the assigned centroid
+    iterations: int
+
+
+def pairwise_sq_dists(x: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+    """Squared euclidean distances (n, k) computed as |x|^2 - 2 x.c + |c|^2 (clamped at 0)."""
+    d = (x * x).sum(1, keepdim=True) - 2.0 * (x @ c.T) + (c * c).sum(1).unsqueeze(0)
+    return d.clamp_min_(0.0)
+
+
+def nearest(x: torch.Tensor, c: torch.Tensor, chunk: int = 16384) -> tuple[torch.Tensor, torch.Tensor]:
+    """Index of the nearest row of ``c`` for each row of ``x`` and the squared distance to it."""
+    idx, dist = [], []
+    for s in range(0, x.shape[0], chunk):
+        d = pairwise_sq_dists(x[s : s + chunk], c)
+        m, i = d.min(dim=1)
+        idx.append(i)
+        dist.append(m)
+    if not idx:
+        return torch.zeros(0, dtype=torch.long), torch.zeros(0, dtype=x.dtype)
+    return torch.cat(idx), torch.cat(dist)
+
+
+def kmeans_plus_plus(x: torch.Tensor, k: int, generator: torch.Generator) -> torch.Tensor:
+    """k-means++ seeding (D^2 sampling). With fewer distinct points than ``k`` the remaining
+    centroids are copies of sampled points (plus nothing else: callers handle n < k)."""
+    n = x.shape[0]
+    first = int(torch.randint(n, (1,), generator=generator).item())
+    centroids = [x[first]]
+    d2 = ((x - x[first]) ** 2).sum(1)
+    for _ in range(1, k):
+        total = float(d2.sum())
+        if total <= 0.0:
+            j = int(torch.randint(n, (1,), generator=generator).item())
+        else:
+            j = int(torch.multinomial(d2 / total, 1, generator=generator).item())
+        centroids.append(x[j])
+        d2 = torch.minimum(d2, ((x - x[j]) ** 2).sum(1))
+    return torch.stack(centroids)
+
+
+def kmeans(
+    x: torch.Tensor,
+    k: int,
+    iters: int = 25,
+    seed: int = 0,
+    tol: float = 1e-6,
+    spherical: bool = False,
+) -> KMeansResult:
+    """Lloyd's k-means with k-means++ seeding.
+
+    ``spherical=True`` renormalises centroids to unit length after each update (cosine k-means for
+    unit-norm data). When ``n < k`` the surplus centroids are copies of data points (jittered by
+    zero), so the codebook still has ``k`` rows.
+    """
+    if x.ndim != 2:
+        raise ValueError(f"kmeans expects a 2-D tensor, got shape {tuple(x.shape)}")
+    x = x.detach().float()
+    n = x.shape[0]
+    if n == 0:
+        raise ValueError("kmeans needs at least one point")
+    g = torch.Generator().manual_seed(int(seed))
+    if n <= k:
+        reps = torch.cat([torch.arange(n), torch.randint(n, (k - n,), generator=g)])
+        c = x[reps].clone()
+        a, d = nearest(x, c)
+        return KMeansResult(c, a, float(d.mean()), 0)
+    c = kmeans_plus_plus(x, k, g)
+    prev = float("inf")
+    it = 0
+    for it in range(1, iters + 1):
+        a, d = nearest(x, c)
+        counts = torch.bincount(a, minlength=k).to(x.dtype)
+        sums = torch.zeros_like(c).index_add_(0, a, x)
+        empty = counts == 0
+        new_c = sums / counts.clamp_min(1.0).unsqueeze(1)
+        if bool(empty.any()):
+            # re-seed empty clusters with the points that are farthest from their centroid
+            n_empty = int(empty.sum())
+            far = torch.argsort(d, descending=True)[:n_empty]
+            new_c[empty] = x[far]
+        if spherical:
+            new_c = torch.nn.functional.normalize(new_c, dim=1)
+        c = new_c
+        inertia = float(d.mean())
+        if not bool(empty.any()) and abs(prev - inertia) <= tol * max(prev, 1e-12):
+            break
+        prev = inertia
+    a, d = nearest(x, c)
+    return KMeansResult(c, a, float(d.mean()), it)

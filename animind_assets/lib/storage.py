@@ -1,0 +1,169 @@
+"""File-artifact storage: local paths by default, any fsspec/UPath URL (``s3://``, ``gs://``, ...)
+by configuration. Every write is atomic: a failed step never leaves a half-written artifact.
+
+Local targets are written to a temporary sibling and renamed into place (``os.replace`` for files,
+rename-swap for folders). Remote targets are written to a local temporary folder first and uploaded
+only once complete.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import polars as pl
+from upath import UPath
+
+
+def _is_local(path: UPath | Path) -> bool:
+    protocol = getattr(path, "protocol", "") or ""
+    return protocol in ("", "file", "local")
+
+
+def as_path(url: str | os.PathLike) -> UPath:
+    return UPath(str(url))
+
+
+@contextlib.contextmanager
+def atomic_file(dest: str | os.PathLike) -> Iterator[Path]:
+    """Yield a local temp file path; on success move it to ``dest`` (local or remote)."""
+    target = as_path(dest)
+    if _is_local(target):
+        local = Path(target.path)
+        local.parent.mkdir(parents=True, exist_ok=True)
+        tmp = local.with_name(f".{local.name}.tmp-{uuid.uuid4().hex[:8]}")
+        try:
+            yield tmp
+            os.replace(tmp, local)
+        finally:
+            if tmp.exists():
+                tmp.unlink()
+    else:
+        with tempfile.TemporaryDirectory(prefix="animind-") as tmpdir:
+            tmp = Path(tmpdir) / target.name
+            yield tmp
+            target.parent.mkdir(parents=True, exist_ok=True)
+            target.fs.put_file(str(tmp), target.path)
+
+
+@contextlib.contextmanager
+def atomic_dir(dest: str | os.PathLike) -> Iterator[Path]:
+    """Yield an empty local temp folder; on success it replaces ``dest`` as a whole."""
+    target = as_path(dest)
+    if _is_local(target):
+        local = Path(target.path)
+        local.parent.mkdir(parents=True, exist_ok=True)
+        tmp = local.with_name(f".{local.name}.tmp-{uuid.uuid4().hex[:8]}")
+        tmp.mkdir()
+        try:
+            yield tmp
+            old = None
+            if local.exists():
+                old = local.with_name(f".{local.name}.old-{uuid.uuid4().hex[:8]}")
+                os.replace(local, old)
+            os.replace(tmp, local)
+            if old is not None:
+                shutil.rmtree(old, ignore_errors=True)
+        finally:
+            if tmp.exists():
+                shutil.rmtree(tmp, ignore_errors=True)
+    else:
+        with tempfile.TemporaryDirectory(prefix="animind-") as tmpdir:
+            tmp = Path(tmpdir) / "out"
+            tmp.mkdir()
+            yield tmp
+            if target.exists():
+                target.fs.rm(target.path, recursive=True)
+            target.fs.put(str(tmp), target.path, recursive=True)
+
+
+def write_parquet(df: pl.DataFrame, dest: str | os.PathLike) -> str:
+    with atomic_file(dest) as tmp:
+        df.write_parquet(tmp)
+    return str(dest)
+
+
+def write_json(obj: Any, dest: str | os.PathLike, indent: int | None = 2) -> str:
+    with atomic_file(dest) as tmp:
+        tmp.write_text(json.dumps(obj, indent=indent, ensure_ascii=False, default=str), encoding="utf-8")
+    return str(dest)
+
+
+def write_jsonl(rows, dest: str | os.PathLike) -> str:
+    with atomic_file(dest) as tmp:
+        with open(tmp, "w", encoding="utf-8") as fh:
+            for row in rows:
+                fh.write(json.dumps(row, ensure_ascii=False, default=str) + "\n")
+    return str(dest)
+
+
+@contextlib.contextmanager
+def local_copy(src: str | os.PathLike) -> Iterator[Path]:
+    """Yield a local path for ``src`` (itself when local, else a downloaded temp copy)."""
+    source = as_path(src)
+    if _is_local(source):
+        yield Path(source.path)
+        return
+    with tempfile.TemporaryDirectory(prefix="animind-") as tmpdir:
+        local = Path(tmpdir) / source.name
+        source.fs.get(source.path, str(local), recursive=source.is_dir())
+        yield local
+
+
+def file_sha256(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
+    h = hashlib.sha256()
+    with as_path(path).open("rb") as fh:
+        while True:
+            block = fh.read(chunk)
+            if not block:
+                break
+            h.update(block)
+    return h.hexdigest()
+
+
+class ArtifactStore:
+    """Root folder (local path or fsspec URL) under which assets keep files and model folders.
+
+    ``store.path("rqvae_model", "default", "model.pt")`` -> ``<root>/rqvae_model/default/model.pt``.
+    """
+
+    def __init__(self, root: str | os.PathLike = "data/artifacts") -> None:
+        self.root = as_path(root)
+        if _is_local(self.root):
+            self.root = as_path(os.path.abspath(self.root.path))
+
+    def path(self, *parts: str) -> UPath:
+        return self.root.joinpath(*parts)
+
+    def exists(self, *parts: str) -> bool:
+        return self.path(*parts).exists()
+
+    def atomic_file(self, *parts: str):
+        return atomic_file(self.path(*parts))
+
+    def atomic_dir(self, *parts: str):
+        return atomic_dir(self.path(*parts))
+
+    def local_copy(self, *parts: str):
+        return local_copy(self.path(*parts))
+
+    def write_parquet(self, df: pl.DataFrame, *parts: str) -> str:
+        return write_parquet(df, self.path(*parts))
+
+    def write_json(self, obj: Any, *parts: str) -> str:
+        return write_json(obj, self.path(*parts))
+
+    def write_jsonl(self, rows, *parts: str) -> str:
+        return write_jsonl(rows, self.path(*parts))
+
+    def read_json(self, *parts: str) -> Any:
+        with self.path(*parts).open("r", encoding="utf-8") as fh:
+            return json.load(fh)

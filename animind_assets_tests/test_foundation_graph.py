@@ -1,0 +1,156 @@
+"""In-process materialization of the foundation graph on a small fixture, storage behaviour."""
+
+from __future__ import annotations
+
+import multiprocessing as mp
+import warnings
+
+import dagster as dg
+import polars as pl
+import pytest
+
+warnings.filterwarnings("ignore", category=dg.BetaWarning) if hasattr(dg, "BetaWarning") else None
+
+
+def _resources(source):
+    from animind_assets.resources import (
+        AniMindDuckDBIOManager,
+        ArtifactStoreResource,
+        DuckDBWarehouse,
+        MlflowResource,
+        ParquetExports,
+        default_duckdb_path,
+    )
+
+    db = default_duckdb_path()
+    return {
+        "io_manager": AniMindDuckDBIOManager(database=db, schema="main"),
+        "warehouse": DuckDBWarehouse(database=db, schema="main"),
+        "artifacts": ArtifactStoreResource(),
+        "exports": ParquetExports(),
+        "mlflow": MlflowResource(enabled=False),
+        "anime_source": source,
+    }
+
+
+def test_materialize_foundation_from_sqlite_fixture(animind_env, sqlite_path):
+    from animind_assets.assets.anime_catalog_source import anime_catalog_source
+    from animind_assets.assets.anime_prep import anime_prep, anime_prep_is_valid
+    from animind_assets.assets.user_interactions import user_interactions
+    from animind_assets.resources import AnimeSource
+
+    source = AnimeSource(kind="sqlite", sqlite_path=str(sqlite_path))
+    instance = dg.DagsterInstance.ephemeral()
+    result = dg.materialize(
+        [anime_catalog_source, anime_prep, user_interactions, anime_prep_is_valid],
+        resources=_resources(source),
+        instance=instance,
+        selection=["anime_prep", "user_interactions"],
+    )
+    assert result.success
+    mats = {e.asset_key.to_user_string(): e.materialization.metadata for e in result.get_asset_materialization_events()}
+    assert mats["anime_prep"]["dagster/row_count"].value == 5
+    assert mats["anime_prep"]["dropped_rows"].value == 3
+    assert mats["user_interactions"]["dagster/row_count"].value == 6
+    assert mats["user_interactions"]["quarantined_rows"].value == 6
+    assert "data:image/png;base64" in mats["anime_prep"]["top_genres"].value
+    assert "dagster/column_schema" in mats["anime_prep"]
+    # tables in DuckDB, Parquet exports and quarantine files on disk
+    from animind_assets.resources import DuckDBWarehouse, default_duckdb_path
+
+    wh = DuckDBWarehouse(database=default_duckdb_path(), schema="main")
+    table = wh.read_table("anime_prep")
+    assert table.height == 5 and table["genres"].dtype == pl.List(pl.Utf8)
+    assert (animind_env / "exports" / "anime_prep.parquet").exists()
+    q = pl.read_parquet(animind_env / "exports" / "quarantine" / "user_interactions.parquet")
+    assert q.height == 6 and set(q["reason"]) >= {"unknown_anime", "duplicate_user_anime"}
+    checks = [e for e in result.all_events if e.event_type_value == "ASSET_CHECK_EVALUATION"]
+    assert checks and all(e.event_specific_data.passed for e in checks)
+
+
+def test_source_fingerprint_changes_with_content(sqlite_path):
+    import sqlite3
+
+    from animind_assets.resources import AnimeSource
+
+    src = AnimeSource(kind="sqlite", sqlite_path=str(sqlite_path))
+    fp1 = src.read_catalog().fingerprint()
+    assert src.read_catalog().fingerprint() == fp1
+    conn = sqlite3.connect(sqlite_path)
+    conn.execute("UPDATE anime SET name = 'Cowboy Bebop!' WHERE anime_id = 1")
+    conn.commit()
+    conn.close()
+    assert src.read_catalog().fingerprint() != fp1
+
+
+def test_bad_source_config_is_a_clear_error():
+    from animind_assets.resources import AnimeSource
+
+    with pytest.raises(ValueError, match="sqlite_path"):
+        AnimeSource(kind="sqlite").read_catalog()
+    with pytest.raises(ValueError, match="demo, sqlite or kaggle_csv"):
+        AnimeSource(kind="parquet").read_catalog()
+
+
+def _writer(db: str, worker: int, n: int) -> None:
+    from animind_assets.resources import locked_duckdb
+
+    for i in range(n):
+        with locked_duckdb(db) as conn:
+            conn.execute("create table if not exists t (worker int, i int)")
+            conn.execute("insert into t values (?, ?)", [worker, i])
+
+
+def test_concurrent_processes_share_the_duckdb_file(tmp_path):
+    db = str(tmp_path / "x.duckdb")
+    ctx = mp.get_context("spawn")
+    procs = [ctx.Process(target=_writer, args=(db, w, 15)) for w in range(3)]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(120)
+    assert all(p.exitcode == 0 for p in procs)
+    from animind_assets.resources import locked_duckdb
+
+    with locked_duckdb(db) as conn:
+        assert conn.execute("select count(*) from t").fetchone()[0] == 45
+
+
+def test_atomic_writes_leave_nothing_on_failure(tmp_path):
+    from animind_assets.lib.storage import ArtifactStore
+
+    store = ArtifactStore(tmp_path / "artifacts")
+    store.write_json({"a": 1}, "m", "ok.json")
+    with pytest.raises(RuntimeError):
+        with store.atomic_file("m", "ok.json") as tmp:
+            tmp.write_text("half")
+            raise RuntimeError("boom")
+    assert store.read_json("m", "ok.json") == {"a": 1}
+    with pytest.raises(RuntimeError):
+        with store.atomic_dir("model") as d:
+            (d / "weights.bin").write_bytes(b"x")
+            raise RuntimeError("boom")
+    assert not store.path("model").exists()
+    assert sorted(p.name for p in (tmp_path / "artifacts").iterdir()) == ["m"]
+    assert [p.name for p in (tmp_path / "artifacts" / "m").iterdir()] == ["ok.json"]
+
+
+def test_artifact_store_accepts_fsspec_urls():
+    from animind_assets.lib.storage import ArtifactStore
+
+    store = ArtifactStore("memory://bucket/animind")
+    store.write_json({"k": [1, 2]}, "semantic_ids", "special_tokens.json")
+    assert store.read_json("semantic_ids", "special_tokens.json") == {"k": [1, 2]}
+    with store.atomic_dir("model") as d:
+        (d / "config.json").write_text("{}")
+    assert store.exists("model", "config.json")
+
+
+def test_definitions_load_and_every_asset_has_code_version():
+    from animind_assets.definitions import defs
+
+    graph = defs.resolve_asset_graph()
+    keys = {k.to_user_string() for k in graph.get_all_asset_keys()}
+    assert {"anime_catalog_source", "watchlist_source", "anime_prep", "user_interactions"} <= keys
+    for key in graph.materializable_asset_keys:
+        assert graph.get(key).code_version, f"{key.to_user_string()} has no code_version"

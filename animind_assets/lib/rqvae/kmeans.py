@@ -102,7 +102,7 @@ def kmeans(
             new_c = torch.nn.functional.normalize(new_c, dim=1)
         c = new_c
         inertia = float(d.mean())
-        if not bool(empty.any()) and abs(prev - inertia) <= tol * max(prev, 1e-12):
+        if not bool(empty.any()) and prev < float("inf") and abs(prev - inertia) <= tol * max(prev, 1e-12):
             break
         prev = inertia
     a, d = nearest(x, c)

@@ -1,0 +1,351 @@
+"""Automation of the AniMind asset graph: observe the sources, react to real changes, alert on failures.
+
+What ``definitions_kwargs`` adds to ``dg.Definitions``:
+
+* ``observe_sources`` job + schedule (cron ``$ANIMIND_OBSERVE_CRON``, default hourly, running by default):
+  observes ``anime_catalog_source`` and ``watchlist_source``. Their data version is a *content
+  fingerprint*, so an observation only counts as an update when the content really changed.
+* Declarative automation (``AUTOMATION_CONDITION``, applied to every unpartitioned materializable
+  asset that has no condition of its own): an asset is requested when one of its dependencies got a
+  new data version / materialization (or is requested on the same tick, so a whole downstream chain
+  goes in one run) or when its own ``code_version`` changed - but only if it has been materialized
+  before (the automation keeps what you built up to date; it never starts building the expensive
+  parts of the graph nobody asked for), and never while a dependency is missing or in progress.
+  Partitioned assets (the RQ-VAE preset ``rqvae_variants``) are left alone: big variants are
+  launched by hand or by backfill.
+* ``animind_automation`` automation-condition sensor, running by default, evaluates those conditions.
+* ``full_rebuild`` job + weekly schedule (``$ANIMIND_REBUILD_CRON``, default Sunday 03:00 UTC; stopped by
+  default, ``ANIMIND_REBUILD_SCHEDULE=running`` turns it on): observes the sources and materializes every
+  unpartitioned asset.
+* ``animind_run_failure_alert`` run-failure sensor (running by default): logs the failure and appends one
+  JSON line to ``$ANIMIND_ALERTS_PATH`` (default ``<data dir>/alerts.jsonl``). No network.
+* ``executor`` = ``dagster_k8s.k8s_job_executor`` when ``ANIMIND_EXECUTOR=k8s`` (one pod per step; set
+  by the Helm values in ``docker/helm``); otherwise Dagster's default multiprocess executor.
+
+Environment knobs: ``ANIMIND_OBSERVE_CRON``, ``ANIMIND_REBUILD_CRON``, ``ANIMIND_REBUILD_SCHEDULE``
+(running|stopped), ``ANIMIND_AUTOMATION_EXCLUDE`` (comma-separated asset keys or ``group:<name>`` left
+without automation), ``ANIMIND_AUTOMATION_INTERVAL_S`` (sensor interval, default 30),
+``ANIMIND_ALERTS_PATH``, ``ANIMIND_EXECUTOR`` (k8s|multiprocess), ``ANIMIND_CRON_TIMEZONE`` (default UTC).
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import json
+import os
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+from typing import Any
+
+import dagster as dg
+
+SOURCE_KEYS = (dg.AssetKey("anime_catalog_source"), dg.AssetKey("watchlist_source"))
+
+OBSERVE_JOB_NAME = "observe_sources"
+REBUILD_JOB_NAME = "full_rebuild"
+AUTOMATION_SENSOR_NAME = "animind_automation"
+FAILURE_SENSOR_NAME = "animind_run_failure_alert"
+DEFAULT_OBSERVE_CRON = "0 * * * *"
+DEFAULT_REBUILD_CRON = "0 3 * * 0"
+AUTOMATION_TAG = "animind/automation"
+
+
+def _env(name: str, default: str) -> str:
+    value = os.environ.get(name, "").strip()
+    return value or default
+
+
+def observe_cron() -> str:
+    return _env("ANIMIND_OBSERVE_CRON", DEFAULT_OBSERVE_CRON)
+
+
+def rebuild_cron() -> str:
+    return _env("ANIMIND_REBUILD_CRON", DEFAULT_REBUILD_CRON)
+
+
+def cron_timezone() -> str:
+    return _env("ANIMIND_CRON_TIMEZONE", "UTC")
+
+
+def alerts_path() -> Path:
+    explicit = os.environ.get("ANIMIND_ALERTS_PATH", "").strip()
+    if explicit:
+        return Path(explicit)
+    from animind_assets.resources import data_dir
+
+    return data_dir() / "alerts.jsonl"
+
+
+def automation_condition() -> dg.AutomationCondition:
+    """Refresh an already-built asset when an upstream data version changed or its code version changed.
+
+    ``any_deps_updated`` counts an observation of an observable source only when its data version
+    differs from the previous one (Dagster compares the observed data versions), so an hourly
+    observation that finds the same fingerprint requests nothing. ``will_be_requested`` inside
+    ``any_deps_updated`` chains the downstream assets into the same run.
+    """
+    AC = dg.AutomationCondition
+    return (
+        AC.in_latest_time_window()
+        & (AC.any_deps_updated() | AC.code_version_changed()).since_last_handled()
+        & ~AC.missing()
+        & ~AC.any_deps_missing()
+        & ~AC.any_deps_in_progress()
+        & ~AC.in_progress()
+    ).with_label("animind: upstream data or code changed")
+
+
+AUTOMATION_CONDITION = automation_condition()
+
+
+def _excluded() -> tuple[set[str], set[str]]:
+    keys: set[str] = set()
+    groups: set[str] = set()
+    for item in os.environ.get("ANIMIND_AUTOMATION_EXCLUDE", "").split(","):
+        item = item.strip()
+        if not item:
+            continue
+        if item.startswith("group:"):
+            groups.add(item[len("group:") :])
+        else:
+            keys.add(item)
+    return keys, groups
+
+
+def _iter_specs(assets: Iterable[Any]) -> Iterable[tuple[Any, dg.AssetSpec]]:
+    for obj in assets:
+        if isinstance(obj, dg.AssetsDefinition):
+            for spec in obj.specs:
+                yield obj, spec
+
+
+def _is_materializable(obj: Any) -> bool:
+    return isinstance(obj, dg.AssetsDefinition) and obj.is_materializable
+
+
+def should_automate(spec: dg.AssetSpec) -> bool:
+    """Unpartitioned, not excluded by env/tag, and without a condition set by its author."""
+    if spec.partitions_def is not None:
+        return False
+    if spec.automation_condition is not None:
+        return False
+    if (spec.tags or {}).get(AUTOMATION_TAG, "").lower() in ("manual", "off", "none"):
+        return False
+    keys, groups = _excluded()
+    if spec.key.to_user_string() in keys or (spec.group_name or "default") in groups:
+        return False
+    return True
+
+
+def apply_automation(assets: Sequence[Any]) -> list[Any]:
+    """The same assets with ``AUTOMATION_CONDITION`` on every materializable spec that ``should_automate``."""
+    out: list[Any] = []
+    for obj in assets:
+        if _is_materializable(obj) and any(should_automate(s) for s in obj.specs):
+            obj = obj.map_asset_specs(
+                lambda spec: spec.replace_attributes(automation_condition=AUTOMATION_CONDITION)
+                if should_automate(spec)
+                else spec
+            )
+        out.append(obj)
+    return out
+
+
+def unpartitioned_materializable_keys(assets: Sequence[Any]) -> list[dg.AssetKey]:
+    return [
+        spec.key for obj, spec in _iter_specs(assets) if _is_materializable(obj) and spec.partitions_def is None
+    ]
+
+
+def _all_keys(assets: Sequence[Any]) -> set[dg.AssetKey]:
+    keys: set[dg.AssetKey] = set()
+    for obj in assets:
+        if isinstance(obj, dg.AssetsDefinition):
+            keys.update(obj.keys)
+        elif isinstance(obj, dg.SourceAsset):
+            keys.add(obj.key)
+        elif isinstance(obj, dg.AssetSpec):
+            keys.add(obj.key)
+    return keys
+
+
+def source_keys(assets: Sequence[Any]) -> list[dg.AssetKey]:
+    """The observable sources present in ``assets`` (``observable_source_asset`` gives ``SourceAsset``s)."""
+    present = _all_keys(assets)
+    return [k for k in SOURCE_KEYS if k in present]
+
+
+# --------------------------------------------------------------------------------------------------
+# run-failure alert
+
+
+_ALERT_TAGS = (
+    "dagster/partition",
+    "dagster/schedule_name",
+    "dagster/sensor_name",
+    "dagster/backfill",
+    "dagster/auto_materialize",
+    "dagster/from_automation_condition",
+)
+
+
+def _error_text(err: Any, limit: int = 2000) -> str:
+    """The error and its causes (the user's exception sits under Dagster's step-execution wrapper)."""
+    parts = []
+    seen = 0
+    while err is not None and seen < 5:
+        parts.append((err.message or "").strip())
+        err = getattr(err, "cause", None) or getattr(err, "context", None)
+        seen += 1
+    return " <- ".join(p for p in parts if p)[:limit]
+
+
+def _planned_assets(context: dg.RunFailureSensorContext) -> set[dg.AssetKey]:
+    """Asset keys the failed run planned to materialize (``run.asset_selection`` is None for full jobs)."""
+    try:
+        records = context.instance.get_records_for_run(
+            context.dagster_run.run_id, of_type=dg.DagsterEventType.ASSET_MATERIALIZATION_PLANNED
+        ).records
+    except Exception:  # noqa: BLE001
+        return set()
+    return {r.asset_key for r in records if r.asset_key is not None}
+
+
+def alert_record(context: dg.RunFailureSensorContext) -> dict:
+    run = context.dagster_run
+    failure = context.failure_event
+    message = failure.message or ""
+    step_failures = []
+    try:
+        for event in context.get_step_failure_events():
+            err = event.event_specific_data.error if event.event_specific_data else None
+            step_failures.append(
+                {
+                    "step": event.step_key,
+                    "error": (_error_text(err) if err is not None else event.message or ""),
+                }
+            )
+    except Exception:  # noqa: BLE001 - the alert must be written even when events cannot be read
+        pass
+    assets = sorted(k.to_user_string() for k in (run.asset_selection or _planned_assets(context)))
+    return {
+        "kind": "run_failure",
+        "time": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        "run_id": run.run_id,
+        "job_name": run.job_name,
+        "assets": assets,
+        "tags": {k: v for k, v in (run.tags or {}).items() if k in _ALERT_TAGS},
+        "message": message[:2000],
+        "step_failures": step_failures,
+    }
+
+
+def append_alert(record: dict, path: Path | None = None) -> Path:
+    """Append one JSON line under an inter-process file lock (sensors may run in threads/processes)."""
+    from filelock import FileLock
+
+    target = Path(path) if path is not None else alerts_path()
+    target.parent.mkdir(parents=True, exist_ok=True)
+    line = json.dumps(record, sort_keys=True, default=str)
+    with FileLock(str(target) + ".lock", timeout=60):
+        with open(target, "a", encoding="utf-8") as fh:
+            fh.write(line + "\n")
+            fh.flush()
+            os.fsync(fh.fileno())
+    return target
+
+
+@dg.run_failure_sensor(
+    name=FAILURE_SENSOR_NAME,
+    default_status=dg.DefaultSensorStatus.RUNNING,
+    description="Logs every failed run and appends an alert record to data/alerts.jsonl (no network).",
+)
+def run_failure_alert(context: dg.RunFailureSensorContext) -> None:
+    record = alert_record(context)
+    path = append_alert(record)
+    context.log.error(
+        f"run {record['run_id']} ({record['job_name']}) failed: {record['message'][:300]} "
+        f"-> alert appended to {path}"
+    )
+
+
+# --------------------------------------------------------------------------------------------------
+# definitions
+
+
+def _status(name: str, default: str) -> dg.DefaultScheduleStatus:
+    value = _env(name, default).lower()
+    return dg.DefaultScheduleStatus.RUNNING if value in ("running", "on", "1", "true") else dg.DefaultScheduleStatus.STOPPED
+
+
+def _executor():
+    kind = _env("ANIMIND_EXECUTOR", "multiprocess").lower()
+    if kind in ("k8s", "kubernetes", "k8s_job"):
+        from dagster_k8s import k8s_job_executor
+
+        return k8s_job_executor
+    return None
+
+
+def definitions_kwargs(assets: Sequence[Any], *, include_assets: bool = False) -> dict:
+    """Keyword arguments for ``dg.Definitions``: ``jobs``, ``schedules``, ``sensors`` (+ ``executor``
+    when ``ANIMIND_EXECUTOR=k8s``). With ``include_assets=True`` also ``assets``: ``assets`` with the
+    automation condition applied (``apply_automation``), to be passed as ``Definitions(assets=...)``
+    instead of the untransformed list."""
+    sources = source_keys(assets)
+    rebuild_keys = unpartitioned_materializable_keys(assets)
+    jobs: list = []
+    schedules: list = []
+    if sources:
+        observe_job = dg.define_asset_job(
+            OBSERVE_JOB_NAME,
+            selection=dg.AssetSelection.assets(*sources),
+            description="Observe the source catalog and watch lists (data version = content fingerprint).",
+            tags={"animind/kind": "observe"},
+        )
+        jobs.append(observe_job)
+        schedules.append(
+            dg.ScheduleDefinition(
+                name=f"{OBSERVE_JOB_NAME}_schedule",
+                job=observe_job,
+                cron_schedule=observe_cron(),
+                execution_timezone=cron_timezone(),
+                default_status=_status("ANIMIND_OBSERVE_SCHEDULE", "running"),
+                description="Observe the sources; a changed fingerprint triggers the downstream refresh.",
+            )
+        )
+    if rebuild_keys:
+        rebuild_job = dg.define_asset_job(
+            REBUILD_JOB_NAME,
+            selection=dg.AssetSelection.assets(*sources, *rebuild_keys),
+            description="Observe the sources and rebuild every unpartitioned asset.",
+            tags={"animind/kind": "full_rebuild"},
+        )
+        jobs.append(rebuild_job)
+        schedules.append(
+            dg.ScheduleDefinition(
+                name=f"{REBUILD_JOB_NAME}_weekly",
+                job=rebuild_job,
+                cron_schedule=rebuild_cron(),
+                execution_timezone=cron_timezone(),
+                default_status=_status("ANIMIND_REBUILD_SCHEDULE", "stopped"),
+                description="Weekly full rebuild (stopped by default: ANIMIND_REBUILD_SCHEDULE=running).",
+            )
+        )
+    sensors = [
+        dg.AutomationConditionSensorDefinition(
+            AUTOMATION_SENSOR_NAME,
+            target=dg.AssetSelection.all(),
+            default_status=dg.DefaultSensorStatus.RUNNING,
+            minimum_interval_seconds=int(_env("ANIMIND_AUTOMATION_INTERVAL_S", "30")),
+            description="Evaluates the automation conditions (source changed / code changed -> refresh).",
+        ),
+        run_failure_alert,
+    ]
+    kwargs: dict = {"jobs": jobs, "schedules": schedules, "sensors": sensors}
+    executor = _executor()
+    if executor is not None:
+        kwargs["executor"] = executor
+    if include_assets:
+        kwargs["assets"] = apply_automation(assets)
+    return kwargs

@@ -1,0 +1,333 @@
+"""Automation: observation schedule, declarative automation on source/code changes, failure alerts.
+
+The source-change tests run the real ``observe_sources`` job and materialize the real ``anime_prep`` /
+``user_interactions`` assets on the tiny SQLite fixture (``conftest.write_sqlite``), then evaluate the
+automation conditions tick by tick with ``dg.evaluate_automation_conditions``.
+"""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+import warnings
+
+import dagster as dg
+import pytest
+
+warnings.filterwarnings("ignore", category=getattr(dg, "BetaWarning", Warning))
+warnings.filterwarnings("ignore", category=getattr(dg, "PreviewWarning", Warning))
+
+PREP = dg.AssetKey("anime_prep")
+INTERACTIONS = dg.AssetKey("user_interactions")
+
+
+def _resources(source):
+    from animind_assets.resources import (
+        AniMindDuckDBIOManager,
+        ArtifactStoreResource,
+        DuckDBWarehouse,
+        MlflowResource,
+        ParquetExports,
+        default_duckdb_path,
+    )
+
+    db = default_duckdb_path()
+    return {
+        "io_manager": AniMindDuckDBIOManager(database=db, schema="main"),
+        "warehouse": DuckDBWarehouse(database=db, schema="main"),
+        "artifacts": ArtifactStoreResource(),
+        "exports": ParquetExports(),
+        "mlflow": MlflowResource(enabled=False),
+        "anime_source": source,
+    }
+
+
+def _foundation():
+    from animind_assets.assets.anime_catalog_source import anime_catalog_source
+    from animind_assets.assets.anime_prep import anime_prep, anime_prep_is_valid
+    from animind_assets.assets.user_interactions import user_interactions
+    from animind_assets.assets.watchlist_source import watchlist_source
+
+    return [anime_catalog_source, watchlist_source, anime_prep, user_interactions], [anime_prep_is_valid]
+
+
+class Ticker:
+    """Evaluates the automation conditions of ``assets`` tick after tick on one instance."""
+
+    def __init__(self, assets, instance, resources):
+        self.assets = assets
+        self.instance = instance
+        self.resources = resources
+        self.cursor = None
+
+    def tick(self, assets=None) -> dict[str, int]:
+        if assets is not None:
+            self.assets = assets
+        defs = dg.Definitions(assets=self.assets, resources=self.resources)
+        result = dg.evaluate_automation_conditions(defs=defs, instance=self.instance, cursor=self.cursor)
+        self.cursor = result.cursor
+        return {k.to_user_string(): result.get_num_requested(k) for k in (PREP, INTERACTIONS) if result.get_num_requested(k)}
+
+
+@pytest.fixture()
+def world(animind_env, sqlite_path):
+    """Automated foundation graph + observe job on an ephemeral instance, sources observed, assets built."""
+    from animind_assets import automation
+    from animind_assets.resources import AnimeSource
+
+    assets, checks = _foundation()
+    kwargs = automation.definitions_kwargs(assets, include_assets=True)
+    auto_assets = kwargs["assets"]
+    resources = _resources(AnimeSource(kind="sqlite", sqlite_path=str(sqlite_path)))
+    defs = dg.Definitions(assets=auto_assets, asset_checks=checks, resources=resources, jobs=kwargs["jobs"])
+    instance = dg.DagsterInstance.ephemeral()
+    ticker = Ticker(auto_assets, instance, resources)
+
+    def observe():
+        result = defs.resolve_job_def(automation.OBSERVE_JOB_NAME).execute_in_process(instance=instance)
+        assert result.success
+        return {
+            e.asset_key.to_user_string(): e.event_specific_data.asset_observation.data_version
+            for e in result.all_events
+            if e.event_type_value == "ASSET_OBSERVATION"
+        }
+
+    def materialize():
+        result = dg.materialize(
+            [*auto_assets, *checks], resources=resources, instance=instance, selection=[PREP, INTERACTIONS]
+        )
+        assert result.success
+
+    assert ticker.tick() == {}, "nothing is built yet: the automation must not start the initial build"
+    observe()
+    assert ticker.tick() == {}, "sources observed but assets never materialized: still nothing"
+    materialize()
+    assert ticker.tick() == {}, "freshly materialized: nothing to do"
+    return {
+        "ticker": ticker,
+        "observe": observe,
+        "materialize": materialize,
+        "sqlite": sqlite_path,
+        "instance": instance,
+        "assets": auto_assets,
+    }
+
+
+def test_unchanged_source_requests_nothing(world):
+    first = world["observe"]()
+    assert set(first) == {"anime_catalog_source", "watchlist_source"}
+    assert world["ticker"].tick() == {}
+    again = world["observe"]()
+    assert again == first, "same content must give the same fingerprint data version"
+    assert world["ticker"].tick() == {}
+
+
+def test_catalog_change_requests_downstream_chain_once(world):
+    before = world["observe"]()
+    world["ticker"].tick()
+    conn = sqlite3.connect(world["sqlite"])
+    conn.execute("UPDATE anime SET name = 'Cowboy Bebop (remastered)' WHERE anime_id = 1")
+    conn.commit()
+    conn.close()
+    after = world["observe"]()
+    assert after["anime_catalog_source"] != before["anime_catalog_source"]
+    assert after["watchlist_source"] == before["watchlist_source"]
+    # anime_prep because its source changed, user_interactions because anime_prep is requested too
+    assert world["ticker"].tick() == {"anime_prep": 1, "user_interactions": 1}
+    assert world["ticker"].tick() == {}, "already requested: not requested again on the next tick"
+    world["materialize"]()
+    assert world["ticker"].tick() == {}
+
+
+def test_watchlist_change_requests_only_user_interactions(world):
+    world["observe"]()
+    world["ticker"].tick()
+    conn = sqlite3.connect(world["sqlite"])
+    conn.execute("UPDATE user_anime SET score = 4 WHERE user_id = 1 AND anime_id = 1")
+    conn.commit()
+    conn.close()
+    world["observe"]()
+    assert world["ticker"].tick() == {"user_interactions": 1}
+
+
+def test_code_version_bump_is_stale_and_requested(world):
+    from dagster._core.definitions.data_version import StaleStatus
+    from dagster._utils.test.data_versions import get_stale_status_resolver
+
+    instance = world["instance"]
+    assets = world["assets"]
+    resolver = get_stale_status_resolver(instance, assets)
+    assert resolver.get_status(PREP) == StaleStatus.FRESH
+
+    bumped = [
+        a.map_asset_specs(lambda s: s.replace_attributes(code_version="2")) if isinstance(a, dg.AssetsDefinition) and PREP in a.keys else a
+        for a in assets
+    ]
+    resolver = get_stale_status_resolver(instance, bumped)
+    assert resolver.get_status(PREP) == StaleStatus.STALE
+    causes = resolver.get_stale_causes(PREP)
+    assert any("code version" in c.reason for c in causes), causes
+    assert world["ticker"].tick(bumped) == {"anime_prep": 1, "user_interactions": 1}
+    assert world["ticker"].tick(bumped) == {}
+
+
+def test_partitioned_and_excluded_assets_are_left_alone(monkeypatch):
+    from animind_assets import automation
+
+    @dg.asset(code_version="1", partitions_def=dg.StaticPartitionsDefinition(["small", "base", "large"]))
+    def big_variants():
+        return 1
+
+    @dg.asset(code_version="1")
+    def plain():
+        return 1
+
+    @dg.asset(code_version="1", tags={automation.AUTOMATION_TAG: "manual"})
+    def manual():
+        return 1
+
+    own = dg.AutomationCondition.on_cron("0 0 * * *")
+
+    @dg.asset(code_version="1", automation_condition=own)
+    def own_condition():
+        return 1
+
+    @dg.asset(code_version="1", group_name="beauty")
+    def in_group():
+        return 1
+
+    monkeypatch.setenv("ANIMIND_AUTOMATION_EXCLUDE", "group:beauty")
+    mapped = automation.apply_automation([big_variants, plain, manual, own_condition, in_group])
+    out = {a.key.to_user_string(): next(iter(a.specs)).automation_condition for a in mapped}
+    assert out["big_variants"] is None
+    assert out["plain"] == automation.AUTOMATION_CONDITION
+    assert out["manual"] is None
+    assert out["own_condition"] == own
+    assert out["in_group"] is None
+    # the rebuild job never mixes in partitioned assets
+    assert dg.AssetKey("big_variants") not in automation.unpartitioned_materializable_keys(mapped)
+
+
+def test_schedules_sensors_and_env(monkeypatch):
+    from animind_assets import automation
+    from animind_assets.resources import AnimeSource
+
+    assets, _ = _foundation()
+    monkeypatch.setenv("ANIMIND_OBSERVE_CRON", "*/10 * * * *")
+    monkeypatch.delenv("ANIMIND_REBUILD_CRON", raising=False)
+    monkeypatch.delenv("ANIMIND_REBUILD_SCHEDULE", raising=False)
+    monkeypatch.delenv("ANIMIND_EXECUTOR", raising=False)
+    kwargs = automation.definitions_kwargs(assets)
+    assert "assets" not in kwargs and "executor" not in kwargs
+    schedules = {s.name: s for s in kwargs["schedules"]}
+    observe = schedules["observe_sources_schedule"]
+    assert observe.cron_schedule == "*/10 * * * *"
+    assert observe.default_status == dg.DefaultScheduleStatus.RUNNING
+    weekly = schedules["full_rebuild_weekly"]
+    assert weekly.cron_schedule == automation.DEFAULT_REBUILD_CRON
+    assert weekly.default_status == dg.DefaultScheduleStatus.STOPPED
+    sensors = {s.name: s for s in kwargs["sensors"]}
+    assert isinstance(sensors[automation.AUTOMATION_SENSOR_NAME], dg.AutomationConditionSensorDefinition)
+    assert sensors[automation.AUTOMATION_SENSOR_NAME].default_status == dg.DefaultSensorStatus.RUNNING
+    assert sensors[automation.FAILURE_SENSOR_NAME].default_status == dg.DefaultSensorStatus.RUNNING
+    jobs = {j.name: j for j in kwargs["jobs"]}
+    defs = dg.Definitions(assets=assets, jobs=kwargs["jobs"], resources=_resources(AnimeSource()))
+    observe_keys = defs.resolve_job_def("observe_sources").asset_layer.executable_asset_keys
+    assert observe_keys == {dg.AssetKey("anime_catalog_source"), dg.AssetKey("watchlist_source")}
+    rebuild_keys = defs.resolve_job_def("full_rebuild").asset_layer.executable_asset_keys
+    assert {PREP, INTERACTIONS, dg.AssetKey("anime_catalog_source")} <= rebuild_keys
+    assert set(jobs) == {"observe_sources", "full_rebuild"}
+
+    monkeypatch.setenv("ANIMIND_EXECUTOR", "k8s")
+    monkeypatch.setenv("ANIMIND_REBUILD_SCHEDULE", "running")
+    kwargs = automation.definitions_kwargs(assets)
+    from dagster_k8s import k8s_job_executor
+
+    assert kwargs["executor"] is k8s_job_executor
+    assert {s.name: s for s in kwargs["schedules"]}["full_rebuild_weekly"].default_status == dg.DefaultScheduleStatus.RUNNING
+
+
+def test_run_failure_sensor_writes_alert(animind_env):
+    from animind_assets import automation
+
+    @dg.asset(code_version="1")
+    def exploding():
+        raise ValueError("catalog row 7: column 'score' is not a number")
+
+    instance = dg.DagsterInstance.ephemeral()
+    result = dg.materialize([exploding], instance=instance, raise_on_error=False)
+    assert not result.success
+    failure = next(e for e in result.all_events if e.event_type_value == "PIPELINE_FAILURE")
+    context = dg.build_run_status_sensor_context(
+        sensor_name=automation.FAILURE_SENSOR_NAME,
+        dagster_event=failure,
+        dagster_instance=instance,
+        dagster_run=result.dagster_run,
+    ).for_run_failure()
+    automation.run_failure_alert(context)
+    automation.run_failure_alert(context)
+    path = animind_env / "alerts.jsonl"
+    lines = path.read_text().splitlines()
+    assert len(lines) == 2
+    record = json.loads(lines[0])
+    assert record["kind"] == "run_failure"
+    assert record["run_id"] == result.run_id
+    assert record["assets"] == ["exploding"]
+    assert record["step_failures"] and "column 'score' is not a number" in record["step_failures"][0]["error"]
+
+
+def test_automation_plan_on_the_live_graph():
+    """definitions_kwargs on the project's whole asset list (whatever the engineers have added):
+    unpartitioned assets get the condition, partitioned ones (rqvae_variants) neither the condition nor
+    a place in full_rebuild, and the resulting Definitions resolve both jobs."""
+    from animind_assets import automation
+    from animind_assets import definitions as project
+
+    kwargs = automation.definitions_kwargs(project.all_assets, include_assets=True)
+    defs = dg.Definitions(
+        assets=kwargs.pop("assets"), asset_checks=project.all_checks, resources=project.build_resources(), **kwargs
+    )
+    graph = defs.resolve_asset_graph()
+    partitioned = {k for k in graph.get_all_asset_keys() if graph.get(k).partitions_def is not None}
+    for key in graph.get_all_asset_keys():
+        node = graph.get(key)
+        if key in partitioned or not node.is_materializable:
+            assert node.automation_condition != automation.AUTOMATION_CONDITION, key
+        elif automation.AUTOMATION_TAG not in (node.tags or {}):
+            assert node.automation_condition is not None, key
+    rebuild = defs.resolve_job_def(automation.REBUILD_JOB_NAME).asset_layer.executable_asset_keys
+    assert not (rebuild & partitioned), f"full_rebuild must not include partitioned assets: {rebuild & partitioned}"
+    assert {PREP, INTERACTIONS} <= rebuild
+    observe = defs.resolve_job_def(automation.OBSERVE_JOB_NAME).asset_layer.executable_asset_keys
+    assert observe == {dg.AssetKey("anime_catalog_source"), dg.AssetKey("watchlist_source")}
+
+
+def test_every_asset_in_defs_has_code_version_and_automation():
+    """Every materializable asset of the project's Definitions has a code_version (observable sources
+    cannot carry one: their version is the observed data version), and the unpartitioned ones carry
+    the automation condition (needs definitions.py to use ``definitions_kwargs(..., include_assets=True)``)."""
+    from animind_assets import automation
+    from animind_assets.definitions import defs
+
+    graph = defs.resolve_asset_graph()
+    missing_code_version = []
+    missing_condition = []
+    for key in graph.get_all_asset_keys():
+        node = graph.get(key)
+        if not node.is_materializable:
+            continue
+        if not node.code_version:
+            missing_code_version.append(key.to_user_string())
+        if node.partitions_def is None and node.automation_condition is None and automation.AUTOMATION_TAG not in (node.tags or {}):
+            missing_condition.append(key.to_user_string())
+    assert not missing_code_version, f"assets without code_version: {missing_code_version}"
+    assert not missing_condition, (
+        f"unpartitioned assets without an automation condition: {missing_condition}; definitions.py must pass "
+        "automation.definitions_kwargs(all_assets, include_assets=True)['assets'] to Definitions(assets=...)"
+    )
+    for key in graph.get_all_asset_keys():
+        node = graph.get(key)
+        if node.partitions_def is not None:
+            assert node.automation_condition is None or node.automation_condition != automation.AUTOMATION_CONDITION
+    names = {s.name for s in defs.sensors} if defs.sensors else set()
+    assert {automation.AUTOMATION_SENSOR_NAME, automation.FAILURE_SENSOR_NAME} <= names

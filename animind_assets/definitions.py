@@ -36,12 +36,13 @@ def _automation() -> dict:
         from animind_assets import automation
     except ImportError:  # pragma: no cover - automation module is optional while bootstrapping
         return {}
-    return automation.definitions_kwargs(all_assets)
+    return automation.definitions_kwargs(all_assets, include_assets=True)
 
 
+_automation_kwargs = _automation()
 defs = dg.Definitions(
-    assets=all_assets,
+    assets=_automation_kwargs.pop("assets", all_assets),
     asset_checks=all_checks,
     resources=build_resources(),
-    **_automation(),
+    **_automation_kwargs,
 )

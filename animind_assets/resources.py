@@ -141,7 +141,16 @@ class ParquetExports(dg.ConfigurableResource):
 
 
 def default_mlflow_uri() -> str:
-    return f"sqlite:///{data_dir() / 'mlflow.db'}"
+    """``$MLFLOW_TRACKING_URI`` when set (compose/Helm point it at the MLflow server), else a local
+    SQLite store under ``data/``."""
+    return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{data_dir() / 'mlflow.db'}"
+
+
+def _default_artifact_location() -> str | None:
+    uri = default_mlflow_uri()
+    if uri.startswith(("http://", "https://", "databricks")):
+        return None  # the tracking server decides
+    return str(data_dir() / "mlartifacts")
 
 
 class MlflowRun:
@@ -196,11 +205,14 @@ class MlflowResource(dg.ConfigurableResource):
 
     tracking_uri: str = Field(default_factory=default_mlflow_uri, description="MLflow tracking URI")
     experiment_name: str = Field(default="animind", description="MLflow experiment")
-    artifact_location: str = Field(
-        default_factory=lambda: str(data_dir() / "mlartifacts"),
-        description="artifact root used when the experiment is created",
+    artifact_location: Optional[str] = Field(
+        default_factory=_default_artifact_location,
+        description="artifact root used when the experiment is created (None: the tracking server decides)",
     )
-    ui_base_url: str = Field(default="http://127.0.0.1:5000", description="MLflow UI base for links")
+    ui_base_url: str = Field(
+        default_factory=lambda: os.environ.get("ANIMIND_MLFLOW_UI_URL", "http://127.0.0.1:5000"),
+        description="MLflow UI base URL for the run links in metadata",
+    )
     enabled: bool = Field(default=True, description="turn tracking off entirely")
 
     @contextlib.contextmanager

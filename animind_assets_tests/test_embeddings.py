@@ -309,3 +309,50 @@ def test_asset_materializes_incrementally_with_checks(animind_env):
     assert (md["rows_embedded"].value, md["rows_reused"].value, md["rows_dropped"].value) == (1, 3, 1)
     table = DuckDBWarehouse(database=default_duckdb_path(), schema="main").read_table("anime_embeddings")
     assert table["anime_id"].to_list() == [1, 5, 6, 7] and table.schema["embedding"] == pl.Array(pl.Float32, 384)
+
+
+# ---------------------------------------------------------------- decoder model (Qwen3-style) path
+def _tiny_decoder_model(folder, padding_side="left"):
+    """A tiny random Qwen3 embedding model laid out like Qwen3-Embedding (last-token pooling, left padding)."""
+    import json
+    import shutil
+
+    import torch
+    from transformers import Qwen3Config, Qwen3Model
+
+    torch.manual_seed(0)
+    cfg = Qwen3Config(vocab_size=30522, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, head_dim=16, max_position_embeddings=256)
+    Qwen3Model(cfg).save_pretrained(folder)
+    src = E.embedded_model_path()
+    for name in ("tokenizer.json", "vocab.txt", "special_tokens_map.json"):
+        shutil.copy(src / name, folder / name)
+    tok_cfg = json.loads((src / "tokenizer_config.json").read_text())
+    tok_cfg["padding_side"] = padding_side
+    (folder / "tokenizer_config.json").write_text(json.dumps(tok_cfg))
+    (folder / "modules.json").write_text(json.dumps([
+        {"idx": 0, "name": "0", "path": "", "type": "sentence_transformers.models.Transformer"},
+        {"idx": 1, "name": "1", "path": "1_Pooling", "type": "sentence_transformers.models.Pooling"},
+        {"idx": 2, "name": "2", "path": "2_Normalize", "type": "sentence_transformers.models.Normalize"},
+    ]))
+    (folder / "1_Pooling").mkdir()
+    (folder / "1_Pooling" / "config.json").write_text(json.dumps({"word_embedding_dimension": 64, "pooling_mode_lasttoken": True}))
+    (folder / "sentence_bert_config.json").write_text(json.dumps({"max_seq_length": 64, "do_lower_case": False}))
+    return folder
+
+
+@pytest.mark.parametrize("padding_side", ["left", "right"])
+def test_decoder_last_token_model_matches_sentence_transformers(tmp_path, padding_side):
+    from sentence_transformers import SentenceTransformer
+
+    folder = _tiny_decoder_model(tmp_path / f"tiny-qwen3-{padding_side}", padding_side)
+    texts = list(TEXTS.values()) + ["tiny", "long " * 100]
+    cfg = E.EmbeddingConfig(model=str(folder), device="cpu", batch_size=3, prefix="Instruct: describe\nQuery: ", truncate_dim=32)
+    emb = E.get_embedder(cfg)
+    assert emb.mode == "direct" and emb.pooling_for(cfg) == "last_token"
+    mine = E.embed_texts(texts, cfg)
+    st = SentenceTransformer(str(folder), device="cpu")
+    ref = st.encode(texts, batch_size=3, prompt=cfg.prefix, truncate_dim=32, normalize_embeddings=True)
+    assert mine.shape == (7, 32)
+    cos = (mine * ref).sum(1) / np.linalg.norm(ref, axis=1)
+    assert cos.min() > 1 - 1e-4, cos

@@ -53,7 +53,7 @@ MASK = "[MASK]"
 TASKS = ("A", "B", "C")
 SPLITS = ("train", "validation", "test")
 DEFAULT_SYSTEM_PROMPT = (
-    "You are AniMind, an anime expert. Anime are written as semantic IDs such as <L1_3><L2_7><L3_1><L4_0>."
+    "You are AniMind, an anime recommender. Anime are written as semantic IDs."
 )
 A_TEMPLATES = (
     "sid_to_title",
@@ -165,7 +165,7 @@ class LlmDataConfig:
     a_templates: list[str] = field(default_factory=lambda: list(A_TEMPLATES))
     a_catalog: str = "interacted"  # "interacted" (anime with user rows) | "all"
     a_validation_frac: float = 0.02
-    timestamps: str = "auto"  # "auto" (timestamp column present?) | "yes" | "no"
+    timestamps: str = "auto"  # is the list order temporal? "auto" (a timestamp column exists) | "yes" | "no"
     system_prompt: str = DEFAULT_SYSTEM_PROMPT
 
     def validate(self) -> LlmDataConfig:
@@ -222,8 +222,10 @@ def sid_lookup_frame(anime_prep: pl.DataFrame, semantic_ids: pl.DataFrame) -> pl
 
 
 def _order_interactions(inter: pl.DataFrame, temporal: bool) -> pl.DataFrame:
-    if temporal:
-        ts = next(c for c in TIMESTAMP_COLUMNS if c in inter.columns)
+    """Per-user order: a timestamp column when there is one, else ``seq`` (source order, which is
+    temporal only when the upstream source had timestamps: ``timestamps='yes'``)."""
+    ts = next((c for c in TIMESTAMP_COLUMNS if c in inter.columns), None)
+    if temporal and ts is not None:
         keys = ["user_id", ts] + (["seq"] if "seq" in inter.columns else [])
     else:
         keys = ["user_id", "seq"] if "seq" in inter.columns else ["user_id"]
@@ -405,8 +407,6 @@ def build_llm_dataset(
     meta = {r["anime_id"]: r for r in lookup.iter_rows(named=True)}
     has_ts_col = any(c in user_interactions.columns for c in TIMESTAMP_COLUMNS)
     temporal = has_ts_col if cfg.timestamps == "auto" else cfg.timestamps == "yes"
-    if temporal and not has_ts_col:
-        raise ValueError(f"timestamps='yes' but user_interactions has none of the columns {list(TIMESTAMP_COLUMNS)}")
 
     inter = user_interactions.filter(pl.col("anime_id").is_in(list(meta)))
     unknown_rows = user_interactions.height - inter.height

@@ -221,15 +221,21 @@ def sid_tokens_used(semantic_ids: Sequence[str]) -> list[str]:
     return [f"<L{lv}_{c}>" for lv, c in sorted(found)]
 
 
-def extend_tokenizer(tokenizer, model, new_tokens: Sequence[str], log: LogFn = _noop) -> list[str]:
-    """Add ``new_tokens`` (not normalized, matched atomically in text) and resize the embeddings.
-    Returns the tokens that were actually new."""
+def add_tokens(tokenizer, new_tokens: Sequence[str]) -> list[str]:
+    """Add ``new_tokens`` to the tokenizer (not normalized, matched atomically in text). Returns the
+    tokens that were actually new."""
     from tokenizers import AddedToken
 
     vocab = tokenizer.get_vocab()
     todo = [t for t in dict.fromkeys(new_tokens) if t not in vocab]
     if todo:
         tokenizer.add_tokens([AddedToken(t, normalized=False, special=False, single_word=False) for t in todo])
+    return todo
+
+
+def extend_tokenizer(tokenizer, model, new_tokens: Sequence[str], log: LogFn = _noop) -> list[str]:
+    """``add_tokens`` and resize the model's embeddings (new rows are set by ``warm_start_embeddings``)."""
+    todo = add_tokens(tokenizer, new_tokens)
     old = model.get_input_embeddings().weight.shape[0]
     if len(tokenizer) != old:
         model.resize_token_embeddings(len(tokenizer), mean_resizing=False)

@@ -123,6 +123,62 @@ class RankOutput:
 
 
 @torch.no_grad()
+def trie_beam_search(sm: SidModel, prompt_text: str, trie: SidTrie, num_beams: int) -> list[tuple[tuple[int, ...], float]]:
+    """Beam search over ``trie`` paths for one rendered prompt: the prompt is run once (KV cache),
+    then the cache is repeated for the beams. Scores are sums of full-vocabulary log-probabilities
+    (as in ``generate``). Returns complete trie paths (ending in EOS), best first."""
+    model = sm.model
+    dev = next(model.parameters()).device
+    ids = torch.tensor([prompt_ids(sm.tokenizer, prompt_text, sm.use_chat_template)], device=dev)
+    try:
+        out = model(input_ids=ids, use_cache=True, logits_to_keep=1)
+    except TypeError:  # models without logits_to_keep
+        out = model(input_ids=ids, use_cache=True)
+    cache = out.past_key_values
+    logp = torch.log_softmax(out.logits[:, -1].float(), -1)
+    beams: list[tuple[tuple[int, ...], float]] = [((), 0.0)]
+    finished: list[tuple[tuple[int, ...], float]] = []
+    L = ids.shape[1]
+    step = 0
+    while beams:
+        cand: list[tuple[float, int, tuple[int, ...]]] = []
+        for i, (toks, score) in enumerate(beams):
+            allowed = trie.allowed(toks)
+            if not allowed:
+                continue
+            lp = logp[i, allowed].tolist()
+            cand.extend((score + v, i, toks + (t,)) for t, v in zip(allowed, lp))
+        if not cand:
+            break
+        cand.sort(key=lambda c: -c[0])
+        cand = cand[:num_beams]
+        keep = []
+        for score, i, toks in cand:
+            if trie.is_complete(toks):
+                finished.append((toks, score))
+            else:
+                keep.append((score, i, toks))
+        if len(finished) >= num_beams and (not keep or keep[0][0] < finished[num_beams - 1][0]):
+            break
+        if not keep:
+            break
+        idx = torch.tensor([i for _, i, _ in keep], device=dev)
+        if step == 0:
+            cache.batch_repeat_interleave(len(keep))
+        else:
+            cache.reorder_cache(idx)
+        beams = [(toks, score) for score, _, toks in keep]
+        step += 1
+        inp = torch.tensor([[toks[-1]] for toks, _ in beams], device=dev)
+        att = torch.ones((len(beams), L + step), dtype=torch.long, device=dev)
+        out = model(input_ids=inp, attention_mask=att, past_key_values=cache, use_cache=True)
+        cache = out.past_key_values
+        logp = torch.log_softmax(out.logits[:, -1].float(), -1)
+    finished.sort(key=lambda x: -x[1])
+    return finished[:num_beams]
+
+
+@torch.no_grad()
 def rank_items(
     sm: SidModel,
     prompts: Sequence[str],
@@ -130,56 +186,70 @@ def rank_items(
     num_beams: int = 20,
     exclude: Sequence[Iterable[int]] | None = None,
     batch_size: int = 4,
+    engine: str = "cached",
 ) -> RankOutput:
     """Top-``k`` anime for each (un-rendered) prompt by beam search constrained to the semantic-ID
-    trie; ``exclude[i]`` (e.g. the user's own list) is left out of prompt i's trie."""
+    trie; ``exclude[i]`` (e.g. the user's own list) is left out of prompt i's trie.
+
+    ``engine="cached"``: ``trie_beam_search`` (prompt encoded once, then the beams share its KV
+    cache). ``engine="hf"``: ``model.generate(num_beams=..., prefix_allowed_tokens_fn=trie)``
+    (expands the prompt per beam; several times slower on CPU)."""
+    if engine not in ("cached", "hf"):
+        raise ValueError(f"engine must be 'cached' or 'hf', got {engine!r}")
     out = RankOutput(items=[])
-    model = sm.model
-    depth = max(len(v) for v in sm.sid_ids.values()) + 1
     for s in range(0, len(prompts), batch_size):
         chunk = list(prompts[s : s + batch_size])
         tries = [sm.trie(exclude[s + i] if exclude is not None else ()) for i in range(len(chunk))]
-        beams = max(1, min(num_beams, min(len(t) for t in tries)))
-        enc = _batch_inputs(sm, [sm.render(p) for p in chunk])
-        plen = enc["input_ids"].shape[1]
-
-        def allowed(batch_id: int, ids: torch.Tensor) -> list[int]:
-            nxt = tries[batch_id].allowed(ids[plen:].tolist())
-            return nxt if nxt else [sm.eos_id]
-
-        gen = model.generate(
-            **enc,
-            max_new_tokens=depth,
-            num_beams=beams,
-            num_return_sequences=beams,
-            do_sample=False,
-            early_stopping=True,
-            prefix_allowed_tokens_fn=allowed,
-            pad_token_id=sm.tokenizer.pad_token_id,
-            eos_token_id=sm.eos_id,
-            return_dict_in_generate=True,
-            output_scores=True,
-            length_penalty=0.0,
-        )
-        seqs = gen.sequences[:, plen:].tolist()
-        scores = gen.sequences_scores.tolist() if getattr(gen, "sequences_scores", None) is not None else [0.0] * len(seqs)
-        for i in range(len(chunk)):
+        if engine == "cached":
+            results = [trie_beam_search(sm, sm.render(p), t, max(1, min(num_beams, len(t)))) for p, t in zip(chunk, tries)]
+        else:
+            results = _hf_beam_search(sm, chunk, tries, num_beams)
+        for trie, res in zip(tries, results):
             ranked: list[tuple[int, float]] = []
             seen: set[int] = set()
-            for j in range(i * beams, (i + 1) * beams):
-                seq = seqs[j]
+            for seq, score in res:
+                seq = list(seq)
                 if sm.eos_id in seq:
                     seq = seq[: seq.index(sm.eos_id) + 1]
                 out.sequences += 1
-                aid = tries[i].item(seq)
+                aid = trie.item(seq)
                 if aid is None:
                     continue
                 out.valid_sequences += 1
                 if aid not in seen:
                     seen.add(aid)
-                    ranked.append((int(aid), float(scores[j])))
+                    ranked.append((int(aid), float(score)))
             out.items.append(ranked[:k])
     return out
+
+
+def _hf_beam_search(sm: SidModel, chunk: list[str], tries: list[SidTrie], num_beams: int) -> list[list[tuple[list[int], float]]]:
+    depth = max(len(v) for v in sm.sid_ids.values()) + 1
+    beams = max(1, min(num_beams, min(len(t) for t in tries)))
+    enc = _batch_inputs(sm, [sm.render(p) for p in chunk])
+    plen = enc["input_ids"].shape[1]
+
+    def allowed(batch_id: int, ids: torch.Tensor) -> list[int]:
+        nxt = tries[batch_id].allowed(ids[plen:].tolist())
+        return nxt if nxt else [sm.eos_id]
+
+    gen = sm.model.generate(
+        **enc,
+        max_new_tokens=depth,
+        num_beams=beams,
+        num_return_sequences=beams,
+        do_sample=False,
+        early_stopping=True,
+        prefix_allowed_tokens_fn=allowed,
+        pad_token_id=sm.tokenizer.pad_token_id,
+        eos_token_id=sm.eos_id,
+        return_dict_in_generate=True,
+        output_scores=True,
+        length_penalty=0.0,
+    )
+    seqs = gen.sequences[:, plen:].tolist()
+    scores = gen.sequences_scores.tolist() if getattr(gen, "sequences_scores", None) is not None else [0.0] * len(seqs)
+    return [[(seqs[j], scores[j]) for j in range(i * beams, (i + 1) * beams)] for i in range(len(chunk))]
 
 
 @torch.no_grad()

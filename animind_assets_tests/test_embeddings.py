@@ -310,6 +310,15 @@ def test_asset_materializes_incrementally_with_checks(animind_env):
     table = DuckDBWarehouse(database=default_duckdb_path(), schema="main").read_table("anime_embeddings")
     assert table["anime_id"].to_list() == [1, 5, 6, 7] and table.schema["embedding"] == pl.Array(pl.Float32, 384)
 
+    # another vector width (Matryoshka truncation): every row re-embedded, table re-created as FLOAT[96]
+    run_config = {"ops": {"anime_embeddings": {"config": {"device": "cpu", "truncate_dim": 96}}}}
+    r3 = dg.materialize([_prep_asset(d), *assets], resources=_resources(), instance=instance, run_config=run_config)
+    assert r3.success
+    md = r3.asset_materializations_for_node("anime_embeddings")[0].metadata
+    assert (md["rows_embedded"].value, md["rows_reused"].value, md["dim"].value) == (4, 0, 96)
+    table = DuckDBWarehouse(database=default_duckdb_path(), schema="main").read_table("anime_embeddings")
+    assert table.schema["embedding"] == pl.Array(pl.Float32, 96) and table.height == 4
+
 
 # ---------------------------------------------------------------- decoder model (Qwen3-style) path
 def _tiny_decoder_model(folder, padding_side="left"):
@@ -356,3 +365,27 @@ def test_decoder_last_token_model_matches_sentence_transformers(tmp_path, paddin
     assert mine.shape == (7, 32)
     cos = (mine * ref).sum(1) / np.linalg.norm(ref, axis=1)
     assert cos.min() > 1 - 1e-4, cos
+
+
+def test_model_with_dense_head_runs_through_st_modules(tmp_path):
+    """A layout the direct path does not cover (Dense head) goes through the Sentence-Transformers modules."""
+    import torch
+    from sentence_transformers import SentenceTransformer
+    from sentence_transformers.sentence_transformer.modules import Dense
+
+    tiny = _tiny_decoder_model(tmp_path / "tiny", "left")
+    st = SentenceTransformer(str(tiny), device="cpu")
+    torch.manual_seed(1)
+    dense_st = SentenceTransformer(modules=[st[0], st[1], Dense(64, 24), st[2]], device="cpu")
+    folder = tmp_path / "tiny-dense"
+    dense_st.save(str(folder))
+    texts = list(TEXTS.values())
+    cfg = E.EmbeddingConfig(model=str(folder), device="cpu", batch_size=2)
+    emb = E.get_embedder(cfg)
+    assert emb.mode == "modules"
+    mine = E.embed_texts(texts, cfg)
+    ref = SentenceTransformer(str(folder), device="cpu").encode(texts, batch_size=2, normalize_embeddings=True)
+    assert mine.shape == (5, 24)
+    assert ((mine * ref).sum(1)).min() > 1 - 1e-4
+    with pytest.raises(E.EmbeddingError, match="override needs a Transformer"):
+        E.embed_texts(texts, cfg.replace(pooling="cls"))

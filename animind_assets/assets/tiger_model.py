@@ -78,6 +78,7 @@ class TigerModelConfig(dg.Config):
     eval_every_steps: int = Field(0, description="validation every N steps (0 = every epoch)")
     val_users: int = Field(2000, description="validation users per evaluation (0 = all)")
     val_beams: int = Field(20, description="beams of the validation beam search (>= 10)")
+    exclude_history: bool = Field(True, description="validation never recommends items already in the history")
     patience: int = Field(4, description="early stopping: evaluations without val Recall@10 gain (0 = off)")
     min_delta: float = Field(0.0, description="minimum val Recall@10 gain that counts")
     seed: int = Field(42, description="random seed (init, batches, subsets)")

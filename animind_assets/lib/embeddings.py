@@ -503,8 +503,8 @@ class TextEmbedder:
                 f"pooling={cfg.pooling!r} override needs a Transformer+Pooling model; {self.folder.name} has "
                 f"modules {self.modules_desc} (use pooling='auto')"
             )
-        if self.mode == "modules" and cfg.max_length:
-            self.st.max_seq_length = int(cfg.max_length)
+        if self.mode == "modules":
+            self.st.max_seq_length = self.max_length_for(cfg)
         dim = self.output_dim(cfg)
         if n == 0:
             return np.zeros((0, dim), dtype=np.float32)

@@ -120,6 +120,7 @@ def evaluate_recommender(
     interactions: pl.DataFrame,
     cfg: EvalConfig | None = None,
     log: LogFn | None = None,
+    engine: str = "cached",
 ) -> EvalResult:
     cfg = cfg or EvalConfig()
     log = log or (lambda _m: None)
@@ -156,7 +157,7 @@ def evaluate_recommender(
     seqs = valid = 0
     for s in range(0, len(prompts), cfg.batch_size):
         out = rank_items(sm, prompts[s : s + cfg.batch_size], k=kmax, num_beams=max(cfg.num_beams, kmax),
-                         exclude=excludes[s : s + cfg.batch_size], batch_size=cfg.batch_size)
+                         exclude=excludes[s : s + cfg.batch_size], batch_size=cfg.batch_size, engine=engine)
         for items in out.items:
             model_rank.append([a for a, _ in items])
             model_scores.append([sc for _, sc in items])

@@ -1,0 +1,221 @@
+"""Bounded CPU run of the whole LLM chain on the real MAL 2020 data, through the Dagster assets.
+
+    python -m animind_assets.benchmarks.finetune_mal                       # defaults (~25 min on 2 shared cores)
+    python -m animind_assets.benchmarks.finetune_mal --phase1-steps 4 --phase2-steps 4 --eval-users 20   # smoke
+
+Steps (every figure is printed):
+
+1. ``anime_prep`` / ``user_interactions`` from ``../shared/data/mal2020/anilist.sqlite`` with the
+   project's cleaning library (adult titles excluded).
+2. Semantic IDs with the project's RQ-VAE library: ``anime_text`` embedded with the offline
+   MiniLM model (cached under ``$TMPDIR/animind_bench``), RQ-VAE (3x256, ``--quantizer-epochs``),
+   checkpoint at ``<out>/artifacts/rqvae_model/model.pt`` (the fine-tune's warm-start source),
+   TIGER disambiguation level. ``--sids random`` uses random 3x256 codes instead (no RQ-VAE).
+3. ``dg.materialize`` of ``llm_prep_dataset`` -> ``finetuned_model`` -> ``recommendation_eval``
+   (upstream tables injected as stub assets) with the default embedded SmolLM2-135M-Instruct,
+   ``torch.set_num_threads(2)``, bounded steps; MLflow into ``<out>/mlflow.db``.
+4. ``python -m animind_assets.recommend`` on the produced model.
+
+The CPU is shared: timings vary with the other processes on the machine (the load average is printed).
+"""
+
+
+
+import argparse
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import polars as pl
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+PROJECT_ROOT = Path(__file__).resolve().parents[2]
+
+
+def shared_data() -> Path:
+    env = os.environ.get("ANIMIND_SHARED_DATA")
+    return Path(env) if env else (PROJECT_ROOT / "../shared/data").resolve()
+
+
+def load_mal(db: Path):
+    from animind_assets.lib.prep import clean_anime, clean_interactions
+    from animind_assets.lib.sources import read_sqlite_catalog, read_sqlite_interactions
+
+    raw_cat = read_sqlite_catalog(db)
+    cat = clean_anime(raw_cat.frame).frame
+    raw = read_sqlite_interactions(db)
+    import polars as pl
+
+    all_ids = set(raw_cat.frame["anime_id"].cast(pl.Int64, strict=False).drop_nulls().to_list())
+    kept = set(cat["anime_id"].to_list())
+    inter = clean_interactions(raw.frame, known_anime=all_ids, excluded_anime=all_ids - kept).frame
+    return cat, inter, raw.has_timestamps
+
+
+def build_semantic_ids(cat, artifacts_root: Path, mode: str, epochs: int, cache_dir: Path, log=print):
+    import numpy as np
+    import polars as pl
+
+    from animind_assets.lib.semantic_ids import assign_semantic_ids, semantic_id_strings
+
+    ids = cat["anime_id"].to_numpy()
+    t0 = time.perf_counter()
+    if mode == "random":
+        rng = np.random.default_rng(0)
+        codes = rng.integers(0, 256, size=(len(ids), 3))
+        note = "random 3x256 codes (no RQ-VAE)"
+    else:
+        from animind_assets.benchmarks.semantic_ids import embed
+        from animind_assets.lib.rqvae import preset_config, train_quantizer
+
+        x = embed(cat["anime_text"].to_list(), cache_dir, log=log)
+        cfg = preset_config("default", epochs=epochs, num_threads=2)
+        ckpt_dir = artifacts_root / "rqvae_model"
+        res = train_quantizer(x, cfg, checkpoint_dir=str(ckpt_dir))
+        codes = res.codes
+        note = f"RQ-VAE default preset {cfg.levels}x{cfg.codebook_size}, {res.epochs_run} epochs, checkpoint {ckpt_dir / 'model.pt'}"
+    full = assign_semantic_ids(codes, order_key=ids)
+    sids = pl.DataFrame({"anime_id": ids, "codes": full.tolist(), "semantic_id": semantic_id_strings(full)},
+                        schema={"anime_id": pl.Int64, "codes": pl.List(pl.Int64), "semantic_id": pl.Utf8})
+    unique_before = len({tuple(r) for r in np.asarray(codes).tolist()}) / len(ids)
+    log(f"semantic IDs: {note}; unique before disambiguation {unique_before:.4f}; {time.perf_counter() - t0:.0f}s")
+    return sids, note
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--out", default=str(Path(tempfile.gettempdir()) / "animind_finetune_mal"))
+    ap.add_argument("--sids", choices=["rqvae", "random"], default="rqvae")
+    ap.add_argument("--quantizer-epochs", type=int, default=10)
+    ap.add_argument("--n-examples", type=int, default=20000)
+    ap.add_argument("--phase1-steps", type=int, default=40)
+    ap.add_argument("--phase2-steps", type=int, default=80)
+    ap.add_argument("--batch-size", type=int, default=8)
+    ap.add_argument("--max-seq-length", type=int, default=192)
+    ap.add_argument("--train-layers", type=int, default=6)
+    ap.add_argument("--eval-users", type=int, default=200)
+    ap.add_argument("--num-beams", type=int, default=20)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--cache-dir", default=str(Path(tempfile.gettempdir()) / "animind_bench"))
+    args = ap.parse_args(argv)
+
+    db = shared_data() / "mal2020" / "anilist.sqlite"
+    if not db.exists():
+        print(f"../shared/data/mal2020/anilist.sqlite not found: {db}")
+        return 0
+    import torch
+
+    torch.set_num_threads(args.threads)
+    out = Path(args.out).resolve()
+    out.mkdir(parents=True, exist_ok=True)
+    os.environ["ANIMIND_DATA_DIR"] = str(out)
+    t_all = time.perf_counter()
+    print(f"load average at start: {os.getloadavg()}; torch threads {torch.get_num_threads()}; cuda {torch.cuda.is_available()}")
+
+    t0 = time.perf_counter()
+    cat, inter, has_ts = load_mal(db)
+    print(f"MAL: {cat.height} anime (adult excluded), {inter.height} interactions, {inter['user_id'].n_unique()} users, "
+          f"has timestamps {has_ts} ({time.perf_counter() - t0:.1f}s)")
+    sids, sid_note = build_semantic_ids(cat, out / "artifacts", args.sids, args.quantizer_epochs, Path(args.cache_dir))
+
+    import dagster as dg
+    import polars as pl
+
+    from animind_assets.assets.finetuned_model import finetuned_model
+    from animind_assets.assets.llm_prep_dataset import llm_prep_dataset
+    from animind_assets.assets.recommendation_eval import recommendation_eval
+    from animind_assets.resources import AniMindDuckDBIOManager, ArtifactStoreResource, MlflowResource, ParquetExports
+
+    @dg.asset(name="anime_prep")
+    def anime_prep_stub() -> pl.DataFrame:
+        return cat
+
+    @dg.asset(name="user_interactions", metadata={"has_timestamps": has_ts})
+    def user_interactions_stub() -> pl.DataFrame:
+        return inter
+
+    @dg.asset(name="semantic_ids")
+    def semantic_ids_stub() -> pl.DataFrame:
+        return sids
+
+    @dg.asset(name="rqvae_model")
+    def rqvae_stub() -> None:
+        return None
+
+    resources = {
+        "io_manager": AniMindDuckDBIOManager(database=str(out / "animind.duckdb"), schema="main"),
+        "artifacts": ArtifactStoreResource(root=str(out / "artifacts")),
+        "exports": ParquetExports(root=str(out / "exports")),
+        "mlflow": MlflowResource(tracking_uri=f"sqlite:///{out / 'mlflow.db'}", artifact_location=str(out / "mlartifacts")),
+    }
+    stubs = [anime_prep_stub, user_interactions_stub, semantic_ids_stub, rqvae_stub]
+    dg.materialize(stubs, resources=resources, selection=["anime_prep", "user_interactions", "semantic_ids"])
+    ours = [llm_prep_dataset, finetuned_model, recommendation_eval]
+    run_config = {
+        "ops": {
+            "llm_prep_dataset": {"config": {"n_examples": args.n_examples}},
+            "finetuned_model": {
+                "config": {
+                    "phase1_max_steps": args.phase1_steps,
+                    "phase2_max_steps": args.phase2_steps,
+                    "batch_size": args.batch_size,
+                    "max_seq_length": args.max_seq_length,
+                    "train_layers": args.train_layers,
+                    "num_threads": args.threads,
+                }
+            },
+            "recommendation_eval": {"config": {"max_users": args.eval_users, "num_beams": args.num_beams, "num_threads": args.threads}},
+        }
+    }
+    timings = {}
+    for asset in ours:
+        name = asset.key.path[-1]
+        t0 = time.perf_counter()
+        res = dg.materialize([*stubs, *ours], resources=resources, selection=[name],
+                             run_config={"ops": {name: run_config["ops"][name]}})
+        timings[name] = time.perf_counter() - t0
+        mats = res.asset_materializations_for_node(name)
+        md = mats[0].metadata if mats else {}
+        print(f"\n=== {name}: {timings[name]:.0f}s (load average {os.getloadavg()[0]:.1f})")
+        if name == "llm_prep_dataset":
+            s = md["summary"].value
+            print(f"rows {md['dagster/row_count'].value}; counts {s['counts']}; duplicates dropped {s['duplicates_dropped']}")
+            print(f"users by split {s['users_by_split']}; leakage {s['leakage']}; {s['order_note']}")
+            print(f"token lengths ({s['token_length_method']}): {s['token_lengths']}")
+        elif name == "finetuned_model":
+            for k in ("device", "method", "new_tokens_added", "warm_start", "phase1_train_loss", "phase1_val_loss",
+                      "phase2_train_loss", "phase2_val_loss", "phase1_tokens_per_s", "phase2_tokens_per_s",
+                      "english_ppl_before", "english_ppl_after", "english_ppl_ratio", "materialize_seconds"):
+                if k in md:
+                    print(f"  {k}: {md[k].value}")
+            if "warm_start_ridge_r2" in md:
+                print(f"  warm_start_ridge_r2: {md['warm_start_ridge_r2'].value}")
+        else:
+            print(md["metrics"].value)
+            for k in ("valid_id_rate", "unconstrained_valid_id_rate", "sid_to_title_exact", "sid_to_title_fuzzy_ge_0_8",
+                      "lm_beats_popularity", "users", "catalog_size", "users_per_s"):
+                if k in md:
+                    print(f"  {k}: {md[k].value}")
+            print(f"  examples: {md['examples'].value}")
+        sys.stdout.flush()
+    print(f"\nsemantic IDs: {sid_note}")
+    print(f"fine-tune (two phases, {args.phase1_steps}+{args.phase2_steps} steps, batch {args.batch_size}): "
+          f"{timings['finetuned_model'] / 60:.1f} min; eval {timings['recommendation_eval'] / 60:.1f} min; "
+          f"total {(time.perf_counter() - t_all) / 60:.1f} min")
+    cmd = [sys.executable, "-m", "animind_assets.recommend", "--artifacts", str(out / "artifacts"),
+           "--history", "Cowboy Bebop", "Trigun", "-k", "10"]
+    print("\n$ " + " ".join(cmd[1:]))
+    t0 = time.perf_counter()
+    r = subprocess.run(cmd, capture_output=True, text=True, cwd=PROJECT_ROOT)
+    print(r.stdout + r.stderr)
+    print(f"(recommend CLI: {time.perf_counter() - t0:.1f}s, exit {r.returncode})")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -45,7 +45,7 @@ def tiny_cfg(**kw) -> QuantizerConfig:
         warmup_steps=2, restart_window=3, kmeans_iters=5, lr=3e-3, val_fraction=0.1, seed=7,
     )
     base.update(kw)
-    return preset_config("default", **base)
+    return preset_config("rqvae", **base)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -183,10 +183,10 @@ def test_resume_refuses_other_inputs(tmp_path):
         train_quantizer(x, tiny_cfg(), checkpoint_dir=tmp_path / "none", resume="best")
 
 
-@pytest.mark.parametrize("preset", ["default", "rqkmeans"])
+@pytest.mark.parametrize("preset", ["rqvae", "default", "rqkmeans"])
 def test_checkpoint_round_trip(tmp_path, preset):
     x = clustered()
-    cfg = tiny_cfg() if preset == "default" else preset_config("rqkmeans", codebook_size=16, kmeans_iters=5)
+    cfg = tiny_cfg() if preset == "rqvae" else preset_config(preset, codebook_size=16, kmeans_iters=5)
     res = train_quantizer(x, cfg, checkpoint_dir=tmp_path, extra_payload={"item_ids": torch.arange(len(x))})
     raw = torch.load(tmp_path / "model.pt", weights_only=True)
     assert raw["kind"] == cfg.quantizer and raw["config"] == cfg.to_dict()
@@ -207,16 +207,28 @@ def test_load_rejects_foreign_files(tmp_path):
     assert torch.equal(load_checkpoint(tmp_path / "ok.pt")["x"], torch.ones(2))
 
 
-def test_training_uses_codebooks_and_separates_items():
-    x = clustered(n_clusters=32, per=20, dim=24, spread=0.15)
-    res = train_quantizer(x, tiny_cfg(epochs=6, codebook_size=32, latent_dim=12, hidden_dims=[48]))
+@pytest.mark.parametrize("preset", ["rqvae", "default"])
+def test_training_uses_codebooks_and_separates_items(preset):
+    n_clusters, per = 32, 20
+    x = clustered(n_clusters=n_clusters, per=per, dim=24, spread=0.15)
+    if preset == "rqvae":
+        cfg = tiny_cfg(epochs=20, lr=1e-2, input_norm="center", codebook_size=32, latent_dim=12, hidden_dims=[48])
+    else:
+        cfg = preset_config("default", codebook_size=32, kmeans_iters=10, ward_neighbors=5)
+    res = train_quantizer(x, cfg)
     m = res.metrics
     for lv in (1, 2, 3):
         assert m[f"usage_l{lv}"] >= 0.9, m
         assert m[f"perplexity_l{lv}"] >= 20, m
-    assert m["unique_fraction"] > 0.9, m
-    assert m["residual_norm_l1"] > m["residual_norm_l2"] > m["residual_norm_l3"]
-    assert res.history and all(math.isfinite(h["train_loss"]) for h in res.history)
+    # the first level recovers the clusters: each cluster's members share one level-1 code
+    first = res.codes[:, 0].reshape(n_clusters, per)
+    purity = np.mean([np.bincount(row).max() / per for row in first])
+    assert purity >= 0.95, purity
+    assert len(np.unique(first[:, 0])) >= 0.9 * n_clusters
+    assert m["unique_fraction"] > 0.7, m
+    if preset == "rqvae":
+        assert m["residual_norm_l1"] > m["residual_norm_l2"] > m["residual_norm_l3"]
+        assert res.history and all(math.isfinite(h["train_loss"]) for h in res.history)
     assert res.samples_per_s > 0
 
 
@@ -246,7 +258,10 @@ def test_presets_match_original_configs():
     assert (cons.lr, cons.beta, cons.ema_decay, cons.batch_size, cons.epochs, cons.warmup_steps) == (2.5e-5, 0.20, 0.995, 192, 60, 3000)
     assert (aggr.lr, aggr.beta, aggr.ema_decay, aggr.batch_size, aggr.epochs, aggr.warmup_steps) == (6e-5, 0.35, 0.98, 320, 30, 800)
     d = preset_config("default")
-    assert (d.quantizer, d.levels, d.codebook_size, d.latent_dim, d.codebook_update) == ("rqvae", 3, 256, 32, "ema")
+    assert (d.quantizer, d.levels, d.codebook_size, d.first_level_init, d.normalize_residuals) == ("rqkmeans", 3, 256, "ward", True)
+    r = preset_config("rqvae")  # TIGER-like RQ-VAE
+    assert (r.quantizer, r.levels, r.codebook_size, r.latent_dim, r.hidden_dims, r.codebook_update) == ("rqvae", 3, 256, 32, [256, 128], "ema")
+    assert preset_config("rqkmeans").first_level_init == "kmeans++"
     with pytest.raises(ValueError, match="unknown quantizer preset"):
         preset_config("nope")
     with pytest.raises(ValueError, match="codebook_update"):

@@ -232,7 +232,7 @@ def _resources(tmp_path: Path, mlflow_enabled: bool):
 
 
 TINY_RQVAE = {
-    "preset": "default", "hidden_dims": [32], "latent_dim": 8, "levels": 3, "codebook_size": 16,
+    "preset": "rqvae", "hidden_dims": [32], "latent_dim": 8, "levels": 3, "codebook_size": 16,
     "epochs": 3, "batch_size": 64, "warmup_steps": 2, "kmeans_iters": 5, "restart_window": 5,
 }
 
@@ -318,18 +318,18 @@ def test_materialize_rqvae_variants_partition(tmp_path, monkeypatch):
     monkeypatch.setenv("ANIMIND_DATA_DIR", str(tmp_path))
     from animind_assets.assets.rqvae_variants import VARIANTS, rqvae_variants
 
-    assert VARIANTS == ["default", "rqkmeans", "conservative", "aggressive"]
+    assert VARIANTS == ["default", "rqkmeans", "rqvae", "conservative", "aggressive"]
     prep, emb, ui = _synthetic(1)
     res = dg.materialize(
         [*_stubs(prep, emb, ui), rqvae_variants],
         selection=["anime_embeddings", "user_interactions", "rqvae_variants"],
-        partition_key="rqkmeans",
+        partition_key="default",
         resources=_resources(tmp_path, mlflow_enabled=False),
         run_config={"ops": {"rqvae_variants": {"config": {"codebook_size": 16, "kmeans_iters": 5, "recall_k": 5, "recall_min_support": 3}}}},
     )
     assert res.success
     md = res.asset_materializations_for_node("rqvae_variants")[0].metadata
-    assert md["quantizer"].value == "rqkmeans" and md["preset"].value == "rqkmeans"
+    assert md["quantizer"].value == "rqkmeans" and md["preset"].value == "default"
     assert md["recall@5_semantic_id"].value > md["recall@5_random"].value
-    assert (tmp_path / "artifacts" / "rqvae_variants" / "rqkmeans" / "model.pt").exists()
+    assert (tmp_path / "artifacts" / "rqvae_variants" / "default" / "model.pt").exists()
     assert not (tmp_path / "artifacts" / "rqvae_model").exists()

@@ -22,7 +22,7 @@ from animind_assets.lib.semantic_ids import assign_semantic_ids, frame_vectors
 from animind_assets.meta import scalar_metadata
 from animind_assets.resources import ArtifactStoreResource, MlflowResource
 
-VARIANTS = ["default", "rqkmeans", "conservative", "aggressive"]
+VARIANTS = ["default", "rqkmeans", "rqvae", "conservative", "aggressive"]
 variant_partitions = dg.StaticPartitionsDefinition(VARIANTS)
 
 
@@ -44,7 +44,7 @@ class RqvaeVariantsConfig(QuantizerOverrides):
     pool=GPU_POOL,
     op_tags=GPU_OP_TAGS,
     kinds={"pytorch", "mlflow"},
-    description="Quantizer presets compared per partition (default, rqkmeans, conservative, aggressive).",
+    description="Quantizer presets compared per partition (default, rqkmeans, rqvae, conservative, aggressive).",
 )
 def rqvae_variants(
     context: dg.AssetExecutionContext,

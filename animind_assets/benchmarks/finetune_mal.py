@@ -1,14 +1,15 @@
 """Bounded CPU run of the whole LLM chain on the real MAL 2020 data, through the Dagster assets.
 
-    python -m animind_assets.benchmarks.finetune_mal                       # defaults (~25 min on 2 shared cores)
+    python -m animind_assets.benchmarks.finetune_mal                       # defaults (bounded, 2 shared cores)
     python -m animind_assets.benchmarks.finetune_mal --phase1-steps 4 --phase2-steps 4 --eval-users 20   # smoke
 
 Steps (every figure is printed):
 
 1. ``anime_prep`` / ``user_interactions`` from ``../shared/data/mal2020/anilist.sqlite`` with the
    project's cleaning library (adult titles excluded).
-2. Semantic IDs with the project's RQ-VAE library: ``anime_text`` embedded with the offline
-   MiniLM model (cached under ``$TMPDIR/animind_bench``), RQ-VAE (3x256, ``--quantizer-epochs``),
+2. Semantic IDs with the project's RQ-VAE library on TF-IDF/SVD-128 features of ``anime_text``
+   (``--sids rqvae-minilm``: the offline MiniLM embeddings instead, cached under
+   ``$TMPDIR/animind_bench``, tens of minutes on 2 shared cores), RQ-VAE (3x256, ``--quantizer-epochs``),
    checkpoint at ``<out>/artifacts/rqvae_model/model.pt`` (the fine-tune's warm-start source),
    TIGER disambiguation level. ``--sids random`` uses random 3x256 codes instead (no RQ-VAE).
 3. ``dg.materialize`` of ``llm_prep_dataset`` -> ``finetuned_model`` -> ``recommendation_eval``
@@ -70,15 +71,26 @@ def build_semantic_ids(cat, artifacts_root: Path, mode: str, epochs: int, cache_
         codes = rng.integers(0, 256, size=(len(ids), 3))
         note = "random 3x256 codes (no RQ-VAE)"
     else:
-        from animind_assets.benchmarks.semantic_ids import embed
         from animind_assets.lib.rqvae import preset_config, train_quantizer
 
-        x = embed(cat["anime_text"].to_list(), cache_dir, log=log)
+        if mode == "rqvae-minilm":
+            from animind_assets.benchmarks.semantic_ids import embed
+
+            x = embed(cat["anime_text"].to_list(), cache_dir, log=log)
+        else:  # TF-IDF + SVD: seconds instead of the MiniLM embedding's tens of minutes on 2 shared cores
+            from sklearn.decomposition import TruncatedSVD
+            from sklearn.feature_extraction.text import TfidfVectorizer
+
+            tf = TfidfVectorizer(max_features=30000, min_df=2, stop_words="english", sublinear_tf=True)
+            m = tf.fit_transform(cat["anime_text"].to_list())
+            x = TruncatedSVD(128, random_state=0).fit_transform(m).astype(np.float32)
+            x /= np.linalg.norm(x, axis=1, keepdims=True) + 1e-9
+            log(f"TF-IDF ({m.shape[1]} terms) + SVD-128 features: {time.perf_counter() - t0:.0f}s")
         cfg = preset_config("default", epochs=epochs, num_threads=2)
         ckpt_dir = artifacts_root / "rqvae_model"
         res = train_quantizer(x, cfg, checkpoint_dir=str(ckpt_dir))
         codes = res.codes
-        note = f"RQ-VAE default preset {cfg.levels}x{cfg.codebook_size}, {res.epochs_run} epochs, checkpoint {ckpt_dir / 'model.pt'}"
+        note = f"{'MiniLM' if mode == 'rqvae-minilm' else 'TF-IDF/SVD'} features, RQ-VAE default preset {cfg.levels}x{cfg.codebook_size}, {res.epochs_run} epochs, checkpoint {ckpt_dir / 'model.pt'}"
     full = assign_semantic_ids(codes, order_key=ids)
     sids = pl.DataFrame({"anime_id": ids, "codes": full.tolist(), "semantic_id": semantic_id_strings(full)},
                         schema={"anime_id": pl.Int64, "codes": pl.List(pl.Int64), "semantic_id": pl.Utf8})
@@ -90,16 +102,20 @@ def build_semantic_ids(cat, artifacts_root: Path, mode: str, epochs: int, cache_
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", default=str(Path(tempfile.gettempdir()) / "animind_finetune_mal"))
-    ap.add_argument("--sids", choices=["rqvae", "random"], default="rqvae")
+    ap.add_argument("--sids", choices=["rqvae", "rqvae-minilm", "random"], default="rqvae",
+                    help="rqvae: project RQ-VAE on TF-IDF/SVD features; rqvae-minilm: on MiniLM embeddings (slow on CPU)")
     ap.add_argument("--quantizer-epochs", type=int, default=10)
     ap.add_argument("--n-examples", type=int, default=20000)
-    ap.add_argument("--phase1-steps", type=int, default=40)
-    ap.add_argument("--phase2-steps", type=int, default=80)
+    ap.add_argument("--phase1-steps", type=int, default=8)
+    ap.add_argument("--phase2-steps", type=int, default=20)
+    ap.add_argument("--max-history", type=int, default=6, help="list items in a task-B prompt")
+    ap.add_argument("--c-max-liked", type=int, default=4, help="liked anime in a task-C prompt")
     ap.add_argument("--batch-size", type=int, default=8)
     ap.add_argument("--max-seq-length", type=int, default=192)
-    ap.add_argument("--train-layers", type=int, default=6)
-    ap.add_argument("--eval-users", type=int, default=200)
-    ap.add_argument("--num-beams", type=int, default=20)
+    ap.add_argument("--train-layers", type=int, default=2)
+    ap.add_argument("--eval-examples", type=int, default=8, help="validation rows per task for the phase validation loss")
+    ap.add_argument("--eval-users", type=int, default=80)
+    ap.add_argument("--num-beams", type=int, default=10)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--cache-dir", default=str(Path(tempfile.gettempdir()) / "animind_bench"))
     args = ap.parse_args(argv)
@@ -158,7 +174,8 @@ def main(argv: list[str] | None = None) -> int:
     ours = [llm_prep_dataset, finetuned_model, recommendation_eval]
     run_config = {
         "ops": {
-            "llm_prep_dataset": {"config": {"n_examples": args.n_examples}},
+            "llm_prep_dataset": {"config": {"n_examples": args.n_examples, "max_history": args.max_history,
+                                            "c_max_liked": args.c_max_liked}},
             "finetuned_model": {
                 "config": {
                     "phase1_max_steps": args.phase1_steps,
@@ -167,6 +184,7 @@ def main(argv: list[str] | None = None) -> int:
                     "max_seq_length": args.max_seq_length,
                     "train_layers": args.train_layers,
                     "num_threads": args.threads,
+                    "eval_examples": args.eval_examples,
                 }
             },
             "recommendation_eval": {"config": {"max_users": args.eval_users, "num_beams": args.num_beams, "num_threads": args.threads}},

@@ -53,7 +53,7 @@ MASK = "[MASK]"
 TASKS = ("A", "B", "C")
 SPLITS = ("train", "validation", "test")
 DEFAULT_SYSTEM_PROMPT = (
-    "You are AniMind, an anime recommender. Anime are written as semantic IDs."
+    "You are AniMind. Anime are written as semantic IDs."
 )
 A_TEMPLATES = (
     "sid_to_title",
@@ -154,11 +154,11 @@ class LlmDataConfig:
     test_user_frac: float = 0.1
     max_eval_users: int = 0  # cap on validation and on test users each (0 = no cap)
     min_user_items: int = 4  # users with fewer list entries get no B/C examples
-    max_history: int = 12  # list items shown in a B prompt (a window around the masked item)
-    mask_last_prob: float = 0.5  # training B examples that mask the last item of their window
+    max_history: int = 10  # list items shown in a B prompt (a window around the masked item)
+    mask_last_prob: float = 0.7  # training B examples that mask the last item of their window
     like_min_score: int = 7
     dislike_max_score: int = 3
-    c_max_liked: int = 8
+    c_max_liked: int = 6
     c_min_liked: int = 3
     c_titles_prob: float = 0.5  # C prompts that show titles next to the SIDs
     synopsis_chars: int = 240

@@ -72,12 +72,12 @@ class FinetuneConfig:
     lora_dropout: float = 0.05
     lora_target_modules: list[str] = field(default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"])
     train_layers: int = 0  # full method: 0 = every block; N = only the top N blocks + embeddings/head
-    phase1_max_steps: int = 40
-    phase2_max_steps: int = 80
+    phase1_max_steps: int = 16
+    phase2_max_steps: int = 32
     phase1_weights: dict[str, float] = field(default_factory=lambda: {"A": 0.8, "B": 0.1, "C": 0.1})
     phase2_weights: dict[str, float] = field(default_factory=lambda: {"A": 0.2, "B": 0.6, "C": 0.2})
     phase1_lr: float = 1e-3
-    phase2_lr: float = 5e-4
+    phase2_lr: float = 1e-3
     warmup_frac: float = 0.05
     lr_scheduler: str = "cosine"
     weight_decay: float = 0.0
@@ -95,7 +95,7 @@ class FinetuneConfig:
     save_steps: int = 0  # 0 = one checkpoint at the end of each phase
     resume: bool = True
     keep_checkpoints: bool = False  # False: delete the phase checkpoints once the run succeeded
-    eval_examples: int = 64  # validation rows per task for the per-phase validation loss
+    eval_examples: int = 16  # validation rows per task for the per-phase validation loss
     english_ppl: bool = True
     ppl_max_tokens: int = 256
     save_dtype: str = "float32"  # "float32" | "bfloat16"
@@ -644,9 +644,13 @@ def _apply_method(model, cfg: FinetuneConfig, method: str, log: LogFn):
         emb_name = _module_name(model, model.get_input_embeddings())
         head_name = _module_name(model, model.get_output_embeddings())
         to_save = [n.split(".")[-1] for n in (emb_name, head_name) if n]
+        emb_w = model.get_input_embeddings().weight
+        head = model.get_output_embeddings()
+        tied = head is not None and head.weight.data_ptr() == emb_w.data_ptr()
         pcfg = LoraConfig(
             r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
             target_modules=list(cfg.lora_target_modules), modules_to_save=sorted(set(to_save)), task_type="CAUSAL_LM",
+            ensure_weight_tying=tied,
         )
         model = get_peft_model(model, pcfg)
         trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
@@ -731,6 +735,7 @@ def _run_phase(
         bf16=cfg.bf16,
         disable_tqdm=True,
         remove_unused_columns=True,
+        train_sampling_strategy="group_by_length",
     )
     Trainer = _make_trainer_class()
     t0 = time.perf_counter()

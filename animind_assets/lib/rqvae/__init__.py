@@ -9,7 +9,9 @@ Public API::
 
     from animind_assets.lib.rqvae import QuantizerConfig, preset_config, train_quantizer
 
-    cfg = preset_config("default", epochs=20)           # or "rqkmeans", "conservative", "aggressive"
+    cfg = preset_config("default")      # Ward-seeded residual k-means; or "rqkmeans", "rqvae"
+                                        # (TIGER-like RQ-VAE), "conservative", "aggressive"
+    cfg = preset_config("rqvae", epochs=20, estimator="rotation", codebook_update="gradient")
     result = train_quantizer(vectors, cfg, log=print, on_epoch=lambda rec: ...,
                              checkpoint_dir="out/rqvae", resume=None)   # or "last" / "best" / path
     result.codes            # (n, levels) int64, row order of `vectors`
@@ -21,7 +23,8 @@ Public API::
 Components (one small module each, swappable in the spirit of GRID's modular quantizers):
 
 * ``config``     ``QuantizerConfig`` + named ``PRESETS``
-* ``kmeans``     seeded k-means (k-means++ + Lloyd) used for codebook init and RQ-KMeans
+* ``kmeans``     seeded k-means (k-means++ or kNN-constrained Ward seeds + Lloyd) for codebook
+                 init and RQ-KMeans
 * ``modules``    input normaliser, MLP encoder/decoder, gradient estimators (STE, rotation trick)
 * ``codebook``   codebook + update strategies (EMA, gradient) + windowed dead-code restarts
 * ``quantizer``  residual quantizer over per-level (or one shared) codebooks

@@ -6,16 +6,25 @@ live inside a ``torch.load(weights_only=True)`` checkpoint and in MLflow params.
 
 Presets (``PRESETS`` / ``preset_config(name, **overrides)``):
 
-* ``default``: TIGER-like RQ-VAE for ~384-d sentence embeddings: MLP 384 -> 256 -> 128 -> 32,
-  3 levels x 256 codes, per-level codebooks initialised by k-means on the encoded residuals, EMA
-  codebook updates, dead-code restarts over a 50-step usage window, AdamW + cosine LR.
-* ``rqkmeans``: residual k-means on centred, L2-normalised inputs with normalised residuals (no
-  training; a strong, cheap baseline).
+* ``default`` (the dataclass defaults): residual k-means, 3 levels x 256 codes, on centred
+  L2-normalised inputs with L2-normalised residuals; level 1 seeded by kNN-constrained Ward
+  clustering (keeps near-duplicate items together), levels 2-3 by k-means++ + Lloyd. On MAL 2020
+  with MiniLM vectors: 96% unique IDs before disambiguation, perplexity >= 200 per level,
+  co-watch recall@20 0.85 x the embedding-cosine ceiling, ~40 s on 2 CPU cores.
+* ``rqkmeans``: the same with k-means++ seeding at level 1 (plain RQ-KMeans baseline).
+* ``rqvae``: TIGER-like RQ-VAE for ~384-d sentence embeddings: MLP 384 -> 256 -> 128 -> 32, 3
+  levels x 256 codes, per-level codebooks initialised by k-means on the encoded residuals (level 1
+  Ward-seeded), EMA codebook updates, dead-code restarts over a 50-step usage window, AdamW +
+  cosine LR. Its 32-d latent keeps fewer close neighbourhoods than the raw vectors, so its co-watch
+  recall is lower on MAL 2020 (see the benchmark).
 * ``conservative`` / ``aggressive``: the original AniMind tokenizer's ``rqvae_conservative`` /
   ``rqvae_aggressive`` hyper-parameters (8 levels x 2048 codes in one shared codebook, latent 256,
   hidden 1024, Adam(0.5, 0.9), lr 2.5e-5 / 6e-5, beta 0.20 / 0.35, EMA decay 0.995 / 0.98, batch
   192 / 320, 60 / 30 epochs, warm-up 3000 / 800 steps) run on this library's machinery (k-means
   codebook init, windowed dead-code restarts, cosine decay after the warm-up).
+
+The RQ-VAE knobs (``hidden_dims``, ``latent_dim``, ``codebook_update``, ...) keep TIGER-like
+defaults, so ``preset_config("default", quantizer="rqvae")`` equals the ``rqvae`` preset.
 """
 
 from __future__ import annotations
@@ -36,7 +45,7 @@ LR_SCHEDULES = ("cosine", "constant")
 @dataclass
 class QuantizerConfig:
     # --- which quantizer -------------------------------------------------------------------------
-    quantizer: str = "rqvae"  # "rqvae" (trained MLP auto-encoder + residual VQ) | "rqkmeans"
+    quantizer: str = "rqkmeans"  # "rqkmeans" (residual k-means) | "rqvae" (MLP auto-encoder + residual VQ)
     # --- architecture ----------------------------------------------------------------------------
     hidden_dims: list[int] = field(default_factory=lambda: [256, 128])  # encoder MLP widths
     decoder_hidden_dims: list[int] | None = None  # None: mirror of hidden_dims
@@ -53,6 +62,10 @@ class QuantizerConfig:
     ema_decay: float = 0.99
     ema_eps: float = 1e-5
     codebook_init: str = "kmeans"  # "kmeans" (level by level on encoded residuals) | "random"
+    first_level_init: str = "ward"  # level-1 seeds: "ward" (kNN-constrained Ward) | "kmeans++"
+    first_level_iters: int = 0  # Lloyd iterations after Ward seeding of level 1 (0 = Ward means as is)
+    ward_neighbors: int = 10  # k of the kNN connectivity graph of the Ward clustering
+    ward_max_rows: int = 50_000  # Ward runs on a seeded sample above this many rows
     kmeans_iters: int = 20
     kmeans_init_samples: int = 0  # 0 = every training row
     restart_dead_codes: bool = True
@@ -99,6 +112,7 @@ class QuantizerConfig:
         check("activation", self.activation, ACTIVATIONS)
         check("lr_schedule", self.lr_schedule, LR_SCHEDULES)
         check("codebook_init", self.codebook_init, ("kmeans", "random"))
+        check("first_level_init", self.first_level_init, ("ward", "kmeans++"))
         for name in ("latent_dim", "levels", "codebook_size", "batch_size", "epochs", "grad_accum_steps"):
             if int(getattr(self, name)) < 1:
                 raise ValueError(f"QuantizerConfig.{name} must be >= 1, got {getattr(self, name)}")
@@ -153,12 +167,14 @@ _ORIGINAL_COMMON: dict[str, Any] = dict(
     grad_clip=0.0,
     val_fraction=0.05,
     full_eval_every=10,
+    first_level_init="kmeans++",
     kmeans_iters=10,
 )
 
 PRESETS: dict[str, dict[str, Any]] = {
     "default": {},
-    "rqkmeans": dict(quantizer="rqkmeans", kmeans_iters=25),
+    "rqkmeans": dict(quantizer="rqkmeans", first_level_init="kmeans++"),
+    "rqvae": dict(quantizer="rqvae"),
     "conservative": dict(
         _ORIGINAL_COMMON,
         lr=2.5e-5,

@@ -5,7 +5,8 @@
   codebooks).
 * ``ResidualKMeans``: RQ-KMeans. Inputs are centred and L2-normalised; level ``l`` runs k-means on
   the current residual (L2-normalised first when ``normalize_residuals``), subtracts the centroid,
-  and passes the remainder on. Reconstruction uses the mean residual norm of each level as its
+  and passes the remainder on. Level 1 is seeded by kNN-constrained Ward clustering by default
+  (``first_level_init="ward"``, see ``kmeans.ward_centroids``). Reconstruction uses the mean residual norm of each level as its
   scale: ``x^ = c_1 + s_1 (c_2 + s_2 (c_3 + ...))``.
 """
 
@@ -106,6 +107,7 @@ class ResidualKMeans(nn.Module):
         self.levels = cfg.levels
         self.codebook_size = cfg.codebook_size
         self.normalize_residuals = cfg.normalize_residuals
+        self.cfg = cfg
         self.register_buffer("mean", torch.zeros(input_dim))
         self.register_buffer("centroids", torch.zeros(cfg.levels, cfg.codebook_size, input_dim))
         self.register_buffer("scales", torch.ones(cfg.levels))
@@ -121,7 +123,7 @@ class ResidualKMeans(nn.Module):
         for level in range(self.levels):
             if self.normalize_residuals:
                 r = F.normalize(r, dim=1)
-            res = kmeans(r, self.codebook_size, iters=iters, seed=seed + level)
+            res = kmeans(r, self.codebook_size, seed=seed + level, **level_kmeans_args(self.cfg, level, iters))
             self.centroids[level].copy_(res.centroids)
             inertias.append(res.inertia)
             r = r - res.centroids[res.assignments]
@@ -172,6 +174,13 @@ class _null:
 
     def __exit__(self, *a):
         return False
+
+
+def level_kmeans_args(cfg: QuantizerConfig, level: int, iters: int) -> dict:
+    """k-means arguments of one level: level 1 may be Ward-seeded (``cfg.first_level_init``)."""
+    if level == 0 and cfg.first_level_init == "ward":
+        return {"init": "ward", "iters": cfg.first_level_iters, "ward_neighbors": cfg.ward_neighbors, "ward_max_rows": cfg.ward_max_rows}
+    return {"init": "kmeans++", "iters": iters}
 
 
 def build_model(input_dim: int, cfg: QuantizerConfig) -> nn.Module:

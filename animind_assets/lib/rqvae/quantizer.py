@@ -67,16 +67,18 @@ class ResidualQuantizer(nn.Module):
 
     # -------------------------------------------------------------------------------------------
     @torch.no_grad()
-    def init_kmeans(self, z: torch.Tensor, iters: int = 20, seed: int = 0, log=None) -> list[float]:
+    def init_kmeans(self, z: torch.Tensor, iters: int = 20, seed: int = 0, log=None, first_level: dict | None = None) -> list[float]:
         """Initialise codebooks by k-means on the residuals, level by level. Returns inertias.
 
         With a shared codebook the single codebook is fitted on the level-1 residuals (the inputs
-        of later levels only exist once a codebook does).
+        of later levels only exist once a codebook does). ``first_level`` overrides the k-means
+        arguments of level 1 (e.g. ``{"init": "ward", "iters": 0}``).
         """
         residual = z.detach().float()
         inertias = []
         for level in range(self.levels if not self.shared else 1):
-            res = kmeans(residual, self.codebook_size, iters=iters, seed=seed + level)
+            args = dict(first_level) if (level == 0 and first_level) else {"iters": iters}
+            res = kmeans(residual, self.codebook_size, seed=seed + level, **args)
             self.codebook(level).set_vectors(res.centroids)
             inertias.append(res.inertia)
             if log:

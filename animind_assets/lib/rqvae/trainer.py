@@ -31,7 +31,7 @@ from animind_assets.lib.progress import Progress
 from animind_assets.lib.rqvae.checkpoint import load_checkpoint, save_checkpoint
 from animind_assets.lib.rqvae.config import QuantizerConfig
 from animind_assets.lib.rqvae.metrics import code_stats, level_counts, perplexity_from_counts
-from animind_assets.lib.rqvae.model import RQVAE, ResidualKMeans, build_model
+from animind_assets.lib.rqvae.model import RQVAE, ResidualKMeans, build_model, level_kmeans_args
 from animind_assets.lib.storage import as_path
 
 LogFn = Callable[[str], None]
@@ -218,7 +218,9 @@ def train_quantizer(
                 sample = x_train[pick.to(device)]
             with torch.no_grad():
                 z = model.encode(sample).float().cpu()
-            model.quantizer.init_kmeans(z, iters=cfg.kmeans_iters, seed=cfg.seed, log=log)
+            model.quantizer.init_kmeans(
+                z, iters=cfg.kmeans_iters, seed=cfg.seed, log=log, first_level=level_kmeans_args(cfg, 0, cfg.kmeans_iters)
+            )
             model.to(device)
             log(f"k-means codebook init on {z.shape[0]} encoded rows in {time.perf_counter() - t0:.1f}s")
 

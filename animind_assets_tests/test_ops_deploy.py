@@ -141,7 +141,7 @@ def test_compose_structure():
     mlflow_env = services["mlflow"]["environment"]
     assert "${POSTGRES_PASSWORD" in mlflow_env["MLFLOW_BACKEND_STORE_URI"]
     assert "mlflow:5000" in mlflow_env["MLFLOW_SERVER_ALLOWED_HOSTS"].split(",")
-    assert services["user_code"]["environment"]["MLFLOW_TRACKING_URI"] == "http://mlflow:5000"
+    assert services["user_code"]["environment"]["ANIMIND_MLFLOW_TRACKING_URI"] == "http://mlflow:5000"
     for secret in ("HF_TOKEN", "MLFLOW_TRACKING_PASSWORD"):
         assert services["user_code"]["environment"][secret].startswith("${" + secret)
     gpu = _load(DOCKER / "compose.gpu.yaml")["services"]["user_code"]["deploy"]["resources"]["reservations"]

@@ -1,6 +1,7 @@
 """``beauty_semantic_ids``: one unique semantic ID per Beauty item, the project's own pipeline.
 
-Trains the generic quantizer (``animind_assets.lib.rqvae``: RQ-VAE by default, or RQ-KMeans) on
+Trains the generic quantizer (``animind_assets.lib.rqvae``; preset ``default`` = the library's default,
+currently residual k-means 3x256; preset ``rqvae`` = TIGER's RQ-VAE 3x256) on
 ``beauty_embeddings`` and appends TIGER's disambiguation level (``animind_assets.lib.semantic_ids``),
 so every item has a distinct ``(c1, ..., cL, d)`` tuple. Quantizer checkpoints are written atomically
 under ``<artifacts>/beauty_semantic_ids/quantizer/`` (``model.pt`` best, ``last.pt`` resume point).
@@ -28,7 +29,7 @@ QUANTIZER_DIR = ("beauty_semantic_ids", "quantizer")
 
 
 class BeautySemanticIdsConfig(dg.Config):
-    preset: str = Field("default", description=f"quantizer preset: {', '.join(PRESETS)} (default = RQ-VAE 3x256, TIGER-like)")
+    preset: str = Field("default", description=f"quantizer preset: {', '.join(PRESETS)} (default = the library default, RQ-KMeans 3x256; 'rqvae' = TIGER's RQ-VAE)")
     quantizer: Optional[str] = Field(None, description="override: 'rqvae' | 'rqkmeans'")
     levels: Optional[int] = Field(None, description="override: quantizer levels (the disambiguation level is added on top)")
     codebook_size: Optional[int] = Field(None, description="override: codes per level")

@@ -148,7 +148,7 @@ def time_materialize(emb_ids: np.ndarray, x: np.ndarray, threads: int) -> float:
     )
 
     @dg.asset(name="anime_embeddings")
-    def stub() -> pl.DataFrame:
+    def stub():
         return frame
 
     with tempfile.TemporaryDirectory(prefix="animind-bench-") as tmp:

@@ -34,7 +34,8 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 PRESETS = {
     "paper": dict(d_model=128, d_kv=64, num_heads=6, d_ff=1024, num_layers=4, num_decoder_layers=4, dropout=0.1),
-    "cpu": dict(d_model=128, d_kv=32, num_heads=4, d_ff=512, num_layers=2, num_decoder_layers=2, dropout=0.1),
+    "cpu": dict(d_model=64, d_kv=16, num_heads=4, d_ff=256, num_layers=2, num_decoder_layers=2, dropout=0.1),
+    "cpu_medium": dict(d_model=128, d_kv=32, num_heads=4, d_ff=512, num_layers=2, num_decoder_layers=2, dropout=0.1),
 }
 
 
@@ -59,6 +60,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--order", default="inter_json", choices=["inter_json", "user_sequence"])
     p.add_argument("--data-dir", default="", help="scratch data folder (default: a new temp folder)")
     p.add_argument("--mlflow", action="store_true", help="track runs in <data-dir>/mlflow.db")
+    p.add_argument("--upstream-only", action="store_true", help="stop after beauty_semantic_ids")
     return p.parse_args(argv)
 
 
@@ -123,6 +125,10 @@ def main(argv=None) -> int:
         run("beauty_embeddings", [beauty_embeddings], {"beauty_embeddings": {"config": {"batch_size": 128}}})
         run("beauty_semantic_ids", [beauty_semantic_ids],
             {"beauty_semantic_ids": {"config": {"epochs": args.quantizer_epochs, "num_threads": args.threads}}})
+    if args.upstream_only:
+        sids = resources["warehouse"].read_table("beauty_semantic_ids")
+        print(sids.head(5), "\ndistinct 3-code prefixes:", sids.select(["code_l1", "code_l2", "code_l3"]).unique().height)
+        return 0
     for s in sources:
         run(f"tiger_model[{s}]", [tiger_model], {"tiger_model": {"config": model_cfg}}, partition_key=s)
     run("tiger_eval", [tiger_eval], {"tiger_eval": {"config": {

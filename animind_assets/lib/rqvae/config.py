@@ -66,7 +66,7 @@ class QuantizerConfig:
     first_level_iters: int = 0  # Lloyd iterations after Ward seeding of level 1 (0 = Ward means as is)
     ward_neighbors: int = 10  # k of the kNN connectivity graph of the Ward clustering
     ward_max_rows: int = 50_000  # Ward runs on a seeded sample above this many rows
-    kmeans_iters: int = 20
+    kmeans_iters: int = 10
     kmeans_init_samples: int = 0  # 0 = every training row
     restart_dead_codes: bool = True
     restart_window: int = 50  # steps over which code usage is counted before deciding

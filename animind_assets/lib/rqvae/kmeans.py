@@ -50,21 +50,22 @@ def nearest(x: torch.Tensor, c: torch.Tensor, chunk: int = 16384) -> tuple[torch
 
 
 def kmeans_plus_plus(x: torch.Tensor, k: int, generator: torch.Generator) -> torch.Tensor:
-    """k-means++ seeding (D^2 sampling). With fewer distinct points than ``k`` the remaining
-    centroids are copies of sampled points (plus nothing else: callers handle n < k)."""
+    """k-means++ seeding (D^2 sampling). Distances to each new seed come from one matrix-vector
+    product (``|x|^2 - 2 x.c + |c|^2``), so seeding costs about one Lloyd assignment pass."""
     n = x.shape[0]
+    sq = (x * x).sum(1)
     first = int(torch.randint(n, (1,), generator=generator).item())
-    centroids = [x[first]]
-    d2 = ((x - x[first]) ** 2).sum(1)
+    chosen = [first]
+    d2 = (sq - 2.0 * (x @ x[first]) + sq[first]).clamp_min_(0.0)
     for _ in range(1, k):
         total = float(d2.sum())
         if total <= 0.0:
             j = int(torch.randint(n, (1,), generator=generator).item())
         else:
             j = int(torch.multinomial(d2 / total, 1, generator=generator).item())
-        centroids.append(x[j])
-        d2 = torch.minimum(d2, ((x - x[j]) ** 2).sum(1))
-    return torch.stack(centroids)
+        chosen.append(j)
+        torch.minimum(d2, (sq - 2.0 * (x @ x[j]) + sq[j]).clamp_min_(0.0), out=d2)
+    return x[torch.tensor(chosen)].clone()
 
 
 def knn_graph(x: torch.Tensor, n_neighbors: int, chunk: int = 4096):

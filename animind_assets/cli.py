@@ -49,9 +49,14 @@ def cmd_demo(args: argparse.Namespace) -> int:
         for part in parts[1:]:
             selection = selection | dg.AssetSelection.from_string(part)
     else:
-        selection = dg.AssetSelection.all()
+        # Everything that runs offline on the demo source; the Amazon Beauty group needs ../shared data
+        # (select it explicitly: --select "group:beauty").
+        selection = dg.AssetSelection.all() - dg.AssetSelection.groups("beauty")
     keys = selection.resolve(graph)
+    partitioned = sorted(k.to_user_string() for k in keys if graph.get(k).is_partitioned)
     materializable = [k for k in keys if graph.get(k).is_materializable and not graph.get(k).is_partitioned]
+    if partitioned:
+        print(f"[animind] skipping partitioned assets (launch partitions from the UI): {', '.join(partitioned)}")
     print(f"[animind] materializing {len(materializable)} assets into DAGSTER_HOME={home}", flush=True)
     job = defs.get_implicit_global_asset_job_def()
     result = job.execute_in_process(

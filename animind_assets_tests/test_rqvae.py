@@ -49,12 +49,13 @@ def tiny_cfg(**kw) -> QuantizerConfig:
 
 
 # ---------------------------------------------------------------------------------------------
-def test_kmeans_recovers_separated_clusters_and_inits_levels():
+@pytest.mark.parametrize("init,iters", [("kmeans++", 20), ("ward", 0)])
+def test_kmeans_recovers_separated_clusters_and_inits_levels(init, iters):
     rng = np.random.default_rng(0)
     centers = np.array([[0, 0], [10, 0], [0, 10], [10, 10]], dtype=np.float32)
     labels = np.repeat(np.arange(4), 50)
     x = torch.tensor(centers[labels] + 0.1 * rng.normal(size=(200, 2)), dtype=torch.float32)
-    res = kmeans(x, 4, iters=20, seed=3)
+    res = kmeans(x, 4, iters=iters, seed=3, init=init, ward_neighbors=5)
     found = res.centroids.numpy()
     # every true centre has a centroid within 0.2, and clusters map one-to-one
     d = np.linalg.norm(found[:, None, :] - centers[None], axis=2)
@@ -64,7 +65,8 @@ def test_kmeans_recovers_separated_clusters_and_inits_levels():
     assert np.array_equal(mapping[res.assignments.numpy()], labels)
 
     rq = ResidualQuantizer(levels=2, codebook_size=4, dim=2, seed=0)
-    inertias = rq.init_kmeans(x, iters=20, seed=3)
+    first = {"init": init, "iters": iters, "ward_neighbors": 5}
+    inertias = rq.init_kmeans(x, iters=20, seed=3, first_level=first)
     assert torch.allclose(rq.codebook(0).embed, res.centroids)
     # level 2 is fitted on the level-1 residuals (small, centred at 0), not on the raw points
     assert rq.codebook(1).embed.abs().max() < 0.5

@@ -122,7 +122,7 @@ def test_metrics_on_hand_made_rankings():
 
 
 # ---------------------------------------------------------------------------------- train / resume
-def cyclic_sequences(n_users: int = 160, n_items: int = 24, seed: int = 0) -> dict[int, list[int]]:
+def cyclic_sequences(n_users: int = 200, n_items: int = 60, seed: int = 0) -> dict[int, list[int]]:
     """Every user walks the item cycle i -> i+1 from a random start: next item = last item + 1."""
     rng = np.random.default_rng(seed)
     out = {}
@@ -132,8 +132,8 @@ def cyclic_sequences(n_users: int = 160, n_items: int = 24, seed: int = 0) -> di
     return out
 
 
-def cyclic_codec(n_items: int = 24) -> SidCodec:
-    return SidCodec.from_mapping({i: [i // 6, (i // 2) % 3, i % 2] for i in range(n_items)})
+def cyclic_codec(n_items: int = 60) -> SidCodec:
+    return SidCodec.from_mapping({i: [i // 12, (i // 3) % 4, i % 3] for i in range(n_items)})
 
 
 def test_train_learns_checkpoints_and_resumes(tmp_path):
@@ -159,7 +159,7 @@ def test_train_learns_checkpoints_and_resumes(tmp_path):
     test = evaluate(second.model, codec, split.test, ks=(1, 10), beams=10)
     pop = popularity_metrics(split, ks=(1, 10))
     assert test["invalid_id_rate"] == 0.0
-    assert test["recall@1"] > 0.3 > 3 * pop["recall@1"], (test, pop)  # the cycle is being learned
+    assert test["recall@10"] > 0.6 and pop["recall@10"] < 0.25, (test, pop)  # the cycle is learned (60 items)
     save_model(second.model, codec, cfg2, str(tmp_path / "model"), extra={"best": second.best})
     model, codec2, cfg3, extra = load_model(str(tmp_path / "model"))
     assert codec2.to_dict() == codec.to_dict() and cfg3.max_steps == 150 and "best" in extra
@@ -168,7 +168,7 @@ def test_train_learns_checkpoints_and_resumes(tmp_path):
 
 
 # ---------------------------------------------------------------------------------- assets, in-process
-def write_cyclic_prepared(folder: Path, n_items: int = 24) -> Path:
+def write_cyclic_prepared(folder: Path, n_items: int = 60) -> Path:
     folder.mkdir(parents=True)
     words = ["rose", "lip", "balm", "nail", "polish", "shave", "gel", "hair", "spray", "eye", "liner", "mask"]
     rows = ["item_id,asin,text"] + [f"{i},A{i:04d},{words[i % 12]} {words[(i // 2) % 12]} no {i}" for i in range(n_items)]
@@ -205,11 +205,12 @@ def test_tiger_assets_train_and_eval_in_process(tmp_path, animind_env):
     }
     src = {"source": "prepared", "prepared_dir": str(folder)}
     model_cfg = {**{k: v for k, v in TINY.items()}, "d_model": 48, "d_ff": 96, "batch_size": 32, "lr": 1e-2, "warmup_steps": 10,
-                 "max_steps": 90, "eval_every_steps": 45, "val_users": 0, "val_beams": 10, "patience": 0,
+                 "max_steps": 150, "eval_every_steps": 50, "val_users": 0, "val_beams": 10, "patience": 0,
                  "reference_index_path": str(folder / "index_rqvae.json")}
     instance = dg.DagsterInstance.ephemeral()
+    everything = [beauty_items, beauty_interactions, beauty_embeddings, beauty_semantic_ids, tiger_model, tiger_eval]
     upstream = dg.materialize(
-        [beauty_items, beauty_interactions, beauty_embeddings, beauty_semantic_ids],
+        everything, selection=[beauty_items, beauty_interactions, beauty_embeddings, beauty_semantic_ids],
         resources=resources,
         instance=instance,
         run_config={"ops": {
@@ -221,19 +222,19 @@ def test_tiger_assets_train_and_eval_in_process(tmp_path, animind_env):
     )
     assert upstream.success
     sids = resources["warehouse"].read_table("beauty_semantic_ids")
-    assert sids.height == 24 and sids["semantic_id"].n_unique() == 24
+    assert sids.height == 60 and sids["semantic_id"].n_unique() == 60
     for part in ("reference", "own"):
         res = dg.materialize(
-            [tiger_model, beauty_interactions, beauty_semantic_ids], selection=[tiger_model], partition_key=part,
+            everything, selection=[tiger_model], partition_key=part,
             resources=resources, instance=instance, run_config={"ops": {"tiger_model": {"config": model_cfg}}},
         )
         assert res.success
         md = res.asset_materializations_for_node("tiger_model")[0].metadata
-        assert md["id_source"].value == part and md["steps"].value == 90
+        assert md["id_source"].value == part and md["steps"].value == 150
         assert (animind_env / "artifacts" / "tiger_model" / part / "model" / "codec.json").exists()
         assert (animind_env / "artifacts" / "tiger_model" / part / "checkpoints" / "last.pt").exists()
     ev = dg.materialize(
-        [tiger_eval, beauty_interactions], selection=[tiger_eval], resources=resources, instance=instance,
+        everything, selection=[tiger_eval], resources=resources, instance=instance,
         run_config={"ops": {"tiger_eval": {"config": {"beams": 10, "unconstrained_users": 20, "num_threads": 1}}}},
     )
     assert ev.success

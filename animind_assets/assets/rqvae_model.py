@@ -28,7 +28,7 @@ from pydantic import Field
 
 from animind_assets.gpu import GPU_OP_TAGS, GPU_POOL
 from animind_assets.lib.fingerprint import array_fingerprint
-from animind_assets.lib.plots import lines_png
+from animind_assets.lib.plots import bar_png, lines_png
 from animind_assets.lib.rqvae import PRESETS, QuantizerConfig, preset_config, train_quantizer
 from animind_assets.lib.semantic_ids import frame_vectors
 from animind_assets.meta import image_md, markdown_table, scalar_metadata
@@ -211,6 +211,11 @@ def run_quantizer(
         md["last_epochs"] = dg.MetadataValue.md(markdown_table(hist.select(cols), max_rows=10))
     md.update(history_plots(result.history, levels))
     md["code_frequency_plot"] = code_frequency_plot(result.codes, result.config.codebook_size)
+    md["level_perplexity_plot"] = image_md(
+        bar_png({f"L{i + 1}": float(m[f"perplexity_l{i + 1}"]) for i in range(levels)},
+                f"code perplexity per level (max {result.config.codebook_size})", "perplexity"),
+        "perplexity per level",
+    )
     context.log.info(
         f"{run_name}: unique {m['unique_fraction']:.4f}, min perplexity {md['min_perplexity'].value:.1f}, "
         f"{m.get('train_samples_per_s', 0):,.0f} samples/s, {elapsed:.1f}s"

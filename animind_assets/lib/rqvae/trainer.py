@@ -71,7 +71,10 @@ def resolve_device(name: str) -> torch.device:
 
 
 def as_tensor(vectors) -> torch.Tensor:
-    x = torch.as_tensor(np.ascontiguousarray(np.asarray(vectors, dtype=np.float32)))
+    arr = np.ascontiguousarray(np.asarray(vectors, dtype=np.float32))
+    if not arr.flags.writeable:  # e.g. zero-copy views of polars/arrow buffers
+        arr = arr.copy()
+    x = torch.as_tensor(arr)
     if x.ndim != 2 or x.shape[0] == 0:
         raise ValueError(f"vectors must be a non-empty 2-D array, got shape {tuple(x.shape)}")
     bad = ~torch.isfinite(x).all(dim=1)

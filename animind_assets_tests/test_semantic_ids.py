@@ -5,7 +5,6 @@ semantic_id_report (+ a rqvae_variants partition) on a tiny synthetic catalogue.
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
 import dagster as dg

@@ -54,6 +54,9 @@ class AnimeEmbeddingsConfig(dg.Config):
     normalize: bool = Field(True, description="L2-normalize vectors")
     full_rebuild: bool = Field(False, description="re-embed every row even if unchanged")
     cpu_workers: int = Field(0, description="CPU inference threads running whole batches (0 = auto)")
+    max_batch_tokens: int = Field(
+        0, description="cap on padded tokens per batch (0 = auto: 8192 on CPU, none on CUDA; -1 = no cap)"
+    )
     attn_implementation: Optional[str] = Field(None, description="transformers attention (None = default sdpa; 'flash_attention_2' on GPU)")
     trust_remote_code: bool = Field(False, description="allow model repos with custom code")
     collapse_threshold: float = Field(
@@ -76,6 +79,7 @@ class AnimeEmbeddingsConfig(dg.Config):
             normalize=self.normalize,
             full_rebuild=self.full_rebuild,
             cpu_workers=self.cpu_workers,
+            max_batch_tokens=self.max_batch_tokens,
             attn_implementation=self.attn_implementation,
             trust_remote_code=self.trust_remote_code,
         )

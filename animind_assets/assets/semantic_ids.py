@@ -18,7 +18,6 @@ import json
 from collections.abc import Iterator
 
 import dagster as dg
-import numpy as np
 import polars as pl
 from pydantic import Field
 

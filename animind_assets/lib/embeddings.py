@@ -14,7 +14,8 @@ Public API
     the model's own ``max_seq_length``), ``prefix`` (instruction prepended to every text),
     ``pooling`` (``auto`` = the model's Sentence-Transformers pooling config, else ``mean|cls|
     last_token|max``), ``truncate_dim`` (Matryoshka truncation, renormalized after), ``normalize``
-    (L2), ``full_rebuild``, ``cpu_workers``, ``attn_implementation``, ``trust_remote_code``.
+    (L2), ``full_rebuild``, ``cpu_workers``, ``max_batch_tokens``, ``attn_implementation``,
+    ``trust_remote_code``.
 
 ``embed_texts(texts, cfg, log=None) -> np.ndarray``
     ``float32`` array of shape ``(len(texts), dim)``, row ``i`` for ``texts[i]``. Loads the model once
@@ -44,10 +45,11 @@ Analysis helpers used by the asset checks: ``embedding_matrix``, ``nonfinite_row
 Throughput design
 =================
 
-* Tokenization is separated from inference: a producer thread tokenizes a window of texts at once
-  (Rust fast tokenizer), sorts the window by token length (longest first, so padding is minimal and
-  memory peaks early), pads each batch with numpy and queues ready tensors (pinned memory on CUDA,
-  copied with ``non_blocking``), while inference runs on the previous batches.
+* Tokenization is separated from inference: a producer thread tokenizes a window of texts
+  (``sort_window``, Rust fast tokenizer, into flat int32 buffers), sorts the window by token length
+  (longest first, so padding is minimal and memory peaks early), cuts batches of ``batch_size`` texts
+  capped at ``max_batch_tokens`` padded tokens, pads them with numpy and queues ready tensors (pinned
+  memory on CUDA, copied with ``non_blocking``), while inference runs on the previous batches.
 * The transformer runs directly (``AutoModel`` forward + pooling under ``torch.inference_mode``) for
   the usual Transformer[+Pooling][+Normalize] Sentence-Transformers layout; models with other modules
   (Dense heads, chat templates, ...) go through the Sentence-Transformers modules (``preprocess`` in
@@ -120,6 +122,7 @@ class EmbeddingConfig:
     normalize: bool = True
     full_rebuild: bool = False
     cpu_workers: int = 0  # 0 = auto
+    max_batch_tokens: int = 0  # padded tokens per batch cap; 0 = auto (8192 on CPU, none on CUDA), < 0 = none
     attn_implementation: str | None = None  # None = transformers default (sdpa)
     trust_remote_code: bool = False
     sort_window: int = 16384  # texts tokenized and length-sorted together
@@ -410,6 +413,15 @@ class TextEmbedder:
             return int(cfg.truncate_dim)
         return d
 
+    def batch_token_budget(self, cfg: EmbeddingConfig) -> int | None:
+        """Max padded tokens per batch: ``cfg.max_batch_tokens``; auto (0) = 8192 on CPU (bounds activation
+        memory of long batches, ~0.3 GB per worker for MiniLM), no cap on CUDA; negative = no cap."""
+        if cfg.max_batch_tokens > 0:
+            return int(cfg.max_batch_tokens)
+        if cfg.max_batch_tokens == 0 and self.device.type == "cpu":
+            return 8192
+        return None
+
     def _workers(self, cfg: EmbeddingConfig) -> tuple[int, int]:
         import torch
 
@@ -427,22 +439,35 @@ class TextEmbedder:
 
         tok = self.tokenizer
         max_len = self.max_length_for(cfg)
-        inputs = [cfg.prefix + t for t in texts] if cfg.prefix else list(texts)
-        ids_list = tok(inputs, add_special_tokens=True, truncation=True, max_length=max_len, padding=False,
-                       return_attention_mask=False, return_token_type_ids=False)["input_ids"]
-        lens = np.fromiter((len(x) for x in ids_list), dtype=np.int64, count=len(ids_list))
-        # one flat int64 buffer instead of Python int lists (memory for large windows)
-        flat = np.fromiter(itertools.chain.from_iterable(ids_list), dtype=np.int64, count=int(lens.sum()))
-        del ids_list
+        # Tokenize in sub-chunks straight into flat int32 buffers: the tokenizer's Python lists and
+        # Encoding objects for a whole window would cost hundreds of MB at peak.
+        lens_parts: list[np.ndarray] = []
+        flat_parts: list[np.ndarray] = []
+        for c in range(0, len(texts), 1024):
+            chunk = texts[c : c + 1024]
+            inputs = [cfg.prefix + t for t in chunk] if cfg.prefix else list(chunk)
+            ids_list = tok(inputs, add_special_tokens=True, truncation=True, max_length=max_len, padding=False,
+                           return_attention_mask=False, return_token_type_ids=False)["input_ids"]
+            part_lens = np.fromiter((len(x) for x in ids_list), dtype=np.int64, count=len(ids_list))
+            lens_parts.append(part_lens)
+            flat_parts.append(np.fromiter(itertools.chain.from_iterable(ids_list), dtype=np.int32, count=int(part_lens.sum())))
+            del ids_list
+        lens = np.concatenate(lens_parts)
+        flat = np.concatenate(flat_parts)
+        del lens_parts, flat_parts
         starts = np.zeros(len(lens) + 1, dtype=np.int64)
         np.cumsum(lens, out=starts[1:])
         order = np.argsort(-lens, kind="stable")
         pad_id = tok.pad_token_id if tok.pad_token_id is not None else (tok.eos_token_id or 0)
         left = getattr(tok, "padding_side", "right") == "left"
         pin = self.device.type == "cuda"
-        for s in range(0, len(order), cfg.batch_size):
-            idx = order[s : s + cfg.batch_size]
-            width = int(lens[idx[0]])
+        budget = self.batch_token_budget(cfg)
+        s = 0
+        while s < len(order):
+            width = int(lens[order[s]])  # longest in the batch (sorted descending)
+            size = cfg.batch_size if not budget else max(1, min(cfg.batch_size, budget // max(width, 1)))
+            idx = order[s : s + size]
+            s += size
             input_ids = np.full((len(idx), width), pad_id, dtype=np.int64)
             mask = np.zeros((len(idx), width), dtype=np.int64)
             for r, j in enumerate(idx):

@@ -10,7 +10,7 @@ constrained to a k-nearest-neighbour graph (scikit-learn). Ward merges the tight
 so near-duplicate items (sequels, series of the same franchise) are not split across clusters the
 way Voronoi cells of k-means++ seeds often split them; the nearest-centroid assignment to those
 centroids keeps much more of every item's close neighbourhood inside its own cluster (on MAL
-2020 / MiniLM: co-watch recall@20 of the resulting first-level buckets 0.089 vs 0.079 for
+2020 / MiniLM: co-watch recall@20 of the resulting first-level buckets 0.089 vs 0.077-0.079 for
 k-means++, embedding-cosine ceiling 0.105). Above ``ward_max_rows`` rows Ward runs on a seeded
 sample.
 """

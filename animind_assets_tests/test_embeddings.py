@@ -69,6 +69,9 @@ def test_parity_with_sentence_transformer_encode():
     # one inference thread vs several, tiny batches (padding differs): same vectors
     one = E.embed_texts(texts, CPU.replace(cpu_workers=1, batch_size=3))
     assert np.abs(one - mine).max() < 1e-4
+    # token budget: the 256-token text gets a batch of its own, the short ones share batches
+    budget = E.embed_texts(texts, CPU.replace(max_batch_tokens=300))
+    assert np.abs(budget - mine).max() < 1e-4
 
 
 def test_truncate_dim_pooling_and_prefix_variants():

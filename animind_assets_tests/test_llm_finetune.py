@@ -110,7 +110,7 @@ def test_codebooks_from_real_rqvae_checkpoint(tmp_path):
     from animind_assets.lib.rqvae import preset_config, train_quantizer
 
     x = np.random.default_rng(0).normal(size=(64, 8)).astype(np.float32)
-    cfg = preset_config("default", epochs=1, levels=2, codebook_size=4, latent_dim=4, hidden_dims=[8], batch_size=32, num_threads=1)
+    cfg = preset_config("rqvae", epochs=1, levels=2, codebook_size=4, latent_dim=4, hidden_dims=[8], batch_size=32, num_threads=1)
     res = train_quantizer(x, cfg, checkpoint_dir=str(tmp_path))
     books = ft.codebooks_from_checkpoint(str(tmp_path / "model.pt"))
     assert len(books) == 2 and books[0].shape == (4, 4)

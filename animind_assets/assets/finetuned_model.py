@@ -44,8 +44,8 @@ class FinetunedModelConfig(dg.Config):
         4, description="full method: train only the top N transformer blocks + tied embeddings/head (0 = every block; "
         "the default keeps the shared 2-core CPU run bounded)"
     )
-    phase1_max_steps: int = Field(16, description="optimizer steps of phase 1 (linking)")
-    phase2_max_steps: int = Field(32, description="optimizer steps of phase 2 (recommendation/reasoning)")
+    phase1_max_steps: int = Field(6, description="optimizer steps of phase 1 (linking); demo-scale default, raise on a GPU")
+    phase2_max_steps: int = Field(12, description="optimizer steps of phase 2 (recommendation/reasoning); demo-scale default, raise on a GPU")
     phase1_weight_a: float = Field(0.8, description="phase 1 share of task A")
     phase1_weight_b: float = Field(0.1, description="phase 1 share of task B")
     phase1_weight_c: float = Field(0.1, description="phase 1 share of task C")

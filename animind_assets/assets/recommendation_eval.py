@@ -29,10 +29,10 @@ EVAL_DIR = "recommendation_eval"
 class RecommendationEvalConfig(dg.Config):
     ks: list[int] = Field(default_factory=lambda: [1, 5, 10], description="cut-offs K of Hit@K / NDCG@K")
     num_beams: int = Field(10, description="beams of the constrained search (>= max K)")
-    max_users: int = Field(100, description="test users evaluated, a seeded sample (0 = all)")
+    max_users: int = Field(30, description="test users evaluated, a seeded sample (0 = all); demo-scale default")
     exclude_seen: bool = Field(True, description="leave the user's own list out of every ranking")
-    unconstrained_users: int = Field(20, description="users for the unconstrained greedy valid-ID reference (0 = off)")
-    title_items: int = Field(30, description="task-A items for SID->title accuracy (0 = off)")
+    unconstrained_users: int = Field(5, description="users for the unconstrained greedy valid-ID reference (0 = off)")
+    title_items: int = Field(20, description="task-A items for SID->title accuracy (0 = off)")
     engine: str = Field("cached", description="'cached' (prompt KV cache shared by the beams) | 'hf' (generate)")
     split: str = Field("test", description="llm_prep_dataset split to evaluate ('test' | 'validation')")
     model_dir: str = Field("", description="model folder; '' = <artifacts>/finetuned_model")

@@ -7,9 +7,10 @@ Steps (every figure is printed):
 
 1. ``anime_prep`` / ``user_interactions`` from ``../shared/data/mal2020/anilist.sqlite`` with the
    project's cleaning library (adult titles excluded).
-2. Semantic IDs with the project's RQ-VAE library on TF-IDF/SVD-128 features of ``anime_text``
+2. Semantic IDs with the project's quantizer library (``lib/rqvae``, its default preset;
+   ``--quantizer-preset rqvae`` for the RQ-VAE) on TF-IDF/SVD-128 features of ``anime_text``
    (``--sids rqvae-minilm``: the offline MiniLM embeddings instead, cached under
-   ``$TMPDIR/animind_bench``, tens of minutes on 2 shared cores), RQ-VAE (3x256, ``--quantizer-epochs``),
+   ``$TMPDIR/animind_bench``, tens of minutes on 2 shared cores), 3x256 codes,
    checkpoint at ``<out>/artifacts/rqvae_model/model.pt`` (the fine-tune's warm-start source),
    TIGER disambiguation level. ``--sids random`` uses random 3x256 codes instead (no RQ-VAE).
 3. ``dg.materialize`` of ``llm_prep_dataset`` -> ``finetuned_model`` -> ``recommendation_eval``
@@ -58,7 +59,7 @@ def load_mal(db: Path):
     return cat, inter, raw.has_timestamps
 
 
-def build_semantic_ids(cat, artifacts_root: Path, mode: str, epochs: int, cache_dir: Path, log=print):
+def build_semantic_ids(cat, artifacts_root: Path, mode: str, epochs: int, cache_dir: Path, preset: str = "default", log=print):
     import numpy as np
     import polars as pl
 
@@ -86,11 +87,12 @@ def build_semantic_ids(cat, artifacts_root: Path, mode: str, epochs: int, cache_
             x = TruncatedSVD(128, random_state=0).fit_transform(m).astype(np.float32)
             x /= np.linalg.norm(x, axis=1, keepdims=True) + 1e-9
             log(f"TF-IDF ({m.shape[1]} terms) + SVD-128 features: {time.perf_counter() - t0:.0f}s")
-        cfg = preset_config("default", epochs=epochs, num_threads=2)
+        cfg = preset_config(preset, epochs=epochs, num_threads=2)
         ckpt_dir = artifacts_root / "rqvae_model"
         res = train_quantizer(x, cfg, checkpoint_dir=str(ckpt_dir))
         codes = res.codes
-        note = f"{'MiniLM' if mode == 'rqvae-minilm' else 'TF-IDF/SVD'} features, RQ-VAE default preset {cfg.levels}x{cfg.codebook_size}, {res.epochs_run} epochs, checkpoint {ckpt_dir / 'model.pt'}"
+        note = (f"{'MiniLM' if mode == 'rqvae-minilm' else 'TF-IDF/SVD'} features, quantizer preset {preset!r} "
+                f"({cfg.quantizer} {cfg.levels}x{cfg.codebook_size}, {res.epochs_run} epochs), checkpoint {ckpt_dir / 'model.pt'}")
     full = assign_semantic_ids(codes, order_key=ids)
     sids = pl.DataFrame({"anime_id": ids, "codes": full.tolist(), "semantic_id": semantic_id_strings(full)},
                         schema={"anime_id": pl.Int64, "codes": pl.List(pl.Int64), "semantic_id": pl.Utf8})
@@ -105,6 +107,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--sids", choices=["rqvae", "rqvae-minilm", "random"], default="rqvae",
                     help="rqvae: project RQ-VAE on TF-IDF/SVD features; rqvae-minilm: on MiniLM embeddings (slow on CPU)")
     ap.add_argument("--quantizer-epochs", type=int, default=10)
+    ap.add_argument("--quantizer-preset", default="default", help="lib.rqvae preset (project default; 'rqvae' = RQ-VAE)")
     ap.add_argument("--n-examples", type=int, default=20000)
     ap.add_argument("--phase1-steps", type=int, default=8)
     ap.add_argument("--phase2-steps", type=int, default=20)
@@ -137,7 +140,8 @@ def main(argv: list[str] | None = None) -> int:
     cat, inter, has_ts = load_mal(db)
     print(f"MAL: {cat.height} anime (adult excluded), {inter.height} interactions, {inter['user_id'].n_unique()} users, "
           f"has timestamps {has_ts} ({time.perf_counter() - t0:.1f}s)")
-    sids, sid_note = build_semantic_ids(cat, out / "artifacts", args.sids, args.quantizer_epochs, Path(args.cache_dir))
+    sids, sid_note = build_semantic_ids(cat, out / "artifacts", args.sids, args.quantizer_epochs, Path(args.cache_dir),
+                                        args.quantizer_preset)
 
     import dagster as dg
     import polars as pl

@@ -847,12 +847,14 @@ def comparison_bar_png(rows: Mapping[str, Mapping[str, float]], metrics: Sequenc
 
 def metrics_table(rows: Mapping[str, Mapping[str, Any]], columns: Sequence[str] = REPORT_METRICS) -> str:
     """Plain-text table for scripts."""
-    head = f"{'model':<34}" + "".join(f"{c:>11}" for c in columns)
+    name_w = max([len("model"), *(len(n) for n in rows)]) + 2
+    widths = [max(10, len(c) + 2) for c in columns]
+    head = f"{'model':<{name_w}}" + "".join(f"{c:>{w}}" for c, w in zip(columns, widths))
     lines = [head, "-" * len(head)]
     for name, vals in rows.items():
         cells = []
-        for c in columns:
+        for c, w in zip(columns, widths):
             v = vals.get(c)
-            cells.append(f"{v:>11.4f}" if isinstance(v, (int, float)) and v == v else f"{'-':>11}")
-        lines.append(f"{name:<34}" + "".join(cells))
+            cells.append(f"{v:>{w}.4f}" if isinstance(v, (int, float)) and v == v else f"{'-':>{w}}")
+        lines.append(f"{name:<{name_w}}" + "".join(cells))
     return "\n".join(lines)

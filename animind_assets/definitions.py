@@ -19,15 +19,16 @@ all_assets = dg.load_assets_from_package_module(assets_pkg)
 all_checks = dg.load_asset_checks_from_package_module(assets_pkg)
 
 
-def build_resources() -> dict:
+def build_resources(anime_source=None, mlflow_enabled: bool = True) -> dict:
+    """Default resources (paths under ``$ANIMIND_DATA_DIR``); tests pass their own source."""
     database = default_duckdb_path()
     return {
         "io_manager": AniMindDuckDBIOManager(database=database, schema="main"),
         "warehouse": DuckDBWarehouse(database=database, schema="main"),
         "artifacts": ArtifactStoreResource(),
         "exports": ParquetExports(),
-        "mlflow": MlflowResource(),
-        "anime_source": anime_source_from_env(),
+        "mlflow": MlflowResource(enabled=mlflow_enabled),
+        "anime_source": anime_source if anime_source is not None else anime_source_from_env(),
     }
 
 

@@ -13,24 +13,9 @@ warnings.filterwarnings("ignore", category=dg.BetaWarning) if hasattr(dg, "BetaW
 
 
 def _resources(source):
-    from animind_assets.resources import (
-        AniMindDuckDBIOManager,
-        ArtifactStoreResource,
-        DuckDBWarehouse,
-        MlflowResource,
-        ParquetExports,
-        default_duckdb_path,
-    )
+    from animind_assets.definitions import build_resources
 
-    db = default_duckdb_path()
-    return {
-        "io_manager": AniMindDuckDBIOManager(database=db, schema="main"),
-        "warehouse": DuckDBWarehouse(database=db, schema="main"),
-        "artifacts": ArtifactStoreResource(),
-        "exports": ParquetExports(),
-        "mlflow": MlflowResource(enabled=False),
-        "anime_source": source,
-    }
+    return build_resources(anime_source=source, mlflow_enabled=False)
 
 
 def test_materialize_foundation_from_sqlite_fixture(animind_env, sqlite_path):

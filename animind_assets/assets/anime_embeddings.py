@@ -131,17 +131,7 @@ def anime_embeddings(
         **table_metadata(df, preview_cols=[ID_COLUMN, "dim", "text_hash", "model", "model_fingerprint", "embedded_at"]),
         **scalar_metadata(
             {
-                "rows_embedded": stats.n_embedded,
-                "rows_reused": stats.n_reused,
-                "rows_dropped": stats.n_dropped,
-                "rows_skipped_empty_text": stats.n_skipped_empty,
-                "items_per_s": round(stats.items_per_s, 2),
-                "embed_seconds": round(stats.embed_seconds, 2),
-                "model": stats.model,
-                "model_fingerprint": stats.model_fingerprint,
-                "dim": stats.dim,
-                "device": stats.device,
-                "dtype": stats.dtype,
+                **stats.summary(),
                 "normalize": config.normalize,
                 "collapse_threshold": config.collapse_threshold,
                 "cosine_sample": config.cosine_sample,

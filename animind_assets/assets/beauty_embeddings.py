@@ -7,7 +7,6 @@ so every item gets a semantic ID; they are counted in the metadata.
 """
 
 import time
-from typing import Optional
 
 import dagster as dg
 import numpy as np
@@ -17,14 +16,13 @@ from pydantic import Field
 from animind_assets.assets.beauty_items import GROUP
 from animind_assets.gpu import GPU_OP_TAGS, GPU_POOL
 from animind_assets.lib.embeddings import (
-    DEFAULT_MODEL,
-    EmbeddingConfig,
     build_embeddings,
     cosine_summary,
     embedding_matrix,
     norm_stats,
     pairwise_cosine_sample,
 )
+from animind_assets.assets.anime_embeddings import AnimeEmbeddingsConfig
 from animind_assets.lib.plots import histogram_png
 from animind_assets.meta import image_md, scalar_metadata, table_metadata
 from animind_assets.resources import DuckDBWarehouse, ParquetExports
@@ -33,18 +31,11 @@ ASSET = "beauty_embeddings"
 ID_COLUMN = "item_id"
 
 
-class BeautyEmbeddingsConfig(dg.Config):
-    model: str = Field(DEFAULT_MODEL, description="'embedded:all-MiniLM-L6-v2' (offline package copy), a hub id or a local folder")
-    device: str = Field("auto", description="auto | cpu | cuda | cuda:N")
-    precision: str = Field("auto", description="auto (bf16 on CUDA, fp32 on CPU) | fp32 | fp16 | bf16 (CUDA only)")
+class BeautyEmbeddingsConfig(AnimeEmbeddingsConfig):
+    """Every knob of ``anime_embeddings`` plus the fallback text for items without text."""
+
     batch_size: int = Field(128, description="texts per forward pass")
-    max_length: Optional[int] = Field(None, description="token truncation (None = model's max_seq_length)")
-    prefix: str = Field("", description="instruction prefix prepended to every text")
-    normalize: bool = Field(True, description="L2-normalise vectors")
-    full_rebuild: bool = Field(False, description="re-embed every row even if unchanged")
-    cpu_workers: int = Field(0, description="CPU inference threads running whole batches (0 = auto)")
     empty_text_fallback: str = Field("Amazon beauty product {asin}", description="text embedded for items without text ({asin} is filled in)")
-    cosine_sample: int = Field(2000, description="rows sampled for the pairwise-cosine statistics")
 
 
 @dg.asset(
@@ -71,17 +62,7 @@ def beauty_embeddings(
         config.empty_text_fallback.format(asin=a) if e else t
         for t, a, e in zip(beauty_items["text"].to_list(), beauty_items["asin"].to_list(), empty.to_list())
     ]
-    cfg = EmbeddingConfig(
-        model=config.model,
-        device=config.device,
-        precision=config.precision,
-        batch_size=config.batch_size,
-        max_length=config.max_length,
-        prefix=config.prefix,
-        normalize=config.normalize,
-        full_rebuild=config.full_rebuild,
-        cpu_workers=config.cpu_workers,
-    )
+    cfg = config.embedding_config()
     previous = None if config.full_rebuild else warehouse.read_table(ASSET)
     context.log.info(
         f"{ASSET}: {beauty_items.height} items ({int(empty.sum())} with fallback text); previous table: "
@@ -90,23 +71,13 @@ def beauty_embeddings(
     df, stats = build_embeddings(beauty_items[ID_COLUMN].to_list(), texts, previous, cfg, log=context.log.info, id_column=ID_COLUMN)
     export = exports.write(df, ASSET)
     mat = embedding_matrix(df)
-    cos = pairwise_cosine_sample(mat, sample=config.cosine_sample, seed=0)
+    cos = pairwise_cosine_sample(mat, sample=config.cosine_sample, seed=config.seed)
     md = {
         **table_metadata(df, preview_cols=[ID_COLUMN, "dim", "text_hash", "model", "embedded_at"]),
         **scalar_metadata(
             {
-                "rows_embedded": stats.n_embedded,
-                "rows_reused": stats.n_reused,
-                "rows_dropped": stats.n_dropped,
-                "rows_skipped_empty_text": stats.n_skipped_empty,
+                **stats.summary(),
                 "rows_with_fallback_text": int(empty.sum()),
-                "items_per_s": round(stats.items_per_s, 2),
-                "embed_seconds": round(stats.embed_seconds, 2),
-                "model": stats.model,
-                "model_fingerprint": stats.model_fingerprint,
-                "dim": stats.dim,
-                "device": stats.device,
-                "dtype": stats.dtype,
                 **{k: round(v, 6) for k, v in norm_stats(mat).items() if v == v},
                 **{k: round(v, 6) for k, v in cosine_summary(cos).items()},
                 "total_seconds": round(time.perf_counter() - t0, 2),

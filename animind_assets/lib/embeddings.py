@@ -720,6 +720,22 @@ class EmbeddingStats:
     def items_per_s(self) -> float:
         return self.n_embedded / self.embed_seconds if self.embed_seconds > 0 else 0.0
 
+    def summary(self) -> dict:
+        """Scalar figures of a run, as shown in asset metadata (same keys for every domain)."""
+        return {
+            "rows_embedded": self.n_embedded,
+            "rows_reused": self.n_reused,
+            "rows_dropped": self.n_dropped,
+            "rows_skipped_empty_text": self.n_skipped_empty,
+            "items_per_s": round(self.items_per_s, 2),
+            "embed_seconds": round(self.embed_seconds, 2),
+            "model": self.model,
+            "model_fingerprint": self.model_fingerprint,
+            "dim": self.dim,
+            "device": self.device,
+            "dtype": self.dtype,
+        }
+
     def as_dict(self) -> dict:
         d = dataclasses.asdict(self)
         d["items_per_s"] = self.items_per_s

@@ -39,6 +39,17 @@ def beauty_dir() -> Path:
 
 
 @pytest.fixture()
+def one_torch_thread():
+    """Deterministic, polite CPU use for torch-heavy tests."""
+    import torch
+
+    prev = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(prev)
+
+
+@pytest.fixture()
 def animind_env(tmp_path, monkeypatch):
     """Point every default path (DuckDB, exports, artifacts, MLflow) at a temp folder."""
     data = tmp_path / "data"

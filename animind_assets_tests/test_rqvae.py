@@ -24,12 +24,7 @@ from animind_assets.lib.rqvae.quantizer import ResidualQuantizer
 from animind_assets.lib.rqvae.trainer import encode_codes, lr_factor
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    prev = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(prev)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def clustered(n_clusters=16, per=40, dim=16, spread=0.05, seed=0) -> np.ndarray:

@@ -305,7 +305,9 @@ class AnimeSource(dg.ConfigurableResource):
             )
         return self._demo_catalog()
 
-    def read_interactions(self):
+    def read_interactions(self, catalog=None):
+        """Raw watch lists. The demo simulates them over ``catalog`` (a ``RawCatalog`` already read by
+        the caller, so the catalog is not read twice) or over a fresh read."""
         from animind_assets.lib import sources
 
         self._check_kind()
@@ -315,7 +317,8 @@ class AnimeSource(dg.ConfigurableResource):
             return sources.read_kaggle_interactions(self.animelist_csv or self.kaggle_dir)
         from animind_assets.lib.demo import DemoUserConfig, simulate_users
 
-        return simulate_users(self._demo_catalog().frame, DemoUserConfig(n_users=self.demo_users, seed=self.demo_seed))
+        catalog = catalog if catalog is not None else self._demo_catalog()
+        return simulate_users(catalog.frame, DemoUserConfig(n_users=self.demo_users, seed=self.demo_seed))
 
 
 def anime_source_from_env() -> AnimeSource:

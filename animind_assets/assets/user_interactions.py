@@ -25,9 +25,9 @@ def user_interactions(
     exports: ParquetExports,
 ) -> dg.Output[pl.DataFrame]:
     t0 = time.perf_counter()
-    raw = anime_source.read_interactions()
-    context.log.info(f"read {raw.frame.height} interaction rows from {raw.origin}")
     catalog = anime_source.read_catalog()
+    raw = anime_source.read_interactions(catalog)
+    context.log.info(f"read {raw.frame.height} interaction rows from {raw.origin}")
     catalog_ids = set(catalog.frame["anime_id"].cast(pl.Int64, strict=False).drop_nulls().to_list())
     kept_ids = set(anime_prep["anime_id"].to_list())
     result = clean_interactions(raw.frame, known_anime=catalog_ids, excluded_anime=catalog_ids - kept_ids)

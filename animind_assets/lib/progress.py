@@ -6,10 +6,7 @@ Library code takes a ``log`` callable (``context.log.info`` in Dagster, ``print`
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Iterable, Iterator
-from typing import TypeVar
-
-T = TypeVar("T")
+from collections.abc import Callable
 LogFn = Callable[[str], None]
 
 
@@ -88,22 +85,3 @@ class Progress:
     def finish(self, extra: str = "") -> None:
         self.log(self.message(extra))
 
-
-def track(
-    items: Iterable[T],
-    label: str,
-    total: int | None = None,
-    unit: str = "items",
-    log: LogFn | None = None,
-    every_s: float = 5.0,
-) -> Iterator[T]:
-    """Iterate ``items`` while reporting progress (one unit per item)."""
-    if total is None:
-        try:
-            total = len(items)  # type: ignore[arg-type]
-        except TypeError:
-            total = None
-    progress = Progress(label, total=total, unit=unit, log=log, every_s=every_s)
-    for item in items:
-        yield item
-        progress.update(1)

@@ -9,7 +9,6 @@ only once complete.
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import json
 import os
 import shutil
@@ -116,17 +115,6 @@ def local_copy(src: str | os.PathLike) -> Iterator[Path]:
         local = Path(tmpdir) / source.name
         source.fs.get(source.path, str(local), recursive=source.is_dir())
         yield local
-
-
-def file_sha256(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
-    h = hashlib.sha256()
-    with as_path(path).open("rb") as fh:
-        while True:
-            block = fh.read(chunk)
-            if not block:
-                break
-            h.update(block)
-    return h.hexdigest()
 
 
 class ArtifactStore:

@@ -62,12 +62,34 @@ def locked_duckdb(database: str, read_only: bool = False, timeout_s: float = 600
 
 
 class LockedDuckDbClient(DuckDbClient):
+    """Locked connections, one transaction per IO call, and whole-table replacement.
+
+    * The replace (clean-up + insert) runs in one transaction, so a failed write leaves the previous
+      table intact instead of a half-written one.
+    * An unpartitioned table is dropped rather than emptied before the insert, so the new output defines
+      the layout: a changed column type (e.g. ``FLOAT[384]`` -> ``FLOAT[1024]`` after a model change) or
+      a new column needs no special case in the asset.
+    """
+
     @staticmethod
     @contextlib.contextmanager
     def connect(context, _):
         database = context.resource_config["database"]
         with locked_duckdb(database) as conn:
-            yield conn
+            conn.execute("BEGIN TRANSACTION")
+            try:
+                yield conn
+            except BaseException:
+                conn.execute("ROLLBACK")
+                raise
+            conn.execute("COMMIT")
+
+    @staticmethod
+    def delete_table_slice(context, table_slice, connection) -> None:
+        if table_slice.partition_dimensions:
+            DuckDbClient.delete_table_slice(context, table_slice, connection)
+        else:
+            connection.execute(f'DROP TABLE IF EXISTS "{table_slice.schema}"."{table_slice.table}"')
 
 
 class AniMindDuckDBIOManager(DuckDBPolarsIOManager):

@@ -120,7 +120,6 @@ def anime_embeddings(
         log=context.log.info,
         id_column=ID_COLUMN,
     )
-    _drop_table_if_layout_changed(context, warehouse, df, stats.dim)
     export = exports.write(df, ASSET)
 
     mat = embedding_matrix(df)
@@ -163,25 +162,6 @@ def anime_embeddings(
         f"mean pairwise cosine {cos_stats.get('cosine_mean', float('nan')):.3f}"
     )
     return dg.Output(df, metadata=metadata)
-
-
-def _drop_table_if_layout_changed(context, warehouse: DuckDBWarehouse, df: pl.DataFrame, dim: int) -> None:
-    """The DuckDB IO manager keeps an existing table's column types (it deletes rows, then inserts), so a
-    new vector width (another model, truncate_dim) would not fit ``FLOAT[old_dim]``: drop the table
-    first and let the IO manager create it with the new layout."""
-    with warehouse.connect() as conn:
-        rows = conn.execute(
-            "select column_name, data_type from information_schema.columns where table_schema = ? and table_name = ? "
-            "order by ordinal_position",
-            [warehouse.schema_, ASSET],
-        ).fetchall()
-        if not rows:
-            return
-        columns = [r[0] for r in rows]
-        emb_type = dict(rows).get("embedding")
-        if columns != df.columns or emb_type != f"FLOAT[{dim}]":
-            context.log.info(f"{ASSET}: table layout changes ({emb_type} -> FLOAT[{dim}]); dropping the old table")
-            conn.execute(f'drop table "{warehouse.schema_}"."{ASSET}"')
 
 
 # ------------------------------------------------------------------------------------------- checks

@@ -38,6 +38,18 @@ def beauty_dir() -> Path:
     return d
 
 
+@pytest.fixture(scope="session", autouse=True)
+def _onnx_cache(tmp_path_factory):
+    """ONNX exports of test models go to a per-session temp folder, not ~/.cache."""
+    prev = os.environ.get("ANIMIND_ONNX_CACHE")
+    os.environ["ANIMIND_ONNX_CACHE"] = str(tmp_path_factory.mktemp("onnx-cache"))
+    yield
+    if prev is None:
+        os.environ.pop("ANIMIND_ONNX_CACHE", None)
+    else:
+        os.environ["ANIMIND_ONNX_CACHE"] = prev
+
+
 @pytest.fixture()
 def one_torch_thread():
     """Deterministic, polite CPU use for torch-heavy tests."""

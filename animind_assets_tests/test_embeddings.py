@@ -392,3 +392,90 @@ def test_model_with_dense_head_runs_through_st_modules(tmp_path):
     assert ((mine * ref).sum(1)).min() > 1 - 1e-4
     with pytest.raises(E.EmbeddingError, match="override needs a Transformer"):
         E.embed_texts(texts, cfg.replace(pooling="cls"))
+
+
+# ------------------------------------------------------------------------------ ONNX Runtime backend
+@pytest.fixture()
+def fresh_embedders():
+    E.clear_cache()
+    yield
+    E.clear_cache()
+
+
+def test_onnx_backend_matches_torch_and_export_is_cached(tmp_path, fresh_embedders):
+    texts = list(TEXTS.values()) + ["short", "a much longer text " * 60]
+    logs: list[str] = []
+    cfg = CPU.replace(backend="onnx", onnx_cache_dir=str(tmp_path / "onnx"), batch_size=3)
+    got = E.embed_texts(texts, cfg, log=logs.append)
+    assert E.get_embedder(cfg).last_backend == "onnx"
+    assert any("exported" in m for m in logs) and any("parity with PyTorch checked" in m for m in logs)
+    ref = E.embed_texts(texts, CPU.replace(backend="torch"))
+    assert E.get_embedder(CPU).last_backend == "torch"
+    assert np.abs(got - ref).max() < 1e-4
+    # one cache entry, complete, no temp folders left behind
+    entries = list((tmp_path / "onnx").iterdir())
+    assert len(entries) == 1 and (entries[0] / "model.onnx").stat().st_size > 1e6, entries
+    # a new process (fresh embedder cache) reuses the export instead of exporting again
+    E.clear_cache()
+    logs.clear()
+    again = E.embed_texts(texts, cfg, log=logs.append)
+    assert not any("exported" in m for m in logs), logs
+    assert np.abs(again - got).max() < 1e-6
+    # build_embeddings reports the backend; rows are reusable across backends (same fingerprint)
+    ids = list(range(len(texts)))
+    df, stats = E.build_embeddings(ids, texts, None, cfg)
+    assert stats.backend == "onnx" and stats.summary()["backend"] == "onnx"
+    _, stats2 = E.build_embeddings(ids, texts, df, CPU.replace(backend="torch"))
+    assert stats2.n_reused == len(texts) and stats2.n_embedded == 0 and stats2.backend == ""
+
+
+def test_auto_backend_falls_back_to_torch_and_onnx_backend_raises(tmp_path, monkeypatch, fresh_embedders):
+    from animind_assets.lib import onnx_encoder
+
+    texts = list(TEXTS.values())
+    monkeypatch.setattr(onnx_encoder, "available", lambda: False)
+    logs: list[str] = []
+    auto = CPU.replace(onnx_cache_dir=str(tmp_path / "c"))
+    vec = E.embed_texts(texts, auto, log=logs.append)
+    assert E.get_embedder(auto).last_backend == "torch" and vec.shape == (5, 384)
+    assert any("using PyTorch (onnxruntime is not installed" in m for m in logs), logs
+    with pytest.raises(E.EmbeddingError, match="backend 'onnx': onnxruntime is not installed"):
+        E.embed_texts(texts, auto.replace(backend="onnx"))
+    with pytest.raises(E.EmbeddingError, match="backend must be one of"):
+        E.embed_texts(texts, CPU.replace(backend="tensorrt"))
+
+
+def test_failed_export_leaves_no_partial_cache_entry(tmp_path, monkeypatch, fresh_embedders):
+    import torch
+
+    def broken_export(model, args, f, **kw):
+        with open(f, "wb") as fh:
+            fh.write(b"partial")
+        raise RuntimeError("exporter crashed")
+
+    monkeypatch.setattr(torch.onnx, "export", broken_export)
+    cache = tmp_path / "onnx"
+    texts = list(TEXTS.values())
+    logs: list[str] = []
+    vec = E.embed_texts(texts, CPU.replace(onnx_cache_dir=str(cache)), log=logs.append)
+    assert vec.shape == (5, 384) and E.get_embedder(CPU).last_backend == "torch"
+    assert any("ONNX export/load failed: RuntimeError: exporter crashed" in m for m in logs), logs
+    assert list(cache.iterdir()) == []  # the temp folder was removed, nothing half-written is cached
+    E.clear_cache()
+    with pytest.raises(RuntimeError, match="exporter crashed"):
+        E.embed_texts(texts, CPU.replace(backend="onnx", onnx_cache_dir=str(cache)))
+
+
+def test_onnx_parity_failure_falls_back(tmp_path, monkeypatch, fresh_embedders):
+    from animind_assets.lib import onnx_encoder
+
+    real_call = onnx_encoder.OrtEncoder.__call__
+    monkeypatch.setattr(onnx_encoder.OrtEncoder, "__call__", lambda self, i, m: real_call(self, i, m)[:, ::-1].copy())
+    texts = list(TEXTS.values())
+    logs: list[str] = []
+    cfg = CPU.replace(onnx_cache_dir=str(tmp_path / "onnx"))
+    ref = E.embed_texts(texts, CPU.replace(backend="torch"))
+    got = E.embed_texts(texts, cfg, log=logs.append)
+    assert E.get_embedder(cfg).last_backend == "torch"
+    assert any("disagrees with PyTorch" in m for m in logs), logs
+    assert np.abs(got - ref).max() < 1e-5

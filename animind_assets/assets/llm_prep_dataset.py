@@ -48,6 +48,10 @@ class LlmPrepDatasetConfig(dg.Config):
     min_user_items: int = Field(4, description="users with fewer list entries get no B/C rows")
     max_history: int = Field(10, description="list items shown in a task-B prompt")
     mask_last_prob: float = Field(0.7, description="training B rows that mask the last item of their window")
+    list_end_prob: float = Field(
+        0.3, description="training B rows whose window ends at the end of the user's list (the position held out "
+        "for test users: next-item prediction as evaluated); the rest take random windows"
+    )
     like_min_score: int = Field(7, description="score >= this is <liked>")
     dislike_max_score: int = Field(3, description="score 1..this is <disliked>")
     c_max_liked: int = Field(6, description="liked anime listed in a task-C prompt")
@@ -131,7 +135,7 @@ def llm_prep_dataset(
         seed=config.seed, n_examples=config.n_examples, mix_a=config.mix_a, mix_b=config.mix_b, mix_c=config.mix_c,
         validation_user_frac=config.validation_user_frac, test_user_frac=config.test_user_frac,
         max_eval_users=config.max_eval_users, min_user_items=config.min_user_items, max_history=config.max_history,
-        mask_last_prob=config.mask_last_prob, like_min_score=config.like_min_score,
+        mask_last_prob=config.mask_last_prob, list_end_prob=config.list_end_prob, like_min_score=config.like_min_score,
         dislike_max_score=config.dislike_max_score, c_max_liked=config.c_max_liked, c_min_liked=config.c_min_liked,
         c_titles_prob=config.c_titles_prob, synopsis_chars=config.synopsis_chars, a_templates=list(config.a_templates),
         a_catalog=config.a_catalog, a_validation_frac=config.a_validation_frac, timestamps=timestamps,

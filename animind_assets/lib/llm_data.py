@@ -156,6 +156,10 @@ class LlmDataConfig:
     min_user_items: int = 4  # users with fewer list entries get no B/C examples
     max_history: int = 10  # list items shown in a B prompt (a window around the masked item)
     mask_last_prob: float = 0.7  # training B examples that mask the last item of their window
+    # training B examples whose window ends at the END of the user's list, i.e. the position that is
+    # held out for validation/test users (next-item prediction as evaluated); the rest use windows
+    # at random positions (mask_last_prob applies to those)
+    list_end_prob: float = 0.3
     like_min_score: int = 7
     dislike_max_score: int = 3
     c_max_liked: int = 6
@@ -183,6 +187,9 @@ class LlmDataConfig:
             raise ValueError(f"a_catalog must be 'interacted' or 'all', got {self.a_catalog!r}")
         if self.timestamps not in ("auto", "yes", "no"):
             raise ValueError(f"timestamps must be 'auto', 'yes' or 'no', got {self.timestamps!r}")
+        for name in ("mask_last_prob", "list_end_prob"):
+            if not 0 <= getattr(self, name) <= 1:
+                raise ValueError(f"{name} must be in [0, 1], got {getattr(self, name)}")
         if self.n_examples < 1:
             raise ValueError("n_examples must be >= 1")
         return self
@@ -489,7 +496,9 @@ def build_llm_dataset(
             items = eligible[u]
             n = len(items)
             w = min(cfg.max_history + 1, n)
-            if rng_b.random() < cfg.mask_last_prob:
+            if rng_b.random() < cfg.list_end_prob:
+                start, pos = n - w, w - 1  # the user's last item, as held out for eval users
+            elif rng_b.random() < cfg.mask_last_prob:
                 end = int(rng_b.integers(w, n + 1))  # window items[end-w:end], mask its last item
                 start, pos = end - w, w - 1
             else:

@@ -49,7 +49,7 @@ class LlmPrepDatasetConfig(dg.Config):
     max_history: int = Field(10, description="list items shown in a task-B prompt")
     mask_last_prob: float = Field(0.7, description="training B rows that mask the last item of their window")
     list_end_prob: float = Field(
-        0.3, description="training B rows whose window ends at the end of the user's list (the position held out "
+        0.5, description="training B rows whose window ends at the end of the user's list (the position held out "
         "for test users: next-item prediction as evaluated); the rest take random windows"
     )
     like_min_score: int = Field(7, description="score >= this is <liked>")

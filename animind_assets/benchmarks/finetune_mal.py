@@ -109,15 +109,18 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--quantizer-epochs", type=int, default=10)
     ap.add_argument("--quantizer-preset", default="default", help="lib.rqvae preset (project default; 'rqvae' = RQ-VAE)")
     ap.add_argument("--n-examples", type=int, default=20000)
-    ap.add_argument("--phase1-steps", type=int, default=8)
-    ap.add_argument("--phase2-steps", type=int, default=20)
+    ap.add_argument("--phase1-steps", type=int, default=40)
+    ap.add_argument("--phase2-steps", type=int, default=260)
     ap.add_argument("--max-history", type=int, default=6, help="list items in a task-B prompt")
+    ap.add_argument("--list-end-prob", type=float, default=0.5,
+                    help="training B rows at the end of the user's list (the evaluated position)")
+    ap.add_argument("--phase2-weights", default="0.1,0.8,0.1", help="phase 2 task shares A,B,C")
     ap.add_argument("--c-max-liked", type=int, default=4, help="liked anime in a task-C prompt")
     ap.add_argument("--batch-size", type=int, default=8)
     ap.add_argument("--max-seq-length", type=int, default=192)
     ap.add_argument("--train-layers", type=int, default=2)
     ap.add_argument("--eval-examples", type=int, default=8, help="validation rows per task for the phase validation loss")
-    ap.add_argument("--eval-users", type=int, default=80)
+    ap.add_argument("--eval-users", type=int, default=0, help="test users evaluated (0 = all)")
     ap.add_argument("--num-beams", type=int, default=10)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--cache-dir", default=str(Path(tempfile.gettempdir()) / "animind_bench"))
@@ -179,7 +182,7 @@ def main(argv: list[str] | None = None) -> int:
     run_config = {
         "ops": {
             "llm_prep_dataset": {"config": {"n_examples": args.n_examples, "max_history": args.max_history,
-                                            "c_max_liked": args.c_max_liked}},
+                                            "c_max_liked": args.c_max_liked, "list_end_prob": args.list_end_prob}},
             "finetuned_model": {
                 "config": {
                     "phase1_max_steps": args.phase1_steps,
@@ -189,6 +192,8 @@ def main(argv: list[str] | None = None) -> int:
                     "train_layers": args.train_layers,
                     "num_threads": args.threads,
                     "eval_examples": args.eval_examples,
+                    **dict(zip(("phase2_weight_a", "phase2_weight_b", "phase2_weight_c"),
+                               (float(x) for x in args.phase2_weights.split(",")))),
                 }
             },
             "recommendation_eval": {"config": {"max_users": args.eval_users, "num_beams": args.num_beams, "num_threads": args.threads}},

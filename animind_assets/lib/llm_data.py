@@ -159,7 +159,7 @@ class LlmDataConfig:
     # training B examples whose window ends at the END of the user's list, i.e. the position that is
     # held out for validation/test users (next-item prediction as evaluated); the rest use windows
     # at random positions (mask_last_prob applies to those)
-    list_end_prob: float = 0.3
+    list_end_prob: float = 0.5
     like_min_score: int = 7
     dislike_max_score: int = 3
     c_max_liked: int = 6

@@ -295,6 +295,7 @@ def test_asset_materializes_incrementally_with_checks(animind_env):
     md = r1.asset_materializations_for_node("anime_embeddings")[0].metadata
     assert md["rows_embedded"].value == 5 and md["rows_reused"].value == 0
     assert md["rows_skipped_empty_text"].value == 1 and md["dim"].value == 384
+    assert md["backend"].value == "onnx"  # backend auto on CPU: ONNX Runtime
     assert md["dagster/row_count"].value == 5
     assert "data:image/png;base64" in md["pairwise_cosine_histogram"].value
     checks = [e.event_specific_data for e in r1.all_events if e.event_type_value == "ASSET_CHECK_EVALUATION"]

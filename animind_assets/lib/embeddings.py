@@ -517,8 +517,10 @@ class TextEmbedder:
 
         from animind_assets.lib.onnx_encoder import PROBE_TEXTS
 
-        feats = self.tokenizer(PROBE_TEXTS, padding=True, truncation=True, max_length=min(self.max_length_for(EmbeddingConfig()), 256),
-                               return_tensors="pt", return_token_type_ids=False)
+        # one padded batch built exactly as the pipeline builds them (pad id, padding side)
+        probe_cfg = EmbeddingConfig(batch_size=len(PROBE_TEXTS), max_batch_tokens=-1,
+                                    max_length=min(self.max_length_for(EmbeddingConfig()), 256))
+        _, feats = next(self._direct_batches(PROBE_TEXTS, 0, probe_cfg))
         ids, mask = feats["input_ids"], feats["attention_mask"]
         with torch.inference_mode():
             ref = _pool(self.auto_model(input_ids=ids, attention_mask=mask, return_dict=True).last_hidden_state.float(), mask, "mean")

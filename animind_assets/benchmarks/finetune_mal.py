@@ -123,6 +123,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--eval-users", type=int, default=0, help="test users evaluated (0 = all)")
     ap.add_argument("--num-beams", type=int, default=10)
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--seed", type=int, default=None, help="seed of the dataset (user split, sampling) and the fine-tune "
+                    "(default: the assets' defaults)")
     ap.add_argument("--cache-dir", default=str(Path(tempfile.gettempdir()) / "animind_bench"))
     args = ap.parse_args(argv)
 
@@ -182,7 +184,8 @@ def main(argv: list[str] | None = None) -> int:
     run_config = {
         "ops": {
             "llm_prep_dataset": {"config": {"n_examples": args.n_examples, "max_history": args.max_history,
-                                            "c_max_liked": args.c_max_liked, "list_end_prob": args.list_end_prob}},
+                                            "c_max_liked": args.c_max_liked, "list_end_prob": args.list_end_prob,
+                                            **({"seed": args.seed} if args.seed is not None else {})}},
             "finetuned_model": {
                 "config": {
                     "phase1_max_steps": args.phase1_steps,
@@ -192,6 +195,7 @@ def main(argv: list[str] | None = None) -> int:
                     "train_layers": args.train_layers,
                     "num_threads": args.threads,
                     "eval_examples": args.eval_examples,
+                    **({"seed": args.seed} if args.seed is not None else {}),
                     **dict(zip(("phase2_weight_a", "phase2_weight_b", "phase2_weight_c"),
                                (float(x) for x in args.phase2_weights.split(",")))),
                 }

@@ -7,7 +7,6 @@ tagged for a GPU pool/node in Kubernetes (``GPU_POOL`` / ``GPU_OP_TAGS``).
 """
 
 
-import os
 import time
 from typing import Optional
 
@@ -29,6 +28,7 @@ from animind_assets.lib.embeddings import (
     norm_stats,
     pairwise_cosine_sample,
 )
+from animind_assets.lib.onnx_encoder import default_cache_dir
 from animind_assets.lib.plots import histogram_png
 from animind_assets.meta import counts_md, image_md, scalar_metadata, table_metadata
 from animind_assets.resources import DuckDBWarehouse, ParquetExports, data_dir
@@ -92,7 +92,7 @@ class AnimeEmbeddingsConfig(dg.Config):
             attn_implementation=self.attn_implementation,
             trust_remote_code=self.trust_remote_code,
             backend=self.backend,
-            onnx_cache_dir=self.onnx_cache_dir or os.environ.get("ANIMIND_ONNX_CACHE") or str(data_dir() / "cache" / "onnx"),
+            onnx_cache_dir=self.onnx_cache_dir or str(default_cache_dir(data_dir())),
         )
 
 

@@ -397,8 +397,8 @@ class TextEmbedder:
         self.hidden_size = int(get_dim() or 0) or None
         self.modules_desc = " -> ".join(names)
         self.trust_remote_code = cfg.trust_remote_code
-        self._ort: dict[tuple, Any] = {}  # (path, threads) -> OrtEncoder
-        self._onnx_path: dict[str, Path] = {}  # cache dir -> exported model
+        self._ort: dict[tuple, Any] = {}  # (cache dir, threads) -> OrtEncoder
+        self._onnx_checked: set[Path] = set()  # exports whose parity with PyTorch was checked
         self._onnx_unusable: str | None = None  # why backend=auto fell back to PyTorch
         self.last_backend = ""
         self.load_seconds = time.perf_counter() - t0
@@ -490,20 +490,18 @@ class TextEmbedder:
             return "torch", None
         cache_dir = Path(cfg.onnx_cache_dir) if cfg.onnx_cache_dir else onnx_encoder.default_cache_dir()
         try:
-            path = self._onnx_path.get(str(cache_dir))
-            if path is None:
+            enc = self._ort.get((str(cache_dir), threads))
+            if enc is None:
                 key = onnx_encoder.cache_key(folder_identity(self.folder))
                 path = onnx_encoder.export_encoder(self.folder, cache_dir, key, self.trust_remote_code, log)
-            enc = self._ort.get((str(path), threads))
-            if enc is None:
                 enc = onnx_encoder.OrtEncoder(path, threads)
-                if str(cache_dir) not in self._onnx_path:
+                if path not in self._onnx_checked:
                     err = self._onnx_parity(enc)
                     if err is not None:
                         raise EmbeddingError(f"ONNX export {path} disagrees with PyTorch: {err}")
                     log(f"embeddings: ONNX Runtime backend ready ({path.parent.name}, parity with PyTorch checked)")
-                self._onnx_path[str(cache_dir)] = path
-                self._ort[(str(path), threads)] = enc
+                    self._onnx_checked.add(path)
+                self._ort[(str(cache_dir), threads)] = enc
             return "onnx", enc
         except Exception as exc:
             if explicit:

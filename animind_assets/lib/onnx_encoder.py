@@ -52,12 +52,14 @@ def available() -> bool:
     return True
 
 
-def default_cache_dir() -> Path:
-    """``$ANIMIND_ONNX_CACHE``, else ``$ANIMIND_DATA_DIR/cache/onnx``, else ``~/.cache/animind/onnx``."""
+def default_cache_dir(data_root: str | os.PathLike | None = None) -> Path:
+    """``$ANIMIND_ONNX_CACHE``, else ``<data_root>/cache/onnx`` (``data_root`` defaults to
+    ``$ANIMIND_DATA_DIR``), else ``~/.cache/animind/onnx``."""
     if os.environ.get("ANIMIND_ONNX_CACHE"):
         return Path(os.environ["ANIMIND_ONNX_CACHE"])
-    if os.environ.get("ANIMIND_DATA_DIR"):
-        return Path(os.environ["ANIMIND_DATA_DIR"]) / "cache" / "onnx"
+    root = data_root or os.environ.get("ANIMIND_DATA_DIR")
+    if root:
+        return Path(root) / "cache" / "onnx"
     return Path.home() / ".cache" / "animind" / "onnx"
 
 

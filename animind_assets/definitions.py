@@ -1,49 +1,46 @@
-"""The single Dagster ``Definitions`` entry point of AniMind (``dagster dev`` loads it via workspace.yaml)."""
+"""The single Dagster ``Definitions`` entry point of AniMind (``dg dev`` / ``dagster dev`` load it).
+
+Everything under ``animind_assets/defs/`` (one sub-package per asset group, plus ``resources.py``) is
+discovered with ``dg.load_from_defs_folder``; the automation layer (``animind_assets.automation``:
+declarative conditions, observation and rebuild schedules, the failure alert, the executor) is then
+applied to the loaded assets in one place.
+"""
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import dagster as dg
 
-from animind_assets import assets as assets_pkg
-from animind_assets.resources import (
-    AniMindDuckDBIOManager,
-    ArtifactStoreResource,
-    DuckDBWarehouse,
-    MlflowResource,
-    ParquetExports,
-    anime_source_from_env,
-    default_duckdb_path,
-)
+from animind_assets import automation, code_version
+from animind_assets.resources import build_resources
 
-all_assets = dg.load_assets_from_package_module(assets_pkg)
-all_checks = dg.load_asset_checks_from_package_module(assets_pkg)
+__all__ = ["all_assets", "all_checks", "build_resources", "defs"]
 
 
-def build_resources(anime_source=None, mlflow_enabled: bool = True) -> dict:
-    """Default resources (paths under ``$ANIMIND_DATA_DIR``); tests pass their own source."""
-    database = default_duckdb_path()
-    return {
-        "io_manager": AniMindDuckDBIOManager(database=database, schema="main"),
-        "warehouse": DuckDBWarehouse(database=database, schema="main"),
-        "artifacts": ArtifactStoreResource(),
-        "exports": ParquetExports(),
-        "mlflow": MlflowResource(enabled=mlflow_enabled),
-        "anime_source": anime_source if anime_source is not None else anime_source_from_env(),
-    }
+def _with_code_version(obj):
+    """Give every materializable asset the content hash of the code that computes it (``code_version.py``)."""
+    module = code_version.defining_module(obj)
+    if not isinstance(obj, dg.AssetsDefinition) or not obj.is_materializable or module is None:
+        return obj
+    version = code_version.code_version_for_module(module)
+    return dg.map_asset_specs(lambda spec: spec.replace_attributes(code_version=version), [obj])[0]
 
 
-def _automation() -> dict:
-    try:
-        from animind_assets import automation
-    except ImportError:  # pragma: no cover - automation module is optional while bootstrapping
-        return {}
-    return automation.definitions_kwargs(all_assets, include_assets=True)
+def _build() -> tuple[list, list, dg.Definitions]:
+    loaded = dg.load_from_defs_folder(path_within_project=Path(__file__).resolve().parent)
+    assets = [_with_code_version(a) for a in (loaded.assets or [])]
+    checks = list(loaded.asset_checks or [])
+    auto = automation.definitions_kwargs(assets, include_assets=True)
+    return assets, checks, dg.Definitions(
+        assets=auto.pop("assets"),
+        asset_checks=checks,
+        resources=dict(loaded.resources or {}),
+        jobs=[*(loaded.jobs or []), *auto.pop("jobs", [])],
+        schedules=[*(loaded.schedules or []), *auto.pop("schedules", [])],
+        sensors=[*(loaded.sensors or []), *auto.pop("sensors", [])],
+        **auto,
+    )
 
 
-_automation_kwargs = _automation()
-defs = dg.Definitions(
-    assets=_automation_kwargs.pop("assets", all_assets),
-    asset_checks=all_checks,
-    resources=build_resources(),
-    **_automation_kwargs,
-)
+all_assets, all_checks, defs = _build()

@@ -110,7 +110,7 @@ class TitleIndex:
 
 def load(model_dir: str | os.PathLike | None = None, artifacts: str | os.PathLike | None = None, duckdb_path: str | None = None, num_threads: int = 2):
     """(SidModel, TitleIndex) for the model folder, cached per folder."""
-    from animind_assets.lib.llm_infer import load_sid_model, make_sid_model
+    from animind_assets.lib.llm.infer import load_sid_model, make_sid_model
 
     folder = Path(model_dir) if model_dir else default_model_dir(artifacts)
     key = f"{folder.resolve()}|{duckdb_path or ''}"
@@ -157,7 +157,7 @@ def recommend(
     num_threads: int = 2,
 ) -> list[dict]:
     """Top-``k`` anime for a list of watched titles: dicts with rank, anime_id, title, semantic_id, score."""
-    from animind_assets.lib.llm_infer import history_prompt, rank_items
+    from animind_assets.lib.llm.infer import history_prompt, rank_items
 
     if not history:
         raise ValueError("history is empty: give at least one anime title")

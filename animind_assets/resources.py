@@ -20,7 +20,7 @@ from dagster._core.storage.db_io_manager import DbIOManager
 from filelock import FileLock
 from pydantic import Field
 
-from animind_assets.lib.storage import ArtifactStore
+from animind_assets.lib.common.storage import ArtifactStore
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 
@@ -157,7 +157,7 @@ class ParquetExports(dg.ConfigurableResource):
     root: str = Field(default_factory=default_exports_root, description="local folder or fsspec URL")
 
     def write(self, df, name: str) -> str:
-        from animind_assets.lib.storage import write_parquet
+        from animind_assets.lib.common.storage import write_parquet
 
         return write_parquet(df, f"{self.root.rstrip('/')}/{name}.parquet")
 
@@ -303,7 +303,7 @@ class AnimeSource(dg.ConfigurableResource):
     def _demo_catalog(self):
         import polars as pl
 
-        from animind_assets.lib.demo import read_demo_catalog
+        from animind_assets.lib.data.demo import read_demo_catalog
 
         raw = read_demo_catalog()
         if self.demo_catalog_limit:
@@ -315,7 +315,7 @@ class AnimeSource(dg.ConfigurableResource):
         return raw
 
     def read_catalog(self):
-        from animind_assets.lib import sources
+        from animind_assets.lib.data import sources
 
         self._check_kind()
         if self.kind == "sqlite":
@@ -330,14 +330,14 @@ class AnimeSource(dg.ConfigurableResource):
     def read_interactions(self, catalog=None):
         """Raw watch lists. The demo simulates them over ``catalog`` (a ``RawCatalog`` already read by
         the caller, so the catalog is not read twice) or over a fresh read."""
-        from animind_assets.lib import sources
+        from animind_assets.lib.data import sources
 
         self._check_kind()
         if self.kind == "sqlite":
             return sources.read_sqlite_interactions(self.sqlite_path)
         if self.kind == "kaggle_csv":
             return sources.read_kaggle_interactions(self.animelist_csv or self.kaggle_dir)
-        from animind_assets.lib.demo import DemoUserConfig, simulate_users
+        from animind_assets.lib.data.demo import DemoUserConfig, simulate_users
 
         catalog = catalog if catalog is not None else self._demo_catalog()
         return simulate_users(catalog.frame, DemoUserConfig(n_users=self.demo_users, seed=self.demo_seed))
@@ -355,3 +355,20 @@ def anime_source_from_env() -> AnimeSource:
         demo_catalog_limit=None if limit.lower() in ("", "none", "0", "all") else int(limit),
         demo_users=int(os.environ.get("ANIMIND_DEMO_USERS", "400")),
     )
+
+
+def build_resources(anime_source: "AnimeSource | None" = None, mlflow_enabled: bool = True) -> dict:
+    """The one declaration of AniMind's resources (paths under ``$ANIMIND_DATA_DIR``).
+
+    ``animind_assets/defs/resources.py`` registers these with Dagster; tests and benchmarks pass their own
+    source. Returns a dict ``{resource key: resource}``.
+    """
+    database = default_duckdb_path()
+    return {
+        "io_manager": AniMindDuckDBIOManager(database=database, schema="main"),
+        "warehouse": DuckDBWarehouse(database=database, schema="main"),
+        "artifacts": ArtifactStoreResource(),
+        "exports": ParquetExports(),
+        "mlflow": MlflowResource(enabled=mlflow_enabled),
+        "anime_source": anime_source if anime_source is not None else anime_source_from_env(),
+    }

@@ -16,7 +16,7 @@ import functools
 import numpy as np
 import polars as pl
 
-from animind_assets.lib.semantic_ids import assign_semantic_ids, semantic_id_strings
+from animind_assets.lib.semantic_ids.assign import assign_semantic_ids, semantic_id_strings
 
 GENRES = ["Action", "Comedy", "Drama", "Romance", "Sci-Fi", "Slice of Life", "Mecha", "Sports"]
 STUDIOS = ["Sunrise", "Madhouse", "Bones", "Kyoto Animation", "Production I.G"]
@@ -89,7 +89,7 @@ def make_semantic_ids(catalog: pl.DataFrame, levels: int = 3, size: int = 8, see
 
 @functools.lru_cache(maxsize=1)
 def _tokenizer_once():
-    from animind_assets.lib.llm_finetune import load_tokenizer
+    from animind_assets.lib.llm.finetune import load_tokenizer
 
     return load_tokenizer()
 
@@ -113,7 +113,7 @@ def tiny_llama(tokenizer, seed: int = 0, layers: int = 2):
 
 
 def tiny_finetune_config(**over):
-    from animind_assets.lib.llm_finetune import FinetuneConfig
+    from animind_assets.lib.llm.finetune import FinetuneConfig
 
     base = dict(phase1_max_steps=2, phase2_max_steps=2, batch_size=4, max_seq_length=256, eval_examples=4,
                 num_threads=1, english_ppl=True, ppl_max_tokens=32)
@@ -126,8 +126,8 @@ def build_tiny_model_folder(dest, phase_steps: int = 1):
     (folder, dataset frame, interactions, catalog, semantic_ids)."""
     from pathlib import Path
 
-    from animind_assets.lib.llm_data import LlmDataConfig, build_llm_dataset, sid_lookup_frame
-    from animind_assets.lib.llm_finetune import run_finetune, save_model_folder
+    from animind_assets.lib.llm.data import LlmDataConfig, build_llm_dataset, sid_lookup_frame
+    from animind_assets.lib.llm.finetune import run_finetune, save_model_folder
 
     dest = Path(dest)
     cat = make_catalog()

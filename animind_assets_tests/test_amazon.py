@@ -12,7 +12,7 @@ import dagster as dg
 import polars as pl
 import pytest
 
-from animind_assets.lib.amazon import (
+from animind_assets.lib.data.amazon import (
     flatten_categories,
     item_text,
     load_prepared_split,
@@ -21,7 +21,7 @@ from animind_assets.lib.amazon import (
     read_records,
     sequences_from_interactions,
 )
-from animind_assets.lib.sources import SourceError
+from animind_assets.lib.data.sources import SourceError
 
 # reviews as JSON lines; B and A reviewed on the same day by u1 (tie kept in file order)
 REVIEWS = [
@@ -158,8 +158,8 @@ def test_real_prepared_beauty_split(beauty_dir):
 
 
 def test_beauty_source_assets_in_process(raw_files, animind_env):
-    from animind_assets.assets.beauty_interactions import beauty_interactions, beauty_interactions_valid
-    from animind_assets.assets.beauty_items import beauty_items
+    from animind_assets.defs.beauty.beauty_interactions import beauty_interactions, beauty_interactions_valid
+    from animind_assets.defs.beauty.beauty_items import beauty_items
     from animind_assets.resources import AniMindDuckDBIOManager, DuckDBWarehouse, ParquetExports
 
     reviews, meta = raw_files

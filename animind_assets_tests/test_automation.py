@@ -28,10 +28,10 @@ def _resources(source):
 
 
 def _foundation():
-    from animind_assets.assets.anime_catalog_source import anime_catalog_source
-    from animind_assets.assets.anime_prep import anime_prep, anime_prep_is_valid
-    from animind_assets.assets.user_interactions import user_interactions
-    from animind_assets.assets.watchlist_source import watchlist_source
+    from animind_assets.defs.sources.anime_catalog_source import anime_catalog_source
+    from animind_assets.defs.prep.anime_prep import anime_prep, anime_prep_is_valid
+    from animind_assets.defs.prep.user_interactions import user_interactions
+    from animind_assets.defs.sources.watchlist_source import watchlist_source
 
     return [anime_catalog_source, watchlist_source, anime_prep, user_interactions], [anime_prep_is_valid]
 

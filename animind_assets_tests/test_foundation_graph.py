@@ -19,9 +19,9 @@ def _resources(source):
 
 
 def test_materialize_foundation_from_sqlite_fixture(animind_env, sqlite_path):
-    from animind_assets.assets.anime_catalog_source import anime_catalog_source
-    from animind_assets.assets.anime_prep import anime_prep, anime_prep_is_valid
-    from animind_assets.assets.user_interactions import user_interactions
+    from animind_assets.defs.sources.anime_catalog_source import anime_catalog_source
+    from animind_assets.defs.prep.anime_prep import anime_prep, anime_prep_is_valid
+    from animind_assets.defs.prep.user_interactions import user_interactions
     from animind_assets.resources import AnimeSource
 
     source = AnimeSource(kind="sqlite", sqlite_path=str(sqlite_path))
@@ -102,7 +102,7 @@ def test_concurrent_processes_share_the_duckdb_file(tmp_path):
 
 
 def test_atomic_writes_leave_nothing_on_failure(tmp_path):
-    from animind_assets.lib.storage import ArtifactStore
+    from animind_assets.lib.common.storage import ArtifactStore
 
     store = ArtifactStore(tmp_path / "artifacts")
     store.write_json({"a": 1}, "m", "ok.json")
@@ -121,7 +121,7 @@ def test_atomic_writes_leave_nothing_on_failure(tmp_path):
 
 
 def test_artifact_store_accepts_fsspec_urls():
-    from animind_assets.lib.storage import ArtifactStore
+    from animind_assets.lib.common.storage import ArtifactStore
 
     store = ArtifactStore("memory://bucket/animind")
     store.write_json({"k": [1, 2]}, "semantic_ids", "special_tokens.json")

@@ -23,10 +23,10 @@ def tiny_base(tmp_path) -> Path:
 
 
 def test_llm_assets_chain(animind_env, tmp_path, tiny_base):
-    from animind_assets.assets.finetuned_model import finetuned_model
-    from animind_assets.assets.llm_prep_dataset import llm_prep_dataset, llm_prep_dataset_split_by_user
-    from animind_assets.assets.recommendation_eval import recommendation_eval, recommendation_eval_valid_ids
-    from animind_assets.lib.rqvae.checkpoint import save_checkpoint
+    from animind_assets.defs.llm.finetuned_model import finetuned_model
+    from animind_assets.defs.llm.llm_prep_dataset import llm_prep_dataset, llm_prep_dataset_split_by_user
+    from animind_assets.defs.llm.recommendation_eval import recommendation_eval, recommendation_eval_valid_ids
+    from animind_assets.lib.semantic_ids.quantizers.checkpoint import save_checkpoint
     from animind_assets.recommend import main as recommend_main
     from animind_assets.resources import AniMindDuckDBIOManager, ArtifactStoreResource, MlflowResource, ParquetExports
 

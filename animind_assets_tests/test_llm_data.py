@@ -5,7 +5,7 @@ from __future__ import annotations
 import polars as pl
 import pytest
 
-from animind_assets.lib.llm_data import (
+from animind_assets.lib.llm.data import (
     DISLIKED,
     DROPPED,
     LIKED,

@@ -5,8 +5,8 @@ from __future__ import annotations
 import polars as pl
 import pytest
 
-from animind_assets.lib.llm_eval import CoWatch, EvalConfig, evaluate_recommender, last_item_counts, metrics_frame, popularity_ranking
-from animind_assets.lib.llm_infer import generate_text, history_prompt, load_sid_model, parse_sid, rank_items
+from animind_assets.lib.llm.evaluation import CoWatch, EvalConfig, evaluate_recommender, last_item_counts, metrics_frame, popularity_ranking
+from animind_assets.lib.llm.infer import generate_text, history_prompt, load_sid_model, parse_sid, rank_items
 from animind_assets_tests.llm_fixtures import build_tiny_model_folder
 
 

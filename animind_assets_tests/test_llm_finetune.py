@@ -9,8 +9,8 @@ import polars as pl
 import pytest
 import torch
 
-from animind_assets.lib import llm_finetune as ft
-from animind_assets.lib.llm_data import SPECIAL_TOKENS, LlmDataConfig, build_llm_dataset, sid_lookup_frame
+from animind_assets.lib.llm import finetune as ft
+from animind_assets.lib.llm.data import SPECIAL_TOKENS, LlmDataConfig, build_llm_dataset, sid_lookup_frame
 from animind_assets_tests.llm_fixtures import (
     make_catalog,
     make_codebooks,
@@ -107,7 +107,7 @@ def test_codebooks_from_checkpoint_layouts():
 
 
 def test_codebooks_from_real_rqvae_checkpoint(tmp_path):
-    from animind_assets.lib.rqvae import preset_config, train_quantizer
+    from animind_assets.lib.semantic_ids.quantizers import preset_config, train_quantizer
 
     x = np.random.default_rng(0).normal(size=(64, 8)).astype(np.float32)
     cfg = preset_config("rqvae", epochs=1, levels=2, codebook_size=4, latent_dim=4, hidden_dims=[8], batch_size=32, num_threads=1)

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from animind_assets.lib.rqvae import (
+from animind_assets.lib.semantic_ids.quantizers import (
     QuantizerConfig,
     load_checkpoint,
     load_quantizer,
@@ -17,11 +17,11 @@ from animind_assets.lib.rqvae import (
     save_checkpoint,
     train_quantizer,
 )
-from animind_assets.lib.rqvae.codebook import Codebook, DeadCodeRestarter, EMAUpdate
-from animind_assets.lib.rqvae.kmeans import kmeans
-from animind_assets.lib.rqvae.modules import RotationTrick, StraightThrough
-from animind_assets.lib.rqvae.quantizer import ResidualQuantizer
-from animind_assets.lib.rqvae.trainer import encode_codes, lr_factor
+from animind_assets.lib.semantic_ids.quantizers.codebook import Codebook, DeadCodeRestarter, EMAUpdate
+from animind_assets.lib.semantic_ids.quantizers.kmeans import kmeans
+from animind_assets.lib.semantic_ids.quantizers.modules import RotationTrick, StraightThrough
+from animind_assets.lib.semantic_ids.quantizers.quantizer import ResidualQuantizer
+from animind_assets.lib.semantic_ids.quantizers.trainer import encode_codes, lr_factor
 
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")

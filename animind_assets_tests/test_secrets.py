@@ -37,10 +37,10 @@ def test_no_resource_has_a_credential_field():
 def test_sentinel_secrets_appear_nowhere(tmp_path, monkeypatch, sqlite_path):
     from dagster._serdes import serialize_value
 
-    from animind_assets.assets.anime_catalog_source import anime_catalog_source
-    from animind_assets.assets.anime_prep import anime_prep, anime_prep_is_valid
-    from animind_assets.assets.user_interactions import user_interactions
-    from animind_assets.assets.watchlist_source import watchlist_source
+    from animind_assets.defs.sources.anime_catalog_source import anime_catalog_source
+    from animind_assets.defs.prep.anime_prep import anime_prep, anime_prep_is_valid
+    from animind_assets.defs.prep.user_interactions import user_interactions
+    from animind_assets.defs.sources.watchlist_source import watchlist_source
     from animind_assets.resources import (
         AniMindDuckDBIOManager,
         AnimeSource,

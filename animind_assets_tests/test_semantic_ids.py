@@ -13,7 +13,7 @@ import polars as pl
 import pytest
 import torch
 
-from animind_assets.lib.semantic_id_eval import (
+from animind_assets.lib.semantic_ids.evaluation import (
     bucket_genre_coherence,
     cowatch_recall,
     positive_graph,
@@ -22,7 +22,7 @@ from animind_assets.lib.semantic_id_eval import (
     recall_value,
     select_queries,
 )
-from animind_assets.lib.semantic_ids import (
+from animind_assets.lib.semantic_ids.assign import (
     DEFAULT_SPECIAL_TOKENS,
     assign_semantic_ids,
     build_vocab,
@@ -233,9 +233,9 @@ TINY_RQVAE = {
 
 def test_materialize_rqvae_semantic_ids_report(tmp_path, monkeypatch):
     monkeypatch.setenv("ANIMIND_DATA_DIR", str(tmp_path))
-    from animind_assets.assets.rqvae_model import rqvae_model
-    from animind_assets.assets.semantic_id_report import semantic_id_report
-    from animind_assets.assets.semantic_ids import semantic_ids
+    from animind_assets.defs.semantic_ids.rqvae_model import rqvae_model
+    from animind_assets.defs.semantic_ids.semantic_id_report import semantic_id_report
+    from animind_assets.defs.semantic_ids.semantic_ids import semantic_ids
 
     prep, emb, ui = _synthetic()
     res = dg.materialize(
@@ -310,7 +310,7 @@ def test_materialize_rqvae_semantic_ids_report(tmp_path, monkeypatch):
 
 def test_materialize_rqvae_variants_partition(tmp_path, monkeypatch):
     monkeypatch.setenv("ANIMIND_DATA_DIR", str(tmp_path))
-    from animind_assets.assets.rqvae_variants import VARIANTS, rqvae_variants
+    from animind_assets.defs.semantic_ids.rqvae_variants import VARIANTS, rqvae_variants
 
     assert VARIANTS == ["default", "rqkmeans", "rqvae", "conservative", "aggressive"]
     prep, emb, ui = _synthetic(1)

@@ -7,8 +7,8 @@ import sqlite3
 import polars as pl
 import pytest
 
-from animind_assets.lib import prep, sources
-from animind_assets.lib.demo import DemoUserConfig, read_demo_catalog, simulate_users
+from animind_assets.lib.data import prep, sources
+from animind_assets.lib.data.demo import DemoUserConfig, read_demo_catalog, simulate_users
 
 from .conftest import write_kaggle
 

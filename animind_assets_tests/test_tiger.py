@@ -13,8 +13,8 @@ import polars as pl
 import pytest
 import torch
 
-from animind_assets.lib.metrics import ranking_metrics
-from animind_assets.lib.tiger import (
+from animind_assets.lib.common.metrics import ranking_metrics
+from animind_assets.lib.retrieval.tiger import (
     EOS_ID,
     PAD_ID,
     Examples,
@@ -180,12 +180,12 @@ def write_cyclic_prepared(folder: Path, n_items: int = 60) -> Path:
 
 
 def test_tiger_assets_train_and_eval_in_process(tmp_path, animind_env):
-    from animind_assets.assets.beauty_embeddings import beauty_embeddings
-    from animind_assets.assets.beauty_interactions import beauty_interactions
-    from animind_assets.assets.beauty_items import beauty_items
-    from animind_assets.assets.beauty_semantic_ids import beauty_semantic_ids
-    from animind_assets.assets.tiger_eval import tiger_eval
-    from animind_assets.assets.tiger_model import tiger_model
+    from animind_assets.defs.beauty.beauty_embeddings import beauty_embeddings
+    from animind_assets.defs.beauty.beauty_interactions import beauty_interactions
+    from animind_assets.defs.beauty.beauty_items import beauty_items
+    from animind_assets.defs.beauty.beauty_semantic_ids import beauty_semantic_ids
+    from animind_assets.defs.beauty.tiger_eval import tiger_eval
+    from animind_assets.defs.beauty.tiger_model import tiger_model
     from animind_assets.resources import (
         AniMindDuckDBIOManager,
         ArtifactStoreResource,

@@ -47,8 +47,8 @@ def _peak_rss_mb() -> float:
 
 
 def load_catalog(limit: int | None) -> tuple[list[int], list[str], str]:
-    from animind_assets.lib.prep import clean_anime
-    from animind_assets.lib.sources import read_sqlite_catalog, shared_data_dir
+    from animind_assets.lib.data.prep import clean_anime
+    from animind_assets.lib.data.sources import read_sqlite_catalog, shared_data_dir
 
     path = shared_data_dir() / "mal2020" / "anilist.sqlite"
     if not path.exists():

@@ -45,8 +45,8 @@ def shared_data() -> Path:
 
 
 def load_mal(db: Path):
-    from animind_assets.lib.prep import clean_anime, clean_interactions
-    from animind_assets.lib.sources import read_sqlite_catalog, read_sqlite_interactions
+    from animind_assets.lib.data.prep import clean_anime, clean_interactions
+    from animind_assets.lib.data.sources import read_sqlite_catalog, read_sqlite_interactions
 
     raw_cat = read_sqlite_catalog(db)
     cat = clean_anime(raw_cat.frame).frame
@@ -63,7 +63,7 @@ def build_semantic_ids(cat, artifacts_root: Path, mode: str, epochs: int, cache_
     import numpy as np
     import polars as pl
 
-    from animind_assets.lib.semantic_ids import assign_semantic_ids, semantic_id_strings
+    from animind_assets.lib.semantic_ids.assign import assign_semantic_ids, semantic_id_strings
 
     ids = cat["anime_id"].to_numpy()
     t0 = time.perf_counter()
@@ -72,7 +72,7 @@ def build_semantic_ids(cat, artifacts_root: Path, mode: str, epochs: int, cache_
         codes = rng.integers(0, 256, size=(len(ids), 3))
         note = "random 3x256 codes (no RQ-VAE)"
     else:
-        from animind_assets.lib.rqvae import preset_config, train_quantizer
+        from animind_assets.lib.semantic_ids.quantizers import preset_config, train_quantizer
 
         if mode == "rqvae-minilm":
             from animind_assets.benchmarks.semantic_ids import embed
@@ -151,9 +151,9 @@ def main(argv: list[str] | None = None) -> int:
     import dagster as dg
     import polars as pl
 
-    from animind_assets.assets.finetuned_model import finetuned_model
-    from animind_assets.assets.llm_prep_dataset import llm_prep_dataset
-    from animind_assets.assets.recommendation_eval import recommendation_eval
+    from animind_assets.defs.llm.finetuned_model import finetuned_model
+    from animind_assets.defs.llm.llm_prep_dataset import llm_prep_dataset
+    from animind_assets.defs.llm.recommendation_eval import recommendation_eval
     from animind_assets.resources import AniMindDuckDBIOManager, ArtifactStoreResource, MlflowResource, ParquetExports
 
     @dg.asset(name="anime_prep")
@@ -196,8 +196,7 @@ def main(argv: list[str] | None = None) -> int:
                     "num_threads": args.threads,
                     "eval_examples": args.eval_examples,
                     **({"seed": args.seed} if args.seed is not None else {}),
-                    **dict(zip(("phase2_weight_a", "phase2_weight_b", "phase2_weight_c"),
-                               (float(x) for x in args.phase2_weights.split(",")))),
+                    "phase2_weights": dict(zip("ABC", (float(x) for x in args.phase2_weights.split(",")))),
                 }
             },
             "recommendation_eval": {"config": {"max_users": args.eval_users, "num_beams": args.num_beams, "num_threads": args.threads}},

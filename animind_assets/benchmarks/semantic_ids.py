@@ -98,10 +98,10 @@ def interactions(sqlite_path: Path):
 
 
 def evaluate(name, cfg, x, ids, genres, graph, args) -> dict:
-    from animind_assets.lib.rqvae import train_quantizer
-    from animind_assets.lib.rqvae.metrics import code_stats
-    from animind_assets.lib.semantic_id_eval import bucket_genre_coherence, cowatch_recall
-    from animind_assets.lib.semantic_ids import assign_semantic_ids
+    from animind_assets.lib.semantic_ids.quantizers import train_quantizer
+    from animind_assets.lib.semantic_ids.quantizers.metrics import code_stats
+    from animind_assets.lib.semantic_ids.evaluation import bucket_genre_coherence, cowatch_recall
+    from animind_assets.lib.semantic_ids.assign import assign_semantic_ids
 
     t0 = time.perf_counter()
     res = train_quantizer(x, cfg, log=(print if args.verbose else None))
@@ -140,7 +140,7 @@ def time_materialize(emb_ids: np.ndarray, x: np.ndarray, threads: int) -> float:
     import dagster as dg
     import polars as pl
 
-    from animind_assets.assets.rqvae_model import rqvae_model
+    from animind_assets.defs.semantic_ids.rqvae_model import rqvae_model
     from animind_assets.resources import AniMindDuckDBIOManager, ArtifactStoreResource, MlflowResource
 
     frame = pl.DataFrame(
@@ -193,8 +193,8 @@ def main(argv: list[str] | None = None) -> int:
 
     if args.threads:
         torch.set_num_threads(args.threads)
-    from animind_assets.lib.rqvae import preset_config
-    from animind_assets.lib.semantic_id_eval import positive_graph
+    from animind_assets.lib.semantic_ids.quantizers import preset_config
+    from animind_assets.lib.semantic_ids.evaluation import positive_graph
 
     ids, texts, genres = anime_texts(db)
     if args.embeddings_npz:

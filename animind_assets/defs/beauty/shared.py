@@ -1,0 +1,57 @@
+"""Shared Dagster-layer pieces of the beauty group: the group name, the Amazon source config (shared
+by ``beauty_items`` and ``beauty_interactions``), the TIGER ID-source partitions."""
+
+import time
+from typing import Optional
+
+import dagster as dg
+import polars as pl
+from pydantic import Field
+
+from animind_assets.lib.data.amazon import AmazonData, load_prepared_split, load_raw_amazon
+from animind_assets.lib.common.plots import histogram_png
+from animind_assets.meta import counts_md, image_md, scalar_metadata, table_metadata
+from animind_assets.resources import ParquetExports
+
+GROUP = "beauty"
+
+
+class AmazonSourceConfig(dg.Config):
+    source: str = Field("prepared", description="'prepared' (shared TIGER/P5 split folder) | 'raw' (Amazon review + metadata files)")
+    prepared_dir: str = Field("", description="prepared split folder; '' = ../shared/data/beauty (or $ANIMIND_SHARED_DATA/beauty)")
+    order: str = Field(
+        "inter_json",
+        description="prepared split: sequence order, 'inter_json' (tiger-cf, default) | 'user_sequence' (P5); "
+        "they differ for ~73% of users (same-day ties)",
+    )
+    reviews_path: str = Field("", description="raw: 5-core reviews file (JSON or Python-dict lines, .gz or plain)")
+    metadata_path: Optional[str] = Field(None, description="raw: metadata file (JSON or Python-dict lines, .gz or plain)")
+    record_format: str = Field("auto", description="raw: 'auto' (JSON, else Python literal) | 'json' | 'python'")
+    max_description_chars: int = Field(0, description="raw: description characters appended to the item text (0 = none)")
+
+    def load(self) -> AmazonData:
+        if self.source == "prepared":
+            return load_prepared_split(self.prepared_dir or None, order=self.order)
+        if self.source == "raw":
+            if not self.reviews_path:
+                raise ValueError("AmazonSourceConfig: source='raw' needs reviews_path")
+            return load_raw_amazon(self.reviews_path, self.metadata_path, fmt=self.record_format, max_description_chars=self.max_description_chars)
+        raise ValueError(f"AmazonSourceConfig.source={self.source!r}; expected 'prepared' or 'raw'")
+
+
+def source_metadata(data: AmazonData) -> dict:
+    md = {
+        "source_origin": dg.MetadataValue.text(data.origin),
+        "sequence_order": dg.MetadataValue.text(data.order),
+        "has_timestamps": dg.MetadataValue.bool(data.has_timestamps),
+        "dropped_by_reason": counts_md(data.dropped),
+        **scalar_metadata(data.notes, prefix="source_"),
+    }
+    for i, rep in enumerate(data.reports):
+        name = "reviews_file" if i == 0 else "metadata_file"
+        md[f"{name}_parse"] = dg.MetadataValue.text(rep.summary())
+        md[f"{name}_bad_lines"] = dg.MetadataValue.int(rep.bad)
+    return md
+
+TIGER_MODEL_ASSET = "tiger_model"
+ID_SOURCES = ("own", "reference")

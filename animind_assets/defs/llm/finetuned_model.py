@@ -1,0 +1,203 @@
+"""``finetuned_model``: a causal LM that reads and writes semantic IDs.
+
+Thin layer over ``animind_assets.lib.llm.finetune``: tokenizer extended with the semantic-ID tokens
+used by ``llm_prep_dataset`` plus the special tokens, new embeddings warm-started from the RQ-VAE
+codebooks (``<artifacts>/rqvae_model/model.pt``), two TRL SFT phases (linking, then
+recommendation/reasoning), English-retention perplexity before/after, metrics + model in MLflow.
+
+Output: one atomic folder ``<artifacts>/finetuned_model/`` (model, tokenizer, ``sid_lookup.parquet``,
+``animind_llm.json``, ``history.json``) read by ``recommendation_eval`` and ``python -m
+animind_assets.recommend``. Phase checkpoints live in ``<artifacts>/finetuned_model_work/`` (a
+re-run with the same inputs and config resumes there).
+"""
+
+import time
+from pathlib import Path
+
+import dagster as dg
+import polars as pl
+import torch
+from pydantic import Field
+
+from animind_assets.gpu import GPU_OP_TAGS, GPU_POOL
+from animind_assets.lib.llm.data import SPECIAL_TOKENS, sid_lookup_frame
+from animind_assets.lib.llm.finetune import EMBEDDED_MODEL, FinetuneConfig, codebooks_from_checkpoint, run_finetune, save_model_folder
+from animind_assets.lib.common.plots import lines_png
+from animind_assets.meta import image_md, markdown_table, scalar_metadata
+from animind_assets.resources import ArtifactStoreResource, MlflowResource, data_dir
+
+from animind_assets.defs.llm.shared import GROUP, MODEL_DIR, WORK_DIR
+from animind_assets.launchpad import derive_config
+
+
+FinetunedModelConfig = derive_config(
+    FinetuneConfig,
+    name="FinetunedModelConfig",
+    asset="finetuned_model",
+    extra={
+        "rqvae_checkpoint": (str, Field("", description="quantizer checkpoint; '' = <artifacts>/rqvae_model/model.pt")),
+        "lookup_scope": (str, Field("dataset", description="anime the model can name: 'dataset' (in llm_prep_dataset) | 'all'")),
+        "log_model_to_mlflow": (bool, Field(True, description="log the model folder as MLflow artifacts")),
+    },
+    descriptions={
+        "base_model": 'embedded SmolLM2-135M-Instruct GGUF | Hugging Face model id | local folder',
+        "gguf_file": 'GGUF file name inside base_model (folder or repo)',
+        "revision": 'model revision (Hugging Face ids); HF_TOKEN only from the environment',
+        "method": "'auto' (full below lora_above_params, else LoRA) | 'full' | 'lora'",
+        "lora_above_params": "parameter count from which 'auto' picks LoRA",
+        "lora_r": 'LoRA rank',
+        "lora_alpha": 'LoRA alpha',
+        "lora_dropout": 'LoRA dropout',
+        "train_layers": 'full method: train only the top N transformer blocks + tied embeddings/head (0 = every block; the default keeps the shared 2-core CPU run bounded)',
+        "phase1_max_steps": 'optimizer steps of phase 1 (linking); demo-scale default, raise on a GPU',
+        "phase2_max_steps": 'optimizer steps of phase 2 (recommendation/reasoning); demo-scale default, raise on a GPU',
+        "phase1_lr": 'peak learning rate of phase 1',
+        "phase2_lr": 'peak learning rate of phase 2',
+        "warmup_frac": "warm-up share of each phase's steps",
+        "lr_scheduler": 'transformers lr scheduler name',
+        "weight_decay": 'AdamW weight decay',
+        "batch_size": 'examples per device step',
+        "grad_accum": 'gradient accumulation steps',
+        "max_seq_length": 'longer examples are skipped (counted)',
+        "general_mix_file": 'local JSONL of general instructions ({prompt, completion} or {messages})',
+        "general_mix_ratio": 'share of each phase drawn from general_mix_file',
+        "warm_start": "'rqvae' (ridge from codebooks) | 'centroid' | 'mean' | 'none'",
+        "ridge_alpha": 'ridge regularisation of the codebook -> embedding projection',
+        "use_chat_template": "render prompts with the tokenizer's chat template",
+        "fast_loss": 'apply the LM head only at completion positions',
+        "num_threads": 'torch CPU threads (shared CPU: keep it small)',
+        "seed": 'training seed',
+        "save_steps": 'checkpoint every N steps (0 = at the end of each phase)',
+        "resume": "resume from the work folder's checkpoints",
+        "keep_checkpoints": 'keep phase checkpoints after success',
+        "eval_examples": 'validation rows per task for the per-phase validation loss',
+        "english_ppl": 'English-retention perplexity before/after',
+        "save_dtype": "'float32' | 'bfloat16'",
+        "bf16": 'bf16 autocast while training',
+    },
+)
+
+
+def model_lookup(anime_prep: pl.DataFrame, semantic_ids: pl.DataFrame, dataset: pl.DataFrame | None, scope: str = "dataset") -> pl.DataFrame:
+    """The anime the model can name: every anime with an ID, or those used by the dataset rows."""
+    lookup = sid_lookup_frame(anime_prep, semantic_ids)
+    if scope == "all" or dataset is None:
+        return lookup
+    if scope != "dataset":
+        raise ValueError(f"lookup_scope must be 'dataset' or 'all', got {scope!r}")
+    used = set(dataset["target_anime_id"].drop_nulls().to_list())
+    used |= set(dataset["history_anime_ids"].explode().drop_nulls().to_list())
+    sids = set(dataset["completion"].str.extract_all(r"(?:<L\d+_\d+>)+").explode().drop_nulls().to_list())
+    sids |= set(dataset["prompt"].str.extract_all(r"(?:<L\d+_\d+>)+").explode().drop_nulls().to_list())
+    return lookup.filter(pl.col("anime_id").is_in(list(used)) | pl.col("semantic_id").is_in(list(sids)))
+
+
+def load_codebooks(store, path: str, log) -> list | None:
+    try:
+        if path:
+            return codebooks_from_checkpoint(path)
+        if store.exists("rqvae_model", "model.pt"):
+            with store.local_copy("rqvae_model", "model.pt") as local:
+                return codebooks_from_checkpoint(str(local))
+        log("no rqvae_model/model.pt in the artifact store: warm start falls back to title centroids")
+    except Exception as exc:  # noqa: BLE001 - warm start is an optimisation, never a blocker
+        log(f"could not read RQ-VAE codebooks ({type(exc).__name__}: {exc}); falling back to title centroids")
+    return None
+
+
+def _device() -> str:
+    if torch.cuda.is_available():
+        return f"cuda ({torch.cuda.get_device_name(0)})"
+    return f"cpu ({torch.get_num_threads()} threads)"
+
+
+@dg.asset(
+    group_name=GROUP,
+    pool=GPU_POOL,
+    op_tags=GPU_OP_TAGS,
+    deps=["rqvae_model"],
+    kinds={"pytorch", "mlflow"},
+    description="Causal LM fine-tuned (TRL SFT, two phases) to speak semantic IDs; folder at "
+    "<artifacts>/finetuned_model/ with the semantic-ID lookup.",
+)
+def finetuned_model(
+    context: dg.AssetExecutionContext,
+    config: FinetunedModelConfig,
+    artifacts: ArtifactStoreResource,
+    mlflow: MlflowResource,
+    llm_prep_dataset: pl.DataFrame,
+    semantic_ids: pl.DataFrame,
+    anime_prep: pl.DataFrame,
+) -> dg.MaterializeResult:
+    t0 = time.perf_counter()
+    store = artifacts.store()
+    cfg = config.to_lib()
+    lookup = model_lookup(anime_prep, semantic_ids, llm_prep_dataset, config.lookup_scope)
+    context.log.info(f"model lookup: {lookup.height} anime ({config.lookup_scope})")
+    codebooks = load_codebooks(store, config.rqvae_checkpoint, context.log.info) if cfg.warm_start == "rqvae" else None
+    local_root = Path(store.root.path) if str(getattr(store.root, "protocol", "") or "") in ("", "file", "local") else data_dir()
+    work = local_root / WORK_DIR
+    with mlflow.start_run("finetuned_model", tags={"asset": "finetuned_model", "base_model": cfg.base_model}) as run:
+        result = run_finetune(
+            llm_prep_dataset, lookup, cfg, work, codebooks=codebooks, special_tokens=SPECIAL_TOKENS,
+            log=context.log.info, run=run,
+        )
+        with store.atomic_dir(MODEL_DIR) as tmp:
+            files = save_model_folder(result, lookup, tmp)
+            if run is not None and config.log_model_to_mlflow:
+                for f in sorted(Path(tmp).iterdir()):
+                    run.log_artifact(str(f), artifact_path="model")
+        if run is not None:
+            run.log_metrics(result.metrics)
+        run_id = run.run_id if run is not None else None
+        run_link = run.link if run is not None else None
+    elapsed = time.perf_counter() - t0
+    m = result.metrics
+    info = result.info
+    md: dict = {
+        **scalar_metadata(
+            {
+                "base_model": cfg.base_model,
+                "method": info["method"],
+                "device": _device(),
+                "new_tokens_added": info["new_tokens_added"],
+                "sid_tokens": info["sid_tokens"],
+                "lookup_anime": lookup.height,
+                "phase1_steps": cfg.phase1_max_steps,
+                "phase2_steps": cfg.phase2_max_steps,
+                "phase1_train_loss": m.get("phase1_train_loss"),
+                "phase2_train_loss": m.get("phase2_train_loss"),
+                "phase1_val_loss": m.get("phase1_val_loss"),
+                "phase2_val_loss": m.get("phase2_val_loss"),
+                "phase1_tokens_per_s": m.get("phase1_tokens_per_s"),
+                "phase2_tokens_per_s": m.get("phase2_tokens_per_s"),
+                "english_ppl_before": m.get("english_ppl_before"),
+                "english_ppl_after": m.get("english_ppl_after"),
+                "english_ppl_ratio": m.get("english_ppl_ratio"),
+                "warm_start": (result.warm_start.mode if result.warm_start else "none"),
+                "materialize_seconds": round(elapsed, 1),
+            }
+        ),
+        "model_folder": dg.MetadataValue.path(str(store.path(MODEL_DIR))),
+        "files": dg.MetadataValue.json(files),
+        "phase_mix": dg.MetadataValue.json(info["phase_mix"]),
+    }
+    if result.warm_start:
+        md["warm_start_ridge_r2"] = dg.MetadataValue.json(result.warm_start.ridge_r2)
+    if run_id:
+        md["mlflow_run_id"] = dg.MetadataValue.text(run_id)
+        md["mlflow_run"] = dg.MetadataValue.url(run_link)
+    losses = {}
+    for phase in ("phase1", "phase2"):
+        ys = [h["loss"] for h in result.history if h.get("phase") == phase and "loss" in h]
+        if ys:
+            losses[phase] = ys
+    if losses:
+        md["loss_plot"] = image_md(lines_png(losses, "training loss (completion tokens)", xlabel="log step", ylabel="loss"), "training loss")
+        hist = pl.DataFrame([{k: h.get(k) for k in ("phase", "step", "loss", "mean_token_accuracy", "learning_rate")} for h in result.history if "loss" in h])
+        md["history_tail"] = dg.MetadataValue.md(markdown_table(hist.tail(10)))
+    context.log.info(
+        f"finetuned_model: {cfg.phase1_max_steps}+{cfg.phase2_max_steps} steps in {elapsed:.0f}s on {_device()}, "
+        f"English ppl {m.get('english_ppl_before', float('nan')):.2f} -> {m.get('english_ppl_after', float('nan')):.2f}"
+    )
+    return dg.MaterializeResult(metadata=md)

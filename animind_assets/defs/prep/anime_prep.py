@@ -1,0 +1,83 @@
+"""anime_prep: one clean row per anime with a deterministic ``anime_text`` for embedding."""
+
+import time
+
+import dagster as dg
+import polars as pl
+from pydantic import Field
+
+from animind_assets.lib.common.plots import bar_png
+from animind_assets.lib.data.prep import clean_anime
+from animind_assets.meta import counts_md, image_md, table_metadata
+from animind_assets.resources import AnimeSource, ParquetExports
+
+
+class AnimePrepConfig(dg.Config):
+    include_adult: bool = Field(default=False, description="keep 'Rx - Hentai' titles (excluded by default)")
+    limit: int | None = Field(default=None, description="keep only the first N valid anime (fast experiments)")
+
+
+@dg.asset(
+    group_name="prep",
+    deps=["anime_catalog_source"],
+    kinds={"polars", "duckdb"},
+    description="Cleaned anime catalog: one row per anime, missing values as null, deterministic anime_text.",
+)
+def anime_prep(
+    context: dg.AssetExecutionContext,
+    config: AnimePrepConfig,
+    anime_source: AnimeSource,
+    exports: ParquetExports,
+) -> dg.Output[pl.DataFrame]:
+    t0 = time.perf_counter()
+    raw = anime_source.read_catalog()
+    context.log.info(f"read {raw.frame.height} catalog rows from {raw.origin}")
+    result = clean_anime(raw.frame, include_adult=config.include_adult, limit=config.limit)
+    df = result.frame
+    context.log.info(
+        f"anime_prep: kept {df.height}/{result.input_rows} rows, dropped {result.dropped_by_reason}, "
+        f"cleaned values {result.cleaned_values} in {time.perf_counter() - t0:.1f}s"
+    )
+    export = exports.write(df, "anime_prep")
+    q_path = exports.write(result.quarantine, "quarantine/anime_prep")
+    missing = {f: int(df.select(pl.col(f).is_null().sum()).item()) for f in ["english_name", "synopsis", "type", "episodes", "year", "score"]}
+    text_len = df["anime_text"].str.len_chars()
+    metadata = {
+        **table_metadata(df, preview_cols=["anime_id", "title", "genres", "type", "year", "anime_text"]),
+        "source": dg.MetadataValue.text(anime_source.describe()),
+        "source_origin": dg.MetadataValue.text(raw.origin),
+        "source_fingerprint": dg.MetadataValue.text(raw.fingerprint()),
+        "input_rows": dg.MetadataValue.int(result.input_rows),
+        "dropped_rows": dg.MetadataValue.int(sum(result.dropped_by_reason.values())),
+        "dropped_by_reason": counts_md(result.dropped_by_reason),
+        "cleaned_values": counts_md(result.cleaned_values, key="column:reason", value="values set to null"),
+        "missing_values": counts_md(missing, key="column", value="null rows"),
+        "with_synopsis": dg.MetadataValue.int(int(df["has_synopsis"].sum())),
+        "anime_text_chars_mean": dg.MetadataValue.float(float(text_len.mean() or 0.0)),
+        "parquet_export": dg.MetadataValue.path(export),
+        "quarantine_export": dg.MetadataValue.path(q_path),
+        "include_adult": dg.MetadataValue.bool(config.include_adult),
+    }
+    if df.height:
+        top = df.explode("genres").drop_nulls("genres").group_by("genres").len().sort("len", descending=True).head(20)
+        metadata["top_genres"] = image_md(bar_png(dict(zip(top["genres"], top["len"])), "anime per genre (top 20)"), "Genres")
+    return dg.Output(df, metadata=metadata)
+
+
+@dg.asset_check(asset=anime_prep, blocking=True, description="anime_id unique, names and texts non-empty")
+def anime_prep_is_valid(anime_prep: pl.DataFrame) -> dg.AssetCheckResult:
+    dup = anime_prep.height - anime_prep["anime_id"].n_unique()
+    empty_text = int((anime_prep["anime_text"].str.len_chars() == 0).sum())
+    null_name = int(anime_prep["name"].is_null().sum())
+    unknown_in_text = int(anime_prep["anime_text"].str.contains(r"\bUnknown\b").sum())
+    ok = dup == 0 and empty_text == 0 and null_name == 0 and anime_prep.height > 0
+    return dg.AssetCheckResult(
+        passed=ok,
+        metadata={
+            "duplicate_ids": dup,
+            "empty_texts": empty_text,
+            "null_names": null_name,
+            "texts_with_literal_Unknown": unknown_in_text,
+            "rows": anime_prep.height,
+        },
+    )

@@ -1,0 +1,121 @@
+"""Launchpad configs derived from the library configs: one definition per stage.
+
+``derive_config(LibConfig, ...)`` builds a ``dagster.Config`` subclass whose fields are exactly the library
+dataclass's fields (same names, types and defaults; descriptions from the library field's trailing
+``# comment`` or ``metadata["description"]``), plus the asset-only fields passed in ``extra``. The Dagster
+class gets ``to_lib()`` returning the library config, so every library knob shows in the launchpad with the
+library's default and nothing is copied by hand.
+
+Deliberate demo-scale overrides of library defaults are listed in one place, ``DEMO_OVERRIDES``, and a test
+asserts field sets and defaults match everywhere else.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import inspect
+import io
+import tokenize
+import typing
+from typing import Any
+
+import dagster as dg
+from pydantic import Field, create_model
+
+#: asset name -> {field: default used in the launchpad instead of the library default} (why: bounded CPU runs)
+DEMO_OVERRIDES: dict[str, dict[str, Any]] = {
+    "finetuned_model": {"train_layers": 4, "phase1_max_steps": 6, "phase2_max_steps": 12},
+}
+
+
+def field_comments(cls: type) -> dict[str, str]:
+    """Trailing ``# comments`` of a dataclass's field lines, by field name ({} when the source is unavailable)."""
+    try:
+        src = inspect.getsource(cls)
+    except (OSError, TypeError):
+        return {}
+    names = {f.name for f in dataclasses.fields(cls)}
+    out: dict[str, str] = {}
+    current_line_name: dict[int, str] = {}
+    for line_no, line in enumerate(src.splitlines(), 1):
+        stripped = line.strip()
+        head = stripped.split(":", 1)[0].strip()
+        if head in names and line.startswith("    ") and not line.startswith("        "):
+            current_line_name[line_no] = head
+    for tok in tokenize.generate_tokens(io.StringIO(src).readline):
+        if tok.type == tokenize.COMMENT and tok.start[0] in current_line_name:
+            out[current_line_name[tok.start[0]]] = tok.string.lstrip("#").strip()
+    return out
+
+
+def _default(f: dataclasses.Field) -> Any:
+    if f.default is not dataclasses.MISSING:
+        return f.default
+    if f.default_factory is not dataclasses.MISSING:  # type: ignore[misc]
+        return f.default_factory()  # type: ignore[misc]
+    raise TypeError(f"library config field {f.name!r} has no default; a launchpad config needs one")
+
+
+def derive_config(
+    lib_cls: type,
+    *,
+    name: str,
+    asset: str | None = None,
+    exclude: tuple[str, ...] = (),
+    extra: dict[str, tuple[Any, Any]] | None = None,
+    descriptions: dict[str, str] | None = None,
+    all_optional: bool = False,
+    doc: str | None = None,
+) -> type[dg.Config]:
+    """Build a ``dg.Config`` subclass from the dataclass ``lib_cls``.
+
+    Args:
+        lib_cls: a ``@dataclass`` whose fields all have defaults.
+        name: class name shown in the launchpad.
+        asset: asset name whose ``DEMO_OVERRIDES`` apply.
+        exclude: library fields that the asset sets itself (never shown).
+        extra: asset-only fields ``{name: (type, pydantic Field(...))}``.
+        descriptions: descriptions for library fields without a trailing comment.
+        all_optional: every library field becomes ``Optional[...] = None`` ("use the preset's value"),
+            for preset + override configs (``rqvae_model``).
+    Returns: the class; its ``to_lib(**replace)`` returns ``lib_cls`` (``None`` overrides dropped when
+    ``all_optional``). Raises ``TypeError`` for a library field without default.
+    """
+    hints = typing.get_type_hints(lib_cls)
+    comments = field_comments(lib_cls)
+    overrides = DEMO_OVERRIDES.get(asset or "", {})
+    fields: dict[str, Any] = {}
+    lib_names: list[str] = []
+    for f in dataclasses.fields(lib_cls):
+        if f.name in exclude or f.name.startswith("_") or not f.init:
+            continue
+        lib_names.append(f.name)
+        desc = f.metadata.get("description") or comments.get(f.name) or (descriptions or {}).get(f.name) or f.name
+        tp = hints[f.name]
+        if all_optional:
+            fields[f.name] = (typing.Optional[tp], Field(None, description=f"{desc} (None = preset value)"))
+        else:
+            default = overrides.get(f.name, _default(f))
+            if f.name in overrides:
+                desc = f"{desc} [demo-scale default; library default {_default(f)!r}]"
+            if isinstance(default, (list, dict)):
+                value = default
+                fields[f.name] = (tp, Field(default_factory=lambda v=value: type(v)(v), description=desc))
+            else:
+                fields[f.name] = (tp, Field(default, description=desc))
+    for key, spec in (extra or {}).items():
+        fields[key] = spec
+
+    def to_lib(self, **replace: Any):
+        values = {n: getattr(self, n) for n in lib_names}
+        if all_optional:
+            values = {k: v for k, v in values.items() if v is not None}
+        values.update(replace)
+        return lib_cls(**values)
+
+    cls = create_model(name, __base__=dg.Config, __doc__=doc or lib_cls.__doc__, **fields)
+    cls.to_lib = to_lib  # type: ignore[attr-defined]
+    cls.LIB_CLASS = lib_cls  # type: ignore[attr-defined]
+    cls.LIB_FIELDS = tuple(lib_names)  # type: ignore[attr-defined]
+    cls.__module__ = inspect.currentframe().f_back.f_globals.get("__name__", __name__)  # type: ignore[union-attr]
+    return cls

@@ -1,0 +1,740 @@
+"""Instruction data that teaches a causal LM to speak semantic IDs (``llm_prep_dataset``).
+
+Three tasks, mixed by configurable ratios (default 0.5 / 0.25 / 0.25):
+
+* **A — linking** semantic ID <-> metadata, both directions: SID->title, title->SID, SID->genres,
+  title+studio->SID, SID->year, title+year->SID, SID->synopsis, SID->type, SID->studio, SID->source,
+  SID->themes (only when the catalog has a ``themes`` column). The display title is ``title``
+  (English name, else the original name), never "Unknown".
+* **B — masked watch-sequence prediction**: a user's list as
+  ``<anime_start>{SID}<anime_end>{sentiment}`` items with one item replaced by
+  ``<anime_start>[MASK]<anime_end>``; the answer is the masked item's SID. Sentiment: ``<dropped>``
+  (status 4, takes precedence), ``<liked>`` (score >= 7), ``<disliked>`` (score 1..3), ``<watch>``
+  otherwise (unscored or 4..6).
+* **C — preference reasoning** from the overlaps (shared genres, studios, era, type) of a user's
+  liked anime: a profile summary, or a summary followed by one more of the user's liked anime.
+
+Splits: task B/C examples are split **by user** (no user in two splits). Validation/test users
+get exactly one B example each: their list without its last item (by ``seq``; by timestamp when
+the source has one), the last item masked. Their C examples are built from the list *without*
+that held-out item, so a test user's held-out item never appears in any training row. Task A
+examples are item-level (split ``train``, plus a small ``validation`` sample).
+
+Identical examples are generated at most once: duplicates are dropped and counted
+(``dup_count`` column, ``duplicates_dropped`` in the summary), never silently repeated.
+Everything is deterministic for a fixed seed.
+
+This module never imports Dagster.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+from collections import Counter
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import numpy as np
+import polars as pl
+
+from animind_assets.lib.common.progress import Progress
+
+ANIME_START = "<anime_start>"
+ANIME_END = "<anime_end>"
+WATCH = "<watch>"
+LIKED = "<liked>"
+DISLIKED = "<disliked>"
+DROPPED = "<dropped>"
+SPECIAL_TOKENS = [ANIME_START, ANIME_END, WATCH, LIKED, DISLIKED, DROPPED]
+MASK = "[MASK]"
+TASKS = ("A", "B", "C")
+SPLITS = ("train", "validation", "test")
+DEFAULT_SYSTEM_PROMPT = (
+    "You are AniMind. Anime are written as semantic IDs."
+)
+A_TEMPLATES = (
+    "sid_to_title",
+    "title_to_sid",
+    "sid_to_genres",
+    "title_studio_to_sid",
+    "sid_to_year",
+    "title_year_to_sid",
+    "sid_to_synopsis",
+    "sid_to_type",
+    "sid_to_studio",
+    "sid_to_source",
+    "sid_to_themes",
+)
+C_TEMPLATES = ("c_profile", "c_recommend")
+TIMESTAMP_COLUMNS = ("timestamp", "watched_at", "updated_at", "ts", "event_time")
+
+OUTPUT_SCHEMA = {
+    "example_id": pl.Utf8,
+    "task": pl.Utf8,
+    "template": pl.Utf8,
+    "split": pl.Utf8,
+    "user_id": pl.Int64,
+    "target_anime_id": pl.Int64,
+    "system": pl.Utf8,
+    "prompt": pl.Utf8,
+    "completion": pl.Utf8,
+    "history_anime_ids": pl.List(pl.Int64),
+    "is_heldout": pl.Boolean,
+    "dup_count": pl.Int64,
+}
+
+
+# ------------------------------------------------------------------------------------------ helpers
+def sentiment_token(score: int | None, status: int | None, like_min: int = 7, dislike_max: int = 3) -> str:
+    """Sentiment token of one list entry. ``<dropped>`` (status 4) wins over the score."""
+    if status is not None and int(status) == 4:
+        return DROPPED
+    s = int(score or 0)
+    if s >= like_min:
+        return LIKED
+    if 1 <= s <= dislike_max:
+        return DISLIKED
+    return WATCH
+
+
+def watch_item(sid: str, sentiment: str | None) -> str:
+    return f"{ANIME_START}{sid}{ANIME_END}{sentiment or ''}"
+
+
+def masked_item() -> str:
+    return f"{ANIME_START}{MASK}{ANIME_END}"
+
+
+def b_prompt(items: Sequence[str], mask_pos: int, temporal: bool) -> str:
+    """Task B prompt. ``items`` are rendered watch items (``watch_item``); the item at ``mask_pos``
+    (``len(items)`` = append a masked next item) is replaced by the mask."""
+    parts = list(items)
+    if mask_pos >= len(parts):
+        parts.append(masked_item())
+    else:
+        parts[mask_pos] = masked_item()
+    order = "in watch order" if temporal else "in list order"
+    return (
+        f"A user's anime list ({order}): {' '.join(parts)}\n"
+        f"Which anime is hidden at {MASK}? Answer with its semantic ID."
+    )
+
+
+def recommend_prompt(sids: Sequence[str], sentiments: Sequence[str | None], temporal: bool = False) -> str:
+    """The next-item prompt used by evaluation and the ``recommend`` CLI (task B, last position)."""
+    items = [watch_item(s, t) for s, t in zip(sids, sentiments)]
+    return b_prompt(items, len(items), temporal)
+
+
+def era_of(year: int | None) -> str | None:
+    if year is None:
+        return None
+    return f"{(int(year) // 10) * 10}s"
+
+
+def _hash_id(*parts: Any) -> str:
+    return hashlib.sha256("\x1f".join(str(p) for p in parts).encode("utf-8")).hexdigest()[:16]
+
+
+def _stable_seed(seed: int, *parts: Any) -> int:
+    return int(_hash_id(seed, *parts)[:12], 16)
+
+
+@dataclass
+class LlmDataConfig:
+    seed: int = 42
+    n_examples: int = 20000
+    mix_a: float = 0.5
+    mix_b: float = 0.25
+    mix_c: float = 0.25
+    validation_user_frac: float = 0.1
+    test_user_frac: float = 0.1
+    max_eval_users: int = 0  # cap on validation and on test users each (0 = no cap)
+    min_user_items: int = 4  # users with fewer list entries get no B/C examples
+    max_history: int = 10  # list items shown in a B prompt (a window around the masked item)
+    mask_last_prob: float = 0.7  # training B examples that mask the last item of their window
+    # training B examples whose window ends at the END of the user's list, i.e. the position that is
+    # held out for validation/test users (next-item prediction as evaluated); the rest use windows
+    # at random positions (mask_last_prob applies to those)
+    list_end_prob: float = 0.5
+    like_min_score: int = 7
+    dislike_max_score: int = 3
+    c_max_liked: int = 6
+    c_min_liked: int = 3
+    c_titles_prob: float = 0.5  # C prompts that show titles next to the SIDs
+    synopsis_chars: int = 240
+    a_templates: list[str] = field(default_factory=lambda: list(A_TEMPLATES))
+    a_catalog: str = "interacted"  # "interacted" (anime with user rows) | "all"
+    a_validation_frac: float = 0.02
+    timestamps: str = "auto"  # is the list order temporal? "auto" (a timestamp column exists) | "yes" | "no"
+    system_prompt: str = DEFAULT_SYSTEM_PROMPT
+
+    def validate(self) -> LlmDataConfig:
+        mix = [self.mix_a, self.mix_b, self.mix_c]
+        if any(m < 0 for m in mix) or sum(mix) <= 0:
+            raise ValueError(f"mix ratios must be >= 0 and not all 0, got A/B/C = {mix}")
+        if not 0 <= self.validation_user_frac < 1 or not 0 <= self.test_user_frac < 1:
+            raise ValueError("validation_user_frac and test_user_frac must be in [0, 1)")
+        if self.validation_user_frac + self.test_user_frac >= 1:
+            raise ValueError("validation_user_frac + test_user_frac must leave some training users")
+        unknown = set(self.a_templates) - set(A_TEMPLATES)
+        if unknown:
+            raise ValueError(f"unknown task-A templates {sorted(unknown)}; known: {list(A_TEMPLATES)}")
+        if self.a_catalog not in ("interacted", "all"):
+            raise ValueError(f"a_catalog must be 'interacted' or 'all', got {self.a_catalog!r}")
+        if self.timestamps not in ("auto", "yes", "no"):
+            raise ValueError(f"timestamps must be 'auto', 'yes' or 'no', got {self.timestamps!r}")
+        for name in ("mask_last_prob", "list_end_prob"):
+            if not 0 <= getattr(self, name) <= 1:
+                raise ValueError(f"{name} must be in [0, 1], got {getattr(self, name)}")
+        if self.n_examples < 1:
+            raise ValueError("n_examples must be >= 1")
+        return self
+
+
+@dataclass
+class LlmDataResult:
+    frame: pl.DataFrame
+    summary: dict[str, Any]
+    user_splits: pl.DataFrame  # user_id, split, n_items
+
+
+# ------------------------------------------------------------------------------------------ inputs
+def _require(df: pl.DataFrame, cols: Sequence[str], table: str) -> None:
+    missing = [c for c in cols if c not in df.columns]
+    if missing:
+        raise ValueError(f"table {table!r} lacks column(s) {missing}; it has {df.columns}")
+
+
+def sid_lookup_frame(anime_prep: pl.DataFrame, semantic_ids: pl.DataFrame) -> pl.DataFrame:
+    """anime_id, semantic_id, codes, title, name, english_name, genres, ... for anime with an ID."""
+    _require(semantic_ids, ["anime_id", "semantic_id"], "semantic_ids")
+    _require(anime_prep, ["anime_id", "name"], "anime_prep")
+    dup = semantic_ids.filter(pl.col("semantic_id").is_duplicated())
+    if dup.height:
+        raise ValueError(
+            f"table 'semantic_ids' column 'semantic_id' is not unique: {dup.height} rows share IDs, "
+            f"e.g. anime_id {dup['anime_id'][0]} -> {dup['semantic_id'][0]}"
+        )
+    prep = anime_prep
+    if "title" not in prep.columns:
+        en = pl.col("english_name") if "english_name" in prep.columns else pl.lit(None, pl.Utf8)
+        prep = prep.with_columns(pl.coalesce(en, pl.col("name")).alias("title"))
+    sid_cols = ["anime_id", "semantic_id"] + (["codes"] if "codes" in semantic_ids.columns else [])
+    drop = [c for c in prep.columns if c in sid_cols and c != "anime_id"]
+    return semantic_ids.select(sid_cols).join(prep.drop(drop), on="anime_id", how="inner").sort("anime_id")
+
+
+def _order_interactions(inter: pl.DataFrame, temporal: bool) -> pl.DataFrame:
+    """Per-user order: a timestamp column when there is one, else ``seq`` (source order, which is
+    temporal only when the upstream source had timestamps: ``timestamps='yes'``)."""
+    ts = next((c for c in TIMESTAMP_COLUMNS if c in inter.columns), None)
+    if temporal and ts is not None:
+        keys = ["user_id", ts] + (["seq"] if "seq" in inter.columns else [])
+    else:
+        keys = ["user_id", "seq"] if "seq" in inter.columns else ["user_id"]
+    return inter.sort(keys, maintain_order=True)
+
+
+def split_users(user_ids: Sequence[int], cfg: LlmDataConfig) -> dict[int, str]:
+    """Deterministic user -> split assignment (a seeded permutation of the sorted user ids)."""
+    users = np.array(sorted(set(int(u) for u in user_ids)), dtype=np.int64)
+    rng = np.random.default_rng(cfg.seed)
+    perm = users[rng.permutation(len(users))]
+    n_test = int(round(len(users) * cfg.test_user_frac))
+    n_val = int(round(len(users) * cfg.validation_user_frac))
+    if cfg.max_eval_users > 0:
+        n_test = min(n_test, cfg.max_eval_users)
+        n_val = min(n_val, cfg.max_eval_users)
+    out = {}
+    for i, u in enumerate(perm.tolist()):
+        out[u] = "test" if i < n_test else ("validation" if i < n_test + n_val else "train")
+    return out
+
+
+# ------------------------------------------------------------------------------------------ task A
+def _fmt_list(values: Sequence[str] | None, limit: int = 6) -> str | None:
+    vals = [v for v in (values or []) if v]
+    return ", ".join(vals[:limit]) if vals else None
+
+
+def _first(values: Sequence[str] | None) -> str | None:
+    vals = [v for v in (values or []) if v]
+    return vals[0] if vals else None
+
+
+def _clip(text: str | None, n: int) -> str | None:
+    if not text:
+        return None
+    text = " ".join(str(text).split())
+    if len(text) <= n:
+        return text
+    cut = text[:n].rsplit(" ", 1)[0]
+    return cut + " ..."
+
+
+def a_examples_for(row: dict, templates: Sequence[str], synopsis_chars: int, rng: np.random.Generator) -> tuple[list[tuple[str, str, str]], Counter]:
+    """(template, prompt, completion) for one anime; templates whose field is missing are skipped
+    (counted by ``template:missing_field``)."""
+    sid = row["semantic_id"]
+    title = row.get("title") or row.get("name")
+    name = row.get("name")
+    # alternate between the display title and the original name for the title->SID direction
+    query_title = title if not name or name == title or rng.random() < 0.6 else name
+    year = row.get("year")
+    studio = _first(row.get("studios"))
+    genres = _fmt_list(row.get("genres"))
+    themes = _fmt_list(row.get("themes")) if isinstance(row.get("themes"), list) else None
+    synopsis = _clip(row.get("synopsis"), synopsis_chars)
+    out: list[tuple[str, str, str]] = []
+    skipped: Counter = Counter()
+    for t in templates:
+        if t == "sid_to_title":
+            out.append((t, f"What is the title of the anime {sid}?", title))
+        elif t == "title_to_sid":
+            out.append((t, f'What is the semantic ID of the anime "{query_title}"?', sid))
+        elif t == "sid_to_genres":
+            if genres:
+                out.append((t, f"Which genres does the anime {sid} have?", genres))
+            else:
+                skipped[f"{t}:genres"] += 1
+        elif t == "title_studio_to_sid":
+            if studio:
+                out.append((t, f'Give the semantic ID of "{query_title}" by studio {studio}.', sid))
+            else:
+                skipped[f"{t}:studios"] += 1
+        elif t == "sid_to_year":
+            if year is not None:
+                out.append((t, f"In which year did the anime {sid} premiere?", str(int(year))))
+            else:
+                skipped[f"{t}:year"] += 1
+        elif t == "title_year_to_sid":
+            if year is not None:
+                out.append((t, f'Give the semantic ID of "{query_title}" ({int(year)}).', sid))
+            else:
+                skipped[f"{t}:year"] += 1
+        elif t == "sid_to_synopsis":
+            if synopsis:
+                out.append((t, f"Summarize the story of the anime {sid}.", synopsis))
+            else:
+                skipped[f"{t}:synopsis"] += 1
+        elif t == "sid_to_type":
+            if row.get("type"):
+                out.append((t, f"What type of release is the anime {sid} (TV, Movie, OVA, ...)?", str(row["type"])))
+            else:
+                skipped[f"{t}:type"] += 1
+        elif t == "sid_to_studio":
+            if studio:
+                out.append((t, f"Which studio made the anime {sid}?", _fmt_list(row.get("studios"), 3)))
+            else:
+                skipped[f"{t}:studios"] += 1
+        elif t == "sid_to_source":
+            if row.get("source"):
+                out.append((t, f"What is the anime {sid} adapted from?", str(row["source"])))
+            else:
+                skipped[f"{t}:source"] += 1
+        elif t == "sid_to_themes":
+            if themes:
+                out.append((t, f"Which themes does the anime {sid} have?", themes))
+            else:
+                skipped[f"{t}:themes"] += 1
+    return out, skipped
+
+
+# ------------------------------------------------------------------------------------------ task C
+def overlap_summary(rows: Sequence[dict]) -> str:
+    """Deterministic reasoning text from the overlaps of several anime's metadata."""
+    n = len(rows)
+    genre_c = Counter(g for r in rows for g in set(r.get("genres") or []))
+    studio_c = Counter(s for r in rows for s in set(r.get("studios") or []))
+    era_c = Counter(e for r in rows if (e := era_of(r.get("year"))))
+    type_c = Counter(r["type"] for r in rows if r.get("type"))
+
+    def top(counter: Counter, k: int, min_count: int) -> list[tuple[str, int]]:
+        return [(v, c) for v, c in sorted(counter.items(), key=lambda x: (-x[1], x[0]))[:k] if c >= min_count]
+
+    parts = []
+    g = top(genre_c, 3, 2)
+    parts.append(
+        "Shared genres: " + ", ".join(f"{v} ({c}/{n})" for v, c in g) if g else "No genre is shared by two or more of them"
+    )
+    s = top(studio_c, 2, 2)
+    if s:
+        parts.append("studios in common: " + ", ".join(f"{v} ({c}/{n})" for v, c in s))
+    e = top(era_c, 1, 1)
+    if e:
+        parts.append(f"mostly from the {e[0][0]} ({e[0][1]}/{n})")
+    t = top(type_c, 1, 1)
+    if t:
+        parts.append(f"mostly {t[0][0]} ({t[0][1]}/{n})")
+    return "; ".join(parts) + "."
+
+
+def _overlap_score(a: dict, profile: dict[str, Counter]) -> float:
+    s = sum(profile["genres"][g] for g in set(a.get("genres") or []))
+    s += 2 * sum(profile["studios"][x] for x in set(a.get("studios") or []))
+    if (e := era_of(a.get("year"))) is not None:
+        s += profile["era"][e]
+    if a.get("type"):
+        s += profile["type"][a["type"]]
+    return float(s)
+
+
+def c_example(liked: Sequence[dict], pick: dict | None, show_titles: bool) -> tuple[str, str, str]:
+    def fmt(r: dict) -> str:
+        return f"{r['semantic_id']} ({r['title']})" if show_titles else r["semantic_id"]
+
+    listing = ", ".join(fmt(r) for r in liked)
+    reason = overlap_summary(liked)
+    if pick is None:
+        prompt = f"A user liked these anime: {listing}. What do they have in common?"
+        return "c_profile", prompt, reason
+    prompt = (
+        f"A user liked these anime: {listing}. Explain what they have in common, "
+        f"then name one more anime they liked."
+    )
+    return "c_recommend", prompt, f"{reason} They also liked {pick['semantic_id']}"
+
+
+# ------------------------------------------------------------------------------------------ builder
+def build_llm_dataset(
+    anime_prep: pl.DataFrame,
+    user_interactions: pl.DataFrame,
+    semantic_ids: pl.DataFrame,
+    cfg: LlmDataConfig | None = None,
+    log: Callable[[str], None] | None = None,
+) -> LlmDataResult:
+    cfg = (cfg or LlmDataConfig()).validate()
+    log = log or (lambda _m: None)
+    _require(user_interactions, ["user_id", "anime_id", "score", "status"], "user_interactions")
+    lookup = sid_lookup_frame(anime_prep, semantic_ids)
+    meta = {r["anime_id"]: r for r in lookup.iter_rows(named=True)}
+    has_ts_col = any(c in user_interactions.columns for c in TIMESTAMP_COLUMNS)
+    temporal = has_ts_col if cfg.timestamps == "auto" else cfg.timestamps == "yes"
+
+    inter = user_interactions.filter(pl.col("anime_id").is_in(list(meta)))
+    unknown_rows = user_interactions.height - inter.height
+    dup_pairs = inter.height - inter.unique(["user_id", "anime_id"]).height
+    inter = _order_interactions(inter, temporal).unique(["user_id", "anime_id"], keep="first", maintain_order=True)
+    per_user: dict[int, list[tuple[int, str]]] = {}
+    for uid, aid, score, status in inter.select("user_id", "anime_id", "score", "status").iter_rows():
+        per_user.setdefault(int(uid), []).append(
+            (int(aid), sentiment_token(score, status, cfg.like_min_score, cfg.dislike_max_score))
+        )
+    eligible = {u: items for u, items in per_user.items() if len(items) >= cfg.min_user_items}
+    splits = split_users(eligible.keys(), cfg)
+    n_total = cfg.n_examples
+    mix_sum = cfg.mix_a + cfg.mix_b + cfg.mix_c
+    budget = {
+        "A": int(round(n_total * cfg.mix_a / mix_sum)),
+        "B": int(round(n_total * cfg.mix_b / mix_sum)),
+        "C": int(round(n_total * cfg.mix_c / mix_sum)),
+    }
+    rows: list[dict] = []
+    sys_prompt = cfg.system_prompt
+
+    def add(task, template, split, user_id, target, prompt, completion, history=None, heldout=False):
+        rows.append(
+            {
+                "task": task,
+                "template": template,
+                "split": split,
+                "user_id": user_id,
+                "target_anime_id": target,
+                "system": sys_prompt,
+                "prompt": prompt,
+                "completion": completion,
+                "history_anime_ids": list(history or []),
+                "is_heldout": heldout,
+            }
+        )
+
+    # --- A: item-level linking ------------------------------------------------------------------
+    if cfg.a_catalog == "interacted":
+        a_ids = sorted(set(inter["anime_id"].to_list()))
+    else:
+        a_ids = sorted(meta)
+    rng_a = np.random.default_rng(_stable_seed(cfg.seed, "A"))
+    candidates: list[tuple[int, str, str, str]] = []
+    a_skipped: Counter = Counter()
+    for aid in a_ids:
+        exs, skipped = a_examples_for(meta[aid], cfg.a_templates, cfg.synopsis_chars, rng_a)
+        a_skipped.update(skipped)
+        candidates.extend((aid, t, p, c) for t, p, c in exs)
+    n_a = min(budget["A"], len(candidates))
+    if budget["A"] > len(candidates):
+        log(f"task A: budget {budget['A']} > {len(candidates)} distinct examples; using each once (not repeating)")
+    chosen = rng_a.choice(len(candidates), size=n_a, replace=False) if n_a else np.array([], dtype=int)
+    for i in sorted(chosen.tolist()):
+        aid, t, p, c = candidates[i]
+        split = "validation" if rng_a.random() < cfg.a_validation_frac else "train"
+        add("A", t, split, None, aid, p, c)
+
+    # --- B + C: user-level, split by user --------------------------------------------------------
+    users_by_split = {s: sorted(u for u, sp in splits.items() if sp == s) for s in SPLITS}
+    eval_users = users_by_split["validation"] + users_by_split["test"]
+    progress = Progress("llm_prep users", total=len(eligible), unit="users", log=log, every_s=10)
+    heldout_of: dict[int, int] = {}
+    for u in eval_users:
+        items = eligible[u]
+        hist, target = items[:-1], items[-1]
+        heldout_of[u] = target[0]
+        window = hist[-cfg.max_history :]
+        prompt = recommend_prompt([meta[a]["semantic_id"] for a, _ in window], [s for _, s in window], temporal)
+        add("B", "b_next", splits[u], u, target[0], prompt, meta[target[0]]["semantic_id"], [a for a, _ in window], True)
+        progress.update(1)
+    n_b_train = max(0, budget["B"] - len(eval_users))
+    train_users = users_by_split["train"]
+    rng_b = np.random.default_rng(_stable_seed(cfg.seed, "B"))
+    if n_b_train and train_users:
+        picks = rng_b.choice(len(train_users), size=n_b_train, replace=True)
+        for ui in picks.tolist():
+            u = train_users[ui]
+            items = eligible[u]
+            n = len(items)
+            w = min(cfg.max_history + 1, n)
+            if rng_b.random() < cfg.list_end_prob:
+                start, pos = n - w, w - 1  # the user's last item, as held out for eval users
+            elif rng_b.random() < cfg.mask_last_prob:
+                end = int(rng_b.integers(w, n + 1))  # window items[end-w:end], mask its last item
+                start, pos = end - w, w - 1
+            else:
+                start = int(rng_b.integers(0, n - w + 1))
+                pos = int(rng_b.integers(0, w))
+            window = items[start : start + w]
+            target = window[pos][0]
+            shown = [watch_item(meta[a]["semantic_id"], s) for a, s in window]
+            tmpl = "b_next" if pos == w - 1 else "b_masked"
+            if tmpl == "b_next":
+                prompt = b_prompt(shown[:-1], w - 1, temporal)
+            else:
+                prompt = b_prompt(shown, pos, temporal)
+            hist_ids = [a for i, (a, _) in enumerate(window) if i != pos]
+            add("B", tmpl, "train", u, target, prompt, meta[target]["semantic_id"], hist_ids)
+    progress.update(max(0, len(eligible) - len(eval_users)))
+
+    rng_c = np.random.default_rng(_stable_seed(cfg.seed, "C"))
+    c_no_likes = 0
+
+    def liked_rows(u: int) -> list[dict]:
+        items = eligible[u]
+        if u in heldout_of:  # never reveal a validation/test user's held-out item
+            items = items[:-1]
+        return [meta[a] for a, s in items if s == LIKED]
+
+    c_eval = 0
+    for u in eval_users:
+        liked = liked_rows(u)
+        if len(liked) < cfg.c_min_liked:
+            c_no_likes += 1
+            continue
+        k = min(cfg.c_max_liked, len(liked))
+        sel = [liked[i] for i in sorted(rng_c.choice(len(liked), size=k, replace=False).tolist())]
+        t, p, c = c_example(sel, None, rng_c.random() < cfg.c_titles_prob)
+        add("C", t, splits[u], u, None, p, c, [r["anime_id"] for r in sel])
+        c_eval += 1
+    n_c_train = max(0, budget["C"] - c_eval)
+    c_train_users = [u for u in train_users if len(liked_rows(u)) >= cfg.c_min_liked]
+    if n_c_train and c_train_users:
+        picks = rng_c.choice(len(c_train_users), size=n_c_train, replace=True)
+        for ui in picks.tolist():
+            u = c_train_users[ui]
+            liked = liked_rows(u)
+            k = min(cfg.c_max_liked, len(liked))
+            sel = [liked[i] for i in sorted(rng_c.choice(len(liked), size=k, replace=False).tolist())]
+            rest = [r for r in liked if r["anime_id"] not in {x["anime_id"] for x in sel}]
+            pick = None
+            if rest and rng_c.random() < 0.5:
+                profile = {
+                    "genres": Counter(g for r in sel for g in set(r.get("genres") or [])),
+                    "studios": Counter(s for r in sel for s in set(r.get("studios") or [])),
+                    "era": Counter(e for r in sel if (e := era_of(r.get("year")))),
+                    "type": Counter(r["type"] for r in sel if r.get("type")),
+                }
+                pick = max(rest, key=lambda r: (_overlap_score(r, profile), -r["anime_id"]))
+            t, p, c = c_example(sel, pick, rng_c.random() < cfg.c_titles_prob)
+            add("C", t, "train", u, pick["anime_id"] if pick else None, p, c, [r["anime_id"] for r in sel])
+
+    frame, dup_counts = _dedupe(rows)
+    frame = frame.with_columns(
+        pl.struct("task", "prompt", "completion")
+        .map_elements(lambda s: _hash_id(s["task"], s["prompt"], s["completion"]), return_dtype=pl.Utf8)
+        .alias("example_id")
+    ).select(list(OUTPUT_SCHEMA))
+    frame = frame.cast(OUTPUT_SCHEMA)  # type: ignore[arg-type]
+    user_split_df = pl.DataFrame(
+        {
+            "user_id": list(splits.keys()),
+            "split": list(splits.values()),
+            "n_items": [len(eligible[u]) for u in splits],
+        },
+        schema={"user_id": pl.Int64, "split": pl.Utf8, "n_items": pl.Int64},
+    ).sort("user_id")
+    leak = leakage_report(frame)
+    if leak["users_in_several_splits"] or leak["heldout_items_in_train"]:
+        raise AssertionError(f"split leakage: {leak}")  # construction guarantees this never happens
+    summary = {
+        "config": asdict(cfg),
+        "rows": frame.height,
+        "budget": budget,
+        "counts": counts_by(frame),
+        "users_total": len(per_user),
+        "users_eligible": len(eligible),
+        "users_too_short": len(per_user) - len(eligible),
+        "users_by_split": {s: len(v) for s, v in users_by_split.items()},
+        "anime_with_sid": len(meta),
+        "anime_in_task_a": len(a_ids),
+        "interaction_rows_without_sid": unknown_rows,
+        "duplicate_user_anime_pairs_dropped": dup_pairs,
+        "duplicates_dropped": dup_counts,
+        "task_a_skipped_missing_field": dict(sorted(a_skipped.items())),
+        "task_a_distinct_candidates": len(candidates),
+        "task_c_eval_users_without_enough_likes": c_no_likes,
+        "order_is_temporal": temporal,
+        "order_note": (
+            "list order follows timestamps"
+            if temporal
+            else "the source has no timestamps: list order is the source's row order (seq), NOT watch time; "
+            "'last item' means the last row of the user's list"
+        ),
+        "sentiment_counts": dict(Counter(s for items in per_user.values() for _, s in items)),
+        "leakage": leak,
+    }
+    return LlmDataResult(frame=frame, summary=summary, user_splits=user_split_df)
+
+
+def _dedupe(rows: list[dict]) -> tuple[pl.DataFrame, dict[str, int]]:
+    """Keep each (task, prompt, completion) once; priority test > validation > train so that an
+    evaluation example never also sits in training. Returns the frame and drops per task."""
+    if not rows:
+        empty = {k: v for k, v in OUTPUT_SCHEMA.items() if k != "example_id"}
+        return pl.DataFrame(schema=empty), {t: 0 for t in TASKS}
+    prio = {"test": 0, "validation": 1, "train": 2}
+    order = sorted(range(len(rows)), key=lambda i: (prio[rows[i]["split"]], i))
+    seen: dict[tuple, int] = {}
+    kept: list[int] = []
+    counts: list[int] = []
+    dropped: Counter = Counter()
+    for i in order:
+        r = rows[i]
+        key = (r["task"], r["prompt"], r["completion"])
+        if key in seen:
+            counts[seen[key]] += 1
+            dropped[r["task"]] += 1
+            continue
+        seen[key] = len(kept)
+        kept.append(i)
+        counts.append(1)
+    pos = sorted(range(len(kept)), key=lambda j: kept[j])  # back to generation order
+    out_rows = []
+    for j in pos:
+        r = dict(rows[kept[j]])
+        r["dup_count"] = counts[j]
+        out_rows.append(r)
+    schema = {k: v for k, v in OUTPUT_SCHEMA.items() if k != "example_id"}
+    return pl.DataFrame(out_rows, schema=schema), {t: int(dropped.get(t, 0)) for t in TASKS}
+
+
+def counts_by(frame: pl.DataFrame) -> dict[str, dict[str, int]]:
+    out: dict[str, dict[str, int]] = {t: {s: 0 for s in SPLITS} for t in TASKS}
+    for task, split, n in frame.group_by("task", "split").len().iter_rows():
+        out.setdefault(task, {})[split] = int(n)
+    return out
+
+
+def leakage_report(frame: pl.DataFrame) -> dict[str, int]:
+    """Split-by-user guarantees: users in more than one split (B/C) and held-out (user, item) pairs
+    of validation/test users that appear in any training row (as target or in a history)."""
+    uc = frame.filter(pl.col("user_id").is_not_null() & pl.col("task").is_in(["B", "C"]))
+    multi = uc.group_by("user_id").agg(pl.col("split").n_unique().alias("k")).filter(pl.col("k") > 1).height
+    held = frame.filter(pl.col("is_heldout"))
+    train = frame.filter(pl.col("split") == "train")
+    train_pairs = set(
+        (u, a) for u, a in train.select("user_id", "target_anime_id").iter_rows() if u is not None and a is not None
+    )
+    for u, hist in train.select("user_id", "history_anime_ids").iter_rows():
+        if u is not None and hist:
+            train_pairs.update((u, a) for a in hist)
+    leaks = sum(1 for u, a in held.select("user_id", "target_anime_id").iter_rows() if (u, a) in train_pairs)
+    return {"users_in_several_splits": int(multi), "heldout_items_in_train": int(leaks), "heldout_examples": held.height}
+
+
+def token_length_stats(frame: pl.DataFrame, count_tokens: Callable[[list[str]], list[int]]) -> dict[str, dict[str, float]]:
+    """Per-task token statistics of system+prompt+completion (``count_tokens`` maps texts to counts)."""
+    texts = [f"{s}\n{p}\n{c}" for s, p, c in frame.select("system", "prompt", "completion").iter_rows()]
+    lens = np.asarray(count_tokens(texts), dtype=np.int64) if texts else np.zeros(0, dtype=np.int64)
+    out: dict[str, dict[str, float]] = {}
+    tasks = frame["task"].to_list()
+    for t in [*TASKS, "all"]:
+        sel = lens if t == "all" else lens[[i for i, x in enumerate(tasks) if x == t]]
+        if sel.size == 0:
+            continue
+        out[t] = {
+            "n": int(sel.size),
+            "mean": float(sel.mean()),
+            "p50": float(np.percentile(sel, 50)),
+            "p95": float(np.percentile(sel, 95)),
+            "max": int(sel.max()),
+        }
+    return out
+
+
+def approx_token_count(texts: list[str]) -> list[int]:
+    """Fallback counter: semantic-ID/special tokens count 1, other text ~4 characters per token."""
+    import re
+
+    pat = re.compile(r"<[^<>\s]{1,24}>")
+    out = []
+    for t in texts:
+        specials = pat.findall(t)
+        rest = pat.sub("", t)
+        out.append(len(specials) + math.ceil(len(rest) / 4))
+    return out
+
+
+def to_chat_records(frame: pl.DataFrame) -> list[dict]:
+    """JSONL export rows: chat messages plus the bookkeeping columns."""
+    recs = []
+    for r in frame.iter_rows(named=True):
+        recs.append(
+            {
+                "example_id": r["example_id"],
+                "task": r["task"],
+                "template": r["template"],
+                "split": r["split"],
+                "user_id": r["user_id"],
+                "target_anime_id": r["target_anime_id"],
+                "messages": [
+                    {"role": "system", "content": r["system"]},
+                    {"role": "user", "content": r["prompt"]},
+                    {"role": "assistant", "content": r["completion"]},
+                ],
+                "prompt": r["prompt"],
+                "completion": r["completion"],
+            }
+        )
+    return recs
+
+
+def example_rows_md(frame: pl.DataFrame, per_task: int = 2, max_chars: int = 220) -> str:
+    """Markdown with a few example rows per task (prompt -> completion)."""
+
+    def esc(s: str) -> str:
+        s = " ".join(str(s).split())
+        s = s if len(s) <= max_chars else s[: max_chars - 1] + "…"
+        return s.replace("|", "\\|")
+
+    lines = ["| task | template | split | prompt | completion |", "|---|---|---|---|---|"]
+    for t in TASKS:
+        sub = frame.filter(pl.col("task") == t)
+        for tmpl in sub["template"].unique(maintain_order=True).to_list()[:6]:
+            for r in sub.filter(pl.col("template") == tmpl).head(max(1, per_task // 2)).iter_rows(named=True):
+                lines.append(f"| {t} | {tmpl} | {r['split']} | {esc(r['prompt'])} | {esc(r['completion'])} |")
+    return "\n".join(lines)
+
+
+def summary_json(summary: dict) -> str:
+    return json.dumps(summary, indent=2, default=str, sort_keys=True)

@@ -1,0 +1,281 @@
+"""Inference with a fine-tuned semantic-ID model: load the model folder, constrained beam search over
+a trie of valid semantic IDs (``lib/semantic_ids/trie.py``), mapping IDs back to anime.
+
+Only real anime can come out of ``rank_items``: every generated sequence is a path of the trie
+(semantic-ID tokens followed by EOS), and each trie leaf carries its anime_id.
+
+This module never imports Dagster.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import polars as pl
+import torch
+
+from animind_assets.lib.llm.data import LIKED, recommend_prompt
+from animind_assets.lib.llm.finetune import INFO_FILE, LOOKUP_FILE, SID_TOKEN_RE, prompt_ids, render_prompt
+from animind_assets.lib.semantic_ids.trie import SidTrie
+
+
+@dataclass
+class SidModel:
+    model: object
+    tokenizer: object
+    lookup: pl.DataFrame  # anime_id, semantic_id, title, ...
+    info: dict
+    sid_ids: dict[int, tuple[int, ...]] = field(default_factory=dict)  # anime_id -> token ids
+    by_sid: dict[str, int] = field(default_factory=dict)  # semantic_id -> anime_id
+    titles: dict[int, str] = field(default_factory=dict)
+    sids: dict[int, str] = field(default_factory=dict)
+
+    @property
+    def eos_id(self) -> int:
+        return int(self.tokenizer.eos_token_id)
+
+    @property
+    def use_chat_template(self) -> bool:
+        return bool(self.info.get("use_chat_template", True))
+
+    @property
+    def system_prompt(self) -> str:
+        return self.info.get("system_prompt") or ""
+
+    def render(self, prompt: str) -> str:
+        return render_prompt(self.tokenizer, self.system_prompt, prompt, self.use_chat_template)
+
+    def trie(self, exclude: Iterable[int] = ()) -> SidTrie:
+        ex = set(int(a) for a in exclude)
+        trie = SidTrie(end_token_id=self.eos_id)
+        for aid, ids in self.sid_ids.items():
+            if aid not in ex:
+                trie.add(ids, item=aid)
+        return trie
+
+
+def sid_token_ids(tokenizer, semantic_id: str) -> tuple[int, ...]:
+    toks = [f"<L{a}_{b}>" for a, b in SID_TOKEN_RE.findall(semantic_id)]
+    if not toks or "".join(toks) != semantic_id:
+        raise ValueError(f"not a semantic ID made of <L{{level}}_{{code}}> tokens: {semantic_id!r}")
+    ids = tokenizer.convert_tokens_to_ids(toks)
+    unk = tokenizer.unk_token_id
+    if any(i is None or (unk is not None and i == unk) for i in ids):
+        raise ValueError(f"semantic ID {semantic_id} has tokens missing from the tokenizer")
+    return tuple(int(i) for i in ids)
+
+
+def make_sid_model(model, tokenizer, lookup: pl.DataFrame, info: dict) -> SidModel:
+    sm = SidModel(model=model, tokenizer=tokenizer, lookup=lookup, info=info)
+    for r in lookup.select("anime_id", "semantic_id", "title").iter_rows(named=True):
+        aid = int(r["anime_id"])
+        sm.sid_ids[aid] = sid_token_ids(tokenizer, r["semantic_id"])
+        sm.by_sid[r["semantic_id"]] = aid
+        sm.sids[aid] = r["semantic_id"]
+        sm.titles[aid] = r["title"] or str(aid)
+    return sm
+
+
+def load_sid_model(folder: str | os.PathLike, num_threads: int = 0, device: str = "") -> SidModel:
+    """Load a ``finetuned_model`` folder (model, tokenizer, ``sid_lookup.parquet``, ``animind_llm.json``)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    folder = Path(folder)
+    for name in (INFO_FILE, LOOKUP_FILE, "config.json"):
+        if not (folder / name).exists():
+            raise FileNotFoundError(f"{folder / name} not found: {folder} is not a finetuned_model folder")
+    if num_threads > 0:
+        torch.set_num_threads(num_threads)
+    info = json.loads((folder / INFO_FILE).read_text(encoding="utf-8"))
+    tok = AutoTokenizer.from_pretrained(folder)
+    if tok.pad_token is None:
+        tok.pad_token = tok.eos_token
+    dev = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).to(dev)
+    model.eval()
+    lookup = pl.read_parquet(folder / LOOKUP_FILE)
+    return make_sid_model(model, tok, lookup, info)
+
+
+def _batch_inputs(sm: SidModel, texts: Sequence[str]) -> dict[str, torch.Tensor]:
+    ids = [prompt_ids(sm.tokenizer, t, sm.use_chat_template) for t in texts]
+    L = max(len(x) for x in ids)
+    pad = sm.tokenizer.pad_token_id
+    inp = torch.full((len(ids), L), pad, dtype=torch.long)
+    att = torch.zeros((len(ids), L), dtype=torch.long)
+    for i, x in enumerate(ids):  # left padding: every prompt ends at the same position
+        inp[i, L - len(x) :] = torch.tensor(x)
+        att[i, L - len(x) :] = 1
+    dev = next(sm.model.parameters()).device
+    return {"input_ids": inp.to(dev), "attention_mask": att.to(dev)}
+
+
+@dataclass
+class RankOutput:
+    items: list[list[tuple[int, float]]]  # per prompt: (anime_id, beam score), best first
+    sequences: int = 0
+    valid_sequences: int = 0
+
+
+@torch.no_grad()
+def trie_beam_search(sm: SidModel, prompt_text: str, trie: SidTrie, num_beams: int) -> list[tuple[tuple[int, ...], float]]:
+    """Beam search over ``trie`` paths for one rendered prompt: the prompt is run once (KV cache),
+    then the cache is repeated for the beams. Scores are sums of full-vocabulary log-probabilities
+    (as in ``generate``). Returns complete trie paths (ending in EOS), best first."""
+    model = sm.model
+    dev = next(model.parameters()).device
+    ids = torch.tensor([prompt_ids(sm.tokenizer, prompt_text, sm.use_chat_template)], device=dev)
+    try:
+        out = model(input_ids=ids, use_cache=True, logits_to_keep=1)
+    except TypeError:  # models without logits_to_keep
+        out = model(input_ids=ids, use_cache=True)
+    cache = out.past_key_values
+    logp = torch.log_softmax(out.logits[:, -1].float(), -1)
+    beams: list[tuple[tuple[int, ...], float]] = [((), 0.0)]
+    finished: list[tuple[tuple[int, ...], float]] = []
+    L = ids.shape[1]
+    step = 0
+    while beams:
+        cand: list[tuple[float, int, tuple[int, ...]]] = []
+        for i, (toks, score) in enumerate(beams):
+            allowed = trie.allowed(toks)
+            if not allowed:
+                continue
+            lp = logp[i, allowed].tolist()
+            cand.extend((score + v, i, toks + (t,)) for t, v in zip(allowed, lp))
+        if not cand:
+            break
+        cand.sort(key=lambda c: -c[0])
+        cand = cand[:num_beams]
+        keep = []
+        for score, i, toks in cand:
+            if trie.is_complete(toks):
+                finished.append((toks, score))
+            else:
+                keep.append((score, i, toks))
+        if len(finished) >= num_beams and (not keep or keep[0][0] < finished[num_beams - 1][0]):
+            break
+        if not keep:
+            break
+        idx = torch.tensor([i for _, i, _ in keep], device=dev)
+        if step == 0:
+            cache.batch_repeat_interleave(len(keep))
+        else:
+            cache.reorder_cache(idx)
+        beams = [(toks, score) for score, _, toks in keep]
+        step += 1
+        inp = torch.tensor([[toks[-1]] for toks, _ in beams], device=dev)
+        att = torch.ones((len(beams), L + step), dtype=torch.long, device=dev)
+        out = model(input_ids=inp, attention_mask=att, past_key_values=cache, use_cache=True)
+        cache = out.past_key_values
+        logp = torch.log_softmax(out.logits[:, -1].float(), -1)
+    finished.sort(key=lambda x: -x[1])
+    return finished[:num_beams]
+
+
+@torch.no_grad()
+def rank_items(
+    sm: SidModel,
+    prompts: Sequence[str],
+    k: int = 10,
+    num_beams: int = 20,
+    exclude: Sequence[Iterable[int]] | None = None,
+    batch_size: int = 4,
+    engine: str = "cached",
+) -> RankOutput:
+    """Top-``k`` anime for each (un-rendered) prompt by beam search constrained to the semantic-ID
+    trie; ``exclude[i]`` (e.g. the user's own list) is left out of prompt i's trie.
+
+    ``engine="cached"``: ``trie_beam_search`` (prompt encoded once, then the beams share its KV
+    cache). ``engine="hf"``: ``model.generate(num_beams=..., prefix_allowed_tokens_fn=trie)``
+    (expands the prompt per beam; several times slower on CPU)."""
+    if engine not in ("cached", "hf"):
+        raise ValueError(f"engine must be 'cached' or 'hf', got {engine!r}")
+    out = RankOutput(items=[])
+    for s in range(0, len(prompts), batch_size):
+        chunk = list(prompts[s : s + batch_size])
+        tries = [sm.trie(exclude[s + i] if exclude is not None else ()) for i in range(len(chunk))]
+        if engine == "cached":
+            results = [trie_beam_search(sm, sm.render(p), t, max(1, min(num_beams, len(t)))) for p, t in zip(chunk, tries)]
+        else:
+            results = _hf_beam_search(sm, chunk, tries, num_beams)
+        for trie, res in zip(tries, results):
+            ranked: list[tuple[int, float]] = []
+            seen: set[int] = set()
+            for seq, score in res:
+                seq = list(seq)
+                if sm.eos_id in seq:
+                    seq = seq[: seq.index(sm.eos_id) + 1]
+                out.sequences += 1
+                aid = trie.item(seq)
+                if aid is None:
+                    continue
+                out.valid_sequences += 1
+                if aid not in seen:
+                    seen.add(aid)
+                    ranked.append((int(aid), float(score)))
+            out.items.append(ranked[:k])
+    return out
+
+
+def _hf_beam_search(sm: SidModel, chunk: list[str], tries: list[SidTrie], num_beams: int) -> list[list[tuple[list[int], float]]]:
+    depth = max(len(v) for v in sm.sid_ids.values()) + 1
+    beams = max(1, min(num_beams, min(len(t) for t in tries)))
+    enc = _batch_inputs(sm, [sm.render(p) for p in chunk])
+    plen = enc["input_ids"].shape[1]
+
+    def allowed(batch_id: int, ids: torch.Tensor) -> list[int]:
+        nxt = tries[batch_id].allowed(ids[plen:].tolist())
+        return nxt if nxt else [sm.eos_id]
+
+    gen = sm.model.generate(
+        **enc,
+        max_new_tokens=depth,
+        num_beams=beams,
+        num_return_sequences=beams,
+        do_sample=False,
+        early_stopping=True,
+        prefix_allowed_tokens_fn=allowed,
+        pad_token_id=sm.tokenizer.pad_token_id,
+        eos_token_id=sm.eos_id,
+        return_dict_in_generate=True,
+        output_scores=True,
+        length_penalty=0.0,
+    )
+    seqs = gen.sequences[:, plen:].tolist()
+    scores = gen.sequences_scores.tolist() if getattr(gen, "sequences_scores", None) is not None else [0.0] * len(seqs)
+    return [[(seqs[j], scores[j]) for j in range(i * beams, (i + 1) * beams)] for i in range(len(chunk))]
+
+
+@torch.no_grad()
+def generate_text(sm: SidModel, prompts: Sequence[str], max_new_tokens: int = 24, batch_size: int = 8) -> list[str]:
+    """Greedy, unconstrained answers (decoded, special tokens kept except EOS/pad)."""
+    res = []
+    for s in range(0, len(prompts), batch_size):
+        chunk = [sm.render(p) for p in prompts[s : s + batch_size]]
+        enc = _batch_inputs(sm, chunk)
+        gen = sm.model.generate(
+            **enc, max_new_tokens=max_new_tokens, do_sample=False, num_beams=1,
+            pad_token_id=sm.tokenizer.pad_token_id, eos_token_id=sm.eos_id,
+        )
+        for row in gen[:, enc["input_ids"].shape[1] :].tolist():
+            if sm.eos_id in row:
+                row = row[: row.index(sm.eos_id)]
+            res.append(sm.tokenizer.decode(row, skip_special_tokens=False).strip())
+    return res
+
+
+def parse_sid(text: str) -> str:
+    """The leading run of semantic-ID tokens in a generated text."""
+    m = re.match(r"\s*((?:<L\d+_\d+>)+)", text)
+    return m.group(1) if m else ""
+
+
+def history_prompt(sm: SidModel, anime_ids: Sequence[int], sentiments: Sequence[str] | None = None) -> str:
+    sents = list(sentiments) if sentiments is not None else [LIKED] * len(anime_ids)
+    return recommend_prompt([sm.sids[a] for a in anime_ids], sents, temporal=bool(sm.info.get("order_is_temporal", False)))

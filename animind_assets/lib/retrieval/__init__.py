@@ -1,0 +1,1 @@
+"""Generative retrieval and sequential recommenders on Amazon Beauty (TIGER). Never imports Dagster."""

@@ -1,0 +1,1 @@
+"""SentencePiece domain tokenizer with semantic-ID symbols. Never imports Dagster."""

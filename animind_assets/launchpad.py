@@ -113,7 +113,10 @@ def derive_config(
         values.update(replace)
         return lib_cls(**values)
 
-    cls = create_model(name, __base__=dg.Config, __doc__=doc or lib_cls.__doc__, **fields)
+    lib_doc = lib_cls.__doc__ or ""
+    if not doc and (not lib_doc or lib_doc.startswith(lib_cls.__name__ + "(")):  # dataclass's generated signature
+        doc = f"Launchpad config derived from ``{lib_cls.__module__}.{lib_cls.__name__}`` (library defaults)."
+    cls = create_model(name, __base__=dg.Config, __doc__=doc or lib_doc, **fields)
     cls.to_lib = to_lib  # type: ignore[attr-defined]
     cls.LIB_CLASS = lib_cls  # type: ignore[attr-defined]
     cls.LIB_FIELDS = tuple(lib_names)  # type: ignore[attr-defined]

@@ -61,7 +61,7 @@ def beauty_embeddings(
         config.empty_text_fallback.format(asin=a) if e else t
         for t, a, e in zip(beauty_items["text"].to_list(), beauty_items["asin"].to_list(), empty.to_list())
     ]
-    cfg = config.embedding_config()
+    cfg = config.to_lib()
     previous = None if config.full_rebuild else warehouse.read_table(ASSET)
     context.log.info(
         f"{ASSET}: {beauty_items.height} items ({int(empty.sum())} with fallback text); previous table: "

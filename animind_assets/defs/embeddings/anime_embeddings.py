@@ -55,7 +55,7 @@ def anime_embeddings(
     for col in (ID_COLUMN, "anime_text"):
         if col not in anime_prep.columns:
             raise ValueError(f"anime_prep: missing column {col!r} (columns: {anime_prep.columns})")
-    cfg = config.embedding_config()
+    cfg = config.to_lib()
     previous = None if config.full_rebuild else warehouse.read_table(ASSET)
     context.log.info(
         f"{ASSET}: {anime_prep.height} anime; previous table: "

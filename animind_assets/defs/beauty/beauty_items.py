@@ -10,15 +10,12 @@ Source adapter (``animind_assets.lib.data.amazon``), chosen by ``AmazonSourceCon
 """
 
 import time
-from typing import Optional
 
 import dagster as dg
 import polars as pl
-from pydantic import Field
 
-from animind_assets.lib.data.amazon import AmazonData, load_prepared_split, load_raw_amazon
 from animind_assets.lib.common.plots import histogram_png
-from animind_assets.meta import counts_md, image_md, scalar_metadata, table_metadata
+from animind_assets.meta import image_md, scalar_metadata, table_metadata
 from animind_assets.resources import ParquetExports
 
 from animind_assets.defs.beauty.shared import GROUP, AmazonSourceConfig, source_metadata

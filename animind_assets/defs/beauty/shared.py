@@ -1,17 +1,13 @@
 """Shared Dagster-layer pieces of the beauty group: the group name, the Amazon source config (shared
 by ``beauty_items`` and ``beauty_interactions``), the TIGER ID-source partitions."""
 
-import time
 from typing import Optional
 
 import dagster as dg
-import polars as pl
 from pydantic import Field
 
 from animind_assets.lib.data.amazon import AmazonData, load_prepared_split, load_raw_amazon
-from animind_assets.lib.common.plots import histogram_png
-from animind_assets.meta import counts_md, image_md, scalar_metadata, table_metadata
-from animind_assets.resources import ParquetExports
+from animind_assets.meta import counts_md, scalar_metadata
 
 GROUP = "beauty"
 

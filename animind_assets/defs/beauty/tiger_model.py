@@ -18,7 +18,6 @@ on it and checkpoints atomically. Files in the artifact store:
   ``tiger_config.json`` + ``extra.json``), read by ``tiger_eval``.
 """
 
-import json
 import time
 from pathlib import Path
 

@@ -17,8 +17,6 @@ from pydantic import Field
 
 from animind_assets.gpu import GPU_OP_TAGS, GPU_POOL
 from animind_assets.lib.embeddings import (
-    DEFAULT_MODEL,
-    EmbeddingConfig,
     build_embeddings,
     check_finite,
     check_no_collapse,
@@ -28,10 +26,9 @@ from animind_assets.lib.embeddings import (
     norm_stats,
     pairwise_cosine_sample,
 )
-from animind_assets.lib.onnx_encoder import default_cache_dir
 from animind_assets.lib.common.plots import histogram_png
 from animind_assets.meta import counts_md, image_md, scalar_metadata, table_metadata
-from animind_assets.resources import DuckDBWarehouse, ParquetExports, data_dir
+from animind_assets.resources import DuckDBWarehouse, ParquetExports
 
 from animind_assets.defs.embeddings.config import ASSET, DEFAULT_COLLAPSE_THRESHOLD, ID_COLUMN, AnimeEmbeddingsConfig
 

@@ -1,30 +1,11 @@
 """Launchpad config of the embedding assets (``anime_embeddings``; ``beauty_embeddings`` extends it)."""
 
-import time
-from typing import Optional
 
-import dagster as dg
-import numpy as np
-import polars as pl
 from pydantic import Field
 
-from animind_assets.gpu import GPU_OP_TAGS, GPU_POOL
 from animind_assets.lib.embeddings import (
-    DEFAULT_MODEL,
     EmbeddingConfig,
-    build_embeddings,
-    check_finite,
-    check_no_collapse,
-    check_unit_norm,
-    cosine_summary,
-    embedding_matrix,
-    norm_stats,
-    pairwise_cosine_sample,
 )
-from animind_assets.lib.onnx_encoder import default_cache_dir
-from animind_assets.lib.common.plots import histogram_png
-from animind_assets.meta import counts_md, image_md, scalar_metadata, table_metadata
-from animind_assets.resources import DuckDBWarehouse, ParquetExports, data_dir
 from animind_assets.launchpad import derive_config
 
 ASSET = "anime_embeddings"

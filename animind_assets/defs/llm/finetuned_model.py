@@ -21,7 +21,7 @@ from pydantic import Field
 
 from animind_assets.gpu import GPU_OP_TAGS, GPU_POOL
 from animind_assets.lib.llm.data import SPECIAL_TOKENS, sid_lookup_frame
-from animind_assets.lib.llm.finetune import EMBEDDED_MODEL, FinetuneConfig, codebooks_from_checkpoint, run_finetune, save_model_folder
+from animind_assets.lib.llm.finetune import FinetuneConfig, codebooks_from_checkpoint, run_finetune, save_model_folder
 from animind_assets.lib.common.plots import lines_png
 from animind_assets.meta import image_md, markdown_table, scalar_metadata
 from animind_assets.resources import ArtifactStoreResource, MlflowResource, data_dir

@@ -15,8 +15,6 @@ import polars as pl
 from pydantic import Field
 
 from animind_assets.lib.llm.data import (
-    A_TEMPLATES,
-    DEFAULT_SYSTEM_PROMPT,
     SPLITS,
     TASKS,
     LlmDataConfig,

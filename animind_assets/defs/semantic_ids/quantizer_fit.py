@@ -4,20 +4,18 @@ config) and ``run_quantizer`` (preset + overrides -> fit -> metadata), used by `
 
 import json
 import time
-from typing import Any, Optional
+from typing import Any
 
 import dagster as dg
 import numpy as np
 import polars as pl
 import torch
-from pydantic import Field
 
 from animind_assets.launchpad import derive_config
 
-from animind_assets.gpu import GPU_OP_TAGS, GPU_POOL
 from animind_assets.lib.common.fingerprint import array_fingerprint
 from animind_assets.lib.common.plots import bar_png, lines_png
-from animind_assets.lib.semantic_ids.quantizers import PRESETS, QuantizerConfig, preset_config, train_quantizer
+from animind_assets.lib.semantic_ids.quantizers import QuantizerConfig, train_quantizer
 from animind_assets.lib.semantic_ids.assign import frame_vectors
 from animind_assets.meta import image_md, markdown_table, scalar_metadata
 from animind_assets.resources import ArtifactStoreResource, MlflowResource

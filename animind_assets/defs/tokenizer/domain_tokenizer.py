@@ -17,11 +17,9 @@ Artifacts (each written atomically): ``<artifacts>/domain_tokenizer/spiece.model
 import time
 
 import dagster as dg
-import polars as pl
 from pydantic import Field
 
 from animind_assets.lib.tokenizer.domain_tokenizer import (
-    DEFAULT_SPECIAL_TOKENS,
     DomainTokenizerConfig,
     load_base_lm_tokenizer,
     sid_tokens_from_codes,

@@ -348,10 +348,15 @@ def anime_source_from_env() -> AnimeSource:
     ``ANIMIND_KAGGLE_DIR``, ``ANIMIND_DEMO_LIMIT``, ``ANIMIND_DEMO_USERS``; everything is also editable in
     the launchpad's resource config."""
     limit = os.environ.get("ANIMIND_DEMO_LIMIT", "2000")
+
+    def env(name: str, default=None):
+        # dg.EnvVar: resolved when a run starts, shown in the UI and run config as the variable's name
+        return dg.EnvVar(name) if os.environ.get(name, "").strip() else default
+
     return AnimeSource(
-        kind=os.environ.get("ANIMIND_SOURCE", "demo"),
-        sqlite_path=os.environ.get("ANIMIND_SQLITE_PATH"),
-        kaggle_dir=os.environ.get("ANIMIND_KAGGLE_DIR"),
+        kind=env("ANIMIND_SOURCE", "demo"),
+        sqlite_path=env("ANIMIND_SQLITE_PATH"),
+        kaggle_dir=env("ANIMIND_KAGGLE_DIR"),
         demo_catalog_limit=None if limit.lower() in ("", "none", "0", "all") else int(limit),
         demo_users=int(os.environ.get("ANIMIND_DEMO_USERS", "400")),
     )

@@ -157,6 +157,7 @@ def test_real_prepared_beauty_split(beauty_dir):
     assert d.items.filter(~pl.col("has_text"))["asin"].to_list() == ["B001LTVF7G"]
 
 
+@pytest.mark.slow
 def test_beauty_source_assets_in_process(raw_files, animind_env):
     from animind_assets.defs.beauty.beauty_interactions import beauty_interactions, beauty_interactions_valid
     from animind_assets.defs.beauty.beauty_items import beauty_items

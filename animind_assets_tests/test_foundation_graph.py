@@ -86,6 +86,7 @@ def _writer(db: str, worker: int, n: int) -> None:
             conn.execute("insert into t values (?, ?)", [worker, i])
 
 
+@pytest.mark.slow
 def test_concurrent_processes_share_the_duckdb_file(tmp_path):
     db = str(tmp_path / "x.duckdb")
     ctx = mp.get_context("spawn")

@@ -22,6 +22,7 @@ def tiny_base(tmp_path) -> Path:
     return folder
 
 
+@pytest.mark.slow
 def test_llm_assets_chain(animind_env, tmp_path, tiny_base):
     from animind_assets.defs.llm.finetuned_model import finetuned_model
     from animind_assets.defs.llm.llm_prep_dataset import llm_prep_dataset, llm_prep_dataset_split_by_user

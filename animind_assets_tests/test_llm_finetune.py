@@ -166,6 +166,7 @@ def test_general_mix_file(tmp_path, data):
         ft.FinetuneConfig(general_mix_ratio=0.1).validate()
 
 
+@pytest.mark.slow
 def test_two_phase_finetune_resume_and_english_ppl(tmp_path, data):
     _, _, frame, lookup = data
     tok = smollm2_tokenizer()
@@ -204,6 +205,7 @@ def test_two_phase_finetune_resume_and_english_ppl(tmp_path, data):
     assert {"config.json", "model.safetensors", "tokenizer.json", "sid_lookup.parquet", "animind_llm.json"} <= set(files)
 
 
+@pytest.mark.slow
 def test_lora_method_trains_new_rows(tmp_path, data):
     _, _, frame, lookup = data
     tok = smollm2_tokenizer()

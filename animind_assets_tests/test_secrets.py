@@ -1,6 +1,8 @@
 """Secrets (HF_TOKEN, MLflow credentials) come from the environment only and never reach Dagster's
 config snapshots, run config, tags, event log / metadata, compute logs, the warehouse or MLflow."""
 
+import pytest
+
 import inspect
 import warnings
 
@@ -34,6 +36,7 @@ def test_no_resource_has_a_credential_field():
             )
 
 
+@pytest.mark.slow
 def test_sentinel_secrets_appear_nowhere(tmp_path, monkeypatch, sqlite_path):
     from dagster._serdes import serialize_value
 

@@ -231,6 +231,7 @@ TINY_RQVAE = {
 }
 
 
+@pytest.mark.slow
 def test_materialize_rqvae_semantic_ids_report(tmp_path, monkeypatch):
     monkeypatch.setenv("ANIMIND_DATA_DIR", str(tmp_path))
     from animind_assets.defs.semantic_ids.rqvae_model import rqvae_model
@@ -308,6 +309,7 @@ def test_materialize_rqvae_semantic_ids_report(tmp_path, monkeypatch):
     assert not res2.asset_materializations_for_node("semantic_id_report")
 
 
+@pytest.mark.slow
 def test_materialize_rqvae_variants_partition(tmp_path, monkeypatch):
     monkeypatch.setenv("ANIMIND_DATA_DIR", str(tmp_path))
     from animind_assets.defs.semantic_ids.rqvae_variants import VARIANTS, rqvae_variants

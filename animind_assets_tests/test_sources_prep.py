@@ -153,6 +153,7 @@ def test_demo_catalog_and_simulation_are_deterministic():
     assert scored.min() >= 1 and scored.max() <= 10
 
 
+@pytest.mark.slow
 @pytest.mark.shared_data
 def test_shared_mal_sqlite_and_csv_identical(mal2020_dir):
     a = sources.read_sqlite_catalog(mal2020_dir / "anilist.sqlite")

@@ -136,6 +136,7 @@ def cyclic_codec(n_items: int = 60) -> SidCodec:
     return SidCodec.from_mapping({i: [i // 12, (i // 3) % 4, i % 3] for i in range(n_items)})
 
 
+@pytest.mark.slow
 def test_train_learns_checkpoints_and_resumes(tmp_path):
     split = leave_one_out(cyclic_sequences(), max_history=5)
     codec = cyclic_codec()
@@ -179,6 +180,7 @@ def write_cyclic_prepared(folder: Path, n_items: int = 60) -> Path:
     return folder
 
 
+@pytest.mark.slow
 def test_tiger_assets_train_and_eval_in_process(tmp_path, animind_env):
     from animind_assets.defs.beauty.beauty_embeddings import beauty_embeddings
     from animind_assets.defs.beauty.beauty_interactions import beauty_interactions

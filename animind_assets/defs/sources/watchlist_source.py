@@ -2,6 +2,7 @@
 
 import dagster as dg
 
+from animind_assets.defs.sources.observation import observe
 from animind_assets.resources import AnimeSource
 
 
@@ -10,16 +11,4 @@ from animind_assets.resources import AnimeSource
     description="Source user watch lists (simulated in the demo); data version = content fingerprint.",
 )
 def watchlist_source(context: dg.AssetExecutionContext, anime_source: AnimeSource) -> dg.ObserveResult:
-    raw = anime_source.read_interactions()
-    fingerprint = raw.fingerprint()
-    context.log.info(f"observed watch lists {raw.origin}: {raw.frame.height} rows, fingerprint {fingerprint}")
-    return dg.ObserveResult(
-        data_version=dg.DataVersion(fingerprint),
-        metadata={
-            "source": dg.MetadataValue.text(anime_source.describe()),
-            "origin": dg.MetadataValue.text(raw.origin),
-            "rows": dg.MetadataValue.int(raw.frame.height),
-            "simulated": dg.MetadataValue.bool(raw.simulated),
-            "fingerprint": dg.MetadataValue.text(fingerprint),
-        },
-    )
+    return observe(context, anime_source, anime_source.read_interactions(), "watch lists")

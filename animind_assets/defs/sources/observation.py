@@ -1,0 +1,20 @@
+"""Shared observation of a raw source read: data version = content fingerprint, plus metadata."""
+
+import dagster as dg
+
+from animind_assets.resources import AnimeSource
+
+
+def observe(context: dg.AssetExecutionContext, anime_source: AnimeSource, raw, what: str) -> dg.ObserveResult:
+    """``ObserveResult`` for a ``RawCatalog`` / ``RawInteractions`` read by ``anime_source``."""
+    fingerprint = raw.fingerprint()
+    context.log.info(f"observed {what} {raw.origin}: {raw.frame.height} rows, fingerprint {fingerprint}")
+    metadata = {
+        "source": dg.MetadataValue.text(anime_source.describe()),
+        "origin": dg.MetadataValue.text(raw.origin),
+        "rows": dg.MetadataValue.int(raw.frame.height),
+        "fingerprint": dg.MetadataValue.text(fingerprint),
+    }
+    if hasattr(raw, "simulated"):
+        metadata["simulated"] = dg.MetadataValue.bool(bool(raw.simulated))
+    return dg.ObserveResult(data_version=dg.DataVersion(fingerprint), metadata=metadata)

@@ -18,7 +18,7 @@ from animind_assets.resources import build_resources
 __all__ = ["all_assets", "all_checks", "build_resources", "defs"]
 
 
-def _with_code_version(obj):
+def with_code_version(obj):
     """Give every materializable asset the content hash of the code that computes it (``code_version.py``)."""
     module = code_version.defining_module(obj)
     if not isinstance(obj, dg.AssetsDefinition) or not obj.is_materializable or module is None:
@@ -29,7 +29,7 @@ def _with_code_version(obj):
 
 def _build() -> tuple[list, list, dg.Definitions]:
     loaded = dg.load_from_defs_folder(path_within_project=Path(__file__).resolve().parent)
-    assets = [_with_code_version(a) for a in (loaded.assets or [])]
+    assets = [with_code_version(a) for a in (loaded.assets or [])]
     checks = list(loaded.asset_checks or [])
     auto = automation.definitions_kwargs(assets, include_assets=True)
     return assets, checks, dg.Definitions(

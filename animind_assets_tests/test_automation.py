@@ -33,7 +33,10 @@ def _foundation():
     from animind_assets.defs.prep.user_interactions import user_interactions
     from animind_assets.defs.sources.watchlist_source import watchlist_source
 
-    return [anime_catalog_source, watchlist_source, anime_prep, user_interactions], [anime_prep_is_valid]
+    from animind_assets.definitions import with_code_version
+
+    assets = [anime_catalog_source, watchlist_source, anime_prep, user_interactions]
+    return [with_code_version(a) for a in assets], [anime_prep_is_valid]
 
 
 class Ticker:

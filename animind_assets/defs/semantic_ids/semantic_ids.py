@@ -13,7 +13,6 @@ Checks (computed in the step): blocking ``every_anime_has_id``, ``ids_unique``,
 """
 
 
-import csv
 import json
 from collections.abc import Iterator
 
@@ -31,10 +30,10 @@ from animind_assets.lib.semantic_ids.assign import (
     build_vocab,
     frame_vectors,
     level_sizes,
-    level_tokens,
     level_usage,
     semantic_id_frame,
 )
+from animind_assets.lib.semantic_ids.exports import export_rows, write_export_files
 from animind_assets.meta import counts_md, image_md, scalar_metadata, table_metadata
 from animind_assets.resources import ArtifactStoreResource, ParquetExports
 
@@ -56,60 +55,10 @@ def _title_columns(anime_prep: pl.DataFrame) -> pl.DataFrame:
     return anime_prep.select(cols)
 
 
-def export_rows(df: pl.DataFrame) -> list[dict]:
-    """Rows of ``semantic_ids.jsonl`` in the original tokenizer's shape."""
-    rows = []
-    for r in df.iter_rows(named=True):
-        genres = r.get("genres")
-        rows.append(
-            {
-                "anime_id": r["anime_id"],
-                "name": r.get("name") or "",
-                "english_name": r.get("english_name") or "",
-                "genres": ", ".join(genres) if isinstance(genres, list) else (genres or ""),
-                "semantic_id": r["semantic_id"],
-                "tokens": level_tokens(r["codes"]),
-                "codes": list(r["codes"]),
-            }
-        )
-    return rows
-
-
 def write_exports(store, folder: str, rows: list[dict], vocab: dict, meta: dict) -> str:
+    """Stage the export files (``lib.semantic_ids.exports``) and publish ``folder`` atomically."""
     with store.atomic_dir(folder) as tmp:
-        with open(tmp / "semantic_ids.jsonl", "w", encoding="utf-8") as fh:
-            for row in rows:
-                fh.write(json.dumps(row, ensure_ascii=False) + "\n")
-        with open(tmp / "semantic_lookup.tsv", "w", encoding="utf-8", newline="") as fh:
-            w = csv.writer(fh, delimiter="\t")
-            w.writerow(["anime_id", "name", "english_name", "semantic_id", "level_tokens_json", "codes_json"])
-            for row in rows:
-                w.writerow(
-                    [row["anime_id"], row["name"], row["english_name"], row["semantic_id"],
-                     json.dumps(row["tokens"], ensure_ascii=True), json.dumps(row["codes"], ensure_ascii=True)]
-                )
-        with open(tmp / "semantic_id_to_anime.jsonl", "w", encoding="utf-8") as fh:
-            for row in rows:
-                inv = {k: row[k] for k in ("semantic_id", "anime_id", "name", "english_name")}
-                fh.write(json.dumps(inv, ensure_ascii=False) + "\n")
-        (tmp / "semantic_vocab.json").write_text(
-            json.dumps(
-                {
-                    **meta,
-                    "vocab_size": vocab["vocab_size"],
-                    "level_sizes": vocab["level_sizes"],
-                    "special_tokens": vocab["special_tokens"],
-                    "tokens": vocab["tokens"],
-                    "token_to_id": vocab["token_to_id"],
-                },
-                indent=2,
-                ensure_ascii=False,
-            ),
-            encoding="utf-8",
-        )
-        (tmp / "special_tokens.json").write_text(
-            json.dumps({"special_tokens": vocab["special_tokens"]}, indent=2, ensure_ascii=False), encoding="utf-8"
-        )
+        write_export_files(tmp, rows, vocab, meta)
     return str(store.path(folder))
 
 

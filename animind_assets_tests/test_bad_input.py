@@ -651,3 +651,20 @@ def test_csv_fast_path_and_exact_reader_agree(tmp_path):
     exact = sources.read_kaggle_interactions(tmp_path / "exact")
     assert fast.frame.equals(exact.frame)
     assert (fast.reports[0].rows_read, fast.reports[0].rejected) == (exact.reports[0].rows_read, exact.reports[0].rejected) == (4, {})
+
+
+def test_amazon_memory_error_on_one_line_is_a_bad_line(tmp_path, monkeypatch):
+    import animind_assets.lib.data.amazon as amazon
+
+    real_loads = json.loads
+
+    def loads(text, *args, **kwargs):
+        if "HUGE" in text:
+            raise MemoryError()
+        return real_loads(text, *args, **kwargs)
+
+    monkeypatch.setattr(amazon.json, "loads", loads)
+    path = _write(tmp_path / "meta.json", '{"asin": "A1"}\n{"asin": "HUGE"}\n{"asin": "A2"}\n')
+    records, report = read_records(path, fmt="json")
+    assert [n for n, _ in records] == [1, 3]
+    assert report.bad == 1 and report.bad_examples[0][0] == 2 and "MemoryError" in report.bad_examples[0][1]

@@ -17,6 +17,7 @@ any problem can be reported with its row.
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import io
 import json
@@ -328,7 +329,7 @@ def read_sqlite_catalog(path: str | Path) -> RawCatalog:
     database, or lacks the table/columns. Rows with undecodable text are in ``rejected``.
     """
     p = _require_file(path, "AniMind SQLite database")
-    with _sqlite_connect(p) as conn:
+    with contextlib.closing(_sqlite_connect(p)) as conn:
         cols = _sqlite_columns(conn, "anime", p)
         _require_columns(cols, list(_SQLITE_ANIME.values()), "anime", p)
         frame, rejected, report = _sqlite_text_frame(conn, "anime", _SQLITE_ANIME, p)
@@ -338,7 +339,7 @@ def read_sqlite_catalog(path: str | Path) -> RawCatalog:
 def read_sqlite_interactions(path: str | Path) -> RawInteractions:
     """Table ``user_anime`` of an AniMind SQLite file -> ``RawInteractions`` (see ``read_sqlite_catalog``)."""
     p = _require_file(path, "AniMind SQLite database")
-    with _sqlite_connect(p) as conn:
+    with contextlib.closing(_sqlite_connect(p)) as conn:
         cols = _sqlite_columns(conn, "user_anime", p)
         _require_columns(cols, list(_SQLITE_USER_ANIME.values()), "user_anime", p)
         frame, rejected, report = _sqlite_text_frame(conn, "user_anime", _SQLITE_USER_ANIME, p)

@@ -500,6 +500,7 @@ def test_empty_source_after_good_run_keeps_table_and_export(tmp_path, animind_en
     _empty_after_good(tmp_path, animind_env, sqlite_path, None)
 
 
+@pytest.mark.slow
 @pytest.mark.shared_cases
 def test_shared_empty_cases_after_good_run_keep_table_and_export(tmp_path, animind_env, sqlite_path, cases_dir):
     _empty_after_good(tmp_path, animind_env, sqlite_path, cases_dir)

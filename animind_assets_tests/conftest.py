@@ -30,6 +30,20 @@ def mal2020_dir() -> Path:
     return d
 
 
+def shared_cases() -> Path:
+    """``../shared/cases`` (failing inputs of issue 12), or ``$ANIMIND_SHARED_CASES``."""
+    env = os.environ.get("ANIMIND_SHARED_CASES")
+    return Path(env) if env else (PROJECT_ROOT / ".." / "shared" / "cases").resolve()
+
+
+@pytest.fixture(scope="session")
+def cases_dir() -> Path:
+    d = shared_cases()
+    if not (d / "README.md").exists():
+        pytest.skip(f"../shared/cases not found at {d}: shared bad-input cases absent, skipping")
+    return d
+
+
 @pytest.fixture(scope="session")
 def beauty_dir() -> Path:
     d = shared_data() / "beauty"

@@ -49,8 +49,8 @@ def test_cleaning_rules(kaggle_dir, sqlite_path):
     assert row6["synopsis"] is None and row6["has_synopsis"] is False  # MAL placeholder -> missing
     row7 = df.filter(pl.col("anime_id") == 7).row(0, named=True)
     assert row7["score"] is None and row7["episodes"] is None  # 'abc' / '2x'
-    assert res.cleaned_values["score:non_numeric"] == 1
-    assert res.cleaned_values["episodes:non_numeric"] == 1
+    assert res.cleaned_values["score:not_a_number"] == 1
+    assert res.cleaned_values["episodes:not_a_number"] == 1
     assert res.cleaned_values["synopsis:placeholder"] == 1
     row15 = df.filter(pl.col("anime_id") == 15).row(0, named=True)
     assert row15["synopsis"] == "Sena is like any other shy kid."
@@ -98,12 +98,12 @@ def test_interactions_quarantine_by_reason(kaggle_dir, sqlite_path):
         "score_out_of_range": 1,
         "unknown_anime": 1,
         "excluded_anime": 1,
-        "non_numeric_score": 1,
+        "score_not_a_number": 1,
         "invalid_status": 1,
         "duplicate_user_anime": 1,
     }
     assert a.frame.height + a.quarantine.height == 12  # nothing lost silently
-    q = a.quarantine.filter(pl.col("reason") == "non_numeric_score").row(0, named=True)
+    q = a.quarantine.filter(pl.col("reason") == "score_not_a_number").row(0, named=True)
     assert q["source_row"] == 8 and q["column"] == "score" and q["value"] == "x"
     assert a.frame.filter(pl.col("user_id") == 3)["seq"].to_list() == [0, 1]
     assert a.frame.filter(pl.col("user_id") == 3)["status"].to_list() == [1, 6]

@@ -45,17 +45,15 @@ def shared_data() -> Path:
 
 
 def load_mal(db: Path):
-    from animind_assets.lib.data.prep import clean_anime, clean_interactions
+    from animind_assets.lib.data.prep import catalog_ids, clean_anime, clean_interactions
     from animind_assets.lib.data.sources import read_sqlite_catalog, read_sqlite_interactions
 
     raw_cat = read_sqlite_catalog(db)
-    cat = clean_anime(raw_cat.frame).frame
+    cat = clean_anime(raw_cat).frame
     raw = read_sqlite_interactions(db)
-    import polars as pl
-
-    all_ids = set(raw_cat.frame["anime_id"].cast(pl.Int64, strict=False).drop_nulls().to_list())
+    all_ids = catalog_ids(raw_cat)
     kept = set(cat["anime_id"].to_list())
-    inter = clean_interactions(raw.frame, known_anime=all_ids, excluded_anime=all_ids - kept).frame
+    inter = clean_interactions(raw, known_anime=all_ids, excluded_anime=all_ids - kept).frame
     return cat, inter, raw.has_timestamps
 
 

@@ -14,6 +14,7 @@ import polars as pl
 
 from animind_assets.defs.beauty.shared import GROUP, AmazonSourceConfig, source_metadata
 from animind_assets.lib.common.plots import histogram_png
+from animind_assets.lib.data.sources import require_kept
 from animind_assets.meta import image_md, scalar_metadata, table_metadata
 from animind_assets.resources import ParquetExports
 
@@ -29,6 +30,8 @@ def beauty_interactions(
     t0 = time.perf_counter()
     data = config.load()
     df = data.interactions
+    # nothing is written (table, export) unless there is something to publish
+    require_kept(df.height, df.height + sum(data.dropped.values()), data.dropped, "beauty_interactions", data.origin)
     export = exports.write(df, "beauty_interactions")
     per_user = df.group_by("user_id").len()["len"].to_numpy()
     elapsed = time.perf_counter() - t0

@@ -15,6 +15,7 @@ import dagster as dg
 import polars as pl
 
 from animind_assets.lib.common.plots import histogram_png
+from animind_assets.lib.data.sources import require_kept
 from animind_assets.meta import image_md, scalar_metadata, table_metadata
 from animind_assets.resources import ParquetExports
 
@@ -30,6 +31,8 @@ def beauty_items(context: dg.AssetExecutionContext, config: AmazonSourceConfig, 
     t0 = time.perf_counter()
     data = config.load()
     df = data.items
+    # nothing is written (table, export) unless there is something to publish
+    require_kept(df.height, df.height, data.dropped, "beauty_items", data.origin)
     export = exports.write(df, "beauty_items")
     n_empty = int((~df["has_text"]).sum())
     context.log.info(

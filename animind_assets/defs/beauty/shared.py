@@ -41,6 +41,8 @@ def source_metadata(data: AmazonData) -> dict:
         "sequence_order": dg.MetadataValue.text(data.order),
         "has_timestamps": dg.MetadataValue.bool(data.has_timestamps),
         "dropped_by_reason": counts_md(data.dropped),
+        "cleaned_values": counts_md(data.cleaned_values, key="file: column:reason", value="values set to null"),
+        "dropped_lines": dg.MetadataValue.json({k: v for k, v in data.examples.items()}),
         **scalar_metadata(data.notes, prefix="source_"),
     }
     for i, rep in enumerate(data.reports):

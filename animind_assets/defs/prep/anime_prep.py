@@ -8,6 +8,7 @@ from pydantic import Field
 
 from animind_assets.lib.common.plots import bar_png
 from animind_assets.lib.data.prep import clean_anime
+from animind_assets.lib.data.sources import require_kept, require_rows
 from animind_assets.meta import counts_md, image_md, table_metadata
 from animind_assets.resources import AnimeSource, ParquetExports
 
@@ -31,9 +32,14 @@ def anime_prep(
 ) -> dg.Output[pl.DataFrame]:
     t0 = time.perf_counter()
     raw = anime_source.read_catalog()
-    context.log.info(f"read {raw.frame.height} catalog rows from {raw.origin}")
-    result = clean_anime(raw.frame, include_adult=config.include_adult, limit=config.limit)
+    context.log.info(f"read {raw.rows_read} catalog rows from {raw.origin}")
+    for report in raw.reports:
+        context.log.info(report.summary())
+    # Nothing is written (table, export, quarantine) unless there is something to publish.
+    require_rows(raw.rows_read, "anime_prep", raw.origin)
+    result = clean_anime(raw, include_adult=config.include_adult, limit=config.limit)
     df = result.frame
+    require_kept(df.height, result.input_rows, result.dropped_by_reason, "anime_prep", raw.origin)
     context.log.info(
         f"anime_prep: kept {df.height}/{result.input_rows} rows, dropped {result.dropped_by_reason}, "
         f"cleaned values {result.cleaned_values} in {time.perf_counter() - t0:.1f}s"
@@ -51,6 +57,7 @@ def anime_prep(
         "dropped_rows": dg.MetadataValue.int(sum(result.dropped_by_reason.values())),
         "dropped_by_reason": counts_md(result.dropped_by_reason),
         "cleaned_values": counts_md(result.cleaned_values, key="column:reason", value="values set to null"),
+        "source_read_report": dg.MetadataValue.md("\n\n".join(r.summary() for r in raw.reports) or "(none)"),
         "missing_values": counts_md(missing, key="column", value="null rows"),
         "with_synopsis": dg.MetadataValue.int(int(df["has_synopsis"].sum())),
         "anime_text_chars_mean": dg.MetadataValue.float(float(text_len.mean() or 0.0)),

@@ -6,7 +6,8 @@ import dagster as dg
 import polars as pl
 
 from animind_assets.lib.common.plots import bar_png
-from animind_assets.lib.data.prep import VALID_STATUSES, clean_interactions
+from animind_assets.lib.data.prep import VALID_STATUSES, catalog_ids, clean_interactions
+from animind_assets.lib.data.sources import require_kept, require_rows
 from animind_assets.meta import counts_md, image_md, table_metadata
 from animind_assets.resources import AnimeSource, ParquetExports
 
@@ -26,11 +27,16 @@ def user_interactions(
     t0 = time.perf_counter()
     catalog = anime_source.read_catalog()
     raw = anime_source.read_interactions(catalog)
-    context.log.info(f"read {raw.frame.height} interaction rows from {raw.origin}")
-    catalog_ids = set(catalog.frame["anime_id"].cast(pl.Int64, strict=False).drop_nulls().to_list())
+    context.log.info(f"read {raw.rows_read} interaction rows from {raw.origin}")
+    for report in raw.reports:
+        context.log.info(report.summary())
+    # Nothing is written (table, export, quarantine) unless there is something to publish.
+    require_rows(raw.rows_read, "user_interactions", raw.origin)
+    known_ids = catalog_ids(catalog)  # the same exact id parser as anime_prep
     kept_ids = set(anime_prep["anime_id"].to_list())
-    result = clean_interactions(raw.frame, known_anime=catalog_ids, excluded_anime=catalog_ids - kept_ids)
+    result = clean_interactions(raw, known_anime=known_ids, excluded_anime=known_ids - kept_ids)
     df = result.frame
+    require_kept(df.height, result.input_rows, result.dropped_by_reason, "user_interactions", raw.origin)
     elapsed = time.perf_counter() - t0
     context.log.info(
         f"user_interactions: kept {df.height}/{result.input_rows} rows "
@@ -54,6 +60,8 @@ def user_interactions(
         "input_rows": dg.MetadataValue.int(result.input_rows),
         "quarantined_rows": dg.MetadataValue.int(result.quarantine.height),
         "quarantined_by_reason": counts_md(result.dropped_by_reason),
+        "cleaned_values": counts_md(result.cleaned_values, key="column:reason", value="values set to null"),
+        "source_read_report": dg.MetadataValue.md("\n\n".join(r.summary() for r in raw.reports) or "(none)"),
         "users": dg.MetadataValue.int(df["user_id"].n_unique()),
         "anime": dg.MetadataValue.int(df["anime_id"].n_unique()),
         "rows_per_user_median": dg.MetadataValue.float(float(per_user.median() or 0)),

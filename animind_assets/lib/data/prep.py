@@ -10,8 +10,13 @@ Rules (improving on the original AniMind prep):
   counters (members, score).
 * Adult titles (rating ``Rx - Hentai``) are excluded by default (``include_adult=True`` keeps them).
 * Nothing is lost silently: rows that cannot be kept are returned in a quarantine frame with a
-  ``reason`` and their ``source_row``; values that were cleaned (non-numeric or out of range) are counted
-  by column and reason.
+  ``reason`` and their ``source_row`` (``input_rows = kept + quarantined``, rows the reader already
+  quarantined included); values that were set to null are counted as ``"column:reason"``.
+* Every id and integer field is parsed by ``animind_assets.lib.data.ids.parse_id`` (exact, never through
+  float64): ``"1"``, ``"1.0"``, ``" 5"`` and REAL ``1.0`` are all id 1; ``1e20``, ``inf``, ``NaN``, ``abc``
+  and ``2.5`` are quarantined as ``<column>_<problem>`` (problems: ``ids.PROBLEMS``).
+* Duplicates are never overwritten silently: the first row (source order) is kept, later ones are
+  quarantined with the row they repeat (``"same as row N"`` / ``"conflicts with row N"``).
 """
 
 from __future__ import annotations
@@ -19,8 +24,12 @@ from __future__ import annotations
 import re
 from collections import Counter
 from dataclasses import dataclass, field
+from typing import Any
 
 import polars as pl
+
+from animind_assets.lib.data.ids import _NON_FINITE, _NUMBER, id_set, parse_id, parse_ids
+from animind_assets.lib.data.sources import QUARANTINE_SCHEMA, empty_frame
 
 MISSING_TOKENS = {"", "unknown", "nan", "none", "null", "n/a", "na", "-", "?"}
 PLACEHOLDER_SYNOPSIS = re.compile(
@@ -60,7 +69,6 @@ INTERACTIONS_SCHEMA = {
     "watched_episodes": pl.Int64,
     "seq": pl.Int64,
 }
-QUARANTINE_SCHEMA = {"source_row": pl.Int64, "reason": pl.Utf8, "column": pl.Utf8, "value": pl.Utf8, "record": pl.Utf8}
 
 
 @dataclass
@@ -68,8 +76,12 @@ class CleanResult:
     frame: pl.DataFrame
     quarantine: pl.DataFrame  # QUARANTINE_SCHEMA: rows that were dropped, one per row with its reason
     dropped_by_reason: dict[str, int] = field(default_factory=dict)
-    cleaned_values: dict[str, int] = field(default_factory=dict)  # "column:reason" -> count (kept rows)
-    input_rows: int = 0
+    cleaned_values: dict[str, int] = field(default_factory=dict)  # "column:reason" -> values set to null (kept rows)
+    input_rows: int = 0  # rows read from the source = frame.height + quarantine.height (without ``limit``)
+
+    @property
+    def kept_rows(self) -> int:
+        return self.frame.height
 
 
 # ------------------------------------------------------------------------------------------ helpers
@@ -102,29 +114,26 @@ def split_list(value: object) -> list[str]:
 
 
 def parse_int(value: object) -> tuple[int | None, str | None]:
-    """(value, problem) where problem is None, 'missing' or 'non_numeric'."""
-    text = clean_str(value)
-    if text is None:
+    """(value, problem): exact int64 via ``ids.parse_id``; MAL placeholders (``'Unknown'``, ``''``...) are
+    ``'missing'``; other problems: ``ids.PROBLEMS``."""
+    if isinstance(value, str) and clean_str(value) is None:
         return None, "missing"
-    try:
-        as_float = float(text)
-    except ValueError:
-        return None, "non_numeric"
-    if as_float != as_float or as_float in (float("inf"), float("-inf")) or not as_float.is_integer():
-        return None, "non_numeric"
-    return int(as_float), None
+    return parse_id(value)
 
 
 def parse_float(value: object) -> tuple[float | None, str | None]:
+    """(value, problem) with problem None, 'missing', 'not_a_number' or 'not_finite' (decimal text only:
+    no ``1_0``, no hex)."""
     text = clean_str(value)
     if text is None:
         return None, "missing"
-    try:
-        number = float(text)
-    except ValueError:
-        return None, "non_numeric"
+    if _NON_FINITE.fullmatch(text):
+        return None, "not_finite"
+    if not _NUMBER.fullmatch(text):
+        return None, "not_a_number"
+    number = float(text)
     if number != number or number in (float("inf"), float("-inf")):
-        return None, "non_numeric"
+        return None, "not_finite"
     return number, None
 
 
@@ -167,25 +176,49 @@ def build_anime_text(row: dict) -> str:
 def _record(row: dict) -> str:
     import json
 
-    return json.dumps({k: v for k, v in row.items() if k != "source_row"}, ensure_ascii=False, default=str)[:2000]
+    return json.dumps({k: v for k, v in row.items() if k != "source_row" and not k.startswith("_")}, ensure_ascii=False, default=str)[:2000]
+
+
+def _split_raw(raw: Any) -> tuple[pl.DataFrame, pl.DataFrame]:
+    """A raw frame, or a ``RawCatalog`` / ``RawInteractions`` (frame + rows its reader quarantined)."""
+    if isinstance(raw, pl.DataFrame):
+        frame, rejected = raw, empty_frame(QUARANTINE_SCHEMA)
+    else:
+        frame, rejected = raw.frame, raw.rejected
+    if "source_row" not in frame.columns:
+        frame = frame.with_row_index("source_row", offset=1).with_columns(pl.col("source_row").cast(pl.Int64))
+    return frame, rejected.select(list(QUARANTINE_SCHEMA)).cast(QUARANTINE_SCHEMA)
+
+
+def _finish_quarantine(own: list[dict] | pl.DataFrame, rejected: pl.DataFrame) -> tuple[pl.DataFrame, dict[str, int]]:
+    if isinstance(own, list):
+        own = pl.DataFrame(own, schema=QUARANTINE_SCHEMA, orient="row") if own else empty_frame(QUARANTINE_SCHEMA)
+    q = pl.concat([rejected, own.select(list(QUARANTINE_SCHEMA)).cast(QUARANTINE_SCHEMA)], how="vertical").sort("source_row", maintain_order=True)
+    return q, dict(Counter(q["reason"].to_list()))
 
 
 # ----------------------------------------------------------------------------------------- catalog
-def clean_anime(raw: pl.DataFrame, include_adult: bool = False, limit: int | None = None) -> CleanResult:
-    """Clean a raw catalog frame (see ``sources.CATALOG_COLUMNS``) into ``anime_prep`` rows.
+def clean_anime(raw: Any, include_adult: bool = False, limit: int | None = None) -> CleanResult:
+    """Clean a raw catalog (``sources.RawCatalog`` or its frame, see ``sources.CATALOG_COLUMNS``) into
+    ``anime_prep`` rows (``ANIME_PREP_SCHEMA``).
 
-    ``limit`` keeps the first N valid rows in source order (after exclusions), for fast demos.
+    Quarantined with a reason (first match wins): ``anime_id_<problem>`` (missing, not_a_number,
+    not_finite, not_integral, out_of_range), ``duplicate_anime_id`` (value: ``"<id> (first at row N)"``),
+    ``null_name``, ``adult_excluded`` (unless ``include_adult``); plus whatever the reader quarantined
+    (e.g. ``undecodable_text``). Values set to null in kept rows are counted in ``cleaned_values`` as
+    ``score|episodes|members:<problem>``, ``...:out_of_range`` and ``synopsis:placeholder``.
+    ``limit`` keeps the first N valid rows in source order (after exclusions), for fast demos; rows past
+    the limit are not counted (``input_rows`` is then the number of rows examined).
     """
-    if "source_row" not in raw.columns:
-        raw = raw.with_row_index("source_row", offset=1).with_columns(pl.col("source_row").cast(pl.Int64))
+    frame, rejected = _split_raw(raw)
+    ids, problems = parse_ids(frame["anime_id"])
     rows_out: list[dict] = []
     quarantine: list[dict] = []
-    dropped: Counter[str] = Counter()
     cleaned: Counter[str] = Counter()
-    seen_ids: set[int] = set()
+    first_row: dict[int, int] = {}
+    examined = 0
 
     def drop(row: dict, reason: str, column: str | None = None, value: object = None) -> None:
-        dropped[reason] += 1
         quarantine.append(
             {
                 "source_row": row.get("source_row"),
@@ -196,13 +229,22 @@ def clean_anime(raw: pl.DataFrame, include_adult: bool = False, limit: int | Non
             }
         )
 
-    for row in raw.iter_rows(named=True):
-        anime_id, problem = parse_int(row.get("anime_id"))
+    def int_field(row: dict, col: str, minimum: int = 0) -> int | None:
+        value, p = parse_int(row.get(col))
+        if p is not None and p != "missing":
+            cleaned[f"{col}:{p}"] += 1
+        elif value is not None and value < minimum:
+            cleaned[f"{col}:out_of_range"] += 1
+            value = None
+        return value
+
+    for row, anime_id, problem in zip(frame.iter_rows(named=True), ids.to_list(), problems.to_list()):
+        examined += 1
         if anime_id is None:
-            drop(row, "invalid_anime_id", "anime_id", row.get("anime_id"))
+            drop(row, f"anime_id_{problem}", "anime_id", row.get("anime_id"))
             continue
-        if anime_id in seen_ids:
-            drop(row, "duplicate_anime_id", "anime_id", anime_id)
+        if anime_id in first_row:
+            drop(row, "duplicate_anime_id", "anime_id", f"{anime_id} (first at row {first_row[anime_id]})")
             continue
         name = clean_str(row.get("name"))
         if name is None:
@@ -213,26 +255,16 @@ def clean_anime(raw: pl.DataFrame, include_adult: bool = False, limit: int | Non
         if not include_adult and (rating in ADULT_RATINGS or ADULT_GENRE in genres):
             drop(row, "adult_excluded", "rating" if rating in ADULT_RATINGS else "genres", rating or ADULT_GENRE)
             continue
-        seen_ids.add(anime_id)
+        first_row[anime_id] = row.get("source_row")
 
         score, p = parse_float(row.get("score"))
-        if p == "non_numeric":
-            cleaned["score:non_numeric"] += 1
+        if p is not None and p != "missing":
+            cleaned[f"score:{p}"] += 1
         elif score is not None and not (1.0 <= score <= 10.0):
             cleaned["score:out_of_range"] += 1
             score = None
-        episodes, p = parse_int(row.get("episodes"))
-        if p == "non_numeric":
-            cleaned["episodes:non_numeric"] += 1
-        elif episodes is not None and episodes < 0:
-            cleaned["episodes:out_of_range"] += 1
-            episodes = None
-        members, p = parse_int(row.get("members"))
-        if p == "non_numeric":
-            cleaned["members:non_numeric"] += 1
-        elif members is not None and members < 0:
-            cleaned["members:out_of_range"] += 1
-            members = None
+        episodes = int_field(row, "episodes")
+        members = int_field(row, "members")
         raw_syn = row.get("synopsis")
         synopsis = clean_synopsis(raw_syn)
         if synopsis is None and clean_str(raw_syn) is not None:
@@ -263,87 +295,137 @@ def clean_anime(raw: pl.DataFrame, include_adult: bool = False, limit: int | Non
         if limit is not None and len(rows_out) >= limit:
             break
 
-    frame = pl.DataFrame(rows_out, schema=ANIME_PREP_SCHEMA, orient="row") if rows_out else pl.DataFrame(schema=ANIME_PREP_SCHEMA)
-    frame = frame.sort("anime_id")
-    qframe = pl.DataFrame(quarantine, schema=QUARANTINE_SCHEMA, orient="row") if quarantine else pl.DataFrame(schema=QUARANTINE_SCHEMA)
-    return CleanResult(frame, qframe, dict(dropped), dict(cleaned), input_rows=raw.height)
+    out = pl.DataFrame(rows_out, schema=ANIME_PREP_SCHEMA, orient="row") if rows_out else pl.DataFrame(schema=ANIME_PREP_SCHEMA)
+    out = out.sort("anime_id")
+    qframe, dropped = _finish_quarantine(quarantine, rejected)
+    return CleanResult(out, qframe, dropped, dict(cleaned), input_rows=examined + rejected.height)
+
+
+def catalog_ids(raw: Any) -> set[int]:
+    """Every id the catalog source holds (the known-id set of ``clean_interactions``), parsed with
+    ``ids.parse_ids``: the kept rows' ids plus the ids of rows the reader quarantined (e.g.
+    ``undecodable_text``), so interactions with those anime count as ``excluded_anime``, not unknown."""
+    frame, rejected = _split_raw(raw)
+    known = id_set(frame["anime_id"])
+    if rejected.height:
+        rec_ids = rejected.select(pl.col("record").str.json_path_match("$.anime_id")).to_series()
+        known |= id_set(rec_ids)
+    return known
 
 
 # ------------------------------------------------------------------------------------ interactions
+_INT_COLUMNS = ["user_id", "anime_id", "score", "watching_status", "watched_episodes"]
+
+
 def clean_interactions(
-    raw: pl.DataFrame,
+    raw: Any,
     known_anime: pl.DataFrame | set[int] | None,
     excluded_anime: set[int] | None = None,
 ) -> CleanResult:
-    """Validate raw interaction rows (see ``sources.INTERACTION_COLUMNS``).
+    """Validate raw interaction rows (``sources.RawInteractions`` or its frame, see
+    ``sources.INTERACTION_COLUMNS``) into ``INTERACTIONS_SCHEMA`` rows.
 
-    Quarantined with a reason: non-numeric ids, scores or statuses; scores outside 0..10; statuses not in
-    {1,2,3,4,6}; negative episode counts; duplicate (user, anime) pairs (first kept); interactions for anime
-    excluded by ``anime_prep`` (e.g. adult titles: ``excluded_anime``) or not in the catalog at all.
-    ``seq`` is the 0-based position of the row within its user's list in source order.
+    Every integer field is parsed exactly (``ids.parse_ids``). Quarantined with a reason (first match
+    wins): ``user_id_<problem>``, ``anime_id_<problem>``, ``score_<problem>``, ``score_out_of_range``
+    (outside 0..10), ``watching_status_<problem>``, ``invalid_status`` (not in {1,2,3,4,6}),
+    ``invalid_watched_episodes`` (negative), ``excluded_anime`` (in ``excluded_anime``, e.g. adult titles
+    left out of ``anime_prep``), ``unknown_anime`` (not in ``known_anime``), ``duplicate_user_anime``
+    (a later row for the same (user, anime): value ``"same as row N"`` or ``"conflicts with row N"``; the
+    first row in source order is kept); plus whatever the reader quarantined. ``watched_episodes`` that is
+    missing or not an exact integer is set to null and counted in ``cleaned_values`` as
+    ``watched_episodes:<problem>``. ``seq`` is the 0-based position of the row within its user's list in
+    source order.
     """
-    if "source_row" not in raw.columns:
-        raw = raw.with_row_index("source_row", offset=1).with_columns(pl.col("source_row").cast(pl.Int64))
+    frame, rejected = _split_raw(raw)
     if isinstance(known_anime, pl.DataFrame):
         known = set(known_anime["anime_id"].to_list())
     else:
         known = set(known_anime) if known_anime is not None else None
     excluded = excluded_anime or set()
 
-    df = raw.with_columns(
-        [
-            pl.col(c).str.strip_chars().cast(pl.Float64, strict=False).alias(f"_{c}")
-            for c in ["user_id", "anime_id", "score", "watching_status", "watched_episodes"]
-        ]
-    )
-    reasons: list[tuple[str, str, pl.Expr]] = []
-    for col in ["user_id", "anime_id", "score", "watching_status"]:
-        reasons.append((f"non_numeric_{col}", col, pl.col(f"_{col}").is_null() | (pl.col(f"_{col}") != pl.col(f"_{col}").round(0))))
-    reasons.append(("score_out_of_range", "score", (pl.col("_score") < 0) | (pl.col("_score") > 10)))
-    reasons.append(("invalid_status", "watching_status", ~pl.col("_watching_status").is_in(list(VALID_STATUSES))))
-    reasons.append(("invalid_watched_episodes", "watched_episodes", pl.col("_watched_episodes") < 0))
+    parsed = []
+    for c in _INT_COLUMNS:
+        values, problems = parse_ids(frame[c])
+        parsed += [values.alias(f"_{c}"), problems.alias(f"_{c}_problem")]
+    df = frame.with_columns(parsed)
+
+    def problem(col: str) -> tuple[pl.Expr, pl.Expr, str]:
+        return pl.col(f"_{col}_problem").is_not_null(), pl.concat_str(pl.lit(f"{col}_"), pl.col(f"_{col}_problem")), col
+
+    reasons: list[tuple[pl.Expr, pl.Expr, str]] = [
+        problem("user_id"),
+        problem("anime_id"),
+        problem("score"),
+        ((pl.col("_score") < 0) | (pl.col("_score") > 10), pl.lit("score_out_of_range"), "score"),
+        problem("watching_status"),
+        (~pl.col("_watching_status").is_in(list(VALID_STATUSES)), pl.lit("invalid_status"), "watching_status"),
+        (pl.col("_watched_episodes") < 0, pl.lit("invalid_watched_episodes"), "watched_episodes"),
+    ]
     if excluded:
-        reasons.append(("excluded_anime", "anime_id", pl.col("_anime_id").is_in(list(excluded))))
+        reasons.append((pl.col("_anime_id").is_in(list(excluded)), pl.lit("excluded_anime"), "anime_id"))
     if known is not None:
-        reasons.append(("unknown_anime", "anime_id", ~pl.col("_anime_id").is_in(list(known))))
+        reasons.append((~pl.col("_anime_id").is_in(list(known)), pl.lit("unknown_anime"), "anime_id"))
 
     reason_expr = pl.lit(None, dtype=pl.Utf8)
     column_expr = pl.lit(None, dtype=pl.Utf8)
     value_expr = pl.lit(None, dtype=pl.Utf8)
-    for name, col, cond in reversed(reasons):  # first matching reason wins
+    for cond, name, col in reversed(reasons):  # first matching reason wins
         hit = cond.fill_null(False)
-        reason_expr = pl.when(hit).then(pl.lit(name)).otherwise(reason_expr)
+        reason_expr = pl.when(hit).then(name).otherwise(reason_expr)
         column_expr = pl.when(hit).then(pl.lit(col)).otherwise(column_expr)
-        value_expr = pl.when(hit).then(pl.col(col)).otherwise(value_expr)
+        value_expr = pl.when(hit).then(pl.col(col).cast(pl.Utf8)).otherwise(value_expr)
     df = df.with_columns(reason_expr.alias("_reason"), column_expr.alias("_column"), value_expr.alias("_value"))
 
     valid = df.filter(pl.col("_reason").is_null())
-    dup_mask = valid.select(pl.struct("_user_id", "_anime_id").is_duplicated() & ~pl.struct("_user_id", "_anime_id").is_first_distinct()).to_series()
-    duplicates = valid.filter(dup_mask).with_columns(
-        pl.lit("duplicate_user_anime").alias("_reason"), pl.lit("anime_id").alias("_column"), pl.col("anime_id").alias("_value")
+    is_first = valid.select(pl.struct("_user_id", "_anime_id").is_first_distinct()).to_series()
+    firsts = valid.filter(is_first).select(
+        "_user_id", "_anime_id", pl.col("source_row").alias("_first_row"),
+        pl.struct("_score", "_watching_status", "_watched_episodes").alias("_first_vals"),
     )
-    valid = valid.filter(~dup_mask)
+    duplicates = (
+        valid.filter(~is_first)
+        .join(firsts, on=["_user_id", "_anime_id"], how="left")
+        .with_columns(
+            pl.lit("duplicate_user_anime").alias("_reason"),
+            pl.lit("anime_id").alias("_column"),
+            pl.when(pl.struct("_score", "_watching_status", "_watched_episodes").eq_missing(pl.col("_first_vals")))
+            .then(pl.concat_str(pl.lit("same as row "), pl.col("_first_row").cast(pl.Utf8)))
+            .otherwise(pl.concat_str(pl.lit("conflicts with row "), pl.col("_first_row").cast(pl.Utf8)))
+            .alias("_value"),
+        )
+        .select(df.columns)
+    )
+    valid = valid.filter(is_first)
     bad = pl.concat([df.filter(pl.col("_reason").is_not_null()), duplicates], how="vertical")
 
+    cleaned = {
+        f"watched_episodes:{k}": v
+        for k, v in valid.filter(pl.col("_watched_episodes_problem").is_not_null())
+        .group_by("_watched_episodes_problem")
+        .len()
+        .sort("_watched_episodes_problem")
+        .iter_rows()
+    }
     out = (
         valid.sort("source_row")
         .select(
-            pl.col("_user_id").cast(pl.Int64).alias("user_id"),
-            pl.col("_anime_id").cast(pl.Int64).alias("anime_id"),
-            pl.col("_score").cast(pl.Int64).alias("score"),
-            pl.col("_watching_status").cast(pl.Int64).alias("status"),
-            pl.col("_watched_episodes").fill_nan(None).cast(pl.Int64, strict=False).fill_null(0).alias("watched_episodes"),
+            pl.col("_user_id").alias("user_id"),
+            pl.col("_anime_id").alias("anime_id"),
+            pl.col("_score").alias("score"),
+            pl.col("_watching_status").alias("status"),
+            pl.col("_watched_episodes").alias("watched_episodes"),
         )
         .with_columns(pl.int_range(pl.len()).over("user_id").cast(pl.Int64).alias("seq"))
         .sort(["user_id", "seq"])
+        .cast(INTERACTIONS_SCHEMA)
     )
-    raw_cols = [c for c in raw.columns if c != "source_row"]
-    quarantine = bad.select(
+    raw_cols = [c for c in frame.columns if c != "source_row" and not c.startswith("_")]
+    own = bad.select(
         pl.col("source_row").cast(pl.Int64),
         pl.col("_reason").alias("reason"),
         pl.col("_column").alias("column"),
         pl.col("_value").alias("value"),
         pl.struct(raw_cols).struct.json_encode().alias("record"),
-    ).select(list(QUARANTINE_SCHEMA))
-    dropped = dict(Counter(quarantine["reason"].to_list()))
-    return CleanResult(out, quarantine.sort("source_row"), dropped, {}, input_rows=raw.height)
+    )
+    quarantine, dropped = _finish_quarantine(own, rejected)
+    return CleanResult(out, quarantine, dropped, cleaned, input_rows=frame.height + rejected.height)

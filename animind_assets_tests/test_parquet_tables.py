@@ -224,6 +224,7 @@ def _materialize_partition(root: str, partition: str, barrier, rounds: int) -> N
         assert result.success
 
 
+@pytest.mark.slow
 def test_dagster_partitions_from_two_processes_then_union(tmp_path):
     """Two processes materialize different partitions of one asset at the same time through the IO
     manager; a downstream asset then loads all partitions as one frame."""

@@ -85,10 +85,12 @@ def test_write_read_replace_and_layout(tmp_path):
     assert store.read_table("anime_prep").height == 100
     assert store.read(loc, columns=["item_id"]).columns == ["item_id"]
     # partition keys become one safe path segment and come back unchanged
-    for key in ("2024-01-01", "a/b", "..", "x|y"):
+    keys = ("2024-01-01", "a/b", "..", "x|y", "_manifest.json", ".hidden", "100%")
+    for key in keys:
         store.write(store.location("parts", key), _frame(key, 0, 10), partition=key)
-    assert set(store.partitions("parts")) == {"2024-01-01", "a/b", "..", "x|y"}
+    assert set(store.partitions("parts")) == set(keys)
     assert partition_dir_name("..") not in ("..", ".") and "/" not in partition_dir_name("a/b")
+    assert not partition_dir_name("_manifest.json").startswith("_")
     assert store.read_partitions("parts", ["a/b", "x|y"]).height == 20
     with pytest.raises(TableNotFoundError, match="not committed"):
         store.read_partitions("parts", ["nope"])

@@ -87,9 +87,15 @@ class Manifest:
 
 
 def partition_dir_name(partition_key: str) -> str:
-    """A partition key as one safe path segment (``/``, ``|``, ``..`` and ``%`` percent-encoded)."""
+    """A partition key as one safe path segment: ``/``, ``|``, ``%`` and the like percent-encoded, and a
+    leading ``.`` / ``_`` too (so ``..`` cannot climb and no key collides with ``_manifest.json`` or
+    hidden temp files). ``unquote`` gives the key back."""
+    if not partition_key:
+        raise ValueError("empty partition key")
     name = quote(partition_key, safe="=-_.,:+@")
-    return name.replace(".", "%2E") if set(name) == {"."} else name
+    if name[0] in "._":
+        name = f"%{ord(name[0]):02X}{name[1:]}"
+    return name
 
 
 def _is_local(path: UPath) -> bool:
@@ -234,8 +240,8 @@ class ParquetTableStore:
             return {}
         found = {}
         for child in base.iterdir():
-            if child.name.startswith((".", "_")) or child.name.endswith(".parquet"):
-                continue
+            if child.name.startswith((".", "_")) or (child.name.startswith("data-") and child.name.endswith(".parquet")):
+                continue  # temp files, the table's own manifest, its unpartitioned data objects
             if (child / MANIFEST).exists():
                 found[unquote(child.name)] = child
         return dict(sorted(found.items()))

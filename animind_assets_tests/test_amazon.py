@@ -12,15 +12,9 @@ import dagster as dg
 import polars as pl
 import pytest
 
-from animind_assets.lib.data.amazon import (
-    flatten_categories,
-    item_text,
-    load_prepared_split,
-    load_raw_amazon,
-    parse_record,
-    read_records,
-    sequences_from_interactions,
-)
+from animind_assets.lib.data.amazon import flatten_categories, item_text, load_raw_amazon, sequences_from_interactions
+from animind_assets.lib.data.amazon_records import parse_record, read_records
+from animind_assets.lib.data.amazon_split import load_prepared_split
 from animind_assets.lib.data.sources import SourceError
 
 # reviews as JSON lines; B and A reviewed on the same day by u1 (tie kept in file order)

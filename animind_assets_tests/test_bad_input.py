@@ -23,7 +23,9 @@ import polars as pl
 import pytest
 
 from animind_assets.lib.data import prep, sources
-from animind_assets.lib.data.amazon import load_prepared_split, load_raw_amazon, parse_record, read_records
+from animind_assets.lib.data.amazon import load_raw_amazon
+from animind_assets.lib.data.amazon_records import parse_record, read_records
+from animind_assets.lib.data.amazon_split import load_prepared_split
 from animind_assets.lib.data.ids import parse_id, parse_ids
 from animind_assets.lib.data.sources import EmptyResultError, SourceError
 
@@ -655,7 +657,7 @@ def test_csv_fast_path_and_exact_reader_agree(tmp_path):
 
 
 def test_amazon_memory_error_on_one_line_is_a_bad_line(tmp_path, monkeypatch):
-    import animind_assets.lib.data.amazon as amazon
+    import animind_assets.lib.data.amazon_records as amazon
 
     real_loads = json.loads
 

@@ -6,7 +6,8 @@ from typing import Optional
 import dagster as dg
 from pydantic import Field
 
-from animind_assets.lib.data.amazon import AmazonData, load_prepared_split, load_raw_amazon
+from animind_assets.lib.data.amazon import AmazonData, load_raw_amazon
+from animind_assets.lib.data.amazon_split import load_prepared_split
 from animind_assets.meta import counts_md, scalar_metadata
 
 GROUP = "beauty"

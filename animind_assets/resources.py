@@ -21,7 +21,8 @@ from dagster._core.storage.upath_io_manager import UPathIOManager
 from filelock import FileLock
 from pydantic import Field
 
-from animind_assets.lib.common.storage import ArtifactStore
+from animind_assets.lib.common.faults import crash_point
+from animind_assets.lib.common.storage import ArtifactStore, as_path, sweep_stale_temps
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 
@@ -62,6 +63,227 @@ def locked_duckdb(database: str, read_only: bool = False, timeout_s: float = 600
             conn.close()
 
 
+# --------------------------------------------------------------------------------------------------
+# Tables and their Parquet exports commit together (rule 4 of issue 12).
+#
+# ``ParquetExports.write`` does not overwrite ``<root>/<name>.parquet``: it writes a complete staged
+# file ``<root>/.staged/<name>.<token>.parquet`` and registers it under its asset (the last path part
+# of ``name``: ``anime_prep`` and ``quarantine/anime_prep`` both belong to ``anime_prep``). The IO
+# manager, when it stores that asset's table, (1) writes an intent file
+# ``<database>.pending/<token>.json`` naming the table and the staged/final export paths, (2) replaces
+# the table and stamps it with ``COMMENT ON TABLE ... 'animind-commit:<token>'`` in ONE DuckDB
+# transaction, (3) renames the staged files into place, (4) deletes the intent. A crash before (2)
+# commits leaves the old table and the old export (the staged files are deleted by the recovery); a
+# crash after (2) leaves an intent whose token IS the table's comment, and the recovery finishes the
+# renames. Recovery runs under the DuckDB file lock at the start of every store/load of the IO
+# manager and in ``animind doctor``; so a reader never sees a table and export that disagree.
+# --------------------------------------------------------------------------------------------------
+_COMMIT_PREFIX = "animind-commit:"
+_PENDING_EXPORTS: dict[str, list[dict]] = {}
+
+
+def _pending_dir(database: str) -> Path:
+    return Path(database + ".pending")
+
+
+def _rename(staged: str, final: str) -> None:
+    src, dst = as_path(staged), as_path(final)
+    if getattr(src, "protocol", "") in ("", "file", "local"):
+        Path(dst.path).parent.mkdir(parents=True, exist_ok=True)
+        os.replace(src.path, dst.path)
+    else:  # object stores have no rename: copy then delete (the intent makes it restartable)
+        src.fs.copy(src.path, dst.path)
+        src.fs.rm(src.path)
+
+
+def _remove(path: str) -> None:
+    p = as_path(path)
+    try:
+        if p.exists():
+            p.fs.rm(p.path)
+    except FileNotFoundError:
+        pass
+
+
+def _table_comment(conn, schema: str, table: str) -> str | None:
+    row = conn.execute(
+        "select comment from duckdb_tables() where schema_name = ? and table_name = ?", [schema, table]
+    ).fetchone()
+    return row[0] if row else None
+
+
+def recover_exports(conn, database: str, log=None) -> dict[str, int]:
+    """Finish or undo the export publications of crashed steps (see the block comment above).
+
+    ``conn``: an open connection to ``database`` (held under its file lock). Returns
+    ``{"published": n, "discarded": m}``; ``log`` gets one line per intent handled."""
+    out = {"published": 0, "discarded": 0}
+    folder = _pending_dir(database)
+    if database == ":memory:" or not folder.is_dir():
+        return out
+    import json
+
+    for intent_file in sorted(folder.glob("*.json")):
+        try:
+            intent = json.loads(intent_file.read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            intent_file.unlink(missing_ok=True)
+            continue
+        committed = _table_comment(conn, intent["schema"], intent["table"]) == _COMMIT_PREFIX + intent["token"]
+        for item in intent["exports"]:
+            if committed:
+                if as_path(item["staged"]).exists():
+                    _rename(item["staged"], item["final"])
+            else:
+                _remove(item["staged"])
+        out["published" if committed else "discarded"] += 1
+        if log is not None:
+            what = "published its exports" if committed else "discarded its staged exports (table not committed)"
+            log(f"recovered crashed write of {intent['schema']}.{intent['table']} (token {intent['token']}): {what}")
+        intent_file.unlink(missing_ok=True)
+    return out
+
+
+def _sweep_orphan_staged(folders, keep: set[str]) -> None:
+    """Delete staged exports of dead processes (``<name>.p<pid>-<hex>.parquet``) that no intent needs
+    (call after ``recover_exports``, under the DuckDB lock)."""
+    import re
+
+    from animind_assets.lib.common.storage import _pid_alive
+
+    for folder in folders:
+        local = Path(as_path(folder).path)
+        if getattr(as_path(folder), "protocol", "") not in ("", "file", "local") or not local.is_dir():
+            continue
+        for f in local.iterdir():
+            m = re.search(r"\.p(\d+)-[0-9a-f]{8}\.parquet$", f.name)
+            if m and str(f) not in keep and int(m.group(1)) != os.getpid() and not _pid_alive(int(m.group(1))):
+                f.unlink(missing_ok=True)
+        sweep_stale_temps(local)
+
+
+def _asset_name(context) -> str:
+    return context.asset_key.path[-1] if context.has_asset_key else context.name
+
+
+# Row-count guard (rule 4): an asset output with 0 rows never replaces a table, unless the asset
+# declares ``metadata={ALLOW_EMPTY: True}``; an output below ``MIN_ROW_FRACTION`` of a previous table
+# of at least ``SHRINK_GUARD_MIN_ROWS`` rows is refused unless the run has tag ``ALLOW_SHRINK_TAG=true``.
+ALLOW_EMPTY = "animind/allow_empty"
+ALLOW_SHRINK_TAG = "animind/allow_shrink"
+MIN_ROW_FRACTION = 0.01
+SHRINK_GUARD_MIN_ROWS = 1000
+
+
+class OutputRefused(dg.Failure):
+    """An asset output that would replace a good table with an empty / near-empty one."""
+
+
+def _row_count(obj) -> int | None:
+    height = getattr(obj, "height", None)
+    if isinstance(height, int):
+        return height
+    try:
+        return len(obj)
+    except TypeError:
+        return None
+
+
+class AniMindDbIOManager(DbIOManager):
+    """``DbIOManager`` + the row-count guard + staged Parquet exports committed with the table."""
+
+    def _guard(self, context, table_slice, obj, conn) -> None:
+        n_new = _row_count(obj)
+        if n_new is None:
+            return
+        name = _asset_name(context)
+        meta = context.definition_metadata or {}
+        table = f"{table_slice.schema}.{table_slice.table}"
+        n_old = None
+        if conn.execute(
+            "select count(*) from duckdb_tables() where schema_name = ? and table_name = ?",
+            [table_slice.schema, table_slice.table],
+        ).fetchone()[0]:
+            n_old = int(conn.execute(f'select count(*) from "{table_slice.schema}"."{table_slice.table}"').fetchone()[0])
+        if n_new == 0 and not meta.get(ALLOW_EMPTY):
+            raise OutputRefused(
+                description=(
+                    f"asset {name} produced 0 rows; refusing to replace table {table} "
+                    f"({'absent' if n_old is None else f'{n_old:,} rows'}) and its exports. The previous table and "
+                    "Parquet export are kept. Check the upstream source (an empty or unreadable input?)."
+                ),
+                metadata={"rows_new": 0, "rows_previous": -1 if n_old is None else n_old},
+            )
+        tags = getattr(getattr(context, "step_context", None), "run_tags", None) or {}
+        if (
+            n_old is not None
+            and n_old >= SHRINK_GUARD_MIN_ROWS
+            and 0 < n_new < MIN_ROW_FRACTION * n_old
+            and str(tags.get(ALLOW_SHRINK_TAG, "")).lower() != "true"
+        ):
+            raise OutputRefused(
+                description=(
+                    f"asset {name} produced {n_new:,} rows, under {MIN_ROW_FRACTION:.0%} of the {n_old:,} rows of "
+                    f"table {table}; refusing to replace it (run tag {ALLOW_SHRINK_TAG}=true to accept)."
+                ),
+                metadata={"rows_new": n_new, "rows_previous": n_old},
+            )
+
+    def handle_output(self, context, obj) -> None:
+        import json
+        import uuid
+
+        if obj is None:
+            return super().handle_output(context, obj)
+        self._check_supported_type(type(obj))
+        table_slice = self._get_table_slice(context, context)
+        name = _asset_name(context)
+        staged = _PENDING_EXPORTS.pop(name, [])
+        token = uuid.uuid4().hex
+        intent_file = None
+        with self._db_client.connect(context, table_slice) as conn:
+            recover_exports(conn, self._database, log=context.log.warning)
+            _sweep_orphan_staged({str(as_path(i["staged"]).parent) for i in staged}, keep={i["staged"] for i in staged})
+            self._db_client.ensure_schema_exists(context, table_slice, conn)
+            self._guard(context, table_slice, obj, conn)
+            if staged and self._database != ":memory:":
+                folder = _pending_dir(self._database)
+                folder.mkdir(parents=True, exist_ok=True)
+                intent_file = folder / f"{token}.json"
+                intent = {"token": token, "schema": table_slice.schema, "table": table_slice.table, "exports": staged}
+                tmp = folder / f".{token}.tmp"
+                tmp.write_text(json.dumps(intent), encoding="utf-8")
+                os.replace(tmp, intent_file)
+            self._db_client.delete_table_slice(context, table_slice, conn)
+            handler = self._resolve_handler(type(obj))
+            handler_metadata = handler.handle_output(context, table_slice, obj, conn)
+            if not table_slice.partition_dimensions:
+                conn.execute(
+                    f'COMMENT ON TABLE "{table_slice.schema}"."{table_slice.table}" IS \'{_COMMIT_PREFIX}{token}\''
+                )
+            crash_point("before_table_commit")
+        crash_point("after_table_commit")
+        for item in staged:
+            _rename(item["staged"], item["final"])
+        if intent_file is not None:
+            intent_file.unlink(missing_ok=True)
+        context.add_output_metadata(
+            {**(handler_metadata or {}), "Query": self._db_client.get_select_statement(table_slice)}
+        )
+        try:
+            from dagster import TableMetadataSet
+
+            context.add_output_metadata(dict(TableMetadataSet(table_name=self._db_client.get_table_name(table_slice))))
+        except Exception:  # noqa: BLE001 - already attached by the asset
+            pass
+
+    def load_input(self, context):
+        if self._database != ":memory:" and _pending_dir(self._database).is_dir() and any(_pending_dir(self._database).glob("*.json")):
+            with locked_duckdb(self._database) as conn:
+                recover_exports(conn, self._database, log=context.log.warning)
+        return super().load_input(context)
+
+
 class LockedDuckDbClient(DuckDbClient):
     """Locked connections, one transaction per IO call, and whole-table replacement.
 
@@ -97,7 +319,7 @@ class AniMindDuckDBIOManager(DuckDBPolarsIOManager):
     """``DuckDBPolarsIOManager`` whose connections are serialized by a file lock."""
 
     def create_io_manager(self, context) -> DbIOManager:
-        return DbIOManager(
+        return AniMindDbIOManager(
             db_client=LockedDuckDbClient(),
             database=self.database,
             schema=self.schema_,
@@ -379,14 +601,31 @@ def default_exports_root() -> str:
 
 
 class ParquetExports(dg.ConfigurableResource):
-    """Parquet copies of every tabular asset (``<root>/<asset>.parquet``), written atomically."""
+    """Parquet copies of every tabular asset (``<root>/<asset>.parquet``), published together with the
+    asset's DuckDB table (see "Tables and their Parquet exports commit together" above)."""
 
     root: str = Field(default_factory=default_exports_root, description="local folder or fsspec URL")
 
-    def write(self, df, name: str) -> str:
+    def write(self, df, name: str, asset: str | None = None) -> str:
+        """Stage ``df`` as ``<root>/<name>.parquet``; the file appears there when the IO manager has
+        committed the table of ``asset`` (default: the last part of ``name``) in the same step. If the
+        step fails first, the previous export stays. Returns the final path (for metadata)."""
+        import uuid
+
         from animind_assets.lib.common.storage import write_parquet
 
-        return write_parquet(df, f"{self.root.rstrip('/')}/{name}.parquet")
+        root = self.root.rstrip("/")
+        final = f"{root}/{name}.parquet"
+        key = asset or name.rsplit("/", 1)[-1]
+        pending = _PENDING_EXPORTS.setdefault(key, [])
+        for old in [p for p in pending if p["final"] == final]:  # a retried write within one process
+            _remove(old["staged"])
+            pending.remove(old)
+        staged_dir = f"{root}/.staged"
+        staged = f"{staged_dir}/{name.replace('/', '__')}.p{os.getpid()}-{uuid.uuid4().hex[:8]}.parquet"
+        write_parquet(df, staged)
+        pending.append({"staged": staged, "final": final})
+        return final
 
 
 def default_mlflow_uri() -> str:

@@ -69,6 +69,7 @@ _QuantizerFields = derive_config(
         "early_stopping_patience": 'epochs without improvement (0 = off)',
         "early_stopping_min_delta": 'minimum val-loss improvement',
         "stop_after_epochs": 'train at most N epochs in this run (resume later)',
+        "resume_changes": "resume with changed training settings: 'refuse' | 'record' (kept in config_changes)",
         "full_eval_every": 'epochs between full-catalogue ID statistics',
         "num_threads": 'torch CPU threads (0 = default)',
         "dry_run_rows": 'rows used by a dry run',

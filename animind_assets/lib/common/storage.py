@@ -22,6 +22,69 @@ import polars as pl
 from upath import UPath
 
 
+TEMP_MARKERS = (".tmp-", ".old-")
+STALE_AFTER_S = 6 * 3600.0
+
+
+def _temp_name(local: Path, kind: str) -> Path:
+    """``.<name>.tmp-p<pid>-<hex8>`` (or ``.old-``): hidden, tagged with the writing process so
+    ``sweep_stale_temps`` can tell a dead writer's leftovers from a live writer's work."""
+    return local.with_name(f".{local.name}.{kind}-p{os.getpid()}-{uuid.uuid4().hex[:8]}")
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def sweep_stale_temps(folder: str | os.PathLike, stale_after_s: float = STALE_AFTER_S, log=None) -> list[str]:
+    """Delete the temp files/folders that ``atomic_file`` / ``atomic_dir`` leave behind when their
+    process is killed (``.<name>.tmp-p<pid>-<hex>`` and ``.<name>.old-...``) directly inside ``folder``.
+
+    A temp entry is stale when its writer process (pid in the name) no longer exists on this machine,
+    or, for names without a pid (older releases, other machines' writers on shared storage), when it
+    was last modified more than ``stale_after_s`` seconds ago. Local folders only (remote writes are
+    staged in a local temp dir that the OS cleans). Returns the removed paths; ``log`` gets one line."""
+    import re
+    import time
+
+    target = as_path(folder)
+    if not _is_local(target):
+        return []
+    local = Path(target.path)
+    if not local.is_dir():
+        return []
+    removed: list[str] = []
+    now = time.time()
+    for entry in local.iterdir():
+        name = entry.name
+        if not name.startswith(".") or not any(m in name for m in TEMP_MARKERS):
+            continue
+        m = re.search(r"\.(?:tmp|old)-p(\d+)-[0-9a-f]{8}$", name)
+        if m:
+            stale = int(m.group(1)) != os.getpid() and not _pid_alive(int(m.group(1)))
+        else:
+            try:
+                stale = now - entry.stat().st_mtime > stale_after_s
+            except FileNotFoundError:
+                continue
+        if not stale:
+            continue
+        if entry.is_dir() and not entry.is_symlink():
+            shutil.rmtree(entry, ignore_errors=True)
+        else:
+            entry.unlink(missing_ok=True)
+        removed.append(str(entry))
+    if removed and log is not None:
+        log(f"swept {len(removed)} stale temp file(s) left by killed runs in {local}: {[Path(r).name for r in removed[:5]]}")
+    return removed
+
+
 def _is_local(path: UPath | Path) -> bool:
     protocol = getattr(path, "protocol", "") or ""
     return protocol in ("", "file", "local")
@@ -38,7 +101,7 @@ def atomic_file(dest: str | os.PathLike) -> Iterator[Path]:
     if _is_local(target):
         local = Path(target.path)
         local.parent.mkdir(parents=True, exist_ok=True)
-        tmp = local.with_name(f".{local.name}.tmp-{uuid.uuid4().hex[:8]}")
+        tmp = _temp_name(local, "tmp")
         try:
             yield tmp
             os.replace(tmp, local)
@@ -60,13 +123,13 @@ def atomic_dir(dest: str | os.PathLike) -> Iterator[Path]:
     if _is_local(target):
         local = Path(target.path)
         local.parent.mkdir(parents=True, exist_ok=True)
-        tmp = local.with_name(f".{local.name}.tmp-{uuid.uuid4().hex[:8]}")
+        tmp = _temp_name(local, "tmp")
         tmp.mkdir()
         try:
             yield tmp
             old = None
             if local.exists():
-                old = local.with_name(f".{local.name}.old-{uuid.uuid4().hex[:8]}")
+                old = _temp_name(local, "old")
                 os.replace(local, old)
             os.replace(tmp, local)
             if old is not None:
@@ -139,6 +202,10 @@ class ArtifactStore:
 
     def atomic_dir(self, *parts: str):
         return atomic_dir(self.path(*parts))
+
+    def sweep(self, *parts: str, log=None) -> list[str]:
+        """``sweep_stale_temps`` of ``<root>/<parts...>`` (call at step start)."""
+        return sweep_stale_temps(self.path(*parts), log=log)
 
     def local_copy(self, *parts: str):
         return local_copy(self.path(*parts))

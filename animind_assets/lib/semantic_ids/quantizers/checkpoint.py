@@ -16,14 +16,13 @@ half-written checkpoint at the deterministic path.
 
 from __future__ import annotations
 
-import io
 import os
 from typing import Any
 
 import torch
 
+from animind_assets.lib.common.checkpoint import CheckpointError, load_payload, require_finished, save_payload
 from animind_assets.lib.semantic_ids.quantizers.config import QuantizerConfig
-from animind_assets.lib.common.storage import as_path, atomic_file
 
 FORMAT = "animind-quantizer"
 FORMAT_VERSION = 1
@@ -47,36 +46,42 @@ def _plain(obj: Any) -> Any:
 
 
 def save_checkpoint(payload: dict[str, Any], dest: str | os.PathLike) -> str:
+    """Atomic save through ``lib.common.checkpoint.save_payload`` (plain types only)."""
     data = dict(payload)
     data["format"] = FORMAT
     data["format_version"] = FORMAT_VERSION
     for key in ("config", "history", "metrics"):
         if key in data:
             data[key] = _plain(data[key])
-    with atomic_file(dest) as tmp:
-        torch.save(data, tmp)
-    return str(dest)
+    return save_payload(data, dest)
 
 
 def load_checkpoint(src: str | os.PathLike, map_location: str | torch.device = "cpu") -> dict[str, Any]:
-    path = as_path(src)
-    if not path.exists():
-        raise FileNotFoundError(f"quantizer checkpoint not found: {src}")
-    with path.open("rb") as fh:
-        buf = io.BytesIO(fh.read())
-    payload = torch.load(buf, map_location=map_location, weights_only=True)
-    if not isinstance(payload, dict) or payload.get("format") != FORMAT:
-        raise ValueError(f"{src} is not an AniMind quantizer checkpoint (format={payload.get('format') if isinstance(payload, dict) else type(payload)})")
+    """The checkpoint dict (``torch.load(weights_only=True)`` via ``lib.common.checkpoint``).
+
+    Raises ``FileNotFoundError`` when missing and ``CheckpointError`` (a ``ValueError``) for pickled
+    objects, foreign files and newer format versions; each message names the file."""
+    try:
+        payload = load_payload(src, map_location=map_location)
+    except FileNotFoundError:
+        raise FileNotFoundError(f"quantizer checkpoint not found: {src}") from None
+    if payload.get("format") != FORMAT:
+        raise CheckpointError(f"{src} is not an AniMind quantizer checkpoint (format={payload.get('format')!r})")
     if int(payload.get("format_version", 0)) > FORMAT_VERSION:
-        raise ValueError(f"{src} has checkpoint format_version {payload['format_version']} > supported {FORMAT_VERSION}")
+        raise CheckpointError(f"{src} has checkpoint format_version {payload['format_version']} > supported {FORMAT_VERSION}")
     return payload
 
 
-def load_quantizer(src: str | os.PathLike, map_location: str | torch.device = "cpu"):
-    """``(model, payload)`` with the model in eval mode, ready for ``model.codes(x)``."""
+def load_quantizer(src: str | os.PathLike, map_location: str | torch.device = "cpu", *, require_finished_model: bool = True):
+    """``(model, payload)`` with the model in eval mode, ready for ``model.codes(x)``.
+
+    By default an unfinished checkpoint (``finished`` not ``True``: its training run was killed or stopped
+    with ``stop_after_epochs`` before the schedule ended) is refused with ``CheckpointError``."""
     from animind_assets.lib.semantic_ids.quantizers.model import build_model
 
     payload = load_checkpoint(src, map_location)
+    if require_finished_model:
+        require_finished(payload, src, what=f"{payload.get('kind', 'quantizer')} quantizer")
     cfg = QuantizerConfig.from_dict(payload["config"])
     model = build_model(int(payload["input_dim"]), cfg)
     model.load_state_dict(payload["model_state"])

@@ -40,6 +40,26 @@ OPTIMIZERS = ("adam", "adamw", "adagrad")
 INPUT_NORMS = ("standardize", "center", "none")
 ACTIVATIONS = ("silu", "gelu", "relu")
 LR_SCHEDULES = ("cosine", "constant")
+RESUME_CHANGES = ("refuse", "record")
+
+# Resume compatibility (rule 6 of issue 12). A checkpoint can only be resumed with the same
+# architecture and update rule (else the weights mean something else: refused, naming the fields);
+# a change of training settings is refused unless ``resume_changes="record"``, in which case it is
+# adopted from the resume epoch on and recorded in the checkpoint's ``config_changes``. Fields not
+# listed (device, threads, amp, stop_after_epochs, evaluation cadence, init-only knobs, dry-run caps)
+# do not affect the continuation and may change freely.
+ARCHITECTURE_FIELDS = (
+    "quantizer", "hidden_dims", "decoder_hidden_dims", "latent_dim", "levels", "codebook_size",
+    "shared_codebook", "activation", "input_norm",
+)
+UPDATE_RULE_FIELDS = (
+    "codebook_update", "estimator", "optimizer", "beta", "ema_decay", "ema_eps",
+    "restart_dead_codes", "restart_window", "restart_min_usage",
+)
+TRAINING_FIELDS = (
+    "lr", "weight_decay", "adam_betas", "lr_schedule", "warmup_steps", "min_lr_ratio", "batch_size", "epochs",
+    "grad_accum_steps", "grad_clip", "seed", "val_fraction", "early_stopping_patience", "early_stopping_min_delta",
+)
 
 
 @dataclass
@@ -92,6 +112,7 @@ class QuantizerConfig:
     early_stopping_patience: int = 0  # epochs without val improvement; 0 = off
     early_stopping_min_delta: float = 0.0
     stop_after_epochs: int = 0  # train at most this many epochs in this call (schedule still spans `epochs`)
+    resume_changes: str = "refuse"  # resume with changed training settings (lr, batch_size, epochs, ...): "refuse" | "record"
     full_eval_every: int = 1  # epochs between full-catalogue code passes (unique-ID fraction); 0 = end only
     num_threads: int = 0  # torch CPU threads; 0 = leave as is
     dry_run: bool = False
@@ -113,6 +134,7 @@ class QuantizerConfig:
         check("lr_schedule", self.lr_schedule, LR_SCHEDULES)
         check("codebook_init", self.codebook_init, ("kmeans", "random"))
         check("first_level_init", self.first_level_init, ("ward", "kmeans++"))
+        check("resume_changes", self.resume_changes, RESUME_CHANGES)
         for name in ("latent_dim", "levels", "codebook_size", "batch_size", "epochs", "grad_accum_steps"):
             if int(getattr(self, name)) < 1:
                 raise ValueError(f"QuantizerConfig.{name} must be >= 1, got {getattr(self, name)}")

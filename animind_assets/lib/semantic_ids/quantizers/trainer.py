@@ -26,6 +26,8 @@ from typing import Any
 import numpy as np
 import torch
 
+from animind_assets.lib.common.checkpoint import CheckpointError, config_diff, format_diff
+from animind_assets.lib.common.device import resolve_device  # noqa: F401  (the one device rule; re-exported)
 from animind_assets.lib.common.fingerprint import array_fingerprint
 from animind_assets.lib.common.progress import Progress
 from animind_assets.lib.semantic_ids.quantizers.checkpoint import load_checkpoint, save_checkpoint
@@ -37,8 +39,9 @@ from animind_assets.lib.common.storage import as_path
 LogFn = Callable[[str], None]
 EpochFn = Callable[[dict[str, Any]], None]
 
-BEST_NAME = "model.pt"
-LAST_NAME = "last.pt"
+BEST_NAME = "model.pt"  # published: written once, when the training schedule has finished
+LAST_NAME = "last.pt"  # resume point, rewritten after every epoch
+STAGING_NAME = "best.staging.pt"  # best-so-far of a run in progress (never read by consumers)
 
 
 @dataclass
@@ -55,19 +58,14 @@ class QuantizerResult:
     stopped_early: bool = False
     train_seconds: float = 0.0
     samples_per_s: float = 0.0
+    finished: bool = True  # the schedule ended (all epochs or early stopping); False after stop_after_epochs
+    published: bool = False  # model.pt was (re)written by this call
 
 
 def _noop(_: str) -> None:
     return None
 
 
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    dev = torch.device(name)
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError(f"device={name!r} requested but CUDA is not available")
-    return dev
 
 
 def as_tensor(vectors) -> torch.Tensor:
@@ -128,6 +126,40 @@ def resolve_resume(resume: str | None, checkpoint_dir) -> str | None:
             raise ValueError(f"resume={resume!r} needs a checkpoint_dir")
         return _ckpt_path(checkpoint_dir, LAST_NAME if resume == "last" else BEST_NAME)
     return str(resume)
+
+
+def check_resume_config(payload: dict[str, Any], cfg: QuantizerConfig, path: str, log: LogFn = _noop) -> list[dict[str, Any]]:
+    """Compare a checkpoint's config with the requested ``cfg`` before resuming (rule 6 of issue 12).
+
+    * architecture / update-rule fields differ -> ``CheckpointError`` naming ``path`` and every differing
+      field with both values (instead of a raw ``size mismatch`` from ``load_state_dict``);
+    * training-setting fields differ -> ``CheckpointError`` unless ``cfg.resume_changes == "record"``;
+      then the changes are returned as ``[{"epoch": e, "field": f, "checkpoint": a, "requested": b}]``
+      (stored in the checkpoint's ``config_changes`` and logged), never adopted silently.
+    Returns ``[]`` when nothing relevant changed."""
+    from animind_assets.lib.semantic_ids.quantizers.config import ARCHITECTURE_FIELDS, TRAINING_FIELDS, UPDATE_RULE_FIELDS
+
+    saved = dict(QuantizerConfig().to_dict(), **(payload.get("config") or {}))
+    requested = cfg.to_dict()
+    hard = config_diff(saved, requested, ARCHITECTURE_FIELDS + UPDATE_RULE_FIELDS)
+    if hard:
+        raise CheckpointError(
+            f"cannot resume from {path}: the architecture / update rule differs from the checkpoint "
+            f"({format_diff(hard)}). Start fresh (resume='') or resume with the checkpoint's values."
+        )
+    soft = config_diff(saved, requested, TRAINING_FIELDS)
+    if not soft:
+        return []
+    if cfg.resume_changes != "record":
+        raise CheckpointError(
+            f"cannot resume from {path}: training settings differ from the checkpoint ({format_diff(soft)}). "
+            "Resume with the checkpoint's values, start fresh, or set resume_changes='record' to adopt the new "
+            "values from this epoch on (recorded in the checkpoint's config_changes)."
+        )
+    epoch = int(payload.get("epoch", 0))
+    changes = [{"epoch": epoch, "field": k, "checkpoint": a, "requested": b} for k, (a, b) in soft.items()]
+    log(f"resume from {path}: adopting changed training settings from epoch {epoch + 1} on ({format_diff(soft)})")
+    return changes
 
 
 def _final_metrics(model, x: torch.Tensor, cfg: QuantizerConfig) -> tuple[np.ndarray, dict[str, Any]]:
@@ -192,7 +224,7 @@ def train_quantizer(
     amp = bool(cfg.amp and device.type == "cuda")
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if amp else None
 
-    state = {"epoch": 0, "global_step": 0, "best_val": math.inf, "best_epoch": 0, "bad_epochs": 0, "history": []}
+    state = {"epoch": 0, "global_step": 0, "best_val": math.inf, "best_epoch": 0, "bad_epochs": 0, "history": [], "config_changes": []}
     resume_path = resolve_resume(resume, checkpoint_dir)
     if resume_path:
         payload = load_checkpoint(resume_path, map_location=device)
@@ -203,6 +235,7 @@ def train_quantizer(
                 f"checkpoint {resume_path} was trained on different input vectors "
                 f"(fingerprint {payload.get('input_fingerprint')} != {fingerprint}); start fresh instead of resuming"
             )
+        config_changes = check_resume_config(payload, cfg, resume_path, log)
         model.load_state_dict(payload["model_state"])
         if payload.get("optimizer_state") is not None:
             optimizer.load_state_dict(payload["optimizer_state"])
@@ -210,6 +243,13 @@ def train_quantizer(
             state[k] = int(payload[k])
         state["best_val"] = float(payload["best_val"])
         state["history"] = list(payload.get("history", []))
+        state["config_changes"] = list(payload.get("config_changes", [])) + config_changes
+        if config_changes:
+            # the schedule may have changed (lr, epochs): the optimizer's param groups follow cfg
+            for group in optimizer.param_groups:
+                group["weight_decay"] = cfg.weight_decay
+                if "betas" in group:
+                    group["betas"] = tuple(cfg.adam_betas)
         log(f"resumed from {resume_path} at epoch {state['epoch']} (step {state['global_step']})")
     else:
         model.normalizer.fit(x_train)
@@ -243,14 +283,21 @@ def train_quantizer(
             "bad_epochs": state["bad_epochs"],
             "finished": finished,
             "history": state["history"],
+            "config_changes": state["config_changes"],
             "input_fingerprint": fingerprint,
             "metrics": metrics,
         }
 
     best_state: dict[str, torch.Tensor] | None = None
+    # While training, the best-so-far goes to the staging file; model.pt is published only at the end
+    # of the schedule (rule 5 of issue 12: a killed run never replaces the finished model).
     best_path, last_path = _ckpt_path(checkpoint_dir, BEST_NAME), _ckpt_path(checkpoint_dir, LAST_NAME)
-    if state["epoch"] > 0 and best_path and as_path(best_path).exists():
-        best_state = load_checkpoint(best_path, map_location=device)["model_state"]
+    staging_path = _ckpt_path(checkpoint_dir, STAGING_NAME)
+    if state["epoch"] > 0:
+        for candidate in (staging_path, best_path):
+            if candidate and as_path(candidate).exists():
+                best_state = load_checkpoint(candidate, map_location=device)["model_state"]
+                break
 
     stopped_early = False
     epochs_this_call = 0
@@ -342,8 +389,8 @@ def train_quantizer(
             state["best_epoch"] = epoch
             state["bad_epochs"] = 0
             best_state = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
-            if best_path:
-                save_checkpoint(payload_for("best", False, record), best_path)
+            if staging_path:
+                save_checkpoint(payload_for("best", False, record), staging_path)
         else:
             state["bad_epochs"] += 1
         if cfg.early_stopping_patience and state["bad_epochs"] >= cfg.early_stopping_patience:
@@ -379,14 +426,27 @@ def train_quantizer(
         metrics["val_recon"] = float(best_rec.get("val_recon", math.nan))
     finished = stopped_early or state["epoch"] >= cfg.epochs
     checkpoints: dict[str, str] = {}
+    published = False
     if best_path:
-        # rewrite the best checkpoint with the final metrics of the best model
-        if best_state is not None:
-            cur = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
-            p = payload_for("best", finished, metrics)
-            p["model_state"] = cur
+        # the best model with its final metrics: published as model.pt when the schedule has finished,
+        # else kept in the staging file for the next resume (model.pt keeps the last finished model)
+        cur = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
+        p = payload_for("best", finished, metrics)
+        p["model_state"] = cur
+        if finished:
             save_checkpoint(p, best_path)
-        checkpoints = {"best": best_path, "last": last_path or ""}
+            published = True
+            if staging_path and as_path(staging_path).exists():
+                as_path(staging_path).unlink()
+            checkpoints = {"best": best_path, "last": last_path or ""}
+        else:
+            save_checkpoint(p, staging_path)
+            checkpoints = {"best": staging_path or "", "last": last_path or ""}
+            log(
+                f"stopped after epoch {state['epoch']} of {cfg.epochs} (stop_after_epochs={cfg.stop_after_epochs}): "
+                f"NOT published; best-so-far kept in {staging_path}, resume with resume='last'"
+                + (f"; {best_path} still holds the previous finished model" if as_path(best_path).exists() else "")
+            )
     return QuantizerResult(
         model=model,
         config=cfg,
@@ -400,6 +460,8 @@ def train_quantizer(
         stopped_early=stopped_early,
         train_seconds=train_seconds,
         samples_per_s=metrics["train_samples_per_s"],
+        finished=finished,
+        published=published,
     )
 
 
@@ -450,6 +512,8 @@ def _fit_rqkmeans(x_all, cfg, log, on_epoch, checkpoint_dir, fingerprint, extra)
         epochs_run=1,
         train_seconds=secs,
         samples_per_s=metrics["train_samples_per_s"],
+        finished=True,
+        published=checkpoint_dir is not None,
     )
 
 

@@ -155,9 +155,15 @@ def recommend(
     sentiment: str = "liked",
     num_beams: int = 0,
     num_threads: int = 2,
+    notes: list[str] | None = None,
 ) -> list[dict]:
-    """Top-``k`` anime for a list of watched titles: dicts with rank, anime_id, title, semantic_id, score."""
-    from animind_assets.lib.llm.infer import history_prompt, rank_items
+    """Top-``k`` anime for a list of watched titles: dicts with rank, anime_id, title, semantic_id, score.
+
+    Requests are bounded first (``lib.llm.infer.plan_recommendation``): ``k`` and the beams are capped at
+    the catalog size (and the beams at a KV-cache budget), and a history longer than the model context
+    keeps its most recent items; each adjustment is appended to ``notes`` when given (the CLI prints
+    them to stderr as ``note: ...``)."""
+    from animind_assets.lib.llm.infer import plan_recommendation, rank_items
 
     if not history:
         raise ValueError("history is empty: give at least one anime title")
@@ -165,8 +171,11 @@ def recommend(
         raise ValueError(f"sentiment must be one of {sorted(SENTIMENTS)}, got {sentiment!r}")
     sm, index = load(model_dir, artifacts, duckdb_path, num_threads)
     ids = resolve_history(history, index)
-    prompt = history_prompt(sm, ids, [SENTIMENTS[sentiment]] * len(ids))
-    out = rank_items(sm, [prompt], k=k, num_beams=max(num_beams or 2 * k, k), exclude=[set(ids)])
+    plan = plan_recommendation(sm, ids, [SENTIMENTS[sentiment]] * len(ids), k=k, num_beams=num_beams)
+    if notes is not None:
+        notes.extend(plan.notes)
+    # the whole history stays excluded (also the oldest items left out of the prompt)
+    out = rank_items(sm, [plan.prompt], k=plan.k, num_beams=plan.num_beams, exclude=[set(ids)])
     return [
         {"rank": i + 1, "anime_id": aid, "title": sm.titles.get(aid, str(aid)), "semantic_id": sm.sids[aid], "score": score}
         for i, (aid, score) in enumerate(out.items[0])
@@ -198,12 +207,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.k < 1:
         ap.error("-k must be >= 1")
     try:
+        notes: list[str] = []
         rows = recommend(args.history, k=args.k, model_dir=args.model_dir, artifacts=args.artifacts, duckdb_path=args.duckdb,
-                         sentiment=args.sentiment, num_beams=args.num_beams, num_threads=args.threads)
+                         sentiment=args.sentiment, num_beams=args.num_beams, num_threads=args.threads, notes=notes)
+        for note in notes:
+            print(f"note: {note}", file=sys.stderr)
     except UnknownTitleError as exc:
         print(str(exc), file=sys.stderr)
         return 2
-    except FileNotFoundError as exc:
+    except (FileNotFoundError, ValueError) as exc:
         print(str(exc), file=sys.stderr)
         return 1
     print(json.dumps(rows, ensure_ascii=False, indent=2) if args.json else format_table(args.history, rows))

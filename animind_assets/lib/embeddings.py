@@ -249,21 +249,14 @@ def folder_identity(folder: str | os.PathLike) -> str:
 
 
 def resolve_device(device: str):
-    import torch
+    """``lib.common.device.resolve_device`` (the one device rule); a bad spec raises ``EmbeddingError``."""
+    from animind_assets.lib.common.device import DeviceError
+    from animind_assets.lib.common.device import resolve_device as _resolve
 
-    spec = (device or "auto").strip().lower()
-    if spec == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if spec == "cpu":
-        return torch.device("cpu")
-    if spec.startswith("cuda"):
-        if not torch.cuda.is_available():
-            raise EmbeddingError(f"device {device!r} requested but CUDA is not available (torch {torch.__version__})")
-        dev = torch.device(spec)
-        if dev.index is not None and dev.index >= torch.cuda.device_count():
-            raise EmbeddingError(f"device {device!r}: only {torch.cuda.device_count()} CUDA device(s) visible")
-        return dev
-    raise EmbeddingError(f"device must be auto, cpu, cuda or cuda:N, got {device!r}")
+    try:
+        return _resolve(device)
+    except DeviceError as exc:
+        raise EmbeddingError(str(exc)) from None
 
 
 def resolve_dtype(precision: str, device):

@@ -145,6 +145,8 @@ def tiger_model(
     store = artifacts.store()
     ckpt_dir = str(store.path(ASSET, id_source, "checkpoints"))
     model_dir = str(store.path(ASSET, id_source, "model"))
+    for parts in ((ASSET, id_source, "checkpoints"), (ASSET, id_source)):
+        store.sweep(*parts, log=context.log.info)  # temp files of killed runs
 
     with mlflow.start_run(run_name=f"{ASSET}[{id_source}]", tags={"asset": ASSET, "id_source": id_source}) as run:
         if run is not None:

@@ -106,9 +106,9 @@ def load_codebooks(store, path: str, log) -> list | None:
 
 
 def _device() -> str:
-    if torch.cuda.is_available():
-        return f"cuda ({torch.cuda.get_device_name(0)})"
-    return f"cpu ({torch.get_num_threads()} threads)"
+    from animind_assets.lib.common.device import describe_device
+
+    return describe_device("auto")
 
 
 @dg.asset(

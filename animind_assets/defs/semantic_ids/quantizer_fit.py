@@ -136,6 +136,7 @@ def run_quantizer(
     context.log.info(f"anime_embeddings: {len(ids)} vectors of dim {x.shape[1]}; quantizer {cfg.quantizer}")
     store = artifacts.store()
     ckpt_dir = store.path(*store_dir.split("/"))
+    store.sweep(*store_dir.split("/"), log=context.log.info)  # temp files of killed runs
     n_used = min(len(ids), cfg.dry_run_rows) if cfg.dry_run else len(ids)
     extra = {
         "item_ids": torch.as_tensor(ids[:n_used]),
@@ -178,6 +179,8 @@ def run_quantizer(
         "train_samples_per_s": m.get("train_samples_per_s"),
         "materialize_seconds": elapsed,
         "stopped_early": result.stopped_early,
+        "finished": result.finished,
+        "published": result.published,
         "dry_run": result.config.dry_run,
         "input_fingerprint": result.input_fingerprint,
     }
@@ -206,6 +209,11 @@ def run_quantizer(
                 f"code perplexity per level (max {result.config.codebook_size})", "perplexity"),
         "perplexity per level",
     )
+    if not result.finished:
+        context.log.warning(
+            f"{run_name}: training stopped after epoch {m.get('epochs_completed')} of {result.config.epochs} "
+            f"(stop_after_epochs): model.pt NOT replaced; resume with resume='last' to finish and publish"
+        )
     context.log.info(
         f"{run_name}: unique {m['unique_fraction']:.4f}, min perplexity {md['min_perplexity'].value:.1f}, "
         f"{m.get('train_samples_per_s', 0):,.0f} samples/s, {elapsed:.1f}s"

@@ -109,23 +109,6 @@ def semantic_ids(
     vocab = build_vocab(sizes, config.special_tokens)
     usage = level_usage(full, sizes)
 
-    rows = export_rows(df)
-    folder = write_exports(
-        store,
-        config.export_folder,
-        rows,
-        vocab,
-        {
-            "rq_levels": int(qcfg["levels"]),
-            "codebook_size": int(qcfg["codebook_size"]),
-            "disambiguation_level": int(full.shape[1]),
-            "checkpoint": ckpt,
-            "quantizer": payload["kind"],
-            "input_fingerprint": payload.get("input_fingerprint", ""),
-        },
-    )
-    parquet = exports.write(df, "semantic_ids")
-
     prep_ids = set(anime_prep["anime_id"].to_list()) if "anime_id" in anime_prep.columns else set()
     missing = sorted(prep_ids - set(ids.tolist()))
     n_unique = df["semantic_id"].n_unique()
@@ -144,8 +127,6 @@ def semantic_ids(
                 "disambiguation_vocab": sizes[-1],
                 "missing_from_prep": len(missing),
                 "checkpoint": ckpt,
-                "export_folder": folder,
-                "parquet_export": parquet,
             }
         ),
         **{f"usage_l{i + 1}": dg.MetadataValue.float(u) for i, u in enumerate(usage)},
@@ -157,36 +138,70 @@ def semantic_ids(
         ),
         "usage_plot": image_md(bar_png({f"L{i + 1}": u for i, u in enumerate(usage)}, "fraction of codes used per level", "fraction"), "usage"),
     }
-    yield dg.Output(df, metadata=md)
-
-    yield dg.AssetCheckResult(
+    checks: list[dg.AssetCheckResult] = []
+    checks.append(dg.AssetCheckResult(
         check_name="every_anime_has_id",
         passed=not missing,
         metadata={"missing": dg.MetadataValue.int(len(missing)), "missing_examples": dg.MetadataValue.text(str(missing[:20]))},
         description=None if not missing else f"{len(missing)} anime in anime_prep have no embedding/ID, e.g. {missing[:5]}",
-    )
+    ))
     dup = df.filter(pl.col("semantic_id").is_duplicated())["semantic_id"].unique().head(5).to_list()
-    yield dg.AssetCheckResult(
+    checks.append(dg.AssetCheckResult(
         check_name="ids_unique",
         passed=n_unique == df.height,
         metadata={"unique_ids": dg.MetadataValue.int(n_unique), "rows": dg.MetadataValue.int(df.height),
                   "duplicate_examples": dg.MetadataValue.text(str(dup))},
-    )
+    ))
     quant_usage = usage[:-1] if len(usage) > 1 else usage
     low = {f"L{i + 1}": round(u, 4) for i, u in enumerate(quant_usage) if u < config.min_level_usage}
-    yield dg.AssetCheckResult(
+    checks.append(dg.AssetCheckResult(
         check_name="level_usage_floor",
         passed=not low,
         metadata={"floor": dg.MetadataValue.float(config.min_level_usage),
                   "min_usage": dg.MetadataValue.float(float(min(quant_usage))),
                   "below_floor": dg.MetadataValue.text(json.dumps(low))},
-    )
+    ))
     rate = float(before["items_in_collisions"])
-    yield dg.AssetCheckResult(
+    checks.append(dg.AssetCheckResult(
         check_name="collision_rate_before_disambiguation",
         passed=rate <= config.max_collision_rate,
         severity=dg.AssetCheckSeverity.WARN,
         metadata={"collision_rate": dg.MetadataValue.float(rate),
                   "threshold": dg.MetadataValue.float(config.max_collision_rate),
                   "largest_collision_group": dg.MetadataValue.int(int(before["largest_collision_group"]))},
+    ))
+
+    # Blocking checks run BEFORE anything is written (rule 5 of issue 12): a failure leaves the previous
+    # table, Parquet export and file exports in place.
+    for check in checks:
+        yield check
+    blocking = {"every_anime_has_id", "ids_unique", "level_usage_floor"}
+    failed = [c.check_name for c in checks if c.check_name in blocking and not c.passed]
+    if failed:
+        raise dg.Failure(
+            description=f"semantic_ids: blocking check(s) {failed} failed; nothing was written (the previous "
+            f"table and exports are kept). Checkpoint {ckpt}.",
+            metadata={name: md[name] for name in ("anime", "missing_from_prep") if name in md},
+        )
+
+    store.sweep(log=context.log.info)
+    rows = export_rows(df)
+    folder = write_exports(
+        store,
+        config.export_folder,
+        rows,
+        vocab,
+        {
+            "rq_levels": int(qcfg["levels"]),
+            "codebook_size": int(qcfg["codebook_size"]),
+            "disambiguation_level": int(full.shape[1]),
+            "checkpoint": ckpt,
+            "quantizer": payload["kind"],
+            "input_fingerprint": payload.get("input_fingerprint", ""),
+        },
     )
+    parquet = exports.write(df, "semantic_ids")
+
+    md["export_folder"] = dg.MetadataValue.path(folder)
+    md["parquet_export"] = dg.MetadataValue.path(parquet)
+    yield dg.Output(df, metadata=md)

@@ -23,6 +23,7 @@ from animind_assets.lib.tokenizer.domain_tokenizer import (
     DomainTokenizerConfig,
     load_base_lm_tokenizer,
     sid_tokens_from_codes,
+    prepare_training_texts,
     train_sentencepiece,
     validate_tokenizer,
     write_artifacts,
@@ -85,8 +86,13 @@ def domain_tokenizer(
         raise ValueError(f"text_source={config.text_source!r} needs the {table} table: materialize {table} first")
     if text_col not in df.columns:
         raise ValueError(f"{table}: missing column {text_col!r} (columns: {df.columns})")
-    texts = [t for t in df[text_col].to_list() if t is not None and t.strip()]
-    context.log.info(f"{ASSET}: {len(texts)} non-empty texts of {df.height} rows from {table}.{text_col}")
+    cfg = config.to_lib()
+    texts, skipped = prepare_training_texts(df[text_col].to_list(), cfg.max_sentence_length)
+    context.log.info(
+        f"{ASSET}: {len(texts)} texts of {df.height} rows from {table}.{text_col} used; left out "
+        f"{skipped['null']} null, {skipped['empty']} empty, {skipped['too_long']} longer than "
+        f"{cfg.max_sentence_length} bytes; {skipped['duplicate']} duplicates kept"
+    )
 
     sid_tokens: list[str] = []
     sid_strings: list[str] = []
@@ -100,7 +106,6 @@ def domain_tokenizer(
             sid_strings = sids["semantic_id"].head(2000).to_list() if "semantic_id" in sids.columns else []
             context.log.info(f"{ASSET}: {len(sid_tokens)} semantic-ID level tokens from {sid_table} ({len(codes)} items)")
 
-    cfg = config.to_lib()
     model = train_sentencepiece(texts, cfg, user_symbols=sid_tokens, log=context.log.info)
     base = None
     if config.compare_base_lm:
@@ -124,6 +129,7 @@ def domain_tokenizer(
             flat[f"{k}_p95"] = report[k]["p95"]
     md = {
         **scalar_metadata(flat),
+        **scalar_metadata({f"texts_{k}": v for k, v in skipped.items()}),
         **scalar_metadata({"sid_tokens": len(sid_tokens), "text_source": config.text_source, "model_type": config.model_type,
                            "requested_vocab_size": config.vocab_size, "seconds": round(time.perf_counter() - t0, 1)}),
         **{name: dg.MetadataValue.path(p) for name, p in paths.items()},

@@ -95,7 +95,9 @@ def load_sid_model(folder: str | os.PathLike, num_threads: int = 0, device: str 
     tok = AutoTokenizer.from_pretrained(folder)
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token
-    dev = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    from animind_assets.lib.common.device import resolve_device
+
+    dev = resolve_device(device or "auto")
     model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).to(dev)
     model.eval()
     lookup = pl.read_parquet(folder / LOOKUP_FILE)
@@ -274,6 +276,115 @@ def parse_sid(text: str) -> str:
     """The leading run of semantic-ID tokens in a generated text."""
     m = re.match(r"\s*((?:<L\d+_\d+>)+)", text)
     return m.group(1) if m else ""
+
+
+DEFAULT_MAX_BEAMS = 256  # beams at most (each beam holds a copy of the prompt's KV cache)
+DEFAULT_MAX_CACHE_BYTES = 2 * 1024**3  # KV-cache budget of one beam search
+
+
+def context_length(sm: SidModel) -> int:
+    """The model's context window in tokens (``max_position_embeddings`` / ``n_positions`` /
+    ``max_seq_length`` of its config; the tokenizer's ``model_max_length`` as a fallback)."""
+    cfg = getattr(sm.model, "config", None)
+    for name in ("max_position_embeddings", "n_positions", "max_seq_length", "seq_length"):
+        v = getattr(cfg, name, None)
+        if isinstance(v, int) and v > 0:
+            return v
+    v = getattr(sm.tokenizer, "model_max_length", None)
+    return int(v) if isinstance(v, int) and 0 < v < 10**7 else 2048
+
+
+def kv_bytes_per_token(sm: SidModel) -> int:
+    """Bytes of KV cache one token takes in one beam (2 x layers x kv_heads x head_dim x 4 bytes, fp32)."""
+    cfg = getattr(sm.model, "config", None)
+    layers = int(getattr(cfg, "num_hidden_layers", 0) or getattr(cfg, "n_layer", 0) or 1)
+    hidden = int(getattr(cfg, "hidden_size", 0) or getattr(cfg, "n_embd", 0) or 1024)
+    heads = int(getattr(cfg, "num_attention_heads", 0) or getattr(cfg, "n_head", 0) or 1)
+    kv_heads = int(getattr(cfg, "num_key_value_heads", 0) or heads)
+    head_dim = int(getattr(cfg, "head_dim", 0) or hidden // max(1, heads))
+    return 2 * layers * kv_heads * head_dim * 4
+
+
+@dataclass
+class RecommendPlan:
+    """What a recommendation request will really do (rule 10 of issue 12), with the reasons."""
+
+    anime_ids: list[int]  # the history kept (most recent last)
+    prompt: str
+    prompt_tokens: int
+    k: int
+    num_beams: int
+    dropped_history: int = 0  # oldest items left out to fit the context
+    notes: list[str] = field(default_factory=list)
+
+
+def plan_recommendation(
+    sm: SidModel,
+    anime_ids: Sequence[int],
+    sentiments: Sequence[str] | None = None,
+    k: int = 10,
+    num_beams: int = 0,
+    max_beams: int = DEFAULT_MAX_BEAMS,
+    max_cache_bytes: int = DEFAULT_MAX_CACHE_BYTES,
+) -> RecommendPlan:
+    """Bound a request before any model call.
+
+    * history: when the rendered prompt plus the semantic-ID depth does not fit ``context_length(sm)``,
+      the OLDEST items are dropped until it fits (the most recent items are kept) and a note says how many;
+    * ``k``: at most the number of catalog items outside the history;
+    * beams (default ``2k``): at least ``k``, at most the catalog items available, ``max_beams`` and what
+      fits ``max_cache_bytes`` of KV cache (``beams x (prompt + depth) x kv_bytes_per_token``); when that
+      is fewer than ``k``, ``k`` is lowered to the beams and a note says so.
+    Raises ``ValueError`` when not even the most recent item fits the context."""
+    ids = [int(a) for a in anime_ids]
+    sents = list(sentiments) if sentiments is not None else [LIKED] * len(ids)
+    depth = max((len(v) for v in sm.sid_ids.values()), default=4) + 1
+    ctx = context_length(sm)
+    notes: list[str] = []
+
+    def n_tokens(start: int) -> int:
+        text = history_prompt(sm, ids[start:], sents[start:])
+        return len(prompt_ids(sm.tokenizer, sm.render(text), sm.use_chat_template))
+
+    start = 0
+    if n_tokens(0) + depth > ctx:
+        lo, hi = 1, len(ids)  # smallest start whose prompt fits
+        if n_tokens(len(ids) - 1) + depth > ctx:
+            raise ValueError(f"even the most recent history item does not fit the model context of {ctx} tokens")
+        while lo < hi:
+            mid = (lo + hi) // 2
+            if n_tokens(mid) + depth <= ctx:
+                hi = mid
+            else:
+                lo = mid + 1
+        start = lo
+        notes.append(
+            f"history of {len(ids)} items is longer than the model context ({ctx} tokens): kept the {len(ids) - start} "
+            f"most recent, dropped the {start} oldest"
+        )
+    kept_ids, kept_sents = ids[start:], sents[start:]
+    prompt = history_prompt(sm, kept_ids, kept_sents)
+    p_tokens = n_tokens(start)
+    available = len(set(sm.sid_ids) - set(ids))
+    if available < 1:
+        raise ValueError("every catalog item is in the history: nothing left to recommend")
+    k_eff = max(1, min(int(k), available))
+    if k_eff < k:
+        notes.append(f"k={k} capped at {k_eff}: the catalog has {available} items outside the history")
+    per_beam = max(1, (p_tokens + depth) * kv_bytes_per_token(sm))
+    mem_beams = max(1, int(max_cache_bytes // per_beam))
+    beams = max(int(num_beams or 2 * k_eff), k_eff)
+    cap = min(available, int(max_beams), mem_beams)
+    if beams > cap:
+        notes.append(
+            f"beams {beams} capped at {cap} (catalog {available}, max_beams {max_beams}, KV-cache budget "
+            f"{max_cache_bytes / 1024**3:.1f} GiB at {per_beam / 1024**2:.1f} MiB per beam)"
+        )
+        beams = cap
+    if k_eff > beams:
+        notes.append(f"k={k_eff} lowered to {beams}: no more beams fit the bounds above")
+        k_eff = beams
+    return RecommendPlan(kept_ids, prompt, p_tokens, k_eff, beams, start, notes)
 
 
 def history_prompt(sm: SidModel, anime_ids: Sequence[int], sentiments: Sequence[str] | None = None) -> str:

@@ -40,7 +40,9 @@ import torch
 from animind_assets.lib.common.metrics import ranking_metrics
 from animind_assets.lib.common.progress import Progress, fmt_seconds
 from animind_assets.lib.semantic_ids.trie import SidTrie
-from animind_assets.lib.common.storage import atomic_dir, atomic_file, local_copy
+from animind_assets.lib.common.checkpoint import load_payload, save_payload
+from animind_assets.lib.common.device import resolve_device  # noqa: F401  (the one device rule; re-exported)
+from animind_assets.lib.common.storage import atomic_dir, local_copy
 
 PAD_ID = 0
 EOS_ID = 1
@@ -300,10 +302,6 @@ class TigerConfig:
         return cls(**{k: v for k, v in data.items() if k in known}).validate()
 
 
-def resolve_device(name: str = "auto") -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
 
 
 def build_model(codec: SidCodec, cfg: TigerConfig):
@@ -568,14 +566,16 @@ def _ckpt(checkpoint_dir: str | None, name: str) -> str | None:
 
 
 def save_checkpoint(payload: dict[str, Any], dest: str) -> str:
-    with atomic_file(dest) as tmp:
-        torch.save(payload, tmp)
+    """Atomic plain-type save (``lib.common.checkpoint.save_payload``)."""
+    save_payload(payload, dest)
     return dest
 
 
 def load_checkpoint(src: str, map_location: str | torch.device = "cpu") -> dict[str, Any]:
-    with local_copy(src) as local:
-        return torch.load(local, map_location=map_location, weights_only=False)
+    """``torch.load(weights_only=True)`` via ``lib.common.checkpoint.load_payload``: a checkpoint holding
+    anything but tensors and plain values (e.g. a planted pickle reducer) raises ``CheckpointError``
+    naming the file, and none of its code runs."""
+    return load_payload(src, map_location=map_location)
 
 
 def _exists(path: str | None) -> bool:
@@ -611,6 +611,11 @@ def train_tiger(
     if cfg.max_train_examples and len(train) > cfg.max_train_examples:
         rng = np.random.default_rng(cfg.seed)
         train = train.subset(np.sort(rng.choice(len(train), cfg.max_train_examples, replace=False)))
+    if len(train) == 0:
+        raise ValueError(
+            f"tiger: nothing left to train on: the split has 0 training examples ({split.stats()}; users with "
+            "fewer than 3 items are skipped by leave-one-out)"
+        )
     lengths = np.array([len(h) for h in train.histories])
     valid = split.valid
     if cfg.val_users and len(valid) > cfg.val_users:

@@ -105,6 +105,42 @@ def minimum_vocab_size(cfg: DomainTokenizerConfig, n_user_symbols: int) -> int:
     return meta + n_user_symbols + len(cfg.control_symbols) + (256 if cfg.byte_fallback else 0) + 1
 
 
+def prepare_training_texts(texts: Sequence, max_sentence_length: int) -> tuple[list[str], dict[str, int]]:
+    """The texts SentencePiece will really train on, and what was left out (rule 8 of issue 12).
+
+    Newlines are folded to spaces. Left out and counted: ``null`` (None), ``empty`` (blank after
+    stripping), ``too_long`` (more than ``max_sentence_length`` UTF-8 bytes: SentencePiece would skip
+    these silently). ``duplicate`` counts repeated texts, which are KEPT (their frequency is part of the
+    corpus statistics). Returns ``(kept, {"read", "kept", "null", "empty", "too_long", "duplicate"})``;
+    ``read == kept + null + empty + too_long``. Raises ``ValueError`` when nothing is left, with the counts."""
+    counts = {"read": 0, "kept": 0, "null": 0, "empty": 0, "too_long": 0, "duplicate": 0}
+    kept: list[str] = []
+    seen: set[str] = set()
+    for t in texts:
+        counts["read"] += 1
+        if t is None:
+            counts["null"] += 1
+            continue
+        text = " ".join(str(t).splitlines())
+        if not text.strip():
+            counts["empty"] += 1
+            continue
+        if len(text.encode("utf-8")) > max_sentence_length:
+            counts["too_long"] += 1
+            continue
+        if text in seen:
+            counts["duplicate"] += 1
+        seen.add(text)
+        kept.append(text)
+    counts["kept"] = len(kept)
+    if not kept:
+        raise ValueError(
+            f"nothing left to train the tokenizer on: {counts['read']} texts read, {counts['null']} null, "
+            f"{counts['empty']} empty, {counts['too_long']} longer than max_sentence_length={max_sentence_length} bytes"
+        )
+    return kept, counts
+
+
 def train_sentencepiece(
     texts: Sequence[str],
     cfg: DomainTokenizerConfig,
@@ -115,9 +151,12 @@ def train_sentencepiece(
     import sentencepiece as spm
 
     cfg.validate()
-    texts = [" ".join(str(t).splitlines()) for t in texts if t is not None and str(t).strip()]
-    if not texts:
-        raise ValueError("no non-empty text to train the tokenizer on")
+    texts, skipped = prepare_training_texts(texts, cfg.max_sentence_length)
+    if log and (skipped["null"] or skipped["empty"] or skipped["too_long"]):
+        log(
+            f"sentencepiece: left out {skipped['null']} null, {skipped['empty']} empty and {skipped['too_long']} "
+            f"too-long (> {cfg.max_sentence_length} bytes) texts of {skipped['read']}; {skipped['duplicate']} duplicates kept"
+        )
     symbols = list(dict.fromkeys([*cfg.special_tokens, *user_symbols]))
     symbols = [s for s in symbols if s and s not in cfg.control_symbols]
     need = minimum_vocab_size(cfg, len(symbols))

@@ -272,6 +272,8 @@ def run_failure_alert(context: dg.RunFailureSensorContext) -> None:
 # --------------------------------------------------------------------------------------------------
 # definitions
 
+from animind_assets.run_health import run_health_sensor  # noqa: E402  (rule 7: dead runs never hold the gpu pool)
+
 
 def _status(name: str, default: str) -> dg.DefaultScheduleStatus:
     value = _env(name, default).lower()
@@ -341,6 +343,7 @@ def definitions_kwargs(assets: Sequence[Any], *, include_assets: bool = False) -
             description="Evaluates the automation conditions (source changed / code changed -> refresh).",
         ),
         run_failure_alert,
+        run_health_sensor,
     ]
     kwargs: dict = {"jobs": jobs, "schedules": schedules, "sensors": sensors}
     executor = _executor()

@@ -3,6 +3,8 @@
     animind demo                 observe the sources and materialize every asset (demo source by default)
     animind demo --select anime_prep+   any Dagster asset selection
     animind paths                print the data folder, DuckDB file, exports and DAGSTER_HOME
+    animind runs clean           mark runs whose processes died as failed, free the pool slots they hold
+                                 and finish/undo interrupted table+export writes
 
 Runs use the project's persistent Dagster instance (``$DAGSTER_HOME``, default ``.dagster_home/`` in the
 project root), so ``dagster dev`` afterwards shows the runs, lineage and metadata.
@@ -90,6 +92,27 @@ def cmd_paths(_: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_runs_clean(args: argparse.Namespace) -> int:
+    _ensure_dagster_home()
+    import dagster as dg
+
+    from animind_assets.resources import default_duckdb_path, locked_duckdb, recover_exports
+    from animind_assets.run_health import release_dead_runs
+
+    with dg.DagsterInstance.get() as instance:
+        out = release_dead_runs(instance, quiet_s=args.quiet_seconds, log=print)
+    db = default_duckdb_path()
+    rec = {"published": 0, "discarded": 0}
+    if Path(db).exists():
+        with locked_duckdb(db) as conn:
+            rec = recover_exports(conn, db, log=print)
+    print(
+        f"[animind] {len(out['failed'])} dead run(s) marked failed; slots of {len(out['slots_freed'])} ended run(s) "
+        f"freed; interrupted exports: {rec['published']} published, {rec['discarded']} discarded"
+    )
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="animind", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="cmd", required=True)
@@ -98,6 +121,12 @@ def main(argv: list[str] | None = None) -> int:
     demo.set_defaults(func=cmd_demo)
     paths = sub.add_parser("paths", help="print where data and the Dagster instance live")
     paths.set_defaults(func=cmd_paths)
+    runs = sub.add_parser("runs", help="run housekeeping")
+    runs_sub = runs.add_subparsers(dest="runs_cmd", required=True)
+    clean = runs_sub.add_parser("clean", help="fail runs whose processes died, free their pool slots, recover exports")
+    clean.add_argument("--quiet-seconds", type=float, default=60.0,
+                       help="a run must also have written no event for this long (default 60)")
+    clean.set_defaults(func=cmd_runs_clean)
     args = parser.parse_args(argv)
     return args.func(args)
 

@@ -13,6 +13,11 @@ import os
 
 GPU_POOL = "gpu"
 
+# A step waiting for the `gpu` slot sleeps between claims instead of spinning (animind_assets.run_health).
+from animind_assets.run_health import install_pool_wait_backoff  # noqa: E402
+
+install_pool_wait_backoff()
+
 
 def gpu_op_tags(gpus: int = 1) -> dict:
     node_selector_key = os.environ.get("ANIMIND_GPU_NODE_LABEL", "nvidia.com/gpu.present")

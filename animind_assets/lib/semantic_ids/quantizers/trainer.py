@@ -28,6 +28,7 @@ import torch
 
 from animind_assets.lib.common.checkpoint import CheckpointError, config_diff, format_diff
 from animind_assets.lib.common.device import resolve_device  # noqa: F401  (the one device rule; re-exported)
+from animind_assets.lib.common.faults import crash_point
 from animind_assets.lib.common.fingerprint import array_fingerprint
 from animind_assets.lib.common.progress import Progress
 from animind_assets.lib.semantic_ids.quantizers.checkpoint import load_checkpoint, save_checkpoint
@@ -397,6 +398,7 @@ def train_quantizer(
             stopped_early = True
         if last_path:
             save_checkpoint(payload_for("last", stopped_early or epoch == cfg.epochs, record), last_path)
+        crash_point(f"rqvae_epoch:{epoch}")  # fault tests: SIGKILL here when $ANIMIND_CRASH_AT matches
         if on_epoch:
             on_epoch(dict(record))
         extra_msg = (

@@ -257,7 +257,16 @@ class AniMindDbIOManager(DbIOManager):
             self._db_client.delete_table_slice(context, table_slice, conn)
             handler = self._resolve_handler(type(obj))
             handler_metadata = handler.handle_output(context, table_slice, obj, conn)
-            if not table_slice.partition_dimensions:
+            exists = conn.execute(
+                "select count(*) from duckdb_tables() where schema_name = ? and table_name = ?",
+                [table_slice.schema, table_slice.table],
+            ).fetchone()[0]
+            if not exists and _row_count(obj) == 0 and hasattr(obj, "to_arrow"):
+                # an allowed empty output still defines the table (the polars handler skips empty frames)
+                empty_arrow = obj.to_arrow()  # noqa: F841 - referenced by name in the SQL below
+                conn.execute(f'create table "{table_slice.schema}"."{table_slice.table}" as select * from empty_arrow')
+                exists = 1
+            if exists and not table_slice.partition_dimensions:
                 conn.execute(
                     f'COMMENT ON TABLE "{table_slice.schema}"."{table_slice.table}" IS \'{_COMMIT_PREFIX}{token}\''
                 )

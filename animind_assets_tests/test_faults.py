@@ -1,0 +1,295 @@
+"""Issue 12 faults: every crash and every bad artifact ends in the right state or a clear error.
+
+The crash tests really kill a process: a subprocess runs the real code path with
+``ANIMIND_CRASH_AT=<point>`` (``lib.common.faults.crash_point`` SIGKILLs it there) or is killed with
+``os.kill(pid, SIGKILL)`` from the test, and the test checks what is left on disk / in the instance.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import numpy as np
+import polars as pl
+import pytest
+import torch
+
+PROJECT_ROOT = Path(__file__).resolve().parent.parent
+
+
+def _env(**extra: str) -> dict:
+    env = dict(os.environ)
+    env["PYTHONPATH"] = str(PROJECT_ROOT) + os.pathsep + env.get("PYTHONPATH", "")
+    env.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+    env.update(extra)
+    return env
+
+
+def _run_script(tmp_path: Path, code: str, *args: str, timeout: float = 240, **env: str) -> subprocess.CompletedProcess:
+    script = tmp_path / f"script_{abs(hash(code)) % 10**8}.py"
+    script.write_text(textwrap.dedent(code), encoding="utf-8")
+    return subprocess.run(
+        [sys.executable, str(script), *args], env=_env(**env), capture_output=True, text=True, timeout=timeout
+    )
+
+
+def _sha(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+# ----------------------------------------------------------------------------- A: one device rule
+def test_one_resolve_device_everywhere():
+    from animind_assets.lib import embeddings
+    from animind_assets.lib.common.device import DeviceError, resolve_device
+    from animind_assets.lib.retrieval import tiger
+    from animind_assets.lib.semantic_ids.quantizers import trainer
+
+    assert trainer.resolve_device is resolve_device and tiger.resolve_device is resolve_device
+    assert resolve_device("auto").type == ("cuda" if torch.cuda.is_available() else "cpu")
+    assert resolve_device(" CPU ").type == "cpu" and resolve_device(None).type in ("cpu", "cuda")
+    with pytest.raises(DeviceError, match="auto, cpu, cuda or cuda:N"):
+        resolve_device("tpu")
+    with pytest.raises(embeddings.EmbeddingError, match="device must be"):
+        embeddings.resolve_device("tpu")  # same rule, the embedding stage's error type
+    if not torch.cuda.is_available():
+        # formerly: TIGER silently built torch.device('cuda') and failed later; now all refuse up front
+        for fn in (resolve_device, trainer.resolve_device, tiger.resolve_device):
+            with pytest.raises(DeviceError, match="CUDA is not available"):
+                fn("cuda:0")
+
+
+# ------------------------------------------------------------------- A/11: planted pickles never run
+class _Planted:
+    """A pickle payload that creates a file when unpickled (what an attacker would plant)."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self):
+        return (Path.touch, (self.marker,))
+
+
+def test_planted_pickle_in_tiger_checkpoint_never_runs(tmp_path):
+    from animind_assets.lib.common.checkpoint import CheckpointError, load_payload
+    from animind_assets.lib.retrieval.tiger import load_checkpoint as tiger_load
+    from animind_assets.lib.semantic_ids.quantizers.checkpoint import load_checkpoint as quantizer_load
+
+    marker = tmp_path / "pwned"
+    ckpt = tmp_path / "checkpoints" / "last.pt"
+    ckpt.parent.mkdir()
+    torch.save({"model": {"w": torch.zeros(2)}, "state": {"step": 3}, "finished": False, "evil": _Planted(marker)}, ckpt)
+    for loader in (tiger_load, quantizer_load, load_payload):
+        with pytest.raises(CheckpointError, match=r"last\.pt.*NOT loaded"):
+            loader(str(ckpt))
+        assert not marker.exists(), f"{loader.__module__}.{loader.__name__} ran the planted code"
+    # the payload really is malicious: the unsafe load the project used to do runs it
+    torch.load(ckpt, weights_only=False)
+    assert marker.exists()
+
+
+def test_tiger_checkpoint_round_trips_with_weights_only(tmp_path):
+    from animind_assets.lib.retrieval.tiger import load_checkpoint, save_checkpoint
+
+    payload = {"model": {"w": torch.ones(3)}, "state": {"history": [{"val_recall@10": np.float64(0.5)}], "step": 2},
+               "config": {"d_model": 8}, "finished": True}
+    save_checkpoint(payload, str(tmp_path / "last.pt"))
+    back = load_checkpoint(str(tmp_path / "last.pt"))
+    assert back["state"]["history"][0]["val_recall@10"] == 0.5 and torch.equal(back["model"]["w"], torch.ones(3))
+    torch.load(tmp_path / "last.pt", weights_only=True)  # plain types only
+
+
+# ------------------------------------------------------ C: publish only what is finished (kill -9)
+def _clustered(n: int = 96, d: int = 8, seed: int = 0) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    centers = rng.normal(size=(6, d)) * 4
+    return (centers[rng.integers(0, 6, n)] + rng.normal(size=(n, d)) * 0.3).astype(np.float32)
+
+
+def _tiny_cfg(**kw):
+    from animind_assets.lib.semantic_ids.quantizers import preset_config
+
+    base = dict(hidden_dims=[16], latent_dim=4, levels=2, codebook_size=8, batch_size=32, epochs=4,
+                warmup_steps=2, kmeans_iters=3, device="cpu", num_threads=1, val_fraction=0.1)
+    base.update(kw)
+    return preset_config("rqvae", **base)
+
+
+_TRAIN_SCRIPT = """
+import sys, numpy as np, torch
+torch.set_num_threads(1)
+from animind_assets.lib.semantic_ids.quantizers import preset_config, train_quantizer
+rng = np.random.default_rng(0)
+centers = rng.normal(size=(6, 8)) * 4
+x = (centers[rng.integers(0, 6, 96)] + rng.normal(size=(96, 8)) * 0.3).astype(np.float32)
+cfg = preset_config("rqvae", hidden_dims=[16], latent_dim=4, levels=2, codebook_size=8, batch_size=32, epochs=4,
+                    warmup_steps=2, kmeans_iters=3, device="cpu", num_threads=1, val_fraction=0.1, seed=int(sys.argv[2]))
+train_quantizer(x, cfg, checkpoint_dir=sys.argv[1])
+print("finished")
+"""
+
+
+def test_killed_quantizer_training_never_replaces_the_finished_model(tmp_path):
+    from animind_assets.lib.common.checkpoint import CheckpointError
+    from animind_assets.lib.semantic_ids.quantizers import load_quantizer, train_quantizer
+    from animind_assets.lib.semantic_ids.quantizers.checkpoint import load_checkpoint
+
+    ckdir = tmp_path / "rqvae_model"
+    res = train_quantizer(_clustered(), _tiny_cfg(), checkpoint_dir=ckdir)
+    assert res.finished and res.published
+    good = _sha(ckdir / "model.pt")
+    assert load_checkpoint(ckdir / "model.pt")["finished"] is True
+    assert not (ckdir / "best.staging.pt").exists()
+
+    # a new run (other seed) is SIGKILLed after epoch 2 of 4
+    proc = _run_script(tmp_path, _TRAIN_SCRIPT, str(ckdir), "7", ANIMIND_CRASH_AT="rqvae_epoch:2")
+    assert proc.returncode == -signal.SIGKILL, proc.stderr[-2000:]
+    assert "finished" not in proc.stdout
+    assert _sha(ckdir / "model.pt") == good  # before: replaced by the unfinished model
+    staged = load_checkpoint(ckdir / "best.staging.pt")
+    assert staged["finished"] is False and staged["epoch"] <= 2
+    assert load_checkpoint(ckdir / "last.pt")["epoch"] == 2
+    # consumers refuse the unfinished checkpoint, by name
+    with pytest.raises(CheckpointError, match=r"best\.staging\.pt is an unfinished"):
+        load_quantizer(ckdir / "best.staging.pt")
+    model, payload = load_quantizer(ckdir / "model.pt")
+    assert payload["finished"] is True
+
+
+def test_stop_after_epochs_keeps_published_model_and_resume_publishes(tmp_path):
+    from animind_assets.lib.semantic_ids.quantizers import load_quantizer, train_quantizer
+    from animind_assets.lib.semantic_ids.quantizers.checkpoint import load_checkpoint
+
+    x = _clustered()
+    part = train_quantizer(x, _tiny_cfg(stop_after_epochs=2), checkpoint_dir=tmp_path)
+    assert not part.finished and not part.published and not (tmp_path / "model.pt").exists()
+    assert part.checkpoints["best"].endswith("best.staging.pt")
+    full = train_quantizer(x, _tiny_cfg(), checkpoint_dir=tmp_path, resume="last")
+    assert full.finished and full.published and not (tmp_path / "best.staging.pt").exists()
+    assert load_checkpoint(tmp_path / "model.pt")["finished"] is True
+    load_quantizer(tmp_path / "model.pt")
+
+
+def test_stale_temp_files_of_killed_writers_are_swept(tmp_path):
+    from animind_assets.lib.common.storage import ArtifactStore, atomic_file
+
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    dead_pid = int(dead.stdout)
+    folder = tmp_path / "rqvae_model"
+    folder.mkdir()
+    (folder / f".model.pt.tmp-p{dead_pid}-0123abcd").write_bytes(b"half")
+    d = folder / f".exports.tmp-p{dead_pid}-89abcdef"
+    d.mkdir()
+    (d / "x.jsonl").write_text("1")
+    mine = folder / f".last.pt.tmp-p{os.getpid()}-deadbeef"
+    mine.write_bytes(b"in progress")
+    old_style = folder / ".model.pt.tmp-1234abcd"
+    old_style.write_bytes(b"old")
+    os.utime(old_style, (time.time() - 7 * 3600,) * 2)
+    (folder / "model.pt").write_bytes(b"keep")
+    removed = ArtifactStore(tmp_path).sweep("rqvae_model")
+    assert sorted(Path(p).name for p in removed) == sorted(
+        [f".model.pt.tmp-p{dead_pid}-0123abcd", f".exports.tmp-p{dead_pid}-89abcdef", ".model.pt.tmp-1234abcd"]
+    )
+    assert mine.exists() and (folder / "model.pt").read_bytes() == b"keep"
+    with atomic_file(folder / "new.bin") as tmp:
+        assert f"-p{os.getpid()}-" in tmp.name  # temp names carry the writer's pid
+        tmp.write_bytes(b"1")
+
+
+# --------------------------------------------------------------------- D: resume is honest
+def test_resume_refuses_architecture_and_training_changes_naming_fields(tmp_path):
+    from animind_assets.lib.common.checkpoint import CheckpointError
+    from animind_assets.lib.semantic_ids.quantizers import train_quantizer
+    from animind_assets.lib.semantic_ids.quantizers.checkpoint import load_checkpoint
+
+    x = _clustered()
+    train_quantizer(x, _tiny_cfg(stop_after_epochs=1), checkpoint_dir=tmp_path)
+    with pytest.raises(CheckpointError, match=r"last\.pt.*architecture.*codebook_size: 8 \(checkpoint\) -> 16 \(requested\)"):
+        train_quantizer(x, _tiny_cfg(codebook_size=16), checkpoint_dir=tmp_path, resume="last")
+    with pytest.raises(CheckpointError, match=r"update rule.*codebook_update: 'ema' \(checkpoint\) -> 'gradient'"):
+        train_quantizer(x, _tiny_cfg(codebook_update="gradient"), checkpoint_dir=tmp_path, resume="last")
+    with pytest.raises(CheckpointError, match=r"training settings differ.*lr: 0\.002 \(checkpoint\) -> 0\.01.*seed: 42 \(checkpoint\) -> 3"):
+        train_quantizer(x, _tiny_cfg(lr=0.01, seed=3), checkpoint_dir=tmp_path, resume="last")
+    # opting in adopts the change from the resume epoch on and RECORDS it
+    res = train_quantizer(x, _tiny_cfg(lr=0.01, resume_changes="record"), checkpoint_dir=tmp_path, resume="last")
+    assert res.finished
+    last = load_checkpoint(tmp_path / "last.pt")
+    assert last["config_changes"] == [{"epoch": 1, "field": "lr", "checkpoint": 0.002, "requested": 0.01}]
+    # runtime-only settings may change freely
+    train_quantizer(x, _tiny_cfg(epochs=4, stop_after_epochs=1, num_threads=2, resume_changes="record", lr=0.01),
+                    checkpoint_dir=tmp_path / "b")
+    train_quantizer(x, _tiny_cfg(epochs=4, num_threads=1, resume_changes="record", lr=0.01), checkpoint_dir=tmp_path / "b", resume="last")
+
+
+# --------------------------------------------- B: tables and exports commit together; 0 rows refused
+_MATERIALIZE_SCRIPT = """
+import os, sys
+import dagster as dg, polars as pl
+from animind_assets.resources import AniMindDuckDBIOManager, ParquetExports
+n, db, root = int(sys.argv[1]), sys.argv[2], sys.argv[3]
+
+@dg.asset(metadata={"animind/allow_empty": os.environ.get("ALLOW_EMPTY") == "1"})
+def things(exports: ParquetExports) -> pl.DataFrame:
+    df = pl.DataFrame({"x": list(range(n))})
+    exports.write(df, "things")
+    exports.write(df.head(1), "quarantine/things")
+    return df
+
+r = dg.materialize([things], resources={"io_manager": AniMindDuckDBIOManager(database=db, schema="main"),
+                                        "exports": ParquetExports(root=root)}, raise_on_error=False)
+for ev in r.all_events:
+    if ev.event_type_value == "STEP_FAILURE":
+        print("FAILURE:", ev.event_specific_data.error.message)
+sys.exit(0 if r.success else 3)
+"""
+
+
+def _table_rows(db: Path) -> int:
+    import duckdb
+
+    con = duckdb.connect(str(db), read_only=True)
+    try:
+        return con.execute("select count(*) from main.things").fetchone()[0]
+    finally:
+        con.close()
+
+
+@pytest.mark.parametrize("point,table_after,export_after", [("after_table_commit", 5, 5), ("before_table_commit", 3, 3)])
+def test_kill_between_table_commit_and_export_leaves_them_agreeing(tmp_path, point, table_after, export_after):
+    from animind_assets.resources import locked_duckdb, recover_exports
+
+    db, root = tmp_path / "w.duckdb", tmp_path / "exports"
+    ok = _run_script(tmp_path, _MATERIALIZE_SCRIPT, "3", str(db), str(root))
+    assert ok.returncode == 0, ok.stdout + ok.stderr[-3000:]
+    assert _table_rows(db) == 3 and pl.read_parquet(root / "things.parquet").height == 3
+    killed = _run_script(tmp_path, _MATERIALIZE_SCRIPT, "5", str(db), str(root), ANIMIND_CRASH_AT=point)
+    assert killed.returncode == -signal.SIGKILL, killed.stdout + killed.stderr[-3000:]
+    assert _table_rows(db) == table_after
+    assert pl.read_parquet(root / "things.parquet").height == 3  # not published yet ...
+    assert list((tmp_path / "w.duckdb.pending").glob("*.json"))  # ... an intent says what to finish
+    with locked_duckdb(str(db)) as conn:  # what the next step / `animind runs clean` does first
+        out = recover_exports(conn, str(db))
+    assert out == ({"published": 1, "discarded": 0} if point == "after_table_commit" else {"published": 0, "discarded": 1})
+    assert _table_rows(db) == table_after and pl.read_parquet(root / "things.parquet").height == export_after
+    assert not list((root / ".staged").glob("*.parquet")) and not list((tmp_path / "w.duckdb.pending").glob("*.json"))
+
+
+def test_empty_output_never_replaces_a_good_table_or_export(tmp_path):
+    db, root = tmp_path / "w.duckdb", tmp_path / "exports"
+    assert _run_script(tmp_path, _MATERIALIZE_SCRIPT, "3", str(db), str(root)).returncode == 0
+    empty = _run_script(tmp_path, _MATERIALIZE_SCRIPT, "0", str(db), str(root))
+    assert empty.returncode == 3
+    assert "asset things produced 0 rows; refusing to replace table main.things (3 rows)" in empty.stdout
+    assert _table_rows(db) == 3 and pl.read_parquet(root / "things.parquet").height == 3
+    assert pl.read_parquet(root / "quarantine" / "things.parquet").height == 1
+    # an asset that declares animind/allow_empty may publish an empty table
+    allowed = _run_script(tmp_path, _MATERIALIZE_SCRIPT, "0", str(db), str(root), ALLOW_EMPTY="1")
+    assert allowed.returncode == 0, allowed.stdout
+    assert _table_rows(db) == 0 and pl.read_parquet(root / "things.parquet").height == 0

@@ -412,3 +412,26 @@ def test_step_waiting_for_the_gpu_slot_does_not_spin(tmp_path, dagster_home):
     finally:
         proc.kill()
         proc.wait(30)
+
+
+# ------------------------------------------------------------- F: trainers report what they skipped
+def test_tokenizer_counts_what_it_leaves_out_and_refuses_nothing():
+    from animind_assets.lib.tokenizer.domain_tokenizer import prepare_training_texts
+
+    texts = ["a b", None, "   ", "x" * 50, "a b", "line\nbreak", "é" * 20]  # "é" is 2 bytes: 40 bytes
+    kept, counts = prepare_training_texts(texts, max_sentence_length=40)
+    assert kept == ["a b", "a b", "line break", "é" * 20]
+    assert counts == {"read": 7, "kept": 4, "null": 1, "empty": 1, "too_long": 1, "duplicate": 1}
+    assert counts["read"] == counts["kept"] + counts["null"] + counts["empty"] + counts["too_long"]
+    with pytest.raises(ValueError, match=r"nothing left to train the tokenizer on: 3 texts read, 1 null, 1 empty, 1 longer"):
+        prepare_training_texts([None, "", "y" * 99], max_sentence_length=40)
+
+
+def test_tiger_with_nothing_to_train_on_is_a_clear_error():
+    from animind_assets.lib.retrieval.tiger import SidCodec, TigerConfig, leave_one_out, train_tiger
+
+    split = leave_one_out({1: [10, 11], 2: [10]})  # every user has < 3 items
+    assert split.skipped_users == 2
+    codec = SidCodec([10, 11], np.array([[0, 0], [0, 1]]))
+    with pytest.raises(ValueError, match=r"nothing left to train on.*'skipped_users': 2"):
+        train_tiger(split, codec, TigerConfig(device="cpu"))

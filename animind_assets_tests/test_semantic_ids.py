@@ -294,7 +294,13 @@ def test_materialize_rqvae_semantic_ids_report(tmp_path, monkeypatch):
     assert rmd["genre_jaccard_all_buckets"].value > rmd["genre_jaccard_all_random"].value
     assert (tmp_path / "artifacts" / "semantic_id_report" / "recall_report.json").exists()
 
-    # a missing embedding fails the blocking check and the report does not run
+    # a missing embedding fails the blocking check and the report does not run; nothing new is written
+    import hashlib
+
+    def digest(path: Path) -> str:
+        return hashlib.sha256(path.read_bytes()).hexdigest()
+
+    before = {p: digest(p) for p in [*out.iterdir(), tmp_path / "exports" / "semantic_ids.parquet"]}
     prep2 = pl.concat([prep, prep.head(1).with_columns(pl.lit(999_999, dtype=pl.Int64).alias("anime_id"))])
     res2 = dg.materialize(
         [*_stubs(prep2, emb, ui), semantic_ids, semantic_id_report],
@@ -307,6 +313,9 @@ def test_materialize_rqvae_semantic_ids_report(tmp_path, monkeypatch):
     checks2 = {c.check_name: c for c in res2.get_asset_check_evaluations()}
     assert not checks2["every_anime_has_id"].passed
     assert not res2.asset_materializations_for_node("semantic_id_report")
+    assert not res2.asset_materializations_for_node("semantic_ids")
+    assert {p: digest(p) for p in before} == before  # before issue 12: exports rewritten before the check failed
+    assert sorted(out.iterdir()) == sorted(p for p in before if p.parent == out)
 
 
 @pytest.mark.slow

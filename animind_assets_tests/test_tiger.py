@@ -149,7 +149,7 @@ def test_train_learns_checkpoints_and_resumes(tmp_path):
     assert not list(ckpt.glob(".*tmp*"))  # atomic writes leave no temp files
     # a finished run is reused; with a larger budget it resumes where it stopped
     cfg2 = TigerConfig(**{**cfg.to_dict(), "max_steps": 150})
-    torch.save({**torch.load(ckpt / "last.pt", weights_only=False), "finished": False}, ckpt / "last.pt")
+    torch.save({**torch.load(ckpt / "last.pt", weights_only=True), "finished": False}, ckpt / "last.pt")
     second = train_tiger(split, codec, cfg2, checkpoint_dir=str(ckpt), fingerprint="fp")
     assert second.resumed_from and second.steps == 150
     assert [h["step"] for h in second.history][:2] == [30.0, 60.0] and second.history[-1]["step"] == 150.0

@@ -260,9 +260,11 @@ def codebooks_from_checkpoint(src) -> list[np.ndarray]:
     if isinstance(src, dict):
         payload = src
     else:
+        from animind_assets.lib.common.checkpoint import require_finished
         from animind_assets.lib.semantic_ids.quantizers.checkpoint import load_checkpoint
 
         payload = load_checkpoint(src)
+        require_finished(payload, src, what="quantizer")  # an interrupted run's codebooks are not used
     state = payload.get("model_state", payload)
     config = payload.get("config", {}) or {}
     levels = int(config.get("levels", 0) or 0)

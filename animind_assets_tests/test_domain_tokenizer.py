@@ -72,7 +72,7 @@ def test_clear_errors():
         train_sentencepiece(corpus(50), DomainTokenizerConfig(vocab_size=100), user_symbols=sid_tokens_from_codes(CODES))
     with pytest.raises(ValueError, match="model_type"):
         train_sentencepiece(corpus(50), DomainTokenizerConfig(model_type="wordpiece"))
-    with pytest.raises(ValueError, match="no non-empty text"):
+    with pytest.raises(ValueError, match="nothing left to train the tokenizer on: 2 texts read, 0 null, 2 empty"):
         train_sentencepiece(["", "  "], DomainTokenizerConfig())
 
 

@@ -77,6 +77,7 @@ def beauty_semantic_ids(
     qcfg = config.quantizer_config()
     store = artifacts.store()
     ckpt_dir = store.path(*QUANTIZER_DIR)
+    store.sweep(*QUANTIZER_DIR, log=context.log.info)  # temp files of killed runs
     context.log.info(f"{ASSET}: {len(ids)} vectors of dim {x.shape[1]}; {qcfg.quantizer} {qcfg.levels}x{qcfg.codebook_size}")
     with mlflow.start_run(run_name=ASSET, tags={"asset": ASSET}) as run:
         if run is not None:
@@ -90,6 +91,12 @@ def beauty_semantic_ids(
         if run is not None:
             run.log_metrics({f"final_{k}": v for k, v in result.metrics.items()})
         run_link = run.link if run is not None else None
+    if not result.finished:
+        raise dg.Failure(
+            description=f"{ASSET}: quantizer training stopped after epoch {result.metrics.get('epochs_completed')} of "
+            f"{result.config.epochs} (stop_after_epochs); IDs from an unfinished quantizer are not published. "
+            "Resume with resume='last' to finish."
+        )
     codes = result.codes
     before = code_stats(codes, int(qcfg.codebook_size))
     full = assign_semantic_ids(codes, order_key=ids)

@@ -214,7 +214,10 @@ class AniMindDbIOManager(DbIOManager):
                 ),
                 metadata={"rows_new": 0, "rows_previous": -1 if n_old is None else n_old},
             )
-        tags = getattr(getattr(context, "step_context", None), "run_tags", None) or {}
+        try:
+            tags = context.step_context.run_tags or {}
+        except Exception:  # noqa: BLE001 - an OutputContext built outside a run (direct IO-manager tests)
+            tags = {}
         if (
             n_old is not None
             and n_old >= SHRINK_GUARD_MIN_ROWS

@@ -435,3 +435,40 @@ def test_tiger_with_nothing_to_train_on_is_a_clear_error():
     codec = SidCodec([10, 11], np.array([[0, 0], [0, 1]]))
     with pytest.raises(ValueError, match=r"nothing left to train on.*'skipped_users': 2"):
         train_tiger(split, codec, TigerConfig(device="cpu"))
+
+
+_SIZE = {"n": 2000}
+
+
+def _things_asset():
+    import dagster as dg
+
+    from animind_assets.resources import ParquetExports
+
+    def things(exports) -> pl.DataFrame:
+        df = pl.DataFrame({"x": list(range(_SIZE["n"]))})
+        exports.write(df, "things")
+        return df
+
+    things.__annotations__ = {"exports": ParquetExports, "return": pl.DataFrame}
+    return dg.asset(things)
+
+
+def test_near_empty_output_is_refused_unless_the_run_allows_it(tmp_path):
+    import dagster as dg
+
+    from animind_assets.resources import ALLOW_SHRINK_TAG, AniMindDuckDBIOManager, ParquetExports
+
+    size = _SIZE
+    things = _things_asset()
+    db, root = tmp_path / "w.duckdb", tmp_path / "exports"
+    res = {"io_manager": AniMindDuckDBIOManager(database=str(db), schema="main"), "exports": ParquetExports(root=str(root))}
+    assert dg.materialize([things], resources=res).success
+    size["n"] = 5
+    r = dg.materialize([things], resources=res, raise_on_error=False)
+    assert not r.success
+    msg = [e.event_specific_data.error.message for e in r.all_events if e.event_type_value == "STEP_FAILURE"][0]
+    assert "asset things produced 5 rows, under 1% of the 2,000 rows of table main.things" in msg
+    assert _table_rows(db) == 2000 and pl.read_parquet(root / "things.parquet").height == 2000
+    assert dg.materialize([things], resources=res, tags={ALLOW_SHRINK_TAG: "true"}).success
+    assert _table_rows(db) == 5 and pl.read_parquet(root / "things.parquet").height == 5

@@ -472,3 +472,19 @@ def test_near_empty_output_is_refused_unless_the_run_allows_it(tmp_path):
     assert _table_rows(db) == 2000 and pl.read_parquet(root / "things.parquet").height == 2000
     assert dg.materialize([things], resources=res, tags={ALLOW_SHRINK_TAG: "true"}).success
     assert _table_rows(db) == 5 and pl.read_parquet(root / "things.parquet").height == 5
+
+
+def test_shipped_instance_configs_monitor_runs_and_free_slots():
+    import yaml
+
+    for path in (PROJECT_ROOT / ".dagster_home" / "dagster.yaml", PROJECT_ROOT / "docker" / "dagster.yaml"):
+        mon = yaml.safe_load(path.read_text())["run_monitoring"]
+        assert mon["enabled"] is True and mon["poll_interval_seconds"] > 0, path
+        assert mon["free_slots_after_run_end_seconds"] > 0 and mon["start_timeout_seconds"] > 0, path
+    helm = yaml.safe_load((PROJECT_ROOT / "docker" / "helm" / "values.yaml").read_text())["dagsterDaemon"]["runMonitoring"]
+    assert helm["enabled"] is True and helm["freeSlotsAfterRunEndSeconds"] > 0
+    from animind_assets.automation import definitions_kwargs
+    from animind_assets.run_health import RUN_HEALTH_SENSOR_NAME
+
+    sensors = {s.name: s for s in definitions_kwargs([])["sensors"]}
+    assert sensors[RUN_HEALTH_SENSOR_NAME].default_status.value == "RUNNING"

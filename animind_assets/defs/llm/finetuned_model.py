@@ -131,6 +131,7 @@ def finetuned_model(
 ) -> dg.MaterializeResult:
     t0 = time.perf_counter()
     store = artifacts.store()
+    store.sweep(log=context.log.info)  # half-written model folders of killed runs (.finetuned_model.tmp-p<pid>-*)
     cfg = config.to_lib()
     lookup = model_lookup(anime_prep, semantic_ids, llm_prep_dataset, config.lookup_scope)
     context.log.info(f"model lookup: {lookup.height} anime ({config.lookup_scope})")

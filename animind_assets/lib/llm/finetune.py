@@ -880,6 +880,7 @@ def run_finetune(
         "config": asdict(cfg),
         "metrics": metrics,
         "work_fingerprint": fp,
+        "finished": True,  # both phases ran to their step budget (consumers refuse folders without it)
     }
     return FinetuneResult(model=final, tokenizer=tok, info=info, metrics=metrics, history=history, warm_start=ws)
 

@@ -92,6 +92,8 @@ def load_sid_model(folder: str | os.PathLike, num_threads: int = 0, device: str 
     if num_threads > 0:
         torch.set_num_threads(num_threads)
     info = json.loads((folder / INFO_FILE).read_text(encoding="utf-8"))
+    if info.get("finished") is False:
+        raise ValueError(f"{folder / INFO_FILE} says finished=false: {folder} holds an unfinished fine-tune; re-run finetuned_model")
     tok = AutoTokenizer.from_pretrained(folder)
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token

@@ -189,48 +189,59 @@ def _row_count(obj) -> int | None:
         return None
 
 
+def check_output_rows(context, n_new: int | None, n_old: int | None, table: str) -> None:
+    """The row-count guard shared by both table backends (see ``ALLOW_EMPTY`` / ``ALLOW_SHRINK_TAG``).
+    Raises ``OutputRefused`` naming the asset, the table and both counts."""
+    if n_new is None:
+        return
+    name = _asset_name(context)
+    meta = context.definition_metadata or {}
+    if n_new == 0 and not meta.get(ALLOW_EMPTY):
+        raise OutputRefused(
+            description=(
+                f"asset {name} produced 0 rows; refusing to replace table {table} "
+                f"({'absent' if n_old is None else f'{n_old:,} rows'}) and its exports. The previous table and "
+                "Parquet export are kept. Check the upstream source (an empty or unreadable input?)."
+            ),
+            metadata={"rows_new": 0, "rows_previous": -1 if n_old is None else n_old},
+        )
+    try:
+        tags = context.step_context.run_tags or {}
+    except Exception:  # noqa: BLE001 - an OutputContext built outside a run (direct IO-manager tests)
+        tags = {}
+    if (
+        n_old is not None
+        and n_old >= SHRINK_GUARD_MIN_ROWS
+        and 0 < n_new < MIN_ROW_FRACTION * n_old
+        and str(tags.get(ALLOW_SHRINK_TAG, "")).lower() != "true"
+    ):
+        raise OutputRefused(
+            description=(
+                f"asset {name} produced {n_new:,} rows, under {MIN_ROW_FRACTION:.0%} of the {n_old:,} rows of "
+                f"table {table}; refusing to replace it (run tag {ALLOW_SHRINK_TAG}=true to accept)."
+            ),
+            metadata={"rows_new": n_new, "rows_previous": n_old},
+        )
+
+
+def publish_exports(staged: list[dict]) -> None:
+    """Rename staged exports into place (those whose staged file is already gone were published)."""
+    for item in staged:
+        if as_path(item["staged"]).exists():
+            _rename(item["staged"], item["final"])
+
+
 class AniMindDbIOManager(DbIOManager):
     """``DbIOManager`` + the row-count guard + staged Parquet exports committed with the table."""
 
     def _guard(self, context, table_slice, obj, conn) -> None:
-        n_new = _row_count(obj)
-        if n_new is None:
-            return
-        name = _asset_name(context)
-        meta = context.definition_metadata or {}
-        table = f"{table_slice.schema}.{table_slice.table}"
         n_old = None
         if conn.execute(
             "select count(*) from duckdb_tables() where schema_name = ? and table_name = ?",
             [table_slice.schema, table_slice.table],
         ).fetchone()[0]:
             n_old = int(conn.execute(f'select count(*) from "{table_slice.schema}"."{table_slice.table}"').fetchone()[0])
-        if n_new == 0 and not meta.get(ALLOW_EMPTY):
-            raise OutputRefused(
-                description=(
-                    f"asset {name} produced 0 rows; refusing to replace table {table} "
-                    f"({'absent' if n_old is None else f'{n_old:,} rows'}) and its exports. The previous table and "
-                    "Parquet export are kept. Check the upstream source (an empty or unreadable input?)."
-                ),
-                metadata={"rows_new": 0, "rows_previous": -1 if n_old is None else n_old},
-            )
-        try:
-            tags = context.step_context.run_tags or {}
-        except Exception:  # noqa: BLE001 - an OutputContext built outside a run (direct IO-manager tests)
-            tags = {}
-        if (
-            n_old is not None
-            and n_old >= SHRINK_GUARD_MIN_ROWS
-            and 0 < n_new < MIN_ROW_FRACTION * n_old
-            and str(tags.get(ALLOW_SHRINK_TAG, "")).lower() != "true"
-        ):
-            raise OutputRefused(
-                description=(
-                    f"asset {name} produced {n_new:,} rows, under {MIN_ROW_FRACTION:.0%} of the {n_old:,} rows of "
-                    f"table {table}; refusing to replace it (run tag {ALLOW_SHRINK_TAG}=true to accept)."
-                ),
-                metadata={"rows_new": n_new, "rows_previous": n_old},
-            )
+        check_output_rows(context, _row_count(obj), n_old, f"{table_slice.schema}.{table_slice.table}")
 
     def handle_output(self, context, obj) -> None:
         import json
@@ -487,9 +498,25 @@ class _ParquetTablesUPathIOManager(UPathIOManager):
             return
         df = _to_polars(obj, where)
         partition = context.partition_key if context.has_asset_partitions else None
-        self._last_manifest = self.store.write(path, df, partition=partition, extra={"run_id": context.run_id})
+        previous = self.store._read_manifest_or_none(path)
+        self._roll_forward(previous)
+        check_output_rows(context, df.height, previous.num_rows if previous else None, str(path))
+        # the manifest commit is the commit record of the staged Parquet exports too: written in its
+        # `extra`, renamed into place after it, and rolled forward by the next load/store after a crash
+        staged = _PENDING_EXPORTS.pop(_asset_name(context), [])
+        _sweep_orphan_staged({str(as_path(i["staged"]).parent) for i in staged}, keep={i["staged"] for i in staged})
+        extra = {"run_id": context.run_id, **({"exports": staged} if staged else {})}
+        self._last_manifest = self.store.write(path, df, partition=partition, extra=extra)
+        crash_point("after_table_commit")
+        publish_exports(staged)
+
+    @staticmethod
+    def _roll_forward(manifest) -> None:
+        if manifest is not None and manifest.extra.get("exports"):
+            publish_exports(manifest.extra["exports"])
 
     def load_from_path(self, context: dg.InputContext, path):
+        self._roll_forward(self.store._read_manifest_or_none(path))
         return _from_polars(self.store.read(path), context.dagster_type.typing_type)
 
     def load_partitions(self, context: dg.InputContext):

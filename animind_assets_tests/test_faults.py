@@ -232,8 +232,10 @@ def test_resume_refuses_architecture_and_training_changes_naming_fields(tmp_path
 _MATERIALIZE_SCRIPT = """
 import os, sys
 import dagster as dg, polars as pl
-from animind_assets.resources import AniMindDuckDBIOManager, ParquetExports
+from animind_assets.resources import AniMindDuckDBIOManager, ParquetExports, ParquetTablesIOManager
 n, db, root = int(sys.argv[1]), sys.argv[2], sys.argv[3]
+backend = sys.argv[4] if len(sys.argv) > 4 else "duckdb"
+io = AniMindDuckDBIOManager(database=db, schema="main") if backend == "duckdb" else ParquetTablesIOManager(root=db)
 
 @dg.asset(metadata={"animind/allow_empty": os.environ.get("ALLOW_EMPTY") == "1"})
 def things(exports: ParquetExports) -> pl.DataFrame:
@@ -242,8 +244,7 @@ def things(exports: ParquetExports) -> pl.DataFrame:
     exports.write(df.head(1), "quarantine/things")
     return df
 
-r = dg.materialize([things], resources={"io_manager": AniMindDuckDBIOManager(database=db, schema="main"),
-                                        "exports": ParquetExports(root=root)}, raise_on_error=False)
+r = dg.materialize([things], resources={"io_manager": io, "exports": ParquetExports(root=root)}, raise_on_error=False)
 for ev in r.all_events:
     if ev.event_type_value == "STEP_FAILURE":
         print("FAILURE:", ev.event_specific_data.error.message)
@@ -279,6 +280,27 @@ def test_kill_between_table_commit_and_export_leaves_them_agreeing(tmp_path, poi
     assert out == ({"published": 1, "discarded": 0} if point == "after_table_commit" else {"published": 0, "discarded": 1})
     assert _table_rows(db) == table_after and pl.read_parquet(root / "things.parquet").height == export_after
     assert not list((root / ".staged").glob("*.parquet")) and not list((tmp_path / "w.duckdb.pending").glob("*.json"))
+
+
+def test_parquet_table_backend_commits_exports_with_its_manifest(tmp_path):
+    """The multi-pod backend (ANIMIND_TABLE_BACKEND=parquet): the manifest commit records the staged
+    exports; a kill after it is rolled forward by the next load; 0 rows are refused there too."""
+    from animind_assets.lib.common.parquet_tables import ParquetTableStore
+    from animind_assets.resources import _ParquetTablesUPathIOManager
+
+    tables, root = tmp_path / "tables", tmp_path / "exports"
+    store = ParquetTableStore(str(tables))
+    loc = store.location("things")
+    assert _run_script(tmp_path, _MATERIALIZE_SCRIPT, "3", str(tables), str(root), "parquet").returncode == 0
+    assert store.read(loc).height == 3 and pl.read_parquet(root / "things.parquet").height == 3
+    killed = _run_script(tmp_path, _MATERIALIZE_SCRIPT, "5", str(tables), str(root), "parquet", ANIMIND_CRASH_AT="after_table_commit")
+    assert killed.returncode == -signal.SIGKILL, killed.stdout + killed.stderr[-3000:]
+    assert store.read(loc).height == 5 and pl.read_parquet(root / "things.parquet").height == 3
+    _ParquetTablesUPathIOManager._roll_forward(store.manifest(loc))  # what the next load / store does first
+    assert pl.read_parquet(root / "things.parquet").height == 5
+    empty = _run_script(tmp_path, _MATERIALIZE_SCRIPT, "0", str(tables), str(root), "parquet")
+    assert empty.returncode == 3 and "asset things produced 0 rows; refusing to replace table" in empty.stdout
+    assert store.read(loc).height == 5 and pl.read_parquet(root / "things.parquet").height == 5
 
 
 def test_empty_output_never_replaces_a_good_table_or_export(tmp_path):

@@ -135,12 +135,14 @@ def product_quantize(vectors: np.ndarray, cfg: PQConfig | None = None, log=None)
         if cfg.method == "opq":
             raise ValueError("method 'opq' needs faiss (pip install faiss-cpu); use method='pq' with the sklearn backend")
         from sklearn.cluster import KMeans
+        from threadpoolctl import threadpool_limits
 
         xr = x
         codes = np.empty((n, m), dtype=np.int64)
         recon = np.empty_like(x)
         for j, cols in enumerate(np.array_split(np.arange(d), m)):
-            km = KMeans(n_clusters=k, n_init=1, max_iter=cfg.n_iter, random_state=cfg.seed + j).fit(x[:, cols])
+            with threadpool_limits(max(1, cfg.num_threads)):
+                km = KMeans(n_clusters=k, n_init=1, max_iter=cfg.n_iter, random_state=cfg.seed + j).fit(x[:, cols])
             codes[:, j] = km.labels_
             recon[:, cols] = km.cluster_centers_[km.labels_]
         backend = "sklearn KMeans per sub-space"

@@ -34,6 +34,7 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")  # numpy/faiss BLAS: spinning threads cost 10-40x on a busy shared CPU
 
 ALL_MODELS = ("popularity", "sasrec", "rpg", "tiger")
 
@@ -65,6 +66,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--rpg-temperature", type=float, default=0.03)
     p.add_argument("--rpg-batch", type=int, default=256)
     p.add_argument("--rpg-patience", type=int, default=5)
+    p.add_argument("--pq-method", default="pq", choices=["pq", "opq"])
     p.add_argument("--rpg-embeddings", default="text", choices=["text", "text+sasrec", "sasrec"],
                    help="what PQ quantizes: MiniLM item-text vectors, SASRec item embeddings, or both (needs sasrec first)")
     # TIGER
@@ -158,7 +160,7 @@ def run_rpg(split, rows, args, data, out: Path, log) -> dict:
     from animind_assets.lib.retrieval.seqtrain import SeqTrainConfig, make_scorer
 
     vec = item_vectors(args.rpg_embeddings, data, out, log)
-    pq = product_quantize(vec, PQConfig(n_codebooks=args.rpg_codebooks, codebook_size=256, pca_dim=128, method="opq",
+    pq = product_quantize(vec, PQConfig(n_codebooks=args.rpg_codebooks, codebook_size=256, pca_dim=128, method=args.pq_method,
                                         num_threads=args.threads, seed=args.seed), log=log)
     tcfg = SeqTrainConfig(max_len=50, batch_size=args.rpg_batch, lr=args.rpg_lr, warmup_steps=100, epochs=200,
                           patience=args.rpg_patience, val_users=args.val_users, max_train_seconds=args.rpg_seconds,
@@ -166,7 +168,7 @@ def run_rpg(split, rows, args, data, out: Path, log) -> dict:
     cfg = RPGConfig(hidden=args.rpg_hidden, temperature=args.rpg_temperature, train=tcfg)
     res = train_rpg(split, pq.codes, 256, cfg, log=log)
     save_rpg(res.model, str(out / "rpg_model"), extra={"best": res.best, "pq": pq.stats})
-    label = f"RPG, OPQ {args.rpg_codebooks}x256 on {args.rpg_embeddings} vectors (ours)"
+    label = f"RPG, {args.pq_method.upper()} {args.rpg_codebooks}x256 on {args.rpg_embeddings} vectors (ours)"
     ev = evaluate_scorer(make_scorer(res.model, tcfg.max_len), split, "test", label, rows=rows, n_boot=args.n_boot,
                          seed=args.seed, log=log)
     return {"rows": _rows(ev, {}), "eval_seconds": ev.seconds, "train_seconds": res.train_seconds,

@@ -33,7 +33,7 @@ class PQConfig:
     codebook_size: int = 256
     standardize: bool = True
     pca_dim: int = 128  # 0 = keep the input dimension
-    method: str = "opq"
+    method: str = "pq"  # "pq" | "opq" (OPQ measured no better on Beauty MiniLM vectors and ~6x slower)
     backend: str = "auto"
     n_iter: int = 25  # k-means iterations (per sub-space)
     seed: int = 42
@@ -89,8 +89,9 @@ def preprocess(x: np.ndarray, cfg: PQConfig) -> np.ndarray:
         x = (x - x.mean(0)) / np.where(sd > 0, sd, 1.0)
     if cfg.pca_dim and cfg.pca_dim < x.shape[1]:
         xc = x - x.mean(0)
-        _, _, vt = np.linalg.svd(xc, full_matrices=False)
-        x = xc @ vt[: cfg.pca_dim].T
+        # eigenvectors of the (D, D) covariance: same subspace as an SVD of the data, far cheaper for N >> D
+        _, vecs = np.linalg.eigh(xc.T @ xc)
+        x = xc @ vecs[:, ::-1][:, : cfg.pca_dim]
     return x.astype(np.float32)
 
 

@@ -858,3 +858,35 @@ def metrics_table(rows: Mapping[str, Mapping[str, Any]], columns: Sequence[str] 
             cells.append(f"{v:>{w}.4f}" if isinstance(v, (int, float)) and v == v else f"{'-':>{w}}")
         lines.append(f"{name:<{name_w}}" + "".join(cells))
     return "\n".join(lines)
+
+
+# ------------------------------------------------------------------------- shared Beauty evaluation
+def evaluate_on_split(model, codec: SidCodec, split, rows: np.ndarray | None = None, stage: str = "test",
+                      max_history: int = 20, beams: int = 20, batch_size: int = 128, n_boot: int = 1000, seed: int = 0,
+                      label: str = "TIGER", log: LogFn | None = None):
+    """TIGER on the one leave-one-out evaluation (``lib.retrieval.evaluation``), same users and rules
+    as every other model.
+
+    One constrained beam search per user (``beams`` >= 10 returned sequences, history items not
+    excluded from the search): ``unmasked`` = the top 10 of the returned list, ``masked`` = the same list
+    with history items removed, then the top 10 (a history item can push a new item out of a short
+    list, so this is slightly pessimistic for TIGER compared with excluding them inside the search).
+    Returns an ``EvalResult`` whose ``extra`` holds ``invalid_id_rate`` (unconstrained-ID sequences /
+    all returned; 0 with the trie) and ``duplicate_rate``."""
+    from animind_assets.lib.retrieval.evaluation import evaluate_rankings
+
+    if beams < 10:
+        raise ValueError(f"beams ({beams}) must be >= 10 for Recall@10")
+    rows = np.arange(len(split)) if rows is None else np.asarray(rows, dtype=np.int64)
+    hists = split.histories(stage)
+    ex = Examples(split.users[rows].copy(), [hists[i][-max_history:] for i in rows.tolist()], split.targets(stage)[rows].copy())
+    t0 = time.perf_counter()
+    ranked, counts = generate_rankings(model, codec, ex, k=beams, beams=beams, batch_size=batch_size, log=log, label=label)
+    seconds = time.perf_counter() - t0
+    res = evaluate_rankings({"masked": ranked, "unmasked": [r[:10] for r in ranked]}, split, stage, label, rows=rows,
+                            n_boot=n_boot, seed=seed,
+                            extra={"invalid_id_rate": counts["invalid"] / max(1.0, counts["sequences"]),
+                                   "duplicate_rate": counts["duplicates"] / max(1.0, counts["sequences"]),
+                                   "beams": beams, "users_per_s": len(rows) / max(1e-9, seconds)})
+    res.seconds = seconds + res.seconds
+    return res

@@ -204,7 +204,7 @@ def test_rpg_exact_scoring_equals_brute_force_sum_of_code_log_probs():
     # and by hand for one user / item
     logp = model.code_log_probs(inp[:1])[0]
     item = 17
-    assert float(fast[0, item]) == pytest.approx(float(sum(logp[j, codes[item, j]] for j in range(4))), abs=1e-4)
+    assert float(fast[0, item]) == pytest.approx(float(sum(logp[j, codes[item, j]] for j in range(4)).detach()), abs=1e-4)
     # items sharing all codes get identical scores
     codes2 = codes.copy()
     codes2[5] = codes2[6]
@@ -261,3 +261,79 @@ def test_product_quantization_codes(backend, method):
         product_quantize(np.full((300, 4), np.nan), PQConfig(n_codebooks=2, codebook_size=16, backend=backend, method=method))
     with pytest.raises(ValueError, match="codebook_size"):
         product_quantize(x[:10], PQConfig(n_codebooks=4, codebook_size=16, backend=backend, method=method))
+
+
+# ------------------------------------------------------------------------------------------ assets
+def test_beauty_sequence_assets_train_and_eval_in_process(tmp_path, animind_env):
+    import dagster as dg
+
+    from animind_assets.defs.beauty.beauty_embeddings import beauty_embeddings
+    from animind_assets.defs.beauty.beauty_eval import beauty_eval
+    from animind_assets.defs.beauty.beauty_interactions import beauty_interactions
+    from animind_assets.defs.beauty.beauty_items import beauty_items
+    from animind_assets.defs.beauty.beauty_pq_codes import beauty_pq_codes
+    from animind_assets.defs.beauty.rpg_model import rpg_model
+    from animind_assets.defs.beauty.sasrec_model import sasrec_model
+    from animind_assets.resources import AniMindDuckDBIOManager, ArtifactStoreResource, DuckDBWarehouse, MlflowResource, ParquetExports
+    from animind_assets_tests.test_tiger import write_cyclic_prepared
+
+    folder = write_cyclic_prepared(tmp_path / "beauty")
+    db = str(animind_env / "animind.duckdb")
+    resources = {
+        "io_manager": AniMindDuckDBIOManager(database=db, schema="main"),
+        "warehouse": DuckDBWarehouse(database=db, schema="main"),
+        "artifacts": ArtifactStoreResource(root=str(animind_env / "artifacts")),
+        "exports": ParquetExports(root=str(animind_env / "exports")),
+        "mlflow": MlflowResource(enabled=False),
+    }
+    src = {"source": "prepared", "prepared_dir": str(folder)}
+    seq = {"max_len": 8, "batch_size": 32, "epochs": 10, "patience": 0, "val_users": 0, "num_threads": 1, "device": "cpu"}
+    everything = [beauty_items, beauty_interactions, beauty_embeddings, beauty_pq_codes, sasrec_model, rpg_model, beauty_eval]
+    res = dg.materialize(
+        everything, resources=resources, instance=dg.DagsterInstance.ephemeral(),
+        run_config={"ops": {
+            "beauty_items": {"config": src},
+            "beauty_interactions": {"config": src},
+            "beauty_embeddings": {"config": {"batch_size": 32}},
+            "beauty_pq_codes": {"config": {"n_codebooks": 4, "codebook_size": 8, "pca_dim": 16, "num_threads": 1}},
+            "sasrec_model": {"config": {**seq, "hidden": 32, "dropout": 0.0, "lr": 1e-2}},
+            "rpg_model": {"config": {**seq, "hidden": 32, "heads": 2, "d_ff": 64, "emb_dropout": 0.0, "attn_dropout": 0.0,
+                                     "temperature": 0.1, "lr": 1e-2, "warmup_steps": 0}},
+            "beauty_eval": {"config": {"models": ["popularity", "sasrec", "rpg", "tiger"], "n_boot": 50, "num_threads": 1, "device": "cpu"}},
+        }},
+    )
+    assert res.success
+    codes = resources["warehouse"].read_table("beauty_pq_codes")
+    assert codes.height == 60 and set(codes["codes"].list.len().to_list()) == {4}
+    table = resources["warehouse"].read_table("beauty_eval")
+    rows = {(r["model"], r["masking"]): r for r in table.iter_rows(named=True)}
+    pop = rows[("popularity (train+valid counts)", "masked")]
+    sas = rows[("SASRec-CE", "masked")]
+    assert sas["recall@10"] > pop["recall@10"] + 0.3, rows  # the cycle is learned
+    assert sas["recall@10_lo"] <= sas["recall@10"] <= sas["recall@10_hi"]
+    assert any(m.startswith("RPG") for m, _ in rows) and ("SASRec-CE", "unmasked") in rows
+    assert rows[("TIGER paper (Rajput et al. 2023)", "as published")]["kind"] == "published"
+    assert {r["users"] for r in table.iter_rows(named=True) if r["kind"] != "published"} == {200}
+    md = res.asset_materializations_for_node("beauty_eval")[0].metadata
+    assert "comparison_plot_masked" in md and "protocol" in md
+    md = res.asset_materializations_for_node("sasrec_model")[0].metadata
+    assert md["epochs"].value == 10 and "validation_curve" in md
+
+
+def test_tiger_on_the_shared_evaluation_matches_its_own_metrics():
+    from animind_assets.lib.retrieval.tiger import TigerConfig, evaluate, evaluate_on_split, leave_one_out, train_tiger
+    from animind_assets_tests.test_tiger import TINY, cyclic_codec, cyclic_sequences
+
+    seqs = cyclic_sequences(n_users=40)
+    codec = cyclic_codec()
+    tsplit = leave_one_out(seqs, max_history=5)
+    cfg = TigerConfig(**{**TINY, "d_model": 48, "d_ff": 96}, batch_size=32, lr=1e-2, warmup_steps=10, epochs=100,
+                      max_steps=10, eval_every_steps=10, val_users=0, val_beams=10, patience=0)
+    model = train_tiger(tsplit, codec, cfg).model
+    split = SequenceSplit.from_sequences(seqs, n_items=60)
+    assert split.users.tolist() == tsplit.test.users.tolist()  # same users, same order
+    res = evaluate_on_split(model, codec, split, max_history=5, beams=10, n_boot=0)
+    own = evaluate(model, codec, tsplit.test, ks=(5, 10), beams=10)
+    assert res.metrics["unmasked"]["recall@10"] == pytest.approx(own["recall@10"])
+    assert res.metrics["unmasked"]["ndcg@5"] == pytest.approx(own["ndcg@5"])
+    assert res.extra["invalid_id_rate"] == 0.0

@@ -58,6 +58,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--sasrec-lr", type=float, default=1e-3)
     p.add_argument("--sasrec-batch", type=int, default=128)
     p.add_argument("--sasrec-patience", type=int, default=8)
+    p.add_argument("--sasrec-init", default="", help="continue from a saved sasrec_model folder (a second budget leg)")
     # RPG
     p.add_argument("--rpg-seconds", type=float, default=2400.0, help="RPG training budget (0 = none)")
     p.add_argument("--rpg-lr", type=float, default=3e-3)
@@ -108,14 +109,21 @@ def run_model(name: str, split, rows, args, data, out: Path, log, previous: dict
             seed=args.seed, num_threads=args.threads, device=args.device,
         )
         cfg = SASRecConfig(hidden=64, blocks=2, heads=1, dropout=0.5, loss=args.sasrec_loss, train=tcfg)
-        res = train_sasrec(split, cfg, log=log)
+        init = None
+        if args.sasrec_init:
+            from animind_assets.lib.retrieval.sasrec import load_sasrec
+
+            init, _ = load_sasrec(args.sasrec_init)
+            log(f"sasrec: starting from {args.sasrec_init}")
+        res = train_sasrec(split, cfg, log=log, init=init)
         save_sasrec(res.model, str(out / "sasrec_model"), extra={"best": res.best, "stop_reason": res.stop_reason})
         label = f"SASRec-{args.sasrec_loss.upper()} (ours)"
         ev = evaluate_scorer(make_scorer(res.model, tcfg.max_len), split, "test", label, rows=rows, n_boot=args.n_boot,
                              seed=args.seed, log=log)
         return {"rows": _rows(ev, {}), "eval_seconds": ev.seconds, "train_seconds": res.train_seconds,
                 "examples_per_s": res.positions_per_s, "stop_reason": res.stop_reason, "epochs": res.epochs,
-                "best_val": res.best, "history": res.history, "config": cfg.to_dict(), "extra": res.extra}
+                "best_val": res.best, "history": res.history, "config": cfg.to_dict(), "extra": res.extra,
+                "init": args.sasrec_init or None}
     if name == "rpg":
         return run_rpg(split, rows, args, data, out, log)
     if name == "tiger":
@@ -177,8 +185,35 @@ def run_rpg(split, rows, args, data, out: Path, log) -> dict:
             "pq": pq.stats, "extra": res.extra}
 
 
+import numpy as np  # noqa: E402  (after the env defaults above)
+
+
 def run_tiger(split, rows, args, data, out: Path, log) -> dict:
-    raise NotImplementedError("tiger: not wired yet")
+    """TIGER with the public recipe findings: reference RQ-KMeans IDs (``index_rqkmeans.json``), constant LR
+    1e-3 after a short warm-up, constrained beam search with ``beams >= 10``, the CPU-sized T5 of
+    ``benchmarks.tiger_beauty`` (2+2 layers, d_model 64) under a wall-clock budget."""
+    from animind_assets.lib.data.amazon import beauty_dir
+    from animind_assets.lib.retrieval.tiger import (
+        SidCodec, TigerConfig, evaluate_on_split, leave_one_out, load_reference_index, train_tiger,
+    )
+
+    codec = SidCodec.from_mapping(load_reference_index(beauty_dir() / f"index_{args.tiger_ids}.json"))
+    sequences = {int(u): list(np.append(t, [v, te])) for u, t, v, te in
+                 zip(split.users, split.train, split.valid_targets, split.test_targets)}
+    tsplit = leave_one_out(sequences, max_history=20)
+    cfg = TigerConfig(d_model=64, d_kv=16, num_heads=4, d_ff=256, num_layers=2, num_decoder_layers=2, dropout=0.1,
+                      batch_size=256 * (2 if args.gpu else 1), lr=1e-3, warmup_steps=100, lr_schedule="constant", epochs=200,
+                      max_train_seconds=args.tiger_seconds, eval_every_steps=700, val_users=1000, val_beams=20, patience=3,
+                      num_threads=args.threads, device=args.device, seed=args.seed)
+    res = train_tiger(tsplit, codec, cfg, log=log)
+    label = f"TIGER, reference {args.tiger_ids} IDs (ours)"
+    ev = evaluate_on_split(res.model, codec, split, rows, max_history=cfg.max_history, beams=args.tiger_beams,
+                           n_boot=args.n_boot, seed=args.seed, label=label, log=log)
+    steps = res.steps
+    return {"rows": _rows(ev, {"invalid_id_rate": ev.extra["invalid_id_rate"]}), "eval_seconds": ev.seconds,
+            "train_seconds": res.train_seconds, "examples_per_s": steps * cfg.batch_size / max(1e-9, res.train_seconds),
+            "stop_reason": res.stop_reason, "steps": steps, "invalid_id_rate": ev.extra["invalid_id_rate"],
+            "best_val": res.best, "history": res.history, "config": cfg.to_dict()}
 
 
 def main(argv=None) -> int:

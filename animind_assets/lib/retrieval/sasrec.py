@@ -143,11 +143,16 @@ class SASRec(torch.nn.Module):
         return (h @ self.item_emb.weight[1:].T).float()
 
 
-def train_sasrec(split: SequenceSplit, cfg: SASRecConfig, log: LogFn | None = None, on_eval=None) -> SeqTrainResult:
-    """Build and train a SASRec on ``split`` (see ``seqtrain.train_sequence_model``)."""
+def train_sasrec(split: SequenceSplit, cfg: SASRecConfig, log: LogFn | None = None, on_eval=None,
+                 init: SASRec | None = None) -> SeqTrainResult:
+    """Build and train a SASRec on ``split`` (see ``seqtrain.train_sequence_model``). ``init``: start
+    from these weights (same architecture; e.g. a model saved by an earlier, budget-limited run; the
+    optimizer state starts fresh)."""
     cfg.validate()
     torch.manual_seed(cfg.train.seed)
     model = SASRec(split.n_items, cfg)
+    if init is not None:
+        model.load_state_dict(init.state_dict())
     return train_sequence_model(model, split, cfg.train, name=f"sasrec-{cfg.loss}", log=log, on_eval=on_eval)
 
 

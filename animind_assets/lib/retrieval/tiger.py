@@ -272,8 +272,9 @@ class TigerConfig:
     val_users: int = 2000  # validation users scored at each evaluation (0 = all)
     val_beams: int = 20
     exclude_history: bool = True  # items already in the history are never recommended (validation and test)
-    patience: int = 4  # evaluations without val Recall@10 improvement; 0 = off
+    patience: int = 4  # evaluations without improvement of select_metric; 0 = off
     min_delta: float = 0.0
+    select_metric: str = "ndcg@10"  # validation metric for checkpoint selection / early stopping: ndcg@10 | recall@10
     # runtime
     seed: int = 42
     num_threads: int = 2  # torch.set_num_threads; 0 = leave as is
@@ -287,6 +288,8 @@ class TigerConfig:
         for name in ("d_model", "d_kv", "num_heads", "d_ff", "num_layers", "num_decoder_layers", "batch_size", "max_history", "epochs"):
             if int(getattr(self, name)) < 1:
                 raise ValueError(f"TigerConfig.{name} must be >= 1")
+        if self.select_metric not in ("ndcg@10", "recall@10"):
+            raise ValueError(f"select_metric={self.select_metric!r}; expected ndcg@10 | recall@10")
         if self.val_beams < 10:
             raise ValueError("val_beams must be >= 10 (validation Recall@10 needs 10 beams)")
         return self
@@ -677,20 +680,20 @@ def train_tiger(
             "elapsed_s": time.perf_counter() - t_start,
         }
         running, running_n = 0.0, 0
-        improved = rec["val_recall@10"] > state["best_metric"] + cfg.min_delta
+        improved = rec[f"val_{cfg.select_metric}"] > state["best_metric"] + cfg.min_delta
         if improved:
-            state["best_metric"] = rec["val_recall@10"]
+            state["best_metric"] = rec[f"val_{cfg.select_metric}"]
             state["best_step"] = state["step"]
             state["bad_evals"] = 0
         else:
             state["bad_evals"] += 1
-        rec["best_val_recall@10"] = state["best_metric"]
+        rec[f"best_val_{cfg.select_metric}"] = state["best_metric"]
         state["history"].append(rec)
         state["train_seconds"] = time.perf_counter() - t_start
         log(
             f"tiger eval @ step {state['step']} (epoch {rec['epoch']:.2f}): loss {rec['train_loss']:.4f}, "
             f"val R@10 {rec['val_recall@10']:.4f} N@10 {rec['val_ndcg@10']:.4f} "
-            f"(best {state['best_metric']:.4f} @ {state['best_step']}), eval {fmt_seconds(m['eval_seconds'])}"
+            f"(best {cfg.select_metric} {state['best_metric']:.4f} @ {state['best_step']}), eval {fmt_seconds(m['eval_seconds'])}"
         )
         payload = {
             "model": model.state_dict(),
@@ -738,7 +741,7 @@ def train_tiger(
             if state["step"] % eval_every == 0 or end_of_epoch and not cfg.eval_every_steps:
                 do_eval()
                 if cfg.patience and state["bad_evals"] >= cfg.patience:
-                    stop_reason = f"early stopping: no val recall@10 gain in {cfg.patience} evaluations"
+                    stop_reason = f"early stopping: no val {cfg.select_metric} gain in {cfg.patience} evaluations"
                     done = True
                 elif cfg.max_train_seconds and time.perf_counter() - t_start >= cfg.max_train_seconds:
                     stop_reason = f"time budget {cfg.max_train_seconds:.0f}s reached"
@@ -769,7 +772,7 @@ def train_tiger(
     elif "_best_weights" in state:
         model.load_state_dict(state.pop("_best_weights"))
     state.pop("_best_weights", None)
-    log(f"tiger: stopped ({stop_reason}) after {state['step']} steps in {fmt_seconds(state['train_seconds'])}; best val R@10 {state['best_metric']:.4f} @ step {state['best_step']}")
+    log(f"tiger: stopped ({stop_reason}) after {state['step']} steps in {fmt_seconds(state['train_seconds'])}; best val {cfg.select_metric} {state['best_metric']:.4f} @ step {state['best_step']}")
     return TigerTrainResult(
         model, state["history"], _best_record(state), stop_reason, state["step"], state["step"] / steps_per_epoch,
         state["train_seconds"], resumed_from, {"train_examples": len(train), "steps_per_epoch": steps_per_epoch, "val_users": len(valid)},
@@ -778,7 +781,7 @@ def train_tiger(
 
 def _best_record(state: dict) -> dict[str, float]:
     for rec in state["history"]:
-        if rec["step"] == state["best_step"] and rec["val_recall@10"] == state["best_metric"]:
+        if rec["step"] == state["best_step"]:
             return dict(rec)
     return dict(state["history"][-1]) if state["history"] else {}
 

@@ -225,7 +225,8 @@ def main(argv=None) -> int:
     if bad:
         print(f"unknown model(s) {bad}; expected {ALL_MODELS}", file=sys.stderr)
         return 2
-    from animind_assets.lib.data.amazon import beauty_dir, load_prepared_split, sequences_from_interactions
+    from animind_assets.lib.data.amazon import beauty_dir, sequences_from_interactions
+    from animind_assets.lib.data.amazon_split import load_prepared_split
 
     folder = beauty_dir()
     if not (folder / "inter.json").exists():

@@ -54,3 +54,38 @@ def source_metadata(data: AmazonData) -> dict:
 
 TIGER_MODEL_ASSET = "tiger_model"
 ID_SOURCES = ("own", "reference")
+
+
+def split_from_interactions(interactions, n_items: int | None = None):
+    """``beauty_interactions`` frame -> (``SequenceSplit``, data fingerprint) for the sequence models
+    (``n_items`` default: largest item id + 1)."""
+    from animind_assets.lib.common.fingerprint import frame_fingerprint
+    from animind_assets.lib.data.amazon import sequences_from_interactions
+    from animind_assets.lib.retrieval.evaluation import SequenceSplit
+
+    if n_items is None:
+        n_items = int(interactions["item_id"].max()) + 1 if interactions.height else 0
+    split = SequenceSplit.from_sequences(sequences_from_interactions(interactions), n_items=n_items)
+    fp = frame_fingerprint(interactions.select(["user_id", "item_id", "seq"]), sort_by=["user_id", "seq"])
+    return split, fp
+
+
+def curve_metadata(history: list, title: str) -> dict:
+    """Validation table + plot of a ``SeqTrainResult.history`` for asset metadata."""
+    import polars as pl
+
+    from animind_assets.lib.common.plots import lines_png
+    from animind_assets.meta import image_md, markdown_table
+
+    if not history:
+        return {}
+    cols = ["epoch", "train_loss", "val_recall@10", "val_ndcg@10", "positions_per_s", "elapsed_s"]
+    md = {"history": dg.MetadataValue.md(markdown_table(pl.DataFrame(history).select(cols), max_rows=40))}
+    if len(history) > 1:
+        md["validation_curve"] = image_md(lines_png({"val Recall@10": [h["val_recall@10"] for h in history],
+                                                     "val NDCG@10": [h["val_ndcg@10"] for h in history]},
+                                                    f"{title}: validation (seen items masked)", xlabel="validation", ylabel="metric"),
+                                          "Validation")
+        md["loss_curve"] = image_md(lines_png({"train loss": [h["train_loss"] for h in history]}, f"{title}: train loss",
+                                              xlabel="validation"), "Loss")
+    return md

@@ -49,7 +49,7 @@ id_source_partitions = dg.StaticPartitionsDefinition(list(ID_SOURCES))
 RESUME_KEYS = (
     "d_model", "d_kv", "num_heads", "d_ff", "num_layers", "num_decoder_layers", "dropout",
     "relative_attention_num_buckets", "feed_forward_proj", "max_history", "user_buckets", "max_train_examples",
-    "batch_size", "lr", "weight_decay", "warmup_steps", "lr_schedule", "grad_clip", "seed", "length_buckets",
+    "batch_size", "lr", "weight_decay", "warmup_steps", "lr_schedule", "grad_clip", "seed", "length_buckets", "select_metric",
 )
 
 
@@ -85,7 +85,8 @@ TigerModelConfig = derive_config(
         "val_users": 'validation users per evaluation (0 = all)',
         "val_beams": 'beams of the validation beam search (>= 10)',
         "exclude_history": 'validation never recommends items already in the history',
-        "patience": 'early stopping: evaluations without val Recall@10 gain (0 = off)',
+        "patience": 'early stopping: evaluations without gain of select_metric (0 = off)',
+        "select_metric": 'validation metric for checkpoint selection and early stopping: ndcg@10 | recall@10',
         "min_delta": 'minimum val Recall@10 gain that counts',
         "seed": 'random seed (init, batches, subsets)',
         "num_threads": 'torch CPU threads (0 = leave as is)',

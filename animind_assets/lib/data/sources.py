@@ -69,5 +69,5 @@ def shared_data_dir() -> Path:
     env = os.environ.get("ANIMIND_SHARED_DATA")
     if env:
         return Path(env).resolve()
-    return (Path(__file__).resolve().parents[2] / ".." / "shared" / "data").resolve()
+    return (Path(__file__).resolve().parents[3] / ".." / "shared" / "data").resolve()  # lib/data/sources.py -> project root
 

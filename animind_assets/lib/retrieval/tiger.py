@@ -274,8 +274,9 @@ class TigerConfig:
     val_users: int = 2000  # validation users scored at each evaluation (0 = all)
     val_beams: int = 20
     exclude_history: bool = True  # items already in the history are never recommended (validation and test)
-    patience: int = 4  # evaluations without val Recall@10 improvement; 0 = off
+    patience: int = 4  # evaluations without improvement of select_metric; 0 = off
     min_delta: float = 0.0
+    select_metric: str = "ndcg@10"  # validation metric for checkpoint selection / early stopping: ndcg@10 | recall@10
     # runtime
     seed: int = 42
     num_threads: int = 2  # torch.set_num_threads; 0 = leave as is
@@ -289,6 +290,8 @@ class TigerConfig:
         for name in ("d_model", "d_kv", "num_heads", "d_ff", "num_layers", "num_decoder_layers", "batch_size", "max_history", "epochs"):
             if int(getattr(self, name)) < 1:
                 raise ValueError(f"TigerConfig.{name} must be >= 1")
+        if self.select_metric not in ("ndcg@10", "recall@10"):
+            raise ValueError(f"select_metric={self.select_metric!r}; expected ndcg@10 | recall@10")
         if self.val_beams < 10:
             raise ValueError("val_beams must be >= 10 (validation Recall@10 needs 10 beams)")
         return self
@@ -682,20 +685,20 @@ def train_tiger(
             "elapsed_s": time.perf_counter() - t_start,
         }
         running, running_n = 0.0, 0
-        improved = rec["val_recall@10"] > state["best_metric"] + cfg.min_delta
+        improved = rec[f"val_{cfg.select_metric}"] > state["best_metric"] + cfg.min_delta
         if improved:
-            state["best_metric"] = rec["val_recall@10"]
+            state["best_metric"] = rec[f"val_{cfg.select_metric}"]
             state["best_step"] = state["step"]
             state["bad_evals"] = 0
         else:
             state["bad_evals"] += 1
-        rec["best_val_recall@10"] = state["best_metric"]
+        rec[f"best_val_{cfg.select_metric}"] = state["best_metric"]
         state["history"].append(rec)
         state["train_seconds"] = time.perf_counter() - t_start
         log(
             f"tiger eval @ step {state['step']} (epoch {rec['epoch']:.2f}): loss {rec['train_loss']:.4f}, "
             f"val R@10 {rec['val_recall@10']:.4f} N@10 {rec['val_ndcg@10']:.4f} "
-            f"(best {state['best_metric']:.4f} @ {state['best_step']}), eval {fmt_seconds(m['eval_seconds'])}"
+            f"(best {cfg.select_metric} {state['best_metric']:.4f} @ {state['best_step']}), eval {fmt_seconds(m['eval_seconds'])}"
         )
         payload = {
             "model": model.state_dict(),
@@ -743,7 +746,7 @@ def train_tiger(
             if state["step"] % eval_every == 0 or end_of_epoch and not cfg.eval_every_steps:
                 do_eval()
                 if cfg.patience and state["bad_evals"] >= cfg.patience:
-                    stop_reason = f"early stopping: no val recall@10 gain in {cfg.patience} evaluations"
+                    stop_reason = f"early stopping: no val {cfg.select_metric} gain in {cfg.patience} evaluations"
                     done = True
                 elif cfg.max_train_seconds and time.perf_counter() - t_start >= cfg.max_train_seconds:
                     stop_reason = f"time budget {cfg.max_train_seconds:.0f}s reached"
@@ -774,7 +777,7 @@ def train_tiger(
     elif "_best_weights" in state:
         model.load_state_dict(state.pop("_best_weights"))
     state.pop("_best_weights", None)
-    log(f"tiger: stopped ({stop_reason}) after {state['step']} steps in {fmt_seconds(state['train_seconds'])}; best val R@10 {state['best_metric']:.4f} @ step {state['best_step']}")
+    log(f"tiger: stopped ({stop_reason}) after {state['step']} steps in {fmt_seconds(state['train_seconds'])}; best val {cfg.select_metric} {state['best_metric']:.4f} @ step {state['best_step']}")
     return TigerTrainResult(
         model, state["history"], _best_record(state), stop_reason, state["step"], state["step"] / steps_per_epoch,
         state["train_seconds"], resumed_from, {"train_examples": len(train), "steps_per_epoch": steps_per_epoch, "val_users": len(valid)},
@@ -783,7 +786,7 @@ def train_tiger(
 
 def _best_record(state: dict) -> dict[str, float]:
     for rec in state["history"]:
-        if rec["step"] == state["best_step"] and rec["val_recall@10"] == state["best_metric"]:
+        if rec["step"] == state["best_step"]:
             return dict(rec)
     return dict(state["history"][-1]) if state["history"] else {}
 
@@ -863,3 +866,35 @@ def metrics_table(rows: Mapping[str, Mapping[str, Any]], columns: Sequence[str] 
             cells.append(f"{v:>{w}.4f}" if isinstance(v, (int, float)) and v == v else f"{'-':>{w}}")
         lines.append(f"{name:<{name_w}}" + "".join(cells))
     return "\n".join(lines)
+
+
+# ------------------------------------------------------------------------- shared Beauty evaluation
+def evaluate_on_split(model, codec: SidCodec, split, rows: np.ndarray | None = None, stage: str = "test",
+                      max_history: int = 20, beams: int = 20, batch_size: int = 128, n_boot: int = 1000, seed: int = 0,
+                      label: str = "TIGER", log: LogFn | None = None):
+    """TIGER on the one leave-one-out evaluation (``lib.retrieval.evaluation``), same users and rules
+    as every other model.
+
+    One constrained beam search per user (``beams`` >= 10 returned sequences, history items not
+    excluded from the search): ``unmasked`` = the top 10 of the returned list, ``masked`` = the same list
+    with history items removed, then the top 10 (a history item can push a new item out of a short
+    list, so this is slightly pessimistic for TIGER compared with excluding them inside the search).
+    Returns an ``EvalResult`` whose ``extra`` holds ``invalid_id_rate`` (unconstrained-ID sequences /
+    all returned; 0 with the trie) and ``duplicate_rate``."""
+    from animind_assets.lib.retrieval.evaluation import evaluate_rankings
+
+    if beams < 10:
+        raise ValueError(f"beams ({beams}) must be >= 10 for Recall@10")
+    rows = np.arange(len(split)) if rows is None else np.asarray(rows, dtype=np.int64)
+    hists = split.histories(stage)
+    ex = Examples(split.users[rows].copy(), [hists[i][-max_history:] for i in rows.tolist()], split.targets(stage)[rows].copy())
+    t0 = time.perf_counter()
+    ranked, counts = generate_rankings(model, codec, ex, k=beams, beams=beams, batch_size=batch_size, log=log, label=label)
+    seconds = time.perf_counter() - t0
+    res = evaluate_rankings({"masked": ranked, "unmasked": [r[:10] for r in ranked]}, split, stage, label, rows=rows,
+                            n_boot=n_boot, seed=seed,
+                            extra={"invalid_id_rate": counts["invalid"] / max(1.0, counts["sequences"]),
+                                   "duplicate_rate": counts["duplicates"] / max(1.0, counts["sequences"]),
+                                   "beams": beams, "users_per_s": len(rows) / max(1e-9, seconds)})
+    res.seconds = seconds + res.seconds
+    return res

@@ -1,0 +1,289 @@
+"""Amazon Beauty benchmark: popularity, SASRec, RPG and TIGER on one leave-one-out evaluation.
+
+    python -m animind_assets.benchmarks.beauty                          # CPU, everything (see budgets)
+    python -m animind_assets.benchmarks.beauty --models sasrec,rpg      # a subset
+    python -m animind_assets.benchmarks.beauty --gpu                    # GPU command (= --device cuda)
+    python -m animind_assets.benchmarks.beauty --out DIR --reuse        # re-print the table from DIR
+
+Data: the prepared split in ``../shared/data/beauty`` (``inter.json`` order by default; ``--order
+user_sequence`` = P5's), 22,363 users, 12,101 items. Protocol (``lib.retrieval.evaluation``): last item
+= test target, second-to-last = validation target, training on every prefix of ``seq[:-2]``; full
+ranking over all 12,101 items, ties by ascending item id; Recall/NDCG@5/10 with 95% bootstrap
+intervals over users; every model is reported with and without masking of already-seen items; all
+22,363 test users unless ``--test-users``. Published rows are printed in a separate table, labelled
+"published", never mixed with ours.
+
+Every model's result is written to ``<out>/<model>.json`` (metrics, intervals, speed, config,
+training curve) as soon as it is done, so ``--reuse`` can assemble the table from models run by
+separate invocations of this command. Speed: ``examples/s`` = training targets (positions) per second
+of training time. The machine load (``uptime``) is printed at start and end.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")  # numpy/faiss BLAS: spinning threads cost 10-40x on a busy shared CPU
+
+ALL_MODELS = ("popularity", "sasrec", "rpg", "tiger")
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--models", default=",".join(ALL_MODELS), help=f"comma list of {ALL_MODELS}")
+    p.add_argument("--device", default="cpu", help="cpu | cuda | auto")
+    p.add_argument("--gpu", action="store_true", help="GPU command: --device cuda with GPU-sized batches")
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--order", default="inter_json", choices=["inter_json", "user_sequence"])
+    p.add_argument("--out", default="", help="result folder (default: a new temp folder)")
+    p.add_argument("--reuse", action="store_true", help="load <out>/<model>.json instead of training when present")
+    p.add_argument("--test-users", type=int, default=0, help="0 = all test users; >0 = seeded subset (same for every model)")
+    p.add_argument("--val-users", type=int, default=5000, help="validation users for early stopping (seeded subset; 0 = all)")
+    p.add_argument("--n-boot", type=int, default=1000)
+    p.add_argument("--seed", type=int, default=42)
+    # SASRec
+    p.add_argument("--sasrec-loss", default="ce", choices=["ce", "bce"])
+    p.add_argument("--sasrec-seconds", type=float, default=2400.0, help="SASRec training budget (0 = none)")
+    p.add_argument("--sasrec-lr", type=float, default=1e-3)
+    p.add_argument("--sasrec-batch", type=int, default=128)
+    p.add_argument("--sasrec-patience", type=int, default=8)
+    p.add_argument("--sasrec-init", default="", help="continue from a saved sasrec_model folder (a second budget leg)")
+    # RPG
+    p.add_argument("--rpg-seconds", type=float, default=2400.0, help="RPG training budget (0 = none)")
+    p.add_argument("--rpg-lr", type=float, default=3e-3)
+    p.add_argument("--rpg-hidden", type=int, default=256)
+    p.add_argument("--rpg-codebooks", type=int, default=32)
+    p.add_argument("--rpg-temperature", type=float, default=0.03)
+    p.add_argument("--rpg-batch", type=int, default=256)
+    p.add_argument("--rpg-patience", type=int, default=5)
+    p.add_argument("--pq-method", default="pq", choices=["pq", "opq"])
+    p.add_argument("--rpg-embeddings", default="text", choices=["text", "text+sasrec", "sasrec"],
+                   help="what PQ quantizes: MiniLM item-text vectors, SASRec item embeddings, or both (needs sasrec first)")
+    # TIGER
+    p.add_argument("--tiger-seconds", type=float, default=600.0)
+    p.add_argument("--tiger-ids", default="rqkmeans", choices=["rqkmeans", "rqvae"], help="reference ID file index_<ids>.json")
+    p.add_argument("--tiger-beams", type=int, default=20)
+    return p.parse_args(argv)
+
+
+def load_avg() -> str:
+    try:
+        return subprocess.run(["uptime"], capture_output=True, text=True, timeout=5).stdout.strip()
+    except Exception:  # pragma: no cover - uptime missing
+        return "load " + " ".join(f"{x:.2f}" for x in os.getloadavg())
+
+
+def _rows(ev, extra: dict) -> list[dict]:
+    return [{**ev.row(mode), **extra} for mode in ("masked", "unmasked") if mode in ev.metrics]
+
+
+def run_model(name: str, split, rows, args, data, out: Path, log, previous: dict) -> dict:
+    """Train (when needed) and evaluate one model on the test rows; -> JSON-able result dict."""
+    import numpy as np
+
+    from animind_assets.lib.retrieval.evaluation import evaluate_scorer, popularity_scorer
+
+    if name == "popularity":
+        ev = evaluate_scorer(popularity_scorer(split, "test"), split, "test", "popularity (train+valid counts)", rows=rows,
+                             n_boot=args.n_boot, seed=args.seed, log=log)
+        return {"rows": _rows(ev, {}), "eval_seconds": ev.seconds, "train_seconds": 0.0, "examples_per_s": None,
+                "stop_reason": "no training"}
+    if name == "sasrec":
+        from animind_assets.lib.retrieval.sasrec import SASRecConfig, save_sasrec, train_sasrec
+        from animind_assets.lib.retrieval.seqtrain import SeqTrainConfig, make_scorer
+
+        tcfg = SeqTrainConfig(
+            max_len=50, batch_size=args.sasrec_batch * (2 if args.gpu else 1), lr=args.sasrec_lr, epochs=200,
+            patience=args.sasrec_patience, val_users=args.val_users, max_train_seconds=args.sasrec_seconds,
+            seed=args.seed, num_threads=args.threads, device=args.device,
+        )
+        cfg = SASRecConfig(hidden=64, blocks=2, heads=1, dropout=0.5, loss=args.sasrec_loss, train=tcfg)
+        init = None
+        if args.sasrec_init:
+            from animind_assets.lib.retrieval.sasrec import load_sasrec
+
+            init, _ = load_sasrec(args.sasrec_init)
+            log(f"sasrec: starting from {args.sasrec_init}")
+        res = train_sasrec(split, cfg, log=log, init=init)
+        save_sasrec(res.model, str(out / "sasrec_model"), extra={"best": res.best, "stop_reason": res.stop_reason})
+        label = f"SASRec-{args.sasrec_loss.upper()} (ours)"
+        ev = evaluate_scorer(make_scorer(res.model, tcfg.max_len), split, "test", label, rows=rows, n_boot=args.n_boot,
+                             seed=args.seed, log=log)
+        return {"rows": _rows(ev, {}), "eval_seconds": ev.seconds, "train_seconds": res.train_seconds,
+                "examples_per_s": res.positions_per_s, "stop_reason": res.stop_reason, "epochs": res.epochs,
+                "best_val": res.best, "history": res.history, "config": cfg.to_dict(), "extra": res.extra,
+                "init": args.sasrec_init or None}
+    if name == "rpg":
+        return run_rpg(split, rows, args, data, out, log)
+    if name == "tiger":
+        return run_tiger(split, rows, args, data, out, log)
+    raise ValueError(name)
+
+
+def item_vectors(kind: str, data, out: Path, log) -> "np.ndarray":
+    """Item vectors for PQ: MiniLM text embeddings (cached in ``<out>/text_embeddings.npy``), the
+    SASRec item embeddings of ``<out>/sasrec_model``, or both concatenated (each standardized by PQ)."""
+    import numpy as np
+
+    parts = []
+    if "text" in kind:
+        cache = out / "text_embeddings.npy"
+        if cache.exists():
+            vec = np.load(cache)
+        else:
+            from animind_assets.lib.embeddings import EmbeddingConfig, embed_texts
+
+            items = data.items
+            texts = [t if (t or "").strip() else f"Amazon beauty product {a}" for t, a in zip(items["text"].to_list(), items["asin"].to_list())]
+            vec = embed_texts(texts, EmbeddingConfig(), log=log)
+            np.save(cache, vec)
+        parts.append(vec)
+    if "sasrec" in kind:
+        from animind_assets.lib.retrieval.sasrec import load_sasrec
+
+        if not (out / "sasrec_model").exists():
+            raise FileNotFoundError(f"--rpg-embeddings {kind} needs {out / 'sasrec_model'}: run --models sasrec first")
+        model, _ = load_sasrec(str(out / "sasrec_model"))
+        parts.append(model.item_emb.weight[1:].detach().numpy())
+    if len(parts) > 1:
+        parts = [(p - p.mean(0)) / (p.std(0) + 1e-8) / np.sqrt(p.shape[1]) for p in parts]
+    return np.concatenate(parts, axis=1)
+
+
+def run_rpg(split, rows, args, data, out: Path, log) -> dict:
+    from animind_assets.lib.retrieval.evaluation import evaluate_scorer
+    from animind_assets.lib.retrieval.pq import PQConfig, product_quantize
+    from animind_assets.lib.retrieval.rpg import RPGConfig, save_rpg, train_rpg
+    from animind_assets.lib.retrieval.seqtrain import SeqTrainConfig, make_scorer
+
+    vec = item_vectors(args.rpg_embeddings, data, out, log)
+    pq = product_quantize(vec, PQConfig(n_codebooks=args.rpg_codebooks, codebook_size=256, pca_dim=128, method=args.pq_method,
+                                        num_threads=args.threads, seed=args.seed), log=log)
+    tcfg = SeqTrainConfig(max_len=50, batch_size=args.rpg_batch, lr=args.rpg_lr, warmup_steps=100, epochs=200,
+                          patience=args.rpg_patience, val_users=args.val_users, max_train_seconds=args.rpg_seconds,
+                          seed=args.seed, num_threads=args.threads, device=args.device)
+    cfg = RPGConfig(hidden=args.rpg_hidden, temperature=args.rpg_temperature, train=tcfg)
+    res = train_rpg(split, pq.codes, 256, cfg, log=log)
+    save_rpg(res.model, str(out / "rpg_model"), extra={"best": res.best, "pq": pq.stats})
+    label = f"RPG, {args.pq_method.upper()} {args.rpg_codebooks}x256 on {args.rpg_embeddings} vectors (ours)"
+    ev = evaluate_scorer(make_scorer(res.model, tcfg.max_len), split, "test", label, rows=rows, n_boot=args.n_boot,
+                         seed=args.seed, log=log)
+    return {"rows": _rows(ev, {}), "eval_seconds": ev.seconds, "train_seconds": res.train_seconds,
+            "examples_per_s": res.positions_per_s, "stop_reason": res.stop_reason, "epochs": res.epochs,
+            "invalid_id_rate": 0.0, "best_val": res.best, "history": res.history, "config": cfg.to_dict(),
+            "pq": pq.stats, "extra": res.extra}
+
+
+import numpy as np  # noqa: E402  (after the env defaults above)
+
+
+def run_tiger(split, rows, args, data, out: Path, log) -> dict:
+    """TIGER with the public recipe findings: reference RQ-KMeans IDs (``index_rqkmeans.json``), constant LR
+    1e-3 after a short warm-up, constrained beam search with ``beams >= 10``, the CPU-sized T5 of
+    ``benchmarks.tiger_beauty`` (2+2 layers, d_model 64) under a wall-clock budget."""
+    from animind_assets.lib.data.amazon import beauty_dir
+    from animind_assets.lib.retrieval.tiger import (
+        SidCodec, TigerConfig, evaluate_on_split, leave_one_out, load_reference_index, train_tiger,
+    )
+
+    codec = SidCodec.from_mapping(load_reference_index(beauty_dir() / f"index_{args.tiger_ids}.json"))
+    sequences = {int(u): list(np.append(t, [v, te])) for u, t, v, te in
+                 zip(split.users, split.train, split.valid_targets, split.test_targets)}
+    tsplit = leave_one_out(sequences, max_history=20)
+    cfg = TigerConfig(d_model=64, d_kv=16, num_heads=4, d_ff=256, num_layers=2, num_decoder_layers=2, dropout=0.1,
+                      batch_size=256 * (2 if args.gpu else 1), lr=1e-3, warmup_steps=100, lr_schedule="constant", epochs=200,
+                      max_train_seconds=args.tiger_seconds, eval_every_steps=700, val_users=1000, val_beams=20, patience=3,
+                      num_threads=args.threads, device=args.device, seed=args.seed)
+    res = train_tiger(tsplit, codec, cfg, log=log)
+    label = f"TIGER, reference {args.tiger_ids} IDs (ours)"
+    ev = evaluate_on_split(res.model, codec, split, rows, max_history=cfg.max_history, beams=args.tiger_beams,
+                           n_boot=args.n_boot, seed=args.seed, label=label, log=log)
+    steps = res.steps
+    return {"rows": _rows(ev, {"invalid_id_rate": ev.extra["invalid_id_rate"]}), "eval_seconds": ev.seconds,
+            "train_seconds": res.train_seconds, "examples_per_s": steps * cfg.batch_size / max(1e-9, res.train_seconds),
+            "stop_reason": res.stop_reason, "steps": steps, "invalid_id_rate": ev.extra["invalid_id_rate"],
+            "best_val": res.best, "history": res.history, "config": cfg.to_dict()}
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    if args.gpu:
+        args.device = "cuda"
+    models = [m.strip() for m in args.models.split(",") if m.strip()]
+    bad = [m for m in models if m not in ALL_MODELS]
+    if bad:
+        print(f"unknown model(s) {bad}; expected {ALL_MODELS}", file=sys.stderr)
+        return 2
+    from animind_assets.lib.data.amazon import beauty_dir, sequences_from_interactions
+    from animind_assets.lib.data.amazon_split import load_prepared_split
+
+    folder = beauty_dir()
+    if not (folder / "inter.json").exists():
+        print(f"Beauty split not found at {folder}: nothing to run", file=sys.stderr)
+        return 2
+    out = Path(args.out or tempfile.mkdtemp(prefix="animind-beauty-")).resolve()
+    out.mkdir(parents=True, exist_ok=True)
+
+    import torch
+
+    from animind_assets.lib.retrieval.evaluation import PUBLISHED_BEAUTY, SequenceSplit, format_table, protocol
+
+    if args.device.startswith("cuda") and not torch.cuda.is_available():
+        print("--device cuda but no CUDA device is available", file=sys.stderr)
+        return 2
+    torch.set_num_threads(args.threads)
+    load_start = load_avg()
+    print(f"results folder: {out}\nload at start: {load_start}\ndevice {args.device}, threads {args.threads}, "
+          f"OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY')}", flush=True)
+    data = load_prepared_split(folder, order=args.order)
+    sequences = sequences_from_interactions(data.interactions)
+    split = SequenceSplit.from_sequences(sequences, n_items=data.items.height)
+    rows = split.subset(args.test_users, seed=args.seed)
+    print(f"split: {split.stats()}; order: {data.order}", flush=True)
+    t_all = time.perf_counter()
+    results: dict[str, dict] = {}
+    for name in models:
+        path = out / f"{name}.json"
+        if args.reuse and path.exists():
+            results[name] = json.loads(path.read_text(encoding="utf-8"))
+            print(f"[{name}] reused {path}", flush=True)
+            continue
+        t0 = time.perf_counter()
+        res = run_model(name, split, rows, args, data=data, out=out, log=lambda s: print(s, flush=True), previous=results)
+        res["wall_seconds"] = round(time.perf_counter() - t0, 1)
+        res["load_after"] = load_avg()
+        path.write_text(json.dumps(res, indent=1, default=str), encoding="utf-8")
+        results[name] = res
+        print(f"[{time.strftime('%H:%M:%S')}] {name}: done in {res['wall_seconds']:.0f}s -> {path}", flush=True)
+    total = time.perf_counter() - t_all
+
+    print("\n== ours: Amazon Beauty 5-core, leave-one-out test, full ranking over "
+          f"{split.n_items:,} items, {len(rows):,} test users ==")
+    table_rows = [r for name in models for r in results[name]["rows"]]
+    print(format_table(table_rows, with_ci=True))
+    print("\nspeed and budget:")
+    for name in models:
+        r = results[name]
+        print(f"  {name:<11} examples/s {r.get('examples_per_s') or 0:>9,.0f}  train {r.get('train_seconds') or 0:>7.0f}s  "
+              f"eval {r.get('eval_seconds') or 0:>6.0f}s  stop: {r.get('stop_reason', '-')}  "
+              f"invalid-ID rate: {r.get('invalid_id_rate', '-')}  load after: {r.get('load_after', '-')}")
+    print("\n== published (not measured here; other code, other machines) ==")
+    print(format_table([{"model": k, "masking": "as published", **v} for k, v in PUBLISHED_BEAUTY.items()], with_ci=False))
+    print("\nprotocol:", json.dumps({**protocol(split, "test", rows), "sequence_order": data.order}, indent=1))
+    print(f"\ntotal wall time {total:.0f}s ({total / 60:.1f} min); load at end: {load_avg()}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

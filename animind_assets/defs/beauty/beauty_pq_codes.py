@@ -1,0 +1,78 @@
+"""``beauty_pq_codes``: long, unordered semantic IDs for RPG, by product quantization of
+``beauty_embeddings`` (one row per item: ``item_id``, ``codes`` = n_codebooks ints in 0..codebook_size-1).
+
+Thin layer over ``animind_assets.lib.retrieval.pq`` (standardize -> PCA -> OPQ with faiss, or plain PQ
+with scikit-learn k-means). RPG (Hou et al., KDD 2025) uses OPQ with 32 codebooks x 256 codes on Beauty.
+"""
+
+import time
+
+import dagster as dg
+import numpy as np
+import polars as pl
+from pydantic import Field
+
+from animind_assets.defs.beauty.shared import GROUP
+from animind_assets.lib.common.plots import histogram_png
+from animind_assets.lib.retrieval.pq import PQConfig, product_quantize
+from animind_assets.lib.semantic_ids.assign import frame_vectors
+from animind_assets.meta import image_md, scalar_metadata, table_metadata
+from animind_assets.resources import ParquetExports
+
+ASSET = "beauty_pq_codes"
+
+
+class BeautyPqCodesConfig(dg.Config):
+    n_codebooks: int = Field(32, description="codes per item (sub-vectors)")
+    codebook_size: int = Field(256, description="codes per codebook (power of two for faiss)")
+    standardize: bool = Field(True, description="z-score every embedding dimension first")
+    pca_dim: int = Field(128, description="PCA dimension before PQ (0 = keep; must be divisible by n_codebooks for faiss)")
+    method: str = Field("pq", description="'pq' (plain PQ) | 'opq' (rotation + PQ, faiss only)")
+    backend: str = Field("auto", description="'auto' (faiss when installed) | 'faiss' | 'sklearn' (plain PQ only)")
+    n_iter: int = Field(25, description="k-means / OPQ iterations")
+    seed: int = Field(42, description="random seed")
+    num_threads: int = Field(2, description="threads for faiss / k-means")
+
+    def to_lib(self) -> PQConfig:
+        return PQConfig(**self.model_dump()).validate()
+
+
+@dg.asset(
+    group_name=GROUP,
+    kinds={"polars", "duckdb"},
+    description="Product-quantization semantic IDs (n_codebooks unordered codes per item) of beauty_embeddings, for RPG.",
+)
+def beauty_pq_codes(
+    context: dg.AssetExecutionContext,
+    config: BeautyPqCodesConfig,
+    exports: ParquetExports,
+    beauty_embeddings: pl.DataFrame,
+) -> dg.Output[pl.DataFrame]:
+    t0 = time.perf_counter()
+    ids, x = frame_vectors(beauty_embeddings, "item_id", "embedding", table="beauty_embeddings")
+    if ids.tolist() != list(range(len(ids))):
+        missing = sorted(set(range(int(ids.max()) + 1)) - set(ids.tolist()))[:5]
+        raise ValueError(f"beauty_embeddings: item_id must be 0..{len(ids) - 1} without gaps (missing e.g. {missing})")
+    res = product_quantize(x, config.to_lib(), log=context.log.info)
+    df = pl.DataFrame({"item_id": ids.astype(np.int64), "codes": res.codes.tolist()},
+                      schema={"item_id": pl.Int64, "codes": pl.List(pl.Int64)})
+    export = exports.write(df, ASSET)
+    _, counts = np.unique(res.codes, axis=0, return_counts=True)
+    md = {
+        **table_metadata(df),
+        **scalar_metadata({**{k: v for k, v in res.stats.items()}, "items_sharing_an_id": int(counts[counts > 1].sum()),
+                           "materialize_seconds": round(time.perf_counter() - t0, 2)}),
+        "parquet_export": dg.MetadataValue.path(export),
+        "code_usage": image_md(histogram_png(np.bincount(res.codes[:, 0], minlength=config.codebook_size),
+                                             "items per code (codebook 1)", "items"), "Code usage"),
+    }
+    return dg.Output(df, metadata=md)
+
+
+@dg.asset_check(asset=beauty_pq_codes, blocking=True, description="one row per item, codes in range, fixed length")
+def beauty_pq_codes_valid(beauty_pq_codes: pl.DataFrame) -> dg.AssetCheckResult:
+    lengths = beauty_pq_codes["codes"].list.len()
+    codes = np.asarray(beauty_pq_codes["codes"].to_list()) if beauty_pq_codes.height else np.zeros((0, 0))
+    ok = (beauty_pq_codes.height > 0 and lengths.n_unique() == 1 and beauty_pq_codes["item_id"].is_unique().all()
+          and codes.min() >= 0)
+    return dg.AssetCheckResult(passed=bool(ok), metadata={"rows": beauty_pq_codes.height, "code_lengths": int(lengths.n_unique())})

@@ -1,0 +1,99 @@
+"""``rpg_model``: RPG (Hou et al., KDD 2025) on the Beauty leave-one-out split, over ``beauty_pq_codes``.
+
+Thin layer over ``animind_assets.lib.retrieval.rpg``: item representation = mean of its code
+embeddings, small causal transformer, all codes of the next item predicted at once (one softmax per
+codebook), exact scoring of every item by the sum of its codes' log-probabilities. Trained on every
+prefix of ``seq[:-2]``, early-stopped on validation NDCG@10 (seen items masked). Model folder
+``<artifacts>/rpg_model/model/`` (weights incl. the codes, ``config.json``, ``extra.json``), read by
+``beauty_eval``.
+"""
+
+import time
+
+import dagster as dg
+import numpy as np
+import polars as pl
+from pydantic import Field
+
+from animind_assets.defs.beauty.shared import GROUP, curve_metadata, split_from_interactions
+from animind_assets.gpu import GPU_OP_TAGS, GPU_POOL
+from animind_assets.lib.retrieval.rpg import RPGConfig, save_rpg, train_rpg
+from animind_assets.lib.retrieval.seqtrain import SeqTrainConfig
+from animind_assets.meta import scalar_metadata
+from animind_assets.resources import ArtifactStoreResource
+
+ASSET = "rpg_model"
+
+
+class RpgModelConfig(dg.Config):
+    hidden: int = Field(256, description="hidden size (paper: 448)")
+    layers: int = Field(2, description="transformer layers")
+    heads: int = Field(4, description="attention heads")
+    d_ff: int = Field(1024, description="feed-forward width")
+    emb_dropout: float = Field(0.5, description="dropout on the input item representations")
+    attn_dropout: float = Field(0.5, description="dropout on attention weights")
+    resid_dropout: float = Field(0.0, description="dropout on residual branches")
+    temperature: float = Field(0.03, description="softmax temperature of the cosine code logits")
+    max_len: int = Field(50, description="positions (most recent items)")
+    batch_size: int = Field(256, description="sequences per step")
+    lr: float = Field(3e-3, description="Adam learning rate (constant after warm-up)")
+    warmup_steps: int = Field(100, description="linear warm-up steps")
+    epochs: int = Field(200, description="maximum epochs")
+    patience: int = Field(5, description="validations without val NDCG@10 gain before stopping (0 = off)")
+    val_users: int = Field(5000, description="validation users (seeded subset, 0 = all)")
+    max_train_seconds: float = Field(0.0, description="wall-clock training budget (0 = none)")
+    seed: int = Field(42, description="random seed")
+    num_threads: int = Field(2, description="torch CPU threads (0 = leave as is)")
+    device: str = Field("auto", description="auto | cpu | cuda")
+
+    def to_lib(self) -> RPGConfig:
+        train = SeqTrainConfig(max_len=self.max_len, batch_size=self.batch_size, lr=self.lr, warmup_steps=self.warmup_steps,
+                               epochs=self.epochs, patience=self.patience, val_users=self.val_users,
+                               max_train_seconds=self.max_train_seconds, seed=self.seed, num_threads=self.num_threads,
+                               device=self.device)
+        return RPGConfig(hidden=self.hidden, layers=self.layers, heads=self.heads, d_ff=self.d_ff, emb_dropout=self.emb_dropout,
+                         attn_dropout=self.attn_dropout, resid_dropout=self.resid_dropout, temperature=self.temperature,
+                         train=train).validate()
+
+
+@dg.asset(
+    group_name=GROUP,
+    pool=GPU_POOL,
+    op_tags=GPU_OP_TAGS,
+    kinds={"pytorch"},
+    description="RPG: parallel prediction of long PQ semantic IDs, exact scoring of all items; early-stopped on val NDCG@10.",
+)
+def rpg_model(
+    context: dg.AssetExecutionContext,
+    config: RpgModelConfig,
+    artifacts: ArtifactStoreResource,
+    beauty_interactions: pl.DataFrame,
+    beauty_pq_codes: pl.DataFrame,
+) -> dg.MaterializeResult:
+    t0 = time.perf_counter()
+    cfg = config.to_lib()
+    codes_df = beauty_pq_codes.sort("item_id")
+    if codes_df["item_id"].to_list() != list(range(codes_df.height)):
+        raise ValueError("beauty_pq_codes: item_id must be 0..n-1 without gaps")
+    codes = np.asarray(codes_df["codes"].to_list(), dtype=np.int64)
+    split, data_fp = split_from_interactions(beauty_interactions, n_items=codes_df.height)
+    codebook_size = int(codes.max()) + 1
+    codebook_size = 1 << (codebook_size - 1).bit_length()  # the PQ codebook size (a power of two)
+    context.log.info(f"{ASSET}: {codes.shape[1]} codes x {codebook_size} per item; split {split.stats()}")
+    res = train_rpg(split, codes, codebook_size, cfg, log=context.log.info)
+    dest = str(artifacts.store().path(ASSET, "model"))
+    save_rpg(res.model, dest, extra={"best": res.best, "stop_reason": res.stop_reason, "history": res.history,
+                                     "data_fingerprint": data_fp, "positions_per_s": res.positions_per_s})
+    md = {
+        **scalar_metadata({
+            "n_codebooks": int(codes.shape[1]), "codebook_size": codebook_size, "parameters": res.extra["parameters"],
+            "epochs": res.epochs, "steps": res.steps, "stop_reason": res.stop_reason,
+            "train_seconds": round(res.train_seconds, 1), "examples_per_s": round(res.positions_per_s, 1),
+            "best_epoch": int(res.best.get("epoch", 0)), "best_val_ndcg@10": res.best.get("val_ndcg@10"),
+            "best_val_recall@10": res.best.get("val_recall@10"), "val_users": res.extra["val_users"], "model_dir": dest,
+            "data_fingerprint": data_fp, "materialize_seconds": round(time.perf_counter() - t0, 1),
+        }),
+        "config": dg.MetadataValue.json(cfg.to_dict()),
+        **curve_metadata(res.history, "RPG"),
+    }
+    return dg.MaterializeResult(metadata=md)

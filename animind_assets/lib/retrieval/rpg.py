@@ -1,0 +1,220 @@
+"""RPG: parallel prediction of long, unordered semantic IDs (Hou et al., "Generating Long Semantic IDs
+in Parallel for Recommendation", KDD 2025).
+
+Every item has ``m`` codes (``pq.product_quantize``: OPQ/PQ, codebook ``j`` has ``K`` codes). One
+embedding table holds ``m * K`` code embeddings (codebook ``j`` code ``c`` -> row ``j*K + c``).
+
+* Item representation: the **mean of its m code embeddings** (no item-ID embedding at all).
+* Backbone: learned positions + dropout + ``layers`` pre-LayerNorm causal self-attention blocks
+  (GPT-2 style) + final LayerNorm over the user's item representations.
+* Output: for every codebook ``j`` a residual head ``z_j = h + SiLU(W_j h + b_j)`` (``W_j`` zero-
+  initialised); ``logits_j = cos(z_j, E_j[c]) / temperature`` over the K codes of codebook ``j``
+  (``E_j`` = the same code embeddings as the input). All ``m`` codes of the next item are predicted
+  at once, one softmax per codebook; the loss is the mean of the ``m`` cross-entropies.
+* Scoring (exact, every item): ``score(item) = sum_j log softmax(logits_j)[code_j(item)]``, computed
+  as one sparse (N, m*K) x (m*K, B) product. (The paper decodes with a graph over IDs to avoid scoring
+  all items; with 12k items exact scoring is cheap and needs no approximation.)
+
+Public API: ``RPGConfig``, ``RPG``, ``train_rpg(split, codes, cfg) -> SeqTrainResult``,
+``save_rpg``/``load_rpg``.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, fields
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from animind_assets.lib.retrieval.evaluation import SequenceSplit
+from animind_assets.lib.retrieval.seqtrain import (
+    CausalBlock,
+    LogFn,
+    SeqTrainConfig,
+    SeqTrainResult,
+    causal_mask,
+    train_sequence_model,
+)
+from animind_assets.lib.common.storage import atomic_dir, local_copy
+
+
+@dataclass
+class RPGConfig:
+    """Model knobs (RPG's Beauty config: hidden 448, 2 layers, 4 heads, ff 1024, embedding and
+    attention dropout 0.5, temperature 0.03, 32 codebooks x 256); training knobs in ``train``."""
+
+    hidden: int = 256
+    layers: int = 2
+    heads: int = 4
+    d_ff: int = 1024
+    emb_dropout: float = 0.5
+    attn_dropout: float = 0.5
+    resid_dropout: float = 0.0
+    temperature: float = 0.03
+    train: SeqTrainConfig = None  # type: ignore[assignment]
+
+    def __post_init__(self) -> None:
+        if self.train is None:
+            self.train = SeqTrainConfig(lr=3e-3, batch_size=256, patience=5, warmup_steps=100)
+        elif isinstance(self.train, dict):
+            self.train = SeqTrainConfig.from_dict(self.train)
+
+    def validate(self) -> RPGConfig:
+        if self.hidden < 1 or self.layers < 1 or self.heads < 1 or self.d_ff < 1:
+            raise ValueError("RPGConfig.hidden, layers, heads and d_ff must be >= 1")
+        if self.temperature <= 0:
+            raise ValueError(f"RPGConfig.temperature must be > 0, got {self.temperature}")
+        self.train.validate()
+        return self
+
+    def to_dict(self) -> dict[str, Any]:
+        d = {f.name: getattr(self, f.name) for f in fields(self) if f.name != "train"}
+        d["train"] = self.train.to_dict()
+        return d
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> RPGConfig:
+        known = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in data.items() if k in known}).validate()
+
+
+class RPG(torch.nn.Module):
+    """RPG over items ``0..N-1`` with ``codes`` (N, m) int in ``0..codebook_size-1``."""
+
+    def __init__(self, codes: np.ndarray, codebook_size: int, cfg: RPGConfig) -> None:
+        super().__init__()
+        cfg.validate()
+        codes = np.asarray(codes, dtype=np.int64)
+        if codes.ndim != 2 or codes.shape[0] == 0:
+            raise ValueError(f"codes must be a non-empty (N, m) matrix, got shape {codes.shape}")
+        if codes.min() < 0 or codes.max() >= codebook_size:
+            raise ValueError(f"codes must be in 0..{codebook_size - 1}, got range {codes.min()}..{codes.max()}")
+        self.cfg = cfg
+        self.n_items, self.m = codes.shape
+        self.k = int(codebook_size)
+        self.max_len = cfg.train.max_len
+        d = cfg.hidden
+        flat = codes + np.arange(self.m)[None, :] * self.k  # (N, m) rows of the code table
+        self.register_buffer("codes", torch.from_numpy(codes), persistent=True)
+        # row 0 = padding token (its mean embedding is masked to 0)
+        self.register_buffer("token_codes", torch.from_numpy(np.vstack([np.zeros((1, self.m), np.int64), flat])), persistent=False)
+        self.code_emb = torch.nn.Embedding(self.m * self.k, d)
+        self.pos_emb = torch.nn.Embedding(self.max_len, d)
+        self.emb_drop = torch.nn.Dropout(cfg.emb_dropout)
+        self.blocks = torch.nn.ModuleList(
+            CausalBlock(d, cfg.heads, cfg.d_ff, cfg.attn_dropout, cfg.resid_dropout, activation="gelu") for _ in range(cfg.layers)
+        )
+        self.final_ln = torch.nn.LayerNorm(d, eps=1e-12)
+        self.head_w = torch.nn.Parameter(torch.zeros(self.m, d, d))
+        self.head_b = torch.nn.Parameter(torch.zeros(self.m, d))
+        for name, p in self.named_parameters():
+            if p.dim() > 1 and not name.startswith("head_") and "ln" not in name:
+                torch.nn.init.normal_(p, std=0.02)
+        self._onehot: torch.Tensor | None = None
+
+    # ------------------------------------------------------------------ model
+    def item_repr(self, tokens: torch.Tensor) -> torch.Tensor:
+        """(B, L) item tokens (id + 1, 0 = pad) -> (B, L, d) mean code embeddings (0 at padding)."""
+        rep = self.code_emb(self.token_codes[tokens]).mean(-2)
+        return rep * (tokens > 0).unsqueeze(-1)
+
+    def hidden_states(self, tokens: torch.Tensor) -> torch.Tensor:
+        b, length = tokens.shape
+        if length > self.max_len:
+            raise ValueError(f"sequence length {length} > max_len {self.max_len}")
+        pad = (tokens > 0).unsqueeze(-1).float()
+        pos = torch.arange(self.max_len - length, self.max_len, device=tokens.device)
+        x = self.emb_drop(self.item_repr(tokens) + self.pos_emb(pos).unsqueeze(0)) * pad
+        mask = causal_mask(length, tokens.device)
+        for blk in self.blocks:
+            x = blk(x, mask) * pad
+        return self.final_ln(x)
+
+    def code_logits(self, h: torch.Tensor) -> torch.Tensor:
+        """(M, d) hidden states -> (M, m, K) logits, one softmax per codebook."""
+        z = h.unsqueeze(1) + F.silu(torch.einsum("bd,mde->bme", h, self.head_w) + self.head_b)
+        z = F.normalize(z, dim=-1)
+        table = F.normalize(self.code_emb.weight, dim=-1).view(self.m, self.k, -1)
+        return torch.einsum("bmd,mkd->bmk", z, table) / self.cfg.temperature
+
+    def loss(self, inputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        """Mean over positions with a target and over the m codebooks of the code cross-entropy."""
+        h = self.hidden_states(inputs)
+        valid = targets > 0
+        logits = self.code_logits(h[valid])  # (M, m, K)
+        tgt = self.codes[targets[valid] - 1]  # (M, m)
+        return F.cross_entropy(logits.reshape(-1, self.k), tgt.reshape(-1))
+
+    def code_log_probs(self, inputs: torch.Tensor) -> torch.Tensor:
+        """(B, L) tokens -> (B, m, K) log-probabilities of every code of the next item."""
+        h = self.hidden_states(inputs)[:, -1]
+        return F.log_softmax(self.code_logits(h).float(), dim=-1)
+
+    def _item_code_matrix(self, device: torch.device) -> torch.Tensor:
+        if self._onehot is None or self._onehot.device != device:
+            rows = torch.arange(self.n_items).repeat_interleave(self.m)
+            cols = (self.codes.cpu() + torch.arange(self.m) * self.k).reshape(-1)
+            idx = torch.stack([rows, cols])
+            self._onehot = torch.sparse_coo_tensor(idx, torch.ones(len(rows)), (self.n_items, self.m * self.k), check_invariants=True).coalesce().to(device)
+        return self._onehot
+
+    @torch.no_grad()
+    def score(self, inputs: torch.Tensor) -> torch.Tensor:
+        """(B, L) tokens -> (B, N) float32: sum over codebooks of the log-prob of each item's code."""
+        logp = self.code_log_probs(inputs).reshape(inputs.shape[0], -1)  # (B, m*K)
+        return torch.sparse.mm(self._item_code_matrix(logp.device), logp.T).T.contiguous()
+
+
+def train_rpg(split: SequenceSplit, codes: np.ndarray, codebook_size: int, cfg: RPGConfig, log: LogFn | None = None,
+              on_eval=None) -> SeqTrainResult:
+    """Build and train an RPG on ``split`` with item codes ``codes`` (N, m); ``N`` must equal
+    ``split.n_items`` (row i = item id i)."""
+    cfg.validate()
+    if len(codes) != split.n_items:
+        raise ValueError(f"codes has {len(codes)} rows but the split has {split.n_items} items")
+    torch.manual_seed(cfg.train.seed)
+    model = RPG(codes, codebook_size, cfg)
+    return train_sequence_model(model, split, cfg.train, name="rpg", log=log, on_eval=on_eval)
+
+
+def save_rpg(model: RPG, dest: str, extra: dict[str, Any] | None = None) -> str:
+    """Folder with ``weights.pt`` (incl. the codes) + ``config.json`` (+ ``extra.json``), atomic."""
+    with atomic_dir(dest) as tmp:
+        torch.save(model.state_dict(), tmp / "weights.pt")
+        conf = {"n_items": model.n_items, "n_codebooks": model.m, "codebook_size": model.k, **model.cfg.to_dict()}
+        (tmp / "config.json").write_text(json.dumps(conf, indent=2), encoding="utf-8")
+        if extra:
+            (tmp / "extra.json").write_text(json.dumps(extra, indent=2, default=str), encoding="utf-8")
+    return dest
+
+
+def load_rpg(src: str, map_location: str = "cpu") -> tuple[RPG, dict[str, Any]]:
+    """-> (model in eval mode, extra). ``torch.load(weights_only=True)``."""
+    with local_copy(src) as local:
+        local = Path(local)
+        conf = json.loads((local / "config.json").read_text(encoding="utf-8"))
+        state = torch.load(local / "weights.pt", map_location=map_location, weights_only=True)
+        n, m, k = int(conf.pop("n_items")), int(conf.pop("n_codebooks")), int(conf.pop("codebook_size"))
+        codes = state["codes"].cpu().numpy()
+        if codes.shape != (n, m):
+            raise ValueError(f"{local}: codes shape {codes.shape} != ({n}, {m})")
+        model = RPG(codes, k, RPGConfig.from_dict(conf))
+        model.load_state_dict(state)
+        extra_p = local / "extra.json"
+        extra = json.loads(extra_p.read_text(encoding="utf-8")) if extra_p.exists() else {}
+    model.eval()
+    return model, extra
+
+
+def brute_force_scores(model: RPG, inputs: torch.Tensor) -> torch.Tensor:
+    """Reference implementation of ``RPG.score`` (loops over codebooks; for tests)."""
+    logp = model.code_log_probs(inputs)  # (B, m, K)
+    out = torch.zeros(inputs.shape[0], model.n_items)
+    for j in range(model.m):
+        out += logp[:, j, model.codes[:, j]]
+    return out
+

@@ -1,0 +1,339 @@
+"""Beauty retrieval library on tiny synthetic splits: the leave-one-out evaluation (hand-computed
+ranks, ties, masking, bootstrap), no leakage of validation/test items into training, SASRec (CE and
+BCE) and RPG shapes / loss decreases / exact scoring, product quantization."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from animind_assets.lib.retrieval.evaluation import (
+    SequenceSplit,
+    bootstrap_ci,
+    evaluate_rankings,
+    evaluate_scorer,
+    metrics_from_ranks,
+    popularity_counts,
+    popularity_scorer,
+    target_ranks,
+)
+from animind_assets.lib.retrieval.pq import PQConfig, product_quantize
+from animind_assets.lib.retrieval.rpg import RPG, RPGConfig, brute_force_scores, load_rpg, save_rpg, train_rpg
+from animind_assets.lib.retrieval.sasrec import SASRec, SASRecConfig, load_sasrec, save_sasrec
+from animind_assets.lib.retrieval.seqtrain import SeqTrainConfig, pad_left, train_sequence_model, training_pairs
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    prev = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(prev)
+
+
+def tiny_split(n_users: int = 120, n_items: int = 40, seed: int = 0) -> SequenceSplit:
+    """Users walk a cycle of items (item i is followed by i+1), so next-item models can learn it."""
+    rng = np.random.default_rng(seed)
+    seqs = {}
+    for u in range(n_users):
+        start = int(rng.integers(0, n_items))
+        length = int(rng.integers(4, 10))
+        seqs[u * 3 + 7] = [(start + t) % n_items for t in range(length)]
+    return SequenceSplit.from_sequences(seqs, n_items=n_items)
+
+
+def train_cfg(**kw) -> SeqTrainConfig:
+    base = dict(max_len=8, batch_size=32, lr=5e-3, epochs=3, patience=0, num_threads=1, device="cpu", length_buckets=0)
+    base.update(kw)
+    return SeqTrainConfig(**base)
+
+
+# ------------------------------------------------------------------------------------------ split
+def test_split_holds_out_last_two_items_and_skips_short_users():
+    split = SequenceSplit.from_sequences({5: [1, 2, 3, 4], 2: [7, 8, 9], 9: [1, 2]}, n_items=10)
+    assert split.users.tolist() == [2, 5] and split.skipped_users == 1
+    assert [t.tolist() for t in split.train] == [[7], [1, 2]]
+    assert split.valid_targets.tolist() == [8, 3] and split.test_targets.tolist() == [9, 4]
+    assert [h.tolist() for h in split.histories("valid")] == [[7], [1, 2]]
+    assert [h.tolist() for h in split.histories("test")] == [[7, 8], [1, 2, 3]]
+    with pytest.raises(ValueError, match="item id 12 >= n_items 10"):
+        SequenceSplit.from_sequences({0: [1, 2, 12]}, n_items=10)
+
+
+def test_no_leakage_of_validation_or_test_items_into_training():
+    split = tiny_split()
+    inputs, targets = training_pairs(split, max_len=50)
+    seqs = {}
+    for u, t, v, te in zip(split.users, split.train, split.valid_targets, split.test_targets):
+        seqs[int(u)] = (t.tolist(), int(v), int(te))
+    # every training pair comes from seq[:-2] only: inputs+last target == the training sequence
+    for inp, tgt, (train, _v, _te) in zip(inputs, targets, seqs.values()):
+        assert inp.tolist() + [tgt.tolist()[-1]] == train
+        assert tgt.tolist() == train[1:]
+    # and the split never puts the held-out positions into train
+    for u, t, v, te in zip(split.users, split.train, split.valid_targets, split.test_targets):
+        assert len(t) >= 1
+    lengths = sum(len(t) for t in split.train)
+    assert lengths == sum(len(x) + 1 for x in inputs)
+
+
+# ------------------------------------------------------------------------------------------ metrics
+def test_target_ranks_ties_by_ascending_item_id():
+    scores = torch.tensor([[0.1, 0.5, 0.5, 0.9, 0.5]])
+    assert target_ranks(scores, torch.tensor([3])).item() == 0
+    assert target_ranks(scores, torch.tensor([1])).item() == 1  # tie with 2 and 4: smallest id first
+    assert target_ranks(scores, torch.tensor([2])).item() == 2
+    assert target_ranks(scores, torch.tensor([4])).item() == 3
+    assert target_ranks(scores, torch.tensor([0])).item() == 4
+    with pytest.raises(ValueError, match="NaN"):
+        target_ranks(torch.tensor([[float("nan"), 1.0]]), torch.tensor([0]))
+
+
+def test_metrics_on_a_hand_example():
+    ranks = np.array([0, 1, 4, 5, 9, 10, 100])
+    m = metrics_from_ranks(ranks, ks=(5, 10))
+    assert m["recall@5"] == pytest.approx(3 / 7)
+    assert m["recall@10"] == pytest.approx(5 / 7)
+    assert m["ndcg@5"] == pytest.approx((1 + 1 / math.log2(3) + 1 / math.log2(6)) / 7)
+    assert m["ndcg@10"] == pytest.approx((1 + 1 / math.log2(3) + 1 / math.log2(6) + 1 / math.log2(7) + 1 / math.log2(11)) / 7)
+    ci = bootstrap_ci(ranks, ks=(10,), n_boot=200, seed=1)
+    lo, hi = ci["recall@10"]
+    assert lo <= m["recall@10"] <= hi and 0 <= lo < hi <= 1
+    assert bootstrap_ci(ranks, ks=(10,), n_boot=200, seed=1) == ci  # seeded
+
+
+def test_evaluate_scorer_masking_option():
+    split = SequenceSplit.from_sequences({0: [0, 1, 2, 3], 1: [4, 5, 3, 2]}, n_items=6)
+    # test histories: [0, 1, 2] -> 3 and [4, 5, 3] -> 2. Scores favour seen items.
+    fixed = torch.tensor([6.0, 5.0, 4.0, 3.0, 2.0, 1.0])
+
+    def score(histories):
+        return fixed.expand(len(histories), -1)
+
+    res = evaluate_scorer(score, split, stage="test", n_boot=0)
+    # unmasked: target 3 has rank 3, target 2 has rank 2
+    assert res.ranks["unmasked"].tolist() == [3, 2]
+    # masked: user 0 loses items 0, 1, 2 -> target 3 first; user 1 loses 3, 4, 5 -> 2 after 0, 1
+    assert res.ranks["masked"].tolist() == [0, 2]
+    assert res.metrics["masked"]["recall@5"] == 1.0
+    assert res.metrics["masked"]["ndcg@5"] == pytest.approx((1 + 1 / math.log2(4)) / 2)
+    assert res.extra["targets_in_history"] == 0
+    with pytest.raises(ValueError, match="shape"):
+        evaluate_scorer(lambda h: torch.zeros(len(h), 5), split, n_boot=0)
+
+
+def test_evaluate_rankings_matches_scorer_and_masks_history():
+    split = SequenceSplit.from_sequences({0: [0, 1, 2, 3], 1: [4, 5, 3, 2]}, n_items=6)
+    res = evaluate_rankings({"unmasked": [[0, 1, 2, 3], [0, 1, 2]], "masked": [[0, 3, 1], [1, 5, 2]]}, split, n_boot=0)
+    assert res.ranks["unmasked"].tolist() == [3, 2]
+    assert res.ranks["masked"].tolist() == [0, 1]  # 0 (seen) removed for user 0; 5 (seen) removed for user 1
+    res = evaluate_rankings({"unmasked": [[5], [5]]}, split, n_boot=0)
+    assert res.ranks["unmasked"].tolist() == [10, 10]
+
+
+def test_popularity_counts_use_only_what_precedes_the_stage():
+    split = SequenceSplit.from_sequences({0: [0, 1, 2, 3], 1: [1, 4, 5]}, n_items=6)
+    assert popularity_counts(split, "valid").tolist() == [1, 2, 0, 0, 0, 0]
+    assert popularity_counts(split, "test").tolist() == [1, 2, 1, 0, 1, 0]
+    res = evaluate_scorer(popularity_scorer(split, "test"), split, n_boot=0)
+    assert res.ranks["unmasked"].tolist() == [4, 5]  # 4 items count more; item 5 also ties behind item 3
+
+
+# ------------------------------------------------------------------------------------------ models
+def test_pad_left_keeps_the_most_recent_items():
+    t = pad_left([np.array([1, 2, 3, 4]), np.array([7])], max_len=3)
+    assert t.tolist() == [[3, 4, 5], [0, 0, 8]]
+
+
+@pytest.mark.parametrize("loss", ["ce", "bce"])
+def test_sasrec_shapes_and_loss_decreases(loss):
+    split = tiny_split()
+    cfg = SASRecConfig(hidden=16, blocks=2, heads=1, dropout=0.0, loss=loss, train=train_cfg(epochs=1))
+    torch.manual_seed(0)
+    model = SASRec(split.n_items, cfg)
+    inputs, targets = training_pairs(split, 8)
+    inp, tgt = pad_left(inputs[:32], 8), pad_left(targets[:32], 8)
+    assert model.hidden_states(inp).shape == (32, inp.shape[1], 16)
+    assert model.score(inp).shape == (32, split.n_items)
+    opt = torch.optim.Adam(model.parameters(), lr=1e-2)
+    torch.manual_seed(1)
+    first = float(model.loss(inp, tgt).detach())
+    for _ in range(30):
+        opt.zero_grad()
+        model.loss(inp, tgt).backward()
+        opt.step()
+    torch.manual_seed(1)
+    assert float(model.loss(inp, tgt).detach()) < 0.8 * first
+
+
+def test_sasrec_training_learns_the_cycle_and_round_trips(tmp_path):
+    split = tiny_split()
+    cfg = SASRecConfig(hidden=32, blocks=1, heads=1, dropout=0.0, train=train_cfg(epochs=25, lr=1e-2))
+    from animind_assets.lib.retrieval.sasrec import train_sasrec
+    from animind_assets.lib.retrieval.seqtrain import make_scorer
+
+    res = train_sasrec(split, cfg)
+    assert res.history and res.best["val_ndcg@10"] == max(h["val_ndcg@10"] for h in res.history)
+    ev = evaluate_scorer(make_scorer(res.model, 8), split, "test", n_boot=0)
+    pop = evaluate_scorer(popularity_scorer(split), split, "test", n_boot=0)
+    assert ev.metrics["masked"]["recall@5"] > 0.5 > pop.metrics["masked"]["recall@5"]
+    save_sasrec(res.model, str(tmp_path / "m"))
+    loaded, _ = load_sasrec(str(tmp_path / "m"))
+    inp = pad_left(split.histories("test")[:5], 8)
+    assert torch.allclose(loaded.score(inp), res.model.score(inp), atol=1e-5)
+
+
+def tiny_codes(n_items: int, m: int = 4, k: int = 8, seed: int = 0) -> np.ndarray:
+    return np.random.default_rng(seed).integers(0, k, size=(n_items, m))
+
+
+def test_rpg_exact_scoring_equals_brute_force_sum_of_code_log_probs():
+    split = tiny_split()
+    codes = tiny_codes(split.n_items)
+    model = RPG(codes, 8, RPGConfig(hidden=16, heads=2, d_ff=32, train=train_cfg()))
+    torch.nn.init.normal_(model.head_w, std=0.1)  # non-trivial heads
+    model.eval()
+    inp = pad_left(split.histories("test")[:9], 8)
+    fast = model.score(inp)
+    assert fast.shape == (9, split.n_items)
+    slow = brute_force_scores(model, inp)
+    assert torch.allclose(fast, slow, atol=1e-4)
+    # and by hand for one user / item
+    logp = model.code_log_probs(inp[:1])[0]
+    item = 17
+    assert float(fast[0, item]) == pytest.approx(float(sum(logp[j, codes[item, j]] for j in range(4)).detach()), abs=1e-4)
+    # items sharing all codes get identical scores
+    codes2 = codes.copy()
+    codes2[5] = codes2[6]
+    m2 = RPG(codes2, 8, RPGConfig(hidden=16, heads=2, d_ff=32, train=train_cfg())).eval()
+    s2 = m2.score(inp)
+    assert torch.equal(s2[:, 5], s2[:, 6])
+
+
+def test_rpg_loss_decreases_and_round_trips(tmp_path):
+    split = tiny_split()
+    codes = tiny_codes(split.n_items)
+    cfg = RPGConfig(hidden=16, heads=2, d_ff=32, emb_dropout=0.0, attn_dropout=0.0, temperature=0.1, train=train_cfg(epochs=8, lr=1e-2))
+    res = train_rpg(split, codes, 8, cfg)
+    losses = [h["train_loss"] for h in res.history]
+    assert losses[-1] < losses[0]
+    save_rpg(res.model, str(tmp_path / "rpg"))
+    loaded, _ = load_rpg(str(tmp_path / "rpg"))
+    inp = pad_left(split.histories("test")[:4], 8)
+    assert torch.allclose(loaded.score(inp), res.model.score(inp), atol=1e-5)
+    with pytest.raises(ValueError, match="codes has"):
+        train_rpg(split, codes[:-1], 8, cfg)
+    with pytest.raises(ValueError, match="codes must be in"):
+        RPG(codes, 4, cfg)
+
+
+def test_train_loop_rejects_nonfinite_loss():
+    class Bad(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.w = torch.nn.Parameter(torch.zeros(1))
+
+        def loss(self, inputs, targets):
+            return self.w.sum() / 0.0 * 0.0
+
+        def score(self, inputs):
+            return torch.zeros(inputs.shape[0], 40)
+
+    with pytest.raises(ValueError, match="non-finite loss"):
+        train_sequence_model(Bad(), tiny_split(), train_cfg(epochs=1))
+
+
+# ------------------------------------------------------------------------------------------ PQ
+@pytest.mark.parametrize("backend,method", [("sklearn", "pq"), ("auto", "opq")])
+def test_product_quantization_codes(backend, method):
+    if backend == "auto":
+        pytest.importorskip("faiss")
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(300, 24)) * np.linspace(0.1, 10, 24)  # very unequal scales: standardized first
+    res = product_quantize(x, PQConfig(n_codebooks=4, codebook_size=16, pca_dim=16, method=method, backend=backend, n_iter=10))
+    assert res.codes.shape == (300, 4) and res.codes.dtype == np.int64
+    assert res.codes.min() >= 0 and res.codes.max() < 16
+    assert res.stats["relative_mse"] < 0.8 and res.stats["distinct_ids"] > 250
+    with pytest.raises(ValueError, match="non-finite"):
+        product_quantize(np.full((300, 4), np.nan), PQConfig(n_codebooks=2, codebook_size=16, backend=backend, method=method))
+    with pytest.raises(ValueError, match="codebook_size"):
+        product_quantize(x[:10], PQConfig(n_codebooks=4, codebook_size=16, backend=backend, method=method))
+
+
+# ------------------------------------------------------------------------------------------ assets
+def test_beauty_sequence_assets_train_and_eval_in_process(tmp_path, animind_env):
+    import dagster as dg
+
+    from animind_assets.defs.beauty.beauty_embeddings import beauty_embeddings
+    from animind_assets.defs.beauty.beauty_eval import beauty_eval
+    from animind_assets.defs.beauty.beauty_interactions import beauty_interactions
+    from animind_assets.defs.beauty.beauty_items import beauty_items
+    from animind_assets.defs.beauty.beauty_pq_codes import beauty_pq_codes
+    from animind_assets.defs.beauty.rpg_model import rpg_model
+    from animind_assets.defs.beauty.sasrec_model import sasrec_model
+    from animind_assets.resources import AniMindDuckDBIOManager, ArtifactStoreResource, DuckDBWarehouse, MlflowResource, ParquetExports
+    from animind_assets_tests.test_tiger import write_cyclic_prepared
+
+    folder = write_cyclic_prepared(tmp_path / "beauty")
+    db = str(animind_env / "animind.duckdb")
+    resources = {
+        "io_manager": AniMindDuckDBIOManager(database=db, schema="main"),
+        "warehouse": DuckDBWarehouse(database=db, schema="main"),
+        "artifacts": ArtifactStoreResource(root=str(animind_env / "artifacts")),
+        "exports": ParquetExports(root=str(animind_env / "exports")),
+        "mlflow": MlflowResource(enabled=False),
+    }
+    src = {"source": "prepared", "prepared_dir": str(folder)}
+    seq = {"max_len": 8, "batch_size": 32, "epochs": 10, "patience": 0, "val_users": 0, "num_threads": 1, "device": "cpu"}
+    everything = [beauty_items, beauty_interactions, beauty_embeddings, beauty_pq_codes, sasrec_model, rpg_model, beauty_eval]
+    res = dg.materialize(
+        everything, resources=resources, instance=dg.DagsterInstance.ephemeral(),
+        run_config={"ops": {
+            "beauty_items": {"config": src},
+            "beauty_interactions": {"config": src},
+            "beauty_embeddings": {"config": {"batch_size": 32}},
+            "beauty_pq_codes": {"config": {"n_codebooks": 4, "codebook_size": 8, "pca_dim": 16, "num_threads": 1}},
+            "sasrec_model": {"config": {**seq, "hidden": 32, "dropout": 0.0, "lr": 1e-2}},
+            "rpg_model": {"config": {**seq, "hidden": 32, "heads": 2, "d_ff": 64, "emb_dropout": 0.0, "attn_dropout": 0.0,
+                                     "temperature": 0.1, "lr": 1e-2, "warmup_steps": 0}},
+            "beauty_eval": {"config": {"models": ["popularity", "sasrec", "rpg", "tiger"], "n_boot": 50, "num_threads": 1, "device": "cpu"}},
+        }},
+    )
+    assert res.success
+    codes = resources["warehouse"].read_table("beauty_pq_codes")
+    assert codes.height == 60 and set(codes["codes"].list.len().to_list()) == {4}
+    table = resources["warehouse"].read_table("beauty_eval")
+    rows = {(r["model"], r["masking"]): r for r in table.iter_rows(named=True)}
+    pop = rows[("popularity (train+valid counts)", "masked")]
+    sas = rows[("SASRec-CE", "masked")]
+    assert sas["recall@10"] > pop["recall@10"] + 0.3, rows  # the cycle is learned
+    assert sas["recall@10_lo"] <= sas["recall@10"] <= sas["recall@10_hi"]
+    assert any(m.startswith("RPG") for m, _ in rows) and ("SASRec-CE", "unmasked") in rows
+    assert rows[("TIGER paper (Rajput et al. 2023)", "as published")]["kind"] == "published"
+    assert {r["users"] for r in table.iter_rows(named=True) if r["kind"] != "published"} == {200}
+    md = res.asset_materializations_for_node("beauty_eval")[0].metadata
+    assert "comparison_plot_masked" in md and "protocol" in md
+    md = res.asset_materializations_for_node("sasrec_model")[0].metadata
+    assert md["epochs"].value == 10 and "validation_curve" in md
+
+
+def test_tiger_on_the_shared_evaluation_matches_its_own_metrics():
+    from animind_assets.lib.retrieval.tiger import TigerConfig, evaluate, evaluate_on_split, leave_one_out, train_tiger
+    from animind_assets_tests.test_tiger import TINY, cyclic_codec, cyclic_sequences
+
+    seqs = cyclic_sequences(n_users=40)
+    codec = cyclic_codec()
+    tsplit = leave_one_out(seqs, max_history=5)
+    cfg = TigerConfig(**{**TINY, "d_model": 48, "d_ff": 96}, batch_size=32, lr=1e-2, warmup_steps=10, epochs=100,
+                      max_steps=10, eval_every_steps=10, val_users=0, val_beams=10, patience=0)
+    model = train_tiger(tsplit, codec, cfg).model
+    split = SequenceSplit.from_sequences(seqs, n_items=60)
+    assert split.users.tolist() == tsplit.test.users.tolist()  # same users, same order
+    res = evaluate_on_split(model, codec, split, max_history=5, beams=10, n_boot=0)
+    own = evaluate(model, codec, tsplit.test, ks=(5, 10), beams=10)
+    assert res.metrics["unmasked"]["recall@10"] == pytest.approx(own["recall@10"])
+    assert res.metrics["unmasked"]["ndcg@5"] == pytest.approx(own["ndcg@5"])
+    assert res.extra["invalid_id_rate"] == 0.0

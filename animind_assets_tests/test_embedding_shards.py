@@ -72,6 +72,15 @@ def test_env_parsing(monkeypatch):
             DS.embedding_shards()
 
 
+def test_empty_shard_raises_naming_table_and_shard():
+    from animind_assets.defs.embeddings.sharding import shard_input
+
+    frame = pl.DataFrame({"anime_id": [1, 2, 5], "anime_text": ["a", "b", "c"]})  # all in shard 2-of-3
+    assert shard_input(frame, "2-of-3", "anime_id", "anime_prep")["anime_id"].to_list() == [1, 2, 5]
+    with pytest.raises(ValueError, match=r"anime_prep: none of its 3 rows hash to shard 0-of-3"):
+        shard_input(frame, "0-of-3", "anime_id", "anime_prep")
+
+
 # ----------------------------------------------------------------------------------------- Dagster
 # two anime per shard of 3 (ids picked by their shard), plus one more in shard 2
 TEXTS = {

@@ -34,7 +34,7 @@ from animind_assets.defs.embeddings.config import ASSET, DEFAULT_COLLAPSE_THRESH
 from animind_assets.defs.embeddings.sharding import (
     current_shard,
     previous_shard_rows,
-    select_shard,
+    shard_input,
     sharded_asset_kwargs,
     sharded_check_kwargs,
     with_shard_column,
@@ -67,7 +67,7 @@ def anime_embeddings(
     if shard is None:
         previous = None if config.full_rebuild else warehouse.read_table(ASSET)
     else:
-        anime_prep = select_shard(anime_prep, shard, ID_COLUMN)
+        anime_prep = shard_input(anime_prep, shard, ID_COLUMN, table="anime_prep")
         previous = None if config.full_rebuild else previous_shard_rows(warehouse, ASSET, shard, ID_COLUMN, context.log.info)
     context.log.info(
         f"{ASSET}: {anime_prep.height} anime; previous table: "

@@ -85,6 +85,18 @@ def select_shard(frame: pl.DataFrame, key: str, id_column: str) -> pl.DataFrame:
     return frame.filter(pl.Series(shard_mask(frame[id_column].to_list(), key)))
 
 
+def shard_input(frame: pl.DataFrame, key: str, id_column: str, table: str) -> pl.DataFrame:
+    """The rows of input ``table`` in shard ``key``; raises ``ValueError`` naming the table and shard when
+    there are none (a shard count too large for the catalog: an empty shard never replaces its rows)."""
+    rows = select_shard(frame, key, id_column)
+    if rows.height == 0:
+        raise ValueError(
+            f"{table}: none of its {frame.height} rows hash to shard {key}; use fewer shards "
+            f"(${SHARDS_ENV}) for this catalog, or 0 for one unpartitioned step"
+        )
+    return rows
+
+
 def previous_shard_rows(warehouse, table: str, key: str, id_column: str, log=None) -> pl.DataFrame | None:
     """The previous rows of shard ``key``: its own partition when committed; otherwise (first sharded run
     after an unsharded table, or after a change of the shard count) the rows of the whole table whose ids

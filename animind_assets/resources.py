@@ -333,9 +333,33 @@ class LockedDuckDbClient(DuckDbClient):
     @staticmethod
     def delete_table_slice(context, table_slice, connection) -> None:
         if table_slice.partition_dimensions:
+            LockedDuckDbClient._add_missing_partition_columns(table_slice, connection)
             DuckDbClient.delete_table_slice(context, table_slice, connection)
         else:
             connection.execute(f'DROP TABLE IF EXISTS "{table_slice.schema}"."{table_slice.table}"')
+
+
+    @staticmethod
+    def _add_missing_partition_columns(table_slice, connection) -> None:
+        """A table written unpartitioned before (no partition column) that now receives partitions (e.g.
+        ``anime_embeddings`` after ``$ANIMIND_EMBEDDING_SHARDS`` was set): add the column (text, NULL for the
+        old rows) instead of failing the delete/insert. The old rows match no partition key, so loads of the
+        partitions never see them; they stay readable for reuse (``shard IS NULL``) until the table is
+        written unpartitioned again (replaced) or deleted by hand."""
+        schema, table = table_slice.schema, table_slice.table
+        cols = {
+            r[0]
+            for r in connection.execute(
+                "select column_name from information_schema.columns where table_schema = ? and table_name = ?",
+                [schema, table],
+            ).fetchall()
+        }
+        if not cols:
+            return  # table does not exist yet
+        for dim in table_slice.partition_dimensions:
+            col = dim.partition_expr
+            if col.isidentifier() and col not in cols:
+                connection.execute(f'ALTER TABLE "{schema}"."{table}" ADD COLUMN "{col}" VARCHAR')
 
 
 class AniMindDuckDBIOManager(DuckDBPolarsIOManager):
@@ -379,6 +403,25 @@ class DuckDBWarehouse(dg.ConfigurableResource):
             return None
         with self.connect() as conn:
             return conn.execute(f'select * from "{self.schema_}"."{table}"').pl()
+
+    def read_partition(self, table: str, partition_key: str, partition_expr: str):
+        """Rows of one partition (``WHERE <partition_expr> = key``) as a polars DataFrame; ``None`` when the
+        table or its partition column does not exist (e.g. the table was written unpartitioned)."""
+        if not self.table_exists(table):
+            return None
+        with self.connect() as conn:
+            cols = {
+                r[0]
+                for r in conn.execute(
+                    "select column_name from information_schema.columns where table_schema = ? and table_name = ?",
+                    [self.schema_, table],
+                ).fetchall()
+            }
+            if partition_expr not in cols:
+                return None
+            return conn.execute(
+                f'select * from "{self.schema_}"."{table}" where "{partition_expr}" = ?', [partition_key]
+            ).pl()
 
 
 # --- multi-pod table backend: Parquet datasets on an fsspec path (no shared file lock) --------------
@@ -589,6 +632,15 @@ class ParquetWarehouse(dg.ConfigurableResource):
         if not store.table_exists(table):
             return None
         return store.read_table(table)
+
+    def read_partition(self, table: str, partition_key: str, partition_expr: str | None = None):
+        """One committed partition of ``table`` (its own dataset folder), or ``None`` when not committed.
+        ``partition_expr`` is unused (DuckDBWarehouse compatibility: partitions are folders here)."""
+        store = self.store()
+        location = store.location(table, partition_key)
+        if not store.exists(location):
+            return None
+        return store.read(location)
 
     @contextlib.contextmanager
     def connect(self, read_only: bool = True) -> Iterator[duckdb.DuckDBPyConnection]:

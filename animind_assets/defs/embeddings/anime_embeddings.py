@@ -31,6 +31,14 @@ from animind_assets.meta import counts_md, image_md, scalar_metadata, table_meta
 from animind_assets.resources import DuckDBWarehouse, ParquetExports
 
 from animind_assets.defs.embeddings.config import ASSET, DEFAULT_COLLAPSE_THRESHOLD, ID_COLUMN, AnimeEmbeddingsConfig
+from animind_assets.defs.embeddings.sharding import (
+    current_shard,
+    previous_shard_rows,
+    shard_input,
+    sharded_asset_kwargs,
+    sharded_check_kwargs,
+    with_shard_column,
+)
 
 
 @dg.asset(
@@ -39,7 +47,9 @@ from animind_assets.defs.embeddings.config import ASSET, DEFAULT_COLLAPSE_THRESH
     op_tags=GPU_OP_TAGS,
     kinds={"pytorch", "polars", "duckdb"},
     description="One L2-normalized vector per anime (embedding FLOAT[dim]) from anime_prep.anime_text; "
-    "incremental: unchanged texts with the same model fingerprint are reused.",
+    "incremental: unchanged texts with the same model fingerprint are reused. With $ANIMIND_EMBEDDING_SHARDS=N: "
+    "N item-hash partitions (one step/pod each), the downstream reads their union.",
+    **sharded_asset_kwargs(),
 )
 def anime_embeddings(
     context: dg.AssetExecutionContext,
@@ -53,7 +63,12 @@ def anime_embeddings(
         if col not in anime_prep.columns:
             raise ValueError(f"anime_prep: missing column {col!r} (columns: {anime_prep.columns})")
     cfg = config.to_lib()
-    previous = None if config.full_rebuild else warehouse.read_table(ASSET)
+    shard = current_shard(context)  # None = unpartitioned; else this run embeds only the ids hashing to it
+    if shard is None:
+        previous = None if config.full_rebuild else warehouse.read_table(ASSET)
+    else:
+        anime_prep = shard_input(anime_prep, shard, ID_COLUMN, table="anime_prep")
+        previous = None if config.full_rebuild else previous_shard_rows(warehouse, ASSET, shard, ID_COLUMN, context.log.info)
     context.log.info(
         f"{ASSET}: {anime_prep.height} anime; previous table: "
         + ("none (first run)" if previous is None else f"{previous.height} rows")
@@ -67,7 +82,8 @@ def anime_embeddings(
         log=context.log.info,
         id_column=ID_COLUMN,
     )
-    export = exports.write(df, ASSET)
+    df = with_shard_column(df, shard)
+    export = exports.write(df, ASSET if shard is None else f"{ASSET}/shard={shard}")
 
     mat = embedding_matrix(df)
     cos = pairwise_cosine_sample(mat, sample=config.cosine_sample, seed=config.seed)
@@ -129,7 +145,9 @@ def _result(outcome) -> dg.AssetCheckResult:
     return dg.AssetCheckResult(passed=bool(outcome.passed), metadata=md, description=outcome.description)
 
 
-@dg.asset_check(asset=anime_embeddings, blocking=True, description="no NaN/inf in any vector (names offending anime_id)")
+@dg.asset_check(
+    asset=anime_embeddings, blocking=True, description="no NaN/inf in any vector (names offending anime_id)", **sharded_check_kwargs()
+)
 def anime_embeddings_finite(anime_embeddings: pl.DataFrame) -> dg.AssetCheckResult:
     return _result(check_finite(anime_embeddings, ID_COLUMN))
 
@@ -141,7 +159,9 @@ class UnitNormCheckConfig(dg.Config):
     )
 
 
-@dg.asset_check(asset=anime_embeddings, blocking=True, description="every vector has unit L2 norm when normalizing")
+@dg.asset_check(
+    asset=anime_embeddings, blocking=True, description="every vector has unit L2 norm when normalizing", **sharded_check_kwargs()
+)
 def anime_embeddings_unit_norm(
     context: dg.AssetCheckExecutionContext, config: UnitNormCheckConfig, anime_embeddings: pl.DataFrame
 ) -> dg.AssetCheckResult:
@@ -165,6 +185,7 @@ class CollapseCheckConfig(dg.Config):
     asset=anime_embeddings,
     description="no collapse: mean pairwise cosine of a seeded sample below a threshold, and no two different "
     "texts with identical vectors",
+    **sharded_check_kwargs(),
 )
 def anime_embeddings_no_collapse(
     context: dg.AssetCheckExecutionContext, config: CollapseCheckConfig, anime_embeddings: pl.DataFrame

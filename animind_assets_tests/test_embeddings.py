@@ -434,7 +434,7 @@ def test_onnx_backend_matches_torch_and_export_is_cached(tmp_path, fresh_embedde
 
 
 def test_auto_backend_falls_back_to_torch_and_onnx_backend_raises(tmp_path, monkeypatch, fresh_embedders):
-    from animind_assets.lib import onnx_encoder
+    from animind_assets.lib.embeddings import onnx_backend as onnx_encoder
 
     texts = list(TEXTS.values())
     monkeypatch.setattr(onnx_encoder, "available", lambda: False)
@@ -472,7 +472,7 @@ def test_failed_export_leaves_no_partial_cache_entry(tmp_path, monkeypatch, fres
 
 @pytest.mark.slow
 def test_onnx_parity_failure_falls_back(tmp_path, monkeypatch, fresh_embedders):
-    from animind_assets.lib import onnx_encoder
+    from animind_assets.lib.embeddings import onnx_backend as onnx_encoder
 
     real_call = onnx_encoder.OrtEncoder.__call__
     monkeypatch.setattr(onnx_encoder.OrtEncoder, "__call__", lambda self, i, m: real_call(self, i, m)[:, ::-1].copy())

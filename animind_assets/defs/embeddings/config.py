@@ -42,5 +42,8 @@ AnimeEmbeddingsConfig = derive_config(
         "trust_remote_code": 'allow model repos with custom code',
         "backend": 'auto (ONNX Runtime on CPU when the model exports cleanly, else PyTorch; PyTorch on CUDA) | torch | onnx (CPU; fails instead of falling back)',
         "onnx_cache_dir": 'where ONNX exports are cached (None = $ANIMIND_ONNX_CACHE or <data dir>/cache/onnx)',
+        "onnx_optimize": "fuse the ONNX graph with ONNX Runtime's transformer optimizer (attention/LayerNorm/GELU)",
+        "quantize": 'none | int8 (ONNX Runtime dynamic int8 on CPU, behind a quality gate vs fp32; part of the model '
+                    'fingerprint, so int8 and fp32 rows are never mixed)',
     },
 )

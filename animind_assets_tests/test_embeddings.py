@@ -156,6 +156,9 @@ def test_model_identity_in_fingerprint(tmp_path):
     for change in ({"prefix": "x"}, {"pooling": "cls"}, {"max_length": 64}, {"truncate_dim": 4}, {"normalize": False}):
         assert E.model_fingerprint(cfg.replace(**change)) != fp2
     assert E.model_fingerprint(cfg.replace(batch_size=7, cpu_workers=1)) == fp2  # speed knobs do not count
+    assert E.model_fingerprint(cfg.replace(backend="onnx", onnx_optimize=False)) == fp2  # fp32 backends agree
+    # int8 vectors are never mixed with fp32 ones: quantization is part of the fingerprint
+    assert E.model_fingerprint(cfg.replace(quantize="int8")) != fp2
     # the embedded default resolves offline to the package folder
     assert (E.resolve_model_path(E.DEFAULT_MODEL) / "config.json").exists()
     with pytest.raises(E.EmbeddingError, match="does not exist"):
@@ -484,3 +487,68 @@ def test_onnx_parity_failure_falls_back(tmp_path, monkeypatch, fresh_embedders):
     assert E.get_embedder(cfg).last_backend == "torch"
     assert any("disagrees with PyTorch" in m for m in logs), logs
     assert np.abs(got - ref).max() < 1e-5
+
+
+# ----------------------------------------------------------- ONNX graph fusions and the int8 option
+@pytest.fixture(scope="module")
+def onnx_cache(tmp_path_factory):
+    return str(tmp_path_factory.mktemp("onnx-int8"))
+
+
+def test_fused_graph_is_the_default_and_matches_the_unfused_export(onnx_cache, fresh_embedders):
+    texts = list(TEXTS.values()) + ["short", "a much longer text " * 60]
+    logs: list[str] = []
+    fused = E.embed_texts(texts, CPU.replace(backend="onnx", onnx_cache_dir=onnx_cache), log=logs.append)
+    emb = E.get_embedder(CPU)
+    assert emb.last_graph == "model.opt.onnx", logs
+    assert any("fused the ONNX graph" in m and "'Attention': 6" in m for m in logs), logs
+    plain = E.embed_texts(texts, CPU.replace(backend="onnx", onnx_cache_dir=onnx_cache, onnx_optimize=False))
+    assert emb.last_graph == "model.onnx"
+    ref = E.embed_texts(texts, CPU.replace(backend="torch"))
+    assert np.abs(fused - plain).max() < 1e-4 and ((fused * ref).sum(1)).min() > 1 - 1e-4
+
+
+def test_int8_passes_its_gate_and_is_never_mixed_with_fp32(onnx_cache, fresh_embedders):
+    ids, texts = _ids_texts()
+    fp32_df, _ = E.build_embeddings(ids, texts, None, CPU.replace(onnx_cache_dir=onnx_cache))
+    logs: list[str] = []
+    cfg8 = CPU.replace(quantize="int8", onnx_cache_dir=onnx_cache)
+    df8, stats8 = E.build_embeddings(ids, texts, fp32_df, cfg8, log=logs.append)
+    # every fp32 row is re-embedded (different fingerprint), none reused
+    assert stats8.embedded_by_reason == {"model_changed": 5} and stats8.n_reused == 0
+    assert df8["model_fingerprint"][0] != fp32_df["model_fingerprint"][0]
+    assert stats8.backend == "onnx" and stats8.quantize == "int8"
+    gate = stats8.int8_gate
+    assert gate["passed"] and gate["texts"] == 5 + len(E.onnx_backend.PROBE_TEXTS)
+    assert gate["mean_cosine"] >= E.INT8_GATE_MIN_COSINE and gate["min_cosine"] >= E.INT8_GATE_FLOOR_COSINE
+    assert stats8.summary()["int8_gate_mean_cosine"] == gate["mean_cosine"]
+    assert any("int8 quality gate" in m and "passed" in m for m in logs), logs
+    assert ".int8-" in E.get_embedder(cfg8).last_graph
+    v32, v8 = E.embedding_matrix(fp32_df), E.embedding_matrix(df8)
+    cos = (v32 * v8).sum(1)
+    assert cos.min() > 0.98 and not np.array_equal(v32, v8)  # really another model, close to fp32
+    # switching back to fp32 re-embeds again
+    _, back = E.build_embeddings(ids, texts, df8, CPU.replace(onnx_cache_dir=onnx_cache), embed_fn=Recorder())
+    assert back.embedded_by_reason == {"model_changed": 5}
+
+
+def test_int8_gate_failure_raises_instead_of_falling_back(onnx_cache, monkeypatch, fresh_embedders):
+    from animind_assets.lib.embeddings import encoder
+
+    monkeypatch.setattr(encoder, "INT8_GATE_MIN_COSINE", 0.99999999)
+    texts = list(TEXTS.values())
+    with pytest.raises(E.QuantizationGateError, match="fails the quality gate") as err:
+        E.embed_texts(texts, CPU.replace(quantize="int8", onnx_cache_dir=onnx_cache))
+    assert 0.98 < err.value.min_cosine < 1 and err.value.n == 5 + len(E.onnx_backend.PROBE_TEXTS)
+    with pytest.raises(E.QuantizationGateError):  # the verdict is kept for the process, no silent fp32
+        E.embed_texts(texts[:2], CPU.replace(quantize="int8", onnx_cache_dir=onnx_cache))
+
+
+def test_int8_needs_onnx_runtime(monkeypatch, tmp_path, fresh_embedders):
+    with pytest.raises(E.EmbeddingError, match="cannot be combined with backend 'torch'"):
+        E.embed_texts(["x"], CPU.replace(quantize="int8", backend="torch"))
+    with pytest.raises(E.EmbeddingError, match="quantize must be one of"):
+        E.embed_texts(["x"], CPU.replace(quantize="int4"))
+    monkeypatch.setattr(E.onnx_backend, "available", lambda: False)
+    with pytest.raises(E.EmbeddingError, match="quantize='int8': onnxruntime is not installed"):
+        E.embed_texts(["x"], CPU.replace(quantize="int8", onnx_cache_dir=str(tmp_path)))

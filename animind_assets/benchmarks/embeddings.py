@@ -1,22 +1,36 @@
-"""Embedding throughput, incremental rebuild speed and memory on the real MAL 2020 catalog.
+"""Embedding throughput, int8 quality, incremental rebuild speed and memory on the real MAL 2020 catalog.
 
-    python -m animind_assets.benchmarks.embeddings                 # full catalog (tens of minutes on 2 cores)
-    python -m animind_assets.benchmarks.embeddings --limit 500     # quick run
-    python -m animind_assets.benchmarks.embeddings --ratio-sample 1024 --rounds 5 --json out.json
+    python -m animind_assets.benchmarks.embeddings --limit 1000 --ratio-sample 256 --rounds 3   # usual run
+    python -m animind_assets.benchmarks.embeddings --variants onnx-unfused,onnx,int8 --skip-b   # before/after
+    python -m animind_assets.benchmarks.embeddings --skip-a --skip-b --cowatch                  # int8 co-watch gate
+    python -m animind_assets.benchmarks.embeddings                                              # full catalog
+
+Every figure line carries the CPU (model name and vector extensions AVX2 / AVX-512 / VNNI / AMX from
+``/proc/cpuinfo``) in the header and the 1-minute load average (``os.getloadavg``, as ``uptime``) at
+the moment it was measured. Ratios are measured side by side in one run, so load from other
+processes on a shared machine hits every path alike; absolute texts/s are only comparable at equal load.
 
 Texts: ``../shared/data/mal2020/anilist.sqlite`` (or ``$ANIMIND_SHARED_DATA``) read with the same
 source adapter and cleaning as the ``anime_prep`` asset (``lib.sources.read_sqlite_catalog`` +
 ``lib.prep.clean_anime``, adult titles excluded as by default), i.e. exactly ``anime_prep.anime_text``.
 Model: the default embedded all-MiniLM-L6-v2 on this CPU.
 
-(a) texts/s of the asset's embedding path (``lib.embeddings.embed_texts``) vs plain
-    ``SentenceTransformer.encode(texts, batch_size=64)`` on the same seeded sample, both models
-    warm, interleaved over ``--rounds`` rounds (order alternating) so that load from other processes
-    on a shared machine hits both alike; the ratio is reported per round and as the median.
-(b) ``build_embeddings`` full build of the catalog vs an incremental rebuild after changing
-    ``--change-frac`` (1%) of the texts (model already loaded in both).
-(c) peak resident memory (RSS): of the asset path alone (measured after (b), which runs first, before
-    the plain SentenceTransformer copy is loaded), of the whole process, and RSS at each stage.
+(a) texts/s of the asset's embedding path (``lib.embeddings.embed_texts``) in each ``--variants``
+    setting (``onnx`` = the default fp32 path: ONNX Runtime, fused graph; ``onnx-unfused`` = the
+    graph as exported, i.e. the path before the fusions; ``torch`` = PyTorch; ``int8`` = the gated
+    int8 option) vs plain ``SentenceTransformer.encode(texts, batch_size=64)`` on the same seeded
+    sample, all models warm, interleaved over ``--rounds`` rounds (order rotating); per round and
+    median ratio to ST.encode, min cosine to ST.encode, and int8's cosine to fp32 (mean / min: the
+    library's gate is mean >= 0.995 and min >= 0.98 on a seeded sample).
+(b) ``build_embeddings`` full build of the catalog (default fp32 path) vs an incremental rebuild after
+    changing ``--change-frac`` (1%) of the texts; projected time for the 16,214-text full catalog.
+(c) peak resident memory (RSS): of the asset path alone (measured after (b), before the plain
+    SentenceTransformer copy is loaded), of the whole process, and RSS at each stage.
+(d) ``--cowatch``: the issue-17 downstream gate for int8: semantic IDs (``--cowatch-preset`` of
+    ``lib.rqvae``, default ``rqkmeans``) fitted on the fp32 and on the int8 vectors of the catalog,
+    co-watch recall@20 of each ID ranking (``lib.semantic_id_eval.cowatch_recall``, positives = completed
+    and score >= 7 in ``user_anime``, 500 seeded queries with >= 10 positive users); passes when int8's
+    recall is within 1% (relative) of fp32's.
 """
 
 from __future__ import annotations
@@ -34,6 +48,39 @@ import numpy as np
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "true")
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+FULL_CATALOG_TEXTS = 16214
+VARIANTS = {  # name -> EmbeddingConfig changes
+    "onnx": {"backend": "onnx"},
+    "onnx-unfused": {"backend": "onnx", "onnx_optimize": False},
+    "torch": {"backend": "torch"},
+    "int8": {"backend": "onnx", "quantize": "int8"},
+}
+
+
+def cpu_info() -> dict:
+    """CPU model name, logical CPUs and the vector extensions that matter for inference kernels."""
+    model, flags = "unknown", set()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            key, _, val = line.partition(":")
+            key = key.strip()
+            if key == "model name" and model == "unknown":
+                model = val.strip()
+            elif key == "flags" and not flags:
+                flags = set(val.split())
+    except OSError:
+        pass
+    wanted = [("AVX2", "avx2"), ("FMA", "fma"), ("AVX-512F", "avx512f"), ("AVX512-VNNI", "avx512_vnni"),
+              ("AVX-VNNI", "avx_vnni"), ("AVX512-BF16", "avx512_bf16"), ("AMX-INT8", "amx_int8"), ("AMX-BF16", "amx_bf16")]
+    have = [name for name, flag in wanted if flag in flags]
+    return {"model": model, "cpus": os.cpu_count(), "extensions": have,
+            "missing": [name for name, flag in wanted if flag not in flags]}
+
+
+def load_now() -> float:
+    return round(os.getloadavg()[0], 2)
 
 
 def _rss_mb() -> float:
@@ -64,20 +111,61 @@ def log(msg: str) -> None:
     print(msg, flush=True)
 
 
+def _cos(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    return (a * b).sum(1) / np.clip(np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1), 1e-12, None)
+
+
+def cowatch_check(ids: list[int], fp32: np.ndarray, int8: np.ndarray, preset: str, k: int = 20) -> dict:
+    """Co-watch recall@k of semantic IDs fitted on fp32 vs int8 vectors (see module docstring (d))."""
+    import sqlite3
+
+    from animind_assets.lib.rqvae import preset_config, train_quantizer
+    from animind_assets.lib.semantic_id_eval import cowatch_recall, positive_graph
+    from animind_assets.lib.semantic_ids import assign_semantic_ids
+    from animind_assets.lib.sources import shared_data_dir
+
+    con = sqlite3.connect(f"file:{shared_data_dir() / 'mal2020' / 'anilist.sqlite'}?mode=ro", uri=True)
+    arr = np.asarray(con.execute("select user_id, anime_id, score, watching_status from user_anime").fetchall(), dtype=np.int64)
+    con.close()
+    order = np.argsort(np.asarray(ids, dtype=np.int64), kind="stable")
+    sorted_ids = np.asarray(ids, dtype=np.int64)[order]
+    graph = positive_graph(arr[:, 0], arr[:, 1], arr[:, 3], arr[:, 2], item_universe=sorted_ids)
+    out: dict = {"preset": preset, "k": k, "positive_rows": graph.n_positive_rows}
+    for name, x in (("fp32", fp32[order]), ("int8", int8[order])):
+        t = time.perf_counter()
+        res = train_quantizer(np.ascontiguousarray(x, dtype=np.float32), preset_config(preset))
+        full = assign_semantic_ids(res.codes, order_key=sorted_ids)
+        rep = cowatch_recall(sorted_ids, full, x, graph, k=k, min_support=10, max_queries=500, seed=42)
+        out[name] = {"recall_semantic_id": rep["methods"]["semantic_id"]["mean_recall"],
+                     "recall_embedding_cosine": rep["methods"]["embedding_cosine"]["mean_recall"],
+                     "queries": rep["evaluated_queries"], "fit_s": round(time.perf_counter() - t, 1)}
+    base = out["fp32"]["recall_semantic_id"]
+    out["relative_change"] = (out["int8"]["recall_semantic_id"] - base) / max(base, 1e-12)
+    out["passed"] = bool(out["relative_change"] >= -0.01)
+    return out
+
+
 def main(argv: list[str] | None = None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--limit", type=int, default=None, help="first N anime of the catalog (quick run)")
     ap.add_argument("--ratio-sample", type=int, default=768, help="texts per round for (a) (0 = all)")
     ap.add_argument("--rounds", type=int, default=3, help="interleaved rounds for (a)")
+    ap.add_argument("--variants", default="onnx,int8", help=f"asset-path settings timed in (a), of {sorted(VARIANTS)}")
     ap.add_argument("--change-frac", type=float, default=0.01, help="fraction of texts changed for (b)")
     ap.add_argument("--batch-size", type=int, default=64)
     ap.add_argument("--cpu-workers", type=int, default=0, help="asset path inference threads (0 = auto)")
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0 = torch default)")
     ap.add_argument("--skip-a", action="store_true")
     ap.add_argument("--skip-b", action="store_true")
+    ap.add_argument("--cowatch", action="store_true", help="(d) int8 vs fp32 semantic-ID co-watch recall on the catalog")
+    ap.add_argument("--cowatch-preset", default="rqkmeans", help="lib.rqvae preset for (d)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--json", type=str, default=None, help="write the figures to this JSON file")
     args = ap.parse_args(argv)
+    variants = [v.strip() for v in args.variants.split(",") if v.strip()]
+    unknown = [v for v in variants if v not in VARIANTS]
+    if unknown:
+        ap.error(f"unknown --variants {unknown}; choose from {sorted(VARIANTS)}")
 
     import torch
 
@@ -87,7 +175,10 @@ def main(argv: list[str] | None = None) -> dict:
 
     from animind_assets.lib import embeddings as E
 
-    out: dict = {"rss_mb": {"start": round(_rss_mb(), 1)}}
+    cpu = cpu_info()
+    print(f"CPU: {cpu['model']} ({cpu['cpus']} logical CPUs); extensions: {', '.join(cpu['extensions']) or 'none'}; "
+          f"without: {', '.join(cpu['missing'])}; load {load_now()}", flush=True)
+    out: dict = {"cpu": cpu, "rss_mb": {"start": round(_rss_mb(), 1)}}
     t0 = time.perf_counter()
     ids, texts, origin = load_catalog(args.limit)
     out["catalog"] = {"origin": origin, "texts": len(texts), "load_s": round(time.perf_counter() - t0, 2)}
@@ -100,10 +191,10 @@ def main(argv: list[str] | None = None) -> dict:
     ])
     out["catalog"].update(
         tokens_mean=round(float(tok_lens.mean()), 1), tokens_p50=int(np.median(tok_lens)),
-        truncated_at_max_length=round(float((tok_lens >= emb.max_length_for(cfg)).mean()), 3),
+        truncated_at_max_length=round(float((tok_lens >= max_len).mean()), 3),
     )
     out["rss_mb"]["model_loaded"] = round(_rss_mb(), 1)
-    workers, threads = emb._workers(cfg)
+    workers, threads = emb.workers_for(cfg)
     out["machine"] = {"cpus": os.cpu_count(), "torch_threads": torch.get_num_threads(), "asset_workers": workers,
                       "threads_per_worker": threads, "loadavg_start": os.getloadavg()}
     print(f"catalog: {len(texts)} anime_text from {origin}; tokens mean {out['catalog']['tokens_mean']}; "
@@ -111,6 +202,7 @@ def main(argv: list[str] | None = None) -> dict:
 
     # ------------------------------------------------------------------ (b) incremental vs full
     if not args.skip_b:
+        load_b = load_now()
         t = time.perf_counter()
         full_df, full_stats = E.build_embeddings(ids, texts, None, cfg, log=log)
         full_s = time.perf_counter() - t
@@ -127,62 +219,111 @@ def main(argv: list[str] | None = None) -> dict:
         noop_s = time.perf_counter() - t
         assert inc_stats.n_embedded == k and inc_stats.n_reused == len(texts) - k, inc_stats
         assert noop_stats.n_embedded == 0
+        per_s = full_stats.items_per_s
         out["b_incremental"] = {
-            "rows": len(texts), "changed": k,
-            "full_build_s": round(full_s, 2), "full_texts_per_s": round(full_stats.items_per_s, 2),
+            "rows": len(texts), "changed": k, "backend": full_stats.backend, "graph": emb.last_graph,
+            "full_build_s": round(full_s, 2), "full_texts_per_s": round(per_s, 2),
+            "projected_full_catalog_s": round(FULL_CATALOG_TEXTS / per_s, 1) if per_s else None,
             "incremental_s": round(inc_s, 3), "incremental_embedded": inc_stats.n_embedded,
             "incremental_reused": inc_stats.n_reused, "speedup": round(full_s / inc_s, 1),
-            "unchanged_rebuild_s": round(noop_s, 3),
+            "unchanged_rebuild_s": round(noop_s, 3), "load_start": load_b, "load_end": load_now(),
         }
-        print(f"(b) full build {len(texts)} rows {full_s:.1f}s ({full_stats.items_per_s:.1f} texts/s); "
-              f"incremental after changing {k} texts {inc_s:.2f}s -> {full_s / inc_s:.1f}x faster; "
-              f"nothing changed {noop_s:.2f}s", flush=True)
+        b = out["b_incremental"]
+        print(f"(b) full build {len(texts)} rows {full_s:.1f}s ({per_s:.1f} texts/s, {b['backend']} {b['graph']}; "
+              f"{FULL_CATALOG_TEXTS} texts -> ~{b['projected_full_catalog_s']}s); incremental after changing {k} texts "
+              f"{inc_s:.2f}s -> {full_s / inc_s:.1f}x faster; nothing changed {noop_s:.2f}s "
+              f"[load {b['load_start']} -> {b['load_end']}]", flush=True)
 
     out["rss_mb"]["peak_asset_path_only"] = round(_peak_rss_mb(), 1)  # before the plain ST model is loaded
 
-    # ------------------------------------------------------------------ (a) throughput ratio
+    # ------------------------------------------------------------------ (a) throughput ratios
     if not args.skip_a:
         st = SentenceTransformer(str(E.embedded_model_path()), device="cpu")
         out["rss_mb"]["st_model_loaded"] = round(_rss_mb(), 1)
         rng = np.random.default_rng(args.seed)
         n = len(texts) if not args.ratio_sample or args.ratio_sample >= len(texts) else args.ratio_sample
         sample = [texts[i] for i in sorted(rng.choice(len(texts), size=n, replace=False))]
+        cfgs = {v: cfg.replace(**VARIANTS[v]) for v in variants}
         warm = sample[:32]
         st.encode(warm, batch_size=args.batch_size)
-        E.embed_texts(warm, cfg)
+        for v, c in cfgs.items():
+            E.embed_texts(warm, c, log=log if v == "int8" else None)
+            out.setdefault("graphs", {})[v] = E.get_embedder(c).last_graph or E.get_embedder(c).last_backend
+        names = ["st", *variants]
         rounds = []
         for r in range(args.rounds):
-            order = ["st", "asset"] if r % 2 == 0 else ["asset", "st"]
-            res: dict = {}
+            order = names[r % len(names):] + names[: r % len(names)]
+            secs: dict = {}
+            vecs: dict = {}
+            loads: list[float] = []
             for which in order:
+                loads.append(load_now())
                 t = time.perf_counter()
                 if which == "st":
-                    vec_st = st.encode(sample, batch_size=args.batch_size)
+                    vecs[which] = st.encode(sample, batch_size=args.batch_size)
                 else:
-                    vec_as = E.embed_texts(sample, cfg)
-                res[which] = time.perf_counter() - t
-            cos = (vec_st * vec_as).sum(1) / np.linalg.norm(vec_st, axis=1) / np.linalg.norm(vec_as, axis=1)
-            row = {"st_texts_per_s": round(n / res["st"], 2), "asset_texts_per_s": round(n / res["asset"], 2),
-                   "ratio": round(res["st"] / res["asset"], 3), "min_cosine": float(cos.min())}
+                    vecs[which] = E.embed_texts(sample, cfgs[which])
+                secs[which] = time.perf_counter() - t
+            row = {"order": order, "load": round(statistics.mean(loads), 2), "st_texts_per_s": round(n / secs["st"], 2)}
+            for v in variants:
+                c = _cos(vecs["st"], vecs[v])
+                row[v] = {"texts_per_s": round(n / secs[v], 2), "ratio": round(secs["st"] / secs[v], 3),
+                          "min_cosine_to_st": float(c.min())}
+            if "int8" in variants:
+                ref = vecs["onnx"] if "onnx" in vecs else vecs["st"]
+                c = _cos(ref, vecs["int8"])
+                row["int8"].update(cosine_to_fp32_mean=round(float(c.mean()), 5), cosine_to_fp32_min=round(float(c.min()), 5))
             rounds.append(row)
-            print(f"(a) round {r + 1}/{args.rounds} ({n} texts, {' then '.join(order)}): ST.encode "
-                  f"{row['st_texts_per_s']}/s, asset path {row['asset_texts_per_s']}/s, ratio {row['ratio']}x, "
-                  f"min cosine {row['min_cosine']:.7f}", flush=True)
-        out["a_throughput"] = {
-            "texts": n, "rounds": rounds,
-            "ratio_median": round(statistics.median(r["ratio"] for r in rounds), 3),
-            "ratio_min": min(r["ratio"] for r in rounds),
-            "st_texts_per_s_median": statistics.median(r["st_texts_per_s"] for r in rounds),
-            "asset_texts_per_s_median": statistics.median(r["asset_texts_per_s"] for r in rounds),
-            "min_cosine": min(r["min_cosine"] for r in rounds),
-        }
+            parts = [f"ST.encode {row['st_texts_per_s']}/s"] + [
+                f"{v} {row[v]['texts_per_s']}/s = {row[v]['ratio']}x" for v in variants]
+            extra = ""
+            if "int8" in variants:
+                extra = f"; int8 cosine to fp32 mean {row['int8']['cosine_to_fp32_mean']}, min {row['int8']['cosine_to_fp32_min']}"
+            print(f"(a) round {r + 1}/{args.rounds} ({n} texts, order {' > '.join(order)}): {', '.join(parts)}; "
+                  f"min cosine to ST {min(row[v]['min_cosine_to_st'] for v in variants if v != 'int8') if any(v != 'int8' for v in variants) else float('nan'):.7f}"
+                  f"{extra} [load {row['load']}]", flush=True)
+        summary = {"texts": n, "rounds": rounds, "st_texts_per_s_median": statistics.median(r["st_texts_per_s"] for r in rounds),
+                   "load_median": statistics.median(r["load"] for r in rounds)}
+        for v in variants:
+            summary[v] = {"ratio_median": round(statistics.median(r[v]["ratio"] for r in rounds), 3),
+                          "ratio_min": min(r[v]["ratio"] for r in rounds),
+                          "texts_per_s_median": statistics.median(r[v]["texts_per_s"] for r in rounds),
+                          "min_cosine_to_st": min(r[v]["min_cosine_to_st"] for r in rounds), "graph": out["graphs"][v]}
+        if "int8" in variants:
+            summary["int8"]["cosine_to_fp32_min"] = min(r["int8"]["cosine_to_fp32_min"] for r in rounds)
+            summary["int8"]["cosine_to_fp32_mean"] = statistics.mean(r["int8"]["cosine_to_fp32_mean"] for r in rounds)
+            summary["int8"]["library_gate"] = E.get_embedder(cfgs["int8"]).last_int8_gate
+        out["a_throughput"] = summary
+        print(f"(a) median of {args.rounds} rounds on {cpu['model']} [{', '.join(cpu['extensions'])}], load {summary['load_median']}: "
+              + ", ".join(f"{v} {summary[v]['ratio_median']}x ST.encode ({summary[v]['texts_per_s_median']}/s)" for v in variants)
+              + f"; ST.encode {summary['st_texts_per_s_median']}/s", flush=True)
         out["rss_mb"]["after_a"] = round(_rss_mb(), 1)
+
+    # ------------------------------------------------------------------ (d) co-watch recall gate for int8
+    if args.cowatch:
+        load_d = load_now()
+        t = time.perf_counter()
+        x32 = E.embed_texts(texts, cfg.replace(backend="onnx"), log=log)
+        t32 = time.perf_counter() - t
+        t = time.perf_counter()
+        x8 = E.embed_texts(texts, cfg.replace(backend="onnx", quantize="int8"), log=log)
+        t8 = time.perf_counter() - t
+        c = _cos(x32, x8)
+        d = cowatch_check(ids, x32, x8, args.cowatch_preset)
+        d.update(texts=len(texts), fp32_s=round(t32, 1), int8_s=round(t8, 1), cosine_mean=round(float(c.mean()), 5),
+                 cosine_min=round(float(c.min()), 5), load_start=load_d, load_end=load_now())
+        out["d_cowatch"] = d
+        print(f"(d) {len(texts)} texts: fp32 {t32:.0f}s, int8 {t8:.0f}s; int8 cosine to fp32 mean {d['cosine_mean']}, "
+              f"min {d['cosine_min']}; co-watch recall@{d['k']} of {d['preset']} semantic IDs: fp32 "
+              f"{d['fp32']['recall_semantic_id']:.4f}, int8 {d['int8']['recall_semantic_id']:.4f} "
+              f"({100 * d['relative_change']:+.2f}%, gate within -1%: {'passed' if d['passed'] else 'FAILED'}) "
+              f"[load {d['load_start']} -> {d['load_end']}]", flush=True)
 
     out["rss_mb"]["end"] = round(_rss_mb(), 1)
     out["rss_mb"]["peak"] = round(_peak_rss_mb(), 1)
     out["machine"]["loadavg_end"] = os.getloadavg()
     out["total_s"] = round(time.perf_counter() - t0, 1)
-    print(f"(c) RSS MB: {out['rss_mb']}")
+    print(f"(c) RSS MB: {out['rss_mb']} [load {load_now()}]")
     print(json.dumps(out, indent=2, default=str))
     if args.json:
         Path(args.json).write_text(json.dumps(out, indent=2, default=str))

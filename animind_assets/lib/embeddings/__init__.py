@@ -51,6 +51,7 @@ from animind_assets.lib.embeddings.model_loading import (
     resolve_dtype,
     resolve_model_path,
 )
+from animind_assets.lib.embeddings import onnx_backend
 from animind_assets.lib.embeddings.onnx_backend import default_cache_dir
 from animind_assets.lib.embeddings.pooling import pool
 from animind_assets.lib.embeddings.stats import (
@@ -70,7 +71,7 @@ __all__ = [
     "BACKENDS", "DEFAULT_MODEL", "EMBEDDED_MODELS", "FINGERPRINT_VERSION", "INT8_GATE_FLOOR_COSINE",
     "INT8_GATE_MIN_COSINE", "INT8_GATE_SAMPLE", "OUTPUT_COLUMNS", "POOLING_MODES", "PRECISIONS", "QUANTIZE_MODES",
     "CheckOutcome", "EmbeddingConfig", "EmbeddingError", "EmbeddingStats", "NonFiniteEmbeddingError",
-    "QuantizationGateError", "TextEmbedder", "build_embeddings", "check_finite", "check_no_collapse",
+    "QuantizationGateError", "TextEmbedder", "onnx_backend", "build_embeddings", "check_finite", "check_no_collapse",
     "check_unit_norm", "clear_cache", "cosine_summary", "default_cache_dir", "dtype_name", "embed_texts",
     "embedded_model_path", "embedding_matrix", "folder_identity", "get_embedder", "identical_vector_pairs",
     "model_display_name", "model_fingerprint", "nonfinite_rows", "norm_stats", "pairwise_cosine_sample", "pool",

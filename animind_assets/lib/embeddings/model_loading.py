@@ -10,6 +10,7 @@ import hashlib
 import os
 from pathlib import Path
 
+from animind_assets.lib.embeddings import onnx_backend
 from animind_assets.lib.embeddings.config import (
     EMBEDDED_MODELS,
     FINGERPRINT_VERSION,
@@ -150,7 +151,7 @@ def model_display_name(cfg: EmbeddingConfig) -> str:
 def model_fingerprint(cfg: EmbeddingConfig, folder: Path | None = None, dtype=None) -> str:
     """Identity of the vectors a config produces: the model folder's content identity plus every setting
     that changes vectors (pooling, prefix, truncate_dim, max_length, normalize, resolved dtype and, when
-    not ``none``, ``quantize``). 16 hex chars. Computed without loading the model."""
+    not ``none``, ``quantize`` with the int8 recipe id). 16 hex chars. Computed without loading the model."""
     cfg.validate()
     folder = folder or resolve_model_path(cfg.model, cfg.revision)
     if dtype is None:
@@ -166,7 +167,7 @@ def model_fingerprint(cfg: EmbeddingConfig, folder: Path | None = None, dtype=No
             "normalize": cfg.normalize,
             "dtype": dtype_name(dtype),
             # only when set, so fp32 fingerprints of earlier builds stay valid
-            **({"quantize": cfg.quantize} if cfg.quantize != "none" else {}),
+            **({"quantize": cfg.quantize, "int8_recipe": onnx_backend.int8_recipe_id()} if cfg.quantize == "int8" else {}),
         }
     )
 

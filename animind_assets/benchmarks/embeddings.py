@@ -11,8 +11,8 @@ the moment it was measured. Ratios are measured side by side in one run, so load
 processes on a shared machine hits every path alike; absolute texts/s are only comparable at equal load.
 
 Texts: ``../shared/data/mal2020/anilist.sqlite`` (or ``$ANIMIND_SHARED_DATA``) read with the same
-source adapter and cleaning as the ``anime_prep`` asset (``lib.sources.read_sqlite_catalog`` +
-``lib.prep.clean_anime``, adult titles excluded as by default), i.e. exactly ``anime_prep.anime_text``.
+source adapter and cleaning as the ``anime_prep`` asset (``lib.data.sources.read_sqlite_catalog`` +
+``lib.data.prep.clean_anime``, adult titles excluded as by default), i.e. exactly ``anime_prep.anime_text``.
 Model: the default embedded all-MiniLM-L6-v2 on this CPU.
 
 (a) texts/s of the asset's embedding path (``lib.embeddings.embed_texts``) in each ``--variants``
@@ -27,8 +27,8 @@ Model: the default embedded all-MiniLM-L6-v2 on this CPU.
 (c) peak resident memory (RSS): of the asset path alone (measured after (b), before the plain
     SentenceTransformer copy is loaded), of the whole process, and RSS at each stage.
 (d) ``--cowatch``: the issue-17 downstream gate for int8: semantic IDs (``--cowatch-preset`` of
-    ``lib.rqvae``, default ``rqkmeans``) fitted on the fp32 and on the int8 vectors of the catalog,
-    co-watch recall@20 of each ID ranking (``lib.semantic_id_eval.cowatch_recall``, positives = completed
+    ``lib.semantic_ids.quantizers``, default ``rqkmeans``) fitted on the fp32 and on the int8 vectors of the catalog,
+    co-watch recall@20 of each ID ranking (``lib.semantic_ids.evaluation.cowatch_recall``, positives = completed
     and score >= 7 in ``user_anime``, 500 seeded queries with >= 10 positive users); passes when int8's
     recall is within 1% (relative) of fp32's.
 """
@@ -119,10 +119,10 @@ def cowatch_check(ids: list[int], fp32: np.ndarray, int8: np.ndarray, preset: st
     """Co-watch recall@k of semantic IDs fitted on fp32 vs int8 vectors (see module docstring (d))."""
     import sqlite3
 
-    from animind_assets.lib.rqvae import preset_config, train_quantizer
-    from animind_assets.lib.semantic_id_eval import cowatch_recall, positive_graph
-    from animind_assets.lib.semantic_ids import assign_semantic_ids
-    from animind_assets.lib.sources import shared_data_dir
+    from animind_assets.lib.semantic_ids.quantizers import preset_config, train_quantizer
+    from animind_assets.lib.semantic_ids.evaluation import cowatch_recall, positive_graph
+    from animind_assets.lib.semantic_ids.assign import assign_semantic_ids
+    from animind_assets.lib.data.sources import shared_data_dir
 
     con = sqlite3.connect(f"file:{shared_data_dir() / 'mal2020' / 'anilist.sqlite'}?mode=ro", uri=True)
     arr = np.asarray(con.execute("select user_id, anime_id, score, watching_status from user_anime").fetchall(), dtype=np.int64)
@@ -158,7 +158,7 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--skip-a", action="store_true")
     ap.add_argument("--skip-b", action="store_true")
     ap.add_argument("--cowatch", action="store_true", help="(d) int8 vs fp32 semantic-ID co-watch recall on the catalog")
-    ap.add_argument("--cowatch-preset", default="rqkmeans", help="lib.rqvae preset for (d)")
+    ap.add_argument("--cowatch-preset", default="rqkmeans", help="lib.semantic_ids.quantizers preset for (d)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--json", type=str, default=None, help="write the figures to this JSON file")
     args = ap.parse_args(argv)

@@ -119,10 +119,16 @@ def cowatch_check(ids: list[int], fp32: np.ndarray, int8: np.ndarray, preset: st
     """Co-watch recall@k of semantic IDs fitted on fp32 vs int8 vectors (see module docstring (d))."""
     import sqlite3
 
-    from animind_assets.lib.semantic_ids.quantizers import preset_config, train_quantizer
-    from animind_assets.lib.semantic_ids.evaluation import cowatch_recall, positive_graph
-    from animind_assets.lib.semantic_ids.assign import assign_semantic_ids
     from animind_assets.lib.data.sources import shared_data_dir
+    from animind_assets.lib.semantic_ids.assign import assign_semantic_ids
+    from animind_assets.lib.semantic_ids.evaluation import (
+        cowatch_recall,
+        positive_graph,
+    )
+    from animind_assets.lib.semantic_ids.quantizers import (
+        preset_config,
+        train_quantizer,
+    )
 
     con = sqlite3.connect(f"file:{shared_data_dir() / 'mal2020' / 'anilist.sqlite'}?mode=ro", uri=True)
     arr = np.asarray(con.execute("select user_id, anime_id, score, watching_status from user_anime").fetchall(), dtype=np.int64)

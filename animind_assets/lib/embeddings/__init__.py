@@ -22,6 +22,7 @@ Public API (re-exported here)::
 cfg, id_column=...) -> (polars table, EmbeddingStats)``; see each module for shapes and errors.
 """
 
+from animind_assets.lib.embeddings import onnx_backend
 from animind_assets.lib.embeddings.config import (
     BACKENDS,
     DEFAULT_MODEL,
@@ -39,7 +40,12 @@ from animind_assets.lib.embeddings.config import (
     NonFiniteEmbeddingError,
     QuantizationGateError,
 )
-from animind_assets.lib.embeddings.encoder import TextEmbedder, clear_cache, embed_texts, get_embedder
+from animind_assets.lib.embeddings.encoder import (
+    TextEmbedder,
+    clear_cache,
+    embed_texts,
+    get_embedder,
+)
 from animind_assets.lib.embeddings.incremental import EmbeddingStats, build_embeddings
 from animind_assets.lib.embeddings.model_loading import (
     dtype_name,
@@ -51,7 +57,6 @@ from animind_assets.lib.embeddings.model_loading import (
     resolve_dtype,
     resolve_model_path,
 )
-from animind_assets.lib.embeddings import onnx_backend
 from animind_assets.lib.embeddings.onnx_backend import default_cache_dir
 from animind_assets.lib.embeddings.pooling import pool
 from animind_assets.lib.embeddings.stats import (
@@ -68,12 +73,46 @@ from animind_assets.lib.embeddings.stats import (
 )
 
 __all__ = [
-    "BACKENDS", "DEFAULT_MODEL", "EMBEDDED_MODELS", "FINGERPRINT_VERSION", "INT8_GATE_FLOOR_COSINE",
-    "INT8_GATE_MIN_COSINE", "INT8_GATE_SAMPLE", "OUTPUT_COLUMNS", "POOLING_MODES", "PRECISIONS", "QUANTIZE_MODES",
-    "CheckOutcome", "EmbeddingConfig", "EmbeddingError", "EmbeddingStats", "NonFiniteEmbeddingError",
-    "QuantizationGateError", "TextEmbedder", "onnx_backend", "build_embeddings", "check_finite", "check_no_collapse",
-    "check_unit_norm", "clear_cache", "cosine_summary", "default_cache_dir", "dtype_name", "embed_texts",
-    "embedded_model_path", "embedding_matrix", "folder_identity", "get_embedder", "identical_vector_pairs",
-    "model_display_name", "model_fingerprint", "nonfinite_rows", "norm_stats", "pairwise_cosine_sample", "pool",
-    "resolve_device", "resolve_dtype", "resolve_model_path",
+    "BACKENDS",
+    "DEFAULT_MODEL",
+    "EMBEDDED_MODELS",
+    "FINGERPRINT_VERSION",
+    "INT8_GATE_FLOOR_COSINE",
+    "INT8_GATE_MIN_COSINE",
+    "INT8_GATE_SAMPLE",
+    "OUTPUT_COLUMNS",
+    "POOLING_MODES",
+    "PRECISIONS",
+    "QUANTIZE_MODES",
+    "CheckOutcome",
+    "EmbeddingConfig",
+    "EmbeddingError",
+    "EmbeddingStats",
+    "NonFiniteEmbeddingError",
+    "QuantizationGateError",
+    "TextEmbedder",
+    "build_embeddings",
+    "check_finite",
+    "check_no_collapse",
+    "check_unit_norm",
+    "clear_cache",
+    "cosine_summary",
+    "default_cache_dir",
+    "dtype_name",
+    "embed_texts",
+    "embedded_model_path",
+    "embedding_matrix",
+    "folder_identity",
+    "get_embedder",
+    "identical_vector_pairs",
+    "model_display_name",
+    "model_fingerprint",
+    "nonfinite_rows",
+    "norm_stats",
+    "onnx_backend",
+    "pairwise_cosine_sample",
+    "pool",
+    "resolve_device",
+    "resolve_dtype",
+    "resolve_model_path",
 ]

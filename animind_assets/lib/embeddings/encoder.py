@@ -38,6 +38,7 @@ from typing import Any
 
 import numpy as np
 
+from animind_assets.lib.common.progress import LogFn, Progress
 from animind_assets.lib.embeddings import onnx_backend
 from animind_assets.lib.embeddings.batching import direct_batches, module_batches
 from animind_assets.lib.embeddings.config import (
@@ -58,7 +59,6 @@ from animind_assets.lib.embeddings.model_loading import (
 )
 from animind_assets.lib.embeddings.pipeline import run_pipeline
 from animind_assets.lib.embeddings.pooling import pool
-from animind_assets.lib.common.progress import LogFn, Progress
 
 
 class TextEmbedder:

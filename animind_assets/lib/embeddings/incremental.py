@@ -18,7 +18,13 @@ from dataclasses import dataclass, field
 import numpy as np
 import polars as pl
 
-from animind_assets.lib.embeddings.config import EmbeddingConfig, EmbeddingError, NonFiniteEmbeddingError
+from animind_assets.lib.common.fingerprint import text_hash
+from animind_assets.lib.common.progress import LogFn
+from animind_assets.lib.embeddings.config import (
+    EmbeddingConfig,
+    EmbeddingError,
+    NonFiniteEmbeddingError,
+)
 from animind_assets.lib.embeddings.encoder import embed_texts, get_embedder
 from animind_assets.lib.embeddings.model_loading import (
     dtype_name,
@@ -29,8 +35,6 @@ from animind_assets.lib.embeddings.model_loading import (
     resolve_model_path,
 )
 from animind_assets.lib.embeddings.stats import nonfinite_rows
-from animind_assets.lib.common.fingerprint import text_hash
-from animind_assets.lib.common.progress import LogFn
 
 
 @dataclass

@@ -10,6 +10,7 @@ import hashlib
 import os
 from pathlib import Path
 
+from animind_assets.lib.common.fingerprint import json_fingerprint
 from animind_assets.lib.embeddings import onnx_backend
 from animind_assets.lib.embeddings.config import (
     EMBEDDED_MODELS,
@@ -18,7 +19,6 @@ from animind_assets.lib.embeddings.config import (
     EmbeddingConfig,
     EmbeddingError,
 )
-from animind_assets.lib.common.fingerprint import json_fingerprint
 
 
 def embedded_model_path(name: str = "all-MiniLM-L6-v2") -> Path:

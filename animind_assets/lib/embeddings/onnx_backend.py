@@ -15,7 +15,7 @@ quantization and the inference session (no Dagster here).
 3. **int8** (``quantize_encoder``, ``EmbeddingConfig.quantize='int8'``): ONNX Runtime dynamic
    quantization (``onnxruntime.quantization.quantize_dynamic``: int8 weights, activations quantized
    per batch at run time; Jacob et al. 2018, "Quantization and Training of Neural Networks for
-   Efficient Integer-Arithmetic-Only Inference") of the (fused) graph -> ``model[.opt].int8.onnx``.
+   Efficient Integer-Arithmetic-Only Inference") of the (fused) graph -> ``model[.opt].int8-<recipe id>.onnx``.
    Its vectors differ from fp32 (cosine ~0.99+), so the caller gates them against fp32 and the
    setting is part of the model fingerprint.
 

@@ -240,7 +240,26 @@ class AniMindDbIOManager(DbIOManager):
             "select count(*) from duckdb_tables() where schema_name = ? and table_name = ?",
             [table_slice.schema, table_slice.table],
         ).fetchone()[0]:
-            n_old = int(conn.execute(f'select count(*) from "{table_slice.schema}"."{table_slice.table}"').fetchone()[0])
+            where = ""
+            if table_slice.partition_dimensions:
+                # a partition is compared with the rows of the same partition, never with the whole table
+                from dagster_duckdb.io_manager import _partition_where_clause
+
+                cols = {
+                    r[0]
+                    for r in conn.execute(
+                        "select column_name from information_schema.columns where table_schema = ? and table_name = ?",
+                        [table_slice.schema, table_slice.table],
+                    ).fetchall()
+                }
+                if not all(d.partition_expr in cols for d in table_slice.partition_dimensions):
+                    where = None  # formerly unpartitioned table: this partition has no previous rows
+                else:
+                    where = " WHERE " + _partition_where_clause(table_slice.partition_dimensions)
+            if where is not None:
+                n_old = int(
+                    conn.execute(f'select count(*) from "{table_slice.schema}"."{table_slice.table}"{where}').fetchone()[0]
+                )
         check_output_rows(context, _row_count(obj), n_old, f"{table_slice.schema}.{table_slice.table}")
 
     def handle_output(self, context, obj) -> None:

@@ -510,3 +510,25 @@ def test_shipped_instance_configs_monitor_runs_and_free_slots():
 
     sensors = {s.name: s for s in definitions_kwargs([])["sensors"]}
     assert sensors[RUN_HEALTH_SENSOR_NAME].default_status.value == "RUNNING"
+
+
+def test_partition_rows_are_compared_with_the_same_partition(tmp_path):
+    """A small partition next to a big one is not 'near-empty' (sharded anime_embeddings)."""
+    import dagster as dg
+
+    from animind_assets.resources import AniMindDuckDBIOManager
+
+    sizes = {"big": 2000, "small": 5}
+
+    def parts(context) -> pl.DataFrame:
+        key = context.partition_key
+        return pl.DataFrame({"x": list(range(sizes[key])), "part": [key] * sizes[key]})
+
+    parts.__annotations__ = {"context": dg.AssetExecutionContext, "return": pl.DataFrame}
+    asset = dg.asset(partitions_def=dg.StaticPartitionsDefinition(["big", "small"]), metadata={"partition_expr": "part"})(parts)
+    res = {"io_manager": AniMindDuckDBIOManager(database=str(tmp_path / "w.duckdb"), schema="main")}
+    assert dg.materialize([asset], resources=res, partition_key="big").success
+    assert dg.materialize([asset], resources=res, partition_key="small").success
+    sizes["big"] = 3  # but a partition that collapses to < 1% of ITS previous rows is refused
+    r = dg.materialize([asset], resources=res, partition_key="big", raise_on_error=False)
+    assert not r.success

@@ -166,7 +166,7 @@ def time_materialize(emb_ids: np.ndarray, x: np.ndarray, threads: int) -> float:
                              run_config={"ops": {"rqvae_model": {"config": cfg}}})
         secs = time.perf_counter() - t0
         md = out.asset_materializations_for_node("rqvae_model")[0].metadata
-        print(f"rqvae_model materialize: {secs:.1f}s wall (asset-reported {md['materialize_seconds'].value:.1f}s, "
+        print(f"rqvae_model materialize: {secs:.1f}s wall (asset-reported fit {md['fit_seconds'].value:.1f}s, "
               f"train {md['train_seconds'].value:.1f}s, {md['train_samples_per_s'].value:,.0f} samples/s, "
               f"unique {md['unique_fraction_before_disambiguation'].value:.4f}, min perplexity {md['min_perplexity'].value:.1f})")
     return secs

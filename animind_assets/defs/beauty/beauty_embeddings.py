@@ -23,8 +23,7 @@ from animind_assets.lib.embeddings import (
     pairwise_cosine_sample,
 )
 from animind_assets.defs.embeddings.config import AnimeEmbeddingsConfig
-from animind_assets.lib.common.plots import histogram_png
-from animind_assets.meta import image_md, scalar_metadata, table_metadata
+from animind_assets.meta import hist_plot, rate_metadata, scalar_metadata, table_metadata
 from animind_assets.resources import DuckDBWarehouse, ParquetExports
 
 ASSET = "beauty_embeddings"
@@ -75,18 +74,19 @@ def beauty_embeddings(
         **table_metadata(df, preview_cols=[ID_COLUMN, "dim", "text_hash", "model", "embedded_at"]),
         **scalar_metadata(
             {
-                **stats.summary(),
+                **{k: v for k, v in stats.summary().items() if k not in ("items_per_s", "embed_seconds", "rows_embedded")},
                 "rows_with_fallback_text": int(empty.sum()),
                 **{k: round(v, 6) for k, v in norm_stats(mat).items() if v == v},
                 **{k: round(v, 6) for k, v in cosine_summary(cos).items()},
-                "total_seconds": round(time.perf_counter() - t0, 2),
+                "wall_seconds": round(time.perf_counter() - t0, 2),
             }
         ),
+        **rate_metadata("rows_embedded", stats.n_embedded, stats.embed_seconds, unit="texts"),
         "parquet_export": dg.MetadataValue.path(export),
     }
     if cos.size:
-        md["pairwise_cosine_histogram"] = image_md(histogram_png(cos, "pairwise cosine (sample)", "cosine"), "Pairwise cosine")
+        md.update(hist_plot("pairwise_cosine_histogram", cos, "pairwise cosine (sample)", "cosine"))
     if mat.size:
-        md["norm_histogram"] = image_md(histogram_png(np.linalg.norm(mat, axis=1), "vector L2 norms", "norm"), "Vector norms")
-    context.log.info(f"{ASSET}: {df.height} rows, dim {stats.dim}, {stats.items_per_s:.1f} texts/s")
+        md.update(hist_plot("norm_histogram", np.linalg.norm(mat, axis=1), "vector L2 norms", "norm"))
+    context.log.info(f"{ASSET}: {df.height} rows, dim {stats.dim}, embedded {stats.n_embedded} in {stats.embed_seconds:.1f}s")
     return dg.Output(df, metadata=md)

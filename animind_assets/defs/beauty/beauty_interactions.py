@@ -13,9 +13,8 @@ import numpy as np
 import polars as pl
 
 from animind_assets.defs.beauty.shared import GROUP, AmazonSourceConfig, source_metadata
-from animind_assets.lib.common.plots import histogram_png
 from animind_assets.lib.data.sources import require_kept
-from animind_assets.meta import image_md, scalar_metadata, table_metadata
+from animind_assets.meta import hist_plot, scalar_metadata, table_metadata
 from animind_assets.resources import ParquetExports
 
 
@@ -57,9 +56,7 @@ def beauty_interactions(
         "parquet_export": dg.MetadataValue.path(export),
     }
     if len(per_user):
-        md["sequence_length_histogram"] = image_md(
-            histogram_png(np.minimum(per_user, 60), "interactions per user (capped at 60)", "interactions", bins=55), "Sequence lengths"
-        )
+        md.update(hist_plot("sequence_length_histogram", np.minimum(per_user, 60), "interactions per user (capped at 60)", "interactions", bins=55))
     return dg.Output(df, metadata=md)
 
 

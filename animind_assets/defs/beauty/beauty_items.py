@@ -14,9 +14,8 @@ import time
 import dagster as dg
 import polars as pl
 
-from animind_assets.lib.common.plots import histogram_png
 from animind_assets.lib.data.sources import require_kept
-from animind_assets.meta import image_md, scalar_metadata, table_metadata
+from animind_assets.meta import hist_plot, scalar_metadata, table_metadata
 from animind_assets.resources import ParquetExports
 
 from animind_assets.defs.beauty.shared import GROUP, AmazonSourceConfig, source_metadata
@@ -55,5 +54,5 @@ def beauty_items(context: dg.AssetExecutionContext, config: AmazonSourceConfig, 
         "parquet_export": dg.MetadataValue.path(export),
     }
     if len(words):
-        md["text_words_histogram"] = image_md(histogram_png(words, "words per item text", "words", bins=30), "Item text length")
+        md.update(hist_plot("text_words_histogram", words, "words per item text", "words", bins=30))
     return dg.Output(df, metadata=md)

@@ -17,11 +17,10 @@ import polars as pl
 from pydantic import Field
 
 from animind_assets.defs.beauty.shared import GROUP
-from animind_assets.lib.common.plots import bar_png, lines_png
 from animind_assets.lib.semantic_ids.quantizers import PRESETS, preset_config, train_quantizer
 from animind_assets.lib.semantic_ids.quantizers.metrics import code_stats
 from animind_assets.lib.semantic_ids.assign import assign_semantic_ids, frame_vectors, level_sizes, level_usage, semantic_id_frame
-from animind_assets.meta import counts_md, image_md, scalar_metadata, table_metadata
+from animind_assets.meta import bar_plot, counts_md, lines_plot, scalar_metadata, table_metadata
 from animind_assets.resources import ArtifactStoreResource, MlflowResource, ParquetExports
 
 ASSET = "beauty_semantic_ids"
@@ -136,7 +135,7 @@ def beauty_semantic_ids(
         "collision_groups": counts_md(
             {str(r["collision_group_size"]): r["count"] for r in groups.iter_rows(named=True)}, key="items sharing codes", value="items"
         ),
-        "usage_plot": image_md(bar_png({f"L{i + 1}": u for i, u in enumerate(usage)}, "fraction of codes used per level", "fraction"), "Usage"),
+        **bar_plot("usage_plot", {f"L{i + 1}": u for i, u in enumerate(usage)}, "fraction of codes used per level", "fraction"),
         "parquet_export": dg.MetadataValue.path(export),
         "reference_note": dg.MetadataValue.text(
             "the reference index_rqvae.json (tiger-cf) has 11,412 distinct 3-code prefixes for 12,101 items, built from "
@@ -144,7 +143,7 @@ def beauty_semantic_ids(
         ),
     }
     if len(result.history) > 1 and all("train_loss" in h for h in result.history):
-        md["loss_plot"] = image_md(lines_png({"train": [h["train_loss"] for h in result.history]}, "quantizer loss", logy=True), "Loss")
+        md.update(lines_plot("loss_plot", {"train": [h["train_loss"] for h in result.history]}, "quantizer loss", logy=True))
     context.log.info(
         f"{ASSET}: {df.height} IDs, {prefix_unique} distinct quantizer prefixes, largest collision group "
         f"{before['largest_collision_group']}, in {time.perf_counter() - t0:.1f}s"

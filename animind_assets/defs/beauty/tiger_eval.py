@@ -33,7 +33,7 @@ from animind_assets.lib.retrieval.tiger import (
     popularity_metrics,
     resolve_device,
 )
-from animind_assets.meta import image_md, markdown_table, scalar_metadata, table_metadata
+from animind_assets.meta import bar_plot, image_md, markdown_table, scalar_metadata, table_metadata
 from animind_assets.resources import ArtifactStoreResource, MlflowResource, ParquetExports
 
 ASSET = "tiger_eval"
@@ -199,5 +199,7 @@ def tiger_eval(
         **scalar_metadata(headline),
         "comparison": dg.MetadataValue.md(markdown_table(df.select(["model", *REPORT_METRICS, "invalid_id_rate", "test_users"]), max_rows=10)),
         "comparison_plot": image_md(comparison_bar_png(plot_rows), "TIGER on Amazon Beauty"),
+        **{k: v for k, v in bar_plot("comparison_plot", {m: float(r.get("recall@10") or 0.0) for m, r in plot_rows.items()},
+                                     "Recall@10 per model", "Recall@10").items() if k.endswith("_inline")},
     }
     return dg.Output(df, metadata=md)

@@ -29,7 +29,6 @@ from animind_assets.defs.beauty.shared import GROUP
 from animind_assets.gpu import GPU_OP_TAGS, GPU_POOL
 from animind_assets.lib.data.amazon import beauty_dir, sequences_from_interactions
 from animind_assets.lib.common.fingerprint import frame_fingerprint, json_fingerprint
-from animind_assets.lib.common.plots import lines_png
 from animind_assets.lib.retrieval.tiger import (
     SidCodec,
     TigerConfig,
@@ -39,7 +38,7 @@ from animind_assets.lib.retrieval.tiger import (
     save_model,
     train_tiger,
 )
-from animind_assets.meta import image_md, markdown_table, scalar_metadata
+from animind_assets.meta import lines_plot, markdown_table, scalar_metadata
 from animind_assets.resources import ArtifactStoreResource, DuckDBWarehouse, MlflowResource
 
 from animind_assets.defs.beauty.shared import ID_SOURCES, TIGER_MODEL_ASSET as ASSET
@@ -210,11 +209,8 @@ def tiger_model(
         table = pl.DataFrame(hist).select(["step", "epoch", "train_loss", "val_recall@10", "val_ndcg@10", "lr", "elapsed_s"])
         md["history"] = dg.MetadataValue.md(markdown_table(table, max_rows=40))
     if len(hist) > 1:
-        md["validation_curve"] = image_md(
-            lines_png({"val Recall@10": [h["val_recall@10"] for h in hist], "val NDCG@10": [h["val_ndcg@10"] for h in hist]},
-                      f"validation ({id_source} IDs)", xlabel="evaluation", ylabel="metric"),
-            "Validation",
-        )
-        md["loss_curve"] = image_md(lines_png({"train loss": [h["train_loss"] for h in hist]}, "train loss", xlabel="evaluation"), "Loss")
+        md.update(lines_plot("validation_curve", {"val Recall@10": [h["val_recall@10"] for h in hist], "val NDCG@10": [h["val_ndcg@10"] for h in hist]},
+                             f"validation ({id_source} IDs)", xlabel="evaluation", ylabel="metric"))
+        md.update(lines_plot("loss_curve", {"train loss": [h["train_loss"] for h in hist]}, "train loss", xlabel="evaluation"))
     context.log.info(f"{ASSET}[{id_source}]: saved {model_dir}; {result.stop_reason}; best val R@10 {result.best.get('val_recall@10', 0):.4f}")
     return dg.MaterializeResult(metadata=md)

@@ -26,8 +26,7 @@ from animind_assets.lib.embeddings import (
     norm_stats,
     pairwise_cosine_sample,
 )
-from animind_assets.lib.common.plots import histogram_png
-from animind_assets.meta import counts_md, image_md, scalar_metadata, table_metadata
+from animind_assets.meta import counts_md, hist_plot, rate_metadata, scalar_metadata, table_metadata
 from animind_assets.resources import DuckDBWarehouse, ParquetExports
 
 from animind_assets.defs.embeddings.config import ASSET, DEFAULT_COLLAPSE_THRESHOLD, ID_COLUMN, AnimeEmbeddingsConfig
@@ -93,7 +92,7 @@ def anime_embeddings(
         **table_metadata(df, preview_cols=[ID_COLUMN, "dim", "text_hash", "model", "model_fingerprint", "embedded_at"]),
         **scalar_metadata(
             {
-                **stats.summary(),
+                **{k: v for k, v in stats.summary().items() if k not in ("items_per_s", "embed_seconds", "rows_embedded")},
                 "normalize": config.normalize,
                 "collapse_threshold": config.collapse_threshold,
                 "cosine_sample": config.cosine_sample,
@@ -102,26 +101,23 @@ def anime_embeddings(
                 **{k: round(v, 6) for k, v in cos_stats.items()},
             }
         ),
+        **rate_metadata("rows_embedded", stats.n_embedded, stats.embed_seconds, unit="texts"),
         "embedded_by_reason": counts_md(stats.embedded_by_reason, key="reason", value="rows embedded"),
         "parquet_export": dg.MetadataValue.path(export),
-        "total_seconds": dg.MetadataValue.float(round(time.perf_counter() - t0, 2)),
+        "wall_seconds": dg.MetadataValue.float(round(time.perf_counter() - t0, 2)),
     }
     if stats.skipped_empty_ids:
         metadata["skipped_empty_ids"] = dg.MetadataValue.text(", ".join(map(str, stats.skipped_empty_ids[:50])))
     if stats.dropped_ids:
         metadata["dropped_ids"] = dg.MetadataValue.text(", ".join(map(str, stats.dropped_ids[:50])))
     if cos.size:
-        metadata["pairwise_cosine_histogram"] = image_md(
-            histogram_png(cos, f"pairwise cosine, {min(config.cosine_sample, df.height)} sampled anime", "cosine"),
-            "Pairwise cosine (sample)",
-        )
+        metadata.update(hist_plot("pairwise_cosine_histogram", cos,
+                                  f"pairwise cosine, {min(config.cosine_sample, df.height)} sampled anime", "cosine"))
     if mat.size:
-        metadata["norm_histogram"] = image_md(
-            histogram_png(np.linalg.norm(mat, axis=1), "vector L2 norms", "norm"), "Vector norms"
-        )
+        metadata.update(hist_plot("norm_histogram", np.linalg.norm(mat, axis=1), "vector L2 norms", "norm"))
     context.log.info(
         f"{ASSET}: {df.height} rows (embedded {stats.n_embedded}, reused {stats.n_reused}, dropped {stats.n_dropped}, "
-        f"skipped empty {stats.n_skipped_empty}), dim {stats.dim}, {stats.items_per_s:.1f} texts/s, "
+        f"skipped empty {stats.n_skipped_empty}), dim {stats.dim}, embedded {stats.n_embedded} in {stats.embed_seconds:.1f}s, "
         f"mean pairwise cosine {cos_stats.get('cosine_mean', float('nan')):.3f}"
     )
     return dg.Output(df, metadata=metadata)

@@ -22,11 +22,10 @@ from pydantic import Field
 from animind_assets.gpu import GPU_OP_TAGS, GPU_POOL
 from animind_assets.lib.llm.data import SPECIAL_TOKENS, sid_lookup_frame
 from animind_assets.lib.llm.finetune import FinetuneConfig, codebooks_from_checkpoint, run_finetune, save_model_folder
-from animind_assets.lib.common.plots import lines_png
-from animind_assets.meta import image_md, markdown_table, scalar_metadata
+from animind_assets.meta import lines_plot, markdown_table, scalar_metadata
 from animind_assets.resources import ArtifactStoreResource, MlflowResource, data_dir
 
-from animind_assets.defs.llm.shared import GROUP, MODEL_DIR, WORK_DIR
+from animind_assets.defs.llm.shared import GROUP, MODEL_DIR, WORK_DIR, semantic_ids_provenance
 from animind_assets.launchpad import derive_config
 
 
@@ -182,6 +181,7 @@ def finetuned_model(
         "model_folder": dg.MetadataValue.path(str(store.path(MODEL_DIR))),
         "files": dg.MetadataValue.json(files),
         "phase_mix": dg.MetadataValue.json(info["phase_mix"]),
+        **semantic_ids_provenance(context, "finetuned_model"),
     }
     if result.warm_start:
         md["warm_start_ridge_r2"] = dg.MetadataValue.json(result.warm_start.ridge_r2)
@@ -194,7 +194,7 @@ def finetuned_model(
         if ys:
             losses[phase] = ys
     if losses:
-        md["loss_plot"] = image_md(lines_png(losses, "training loss (completion tokens)", xlabel="log step", ylabel="loss"), "training loss")
+        md.update(lines_plot("loss_plot", losses, "training loss (completion tokens)", xlabel="log step", ylabel="loss"))
         hist = pl.DataFrame([{k: h.get(k) for k in ("phase", "step", "loss", "mean_token_accuracy", "learning_rate")} for h in result.history if "loss" in h])
         md["history_tail"] = dg.MetadataValue.md(markdown_table(hist.tail(10)))
     context.log.info(

@@ -26,11 +26,10 @@ from animind_assets.lib.llm.data import (
     to_chat_records,
     token_length_stats,
 )
-from animind_assets.lib.common.plots import bar_png, histogram_png
-from animind_assets.meta import counts_md, image_md, scalar_metadata, table_metadata
+from animind_assets.meta import bar_plot, counts_md, hist_plot, scalar_metadata, table_metadata
 from animind_assets.resources import ArtifactStoreResource, ParquetExports
 
-from animind_assets.defs.llm.shared import GROUP
+from animind_assets.defs.llm.shared import GROUP, semantic_ids_provenance
 from animind_assets.launchpad import derive_config
 EXPORT_DIR = "llm_prep_dataset"
 
@@ -167,8 +166,9 @@ def llm_prep_dataset(
         "counts_by_task_split": counts_md(flat_counts, key="task/split", value="rows"),
         "example_rows": dg.MetadataValue.md(example_rows_md(df)),
         "token_lengths": dg.MetadataValue.md("\n".join(tok_md) + f"\n\n{counter_note}"),
-        "token_length_plot": image_md(histogram_png(lens_all, "tokens per example", "tokens"), "tokens per example"),
-        "rows_plot": image_md(bar_png(flat_counts, "rows per task/split"), "rows per task/split"),
+        **hist_plot("token_length_plot", lens_all, "tokens per example", "tokens"),
+        **bar_plot("rows_plot", flat_counts, "rows per task/split", "rows"),
+        **semantic_ids_provenance(context, "llm_prep_dataset"),
         "duplicates_dropped": counts_md(summary["duplicates_dropped"], key="task", value="duplicates dropped"),
         "task_a_skipped_missing_field": counts_md(summary["task_a_skipped_missing_field"], key="template:field", value="anime"),
         "sentiment_counts": counts_md(summary["sentiment_counts"], key="sentiment", value="list entries"),

@@ -18,8 +18,7 @@ from animind_assets.defs.llm.shared import MODEL_DIR
 from animind_assets.gpu import GPU_OP_TAGS, GPU_POOL
 from animind_assets.lib.llm.evaluation import EvalConfig, evaluate_recommender, metrics_frame
 from animind_assets.lib.llm.infer import load_sid_model
-from animind_assets.lib.common.plots import bar_png
-from animind_assets.meta import image_md, markdown_table, scalar_metadata, table_metadata
+from animind_assets.meta import bar_plot, markdown_table, scalar_metadata, table_metadata
 from animind_assets.resources import ArtifactStoreResource, MlflowResource, ParquetExports
 
 from animind_assets.defs.llm.shared import GROUP
@@ -97,7 +96,7 @@ def recommendation_eval(
     md = {
         **table_metadata(table),
         "metrics": dg.MetadataValue.md(markdown_table(table)),
-        "hit_plot": image_md(bar_png(bars, "Hit@K per method", "hit rate"), "Hit@K per method"),
+        **bar_plot("hit_plot", bars, "Hit@K per method", "hit rate"),
         **scalar_metadata(
             {
                 f"lm_hit@{kmax}": lm.get(f"hit@{kmax}"),

@@ -6,10 +6,9 @@ import dagster as dg
 import polars as pl
 from pydantic import Field
 
-from animind_assets.lib.common.plots import bar_png
 from animind_assets.lib.data.prep import clean_anime
 from animind_assets.lib.data.sources import require_kept, require_rows
-from animind_assets.meta import counts_md, image_md, table_metadata
+from animind_assets.meta import bar_plot, counts_md, scalar_metadata, table_metadata
 from animind_assets.resources import AnimeSource, ParquetExports
 
 
@@ -48,26 +47,41 @@ def anime_prep(
     q_path = exports.write(result.quarantine, "quarantine/anime_prep")
     missing = {f: int(df.select(pl.col(f).is_null().sum()).item()) for f in ["english_name", "synopsis", "type", "episodes", "year", "score"]}
     text_len = df["anime_text"].str.len_chars()
+    dropped = sum(result.dropped_by_reason.values())
+    flow = [("source rows", f"{result.source_rows:,}")]
+    if result.limit is not None:
+        unread = result.source_rows - result.input_rows
+        flow.append((f"limit {result.limit:,} (config): rows examined", f"{result.input_rows:,} ({unread:,} not read)"))
+    flow += [(f"dropped: {reason}", f"-{n:,}") for reason, n in sorted(result.dropped_by_reason.items())]
+    flow.append(("rows out", f"{df.height:,}"))
+    filters = [f"include_adult={config.include_adult}" + ("" if config.include_adult else
+               f" ({result.dropped_by_reason.get('adult_excluded', 0):,} adult titles dropped)")]
+    filters.append(f"limit={config.limit}" if config.limit is None else
+                   f"limit {config.limit:,} -> {df.height:,} rows (stopped after examining {result.input_rows:,} of "
+                   f"{result.source_rows:,} source rows)")
     metadata = {
         **table_metadata(df, preview_cols=["anime_id", "title", "genres", "type", "year", "anime_text"]),
         "source": dg.MetadataValue.text(anime_source.describe()),
         "source_origin": dg.MetadataValue.text(raw.origin),
         "source_fingerprint": dg.MetadataValue.text(raw.fingerprint()),
+        "source_rows": dg.MetadataValue.int(result.source_rows),
         "input_rows": dg.MetadataValue.int(result.input_rows),
-        "dropped_rows": dg.MetadataValue.int(sum(result.dropped_by_reason.values())),
+        "dropped_rows": dg.MetadataValue.int(dropped),
+        "limit": dg.MetadataValue.int(config.limit) if config.limit is not None else dg.MetadataValue.text("none"),
+        "filters": dg.MetadataValue.text("; ".join(filters)),
+        "row_flow": dg.MetadataValue.md("| step | rows |\n|---|---|\n" + "\n".join(f"| {a} | {b} |" for a, b in flow)),
         "dropped_by_reason": counts_md(result.dropped_by_reason),
         "cleaned_values": counts_md(result.cleaned_values, key="column:reason", value="values set to null"),
         "source_read_report": dg.MetadataValue.md("\n\n".join(r.summary() for r in raw.reports) or "(none)"),
         "missing_values": counts_md(missing, key="column", value="null rows"),
         "with_synopsis": dg.MetadataValue.int(int(df["has_synopsis"].sum())),
-        "anime_text_chars_mean": dg.MetadataValue.float(float(text_len.mean() or 0.0)),
+        **scalar_metadata({"anime_text_chars_mean": float(text_len.mean() or 0.0), "wall_seconds": time.perf_counter() - t0}),
         "parquet_export": dg.MetadataValue.path(export),
         "quarantine_export": dg.MetadataValue.path(q_path),
-        "include_adult": dg.MetadataValue.bool(config.include_adult),
     }
     if df.height:
         top = df.explode("genres").drop_nulls("genres").group_by("genres").len().sort("len", descending=True).head(20)
-        metadata["top_genres"] = image_md(bar_png(dict(zip(top["genres"], top["len"])), "anime per genre (top 20)"), "Genres")
+        metadata.update(bar_plot("top_genres", dict(zip(top["genres"], top["len"])), "anime per genre (top 20)", "anime"))
     return dg.Output(df, metadata=metadata)
 
 

@@ -5,10 +5,9 @@ import time
 import dagster as dg
 import polars as pl
 
-from animind_assets.lib.common.plots import bar_png
 from animind_assets.lib.data.prep import VALID_STATUSES, catalog_ids, clean_interactions
 from animind_assets.lib.data.sources import require_kept, require_rows
-from animind_assets.meta import counts_md, image_md, table_metadata
+from animind_assets.meta import bar_plot, counts_md, scalar_metadata, table_metadata
 from animind_assets.resources import AnimeSource, ParquetExports
 
 
@@ -46,6 +45,13 @@ def user_interactions(
     q_path = exports.write(result.quarantine, "quarantine/user_interactions")
     status_counts = {VALID_STATUSES.get(k, str(k)): v for k, v in df.group_by("status").len().sort("status").iter_rows()}
     per_user = df.group_by("user_id").len()["len"]
+    excluded = known_ids - kept_ids
+    excluded_rows = result.dropped_by_reason.get("excluded_anime", 0)
+    filter_note = (
+        f"{len(excluded):,} catalog anime are not in anime_prep (its filters: adult titles, limit) -> "
+        f"{excluded_rows:,} interaction rows on them quarantined as excluded_anime"
+        if excluded else "anime_prep keeps every catalog anime: no interaction dropped by its filters"
+    )
     metadata = {
         **table_metadata(df),
         "source": dg.MetadataValue.text(anime_source.describe()),
@@ -62,12 +68,19 @@ def user_interactions(
         "quarantined_by_reason": counts_md(result.dropped_by_reason),
         "cleaned_values": counts_md(result.cleaned_values, key="column:reason", value="values set to null"),
         "source_read_report": dg.MetadataValue.md("\n\n".join(r.summary() for r in raw.reports) or "(none)"),
-        "users": dg.MetadataValue.int(df["user_id"].n_unique()),
-        "anime": dg.MetadataValue.int(df["anime_id"].n_unique()),
-        "rows_per_user_median": dg.MetadataValue.float(float(per_user.median() or 0)),
-        "scored_fraction": dg.MetadataValue.float(float((df["score"] > 0).mean() or 0)),
+        "filters": dg.MetadataValue.text(filter_note),
+        **scalar_metadata(
+            {
+                "users": df["user_id"].n_unique(),
+                "distinct_anime": df["anime_id"].n_unique(),
+                "rows_per_user_median": float(per_user.median() or 0),
+                "scored_fraction": float((df["score"] > 0).mean() or 0),
+                "wall_seconds": elapsed,
+                "input_rows_per_s": result.input_rows / max(elapsed, 1e-9),
+            }
+        ),
         "status_counts": counts_md(status_counts, key="status"),
-        "status_plot": image_md(bar_png(status_counts, "rows per status"), "Statuses"),
+        **bar_plot("status_plot", status_counts, "rows per status", "rows"),
         "parquet_export": dg.MetadataValue.path(export),
         "quarantine_export": dg.MetadataValue.path(q_path),
     }

@@ -1,23 +1,20 @@
 """Shared Dagster-layer pieces of the semantic_ids group: the quantizer-fit overrides (launchpad
-config) and ``run_quantizer`` (preset + overrides -> fit -> metadata), used by ``rqvae_model`` and
-``rqvae_variants``."""
+config) and ``run_quantizer`` (load the frame -> ``lib.semantic_ids.fit.fit_quantizer`` -> MLflow +
+metadata), used by ``rqvae_model`` and ``rqvae_variants``."""
 
 import json
-import time
 from typing import Any
 
 import dagster as dg
-import numpy as np
 import polars as pl
-import torch
 
 from animind_assets.launchpad import derive_config
 
-from animind_assets.lib.common.fingerprint import array_fingerprint
-from animind_assets.lib.common.plots import bar_png, lines_png
-from animind_assets.lib.semantic_ids.quantizers import QuantizerConfig, train_quantizer
 from animind_assets.lib.semantic_ids.assign import frame_vectors
-from animind_assets.meta import image_md, markdown_table, scalar_metadata
+from animind_assets.lib.semantic_ids.fit import QuantizerFit, embedding_provenance, fit_quantizer
+from animind_assets.lib.semantic_ids.quantizers import QuantizerConfig
+from animind_assets.lib.common.plots import bars_svg, lines_svg
+from animind_assets.meta import image_md, markdown_table, scalar_metadata, svg_md
 from animind_assets.resources import ArtifactStoreResource, MlflowResource
 
 GROUP = "semantic_ids"
@@ -69,11 +66,11 @@ _QuantizerFields = derive_config(
         "early_stopping_patience": 'epochs without improvement (0 = off)',
         "early_stopping_min_delta": 'minimum val-loss improvement',
         "stop_after_epochs": 'train at most N epochs in this run (resume later)',
-        "resume_changes": "resume with changed training settings: 'refuse' | 'record' (kept in config_changes)",
         "full_eval_every": 'epochs between full-catalogue ID statistics',
         "num_threads": 'torch CPU threads (0 = default)',
         "dry_run_rows": 'rows used by a dry run',
         "dry_run_epochs": 'epochs of a dry run',
+        "small_catalog": "fewer items than codebook_size: 'adapt' (fit max(2, N // 4) codes) | 'refuse'",
     },
 )
 
@@ -86,37 +83,35 @@ class QuantizerOverrides(_QuantizerFields):
         return {k: getattr(self, k) for k in self.LIB_FIELDS if getattr(self, k) is not None}
 
 
-
-def embedding_provenance(df: pl.DataFrame) -> dict[str, str]:
-    out = {}
-    for col in ("model", "model_fingerprint", "dim"):
-        if col in df.columns and df.height:
-            vals = df[col].drop_nulls().unique().to_list()
-            out[f"embedding_{col}"] = ",".join(str(v) for v in sorted(vals, key=str)[:3])
-    return out
-
-
-def history_plots(history: list[dict], levels: int) -> dict[str, dg.MetadataValue]:
-    if len(history) < 2:
-        return {}
-    plots: dict[str, dg.MetadataValue] = {}
-    loss = {"train": [h["train_loss"] for h in history]}
-    if all("val_loss" in h for h in history):
-        loss["val"] = [h["val_loss"] for h in history]
-    plots["loss_plot"] = image_md(lines_png(loss, "loss (recon + beta * commit)", ylabel="loss", logy=True), "loss")
-    ppl = {f"L{i + 1}": [h.get(f"train_perplexity_l{i + 1}", 0.0) for h in history] for i in range(min(levels, 8))}
-    plots["perplexity_plot"] = image_md(lines_png(ppl, "code perplexity per level (train)", ylabel="perplexity"), "perplexity")
-    usage = {f"L{i + 1}": [h.get(f"train_usage_l{i + 1}", 0.0) for h in history] for i in range(min(levels, 8))}
-    plots["usage_plot"] = image_md(lines_png(usage, "codebook usage per level (train)", ylabel="fraction used"), "usage")
-    return plots
-
-
-def code_frequency_plot(codes: np.ndarray, codebook_size: int) -> dg.MetadataValue:
-    series = {}
-    for lv in range(min(codes.shape[1], 8)):
-        counts = np.sort(np.bincount(codes[:, lv], minlength=codebook_size))[::-1]
-        series[f"L{lv + 1}"] = counts.tolist()
-    return image_md(lines_png(series, "items per code (sorted)", xlabel="code rank", ylabel="items", logy=True), "code frequency")
+def fit_metadata(fit: QuantizerFit) -> dict[str, Any]:
+    """Dagster metadata of a ``QuantizerFit`` (numbers rounded, plots inline + markdown)."""
+    res = fit.result
+    md: dict[str, Any] = {**scalar_metadata(fit.headline), **scalar_metadata(fit.per_level)}
+    md["min_perplexity"] = dg.MetadataValue.float(round(fit.min_perplexity, 2))
+    md["checkpoint"] = dg.MetadataValue.path(str(res.checkpoints.get("best", "")))
+    md["checkpoint_last"] = dg.MetadataValue.path(str(res.checkpoints.get("last", "")))
+    md["config"] = dg.MetadataValue.json(res.config.to_dict())
+    if fit.last_epochs.height:
+        md["last_epochs"] = dg.MetadataValue.md(markdown_table(fit.last_epochs, max_rows=10))
+    titles = {"loss_plot": "loss", "perplexity_plot": "perplexity", "usage_plot": "usage",
+              "code_frequency_plot": "code frequency", "level_perplexity_plot": "perplexity per level"}
+    for name, png in fit.plots.items():
+        md[name] = image_md(png, titles.get(name, name))
+    # small SVG versions that Dagster renders inline (markdown under 1,000 characters)
+    hist = res.history
+    if len(hist) >= 2:
+        loss = {"train": [h["train_loss"] for h in hist]}
+        if all("val_loss" in h for h in hist):
+            loss["val"] = [h["val_loss"] for h in hist]
+        small = svg_md(lines_svg(loss, logy=True), "loss", f"loss per epoch ({', '.join(loss)}; log scale)")
+        if small is not None:
+            md["loss_plot_inline"] = small
+    ppl = {f"L{i + 1}": float(res.metrics[f"perplexity_l{i + 1}"]) for i in range(res.config.levels)}
+    small = svg_md(bars_svg(ppl, ymax=float(res.config.codebook_size)), "perplexity per level",
+                   f"perplexity per level of max {res.config.codebook_size}: " + ", ".join(f"{k} {v:.0f}" for k, v in list(ppl.items())[:8]))
+    if small is not None:
+        md["level_perplexity_plot_inline"] = small
+    return md
 
 
 def run_quantizer(
@@ -129,20 +124,13 @@ def run_quantizer(
     run_name: str,
     resume: str = "",
     tags: dict[str, str] | None = None,
-) -> tuple[Any, dict[str, Any]]:
-    """Train/resume a quantizer on the embedding frame; returns ``(result, metadata)``."""
-    t0 = time.perf_counter()
+) -> tuple[QuantizerFit, dict[str, Any]]:
+    """Train/resume a quantizer on the embedding frame; returns ``(fit, metadata)``."""
     ids, x = frame_vectors(anime_embeddings, "anime_id", "embedding", table="anime_embeddings")
     context.log.info(f"anime_embeddings: {len(ids)} vectors of dim {x.shape[1]}; quantizer {cfg.quantizer}")
     store = artifacts.store()
     ckpt_dir = store.path(*store_dir.split("/"))
     store.sweep(*store_dir.split("/"), log=context.log.info)  # temp files of killed runs
-    n_used = min(len(ids), cfg.dry_run_rows) if cfg.dry_run else len(ids)
-    extra = {
-        "item_ids": torch.as_tensor(ids[:n_used]),
-        "item_ids_fingerprint": array_fingerprint(ids[:n_used]),
-        **embedding_provenance(anime_embeddings),
-    }
     with mlflow.start_run(run_name=run_name, tags={"asset": context.asset_key.to_user_string(), **(tags or {})}) as run:
         if run is not None:
             run.log_params({k: json.dumps(v) if isinstance(v, list) else v for k, v in cfg.to_dict().items()})
@@ -151,71 +139,20 @@ def run_quantizer(
             if run is not None:
                 run.log_metrics({k: v for k, v in rec.items() if k not in ("epoch",)}, step=int(rec["epoch"]))
 
-        result = train_quantizer(
-            x, cfg, log=context.log.info, on_epoch=on_epoch, checkpoint_dir=ckpt_dir, resume=resume or None, extra_payload=extra
+        fit = fit_quantizer(
+            ids, x, cfg, checkpoint_dir=str(ckpt_dir), resume=resume or None,
+            extra_payload=embedding_provenance(anime_embeddings), log=context.log.info, on_epoch=on_epoch,
         )
         if run is not None:
-            run.log_metrics({f"final_{k}": v for k, v in result.metrics.items()})
+            run.log_metrics({f"final_{k}": v for k, v in fit.result.metrics.items() if isinstance(v, (int, float))})
         run_id = run.run_id if run is not None else None
         run_link = run.link if run is not None else None
-    elapsed = time.perf_counter() - t0
-    m = result.metrics
-    levels = result.config.levels
-    headline = {
-        "quantizer": result.config.quantizer,
-        "items": int(result.n_rows),
-        "input_dim": int(x.shape[1]),
-        "levels": levels,
-        "codebook_size": result.config.codebook_size,
-        "unique_fraction_before_disambiguation": m["unique_fraction"],
-        "items_in_collisions": m["items_in_collisions"],
-        "largest_collision_group": m["largest_collision_group"],
-        "recon_loss": m["recon_loss"],
-        "commit_loss": m["commit_loss"],
-        "grad_norm": m.get("grad_norm"),
-        "epochs_completed": m.get("epochs_completed"),
-        "best_epoch": m.get("best_epoch"),
-        "train_seconds": m.get("train_seconds"),
-        "train_samples_per_s": m.get("train_samples_per_s"),
-        "materialize_seconds": elapsed,
-        "stopped_early": result.stopped_early,
-        "finished": result.finished,
-        "published": result.published,
-        "dry_run": result.config.dry_run,
-        "input_fingerprint": result.input_fingerprint,
-    }
-    per_level = {}
-    for lv in range(levels):
-        for key in ("usage", "perplexity", "residual_norm"):
-            name = f"{key}_l{lv + 1}"
-            if name in m:
-                per_level[name] = m[name]
-    md: dict[str, Any] = {**scalar_metadata(headline), **scalar_metadata(per_level)}
-    md["min_perplexity"] = dg.MetadataValue.float(float(min(m[f"perplexity_l{i + 1}"] for i in range(levels))))
-    md["checkpoint"] = dg.MetadataValue.path(str(result.checkpoints.get("best", "")))
-    md["checkpoint_last"] = dg.MetadataValue.path(str(result.checkpoints.get("last", "")))
-    md["config"] = dg.MetadataValue.json(result.config.to_dict())
+    md = fit_metadata(fit)
     if run_id:
         md["mlflow_run_id"] = dg.MetadataValue.text(run_id)
         md["mlflow_run"] = dg.MetadataValue.url(run_link)
-    if result.history:
-        hist = pl.DataFrame([{k: v for k, v in h.items() if isinstance(v, (int, float))} for h in result.history[-10:]])
-        cols = [c for c in ("epoch", "train_loss", "val_loss", "train_perplexity_l1", "unique_fraction", "grad_norm", "lr", "restarted_codes") if c in hist.columns]
-        md["last_epochs"] = dg.MetadataValue.md(markdown_table(hist.select(cols), max_rows=10))
-    md.update(history_plots(result.history, levels))
-    md["code_frequency_plot"] = code_frequency_plot(result.codes, result.config.codebook_size)
-    md["level_perplexity_plot"] = image_md(
-        bar_png({f"L{i + 1}": float(m[f"perplexity_l{i + 1}"]) for i in range(levels)},
-                f"code perplexity per level (max {result.config.codebook_size})", "perplexity"),
-        "perplexity per level",
-    )
-    if not result.finished:
-        context.log.warning(
-            f"{run_name}: training stopped after epoch {m.get('epochs_completed')} of {result.config.epochs} "
-            f"(stop_after_epochs): model.pt NOT replaced; resume with resume='last' to finish and publish"
-        )
     context.log.info(
-        f"{run_name}: unique {m['unique_fraction']:.4f}, min perplexity {md['min_perplexity'].value:.1f}, "
-        f"{m.get('train_samples_per_s', 0):,.0f} samples/s, {elapsed:.1f}s"
+        f"{run_name}: unique {fit.result.metrics['unique_fraction']:.4f}, min perplexity {fit.min_perplexity:.1f}, "
+        f"{fit.result.metrics.get('train_samples_per_s', 0):,.0f} samples/s, {fit.seconds:.1f}s"
     )
-    return result, md
+    return fit, md

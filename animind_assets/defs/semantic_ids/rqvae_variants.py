@@ -56,7 +56,7 @@ def rqvae_variants(
     variant = context.partition_key
     cfg = preset_config(variant, **config.overrides())
     store_dir = f"rqvae_variants/{variant}" + ("/dry_run" if config.dry_run else "")
-    result, md = run_quantizer(
+    fit, md = run_quantizer(
         context,
         cfg,
         anime_embeddings,
@@ -70,8 +70,8 @@ def rqvae_variants(
     md["preset"] = dg.MetadataValue.text(variant)
     # co-watch recall of this variant's IDs (same procedure as semantic_id_report)
     ids, x = frame_vectors(anime_embeddings, "anime_id", "embedding", table="anime_embeddings")
-    ids, x = ids[: result.n_rows], x[: result.n_rows]
-    full = assign_semantic_ids(result.codes, order_key=ids)
+    ids, x = ids[: fit.result.n_rows], x[: fit.result.n_rows]
+    full = assign_semantic_ids(fit.result.codes, order_key=ids)
     ui = user_interactions
     graph = positive_graph(
         ui["user_id"].to_numpy(),

@@ -19,10 +19,9 @@ import polars as pl
 from pydantic import Field
 
 from animind_assets.defs.semantic_ids.quantizer_fit import GROUP
-from animind_assets.lib.common.plots import bar_png, histogram_png
 from animind_assets.lib.semantic_ids.evaluation import bucket_genre_coherence, cowatch_recall, positive_graph
 from animind_assets.lib.semantic_ids.assign import frame_vectors
-from animind_assets.meta import image_md, markdown_table, scalar_metadata, table_metadata
+from animind_assets.meta import bar_plot, hist_plot, markdown_table, scalar_metadata, table_metadata
 from animind_assets.resources import ArtifactStoreResource, ParquetExports
 
 REPORT_DIR = "semantic_id_report"
@@ -167,10 +166,8 @@ def semantic_id_report(
                 "parquet_export": parquet,
             }
         ),
-        "recall_plot": image_md(
-            bar_png({m: v["mean_recall"] for m, v in rep["methods"].items()}, f"co-watch recall@{k}", "mean recall"), "recall"
-        ),
-        "bucket_size_plot": image_md(histogram_png(bucket_sizes, "first-level bucket sizes", "anime per bucket"), "buckets"),
+        **bar_plot("recall_plot", {m: v["mean_recall"] for m, v in rep["methods"].items()}, f"co-watch recall@{k}", "mean recall"),
+        **hist_plot("bucket_size_plot", bucket_sizes, "first-level bucket sizes", "anime per bucket"),
         "inspected_buckets": dg.MetadataValue.md(markdown_table(insp_md, max_rows=10)),
         "top_k_prefix_depths": dg.MetadataValue.json({str(a): b for a, b in rep["semantic_topk_prefix_depth_counts"].items()}),
     }

@@ -14,7 +14,7 @@ def observe(context: dg.AssetExecutionContext, anime_source: AnimeSource, raw, w
     metadata = {
         "source": dg.MetadataValue.text(anime_source.describe()),
         "origin": dg.MetadataValue.text(raw.origin),
-        "rows": dg.MetadataValue.int(raw.rows_read),
+        "dagster/row_count": dg.MetadataValue.int(raw.rows_read),
         "rows_quarantined_on_read": dg.MetadataValue.int(raw.rejected.height),
         "read_report": dg.MetadataValue.md("\n\n".join(r.summary() for r in raw.reports) or "(none)"),
         "fingerprint": dg.MetadataValue.text(fingerprint),

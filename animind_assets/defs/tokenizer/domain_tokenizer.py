@@ -28,8 +28,7 @@ from animind_assets.lib.tokenizer.domain_tokenizer import (
     validate_tokenizer,
     write_artifacts,
 )
-from animind_assets.lib.common.plots import histogram_png
-from animind_assets.meta import image_md, scalar_metadata
+from animind_assets.meta import hist_plot, scalar_metadata
 from animind_assets.resources import ArtifactStoreResource, DuckDBWarehouse
 from animind_assets.launchpad import derive_config
 
@@ -141,7 +140,7 @@ def domain_tokenizer(
 
     sp = spm.SentencePieceProcessor(model_proto=model)
     lengths = [len(x) for x in sp.encode(texts[:20000])]
-    md["tokens_per_text_histogram"] = image_md(histogram_png(lengths, "domain tokens per item text", "tokens"), "Tokens per text")
+    md.update(hist_plot("tokens_per_text_histogram", lengths, "domain tokens per item text", "tokens"))
     context.log.info(
         f"{ASSET}: vocab {report['vocab_size']}, {report['domain_tokens_per_text']['mean']:.1f} tokens/text"
         + (f" vs base LM {report['base_tokens_per_text']['mean']:.1f}" if "base_tokens_per_text" in report else "")

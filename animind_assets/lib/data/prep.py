@@ -78,6 +78,8 @@ class CleanResult:
     dropped_by_reason: dict[str, int] = field(default_factory=dict)
     cleaned_values: dict[str, int] = field(default_factory=dict)  # "column:reason" -> values set to null (kept rows)
     input_rows: int = 0  # rows read from the source = frame.height + quarantine.height (without ``limit``)
+    source_rows: int = 0  # rows the source holds (= input_rows unless ``limit`` stopped the scan early)
+    limit: int | None = None  # the ``limit`` applied (None = none)
 
     @property
     def kept_rows(self) -> int:
@@ -208,7 +210,8 @@ def clean_anime(raw: Any, include_adult: bool = False, limit: int | None = None)
     (e.g. ``undecodable_text``). Values set to null in kept rows are counted in ``cleaned_values`` as
     ``score|episodes|members:<problem>``, ``...:out_of_range`` and ``synopsis:placeholder``.
     ``limit`` keeps the first N valid rows in source order (after exclusions), for fast demos; rows past
-    the limit are not counted (``input_rows`` is then the number of rows examined).
+    the limit are not counted (``input_rows`` is then the number of rows examined; ``source_rows`` the
+    rows the source holds, so the limit's effect is ``source_rows - input_rows`` rows not read).
     """
     frame, rejected = _split_raw(raw)
     ids, problems = parse_ids(frame["anime_id"])
@@ -298,7 +301,8 @@ def clean_anime(raw: Any, include_adult: bool = False, limit: int | None = None)
     out = pl.DataFrame(rows_out, schema=ANIME_PREP_SCHEMA, orient="row") if rows_out else pl.DataFrame(schema=ANIME_PREP_SCHEMA)
     out = out.sort("anime_id")
     qframe, dropped = _finish_quarantine(quarantine, rejected)
-    return CleanResult(out, qframe, dropped, dict(cleaned), input_rows=examined + rejected.height)
+    return CleanResult(out, qframe, dropped, dict(cleaned), input_rows=examined + rejected.height,
+                       source_rows=frame.height + rejected.height, limit=limit)
 
 
 def catalog_ids(raw: Any) -> set[int]:

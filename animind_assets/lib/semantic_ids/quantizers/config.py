@@ -115,6 +115,7 @@ class QuantizerConfig:
     resume_changes: str = "refuse"  # resume with changed training settings (lr, batch_size, epochs, ...): "refuse" | "record"
     full_eval_every: int = 1  # epochs between full-catalogue code passes (unique-ID fraction); 0 = end only
     num_threads: int = 0  # torch CPU threads; 0 = leave as is
+    small_catalog: str = "adapt"  # fewer items than codebook_size: "adapt" (fit max(2, N // 4) codes) | "refuse"
     dry_run: bool = False
     dry_run_rows: int = 512
     dry_run_epochs: int = 1
@@ -135,6 +136,7 @@ class QuantizerConfig:
         check("codebook_init", self.codebook_init, ("kmeans", "random"))
         check("first_level_init", self.first_level_init, ("ward", "kmeans++"))
         check("resume_changes", self.resume_changes, RESUME_CHANGES)
+        check("small_catalog", self.small_catalog, ("adapt", "refuse"))
         for name in ("latent_dim", "levels", "codebook_size", "batch_size", "epochs", "grad_accum_steps"):
             if int(getattr(self, name)) < 1:
                 raise ValueError(f"QuantizerConfig.{name} must be >= 1, got {getattr(self, name)}")
@@ -169,6 +171,29 @@ class QuantizerConfig:
         if not self.dry_run:
             return self
         return self.replace(epochs=min(self.epochs, self.dry_run_epochs), stop_after_epochs=0)
+
+
+def small_catalog_codebook(n_items: int, codebook_size: int, mode: str = "adapt") -> tuple[int, str]:
+    """Codebook size to fit with ``n_items`` items; ``(size, note)``.
+
+    A level cannot use more codes than there are items, and with ``n_items <= codebook_size`` every
+    item becomes its own level-1 centroid, so deeper levels see only zero residuals. ``mode="adapt"``
+    fits ``max(2, n_items // 4)`` codes per level instead (about 4 items per level-1 code);
+    ``mode="refuse"`` raises ``ValueError("N items < codebook_size K ...")``. ``note`` is ``""``
+    when nothing had to change.
+    """
+    n, k = int(n_items), int(codebook_size)
+    if n >= k:
+        return k, ""
+    if mode == "refuse":
+        raise ValueError(
+            f"{n} items < codebook_size {k}: a level cannot use more codes than there are items; "
+            f"lower codebook_size (e.g. {max(2, n // 4)}) or set small_catalog='adapt'"
+        )
+    if mode != "adapt":
+        raise ValueError(f"small_catalog={mode!r}; expected 'adapt' or 'refuse'")
+    adapted = max(2, n // 4)
+    return adapted, f"{n} items < codebook_size {k}: fitting codebook_size {adapted} (about 4 items per code)"
 
 
 _ORIGINAL_COMMON: dict[str, Any] = dict(

@@ -32,7 +32,7 @@ from animind_assets.lib.common.faults import crash_point
 from animind_assets.lib.common.fingerprint import array_fingerprint
 from animind_assets.lib.common.progress import Progress
 from animind_assets.lib.semantic_ids.quantizers.checkpoint import load_checkpoint, save_checkpoint
-from animind_assets.lib.semantic_ids.quantizers.config import QuantizerConfig
+from animind_assets.lib.semantic_ids.quantizers.config import QuantizerConfig, small_catalog_codebook
 from animind_assets.lib.semantic_ids.quantizers.metrics import code_stats, level_counts, perplexity_from_counts
 from animind_assets.lib.semantic_ids.quantizers.model import RQVAE, ResidualKMeans, build_model, level_kmeans_args
 from animind_assets.lib.common.storage import as_path
@@ -196,6 +196,11 @@ def train_quantizer(
     ``extra_payload`` (plain values) is stored in every checkpoint (e.g. the item-id fingerprint).
     Returns a ``QuantizerResult`` whose ``codes`` (from the best model) follow the row order of
     ``vectors`` (truncated to ``cfg.dry_run_rows`` rows in dry-run mode).
+
+    Fewer rows than ``cfg.codebook_size`` (issue 12 rule 9): ``cfg.small_catalog="adapt"`` fits
+    ``max(2, n // 4)`` codes per level (``result.config.codebook_size``; the request is kept in
+    ``metrics["requested_codebook_size"]``), ``"refuse"`` raises ``ValueError("N items <
+    codebook_size K ...")``.
     """
     log = log or _noop
     cfg = cfg.validate().effective()
@@ -206,6 +211,18 @@ def train_quantizer(
         x_all = x_all[: max(2, cfg.dry_run_rows)]
         log(f"dry run: {x_all.shape[0]} rows, {cfg.epochs} epoch(s)")
     fingerprint = array_fingerprint(x_all.numpy())
+    n, d = x_all.shape
+    requested_k = int(cfg.codebook_size)
+    k_fit, note = small_catalog_codebook(n, requested_k, cfg.small_catalog)
+    if note:
+        log(note)
+        cfg = cfg.replace(codebook_size=k_fit)
+    result = _train(x_all, cfg, log, on_epoch, checkpoint_dir, resume, extra_payload, fingerprint)
+    result.metrics["requested_codebook_size"] = requested_k
+    return result
+
+
+def _train(x_all, cfg, log, on_epoch, checkpoint_dir, resume, extra_payload, fingerprint) -> QuantizerResult:
     n, d = x_all.shape
     extra = dict(extra_payload or {})
     torch.manual_seed(cfg.seed)

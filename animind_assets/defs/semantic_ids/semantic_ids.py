@@ -35,7 +35,6 @@ import polars as pl
 from pydantic import Field
 
 from animind_assets.defs.semantic_ids.quantizer_fit import CHECKPOINT_NAME, GROUP, RQVAE_DIR
-from animind_assets.lib.common.plots import bar_png
 from animind_assets.lib.semantic_ids.quantizers import encode_codes, load_quantizer
 from animind_assets.lib.semantic_ids.quantizers.metrics import code_stats
 from animind_assets.lib.semantic_ids.exports import export_rows, write_export_files
@@ -51,11 +50,9 @@ from animind_assets.lib.semantic_ids.stable import (
 )
 from animind_assets.lib.semantic_ids.assign import (
     DEFAULT_SPECIAL_TOKENS,
-    assign_semantic_ids,
     build_vocab,
     frame_vectors,
     level_sizes,
-    level_usage,
     semantic_id_frame,
 )
 from animind_assets.meta import counts_md, plot_metadata, scalar_metadata, table_metadata
@@ -180,7 +177,6 @@ def semantic_ids(
     min_dedup = max(config.min_dedup_vocab, 1 + max((int(r[-1]) for r in reg_codes), default=0))
     sizes = level_sizes(full, k, min_dedup)
     vocab = build_vocab(sizes, config.special_tokens)
-    usage = level_usage(full, sizes)
     version = id_space_version(ids, df["semantic_id"].to_list(), sizes)
     prev_version = str(prev_meta.get("id_space_version", ""))
     changed = version != prev_version

@@ -51,6 +51,30 @@ def test_materialize_foundation_from_sqlite_fixture(animind_env, sqlite_path):
     assert q.height == 6 and set(q["reason"]) >= {"unknown_anime", "duplicate_user_anime"}
     checks = [e for e in result.all_events if e.event_type_value == "ASSET_CHECK_EVALUATION"]
     assert checks and all(e.event_specific_data.passed for e in checks)
+    # metadata that tells the truth: every column described, the plot also inline (< 1,000 chars), floats rounded
+    schema = mats["anime_prep"]["dagster/column_schema"].value
+    assert all(c.description for c in schema.columns), [c.name for c in schema.columns if not c.description]
+    assert "rows" not in mats["anime_prep"] and "anime" not in mats["user_interactions"]
+    inline = mats["anime_prep"]["top_genres_inline"].value
+    assert inline.startswith("![") and "data:image/svg+xml;base64," in inline and len(inline) < 1000
+    assert mats["anime_prep"]["filters"].value.startswith("include_adult=False")
+    assert mats["anime_prep"]["limit"].value == "none"
+    assert mats["anime_prep"]["source_rows"].value == mats["anime_prep"]["input_rows"].value == 8
+    assert mats["user_interactions"]["scored_fraction"].value == round(mats["user_interactions"]["scored_fraction"].value, 4)
+
+    # a configured limit is shown with its effect: 8 source rows, stop after 2 kept rows
+    limited = dg.materialize(
+        [anime_catalog_source, anime_prep],
+        resources=_resources(source),
+        instance=instance,
+        selection=["anime_prep"],
+        run_config={"ops": {"anime_prep": {"config": {"limit": 2}}}},
+    )
+    md = limited.asset_materializations_for_node("anime_prep")[0].metadata
+    assert md["dagster/row_count"].value == 2 and md["limit"].value == 2 and md["source_rows"].value == 8
+    assert md["input_rows"].value < 8
+    assert "limit 2 -> 2 rows" in md["filters"].value and "of 8 source rows" in md["filters"].value
+    assert "limit 2 (config)" in md["row_flow"].value
 
 
 def test_source_fingerprint_changes_with_content(sqlite_path):

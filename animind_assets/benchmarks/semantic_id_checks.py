@@ -52,6 +52,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--embeddings-npz", default="")
     ap.add_argument("--preset", default="default")
     ap.add_argument("--seeds", default="0,1,2")
+    ap.add_argument("--sizes", default="1.0", help="comma-separated fractions of the items (seeded subsamples) for part 1")
     ap.add_argument("--drift-fit-fraction", default="0.9", help="comma-separated fractions of items the drift fits see")
     ap.add_argument("--changed", type=int, default=3)
     ap.add_argument("--threads", type=int, default=0)
@@ -69,24 +70,29 @@ def main(argv: list[str] | None = None) -> int:
     print(f"{len(ids)} items, dim {x.shape[1]}; load {os.getloadavg()}; torch threads {torch.get_num_threads()}", flush=True)
     seeds = [int(s) for s in args.seeds.split(",") if s.strip()]
     rows = []
-    for seed in seeds:
-        cfg = preset_config(args.preset, seed=seed)
-        t = time.perf_counter()
-        res = train_quantizer(x, cfg)
-        secs = time.perf_counter() - t
-        k = res.config.codebook_size
-        st = code_stats(res.codes, k)
-        usable = min(len(ids), k)
-        usage = [len(np.unique(res.codes[:, lv])) / usable for lv in range(res.config.levels)]
-        ppl = [st[f"perplexity_l{lv + 1}"] for lv in range(res.config.levels)]
-        rows.append((seed, st["items_in_collisions"], st["largest_collision_group"], usage, ppl, secs))
-        print(f"seed {seed}: items in collisions {st['items_in_collisions']:.4f}, largest group {st['largest_collision_group']}, "
-              f"usage {[round(u, 3) for u in usage]}, perplexity {[round(p, 1) for p in ppl]}, {secs:.0f}s", flush=True)
-    if rows:
-        col = np.array([r[1] for r in rows])
-        minu = np.array([min(r[3]) for r in rows])
-        print(f"collision rate over {len(rows)} seeds: min {col.min():.4f} mean {col.mean():.4f} max {col.max():.4f} "
-              f"(sd {col.std(ddof=1) if len(col) > 1 else 0:.4f}); min level usage: min {minu.min():.3f} max {minu.max():.3f}")
+    for frac in [float(f) for f in args.sizes.split(",") if f.strip()]:
+        n = int(round(frac * len(ids)))
+        sub = np.sort(np.random.default_rng(123).choice(len(ids), size=n, replace=False)) if n < len(ids) else np.arange(len(ids))
+        for seed in seeds:
+            cfg = preset_config(args.preset, seed=seed)
+            t = time.perf_counter()
+            res = train_quantizer(x[sub], cfg)
+            secs = time.perf_counter() - t
+            k = res.config.codebook_size
+            st = code_stats(res.codes, k)
+            usable = min(n, k)
+            usage = [len(np.unique(res.codes[:, lv])) / usable for lv in range(res.config.levels)]
+            ppl = [st[f"perplexity_l{lv + 1}"] for lv in range(res.config.levels)]
+            rows.append((n, seed, st["items_in_collisions"], st["largest_collision_group"], usage, ppl, secs))
+            print(f"{n} items, seed {seed}: items in collisions {st['items_in_collisions']:.4f}, largest group "
+                  f"{st['largest_collision_group']}, usage of min(N, K) {[round(u, 3) for u in usage]}, perplexity "
+                  f"{[round(p, 1) for p in ppl]}, {secs:.0f}s", flush=True)
+    for n in sorted({r[0] for r in rows}):
+        sel = [r for r in rows if r[0] == n]
+        col = np.array([r[2] for r in sel])
+        minu = np.array([min(r[4]) for r in sel])
+        print(f"{n} items over {len(sel)} seeds: collision rate min {col.min():.4f} mean {col.mean():.4f} max {col.max():.4f}; "
+              f"largest group max {max(r[3] for r in sel)}; min level usage {minu.min():.3f}..{minu.max():.3f}", flush=True)
 
     # drift: fit on a fraction, measure on everything (a rebuild with new items)
     rng = np.random.default_rng(0)

@@ -13,13 +13,14 @@ import time
 from typing import Optional
 
 import dagster as dg
+import numpy as np
 import polars as pl
 from pydantic import Field
 
 from animind_assets.defs.beauty.shared import GROUP
 from animind_assets.lib.semantic_ids.quantizers import PRESETS, preset_config, train_quantizer
 from animind_assets.lib.semantic_ids.quantizers.metrics import code_stats
-from animind_assets.lib.semantic_ids.assign import assign_semantic_ids, frame_vectors, level_sizes, level_usage, semantic_id_frame
+from animind_assets.lib.semantic_ids.assign import assign_semantic_ids, frame_vectors, level_sizes, semantic_id_frame
 from animind_assets.meta import bar_plot, counts_md, lines_plot, scalar_metadata, table_metadata
 from animind_assets.resources import ArtifactStoreResource, MlflowResource, ParquetExports
 
@@ -97,14 +98,16 @@ def beauty_semantic_ids(
             "Resume with resume='last' to finish."
         )
     codes = result.codes
-    before = code_stats(codes, int(qcfg.codebook_size))
+    k_fit = int(result.config.codebook_size)  # < the request on catalogs smaller than codebook_size (small_catalog)
+    before = code_stats(codes, k_fit)
     full = assign_semantic_ids(codes, order_key=ids)
     df = semantic_id_frame(ids, full, id_column="item_id")
     if "text" in beauty_items.columns:
         df = df.join(beauty_items.select(["item_id", "asin", "text"]), on="item_id", how="left")
     export = exports.write(df, ASSET)
-    sizes = level_sizes(full, int(qcfg.codebook_size), config.min_dedup_vocab)
-    usage = level_usage(full, sizes)
+    sizes = level_sizes(full, k_fit, config.min_dedup_vocab)
+    usable = min(len(ids), k_fit)  # a level cannot use more codes than there are items
+    usage = [len(np.unique(full[:, lv])) / usable for lv in range(full.shape[1] - 1)]
     missing = sorted(set(beauty_items["item_id"].to_list()) - set(ids.tolist()))
     if missing:
         context.log.warning(f"{ASSET}: {len(missing)} items of beauty_items have no embedding/ID, e.g. {missing[:5]}")
@@ -117,7 +120,9 @@ def beauty_semantic_ids(
                 "items": df.height,
                 "quantizer": qcfg.quantizer,
                 "levels_with_disambiguation": int(full.shape[1]),
-                "codebook_size": int(qcfg.codebook_size),
+                "codebook_size": k_fit,
+                "requested_codebook_size": int(qcfg.codebook_size),
+                "usable_codes_per_level": usable,
                 "distinct_quantizer_prefixes": prefix_unique,
                 "unique_fraction_before_disambiguation": before["unique_fraction"],
                 "largest_collision_group": before["largest_collision_group"],
@@ -131,11 +136,11 @@ def beauty_semantic_ids(
                 "mlflow_run": run_link,
             }
         ),
-        **{f"usage_l{i + 1}": dg.MetadataValue.float(float(u)) for i, u in enumerate(usage)},
+        **{f"usage_l{i + 1}": dg.MetadataValue.float(round(float(u), 4)) for i, u in enumerate(usage)},
         "collision_groups": counts_md(
             {str(r["collision_group_size"]): r["count"] for r in groups.iter_rows(named=True)}, key="items sharing codes", value="items"
         ),
-        **bar_plot("usage_plot", {f"L{i + 1}": u for i, u in enumerate(usage)}, "fraction of codes used per level", "fraction"),
+        **bar_plot("usage_plot", {f"L{i + 1}": u for i, u in enumerate(usage)}, f"fraction of min(items, codebook_size) = {usable} codes used per level", "fraction"),
         "parquet_export": dg.MetadataValue.path(export),
         "reference_note": dg.MetadataValue.text(
             "the reference index_rqvae.json (tiger-cf) has 11,412 distinct 3-code prefixes for 12,101 items, built from "

@@ -264,6 +264,7 @@ def test_product_quantization_codes(backend, method):
 
 
 # ------------------------------------------------------------------------------------------ assets
+@pytest.mark.slow
 def test_beauty_sequence_assets_train_and_eval_in_process(tmp_path, animind_env):
     import dagster as dg
 
@@ -320,6 +321,7 @@ def test_beauty_sequence_assets_train_and_eval_in_process(tmp_path, animind_env)
     assert md["epochs"].value == 10 and "validation_curve" in md
 
 
+@pytest.mark.slow
 def test_tiger_on_the_shared_evaluation_matches_its_own_metrics():
     from animind_assets.lib.retrieval.tiger import TigerConfig, evaluate, evaluate_on_split, leave_one_out, train_tiger
     from animind_assets_tests.test_tiger import TINY, cyclic_codec, cyclic_sequences

@@ -28,8 +28,7 @@ from __future__ import annotations
 import math
 import random
 import time
-from collections import Counter
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
@@ -37,210 +36,37 @@ from typing import Any
 import numpy as np
 import torch
 
-from animind_assets.lib.common.metrics import ranking_metrics
 from animind_assets.lib.common.progress import Progress, fmt_seconds
-from animind_assets.lib.semantic_ids.trie import SidTrie
 from animind_assets.lib.common.checkpoint import load_payload, save_payload
 from animind_assets.lib.common.device import resolve_device  # noqa: F401  (the one device rule; re-exported)
 from animind_assets.lib.common.storage import atomic_dir, local_copy
-
-PAD_ID = 0
-EOS_ID = 1
-N_SPECIAL = 2
-LogFn = Callable[[str], None]
-
-
-def _noop(_: str) -> None:
-    return None
-
-
-# ------------------------------------------------------------------------------------------ codec
-class SidCodec:
-    """Item ids <-> semantic-ID token sequences (one token block per level)."""
-
-    def __init__(self, item_ids: Sequence[int], codes: np.ndarray, user_buckets: int = 0, level_sizes: Sequence[int] | None = None) -> None:
-        codes = np.asarray(codes, dtype=np.int64)
-        if codes.ndim != 2 or codes.shape[0] != len(item_ids):
-            raise ValueError(f"codes must be (n_items, levels) for {len(item_ids)} items, got shape {codes.shape}")
-        if codes.shape[0] == 0:
-            raise ValueError("no items with semantic IDs")
-        if (codes < 0).any():
-            row = int(np.argwhere(codes < 0)[0][0])
-            raise ValueError(f"negative code for item {item_ids[row]}: {codes[row].tolist()}")
-        self.item_ids = np.asarray(item_ids, dtype=np.int64)
-        if len(set(self.item_ids.tolist())) != len(self.item_ids):
-            raise ValueError("duplicate item ids in the semantic-ID mapping")
-        uniq, inverse, counts = np.unique(codes, axis=0, return_inverse=True, return_counts=True)
-        if (counts > 1).any():
-            dup = np.flatnonzero(counts[inverse.reshape(-1)] > 1)[:6]
-            raise ValueError(
-                f"semantic IDs are not unique: {int((counts > 1).sum())} ID tuples are shared, e.g. items "
-                f"{self.item_ids[dup].tolist()} (run unique-ID disambiguation first)"
-            )
-        self.codes = codes
-        self.levels = int(codes.shape[1])
-        observed = (codes.max(axis=0) + 1).tolist()
-        if level_sizes is None:
-            level_sizes = observed
-        if len(level_sizes) != self.levels or any(int(s) < int(o) for s, o in zip(level_sizes, observed)):
-            raise ValueError(f"level_sizes {list(level_sizes)} do not cover the observed codes {observed}")
-        self.level_sizes = [int(s) for s in level_sizes]
-        self.offsets = [N_SPECIAL + int(sum(self.level_sizes[:lv])) for lv in range(self.levels)]
-        self.tokens = codes + np.asarray(self.offsets, dtype=np.int64)[None, :]
-        self.row_of = {int(i): r for r, i in enumerate(self.item_ids.tolist())}
-        self.user_buckets = int(user_buckets)
-        self.user_offset = N_SPECIAL + int(sum(self.level_sizes))
-        self.vocab_size = self.user_offset + self.user_buckets
-        self._by_tokens = {tuple(t): int(i) for t, i in zip(self.tokens.tolist(), self.item_ids.tolist())}
-
-    @classmethod
-    def from_mapping(cls, mapping: Mapping[int, Sequence[int]], user_buckets: int = 0) -> SidCodec:
-        if not mapping:
-            raise ValueError("empty semantic-ID mapping")
-        ids = sorted(int(k) for k in mapping)
-        lengths = Counter(len(mapping[i]) for i in ids)
-        if len(lengths) != 1:
-            raise ValueError(f"semantic IDs must all have the same length, got lengths {dict(lengths)}")
-        return cls(ids, np.asarray([list(mapping[i]) for i in ids], dtype=np.int64), user_buckets)
-
-    def __len__(self) -> int:
-        return len(self.item_ids)
-
-    def has(self, item_id: int) -> bool:
-        return int(item_id) in self.row_of
-
-    def rows(self, items: Iterable[int]) -> np.ndarray:
-        return np.fromiter((self.row_of[int(i)] for i in items), dtype=np.int64)
-
-    def user_token(self, user_id: int) -> int | None:
-        if self.user_buckets <= 0:
-            return None
-        return self.user_offset + (int(user_id) * 2654435761 % (2**32)) % self.user_buckets
-
-    def encoder_tokens(self, history: Sequence[int], user_id: int | None = None) -> list[int]:
-        toks = self.tokens[self.rows(history)].reshape(-1).tolist()
-        ut = self.user_token(user_id) if user_id is not None else None
-        return ([ut] if ut is not None else []) + toks
-
-    def target_tokens(self, item_id: int) -> list[int]:
-        return self.tokens[self.row_of[int(item_id)]].tolist() + [EOS_ID]
-
-    def decode(self, tokens: Sequence[int]) -> int | None:
-        """Token sequence (level tokens, optionally followed by EOS/pad) -> item id, or None if invalid."""
-        toks = [int(t) for t in tokens]
-        while toks and toks[0] == PAD_ID:
-            toks = toks[1:]
-        core = tuple(toks[: self.levels])
-        rest = toks[self.levels:]
-        if len(core) != self.levels or any(t not in (EOS_ID, PAD_ID) for t in rest[:1]):
-            return None
-        return self._by_tokens.get(core)
-
-    def trie(self) -> SidTrie:
-        trie = SidTrie(end_token_id=EOS_ID)
-        for toks, item in zip(self.tokens.tolist(), self.item_ids.tolist()):
-            trie.add(toks, item=int(item))
-        return trie
-
-    def to_dict(self) -> dict[str, Any]:
-        return {
-            "item_ids": self.item_ids.tolist(),
-            "codes": self.codes.tolist(),
-            "level_sizes": self.level_sizes,
-            "user_buckets": self.user_buckets,
-            "pad_id": PAD_ID,
-            "eos_id": EOS_ID,
-            "offsets": self.offsets,
-            "vocab_size": self.vocab_size,
-        }
-
-    @classmethod
-    def from_dict(cls, data: Mapping[str, Any]) -> SidCodec:
-        return cls(data["item_ids"], np.asarray(data["codes"], dtype=np.int64), int(data.get("user_buckets", 0)), data.get("level_sizes"))
-
-
-def load_reference_index(path: str | Path) -> dict[int, list[int]]:
-    """tiger-cf ``index_rqvae.json`` / ``index_rqkmeans.json``: ``{"<item_id>": [c1, c2, c3, c4]}``."""
-    import json
-
-    p = Path(path)
-    if not p.exists():
-        raise FileNotFoundError(f"reference semantic-ID index not found: {p}")
-    with open(p, encoding="utf-8") as fh:
-        raw = json.load(fh)
-    if not isinstance(raw, dict):
-        raise ValueError(f"{p}: expected an object {{item_id: [codes]}}")
-    out: dict[int, list[int]] = {}
-    for k, v in raw.items():
-        try:
-            out[int(k)] = [int(c) for c in v]
-        except (TypeError, ValueError) as exc:
-            raise ValueError(f"{p}: bad entry {k!r}: {v!r}") from exc
-    return out
-
-
-# ------------------------------------------------------------------------------------------ split
-@dataclass
-class Examples:
-    users: np.ndarray  # (n,) int64
-    histories: list[np.ndarray]  # item ids, oldest first, at most max_history
-    targets: np.ndarray  # (n,) int64
-
-    def __len__(self) -> int:
-        return len(self.targets)
-
-    def subset(self, idx: Sequence[int] | np.ndarray) -> Examples:
-        idx = np.asarray(idx, dtype=np.int64)
-        return Examples(self.users[idx], [self.histories[i] for i in idx.tolist()], self.targets[idx])
-
-
-@dataclass
-class LooSplit:
-    train: Examples
-    valid: Examples
-    test: Examples
-    train_sequences: dict[int, list[int]]  # seq[:-2] per user (what the model may learn from)
-    skipped_users: int = 0
-
-    def stats(self) -> dict[str, float]:
-        hl = np.array([len(h) for h in self.train.histories]) if len(self.train) else np.zeros(1)
-        return {
-            "train_examples": len(self.train),
-            "valid_users": len(self.valid),
-            "test_users": len(self.test),
-            "skipped_users": self.skipped_users,
-            "train_history_mean": float(hl.mean()),
-        }
-
-
-def _examples(rows: list[tuple[int, list[int], int]]) -> Examples:
-    return Examples(
-        np.asarray([r[0] for r in rows], dtype=np.int64),
-        [np.asarray(r[1], dtype=np.int64) for r in rows],
-        np.asarray([r[2] for r in rows], dtype=np.int64),
-    )
-
-
-def leave_one_out(sequences: Mapping[int, Sequence[int]], max_history: int = 20) -> LooSplit:
-    """Per-user leave-one-out split; users with fewer than 3 items are skipped (counted)."""
-    if max_history < 1:
-        raise ValueError("max_history must be >= 1")
-    train, valid, test = [], [], []
-    train_seqs: dict[int, list[int]] = {}
-    skipped = 0
-    for user in sorted(sequences):
-        seq = [int(x) for x in sequences[user]]
-        if len(seq) < 3:
-            skipped += 1
-            continue
-        head = seq[:-2]
-        train_seqs[int(user)] = head
-        for t in range(1, len(head)):
-            train.append((int(user), head[max(0, t - max_history): t], head[t]))
-        valid.append((int(user), head[-max_history:], seq[-2]))
-        test.append((int(user), seq[:-1][-max_history:], seq[-1]))
-    return LooSplit(_examples(train), _examples(valid), _examples(test), train_seqs, skipped)
-
+from animind_assets.lib.retrieval.reporting import (  # noqa: F401  (public API of the TIGER module)
+    REPORT_METRICS,
+    TIGER_CF_BEAUTY,
+    TIGER_PAPER_BEAUTY,
+    comparison_bar_png,
+    metrics_table,
+)
+from animind_assets.lib.retrieval.tiger_data import (  # noqa: F401
+    EOS_ID,
+    N_SPECIAL,
+    PAD_ID,
+    Examples,
+    LogFn,
+    LooSplit,
+    SidCodec,
+    encode_batch,
+    epoch_batches,
+    leave_one_out,
+    load_reference_index,
+    noop_log,
+)
+from animind_assets.lib.retrieval.tiger_generate import (  # noqa: F401
+    evaluate,
+    generate_rankings,
+    popularity_metrics,
+    popularity_rankings,
+)
 
 # ---------------------------------------------------------------------------------------- config
 @dataclass
@@ -338,36 +164,6 @@ def n_parameters(model) -> int:
     return int(sum(p.numel() for p in model.parameters()))
 
 
-# ---------------------------------------------------------------------------------------- batching
-def encode_batch(codec: SidCodec, ex: Examples, idx: Sequence[int], with_labels: bool = True) -> dict[str, torch.Tensor]:
-    seqs = [codec.encoder_tokens(ex.histories[i], int(ex.users[i]) if codec.user_buckets else None) for i in idx]
-    width = max(len(s) for s in seqs)
-    ids = torch.full((len(seqs), width), PAD_ID, dtype=torch.long)
-    mask = torch.zeros((len(seqs), width), dtype=torch.long)
-    for r, s in enumerate(seqs):
-        ids[r, : len(s)] = torch.tensor(s, dtype=torch.long)
-        mask[r, : len(s)] = 1
-    out = {"input_ids": ids, "attention_mask": mask}
-    if with_labels:
-        out["labels"] = torch.tensor([codec.target_tokens(int(ex.targets[i])) for i in idx], dtype=torch.long)
-    return out
-
-
-def epoch_batches(lengths: np.ndarray, batch_size: int, epoch: int, seed: int, bucket_batches: int = 50) -> list[np.ndarray]:
-    """Deterministic batches for one epoch: shuffle, sort by length inside buckets of
-    ``bucket_batches`` batches (little padding), then shuffle the batch order."""
-    rng = np.random.default_rng(seed * 1_000_003 + epoch)
-    perm = rng.permutation(len(lengths))
-    bucket = max(1, bucket_batches) * batch_size
-    batches: list[np.ndarray] = []
-    for start in range(0, len(perm), bucket):
-        chunk = perm[start: start + bucket]
-        chunk = chunk[np.argsort(lengths[chunk], kind="stable")]
-        batches.extend(chunk[i: i + batch_size] for i in range(0, len(chunk), batch_size))
-    order = rng.permutation(len(batches))
-    return [batches[i] for i in order]
-
-
 def lr_factor(step: int, cfg: TigerConfig, total_steps: int) -> float:
     warm = max(1, cfg.warmup_steps)
     if step < warm:
@@ -378,164 +174,6 @@ def lr_factor(step: int, cfg: TigerConfig, total_steps: int) -> float:
         progress = min(1.0, (step - warm) / max(1, total_steps - warm))
         return 0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * progress))
     return 1.0
-
-
-# ------------------------------------------------------------------------------------ generation
-@torch.no_grad()
-def generate_rankings(
-    model,
-    codec: SidCodec,
-    ex: Examples,
-    k: int = 10,
-    beams: int = 20,
-    batch_size: int = 128,
-    constrained: bool = True,
-    trie: SidTrie | None = None,
-    log: LogFn | None = None,
-    label: str = "decode",
-    exclude_history: bool = False,
-) -> tuple[list[list[int]], dict[str, float]]:
-    """Top-``k`` item ids per example by beam search (``beams >= k``) over semantic IDs.
-
-    ``constrained=True`` restricts every step to the trie of valid IDs (``SidTrie``). With
-    ``exclude_history`` the items already in the example's history are also removed from the search
-    (at the last ID level, as tiger-cf does; an item whose whole prefix is banned is dropped from the
-    ranking afterwards). Returns the rankings (invalid sequences are left out) and counts:
-    ``sequences`` generated, ``invalid`` (not a real item), ``duplicates``, ``excluded``.
-    """
-    if beams < k:
-        raise ValueError(f"beams ({beams}) must be >= k ({k})")
-    model.eval()
-    device = next(model.parameters()).device
-    trie = trie if trie is not None else (codec.trie() if constrained else None)
-    rankings: list[list[int]] = []
-    total = invalid = dups = excluded = 0
-    progress = Progress(label, total=len(ex), unit="users", log=log, every_s=15.0)
-    lengths = np.array([len(h) for h in ex.histories])
-    order = np.argsort(lengths, kind="stable")
-    results: dict[int, list[int]] = {}
-    for start in range(0, len(order), batch_size):
-        idx = order[start: start + batch_size]
-        batch = {k: v.to(device) for k, v in encode_batch(codec, ex, idx, with_labels=False).items()}
-        fn = None
-        if constrained:
-            banned = [_banned_last_tokens(codec, ex.histories[i]) for i in idx.tolist()] if exclude_history else None
-            fn = _allowed_fn(trie, codec.levels, banned)
-        out = model.generate(
-            **batch,
-            num_beams=beams,
-            num_return_sequences=k,
-            max_new_tokens=codec.levels + 1,
-            min_new_tokens=codec.levels if not constrained else None,
-            do_sample=False,
-            prefix_allowed_tokens_fn=fn,
-            early_stopping=True,
-            length_penalty=0.0,
-        )
-        seqs = out.tolist()
-        for r, i in enumerate(idx.tolist()):
-            items: list[int] = []
-            seen = set(ex.histories[i].tolist()) if exclude_history else set()
-            for s in seqs[r * k: (r + 1) * k]:
-                total += 1
-                item = codec.decode(s)
-                if item is None:
-                    invalid += 1
-                elif item in items:
-                    dups += 1
-                elif item in seen:
-                    excluded += 1
-                else:
-                    items.append(item)
-            results[i] = items
-        progress.update(len(idx))
-    rankings = [results[i] for i in range(len(ex))]
-    return rankings, {"sequences": float(total), "invalid": float(invalid), "duplicates": float(dups), "excluded": float(excluded)}
-
-
-def _banned_last_tokens(codec: SidCodec, history: np.ndarray) -> dict[tuple[int, ...], set[int]]:
-    """{ID prefix (all levels but the last): {last-level tokens of history items}}."""
-    out: dict[tuple[int, ...], set[int]] = {}
-    for toks in codec.tokens[codec.rows(history.tolist())].tolist():
-        out.setdefault(tuple(toks[:-1]), set()).add(toks[-1])
-    return out
-
-
-def _allowed_fn(trie: SidTrie, levels: int, banned: list[dict] | None):
-    """``prefix_allowed_tokens_fn`` over ``trie`` (decoder prompt = the start token), optionally
-    without the history items of each batch row."""
-
-    def fn(batch_id: int, input_ids) -> list[int]:
-        generated = input_ids.tolist()[1:]
-        allowed = trie.allowed(generated)
-        if not allowed:
-            return [PAD_ID]
-        if banned is not None and len(generated) == levels - 1:
-            ban = banned[batch_id].get(tuple(generated))
-            if ban:
-                keep = [t for t in allowed if t not in ban]
-                if keep:
-                    return keep
-        return allowed
-
-    return fn
-
-
-def evaluate(
-    model,
-    codec: SidCodec,
-    ex: Examples,
-    ks: Sequence[int] = (5, 10),
-    beams: int = 20,
-    batch_size: int = 128,
-    constrained: bool = True,
-    log: LogFn | None = None,
-    label: str = "eval",
-    exclude_history: bool = False,
-) -> dict[str, float]:
-    """Recall@K / NDCG@K (one target per user) + invalid-ID rate of the generated top-max(K) IDs."""
-    kmax = max(ks)
-    t0 = time.perf_counter()
-    rankings, counts = generate_rankings(
-        model, codec, ex, k=kmax, beams=beams, batch_size=batch_size, constrained=constrained, log=log, label=label,
-        exclude_history=exclude_history,
-    )
-    metrics = ranking_metrics(rankings, ex.targets.tolist(), ks=ks)
-    metrics["invalid_id_rate"] = counts["invalid"] / max(1.0, counts["sequences"])
-    metrics["duplicate_rate"] = counts["duplicates"] / max(1.0, counts["sequences"])
-    metrics["history_item_rate"] = counts["excluded"] / max(1.0, counts["sequences"])
-    metrics["eval_seconds"] = time.perf_counter() - t0
-    metrics["users_per_s"] = len(ex) / max(1e-9, metrics["eval_seconds"])
-    return metrics
-
-
-def popularity_rankings(train_sequences: Mapping[int, Sequence[int]], valid: Examples | None = None, k: int = 10) -> list[int]:
-    """The ``k`` most frequent items in the training sequences (+ validation targets when given:
-    everything a test-time model may have seen)."""
-    counts: Counter = Counter()
-    for seq in train_sequences.values():
-        counts.update(int(x) for x in seq)
-    if valid is not None:
-        counts.update(int(x) for x in valid.targets.tolist())
-    return [item for item, _ in sorted(counts.items(), key=lambda kv: (-kv[1], kv[0]))[:k]]
-
-
-def popularity_metrics(split: LooSplit, ks: Sequence[int] = (5, 10), exclude_history: bool = False, test: Examples | None = None) -> dict[str, float]:
-    """Most-popular baseline on ``test`` (default: the split's test users); with ``exclude_history``
-    each user's history items are skipped, as for the model."""
-    test = test if test is not None else split.test
-    kmax = max(ks)
-    top = popularity_rankings(split.train_sequences, split.valid, k=kmax + (max((len(h) for h in test.histories), default=0) if exclude_history else 0))
-    if exclude_history:
-        rankings = []
-        for h in test.histories:
-            seen = set(h.tolist())
-            rankings.append([i for i in top if i not in seen][:kmax])
-    else:
-        rankings = [top[:kmax]] * len(test)
-    out = ranking_metrics(rankings, test.targets.tolist(), ks=ks)
-    out["invalid_id_rate"] = 0.0
-    return out
 
 
 # -------------------------------------------------------------------------------------- training
@@ -604,7 +242,7 @@ def train_tiger(
     ``last.pt`` (atomic) after every evaluation and ``best.pt`` on improvement; early stopping with
     ``patience``; ``max_train_seconds``/``max_steps`` bound the run. With ``resume`` and a ``last.pt``
     whose fingerprint matches, training continues from it (same batches, optimizer and best so far)."""
-    log = log or _noop
+    log = log or noop_log
     cfg.validate()
     if cfg.num_threads > 0:
         torch.set_num_threads(cfg.num_threads)
@@ -828,46 +466,6 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-# ----------------------------------------------------------------------------------- reporting
-TIGER_PAPER_BEAUTY = {"recall@5": 0.0454, "ndcg@5": 0.0321, "recall@10": 0.0648, "ndcg@10": 0.0384}
-TIGER_CF_BEAUTY = {"recall@5": 0.0376, "ndcg@5": 0.0252, "recall@10": 0.0582, "ndcg@10": 0.0319}
-REPORT_METRICS = ("recall@5", "ndcg@5", "recall@10", "ndcg@10")
-
-
-def comparison_bar_png(rows: Mapping[str, Mapping[str, float]], metrics: Sequence[str] = REPORT_METRICS, title: str = "") -> bytes:
-    """Grouped bars: one group per metric, one bar per row (model)."""
-    from animind_assets.lib.common.plots import fig_to_png, plt
-
-    names = list(rows)
-    fig, ax = plt.subplots(figsize=(7.5, 3.6))
-    width = 0.8 / max(1, len(names))
-    for j, name in enumerate(names):
-        vals = [float(rows[name].get(m) or 0.0) for m in metrics]
-        xs = [i + (j - (len(names) - 1) / 2) * width for i in range(len(metrics))]
-        ax.bar(xs, vals, width=width, label=name)
-    ax.set_xticks(range(len(metrics)))
-    ax.set_xticklabels(list(metrics))
-    ax.set_ylabel("score")
-    ax.set_title(title or "Amazon Beauty, leave-one-out test")
-    ax.legend(fontsize=7)
-    return fig_to_png(fig)
-
-
-def metrics_table(rows: Mapping[str, Mapping[str, Any]], columns: Sequence[str] = REPORT_METRICS) -> str:
-    """Plain-text table for scripts."""
-    name_w = max([len("model"), *(len(n) for n in rows)]) + 2
-    widths = [max(10, len(c) + 2) for c in columns]
-    head = f"{'model':<{name_w}}" + "".join(f"{c:>{w}}" for c, w in zip(columns, widths))
-    lines = [head, "-" * len(head)]
-    for name, vals in rows.items():
-        cells = []
-        for c, w in zip(columns, widths):
-            v = vals.get(c)
-            cells.append(f"{v:>{w}.4f}" if isinstance(v, (int, float)) and v == v else f"{'-':>{w}}")
-        lines.append(f"{name:<{name_w}}" + "".join(cells))
-    return "\n".join(lines)
-
-
 # ------------------------------------------------------------------------- shared Beauty evaluation
 def evaluate_on_split(model, codec: SidCodec, split, rows: np.ndarray | None = None, stage: str = "test",
                       max_history: int = 20, beams: int = 20, batch_size: int = 128, n_boot: int = 1000, seed: int = 0,
@@ -898,3 +496,4 @@ def evaluate_on_split(model, codec: SidCodec, split, rows: np.ndarray | None = N
                                    "beams": beams, "users_per_s": len(rows) / max(1e-9, seconds)})
     res.seconds = seconds + res.seconds
     return res
+

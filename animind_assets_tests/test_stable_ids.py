@@ -17,18 +17,8 @@ import dagster as dg
 
 from animind_assets.lib.semantic_ids.quantizers import QuantizerConfig, preset_config, train_quantizer
 from animind_assets.lib.semantic_ids.quantizers.config import small_catalog_codebook
-from animind_assets.lib.semantic_ids.stable import (
-    DriftThresholds,
-    config_changes,
-    decide_refit,
-    drift_from_codes,
-    fit_reference,
-    id_space_version,
-    model_fingerprint,
-    quantizer_code_fingerprint,
-    stable_assign,
-    vector_hashes,
-)
+from animind_assets.lib.semantic_ids.stable import DriftThresholds, config_changes, decide_refit, drift_from_codes, fit_reference, model_fingerprint, quantizer_code_fingerprint, vector_hashes
+from animind_assets.lib.semantic_ids.id_registry import id_space_version, stable_assign
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 

@@ -64,7 +64,8 @@ def main(argv: list[str] | None = None) -> int:
         torch.set_num_threads(args.threads)
     from animind_assets.lib.semantic_ids.quantizers import encode_codes, preset_config, train_quantizer
     from animind_assets.lib.semantic_ids.quantizers.metrics import code_stats
-    from animind_assets.lib.semantic_ids.stable import drift_from_codes, fit_reference, stable_assign, vector_hashes
+    from animind_assets.lib.semantic_ids.stable import drift_from_codes, fit_reference, vector_hashes
+    from animind_assets.lib.semantic_ids.id_registry import stable_assign
 
     ids, x = load_vectors(args.embeddings_npz)
     print(f"{len(ids)} items, dim {x.shape[1]}; load {os.getloadavg()}; torch threads {torch.get_num_threads()}", flush=True)

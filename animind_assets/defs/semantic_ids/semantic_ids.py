@@ -38,16 +38,8 @@ from animind_assets.defs.semantic_ids.quantizer_fit import CHECKPOINT_NAME, GROU
 from animind_assets.lib.semantic_ids.quantizers import encode_codes, load_quantizer
 from animind_assets.lib.semantic_ids.quantizers.metrics import code_stats
 from animind_assets.lib.semantic_ids.exports import export_rows, write_export_files
-from animind_assets.lib.semantic_ids.stable import (
-    REGISTRY_FILE,
-    REGISTRY_META,
-    id_space_version,
-    load_registry,
-    model_fingerprint,
-    save_registry,
-    stable_assign,
-    vector_hashes,
-)
+from animind_assets.lib.semantic_ids.stable import model_fingerprint, vector_hashes
+from animind_assets.lib.semantic_ids.id_registry import REGISTRY_FILE, REGISTRY_META, id_space_version, load_registry, save_registry, stable_assign
 from animind_assets.lib.semantic_ids.assign import (
     DEFAULT_SPECIAL_TOKENS,
     build_vocab,

@@ -17,6 +17,10 @@ from animind_assets.lib.common.plots import histogram_png
 from animind_assets.lib.data.sources import require_kept
 from animind_assets.meta import image_md, scalar_metadata, table_metadata
 from animind_assets.resources import ParquetExports
+from animind_assets.launchpad import apply_settings
+
+
+BeautyInteractionsConfig = apply_settings(AmazonSourceConfig, "beauty_interactions")
 
 
 @dg.asset(
@@ -25,7 +29,7 @@ from animind_assets.resources import ParquetExports
     description="Amazon Beauty interactions in per-user chronological order (seq), leave-one-out ready.",
 )
 def beauty_interactions(
-    context: dg.AssetExecutionContext, config: AmazonSourceConfig, exports: ParquetExports
+    context: dg.AssetExecutionContext, config: BeautyInteractionsConfig, exports: ParquetExports
 ) -> dg.Output[pl.DataFrame]:
     t0 = time.perf_counter()
     data = config.load()

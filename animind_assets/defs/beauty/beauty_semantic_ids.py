@@ -23,11 +23,13 @@ from animind_assets.lib.semantic_ids.quantizers.metrics import code_stats
 from animind_assets.lib.semantic_ids.assign import assign_semantic_ids, frame_vectors, level_sizes, level_usage, semantic_id_frame
 from animind_assets.meta import counts_md, image_md, scalar_metadata, table_metadata
 from animind_assets.resources import ArtifactStoreResource, MlflowResource, ParquetExports
+from animind_assets.launchpad import settings_defaults
 
 ASSET = "beauty_semantic_ids"
 QUANTIZER_DIR = ("beauty_semantic_ids", "quantizer")
 
 
+@settings_defaults("beauty_semantic_ids")
 class BeautySemanticIdsConfig(dg.Config):
     preset: str = Field("default", description=f"quantizer preset: {', '.join(PRESETS)} (default = the library default, RQ-KMeans 3x256; 'rqvae' = TIGER's RQ-VAE)")
     quantizer: Optional[str] = Field(None, description="override: 'rqvae' | 'rqkmeans'")

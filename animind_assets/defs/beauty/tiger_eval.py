@@ -35,6 +35,7 @@ from animind_assets.lib.retrieval.tiger import (
 )
 from animind_assets.meta import image_md, markdown_table, scalar_metadata, table_metadata
 from animind_assets.resources import ArtifactStoreResource, MlflowResource, ParquetExports
+from animind_assets.launchpad import settings_defaults
 
 ASSET = "tiger_eval"
 SCHEMA = {
@@ -58,6 +59,7 @@ SCHEMA = {
 LABELS = {"own": "TIGER, own IDs (beauty_semantic_ids)", "reference": "TIGER, reference IDs (index_rqvae.json)"}
 
 
+@settings_defaults("tiger_eval")
 class TigerEvalConfig(dg.Config):
     id_sources: list[str] = Field(default_factory=lambda: list(ID_SOURCES), description="tiger_model partitions to evaluate (missing ones are skipped with a warning)")
     beams: int = Field(20, description="beam width of the constrained search (>= 10)")

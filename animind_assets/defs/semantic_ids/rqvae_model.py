@@ -25,6 +25,7 @@ from animind_assets.gpu import GPU_OP_TAGS, GPU_POOL
 from animind_assets.lib.semantic_ids.quantizers import PRESETS, preset_config
 from animind_assets.resources import ArtifactStoreResource, MlflowResource
 
+from animind_assets.launchpad import settings_defaults
 from animind_assets.defs.semantic_ids.quantizer_fit import (  # noqa: F401
     CHECKPOINT_NAME,
     GROUP,
@@ -33,6 +34,7 @@ from animind_assets.defs.semantic_ids.quantizer_fit import (  # noqa: F401
     run_quantizer,
 )
 
+@settings_defaults("rqvae_model")
 class RqvaeModelConfig(QuantizerOverrides):
     preset: str = Field("default", description=f"named preset: {', '.join(PRESETS)}")
     resume: str = Field("", description="'' (fresh), 'last', 'best' or a checkpoint path/URL")

@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import json
 import sqlite3
+import time
 import warnings
+from pathlib import Path
 
 import dagster as dg
 import pytest
@@ -433,3 +435,139 @@ def test_failed_blocking_check_stops_downstream(tmp_path):
     fail["up"] = False
     assert dg.materialize([*bumped_down, *checks], instance=instance, selection=["up"]).success
     assert ticker.tick(bumped_down) == {"down": 1}, "blocking check passed again: down catches up"
+
+
+# --------------------------------------------------------------------------------------------------
+# a real daemon tick: the AssetDaemon evaluates the automation sensor of a code location served by a
+# gRPC code server and launches the run in its own process (what `dagster dev` does)
+
+DAEMON_DEFS = '''
+"""Foundation graph as the project wires it, served to the test daemon (in-process executor)."""
+import dagster as dg
+
+from animind_assets import automation
+from animind_assets.resources import anime_source_from_env, build_resources
+from animind_assets.defs.sources.anime_catalog_source import anime_catalog_source
+from animind_assets.defs.sources.watchlist_source import watchlist_source
+from animind_assets.defs.prep.anime_prep import anime_prep, anime_prep_is_valid
+from animind_assets.defs.prep.user_interactions import user_interactions
+from animind_assets import code_version
+
+
+def versioned(obj):
+    if not isinstance(obj, dg.AssetsDefinition) or not obj.is_materializable:
+        return obj
+    version = code_version.code_version_for_module(code_version.defining_module(obj))
+    return obj.map_asset_specs(lambda spec: spec.replace_attributes(code_version=version))
+
+
+_assets = [versioned(a) for a in (anime_catalog_source, watchlist_source, anime_prep, user_interactions)]
+_auto = automation.definitions_kwargs(_assets, include_assets=True, checks=[anime_prep_is_valid])
+defs = dg.Definitions(
+    assets=_auto.pop("assets"),
+    asset_checks=_auto.pop("asset_checks"),
+    resources=build_resources(anime_source=anime_source_from_env(), mlflow_enabled=False),
+    executor=dg.in_process_executor,
+    **_auto,
+)
+'''
+
+
+def _load_module(path):
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(f"daemon_defs_{abs(hash(str(path)))}", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_daemon_tick_runs_checks_and_keeps_the_settings_file(animind_env, tmp_path, monkeypatch):
+    """Settings file ``anime_prep: {limit: 150}``; a manual run with a one-run launchpad edit (limit 100);
+    3 texts change in the source; the observation + a real AssetDaemon tick launch one automated run in a
+    subprocess which materializes anime_prep with limit 150 (the settings file, not the last run's edit)
+    and evaluates anime_prep's blocking check."""
+    from dagster._core.test_utils import create_test_daemon_workspace_context
+    from dagster._core.workspace.load_target import PythonFileTarget
+    from dagster._daemon.asset_daemon import AssetDaemon
+
+    from animind_assets import automation
+    from animind_assets_tests.conftest import add_synthetic_anime, write_sqlite
+
+    db = write_sqlite(tmp_path / "catalog.sqlite")
+    ids = add_synthetic_anime(db, 200)
+    settings = tmp_path / "animind.yaml"
+    settings.write_text("# test settings\nanime_prep:\n  limit: 150\n")
+    monkeypatch.setenv("ANIMIND_SETTINGS", str(settings))
+    monkeypatch.setenv("ANIMIND_SOURCE", "sqlite")
+    monkeypatch.setenv("ANIMIND_SQLITE_PATH", str(db))
+    monkeypatch.setenv("ANIMIND_AUTOMATION_INTERVAL_S", "1")
+    module_file = tmp_path / "daemon_defs.py"
+    module_file.write_text(DAEMON_DEFS)
+    local = _load_module(module_file).defs
+    root = str(Path(__file__).resolve().parent.parent)
+
+    overrides = {
+        "run_coordinator": {"module": "dagster._core.run_coordinator", "class": "DefaultRunCoordinator"},
+        "run_launcher": {"module": "dagster._core.launcher", "class": "DefaultRunLauncher"},
+    }
+    (tmp_path / "home").mkdir()
+    with dg.instance_for_test(overrides=overrides, temp_dir=str(tmp_path / "home")) as instance:
+        assert local.resolve_job_def(automation.OBSERVE_JOB_NAME).execute_in_process(instance=instance).success
+        manual = local.resolve_implicit_global_asset_job_def().execute_in_process(
+            instance=instance,
+            asset_selection=[PREP, INTERACTIONS],
+            run_config={"ops": {"anime_prep": {"config": {"limit": 100}}}},  # a launchpad edit: this run only
+        )
+        assert manual.success
+        assert manual.asset_materializations_for_node("anime_prep")[0].metadata["dagster/row_count"].value == 100
+
+        target = PythonFileTarget(
+            python_file=str(module_file), attribute="defs", working_directory=root, location_name="daemon_test"
+        )
+        with create_test_daemon_workspace_context(target, instance) as workspace:
+            daemon = AssetDaemon(settings=instance.get_auto_materialize_settings(), pre_sensor_interval_seconds=0)
+
+            def tick():
+                time.sleep(1.2)  # the sensor's minimum interval (ANIMIND_AUTOMATION_INTERVAL_S=1)
+                daemon._run_iteration_impl(workspace, threadpool_executor=None, amp_tick_futures={}, debug_crash_flags={})
+
+            tick()  # first evaluation of the conditions: nothing changed, nothing requested
+            assert not instance.get_runs(filters=dg.RunsFilter(tags={"dagster/auto_materialize": "true"}))
+
+            conn = sqlite3.connect(db)
+            for anime_id in ids[:3]:
+                conn.execute("UPDATE anime SET synopsis = synopsis || ' Remastered.' WHERE anime_id = ?", [anime_id])
+            conn.commit()
+            conn.close()
+            assert local.resolve_job_def(automation.OBSERVE_JOB_NAME).execute_in_process(instance=instance).success
+            tick()
+            runs = instance.get_runs(filters=dg.RunsFilter(tags={"dagster/auto_materialize": "true"}))
+            assert len(runs) == 1, f"one automated run expected, got {[(r.run_id, r.status) for r in runs]}"
+            run = runs[0]
+            deadline = time.monotonic() + 300
+            while not run.is_finished and time.monotonic() < deadline:
+                time.sleep(1)
+                run = instance.get_run_by_id(run.run_id)
+            assert run.status == dg.DagsterRunStatus.SUCCESS, (run.status, _failure_text(instance, run.run_id))
+            tick()
+            assert len(instance.get_runs(filters=dg.RunsFilter(tags={"dagster/auto_materialize": "true"}))) == 1
+        checks = instance.all_logs(run.run_id, of_type=dg.DagsterEventType.ASSET_CHECK_EVALUATION)
+        materializations = instance.all_logs(run.run_id, of_type=dg.DagsterEventType.ASSET_MATERIALIZATION)
+
+    assert run.asset_selection == {PREP, INTERACTIONS}
+    assert dg.AssetCheckKey(PREP, "anime_prep_is_valid") in (run.asset_check_selection or set())
+    assert not run.run_config.get("ops"), "the automated run sets no config: defaults come from animind.yaml"
+    evaluated = {(e.dagster_event.event_specific_data.asset_check_key.name, e.dagster_event.event_specific_data.passed) for e in checks}
+    assert evaluated == {("anime_prep_is_valid", True)}
+    prep = next(
+        e.dagster_event.event_specific_data.materialization
+        for e in materializations
+        if e.dagster_event.asset_key == PREP
+    )
+    assert prep.metadata["dagster/row_count"].value == 150, "automated run must use the settings file's limit"
+
+
+def _failure_text(instance, run_id: str) -> str:
+    events = instance.all_logs(run_id, of_type={dg.DagsterEventType.STEP_FAILURE, dg.DagsterEventType.RUN_FAILURE})
+    return "\n".join((e.message or "")[:1500] for e in events)

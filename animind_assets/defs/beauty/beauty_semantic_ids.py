@@ -81,18 +81,15 @@ def beauty_semantic_ids(
     ckpt_dir = store.path(*QUANTIZER_DIR)
     store.sweep(*QUANTIZER_DIR, log=context.log.info)  # temp files of killed runs
     context.log.info(f"{ASSET}: {len(ids)} vectors of dim {x.shape[1]}; {qcfg.quantizer} {qcfg.levels}x{qcfg.codebook_size}")
-    with mlflow.start_run(run_name=ASSET, tags={"asset": ASSET}) as run:
-        if run is not None:
-            run.log_params({k: json.dumps(v) if isinstance(v, list) else v for k, v in qcfg.to_dict().items()})
+    with mlflow.start_run(context) as run:
+        run.log_params({k: json.dumps(v) if isinstance(v, list) else v for k, v in qcfg.used_params().items()})
 
         def on_epoch(rec: dict) -> None:
-            if run is not None:
-                run.log_metrics({k: v for k, v in rec.items() if k != "epoch"}, step=int(rec["epoch"]))
+            run.log_metrics({k: v for k, v in rec.items() if k != "epoch"}, step=int(rec["epoch"]))
 
         result = train_quantizer(x, qcfg, log=context.log.info, on_epoch=on_epoch, checkpoint_dir=ckpt_dir, resume=config.resume or None)
-        if run is not None:
-            run.log_metrics({f"final_{k}": v for k, v in result.metrics.items()})
-        run_link = run.link if run is not None else None
+        run.log_metrics({f"final_{k}": v for k, v in result.metrics.items()})
+        run_link = run.link
     if not result.finished:
         raise dg.Failure(
             description=f"{ASSET}: quantizer training stopped after epoch {result.metrics.get('epochs_completed')} of "

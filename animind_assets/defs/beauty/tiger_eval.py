@@ -176,14 +176,13 @@ def tiger_eval(
     df = pl.DataFrame(rows, schema=SCHEMA)
     export = exports.write(df, ASSET)
 
-    with mlflow.start_run(run_name=ASSET, tags={"asset": ASSET}) as run:
-        if run is not None:
-            run.log_params({"beams": config.beams, "test_users": len(test), "id_sources": ",".join(found), "data_fingerprint": data_fp})
-            for r in rows:
-                if r["kind"] != "published":
-                    tag = r["id_source"] or "popularity"
-                    run.log_metrics({f"{tag}_{k}": r[k] for k in (*REPORT_METRICS, "invalid_id_rate") if r[k] is not None})
-        run_link = run.link if run is not None else None
+    with mlflow.start_run(context) as run:
+        run.log_params({"beams": config.beams, "test_users": len(test), "id_sources": ",".join(found), "data_fingerprint": data_fp})
+        for r in rows:
+            if r["kind"] != "published":
+                tag = r["id_source"] or "popularity"
+                run.log_metrics({f"{tag}_{k}": r[k] for k in (*REPORT_METRICS, "invalid_id_rate") if r[k] is not None})
+        run_link = run.link
 
     plot_rows = {r["model"]: r for r in rows}
     headline = {}

@@ -143,21 +143,18 @@ def run_quantizer(
         "item_ids_fingerprint": array_fingerprint(ids[:n_used]),
         **embedding_provenance(anime_embeddings),
     }
-    with mlflow.start_run(run_name=run_name, tags={"asset": context.asset_key.to_user_string(), **(tags or {})}) as run:
-        if run is not None:
-            run.log_params({k: json.dumps(v) if isinstance(v, list) else v for k, v in cfg.to_dict().items()})
+    with mlflow.start_run(context, tags=tags) as run:
+        run.log_params({k: json.dumps(v) if isinstance(v, list) else v for k, v in cfg.used_params().items()})
 
         def on_epoch(rec: dict) -> None:
-            if run is not None:
-                run.log_metrics({k: v for k, v in rec.items() if k not in ("epoch",)}, step=int(rec["epoch"]))
+            run.log_metrics({k: v for k, v in rec.items() if k not in ("epoch",)}, step=int(rec["epoch"]))
 
         result = train_quantizer(
             x, cfg, log=context.log.info, on_epoch=on_epoch, checkpoint_dir=ckpt_dir, resume=resume or None, extra_payload=extra
         )
-        if run is not None:
-            run.log_metrics({f"final_{k}": v for k, v in result.metrics.items()})
-        run_id = run.run_id if run is not None else None
-        run_link = run.link if run is not None else None
+        run.log_metrics({f"final_{k}": v for k, v in result.metrics.items()})
+        run_id = run.run_id
+        run_link = run.link
     elapsed = time.perf_counter() - t0
     m = result.metrics
     levels = result.config.levels

@@ -15,7 +15,7 @@ What ``definitions_kwargs`` adds to ``dg.Definitions``:
   launched by hand or by backfill. An asset is also not requested while a *blocking* check of one of
   its dependencies has failed on the dependency's latest materialization.
 * Checks run wherever their asset runs: every asset check of an automated asset (separately defined
-  ``@asset_check``\ s and ``check_specs`` alike) gets ``CHECK_AUTOMATION_CONDITION``: it is requested
+  ``@asset_check`` functions and ``check_specs`` alike) gets ``CHECK_AUTOMATION_CONDITION``: it is requested
   on the tick its asset is requested, so it goes into the same run (Dagster groups a check with its
   asset), and a blocking check that fails there stops the downstream steps of that run. It is also
   requested when its asset was updated by a run that did not evaluate it. Without a condition of

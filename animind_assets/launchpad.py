@@ -135,8 +135,9 @@ def derive_config(
 # --------------------------------------------------------------------------------------------------
 # project settings file -> config defaults
 
-#: names (assets / checks) whose config takes defaults from the settings file -> config class name
-CONFIGURABLE: dict[str, str] = {}
+#: names (assets / checks) whose config takes defaults from the settings file -> their config class
+#: without settings (``BUILTIN``)
+CONFIGURABLE: dict[str, type] = {}
 
 
 def _builtin_default(f: Any) -> Any:
@@ -155,9 +156,9 @@ def apply_settings(cls: type, name: str, settings: Settings | None = None) -> ty
     does not validate against the field's type.
     """
     settings = settings if settings is not None else current_settings()
-    CONFIGURABLE[name] = cls.__name__
-    values = settings.for_name(name)
     builtin = getattr(cls, "BUILTIN", cls)
+    CONFIGURABLE[name] = builtin
+    values = settings.for_name(name)
     if not values:
         cls.BUILTIN = builtin  # type: ignore[attr-defined]
         return cls
@@ -178,10 +179,9 @@ def apply_settings(cls: type, name: str, settings: Settings | None = None) -> ty
             first = exc.errors()[0].get("msg", str(exc)) if exc.errors() else str(exc)
             raise settings.error(f"{name}.{key}: {raw!r} is not valid for this field: {first}") from exc
         desc = f"{f.description or field_name} [{settings.path.name}: {value!r}; built-in default {_builtin_default(f)!r}]"
-        if isinstance(value, (list, dict)):
-            overrides[field_name] = (f.annotation, Field(default_factory=lambda v=value: type(v)(v), description=desc, alias=f.alias))
-        else:
-            overrides[field_name] = (f.annotation, Field(value, description=desc, alias=f.alias))
+        # a plain default (pydantic copies mutable defaults per instance): Dagster's config schema, and so
+        # the launchpad, only shows defaults given as values, not default_factory
+        overrides[field_name] = (f.annotation, Field(value, description=desc, alias=f.alias))
     sub = create_model(cls.__name__, __base__=cls, __doc__=cls.__doc__, **overrides)
     sub.__module__ = cls.__module__
     sub.__qualname__ = cls.__qualname__

@@ -218,6 +218,7 @@ def test_lineage_launchpad_materialize_and_asset_metadata(dagster_ui):
     from playwright.sync_api import expect, sync_playwright
 
     base, log_path, timings = dagster_ui["base"], dagster_ui["log"], dagster_ui["timings"]
+    expect.set_options(timeout=90_000)  # a shared CI box can take many seconds to render a page
     t0 = time.perf_counter()
     with sync_playwright() as pw:
         browser = pw.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS, headless=True)

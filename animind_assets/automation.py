@@ -12,7 +12,16 @@ What ``definitions_kwargs`` adds to ``dg.Definitions``:
   before (the automation keeps what you built up to date; it never starts building the expensive
   parts of the graph nobody asked for), and never while a dependency is missing or in progress.
   Partitioned assets (the RQ-VAE preset ``rqvae_variants``) are left alone: big variants are
-  launched by hand or by backfill.
+  launched by hand or by backfill. An asset is also not requested while a *blocking* check of one of
+  its dependencies has failed on the dependency's latest materialization.
+* Checks run wherever their asset runs: every asset check of an automated asset (separately defined
+  ``@asset_check`` functions and ``check_specs`` alike) gets ``CHECK_AUTOMATION_CONDITION``: it is requested
+  on the tick its asset is requested, so it goes into the same run (Dagster groups a check with its
+  asset), and a blocking check that fails there stops the downstream steps of that run. It is also
+  requested when its asset was updated by a run that did not evaluate it. Without a condition of
+  their own, separately defined checks would be left out of automated runs (Dagster 1.13 only
+  runs the checks declared inside the asset's op there). Manual and scheduled runs
+  (``full_rebuild``) select an asset's checks by default.
 * ``animind_automation`` automation-condition sensor, running by default, evaluates those conditions.
 * ``full_rebuild`` job + weekly schedule (``$ANIMIND_REBUILD_CRON``, default Sunday 03:00 UTC; stopped by
   default, ``ANIMIND_REBUILD_SCHEDULE=running`` turns it on): observes the sources and materializes every
@@ -92,10 +101,27 @@ def automation_condition() -> dg.AutomationCondition:
         & ~AC.any_deps_missing()
         & ~AC.any_deps_in_progress()
         & ~AC.in_progress()
+        & AC.all_deps_blocking_checks_passed()
     ).with_label("animind: upstream data or code changed")
 
 
+def check_automation_condition() -> dg.AutomationCondition:
+    """A check runs with its asset: requested whenever a dependency (its asset) is requested on the
+    same tick, so the sensor puts check and asset in one run, and blocking checks gate the downstream
+    steps of that run. Also requested when its asset was updated by a run that did not execute the
+    check (``any_deps_updated`` ignores updates by runs that also planned this check), i.e. Dagster's
+    ``eager`` for checks.
+    """
+    AC = dg.AutomationCondition
+    with_asset = AC.any_deps_match(AC.will_be_requested()).with_label("asset requested on this tick")
+    after_asset = (
+        AC.any_deps_updated().since_last_handled() & ~AC.any_deps_in_progress() & ~AC.in_progress()
+    ).with_label("asset updated without this check")
+    return (with_asset | after_asset).with_label("animind: runs with its asset")
+
+
 AUTOMATION_CONDITION = automation_condition()
+CHECK_AUTOMATION_CONDITION = check_automation_condition()
 
 
 def _excluded() -> tuple[set[str], set[str]]:
@@ -138,17 +164,51 @@ def should_automate(spec: dg.AssetSpec) -> bool:
 
 
 def apply_automation(assets: Sequence[Any]) -> list[Any]:
-    """The same assets with ``AUTOMATION_CONDITION`` on every materializable spec that ``should_automate``."""
+    """The same assets with ``AUTOMATION_CONDITION`` on every materializable spec that ``should_automate``
+    and ``CHECK_AUTOMATION_CONDITION`` on the checks declared inside those assets (``check_specs``)."""
     out: list[Any] = []
     for obj in assets:
         if _is_materializable(obj) and any(should_automate(s) for s in obj.specs):
+            automated = {s.key for s in obj.specs if should_automate(s)}
             obj = obj.map_asset_specs(
                 lambda spec: spec.replace_attributes(automation_condition=AUTOMATION_CONDITION)
                 if should_automate(spec)
                 else spec
             )
+            obj = _with_check_conditions(obj, automated)
         out.append(obj)
     return out
+
+
+def _with_check_conditions(obj: dg.AssetsDefinition, asset_keys: set[dg.AssetKey]) -> dg.AssetsDefinition:
+    """``obj`` with ``CHECK_AUTOMATION_CONDITION`` on each of its check specs that targets one of
+    ``asset_keys`` and has no condition of its own (Dagster has no public mapper for check specs, so the
+    definition is rebuilt from its attributes, as ``AssetsDefinition.with_attributes`` does)."""
+    from dagster_shared.record import replace
+
+    specs = dict(obj.node_check_specs_by_output_name)
+    changed = False
+    for name, spec in specs.items():
+        if spec.asset_key in asset_keys and spec.automation_condition is None:
+            specs[name] = replace(spec, automation_condition=CHECK_AUTOMATION_CONDITION)
+            changed = True
+    if not changed:
+        return obj
+    return obj.__class__.dagster_internal_init(**{**obj.get_attributes_dict(), "check_specs_by_output_name": specs})
+
+
+def apply_check_automation(checks: Sequence[Any], assets: Sequence[Any]) -> list[Any]:
+    """The separately defined asset checks, each with ``CHECK_AUTOMATION_CONDITION`` when the asset it
+    checks carries ``AUTOMATION_CONDITION`` in ``assets`` (the output of ``apply_automation``) and the
+    check has no condition of its own. Checks of manual/partitioned/excluded assets are left alone."""
+    automated = {
+        spec.key
+        for _, spec in _iter_specs(assets)
+        if spec.automation_condition is not None and spec.automation_condition == AUTOMATION_CONDITION
+    }
+    return [
+        _with_check_conditions(c, automated) if isinstance(c, dg.AssetsDefinition) else c for c in checks
+    ]
 
 
 def unpartitioned_materializable_keys(assets: Sequence[Any]) -> list[dg.AssetKey]:
@@ -289,11 +349,14 @@ def _executor():
     return None
 
 
-def definitions_kwargs(assets: Sequence[Any], *, include_assets: bool = False) -> dict:
+def definitions_kwargs(
+    assets: Sequence[Any], *, include_assets: bool = False, checks: Sequence[Any] | None = None
+) -> dict:
     """Keyword arguments for ``dg.Definitions``: ``jobs``, ``schedules``, ``sensors`` (+ ``executor``
     when ``ANIMIND_EXECUTOR=k8s``). With ``include_assets=True`` also ``assets``: ``assets`` with the
     automation condition applied (``apply_automation``), to be passed as ``Definitions(assets=...)``
-    instead of the untransformed list."""
+    instead of the untransformed list; with ``checks`` also ``asset_checks``: those checks with the
+    check condition of their asset (``apply_check_automation``)."""
     sources = source_keys(assets)
     rebuild_keys = unpartitioned_materializable_keys(assets)
     jobs: list = []
@@ -351,4 +414,6 @@ def definitions_kwargs(assets: Sequence[Any], *, include_assets: bool = False) -
         kwargs["executor"] = executor
     if include_assets:
         kwargs["assets"] = apply_automation(assets)
+        if checks is not None:
+            kwargs["asset_checks"] = apply_check_automation(checks, kwargs["assets"])
     return kwargs

@@ -2,9 +2,13 @@
 
     animind demo                 observe the sources and materialize every asset (demo source by default)
     animind demo --select anime_prep+   any Dagster asset selection
+    animind demo --verbose       also print Dagster's event log (DEBUG) instead of one line per step
     animind paths                print the data folder, DuckDB file, exports and DAGSTER_HOME
     animind runs clean           mark runs whose processes died as failed, free the pool slots they hold
                                  and finish/undo interrupted table+export writes
+
+Quiet by default: one line when a step starts and one when it ends (rows written, wall time, check
+results), then a summary. Step failures print their error; ``--verbose`` shows every Dagster event.
 
 Runs use the project's persistent Dagster instance (``$DAGSTER_HOME``, default ``.dagster_home/`` in the
 project root), so ``dagster dev`` afterwards shows the runs, lineage and metadata.
@@ -15,9 +19,10 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+import threading
 import time
-import warnings
 from pathlib import Path
+from typing import Any, Callable
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 
@@ -28,14 +33,115 @@ def _ensure_dagster_home() -> Path:
     return home
 
 
+class StepProgress:
+    """Reads a run's events from the instance and prints one line per step start and per step end.
+
+    ``poll()`` fetches the events since the last call (``instance.get_records_for_run`` with a cursor), so
+    it can run beside an in-process execution in another thread. End lines carry the rows written
+    (``dagster/row_count`` of the step's materializations), the step's wall time and the results of the
+    checks it evaluated; a failure carries the first line of its error.
+    """
+
+    KINDS = ("STEP_START", "STEP_SUCCESS", "STEP_FAILURE", "STEP_SKIPPED", "ASSET_MATERIALIZATION", "ASSET_CHECK_EVALUATION")
+
+    def __init__(
+        self, instance, run_id: str, total: int, out: Callable[[str], Any] = print, labels: dict[str, str] | None = None
+    ) -> None:
+        self.labels = dict(labels or {})  # step key -> what the user reads (check steps: "check asset:name")
+        self.instance = instance
+        self.run_id = run_id
+        self.total = total
+        self.out = out
+        self.cursor = None
+        self.done = 0
+        self.rows: dict[str, list[str]] = {}
+        self.checks: dict[str, list[str]] = {}
+        self.failed_checks: list[str] = []
+        self.passed_checks = 0
+
+    def _line(self, text: str) -> None:
+        self.out(f"[animind] {time.strftime('%H:%M:%S')} {text}")
+
+    def poll(self) -> None:
+        import dagster as dg
+
+        types = {getattr(dg.DagsterEventType, k) for k in self.KINDS}
+        while True:
+            conn = self.instance.get_records_for_run(self.run_id, cursor=self.cursor, of_type=types, limit=500)
+            for record in conn.records:
+                self._handle(record.event_log_entry)
+            self.cursor = conn.cursor
+            if not conn.has_more:
+                return
+
+    def _handle(self, entry) -> None:
+        event = entry.dagster_event
+        if event is None:
+            return
+        step = self.labels.get(event.step_key or "", event.step_key or "?")
+        kind = event.event_type_value
+        if kind == "STEP_START":
+            self._line(f"[{self.done + 1}/{self.total}] {step} started")
+        elif kind == "ASSET_MATERIALIZATION":
+            mat = event.event_specific_data.materialization
+            rows = mat.metadata.get("dagster/row_count")
+            label = mat.asset_key.to_user_string()
+            self.rows.setdefault(step, []).append(
+                f"{label}: {rows.value:,} rows" if rows is not None and label != step else
+                (f"{rows.value:,} rows" if rows is not None else "materialized")
+            )
+        elif kind == "ASSET_CHECK_EVALUATION":
+            ev = event.event_specific_data
+            name = ev.asset_check_key.name
+            if ev.passed:
+                self.passed_checks += 1
+                self.checks.setdefault(step, []).append(f"{name} passed")
+            else:
+                severity = getattr(getattr(ev, "severity", None), "value", "ERROR")
+                self.failed_checks.append(f"{ev.asset_check_key.to_user_string()} ({severity})")
+                desc = (ev.description or "").strip().splitlines()
+                self.checks.setdefault(step, []).append(f"{name} FAILED{': ' + desc[0][:160] if desc else ''}")
+        elif kind in ("STEP_SUCCESS", "STEP_FAILURE", "STEP_SKIPPED"):
+            self.done += 1
+            parts = []
+            if kind == "STEP_SUCCESS":
+                secs = (event.event_specific_data.duration_ms or 0.0) / 1000.0
+                parts.append(f"done in {secs:.1f}s")
+            elif kind == "STEP_FAILURE":
+                err = getattr(event.event_specific_data, "error", None)
+                cause = err
+                while cause is not None and getattr(cause, "cause", None) is not None:
+                    cause = cause.cause
+                msg = ((cause.message if cause is not None else None) or event.message or "").strip().splitlines()
+                parts.append("FAILED" + (f": {msg[0][:300]}" if msg else ""))
+            else:
+                parts.append("skipped (an upstream step or blocking check failed)")
+            parts += self.rows.pop(step, [])
+            parts += self.checks.pop(step, [])
+            self._line(f"[{self.done}/{self.total}] {step} " + "; ".join(parts))
+
+
+def _silence_dagster_events(verbose: bool) -> dict:
+    """Run config keeping Dagster's console logger at ERROR unless ``verbose`` (then DEBUG, every event)."""
+    level = "DEBUG" if verbose else "ERROR"
+    return {"loggers": {"console": {"config": {"log_level": level}}}}
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
     home = _ensure_dagster_home()
-    warnings.filterwarnings("ignore", category=UserWarning)
+    from animind_assets.quiet import silence_known_warnings
+
+    silence_known_warnings()
+    import logging
+
     import dagster as dg
     from dagster._core.definitions.observe import observe
+    from dagster._core.utils import make_new_run_id
 
+    if not args.verbose:
+        logging.getLogger("dagster").setLevel(logging.ERROR)
     from animind_assets.definitions import defs
 
     instance = dg.DagsterInstance.get()
@@ -43,8 +149,14 @@ def cmd_demo(args: argparse.Namespace) -> int:
     t0 = time.perf_counter()
     sources = [a for a in defs.assets or [] if isinstance(a, dg.SourceAsset) and a.is_observable]
     if sources:
-        print(f"[animind] observing {len(sources)} source(s) ...", flush=True)
-        observe(sources, instance=instance, resources=defs.resources)
+        t_obs = time.perf_counter()
+        obs = observe(sources, instance=instance, resources=defs.resources, run_config=_silence_dagster_events(args.verbose))
+        versions = [
+            f"{e.asset_key.to_user_string()} {e.event_specific_data.asset_observation.data_version or '-'}"
+            for e in obs.all_events
+            if e.event_type_value == "ASSET_OBSERVATION"
+        ]
+        print(f"[animind] observed {len(sources)} source(s) in {time.perf_counter() - t_obs:.1f}s: {'; '.join(versions)}", flush=True)
     if args.select:
         parts = [p for p in args.select.replace(",", " ").split() if p]
         selection = dg.AssetSelection.from_string(parts[0])
@@ -59,14 +171,46 @@ def cmd_demo(args: argparse.Namespace) -> int:
     materializable = [k for k in keys if graph.get(k).is_materializable and not graph.get(k).is_partitioned]
     if partitioned:
         print(f"[animind] skipping partitioned assets (launch partitions from the UI): {', '.join(partitioned)}")
-    print(f"[animind] materializing {len(materializable)} assets into DAGSTER_HOME={home}", flush=True)
     job = defs.get_implicit_global_asset_job_def()
-    result = job.execute_in_process(
-        instance=instance,
-        asset_selection=materializable,
-        raise_on_error=False,
-        tags={"animind/trigger": "cli-demo"},
+    from dagster._core.execution.api import create_execution_plan
+
+    plan = create_execution_plan(job.get_subset(asset_selection=set(materializable)), run_config=_silence_dagster_events(args.verbose))
+    total = len(plan.step_keys_to_execute)
+    print(
+        f"[animind] materializing {len(materializable)} assets ({total} steps incl. checks) into DAGSTER_HOME={home}",
+        flush=True,
     )
+    run_id = make_new_run_id()
+    box: dict[str, Any] = {}
+
+    def work() -> None:
+        try:
+            box["result"] = job.execute_in_process(
+                instance=instance,
+                asset_selection=materializable,
+                raise_on_error=False,
+                run_id=run_id,
+                run_config=_silence_dagster_events(args.verbose),
+                tags={"animind/trigger": "cli-demo"},
+            )
+        except BaseException as exc:  # noqa: BLE001 - re-raised in the main thread
+            box["error"] = exc
+
+    labels = {}
+    for check_key in job.asset_layer.asset_graph.asset_check_keys:
+        labels[f"{check_key.asset_key.to_python_identifier()}_{check_key.name}"] = f"check {check_key.to_user_string()}"
+    progress = StepProgress(instance, run_id, total, out=lambda line: print(line, flush=True), labels=labels)
+    worker = threading.Thread(target=work, name="animind-demo-run", daemon=True)
+    worker.start()
+    while worker.is_alive():
+        worker.join(0.5)
+        if not args.verbose:
+            progress.poll()
+    if "error" in box:
+        raise box["error"]
+    if not args.verbose:
+        progress.poll()
+    result = box["result"]
     elapsed = time.perf_counter() - t0
     ok = result.success
     checks = [e for e in result.all_events if e.event_type_value == "ASSET_CHECK_EVALUATION"]
@@ -77,6 +221,9 @@ def cmd_demo(args: argparse.Namespace) -> int:
         f"{len(checks)} checks ({len(failed_checks)} failed) in {elapsed:.1f}s",
         flush=True,
     )
+    for e in failed_checks:
+        key = e.event_specific_data.asset_check_key  # type: ignore[union-attr]
+        print(f"[animind]   failed check {key.to_user_string()}: {(e.event_specific_data.description or '').strip()[:300]}")
     print("[animind] open the UI with:  dagster dev   (then http://127.0.0.1:3000)")
     return 0 if ok else 1
 
@@ -118,6 +265,7 @@ def main(argv: list[str] | None = None) -> int:
     sub = parser.add_subparsers(dest="cmd", required=True)
     demo = sub.add_parser("demo", help="observe sources and materialize the asset graph")
     demo.add_argument("--select", default=None, help="asset selections separated by spaces/commas, e.g. 'anime_prep+' (default: every unpartitioned asset)")
+    demo.add_argument("--verbose", "-v", action="store_true", help="print Dagster's event log (DEBUG) instead of one line per step")
     demo.set_defaults(func=cmd_demo)
     paths = sub.add_parser("paths", help="print where data and the Dagster instance live")
     paths.set_defaults(func=cmd_paths)

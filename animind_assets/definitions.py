@@ -12,7 +12,7 @@ from pathlib import Path
 
 import dagster as dg
 
-from animind_assets import automation, code_version
+from animind_assets import automation, code_version, launchpad
 from animind_assets.resources import build_resources
 
 __all__ = ["all_assets", "all_checks", "build_resources", "defs"]
@@ -29,9 +29,10 @@ def with_code_version(obj):
 
 def _build() -> tuple[list, list, dg.Definitions]:
     loaded = dg.load_from_defs_folder(path_within_project=Path(__file__).resolve().parent)
+    launchpad.check_settings()  # animind.yaml: every key names a configurable asset/check
     assets = [with_code_version(a) for a in (loaded.assets or [])]
-    checks = list(loaded.asset_checks or [])
-    auto = automation.definitions_kwargs(assets, include_assets=True)
+    auto = automation.definitions_kwargs(assets, include_assets=True, checks=list(loaded.asset_checks or []))
+    checks = auto.pop("asset_checks")
     return assets, checks, dg.Definitions(
         assets=auto.pop("assets"),
         asset_checks=checks,

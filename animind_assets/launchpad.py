@@ -8,6 +8,12 @@ library's default and nothing is copied by hand.
 
 Deliberate demo-scale overrides of library defaults are listed in one place, ``DEMO_OVERRIDES``, and a test
 asserts field sets and defaults match everywhere else.
+
+The project settings file (``animind.yaml``, see ``animind_assets.settings``) comes last: its values replace
+the defaults of the named asset's config when the code location loads (``apply_settings``; ``derive_config``
+applies it for ``asset=``, hand-written configs use the ``@settings_defaults("<asset>")`` class decorator).
+So the launchpad shows them pre-filled and runs without config (automation, schedules) use them. Every
+settings-applied class keeps the untouched class as ``BUILTIN`` (for subclasses of another asset's config).
 """
 
 from __future__ import annotations
@@ -20,7 +26,9 @@ import typing
 from typing import Any
 
 import dagster as dg
-from pydantic import Field, create_model
+from pydantic import Field, TypeAdapter, ValidationError, create_model
+
+from animind_assets.settings import Settings, check_unknown_names, current_settings
 
 #: asset name -> {field: default used in the launchpad instead of the library default} (why: bounded CPU runs)
 DEMO_OVERRIDES: dict[str, dict[str, Any]] = {
@@ -121,4 +129,77 @@ def derive_config(
     cls.LIB_CLASS = lib_cls  # type: ignore[attr-defined]
     cls.LIB_FIELDS = tuple(lib_names)  # type: ignore[attr-defined]
     cls.__module__ = inspect.currentframe().f_back.f_globals.get("__name__", __name__)  # type: ignore[union-attr]
-    return cls
+    return apply_settings(cls, asset) if asset else cls
+
+
+# --------------------------------------------------------------------------------------------------
+# project settings file -> config defaults
+
+#: names (assets / checks) whose config takes defaults from the settings file -> their config class
+#: without settings (``BUILTIN``)
+CONFIGURABLE: dict[str, type] = {}
+
+
+def _builtin_default(f: Any) -> Any:
+    return f.get_default(call_default_factory=True)
+
+
+def apply_settings(cls: type, name: str, settings: Settings | None = None) -> type:
+    """``cls`` with the settings file's values for ``name`` as field defaults.
+
+    Returns ``cls`` itself when the file has nothing for ``name``, else a subclass of the same name whose
+    changed fields say where their default comes from (``[animind.yaml: 150; built-in default None]``).
+    Either way the result carries ``BUILTIN`` (the class without settings) and ``name`` is registered as
+    configurable (``check_settings`` rejects names nobody registered).
+
+    Raises ``SettingsError`` naming the file, ``name`` and the field for an unknown field or a value that
+    does not validate against the field's type.
+    """
+    settings = settings if settings is not None else current_settings()
+    builtin = getattr(cls, "BUILTIN", cls)
+    CONFIGURABLE[name] = builtin
+    values = settings.for_name(name)
+    if not values:
+        cls.BUILTIN = builtin  # type: ignore[attr-defined]
+        return cls
+    model_fields = cls.model_fields  # type: ignore[attr-defined]
+    by_alias = {(f.alias or k): k for k, f in model_fields.items()}
+    overrides: dict[str, Any] = {}
+    for key, raw in values.items():
+        field_name = key if key in model_fields else by_alias.get(key)
+        if field_name is None:
+            raise settings.error(
+                f"{name}.{key}: unknown config field of {name} ({cls.__name__}); "
+                f"fields: {', '.join(sorted(model_fields))}"
+            )
+        f = model_fields[field_name]
+        try:
+            value = TypeAdapter(f.annotation).validate_python(raw)
+        except ValidationError as exc:
+            first = exc.errors()[0].get("msg", str(exc)) if exc.errors() else str(exc)
+            raise settings.error(f"{name}.{key}: {raw!r} is not valid for this field: {first}") from exc
+        desc = f"{f.description or field_name} [{settings.path.name}: {value!r}; built-in default {_builtin_default(f)!r}]"
+        # a plain default (pydantic copies mutable defaults per instance): Dagster's config schema, and so
+        # the launchpad, only shows defaults given as values, not default_factory
+        overrides[field_name] = (f.annotation, Field(value, description=desc, alias=f.alias))
+    sub = create_model(cls.__name__, __base__=cls, __doc__=cls.__doc__, **overrides)
+    sub.__module__ = cls.__module__
+    sub.__qualname__ = cls.__qualname__
+    sub.BUILTIN = builtin  # type: ignore[attr-defined]
+    sub.SETTINGS = {k: values[k] for k in values}  # type: ignore[attr-defined]
+    return sub
+
+
+def settings_defaults(name: str):
+    """Class decorator for hand-written ``dg.Config`` classes: ``apply_settings(cls, name)``."""
+
+    def wrap(cls: type) -> type:
+        return apply_settings(cls, name)
+
+    return wrap
+
+
+def check_settings(settings: Settings | None = None) -> None:
+    """After every asset module is loaded: reject settings-file keys that name no configurable asset/check
+    (``SettingsError`` naming the file and the key)."""
+    check_unknown_names(settings if settings is not None else current_settings(), set(CONFIGURABLE))

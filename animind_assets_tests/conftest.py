@@ -182,3 +182,25 @@ def kaggle_dir(tmp_path) -> Path:
 @pytest.fixture()
 def sqlite_path(tmp_path) -> Path:
     return write_sqlite(tmp_path / "anilist.sqlite")
+
+
+def add_synthetic_anime(path: Path, n: int, start_id: int = 1000) -> list[int]:
+    """Append ``n`` valid catalog rows (ids ``start_id``...) to an AniMind SQLite file made by
+    ``write_sqlite``; returns their ids. For tests that need more rows than the defect fixture has."""
+    genres = ["Action", "Drama", "Comedy", "Romance", "Sci-Fi", "Fantasy", "Slice of Life", "Mystery"]
+    ids = list(range(start_id, start_id + n))
+    conn = sqlite3.connect(path)
+    for i, anime_id in enumerate(ids):
+        conn.execute(
+            "INSERT INTO anime VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,NULL,NULL,'2020-09-01T00:00:00+00:00')",
+            [
+                anime_id, f"Synthetic Show {anime_id}", f"Synthetic Show {anime_id} (EN)", 6.0 + (i % 30) / 10,
+                ", ".join(genres[j % len(genres)] for j in (i, i + 3)),
+                f"Episode guide {anime_id}: a {genres[i % len(genres)].lower()} story about team {i % 17}.",
+                "TV", 12 + i % 13, f"Spring {1990 + i % 30}", "Studio X", "Original", "PG-13 - Teens 13 or older",
+                10_000 - i,
+            ],
+        )
+    conn.commit()
+    conn.close()
+    return ids

@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import json
 import sqlite3
+import time
 import warnings
+from pathlib import Path
 
 import dagster as dg
 import pytest
@@ -39,22 +41,42 @@ def _foundation():
     return [with_code_version(a) for a in assets], [anime_prep_is_valid]
 
 
-class Ticker:
-    """Evaluates the automation conditions of ``assets`` tick after tick on one instance."""
+PREP_CHECK = "anime_prep:anime_prep_is_valid"
 
-    def __init__(self, assets, instance, resources):
+
+class Ticker:
+    """Evaluates the automation conditions of ``assets`` (and ``checks``) tick after tick on one instance."""
+
+    def __init__(self, assets, instance, resources, checks=()):
         self.assets = assets
+        self.checks = list(checks)
         self.instance = instance
         self.resources = resources
         self.cursor = None
 
     def tick(self, assets=None) -> dict[str, int]:
+        """``{asset key or 'asset:check' name: number requested}`` for everything requested on this tick."""
         if assets is not None:
             self.assets = assets
-        defs = dg.Definitions(assets=self.assets, resources=self.resources)
+        defs = dg.Definitions(assets=self.assets, asset_checks=self.checks, resources=self.resources)
         result = dg.evaluate_automation_conditions(defs=defs, instance=self.instance, cursor=self.cursor)
         self.cursor = result.cursor
-        return {k.to_user_string(): result.get_num_requested(k) for k in (PREP, INTERACTIONS) if result.get_num_requested(k)}
+        self.last = result
+        return {r.key.to_user_string(): r.true_subset.size for r in result.results if r.true_subset.size}
+
+    def explain(self, key: str) -> str:
+        """The last tick's condition tree of ``key`` (label and true size per node), for failure messages."""
+        lines: list[str] = []
+
+        def walk(res, depth=0):
+            lines.append(f"{'  ' * depth}{res.condition.get_label() or type(res.condition).__name__}: {res.true_subset.size}")
+            for child in res.child_results:
+                walk(child, depth + 1)
+
+        for res in self.last.results:
+            if res.key.to_user_string() == key:
+                walk(res)
+        return "\n".join(lines)
 
 
 @pytest.fixture()
@@ -64,12 +86,12 @@ def world(animind_env, sqlite_path):
     from animind_assets.resources import AnimeSource
 
     assets, checks = _foundation()
-    kwargs = automation.definitions_kwargs(assets, include_assets=True)
-    auto_assets = kwargs["assets"]
+    kwargs = automation.definitions_kwargs(assets, include_assets=True, checks=checks)
+    auto_assets, checks = kwargs["assets"], kwargs["asset_checks"]
     resources = _resources(AnimeSource(kind="sqlite", sqlite_path=str(sqlite_path)))
     defs = dg.Definitions(assets=auto_assets, asset_checks=checks, resources=resources, jobs=kwargs["jobs"])
     instance = dg.DagsterInstance.ephemeral()
-    ticker = Ticker(auto_assets, instance, resources)
+    ticker = Ticker(auto_assets, instance, resources, checks)
 
     def observe():
         result = defs.resolve_job_def(automation.OBSERVE_JOB_NAME).execute_in_process(instance=instance)
@@ -98,6 +120,8 @@ def world(animind_env, sqlite_path):
         "sqlite": sqlite_path,
         "instance": instance,
         "assets": auto_assets,
+        "checks": checks,
+        "resources": resources,
     }
 
 
@@ -120,8 +144,9 @@ def test_catalog_change_requests_downstream_chain_once(world):
     after = world["observe"]()
     assert after["anime_catalog_source"] != before["anime_catalog_source"]
     assert after["watchlist_source"] == before["watchlist_source"]
-    # anime_prep because its source changed, user_interactions because anime_prep is requested too
-    assert world["ticker"].tick() == {"anime_prep": 1, "user_interactions": 1}
+    # anime_prep because its source changed, user_interactions because anime_prep is requested too,
+    # and anime_prep's (separately defined, blocking) check with its asset, into the same run
+    assert world["ticker"].tick() == {"anime_prep": 1, "user_interactions": 1, PREP_CHECK: 1}
     assert world["ticker"].tick() == {}, "already requested: not requested again on the next tick"
     world["materialize"]()
     assert world["ticker"].tick() == {}
@@ -155,7 +180,8 @@ def test_code_version_bump_is_stale_and_requested(world):
     assert resolver.get_status(PREP) == StaleStatus.STALE
     causes = resolver.get_stale_causes(PREP)
     assert any("code version" in c.reason for c in causes), causes
-    assert world["ticker"].tick(bumped) == {"anime_prep": 1, "user_interactions": 1}
+    requested = world["ticker"].tick(bumped)
+    assert requested == {"anime_prep": 1, "user_interactions": 1, PREP_CHECK: 1}, world["ticker"].explain("anime_prep")
     assert world["ticker"].tick(bumped) == {}
 
 
@@ -290,6 +316,26 @@ def test_automation_plan_on_the_live_graph():
     assert observe == {dg.AssetKey("anime_catalog_source"), dg.AssetKey("watchlist_source")}
 
 
+def test_every_check_of_an_automated_asset_runs_with_it():
+    """The project's Definitions: each check (separate ``@asset_check`` or ``check_specs``) of an asset
+    carrying the automation condition has the check condition, so automated runs evaluate it."""
+    from animind_assets import automation
+    from animind_assets.definitions import defs
+
+    graph = defs.resolve_asset_graph()
+    checks = graph.asset_check_keys
+    assert {"anime_prep_is_valid", "anime_embeddings_finite", "anime_embeddings_unit_norm", "ids_unique"} <= {
+        k.name for k in checks
+    }
+    missing = []
+    for key in checks:
+        asset = graph.get(key.asset_key)
+        if asset.automation_condition == automation.AUTOMATION_CONDITION:
+            if graph.get(key).automation_condition != automation.CHECK_AUTOMATION_CONDITION:
+                missing.append(key.to_user_string())
+    assert not missing, f"checks of automated assets without the check condition: {missing}"
+
+
 def test_every_asset_in_defs_has_code_version_and_automation():
     """Every materializable asset of the project's Definitions has a code_version (observable sources
     cannot carry one: their version is the observed data version), and the unpartitioned ones carry
@@ -319,3 +365,220 @@ def test_every_asset_in_defs_has_code_version_and_automation():
             assert node.automation_condition is None or node.automation_condition != automation.AUTOMATION_CONDITION
     names = {s.name for s in defs.sensors} if defs.sensors else set()
     assert {automation.AUTOMATION_SENSOR_NAME, automation.FAILURE_SENSOR_NAME} <= names
+
+
+def test_check_requested_when_asset_updated_without_it(world):
+    """A run that materialized anime_prep but skipped its check: the next tick runs the check (and the
+    downstream asset, which may go in the same run because the blocking check is requested with it)."""
+    world["ticker"].tick()
+    result = dg.materialize(
+        [*world["assets"], *world["checks"]],
+        resources=world["resources"],
+        instance=world["instance"],
+        selection=dg.AssetSelection.assets(PREP).without_checks(),
+    )
+    assert result.success
+    assert not [e for e in result.all_events if e.event_type_value == "ASSET_CHECK_EVALUATION"]
+    assert world["ticker"].tick() == {"user_interactions": 1, PREP_CHECK: 1}
+    assert world["ticker"].tick() == {}
+
+
+def _toy_graph(fail: dict):
+    """up (+ a separately defined blocking check that fails while ``fail['up']``) -> down."""
+
+    @dg.asset(code_version="1")
+    def up():
+        return 1
+
+    @dg.asset_check(asset=up, blocking=True)
+    def up_ok():
+        return dg.AssetCheckResult(passed=not fail["up"], description="up is broken" if fail["up"] else "fine")
+
+    @dg.asset(code_version="1", deps=[up])
+    def down():
+        return 2
+
+    from animind_assets import automation
+
+    kwargs = automation.definitions_kwargs([up, down], include_assets=True, checks=[up_ok])
+    return kwargs["assets"], kwargs["asset_checks"]
+
+
+def test_failed_blocking_check_stops_downstream(tmp_path):
+    """In the run (Dagster's blocking checks skip the downstream step) and on later ticks (the automation
+    condition waits for upstream blocking checks to pass)."""
+    fail = {"up": False}
+    assets, checks = _toy_graph(fail)
+    instance = dg.DagsterInstance.ephemeral()
+    ticker = Ticker(assets, instance, {}, checks)
+    ticker.tick()
+    assert dg.materialize([*assets, *checks], instance=instance).success
+    assert ticker.tick() == {}
+
+    fail["up"] = True
+    bumped = [
+        a.map_asset_specs(lambda s: s.replace_attributes(code_version="2")) if dg.AssetKey("up") in a.keys else a
+        for a in assets
+    ]
+    assert ticker.tick(bumped) == {"up": 1, "down": 1, "up:up_ok": 1}, "code change: up, its check and down in one run"
+    result = dg.materialize([*bumped, *checks], instance=instance, raise_on_error=False, selection=["up", "down"])
+    evaluations = [e.event_specific_data for e in result.all_events if e.event_type_value == "ASSET_CHECK_EVALUATION"]
+    assert [(ev.asset_check_key.name, ev.passed) for ev in evaluations] == [("up_ok", False)]
+    materialized = {e.asset_key.to_user_string() for e in result.get_asset_materialization_events()}
+    assert materialized == {"up"}, "the failed blocking check must stop down inside the run"
+    # down's code changes too: still not requested while up's blocking check is failed
+    bumped_down = [
+        a.map_asset_specs(lambda s: s.replace_attributes(code_version="3")) if dg.AssetKey("down") in a.keys else a
+        for a in bumped
+    ]
+    assert ticker.tick(bumped_down) == {}
+    fail["up"] = False
+    assert dg.materialize([*bumped_down, *checks], instance=instance, selection=["up"]).success
+    assert ticker.tick(bumped_down) == {"down": 1}, "blocking check passed again: down catches up"
+
+
+# --------------------------------------------------------------------------------------------------
+# a real daemon tick: the AssetDaemon evaluates the automation sensor of a code location served by a
+# gRPC code server and launches the run in its own process (what `dagster dev` does)
+
+DAEMON_DEFS = '''
+"""Foundation graph as the project wires it, served to the test daemon (in-process executor)."""
+import dagster as dg
+
+from animind_assets import automation
+from animind_assets.resources import anime_source_from_env, build_resources
+from animind_assets.defs.sources.anime_catalog_source import anime_catalog_source
+from animind_assets.defs.sources.watchlist_source import watchlist_source
+from animind_assets.defs.prep.anime_prep import anime_prep, anime_prep_is_valid
+from animind_assets.defs.prep.user_interactions import user_interactions
+from animind_assets import code_version
+
+
+def versioned(obj):
+    if not isinstance(obj, dg.AssetsDefinition) or not obj.is_materializable:
+        return obj
+    version = code_version.code_version_for_module(code_version.defining_module(obj))
+    return obj.map_asset_specs(lambda spec: spec.replace_attributes(code_version=version))
+
+
+@dg.asset(code_version="1", deps=[anime_prep], check_specs=[dg.AssetCheckSpec("has_rows", asset="prep_summary")])
+def prep_summary():
+    """Stands for semantic_ids: an asset whose checks are declared inside it (check_specs). A run that
+    holds such an asset used to drop the separately defined checks of the other assets."""
+    yield dg.MaterializeResult(check_results=[dg.AssetCheckResult(check_name="has_rows", passed=True)])
+
+
+_assets = [*(versioned(a) for a in (anime_catalog_source, watchlist_source, anime_prep, user_interactions)), prep_summary]
+_auto = automation.definitions_kwargs(_assets, include_assets=True, checks=[anime_prep_is_valid])
+defs = dg.Definitions(
+    assets=_auto.pop("assets"),
+    asset_checks=_auto.pop("asset_checks"),
+    resources=build_resources(anime_source=anime_source_from_env(), mlflow_enabled=False),
+    executor=dg.in_process_executor,
+    **_auto,
+)
+'''
+
+
+SUMMARY = dg.AssetKey("prep_summary")
+
+
+def _load_module(path):
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(f"daemon_defs_{abs(hash(str(path)))}", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_daemon_tick_runs_checks_and_keeps_the_settings_file(animind_env, tmp_path, monkeypatch):
+    """Settings file ``anime_prep: {limit: 150}``; a manual run with a one-run launchpad edit (limit 100);
+    3 texts change in the source; the observation + a real AssetDaemon tick launch one automated run in a
+    subprocess which materializes anime_prep with limit 150 (the settings file, not the last run's edit)
+    and evaluates every check: anime_prep's separately defined blocking check and prep_summary's own.
+    (Without check conditions Dagster 1.13 drops the separate check from a run that also holds an asset
+    with ``check_specs``, as semantic_ids has.)"""
+    from dagster._core.test_utils import create_test_daemon_workspace_context
+    from dagster._core.workspace.load_target import PythonFileTarget
+    from dagster._daemon.asset_daemon import AssetDaemon
+
+    from animind_assets import automation
+    from animind_assets_tests.conftest import add_synthetic_anime, write_sqlite
+
+    db = write_sqlite(tmp_path / "catalog.sqlite")
+    ids = add_synthetic_anime(db, 200)
+    settings = tmp_path / "animind.yaml"
+    settings.write_text("# test settings\nanime_prep:\n  limit: 150\n")
+    monkeypatch.setenv("ANIMIND_SETTINGS", str(settings))
+    monkeypatch.setenv("ANIMIND_SOURCE", "sqlite")
+    monkeypatch.setenv("ANIMIND_SQLITE_PATH", str(db))
+    monkeypatch.setenv("ANIMIND_AUTOMATION_INTERVAL_S", "1")
+    module_file = tmp_path / "daemon_defs.py"
+    module_file.write_text(DAEMON_DEFS)
+    local = _load_module(module_file).defs
+    root = str(Path(__file__).resolve().parent.parent)
+
+    overrides = {
+        "run_coordinator": {"module": "dagster._core.run_coordinator", "class": "DefaultRunCoordinator"},
+        "run_launcher": {"module": "dagster._core.launcher", "class": "DefaultRunLauncher"},
+    }
+    (tmp_path / "home").mkdir()
+    with dg.instance_for_test(overrides=overrides, temp_dir=str(tmp_path / "home")) as instance:
+        assert local.resolve_job_def(automation.OBSERVE_JOB_NAME).execute_in_process(instance=instance).success
+        manual = local.resolve_implicit_global_asset_job_def().execute_in_process(
+            instance=instance,
+            asset_selection=[PREP, INTERACTIONS, SUMMARY],
+            run_config={"ops": {"anime_prep": {"config": {"limit": 100}}}},  # a launchpad edit: this run only
+        )
+        assert manual.success
+        assert manual.asset_materializations_for_node("anime_prep")[0].metadata["dagster/row_count"].value == 100
+
+        target = PythonFileTarget(
+            python_file=str(module_file), attribute="defs", working_directory=root, location_name="daemon_test"
+        )
+        with create_test_daemon_workspace_context(target, instance) as workspace:
+            daemon = AssetDaemon(settings=instance.get_auto_materialize_settings(), pre_sensor_interval_seconds=0)
+
+            def tick():
+                time.sleep(1.2)  # the sensor's minimum interval (ANIMIND_AUTOMATION_INTERVAL_S=1)
+                daemon._run_iteration_impl(workspace, threadpool_executor=None, amp_tick_futures={}, debug_crash_flags={})
+
+            tick()  # first evaluation of the conditions: nothing changed, nothing requested
+            assert not instance.get_runs(filters=dg.RunsFilter(tags={"dagster/auto_materialize": "true"}))
+
+            conn = sqlite3.connect(db)
+            for anime_id in ids[:3]:
+                conn.execute("UPDATE anime SET synopsis = synopsis || ' Remastered.' WHERE anime_id = ?", [anime_id])
+            conn.commit()
+            conn.close()
+            assert local.resolve_job_def(automation.OBSERVE_JOB_NAME).execute_in_process(instance=instance).success
+            tick()
+            runs = instance.get_runs(filters=dg.RunsFilter(tags={"dagster/auto_materialize": "true"}))
+            assert len(runs) == 1, f"one automated run expected, got {[(r.run_id, r.status) for r in runs]}"
+            run = runs[0]
+            deadline = time.monotonic() + 300
+            while not run.is_finished and time.monotonic() < deadline:
+                time.sleep(1)
+                run = instance.get_run_by_id(run.run_id)
+            assert run.status == dg.DagsterRunStatus.SUCCESS, (run.status, _failure_text(instance, run.run_id))
+            tick()
+            assert len(instance.get_runs(filters=dg.RunsFilter(tags={"dagster/auto_materialize": "true"}))) == 1
+        checks = instance.all_logs(run.run_id, of_type=dg.DagsterEventType.ASSET_CHECK_EVALUATION)
+        materializations = instance.all_logs(run.run_id, of_type=dg.DagsterEventType.ASSET_MATERIALIZATION)
+
+    assert run.asset_selection == {PREP, INTERACTIONS, SUMMARY}
+    assert not run.run_config.get("ops"), "the automated run sets no config: defaults come from animind.yaml"
+    evaluated = {(e.dagster_event.event_specific_data.asset_check_key.name, e.dagster_event.event_specific_data.passed) for e in checks}
+    assert evaluated == {("anime_prep_is_valid", True), ("has_rows", True)}, "every check of the run's assets"
+    prep = next(
+        e.dagster_event.event_specific_data.materialization
+        for e in materializations
+        if e.dagster_event.asset_key == PREP
+    )
+    assert prep.metadata["dagster/row_count"].value == 150, "automated run must use the settings file's limit"
+
+
+def _failure_text(instance, run_id: str) -> str:
+    events = instance.all_logs(run_id, of_type={dg.DagsterEventType.STEP_FAILURE, dg.DagsterEventType.RUN_FAILURE})
+    return "\n".join((e.message or "")[:1500] for e in events)

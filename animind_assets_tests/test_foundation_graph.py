@@ -164,3 +164,46 @@ def test_definitions_load_and_every_asset_has_code_version():
     assert {"anime_catalog_source", "watchlist_source", "anime_prep", "user_interactions"} <= keys
     for key in graph.materializable_asset_keys:
         assert graph.get(key).code_version, f"{key.to_user_string()} has no code_version"
+
+
+def test_cli_demo_is_quiet_one_line_per_step(tmp_path):
+    """`animind demo` (a real subprocess on a fresh DAGSTER_HOME, the foundation group on a SQLite source)
+    prints one start and one end line per step (rows, seconds, check results) and the summary; no Dagster
+    DEBUG events and no beta warnings. The settings file's limit shows up in the rows."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from animind_assets_tests.conftest import add_synthetic_anime, write_sqlite
+
+    db = write_sqlite(tmp_path / "src.sqlite")
+    add_synthetic_anime(db, 40)
+    settings = tmp_path / "animind.yaml"
+    settings.write_text("anime_prep:\n  limit: 30\n")
+    root = Path(__file__).resolve().parent.parent
+    env = {
+        **os.environ,
+        "DAGSTER_HOME": str(tmp_path / "home"),
+        "ANIMIND_DATA_DIR": str(tmp_path / "data"),
+        "ANIMIND_SOURCE": "sqlite",
+        "ANIMIND_SQLITE_PATH": str(db),
+        "ANIMIND_SETTINGS": str(settings),
+        "DAGSTER_DISABLE_TELEMETRY": "yes",
+        "PYTHONPATH": str(root) + os.pathsep + os.environ.get("PYTHONPATH", ""),
+    }
+    proc = subprocess.run(
+        [sys.executable, "-m", "animind_assets.cli", "demo", "--select", "group:prep"],
+        cwd=root, env=env, capture_output=True, text=True, timeout=600,
+    )
+    out, err = proc.stdout, proc.stderr
+    assert proc.returncode == 0, f"{out}\n{err[-3000:]}"
+    lines = out.strip().splitlines()
+    assert len(lines) == 2 + 2 * 3 + 2, out  # observe + plan, 3 steps x (start, end), summary + UI hint
+    assert all(line.startswith("[animind] ") for line in lines), out
+    assert any("[1/3] anime_prep started" in line for line in lines), out
+    assert any("anime_prep done in" in line and "30 rows" in line for line in lines), out
+    assert any("check anime_prep:anime_prep_is_valid done in" in line and "anime_prep_is_valid passed" in line for line in lines), out
+    assert "SUCCESS; 2 materializations, 1 checks (0 failed)" in out
+    for noise in ("DEBUG", "STEP_START", "BetaWarning", "PreviewWarning"):
+        assert noise not in out and noise not in err, f"{noise} printed:\n{out}\n{err[-3000:]}"

@@ -65,7 +65,7 @@ def test_sentinel_secrets_appear_nowhere(tmp_path, monkeypatch, sqlite_path):
     @dg.asset(code_version="1", deps=["anime_prep"])
     def mlflow_probe(context: dg.AssetExecutionContext, mlflow: MlflowResource) -> dg.MaterializeResult:
         """Exercises the MLflow resource the way training assets do (params, metrics, run link)."""
-        with mlflow.start_run("secret-probe", tags={"asset": "mlflow_probe"}) as run:
+        with mlflow.start_run(context, tags={"probe": "secrets"}) as run:
             run.log_params({"lr": 0.001, "epochs": 1})
             run.log_metrics({"loss": 0.5}, step=1)
             context.log.info(f"mlflow run {run.run_id}")

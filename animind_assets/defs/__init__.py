@@ -1,1 +1,5 @@
 """The Dagster layer, loaded with ``dg.load_from_defs_folder``: one sub-package per asset group."""
+
+from animind_assets.quiet import silence_known_warnings as _silence
+
+_silence()  # Dagster's beta/preview notices for features AniMind relies on, once per process

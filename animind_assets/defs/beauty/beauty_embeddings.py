@@ -25,12 +25,14 @@ from animind_assets.lib.embeddings import (
 from animind_assets.defs.embeddings.config import AnimeEmbeddingsConfig
 from animind_assets.meta import hist_plot, rate_metadata, scalar_metadata, table_metadata
 from animind_assets.resources import DuckDBWarehouse, ParquetExports
+from animind_assets.launchpad import settings_defaults
 
 ASSET = "beauty_embeddings"
 ID_COLUMN = "item_id"
 
 
-class BeautyEmbeddingsConfig(AnimeEmbeddingsConfig):
+@settings_defaults("beauty_embeddings")
+class BeautyEmbeddingsConfig(AnimeEmbeddingsConfig.BUILTIN):  # not anime_embeddings' settings
     """Every knob of ``anime_embeddings`` plus the fallback text for items without text."""
 
     batch_size: int = Field(128, description="texts per forward pass")

@@ -12,7 +12,6 @@ warning; at least one trained model is required.
 import time
 
 import dagster as dg
-import numpy as np
 import polars as pl
 from pydantic import Field
 
@@ -22,6 +21,7 @@ from animind_assets.lib.retrieval.evaluation import METRICS, PUBLISHED_BEAUTY, e
 from animind_assets.lib.retrieval.seqtrain import make_scorer, resolve_device
 from animind_assets.meta import image_md, markdown_table, scalar_metadata, table_metadata
 from animind_assets.resources import ArtifactStoreResource, ParquetExports
+from animind_assets.launchpad import settings_defaults
 
 ASSET = "beauty_eval"
 SCHEMA = {
@@ -32,6 +32,7 @@ SCHEMA = {
 }
 
 
+@settings_defaults("beauty_eval")
 class BeautyEvalConfig(dg.Config):
     models: list[str] = Field(default_factory=lambda: ["popularity", "sasrec", "rpg", "tiger"],
                               description="rows to evaluate: popularity | sasrec | rpg | tiger (missing models are skipped)")

@@ -16,6 +16,10 @@ from animind_assets.defs.beauty.shared import GROUP, AmazonSourceConfig, source_
 from animind_assets.lib.data.sources import require_kept
 from animind_assets.meta import hist_plot, scalar_metadata, table_metadata
 from animind_assets.resources import ParquetExports
+from animind_assets.launchpad import apply_settings
+
+
+BeautyInteractionsConfig = apply_settings(AmazonSourceConfig, "beauty_interactions")
 
 
 @dg.asset(
@@ -24,7 +28,7 @@ from animind_assets.resources import ParquetExports
     description="Amazon Beauty interactions in per-user chronological order (seq), leave-one-out ready.",
 )
 def beauty_interactions(
-    context: dg.AssetExecutionContext, config: AmazonSourceConfig, exports: ParquetExports
+    context: dg.AssetExecutionContext, config: BeautyInteractionsConfig, exports: ParquetExports
 ) -> dg.Output[pl.DataFrame]:
     t0 = time.perf_counter()
     data = config.load()

@@ -19,6 +19,10 @@ from animind_assets.meta import hist_plot, scalar_metadata, table_metadata
 from animind_assets.resources import ParquetExports
 
 from animind_assets.defs.beauty.shared import GROUP, AmazonSourceConfig, source_metadata
+from animind_assets.launchpad import apply_settings
+
+
+BeautyItemsConfig = apply_settings(AmazonSourceConfig, "beauty_items")
 
 
 @dg.asset(
@@ -26,7 +30,7 @@ from animind_assets.defs.beauty.shared import GROUP, AmazonSourceConfig, source_
     kinds={"polars", "duckdb"},
     description="Amazon Beauty items (item_id, asin, text, title, brand, categories, price, description, has_text).",
 )
-def beauty_items(context: dg.AssetExecutionContext, config: AmazonSourceConfig, exports: ParquetExports) -> dg.Output[pl.DataFrame]:
+def beauty_items(context: dg.AssetExecutionContext, config: BeautyItemsConfig, exports: ParquetExports) -> dg.Output[pl.DataFrame]:
     t0 = time.perf_counter()
     data = config.load()
     df = data.items

@@ -18,10 +18,12 @@ from animind_assets.lib.retrieval.pq import PQConfig, product_quantize
 from animind_assets.lib.semantic_ids.assign import frame_vectors
 from animind_assets.meta import image_md, scalar_metadata, table_metadata
 from animind_assets.resources import ParquetExports
+from animind_assets.launchpad import settings_defaults
 
 ASSET = "beauty_pq_codes"
 
 
+@settings_defaults("beauty_pq_codes")
 class BeautyPqCodesConfig(dg.Config):
     n_codebooks: int = Field(32, description="codes per item (sub-vectors)")
     codebook_size: int = Field(256, description="codes per codebook (power of two for faiss)")

@@ -23,11 +23,13 @@ from animind_assets.lib.semantic_ids.quantizers.metrics import code_stats
 from animind_assets.lib.semantic_ids.assign import assign_semantic_ids, frame_vectors, level_sizes, semantic_id_frame
 from animind_assets.meta import bar_plot, counts_md, lines_plot, scalar_metadata, table_metadata
 from animind_assets.resources import ArtifactStoreResource, MlflowResource, ParquetExports
+from animind_assets.launchpad import settings_defaults
 
 ASSET = "beauty_semantic_ids"
 QUANTIZER_DIR = ("beauty_semantic_ids", "quantizer")
 
 
+@settings_defaults("beauty_semantic_ids")
 class BeautySemanticIdsConfig(dg.Config):
     preset: str = Field("default", description=f"quantizer preset: {', '.join(PRESETS)} (default = the library default, RQ-KMeans 3x256; 'rqvae' = TIGER's RQ-VAE)")
     quantizer: Optional[str] = Field(None, description="override: 'rqvae' | 'rqkmeans'")
@@ -79,18 +81,15 @@ def beauty_semantic_ids(
     ckpt_dir = store.path(*QUANTIZER_DIR)
     store.sweep(*QUANTIZER_DIR, log=context.log.info)  # temp files of killed runs
     context.log.info(f"{ASSET}: {len(ids)} vectors of dim {x.shape[1]}; {qcfg.quantizer} {qcfg.levels}x{qcfg.codebook_size}")
-    with mlflow.start_run(run_name=ASSET, tags={"asset": ASSET}) as run:
-        if run is not None:
-            run.log_params({k: json.dumps(v) if isinstance(v, list) else v for k, v in qcfg.to_dict().items()})
+    with mlflow.start_run(context) as run:
+        run.log_params({k: json.dumps(v) if isinstance(v, list) else v for k, v in qcfg.used_params().items()})
 
         def on_epoch(rec: dict) -> None:
-            if run is not None:
-                run.log_metrics({k: v for k, v in rec.items() if k != "epoch"}, step=int(rec["epoch"]))
+            run.log_metrics({k: v for k, v in rec.items() if k != "epoch"}, step=int(rec["epoch"]))
 
         result = train_quantizer(x, qcfg, log=context.log.info, on_epoch=on_epoch, checkpoint_dir=ckpt_dir, resume=config.resume or None)
-        if run is not None:
-            run.log_metrics({f"final_{k}": v for k, v in result.metrics.items()})
-        run_link = run.link if run is not None else None
+        run.log_metrics({f"final_{k}": v for k, v in result.metrics.items()})
+        run_link = run.link
     if not result.finished:
         raise dg.Failure(
             description=f"{ASSET}: quantizer training stopped after epoch {result.metrics.get('epochs_completed')} of "

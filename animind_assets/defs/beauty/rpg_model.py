@@ -21,10 +21,12 @@ from animind_assets.lib.retrieval.rpg import RPGConfig, save_rpg, train_rpg
 from animind_assets.lib.retrieval.seqtrain import SeqTrainConfig
 from animind_assets.meta import scalar_metadata
 from animind_assets.resources import ArtifactStoreResource
+from animind_assets.launchpad import settings_defaults
 
 ASSET = "rpg_model"
 
 
+@settings_defaults("rpg_model")
 class RpgModelConfig(dg.Config):
     hidden: int = Field(256, description="hidden size (paper: 448)")
     layers: int = Field(2, description="transformer layers")

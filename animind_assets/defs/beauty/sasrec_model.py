@@ -19,10 +19,12 @@ from animind_assets.lib.retrieval.sasrec import SASRecConfig, save_sasrec, train
 from animind_assets.lib.retrieval.seqtrain import SeqTrainConfig
 from animind_assets.meta import scalar_metadata
 from animind_assets.resources import ArtifactStoreResource
+from animind_assets.launchpad import settings_defaults
 
 ASSET = "sasrec_model"
 
 
+@settings_defaults("sasrec_model")
 class SasrecModelConfig(dg.Config):
     loss: str = Field("ce", description="'ce' (full softmax over all items) | 'bce' (1 sampled negative, original paper)")
     hidden: int = Field(64, description="hidden size")

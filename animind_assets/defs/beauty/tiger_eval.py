@@ -35,6 +35,7 @@ from animind_assets.lib.retrieval.tiger import (
 )
 from animind_assets.meta import bar_plot, image_md, markdown_table, scalar_metadata, table_metadata
 from animind_assets.resources import ArtifactStoreResource, MlflowResource, ParquetExports
+from animind_assets.launchpad import settings_defaults
 
 ASSET = "tiger_eval"
 SCHEMA = {
@@ -58,6 +59,7 @@ SCHEMA = {
 LABELS = {"own": "TIGER, own IDs (beauty_semantic_ids)", "reference": "TIGER, reference IDs (index_rqvae.json)"}
 
 
+@settings_defaults("tiger_eval")
 class TigerEvalConfig(dg.Config):
     id_sources: list[str] = Field(default_factory=lambda: list(ID_SOURCES), description="tiger_model partitions to evaluate (missing ones are skipped with a warning)")
     beams: int = Field(20, description="beam width of the constrained search (>= 10)")
@@ -174,14 +176,13 @@ def tiger_eval(
     df = pl.DataFrame(rows, schema=SCHEMA)
     export = exports.write(df, ASSET)
 
-    with mlflow.start_run(run_name=ASSET, tags={"asset": ASSET}) as run:
-        if run is not None:
-            run.log_params({"beams": config.beams, "test_users": len(test), "id_sources": ",".join(found), "data_fingerprint": data_fp})
-            for r in rows:
-                if r["kind"] != "published":
-                    tag = r["id_source"] or "popularity"
-                    run.log_metrics({f"{tag}_{k}": r[k] for k in (*REPORT_METRICS, "invalid_id_rate") if r[k] is not None})
-        run_link = run.link if run is not None else None
+    with mlflow.start_run(context) as run:
+        run.log_params({"beams": config.beams, "test_users": len(test), "id_sources": ",".join(found), "data_fingerprint": data_fp})
+        for r in rows:
+            if r["kind"] != "published":
+                tag = r["id_source"] or "popularity"
+                run.log_metrics({f"{tag}_{k}": r[k] for k in (*REPORT_METRICS, "invalid_id_rate") if r[k] is not None})
+        run_link = run.link
 
     plot_rows = {r["model"]: r for r in rows}
     headline = {}

@@ -148,20 +148,17 @@ def tiger_model(
     for parts in ((ASSET, id_source, "checkpoints"), (ASSET, id_source)):
         store.sweep(*parts, log=context.log.info)  # temp files of killed runs
 
-    with mlflow.start_run(run_name=f"{ASSET}[{id_source}]", tags={"asset": ASSET, "id_source": id_source}) as run:
-        if run is not None:
-            run.log_params({**cfg.to_dict(), "id_source": id_source, "id_file": id_info["id_file"], "vocab_size": codec.vocab_size,
-                            "levels": codec.levels, "data_fingerprint": data_fp, "codec_fingerprint": codec_fp})
+    with mlflow.start_run(context, tags={"id_source": id_source}) as run:
+        run.log_params({**cfg.to_dict(), "id_source": id_source, "id_file": id_info["id_file"], "vocab_size": codec.vocab_size,
+                        "levels": codec.levels, "data_fingerprint": data_fp, "codec_fingerprint": codec_fp})
 
         def on_eval(rec: dict) -> None:
-            if run is not None:
-                run.log_metrics({k: v for k, v in rec.items() if k != "step"}, step=int(rec["step"]))
+            run.log_metrics({k: v for k, v in rec.items() if k != "step"}, step=int(rec["step"]))
 
         result = train_tiger(split, codec, cfg, checkpoint_dir=ckpt_dir, resume=config.resume, log=context.log.info, on_eval=on_eval, fingerprint=fingerprint)
-        if run is not None:
-            run.log_metrics({f"best_{k}": v for k, v in result.best.items() if k.startswith("val_")})
-        run_id = run.run_id if run is not None else None
-        run_link = run.link if run is not None else None
+        run.log_metrics({f"best_{k}": v for k, v in result.best.items() if k.startswith("val_")})
+        run_id = run.run_id
+        run_link = run.link
 
     extra = {
         "id_source": id_source,

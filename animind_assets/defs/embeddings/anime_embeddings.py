@@ -38,6 +38,7 @@ from animind_assets.defs.embeddings.sharding import (
     sharded_check_kwargs,
     with_shard_column,
 )
+from animind_assets.launchpad import settings_defaults
 
 
 @dg.asset(
@@ -148,6 +149,7 @@ def anime_embeddings_finite(anime_embeddings: pl.DataFrame) -> dg.AssetCheckResu
     return _result(check_finite(anime_embeddings, ID_COLUMN))
 
 
+@settings_defaults("anime_embeddings_unit_norm")
 class UnitNormCheckConfig(dg.Config):
     tolerance: float = Field(1e-3, description="allowed |norm - 1|")
     expect_normalized: Optional[bool] = Field(
@@ -169,6 +171,7 @@ def anime_embeddings_unit_norm(
     return _result(check_unit_norm(anime_embeddings, ID_COLUMN, tol=config.tolerance))
 
 
+@settings_defaults("anime_embeddings_no_collapse")
 class CollapseCheckConfig(dg.Config):
     threshold: Optional[float] = Field(
         None, description=f"mean pairwise cosine must be below this (None = the asset's collapse_threshold, default {DEFAULT_COLLAPSE_THRESHOLD})"

@@ -16,7 +16,6 @@ from pathlib import Path
 
 import dagster as dg
 import polars as pl
-import torch
 from pydantic import Field
 
 from animind_assets.gpu import GPU_OP_TAGS, GPU_POOL
@@ -137,20 +136,19 @@ def finetuned_model(
     codebooks = load_codebooks(store, config.rqvae_checkpoint, context.log.info) if cfg.warm_start == "rqvae" else None
     local_root = Path(store.root.path) if str(getattr(store.root, "protocol", "") or "") in ("", "file", "local") else data_dir()
     work = local_root / WORK_DIR
-    with mlflow.start_run("finetuned_model", tags={"asset": "finetuned_model", "base_model": cfg.base_model}) as run:
+    with mlflow.start_run(context, tags={"base_model": cfg.base_model}) as run:
         result = run_finetune(
             llm_prep_dataset, lookup, cfg, work, codebooks=codebooks, special_tokens=SPECIAL_TOKENS,
             log=context.log.info, run=run,
         )
         with store.atomic_dir(MODEL_DIR) as tmp:
             files = save_model_folder(result, lookup, tmp)
-            if run is not None and config.log_model_to_mlflow:
+            if config.log_model_to_mlflow:
                 for f in sorted(Path(tmp).iterdir()):
                     run.log_artifact(str(f), artifact_path="model")
-        if run is not None:
-            run.log_metrics(result.metrics)
-        run_id = run.run_id if run is not None else None
-        run_link = run.link if run is not None else None
+        run.log_metrics(result.metrics)
+        run_id = run.run_id
+        run_link = run.link
     elapsed = time.perf_counter() - t0
     m = result.metrics
     info = result.info

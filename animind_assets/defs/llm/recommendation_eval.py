@@ -86,12 +86,11 @@ def recommendation_eval(
     kmax = max(cfg.ks)
     flat = {f"{m}_{k}": v for m, d in res.metrics.items() for k, v in d.items() if not k.startswith("recall")}
     s = res.summary
-    with mlflow.start_run("recommendation_eval", tags={"asset": "recommendation_eval"}) as run:
-        if run is not None:
-            run.log_params({"num_beams": config.num_beams, "max_users": config.max_users, "exclude_seen": config.exclude_seen, "engine": config.engine})
-            run.log_metrics({**flat, **{k: v for k, v in s.items() if isinstance(v, (int, float))}})
-        run_id = run.run_id if run is not None else None
-        run_link = run.link if run is not None else None
+    with mlflow.start_run(context) as run:
+        run.log_params({"num_beams": config.num_beams, "max_users": config.max_users, "exclude_seen": config.exclude_seen, "engine": config.engine})
+        run.log_metrics({**flat, **{k: v for k, v in s.items() if isinstance(v, (int, float))}})
+        run_id = run.run_id
+        run_link = run.link
     bars = {f"{m} hit@{k}": res.metrics[m].get(f"hit@{k}", 0.0) for m in res.metrics for k in cfg.ks}
     md = {
         **table_metadata(table),

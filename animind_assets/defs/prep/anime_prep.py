@@ -10,8 +10,10 @@ from animind_assets.lib.data.prep import clean_anime
 from animind_assets.lib.data.sources import require_kept, require_rows
 from animind_assets.meta import bar_plot, counts_md, scalar_metadata, table_metadata
 from animind_assets.resources import AnimeSource, ParquetExports
+from animind_assets.launchpad import settings_defaults
 
 
+@settings_defaults("anime_prep")
 class AnimePrepConfig(dg.Config):
     include_adult: bool = Field(default=False, description="keep 'Rx - Hentai' titles (excluded by default)")
     limit: int | None = Field(default=None, description="keep only the first N valid anime (fast experiments)")

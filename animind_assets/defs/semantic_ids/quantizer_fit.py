@@ -131,22 +131,19 @@ def run_quantizer(
     store = artifacts.store()
     ckpt_dir = store.path(*store_dir.split("/"))
     store.sweep(*store_dir.split("/"), log=context.log.info)  # temp files of killed runs
-    with mlflow.start_run(run_name=run_name, tags={"asset": context.asset_key.to_user_string(), **(tags or {})}) as run:
-        if run is not None:
-            run.log_params({k: json.dumps(v) if isinstance(v, list) else v for k, v in cfg.to_dict().items()})
+    with mlflow.start_run(context, tags=tags) as run:
+        run.log_params({k: json.dumps(v) if isinstance(v, list) else v for k, v in cfg.used_params().items()})
 
         def on_epoch(rec: dict) -> None:
-            if run is not None:
-                run.log_metrics({k: v for k, v in rec.items() if k not in ("epoch",)}, step=int(rec["epoch"]))
+            run.log_metrics({k: v for k, v in rec.items() if k not in ("epoch",)}, step=int(rec["epoch"]))
 
         fit = fit_quantizer(
             ids, x, cfg, checkpoint_dir=str(ckpt_dir), resume=resume or None,
             extra_payload=embedding_provenance(anime_embeddings), log=context.log.info, on_epoch=on_epoch,
         )
-        if run is not None:
-            run.log_metrics({f"final_{k}": v for k, v in fit.result.metrics.items() if isinstance(v, (int, float))})
-        run_id = run.run_id if run is not None else None
-        run_link = run.link if run is not None else None
+        run.log_metrics({f"final_{k}": v for k, v in fit.result.metrics.items() if isinstance(v, (int, float))})
+        run_id = run.run_id
+        run_link = run.link
     md = fit_metadata(fit)
     if run_id:
         md["mlflow_run_id"] = dg.MetadataValue.text(run_id)

@@ -27,6 +27,7 @@ import dagster as dg
 import polars as pl
 from pydantic import Field
 
+from animind_assets.launchpad import settings_defaults
 from animind_assets.defs.semantic_ids.quantizer_fit import (  # noqa: F401
     CHECKPOINT_NAME,
     GROUP,
@@ -44,6 +45,7 @@ from animind_assets.resources import ArtifactStoreResource, MlflowResource
 _DEFAULT_DRIFT = DriftThresholds()
 
 
+@settings_defaults("rqvae_model")
 class RqvaeModelConfig(QuantizerOverrides):
     preset: str = Field("default", description=f"named preset: {', '.join(PRESETS)}")
     resume: str = Field("", description="'' (fresh), 'last', 'best' or a checkpoint path/URL")

@@ -21,11 +21,13 @@ from animind_assets.lib.semantic_ids.evaluation import cowatch_recall, positive_
 from animind_assets.lib.semantic_ids.assign import assign_semantic_ids, frame_vectors
 from animind_assets.meta import scalar_metadata
 from animind_assets.resources import ArtifactStoreResource, MlflowResource
+from animind_assets.launchpad import settings_defaults
 
 VARIANTS = ["default", "rqkmeans", "rqvae", "conservative", "aggressive"]
 variant_partitions = dg.StaticPartitionsDefinition(VARIANTS)
 
 
+@settings_defaults("rqvae_variants")
 class RqvaeVariantsConfig(QuantizerOverrides):
     resume: str = Field("", description="'' (fresh), 'last', 'best' or a checkpoint path/URL")
     dry_run: bool = Field(False, description="tiny bounded run (checkpoint under <partition>/dry_run/)")

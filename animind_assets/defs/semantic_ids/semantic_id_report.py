@@ -23,10 +23,12 @@ from animind_assets.lib.semantic_ids.evaluation import bucket_genre_coherence, c
 from animind_assets.lib.semantic_ids.assign import frame_vectors
 from animind_assets.meta import bar_plot, hist_plot, markdown_table, scalar_metadata, table_metadata
 from animind_assets.resources import ArtifactStoreResource, ParquetExports
+from animind_assets.launchpad import settings_defaults
 
 REPORT_DIR = "semantic_id_report"
 
 
+@settings_defaults("semantic_id_report")
 class SemanticIdReportConfig(dg.Config):
     recall_k: int = Field(20, description="K of co-watch recall@K")
     recall_max_queries: int = Field(500, description="query anime drawn with recall_seed (0 = all eligible)")

@@ -49,6 +49,7 @@ from animind_assets.lib.semantic_ids.assign import (
 )
 from animind_assets.meta import counts_md, plot_metadata, scalar_metadata, table_metadata
 from animind_assets.resources import ArtifactStoreResource, ParquetExports
+from animind_assets.launchpad import settings_defaults
 
 EXPORT_DIR = "semantic_ids"
 CHECKS = ("every_anime_has_id", "ids_unique", "level_usage_floor", "collision_rate_before_disambiguation")
@@ -75,6 +76,7 @@ COLUMN_DESCRIPTIONS = {
 }
 
 
+@settings_defaults("semantic_ids")
 class SemanticIdsConfig(dg.Config):
     checkpoint: str = Field("", description="checkpoint path/URL; '' = <artifacts>/rqvae_model/model.pt")
     special_tokens: list[str] = Field(default_factory=lambda: list(DEFAULT_SPECIAL_TOKENS), description="special tokens, first in the vocabulary")

@@ -166,6 +166,38 @@ class QuantizerConfig:
         data.update(overrides)
         return QuantizerConfig.from_dict(data)
 
+    def used_params(self) -> dict[str, Any]:
+        """The fields the configured fit actually reads, ``{name: value}`` (for experiment tracking).
+
+        Residual k-means (``quantizer="rqkmeans"``) reads only ``RQKMEANS_FIELDS``; the RQ-VAE reads every
+        field but ``normalize_residuals``. Either way, knobs of an unused branch are left out: the Ward
+        knobs unless ``first_level_init == "ward"``, EMA knobs unless ``codebook_update == "ema"``,
+        k-means-init knobs unless ``codebook_init == "kmeans"``, dead-code restart knobs unless
+        ``restart_dead_codes``, ``adam_betas`` with Adagrad, dry-run knobs unless ``dry_run``.
+        """
+        data = self.to_dict()
+        if self.quantizer == "rqkmeans":
+            keep = set(RQKMEANS_FIELDS)
+        else:
+            keep = set(data) - {"normalize_residuals"}
+            if self.codebook_update != "ema":
+                keep -= {"ema_decay", "ema_eps"}
+            if self.codebook_init != "kmeans":
+                keep -= {"kmeans_iters", "kmeans_init_samples", "first_level_init", *WARD_FIELDS}
+            if not self.restart_dead_codes:
+                keep -= {"restart_window", "restart_min_usage"}
+            if self.optimizer == "adagrad":
+                keep -= {"adam_betas"}
+            if not self.early_stopping_patience:
+                keep -= {"early_stopping_min_delta"}
+            if self.decoder_hidden_dims is None:
+                keep -= {"decoder_hidden_dims"}
+        if self.first_level_init != "ward":
+            keep -= set(WARD_FIELDS)
+        if not self.dry_run:
+            keep -= {"dry_run_rows", "dry_run_epochs"}
+        return {k: v for k, v in data.items() if k in keep}
+
     def effective(self) -> QuantizerConfig:
         """The configuration actually trained (dry-run caps applied)."""
         if not self.dry_run:
@@ -195,6 +227,14 @@ def small_catalog_codebook(n_items: int, codebook_size: int, mode: str = "adapt"
     adapted = max(2, n // 4)
     return adapted, f"{n} items < codebook_size {k}: fitting codebook_size {adapted} (about 4 items per code)"
 
+
+#: the only fields residual k-means reads (``used_params``); everything else is RQ-VAE training
+RQKMEANS_FIELDS = (
+    "quantizer", "levels", "codebook_size", "normalize_residuals", "first_level_init", "first_level_iters",
+    "ward_neighbors", "ward_max_rows", "kmeans_iters", "seed", "num_threads", "dry_run", "dry_run_rows",
+)
+#: level-1 Ward seeding knobs (read only when ``first_level_init == "ward"``)
+WARD_FIELDS = ("first_level_iters", "ward_neighbors", "ward_max_rows")
 
 _ORIGINAL_COMMON: dict[str, Any] = dict(
     quantizer="rqvae",

@@ -35,6 +35,10 @@ EXCLUDED = frozenset(
 )
 
 
+def _excluded(module: str) -> bool:
+    return module in EXCLUDED or any(module.startswith(e + ".") for e in EXCLUDED if e != PACKAGE)
+
+
 def module_path(module: str) -> Path | None:
     """Source file of an ``animind_assets`` module (package ``__init__.py`` for packages), else ``None``."""
     if not (module == PACKAGE or module.startswith(PACKAGE + ".")):
@@ -97,7 +101,7 @@ def closure(module: str) -> frozenset[str]:
             continue
         seen.add(m)
         todo.extend(direct_imports(m) - seen)
-    return frozenset(m for m in seen if m not in EXCLUDED or m == module)
+    return frozenset(m for m in seen if not _excluded(m) or m == module)
 
 
 def code_version_for_module(module: str, sources: dict[str, bytes] | None = None) -> str:

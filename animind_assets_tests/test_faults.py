@@ -286,7 +286,7 @@ def test_parquet_table_backend_commits_exports_with_its_manifest(tmp_path):
     """The multi-pod backend (ANIMIND_TABLE_BACKEND=parquet): the manifest commit records the staged
     exports; a kill after it is rolled forward by the next load; 0 rows are refused there too."""
     from animind_assets.lib.common.parquet_tables import ParquetTableStore
-    from animind_assets.resources import _ParquetTablesUPathIOManager
+    from animind_assets.resources.parquet_tables import _ParquetTablesUPathIOManager
 
     tables, root = tmp_path / "tables", tmp_path / "exports"
     store = ParquetTableStore(str(tables))

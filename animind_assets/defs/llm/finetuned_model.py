@@ -20,9 +20,10 @@ import torch
 from pydantic import Field
 
 from animind_assets.gpu import GPU_OP_TAGS, GPU_POOL
-from animind_assets.lib.llm.data import SPECIAL_TOKENS, sid_lookup_frame
+from animind_assets.lib.llm.data import sid_lookup_frame
 from animind_assets.lib.llm.finetune import FinetuneConfig, codebooks_from_checkpoint, run_finetune, save_model_folder
 from animind_assets.lib.common.plots import lines_png
+from animind_assets.lib.semantic_ids.tokens import SID_PATTERN, SPECIAL_TOKENS
 from animind_assets.meta import image_md, markdown_table, scalar_metadata
 from animind_assets.resources import ArtifactStoreResource, MlflowResource, data_dir
 
@@ -87,8 +88,8 @@ def model_lookup(anime_prep: pl.DataFrame, semantic_ids: pl.DataFrame, dataset: 
         raise ValueError(f"lookup_scope must be 'dataset' or 'all', got {scope!r}")
     used = set(dataset["target_anime_id"].drop_nulls().to_list())
     used |= set(dataset["history_anime_ids"].explode().drop_nulls().to_list())
-    sids = set(dataset["completion"].str.extract_all(r"(?:<L\d+_\d+>)+").explode().drop_nulls().to_list())
-    sids |= set(dataset["prompt"].str.extract_all(r"(?:<L\d+_\d+>)+").explode().drop_nulls().to_list())
+    sids = set(dataset["completion"].str.extract_all(SID_PATTERN).explode().drop_nulls().to_list())
+    sids |= set(dataset["prompt"].str.extract_all(SID_PATTERN).explode().drop_nulls().to_list())
     return lookup.filter(pl.col("anime_id").is_in(list(used)) | pl.col("semantic_id").is_in(list(sids)))
 
 

@@ -87,12 +87,13 @@ def _token_counter(model: str, frame: pl.DataFrame, log):
     if not model:
         return approx_token_count, "approximate (4 chars/token, SID tokens = 1)"
     try:
-        from animind_assets.lib.llm.data import SPECIAL_TOKENS
-        from animind_assets.lib.llm.finetune import add_tokens, load_tokenizer, render_prompt, sid_tokens_used
+        from animind_assets.lib.llm.finetune import add_tokens, load_tokenizer
+        from animind_assets.lib.llm.model_folder import render_prompt
+        from animind_assets.lib.semantic_ids.tokens import SID_PATTERN, SPECIAL_TOKENS, sid_tokens_used
 
         tok = load_tokenizer(model)
-        sids = frame["completion"].str.extract_all(r"<L\d+_\d+>").explode().drop_nulls().unique().to_list()
-        sids += frame["prompt"].str.extract_all(r"<L\d+_\d+>").explode().drop_nulls().unique().to_list()
+        sids = frame["completion"].str.extract_all(SID_PATTERN).explode().drop_nulls().unique().to_list()
+        sids += frame["prompt"].str.extract_all(SID_PATTERN).explode().drop_nulls().unique().to_list()
         add_tokens(tok, sid_tokens_used(sids) + list(SPECIAL_TOKENS))
 
         def count(texts: list[str]) -> list[int]:

@@ -22,6 +22,7 @@ from animind_assets.defs.semantic_ids.quantizer_fit import GROUP
 from animind_assets.lib.common.plots import bar_png, histogram_png
 from animind_assets.lib.semantic_ids.evaluation import bucket_genre_coherence, cowatch_recall, positive_graph
 from animind_assets.lib.semantic_ids.assign import frame_vectors
+from animind_assets.lib.semantic_ids.tokens import level_token
 from animind_assets.meta import image_md, markdown_table, scalar_metadata, table_metadata
 from animind_assets.resources import ArtifactStoreResource, ParquetExports
 
@@ -102,7 +103,7 @@ def semantic_id_report(
         members = [int(ids[i]) for i in b["sample_rows"]]
         inspection.append(
             {
-                "first_token": f"<L1_{int(full[b['sample_rows'][0], 0])}>" if members else "",
+                "first_token": level_token(1, int(full[b['sample_rows'][0], 0])) if members else "",
                 "bucket_size": b["bucket_size"],
                 "avg_genre_jaccard": b["avg_genre_jaccard"],
                 "samples": [

@@ -40,16 +40,12 @@ from typing import Any
 import numpy as np
 import polars as pl
 
+from animind_assets.lib.llm.model_folder import MASK, b_prompt, masked_item, recommend_prompt, watch_item
 from animind_assets.lib.common.progress import Progress
+from animind_assets.lib.semantic_ids.tokens import ANIME_END, ANIME_START, DISLIKED, DROPPED, LIKED, WATCH
+from animind_assets.lib.semantic_ids.tokens import SPECIAL_TOKENS as _SPECIAL_TOKENS
 
-ANIME_START = "<anime_start>"
-ANIME_END = "<anime_end>"
-WATCH = "<watch>"
-LIKED = "<liked>"
-DISLIKED = "<disliked>"
-DROPPED = "<dropped>"
-SPECIAL_TOKENS = [ANIME_START, ANIME_END, WATCH, LIKED, DISLIKED, DROPPED]
-MASK = "[MASK]"
+SPECIAL_TOKENS = list(_SPECIAL_TOKENS)
 TASKS = ("A", "B", "C")
 SPLITS = ("train", "validation", "test")
 DEFAULT_SYSTEM_PROMPT = (
@@ -98,35 +94,6 @@ def sentiment_token(score: int | None, status: int | None, like_min: int = 7, di
     if 1 <= s <= dislike_max:
         return DISLIKED
     return WATCH
-
-
-def watch_item(sid: str, sentiment: str | None) -> str:
-    return f"{ANIME_START}{sid}{ANIME_END}{sentiment or ''}"
-
-
-def masked_item() -> str:
-    return f"{ANIME_START}{MASK}{ANIME_END}"
-
-
-def b_prompt(items: Sequence[str], mask_pos: int, temporal: bool) -> str:
-    """Task B prompt. ``items`` are rendered watch items (``watch_item``); the item at ``mask_pos``
-    (``len(items)`` = append a masked next item) is replaced by the mask."""
-    parts = list(items)
-    if mask_pos >= len(parts):
-        parts.append(masked_item())
-    else:
-        parts[mask_pos] = masked_item()
-    order = "in watch order" if temporal else "in list order"
-    return (
-        f"A user's anime list ({order}): {' '.join(parts)}\n"
-        f"Which anime is hidden at {MASK}? Answer with its semantic ID."
-    )
-
-
-def recommend_prompt(sids: Sequence[str], sentiments: Sequence[str | None], temporal: bool = False) -> str:
-    """The next-item prompt used by evaluation and the ``recommend`` CLI (task B, last position)."""
-    items = [watch_item(s, t) for s, t in zip(sids, sentiments)]
-    return b_prompt(items, len(items), temporal)
 
 
 def era_of(year: int | None) -> str | None:

@@ -43,16 +43,20 @@ import polars as pl
 import torch
 
 from animind_assets.lib.common.fingerprint import json_fingerprint
-from animind_assets.lib.llm.data import SPECIAL_TOKENS
+from animind_assets.lib.llm.model_folder import (
+    PROMPT_FORMAT_VERSION,
+    prompt_ids,
+    render_prompt,
+    token_ids,
+    write_folder_files,
+)
 from animind_assets.lib.common.progress import fmt_seconds
+from animind_assets.lib.semantic_ids.tokens import SPECIAL_TOKENS, find_level_tokens, level_token, parse_level_token, sid_codes
+from animind_assets.lib.semantic_ids.tokens import sid_tokens_used as sid_tokens_used
 
 LogFn = Callable[[str], None]
 EMBEDDED_MODEL = "embedded:smollm2-135m-instruct"
 EMBEDDED_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
-SID_TOKEN_RE = re.compile(r"<L(\d+)_(\d+)>")
-INFO_FILE = "animind_llm.json"
-LOOKUP_FILE = "sid_lookup.parquet"
-PROMPT_FORMAT_VERSION = 1
 
 
 def _noop(_: str) -> None:
@@ -212,15 +216,6 @@ def load_base(cfg: FinetuneConfig, log: LogFn = _noop):
 
 
 # ---------------------------------------------------------------------------------------- tokens
-def sid_tokens_used(semantic_ids: Sequence[str]) -> list[str]:
-    """Distinct ``<L{l}_{c}>`` tokens in the given IDs, sorted by (level, code)."""
-    found: set[tuple[int, int]] = set()
-    for sid in semantic_ids:
-        for lv, c in SID_TOKEN_RE.findall(sid):
-            found.add((int(lv), int(c)))
-    return [f"<L{lv}_{c}>" for lv, c in sorted(found)]
-
-
 def add_tokens(tokenizer, new_tokens: Sequence[str]) -> list[str]:
     """Add ``new_tokens`` to the tokenizer (not normalized, matched atomically in text). Returns the
     tokens that were actually new."""
@@ -241,15 +236,6 @@ def extend_tokenizer(tokenizer, model, new_tokens: Sequence[str], log: LogFn = _
         model.resize_token_embeddings(len(tokenizer), mean_resizing=False)
     log(f"tokenizer: +{len(todo)} tokens ({len(tokenizer)} total), embeddings {old} -> {model.get_input_embeddings().weight.shape[0]} rows")
     return todo
-
-
-def token_ids(tokenizer, tokens: Sequence[str]) -> list[int]:
-    ids = tokenizer.convert_tokens_to_ids(list(tokens))
-    unk = tokenizer.unk_token_id
-    bad = [t for t, i in zip(tokens, ids) if i is None or (unk is not None and i == unk)]
-    if bad:
-        raise ValueError(f"tokens not in the tokenizer: {bad[:5]}")
-    return list(ids)
 
 
 # ---------------------------------------------------------------------------------------- warm start
@@ -342,14 +328,14 @@ def warm_start_embeddings(
     used_cb: list[int] = []
     if mode in ("rqvae", "centroid") and sid_tokens:
         sids = lookup["semantic_id"].to_list()
-        codes = [[int(c) for _, c in SID_TOKEN_RE.findall(s)] for s in sids]
+        codes = [sid_codes(s) for s in sids]
         n_levels = max(len(c) for c in codes)
         codes_arr = np.array([c + [0] * (n_levels - len(c)) for c in codes], dtype=np.int64)
         genres = lookup["genres"].to_list() if "genres" in lookup.columns else [None] * lookup.height
         texts = [f"{t}. {', '.join(g or [])}" for t, g in zip(lookup["title"].to_list(), genres)]
         target = _text_mean_embeddings(tokenizer, base, texts)
         resid = target - target.mean(0)
-        wanted = {(int(a), int(b)) for a, b in (SID_TOKEN_RE.findall("".join(sid_tokens)))}
+        wanted = set(find_level_tokens("".join(sid_tokens)))
         cb = codebooks if (mode == "rqvae" and codebooks) else None
         if mode == "rqvae" and not codebooks:
             log("warm start: no RQ-VAE codebooks available, using per-level centroids of the title embeddings")
@@ -385,11 +371,11 @@ def warm_start_embeddings(
                 dev = np.mean([np.linalg.norm(v) for v in level_vecs.values()]) or 1.0
                 for c, v in level_vecs.items():
                     if (lv + 1, c) in wanted:
-                        new_vecs[f"<L{lv + 1}_{c}>"] = mu + v * (base_dev / dev)
+                        new_vecs[level_token(lv + 1, c)] = mu + v * (base_dev / dev)
         # codes without a vector (disambiguation level with codebooks, unseen codes): numerals
         for tok in sid_tokens:
             if tok not in new_vecs:
-                lv, c = (int(x) for x in SID_TOKEN_RE.fullmatch(tok).groups())
+                lv, c = parse_level_token(tok)
                 num = _text_mean_embeddings(tokenizer, base, [f" {c}"])[0]
                 new_vecs[tok] = num + rng.normal(0, 0.01 * base_dev / math.sqrt(base.shape[1]), base.shape[1])
     elif mode == "mean" or (mode in ("rqvae", "centroid") and not sid_tokens):
@@ -423,20 +409,6 @@ def warm_start_embeddings(
 
 
 # ---------------------------------------------------------------------------------------- prompts
-def render_prompt(tokenizer, system: str | None, prompt: str, use_chat_template: bool = True) -> str:
-    """The exact text the model sees before its answer (training and inference share it)."""
-    if use_chat_template and getattr(tokenizer, "chat_template", None):
-        msgs = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": prompt}]
-        return tokenizer.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True)
-    head = f"{system}\n\n" if system else ""
-    return f"{head}### Question:\n{prompt}\n### Answer:\n"
-
-
-def prompt_ids(tokenizer, text: str, use_chat_template: bool = True) -> list[int]:
-    templated = use_chat_template and getattr(tokenizer, "chat_template", None)
-    return tokenizer(text, add_special_tokens=not templated)["input_ids"]
-
-
 def encode_example(tokenizer, system, prompt, completion, use_chat_template=True) -> tuple[list[int], list[int]]:
     """(input_ids, completion_mask): prompt tokens, then completion tokens + EOS (mask 1)."""
     p = prompt_ids(tokenizer, render_prompt(tokenizer, system, prompt, use_chat_template), use_chat_template)
@@ -871,7 +843,7 @@ def run_finetune(
         "system_prompt": frame["system"][0] if frame.height else "",
         "special_tokens": list(special_tokens),
         "sid_tokens": len(sid_toks),
-        "sid_levels": max((int(l) for l, _ in SID_TOKEN_RE.findall("".join(sid_toks))), default=0),
+        "sid_levels": max((lv for lv, _ in find_level_tokens("".join(sid_toks))), default=0),
         "eos_token": tok.eos_token,
         "order_is_temporal": bool(frame["prompt"].str.contains("in watch order", literal=True).any()),
         "new_tokens_added": len(added),
@@ -892,18 +864,16 @@ def _unwrap_for_save(model, merge: bool):
 
 
 def save_model_folder(result: FinetuneResult, lookup: pl.DataFrame, dest: str | os.PathLike) -> list[str]:
-    """Write model + tokenizer + ``sid_lookup.parquet`` + ``animind_llm.json`` into ``dest``
-    (a temp folder from ``ArtifactStore.atomic_dir``)."""
+    """Write model + tokenizer + the contract files of ``lib/llm/model_folder.py``
+    (``sid_lookup.parquet``, ``animind_llm.json``, ``history.json``) into ``dest`` (a temp folder
+    from ``ArtifactStore.atomic_dir``)."""
     dest = Path(dest)
     model = result.model
     if result.info["config"].get("save_dtype") == "bfloat16":
         model = model.to(torch.bfloat16)
     model.save_pretrained(dest, safe_serialization=True)
     result.tokenizer.save_pretrained(dest)
-    cols = [c for c in ("anime_id", "semantic_id", "title", "name", "english_name", "year", "type") if c in lookup.columns]
-    lookup.select(cols).write_parquet(dest / LOOKUP_FILE)
-    (dest / INFO_FILE).write_text(json.dumps(result.info, indent=2, default=str), encoding="utf-8")
-    (dest / "history.json").write_text(json.dumps(result.history, indent=1, default=str), encoding="utf-8")
+    write_folder_files(dest, lookup, result.info, result.history)
     return sorted(p.name for p in dest.iterdir())
 
 

@@ -75,6 +75,9 @@ FinetunedModelConfig = derive_config(
         "english_ppl": 'English-retention perplexity before/after',
         "save_dtype": "'float32' | 'bfloat16'",
         "bf16": 'bf16 autocast while training',
+        "replay_ratio": "English-retention replay: share of each phase drawn from the base model's own answers to the "
+        "shipped general prompts (self-distillation, no downloads)",
+        "replay_max_new_tokens": "length cap of each self-distilled replay answer",
     },
 )
 
@@ -176,6 +179,15 @@ def finetuned_model(
                 "english_ppl_before": m.get("english_ppl_before"),
                 "english_ppl_after": m.get("english_ppl_after"),
                 "english_ppl_ratio": m.get("english_ppl_ratio"),
+                "replay_ratio": cfg.replay_ratio,
+                "phase1_sid_to_title_exact": m.get("phase1_sid_to_title_exact"),
+                "phase1_sid_to_title_retrieval@1": m.get("phase1_sid_to_title_retrieval@1"),
+                "phase1_title_to_sid_exact": m.get("phase1_title_to_sid_exact"),
+                "phase1_title_to_sid_retrieval@1": m.get("phase1_title_to_sid_retrieval@1"),
+                "phase2_sid_to_title_exact": m.get("phase2_sid_to_title_exact"),
+                "phase2_sid_to_title_retrieval@1": m.get("phase2_sid_to_title_retrieval@1"),
+                "phase2_title_to_sid_exact": m.get("phase2_title_to_sid_exact"),
+                "phase2_title_to_sid_retrieval@1": m.get("phase2_title_to_sid_retrieval@1"),
                 "warm_start": (result.warm_start.mode if result.warm_start else "none"),
                 "materialize_seconds": round(elapsed, 1),
             }

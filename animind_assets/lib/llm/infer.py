@@ -371,4 +371,5 @@ def plan_recommendation(
 
 def history_prompt(sm: SidModel, anime_ids: Sequence[int], sentiments: Sequence[str] | None = None) -> str:
     sents = list(sentiments) if sentiments is not None else [LIKED] * len(anime_ids)
-    return recommend_prompt([sm.sids[a] for a in anime_ids], sents, temporal=bool(sm.info.get("order_is_temporal", False)))
+    order = sm.info.get("list_order") or ("watch" if sm.info.get("order_is_temporal") else "list")
+    return recommend_prompt([sm.sids[a] for a in anime_ids], sents, temporal=order)

@@ -39,6 +39,11 @@ LOOKUP_COLUMNS = ("anime_id", "semantic_id", "title", "name", "english_name", "y
 PROMPT_FORMAT_VERSION = 1
 DEFAULT_SPECIAL_TOKENS: tuple[str, ...] = SPECIAL_TOKENS
 MASK = "[MASK]"
+LIST_ORDERS = {
+    "watch": "in watch order",  # timestamps: the list is a real sequence
+    "list": "in list order",  # the source's row order, not time (MAL 2020: ascending MAL id)
+    "set": "in no particular order",  # set completion: items shown in a seeded random order
+}
 
 
 # --------------------------------------------------------------------------------------- prompts
@@ -52,26 +57,45 @@ def masked_item() -> str:
     return f"{ANIME_START}{MASK}{ANIME_END}"
 
 
-def b_prompt(items: Sequence[str], mask_pos: int, temporal: bool) -> str:
+def list_order_key(order: str | bool) -> str:
+    """``"watch"`` / ``"list"`` / ``"set"`` (a bool is the legacy ``temporal`` flag: True = watch)."""
+    if isinstance(order, bool):
+        return "watch" if order else "list"
+    if order not in LIST_ORDERS:
+        raise ValueError(f"list order must be one of {sorted(LIST_ORDERS)}, got {order!r}")
+    return order
+
+
+def list_order_of(prompts: Sequence[str]) -> str:
+    """The list order the task-B prompts were written with (``"list"`` when none says)."""
+    for key in ("set", "watch", "list"):
+        if any(f"({LIST_ORDERS[key]})" in p for p in prompts):
+            return key
+    return "list"
+
+
+def b_prompt(items: Sequence[str], mask_pos: int, order: str | bool) -> str:
     """Task B prompt. ``items`` are rendered watch items (``watch_item``); the item at ``mask_pos``
-    (``len(items)`` = append a masked next item) is replaced by the mask."""
+    (``len(items)`` = append a masked next item) is replaced by the mask. ``order``: how the list
+    is ordered (``LIST_ORDERS`` key, or the legacy bool ``temporal``); it is stated in the prompt."""
     parts = list(items)
     if mask_pos >= len(parts):
         parts.append(masked_item())
     else:
         parts[mask_pos] = masked_item()
-    order = "in watch order" if temporal else "in list order"
+    header = LIST_ORDERS[list_order_key(order)]
     return (
-        f"A user's anime list ({order}): {' '.join(parts)}\n"
+        f"A user's anime list ({header}): {' '.join(parts)}\n"
         f"Which anime is hidden at {MASK}? Answer with its semantic ID."
     )
 
 
-def recommend_prompt(sids: Sequence[str], sentiments: Sequence[str | None] | None = None, temporal: bool = False) -> str:
-    """The next-item prompt used by evaluation and the ``recommend`` CLI (task B, last position)."""
+def recommend_prompt(sids: Sequence[str], sentiments: Sequence[str | None] | None = None, temporal: bool | str = False) -> str:
+    """The held-out-item prompt used by evaluation and the ``recommend`` CLI (task B, mask
+    appended). ``temporal``: list order (``LIST_ORDERS`` key or the legacy bool)."""
     sentiments = list(sentiments) if sentiments is not None else [LIKED] * len(sids)
     items = [watch_item(s, t) for s, t in zip(sids, sentiments)]
-    return b_prompt(items, len(items), temporal)
+    return b_prompt(items, len(items), list_order_key(temporal))
 
 
 def render_prompt(tokenizer, system: str | None, prompt: str, use_chat_template: bool = True) -> str:

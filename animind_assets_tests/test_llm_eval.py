@@ -154,3 +154,35 @@ def test_linking_retrieval_counts_the_right_item(tiny, monkeypatch):
     assert res["title_to_sid_retrieval@1"] == 1.0 and res["title_to_sid_exact"] == 1.0
     monkeypatch.setattr(ev, "rank_items", lambda sm_, prompts, **kw: Fake([[(-1, 0.0)] for _ in gold]))
     assert ev.linking_accuracy(sm, rows, n_items=3)["title_to_sid_retrieval@1"] == 0.0
+
+
+def test_trie_beam_search_with_paths_of_different_lengths(tiny):
+    """Title tries end at different depths: short paths finish while long ones are still live (the
+    early-stop test compares the best live score with the num_beams-th best finished score)."""
+    from animind_assets.lib.llm.infer import trie_beam_search
+    from animind_assets.lib.semantic_ids.trie import SidTrie
+
+    sm, frame, _ = tiny
+    trie = SidTrie(end_token_id=sm.eos_id)
+    paths = [tuple([300 + 10 * n + i] + [500 + 10 * n + j for j in range(n - 1)]) for n in range(1, 7) for i in range(3)]
+    for p in paths:
+        trie.add(p, item=p)
+    res = trie_beam_search(sm, sm.render(frame["prompt"][0]), trie, 3)
+    assert len(res) == 3 and all(trie.is_complete(t) for t, _ in res)
+    scores = [sc for _, sc in res]
+    assert scores == sorted(scores, reverse=True)
+    # each returned score is the full-sequence log-probability of its path (prompt encoded once, cache shared)
+    import torch
+
+    from animind_assets.lib.llm.model_folder import prompt_ids
+
+    ids = torch.tensor([prompt_ids(sm.tokenizer, sm.render(frame["prompt"][0]), sm.use_chat_template)])
+
+    def logp(path):
+        x = torch.cat([ids, torch.tensor([path])], 1)
+        with torch.no_grad():
+            lp = torch.log_softmax(sm.model(input_ids=x).logits[0].float(), -1)
+        return sum(float(lp[ids.shape[1] - 1 + j, t]) for j, t in enumerate(path))
+
+    for toks, sc in res:
+        assert abs(logp(list(toks)) - sc) < 1e-3

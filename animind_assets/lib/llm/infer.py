@@ -143,7 +143,9 @@ def trie_beam_search(sm: SidModel, prompt_text: str, trie: SidTrie, num_beams: i
                 finished.append((toks, score))
             else:
                 keep.append((score, i, toks))
-        if len(finished) >= num_beams and (not keep or keep[0][0] < finished[num_beams - 1][0]):
+        # log-probs only fall as a sequence grows: stop once the best live beam is below the
+        # num_beams-th best finished one (finished holds (tokens, score); sequences end at any depth)
+        if len(finished) >= num_beams and (not keep or keep[0][0] < sorted((sc for _, sc in finished), reverse=True)[num_beams - 1]):
             break
         if not keep:
             break

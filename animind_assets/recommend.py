@@ -25,10 +25,12 @@ import unicodedata
 from collections.abc import Sequence
 from pathlib import Path
 
+from animind_assets.lib.semantic_ids.tokens import DISLIKED, DROPPED, LIKED, WATCH
+
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
-SENTIMENTS = {"liked": "<liked>", "watch": "<watch>", "disliked": "<disliked>", "dropped": "<dropped>"}
+SENTIMENTS = {"liked": LIKED, "watch": WATCH, "disliked": DISLIKED, "dropped": DROPPED}
 _CACHE: dict[str, object] = {}
 
 

@@ -37,7 +37,8 @@ def test_llm_assets_chain(animind_env, tmp_path, tiny_base):
     artifacts = animind_env / "artifacts"
     books = make_codebooks()
     save_checkpoint(
-        {"config": {"levels": 3}, "model_state": {f"quantizer.codebooks.{i}.embed": torch.from_numpy(b) for i, b in enumerate(books)}},
+        {"config": {"levels": 3}, "finished": True,
+         "model_state": {f"quantizer.codebooks.{i}.embed": torch.from_numpy(b) for i, b in enumerate(books)}},
         artifacts / "rqvae_model" / "model.pt",
     )
 

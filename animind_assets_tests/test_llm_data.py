@@ -77,8 +77,11 @@ def test_task_b_format_and_sentiment_tokens(built):
     assert "<anime_end><liked>" in joined and "<anime_end><watch>" in joined
 
 
-def test_split_by_user_no_leakage(built, inputs):
-    _, inter, _ = inputs
+@pytest.mark.parametrize("holdout", ["random", "last"])
+def test_split_by_user_no_leakage(inputs, holdout):
+    cat, inter, sids = inputs
+    built = build_llm_dataset(cat, inter, sids, LlmDataConfig(n_examples=400, seed=7, validation_user_frac=0.2,
+                                                              test_user_frac=0.2, holdout=holdout))
     df = built.frame
     bc = df.filter(pl.col("task").is_in(["B", "C"]))
     per_user = bc.group_by("user_id").agg(pl.col("split").n_unique().alias("n"))
@@ -93,8 +96,11 @@ def test_split_by_user_no_leakage(built, inputs):
     ordered = inter.unique(["user_id", "anime_id"], keep="first", maintain_order=True).sort("user_id", "seq")
     for u, target, hist in held.select("user_id", "target_anime_id", "history_anime_ids").iter_rows():
         items = ordered.filter(pl.col("user_id") == u)["anime_id"].to_list()
-        assert target == items[-1]  # the last item of the list is held out
-        assert target not in hist
+        if holdout == "last":
+            assert target == items[-1]  # the last row of the list is held out (order artefact on MAL)
+        else:
+            assert target in items
+        assert target not in hist and set(hist) <= set(items)
         # nothing built for this user (C rows) mentions the held-out item
         for p, c in df.filter((pl.col("user_id") == u) & ~pl.col("is_heldout")).select("prompt", "completion").iter_rows():
             if target in sid_of:
@@ -162,12 +168,17 @@ def test_mix_ratios_and_counts(inputs):
 def test_order_note_without_and_with_timestamps(built, inputs):
     assert built.summary["order_is_temporal"] is False
     assert "NOT watch time" in built.summary["order_note"]
-    assert all("in list order" in p for p in built.frame.filter(pl.col("task") == "B")["prompt"].to_list())
+    # without timestamps the default protocol is set completion, stated in every B prompt
+    assert built.summary["protocol"] == "set_completion" and "set completion, no time order" in built.summary["protocol_note"]
+    assert all("in no particular order" in p for p in built.frame.filter(pl.col("task") == "B")["prompt"].to_list())
     cat, inter, sids = inputs
+    last = build_llm_dataset(cat, inter, sids, LlmDataConfig(n_examples=200, holdout="last"))
+    assert last.summary["protocol"] == "next_item_order_artefact" and "ORDER ARTEFACT" in last.summary["protocol_note"]
+    assert all("in list order" in p for p in last.frame.filter(pl.col("task") == "B")["prompt"].to_list())
     # a timestamp column that reverses seq: the held-out item becomes the first row by seq
     ts = inter.with_columns((1000 - pl.col("seq")).alias("timestamp"))
     res = build_llm_dataset(cat, ts, sids, LlmDataConfig(n_examples=200, validation_user_frac=0.2, test_user_frac=0.2))
-    assert res.summary["order_is_temporal"] is True
+    assert res.summary["order_is_temporal"] is True and res.summary["protocol"] == "next_item"
     held = res.frame.filter(pl.col("is_heldout"))
     first = ts.unique(["user_id", "anime_id"], keep="first", maintain_order=True).sort("user_id", "seq").group_by("user_id").agg(pl.col("anime_id").first())
     first_of = dict(first.iter_rows())
@@ -213,7 +224,7 @@ def test_list_end_prob_trains_the_evaluated_position(inputs):
     last_of = {u: items[-1] for u, items in ordered.group_by("user_id", maintain_order=True).agg("anime_id").iter_rows()}
 
     def train_b(p: float) -> pl.DataFrame:
-        cfg = LlmDataConfig(n_examples=400, seed=7, validation_user_frac=0.2, test_user_frac=0.2, list_end_prob=p)
+        cfg = LlmDataConfig(n_examples=400, seed=7, validation_user_frac=0.2, test_user_frac=0.2, list_end_prob=p, holdout="last")
         df = build_llm_dataset(cat, inter, sids, cfg).frame
         return df.filter((pl.col("task") == "B") & (pl.col("split") == "train"))
 
@@ -225,3 +236,58 @@ def test_list_end_prob_trains_the_evaluated_position(inputs):
     assert at_end < 0.5 * never.height, (at_end, never.height)
     with pytest.raises(ValueError, match="list_end_prob must be in"):
         LlmDataConfig(list_end_prob=1.5).validate()
+
+
+def _lists(inter: pl.DataFrame) -> dict[int, list[int]]:
+    ordered = inter.unique(["user_id", "anime_id"], keep="first", maintain_order=True).sort("user_id", "seq")
+    return {u: items for u, items in ordered.group_by("user_id", maintain_order=True).agg("anime_id").iter_rows()}
+
+
+def test_random_holdout_seeded_reproducible_and_not_the_last(inputs):
+    cat, inter, sids = inputs
+    lists = _lists(inter)
+
+    def held(seed: int, shuffled: bool = False) -> dict[int, int]:
+        src = inter.sample(fraction=1.0, shuffle=True, seed=3).sort("user_id", "seq") if shuffled else inter
+        cfg = LlmDataConfig(n_examples=200, seed=seed, validation_user_frac=0.3, test_user_frac=0.3, holdout="random")
+        df = build_llm_dataset(cat, src, sids, cfg).frame.filter(pl.col("is_heldout"))
+        return dict(df.select("user_id", "target_anime_id").iter_rows())
+
+    a = held(5)
+    assert a == held(5) == held(5, shuffled=True)  # same seed, same held-out items
+    assert len(a) >= 10 and all(t in lists[u] for u, t in a.items())
+    # the held-out item is not the last row: its list position is spread over the list
+    rel = [lists[u].index(t) / (len(lists[u]) - 1) for u, t in a.items()]
+    assert sum(r == 1.0 for r in rel) < 0.5 * len(rel) and min(rel) < 0.5
+    # the selection is per (seed, user): another seed moves it for some users (same users where split agrees)
+    b = held(6)
+    common = set(a) & set(b)
+    assert any(a[u] != b[u] for u in common) or not common
+
+
+def test_random_protocol_no_heldout_item_in_training_rows(inputs):
+    cat, inter, sids = inputs
+    cfg = LlmDataConfig(n_examples=600, seed=2, validation_user_frac=0.25, test_user_frac=0.25, holdout="random")
+    res = build_llm_dataset(cat, inter, sids, cfg)
+    df = res.frame
+    held = df.filter(pl.col("is_heldout"))
+    sid_of = dict(sids.select("anime_id", "semantic_id").iter_rows())
+    train = df.filter(pl.col("split") == "train")
+    train_pairs = set()
+    for u, t, hist in train.select("user_id", "target_anime_id", "history_anime_ids").iter_rows():
+        if u is not None:
+            train_pairs.update((u, a) for a in [t, *(hist or [])] if a is not None)
+    for u, t in held.select("user_id", "target_anime_id").iter_rows():
+        assert (u, t) not in train_pairs
+        assert not train.filter(pl.col("user_id") == u).height  # eval users have no training rows at all
+        for p, c in df.filter((pl.col("user_id") == u) & ~pl.col("is_heldout")).select("prompt", "completion").iter_rows():
+            assert sid_of[t] not in p and sid_of[t] not in c
+    assert res.summary["leakage"]["heldout_items_in_train"] == 0
+    # training B rows mask random items (not mostly the list end) of lists shown in random order
+    lists = _lists(inter)
+    b = train.filter(pl.col("task") == "B")
+    at_end = sum(t == lists[u][-1] for u, t in b.select("user_id", "target_anime_id").iter_rows())
+    assert b.height > 20 and at_end < 0.4 * b.height
+    assert {"b_next", "b_masked"} <= set(b["template"].to_list())
+    with pytest.raises(ValueError, match="holdout must be"):
+        LlmDataConfig(holdout="first").validate()

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import numpy as np
 import polars as pl
 import pytest
 
-from animind_assets.lib.llm.evaluation import CoWatch, EvalConfig, evaluate_recommender, last_item_counts, metrics_frame, popularity_ranking
+from animind_assets.lib.retrieval.item_baselines import EASE, CoWatch, ItemKNN, ease_weights, popularity_ranking
+from animind_assets.lib.llm.evaluation import EvalConfig, evaluate_recommender, last_item_counts, linking_accuracy, metrics_frame, title_trie
 from animind_assets.lib.llm.infer import generate_text, history_prompt, load_sid_model, parse_sid, rank_items
 from animind_assets_tests.llm_fixtures import build_tiny_model_folder
 
@@ -75,11 +77,112 @@ def test_evaluate_recommender_end_to_end(tiny):
     res = evaluate_recommender(sm, frame, inter, EvalConfig(max_users=4, num_beams=10, unconstrained_users=2, title_items=3))
     lm = res.metrics["semantic_id_lm"]
     assert lm["valid_id_rate"] == 1.0 and lm["n_queries"] == 4
-    assert set(res.metrics) == {"semantic_id_lm", "popularity", "cowatch", "last_item_popularity"}
+    # the tiny dataset has no timestamps: set completion, no last-item (order artefact) row
+    assert res.summary["protocol"] == "set_completion" and "no time order" in res.summary["protocol_note"]
+    assert set(res.metrics) == {"semantic_id_lm", "popularity", "cowatch", "item_knn", "ease", "ease_full_history"}
     for row in res.predictions.iter_rows(named=True):
         assert len(row["model_top"]) == 10 and row["target_anime_id"] in sm.sid_ids
     assert 0.0 <= res.summary["sid_to_title_exact"] <= 1.0 and "unconstrained_valid_id_rate" in res.summary
     table = metrics_frame(res.metrics)
-    assert table.height == 4 and table.filter(pl.col("method") == "semantic_id_lm")["valid_id_rate"][0] == 1.0
+    assert table.height == 6 and table.filter(pl.col("method") == "semantic_id_lm")["valid_id_rate"][0] == 1.0
     with pytest.raises(ValueError, match="no held-out"):
         evaluate_recommender(sm, frame.filter(~pl.col("is_heldout")), inter)
+
+
+def test_ease_equals_closed_form_on_a_toy_matrix():
+    """B = I - P / diag(P), P = (X^T X + lambda I)^-1 (Steck 2019), computed independently."""
+    X = np.array([[1, 1, 0, 0], [1, 0, 1, 0], [0, 1, 1, 1], [1, 1, 1, 0], [0, 0, 1, 1]], dtype=np.float64)
+    lam = 2.0
+    P = np.linalg.inv(X.T @ X + lam * np.eye(4))
+    B = np.eye(4) - P @ np.diag(1.0 / np.diag(P))
+    got = ease_weights(X, lam)
+    assert np.allclose(got, B, atol=1e-10) and np.allclose(np.diag(got), 0.0)
+    # B minimises ||X - XB||^2 + lam ||B||^2 under diag(B) = 0: the KKT residual is diagonal
+    grad = X.T @ (X @ B - X) + lam * B
+    assert np.allclose(grad - np.diag(np.diag(grad)), 0.0, atol=1e-9)
+    # the model class on the same data (users 1..5, items 10..13) scores q B
+    rows = [(u + 1, 10 + j) for u in range(5) for j in range(4) if X[u, j]]
+    inter = pl.DataFrame({"user_id": [r[0] for r in rows], "anime_id": [r[1] for r in rows]})
+    m = EASE(inter, {1, 2, 3, 4, 5}, lam=lam)
+    assert m.items.tolist() == [10, 11, 12, 13]
+    assert np.allclose(m.scores([10, 11]), np.array([1, 1, 0, 0]) @ B)
+    q = np.array([1, 1, 0, 0]) @ B
+    assert m.ranking([10, 11], {10, 11}, 2) == sorted([12, 13], key=lambda a: (-q[a - 10], a))
+    with pytest.raises(ValueError, match="lambda"):
+        ease_weights(X, 0.0)
+
+
+def test_item_knn_cosine():
+    inter = pl.DataFrame({"user_id": [1, 1, 2, 2, 3, 3, 3], "anime_id": [10, 11, 10, 12, 10, 11, 13]})
+    knn = ItemKNN(inter, {1, 2, 3}, neighbours=0)
+    # cos(11, 10) = 2 / sqrt(2 * 3), cos(11, 13) = 1 / sqrt(2 * 1), cos(11, 12) = 0
+    sc = dict(zip(knn.items.tolist(), knn.scores([11]).tolist()))
+    assert sc[10] == pytest.approx(2 / np.sqrt(6)) and sc[13] == pytest.approx(1 / np.sqrt(2)) and sc[12] == 0.0
+    assert knn.ranking([11], {11}, 3, fallback=[12]) == [10, 13, 12]  # 0.816 > 0.707, then popularity pad
+    top1 = ItemKNN(inter, {1, 2, 3}, neighbours=1)
+    assert top1.S.getnnz(axis=0).max() == 1
+
+
+def test_linking_accuracy_fields(tiny):
+    sm, frame, _ = tiny
+    res = linking_accuracy(sm, frame, n_items=4, seed=0)
+    for k in ("sid_to_title_exact", "sid_to_title_retrieval@1", "title_to_sid_exact", "title_to_sid_retrieval@1"):
+        assert 0.0 <= res[k] <= 1.0
+    assert res["sid_to_title_items"] == 4 and res["title_to_sid_items"] == 4
+    trie = title_trie(sm)
+    assert len(trie) == len(set(sm.titles.values()))
+    some = next(iter(sm.titles.values()))
+    path = sm.tokenizer(some, add_special_tokens=False)["input_ids"] + [sm.eos_id]
+    assert trie.item(path) == " ".join(some.casefold().split())
+
+
+def test_linking_retrieval_counts_the_right_item(tiny, monkeypatch):
+    """A model whose constrained answer is always the gold item scores 1.0 retrieval; a wrong one 0."""
+    import animind_assets.lib.llm.evaluation as ev
+
+    sm, frame, _ = tiny
+    rows = frame.filter((pl.col("task") == "A") & (pl.col("template") == "title_to_sid") & (pl.col("split") == "train")).head(3)
+    gold = rows["target_anime_id"].to_list()
+
+    class Fake:
+        def __init__(self, items):
+            self.items = items
+
+    monkeypatch.setattr(ev, "rank_items", lambda sm_, prompts, **kw: Fake([[(g, 0.0)] for g in gold]))
+    monkeypatch.setattr(ev, "generate_text", lambda sm_, prompts, max_new_tokens=0: [sm.sids[g] for g in gold][: len(prompts)])
+    res = ev.linking_accuracy(sm, rows.with_columns(pl.lit("title_to_sid").alias("template")), n_items=3)
+    assert res["title_to_sid_retrieval@1"] == 1.0 and res["title_to_sid_exact"] == 1.0
+    monkeypatch.setattr(ev, "rank_items", lambda sm_, prompts, **kw: Fake([[(-1, 0.0)] for _ in gold]))
+    assert ev.linking_accuracy(sm, rows, n_items=3)["title_to_sid_retrieval@1"] == 0.0
+
+
+def test_trie_beam_search_with_paths_of_different_lengths(tiny):
+    """Title tries end at different depths: short paths finish while long ones are still live (the
+    early-stop test compares the best live score with the num_beams-th best finished score)."""
+    from animind_assets.lib.llm.infer import trie_beam_search
+    from animind_assets.lib.semantic_ids.trie import SidTrie
+
+    sm, frame, _ = tiny
+    trie = SidTrie(end_token_id=sm.eos_id)
+    paths = [tuple([300 + 10 * n + i] + [500 + 10 * n + j for j in range(n - 1)]) for n in range(1, 7) for i in range(3)]
+    for p in paths:
+        trie.add(p, item=p)
+    res = trie_beam_search(sm, sm.render(frame["prompt"][0]), trie, 3)
+    assert len(res) == 3 and all(trie.is_complete(t) for t, _ in res)
+    scores = [sc for _, sc in res]
+    assert scores == sorted(scores, reverse=True)
+    # each returned score is the full-sequence log-probability of its path (prompt encoded once, cache shared)
+    import torch
+
+    from animind_assets.lib.llm.model_folder import prompt_ids
+
+    ids = torch.tensor([prompt_ids(sm.tokenizer, sm.render(frame["prompt"][0]), sm.use_chat_template)])
+
+    def logp(path):
+        x = torch.cat([ids, torch.tensor([path])], 1)
+        with torch.no_grad():
+            lp = torch.log_softmax(sm.model(input_ids=x).logits[0].float(), -1)
+        return sum(float(lp[ids.shape[1] - 1 + j, t]) for j, t in enumerate(path))
+
+    for toks, sc in res:
+        assert abs(logp(list(toks)) - sc) < 1e-3

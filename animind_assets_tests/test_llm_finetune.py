@@ -216,3 +216,78 @@ def test_lora_method_trains_new_rows(tmp_path, data):
     assert res.info["method"] == "lora"
     assert not hasattr(res.model, "peft_config")  # merged into a plain model for saving
     assert res.model.get_input_embeddings().weight.shape[0] == len(tok)
+
+
+def _talkative(model, tok):
+    """Zero the (tied) rows of special and whitespace-only tokens so greedy decoding of the random tiny model emits
+    ordinary text (a random model otherwise emits only newlines or stops at once)."""
+    blank = [i for i in range(len(tok)) if not tok.decode([i], skip_special_tokens=True).strip()]
+    with torch.no_grad():
+        model.get_input_embeddings().weight[sorted(set(blank) | set(tok.all_special_ids))] = 0.0
+    return model
+
+
+def test_replay_mix_self_distilled_from_the_base_model(tmp_path, data):
+    """The replay rows are the base model's own greedy answers to the shipped prompts, generated before
+    the tokenizer grows; phase_rows mixes them at replay_ratio; the cache returns the same rows."""
+    from animind_assets.lib.llm.replay_prompts import PROMPTS
+
+    _, _, frame, lookup = data
+    assert 100 <= len(PROMPTS) <= 200 and len(set(PROMPTS)) == len(PROMPTS)
+    from animind_assets.lib.llm.english_heldout import PARAGRAPHS
+
+    assert not any(p[:40] in " ".join(PARAGRAPHS) for p in PROMPTS)  # the perplexity text stays held out
+    tok = smollm2_tokenizer()
+    model = _talkative(tiny_llama(tok), tok)
+    rows = ft.self_distill_rows(model, tok, PROMPTS[:3], max_new_tokens=5, batch_size=2)
+    assert [r["prompt"] for r in rows] == PROMPTS[: len(rows)] and all(r["system"] is None and r["completion"] for r in rows)
+    # exactly what greedy decoding of the rendered prompt gives
+    ids = ft.prompt_ids(tok, ft.render_prompt(tok, None, PROMPTS[0]))
+    gen = model.generate(input_ids=torch.tensor([ids]), max_new_tokens=5, do_sample=False, pad_token_id=tok.pad_token_id)
+    assert rows[0]["completion"] == tok.decode(gen[0, len(ids):], skip_special_tokens=True).strip()
+    cfg = ft.FinetuneConfig(replay_ratio=0.25, replay_prompts=2, replay_max_new_tokens=4)
+    cached = ft.replay_rows(model, tok, cfg, tmp_path)
+    again = ft.replay_rows(None, None, cfg, tmp_path)  # from the cache: no model needed
+    assert cached == again and len(cached) <= 2
+    _, counts = ft.phase_rows(frame.filter(pl.col("split") == "train"), {"A": 1.0}, 40, 0, replay=cached, replay_ratio=0.25)
+    assert counts["replay"] == 10 and counts["A"] == 30
+    with pytest.raises(ValueError, match="replay_ratio"):
+        ft.FinetuneConfig(replay_ratio=0.6, general_mix_ratio=0.5, general_mix_file="x").validate()
+
+
+def test_finetune_with_replay_new_row_lr_and_linking_metrics(tmp_path, data):
+    cat, sids, _, lookup = data
+    # task A limited to the two linking directions so phase 1 surely trains on both
+    frame = build_llm_dataset(cat, make_interactions(), sids, LlmDataConfig(
+        n_examples=300, validation_user_frac=0.2, test_user_frac=0.2, a_templates=["sid_to_title", "title_to_sid"])).frame
+    logs: list[str] = []
+
+    def run(mult: float, **over):
+        tok = smollm2_tokenizer()
+        model = _talkative(tiny_llama(tok), tok)
+        n_base = model.get_input_embeddings().weight.shape[0]
+        cfg = tiny_finetune_config(phase1_max_steps=3, phase2_max_steps=0, english_ppl=False, warm_start="mean",
+                                   phase1_new_rows_lr_mult=mult, linking_eval_items=3,
+                                   phase1_weights={"A": 1.0, "B": 0.0, "C": 0.0}, **over)
+        # the rows as warm-started, before training: run the same warm start on a copy
+        res = ft.run_finetune(frame, lookup, cfg, tmp_path / f"w{mult}", base=(model, tok), log=logs.append)
+        return res, n_base
+
+    slow, n_base = run(1e-4)
+    fast, _ = run(1.0, replay_ratio=0.25, replay_prompts=4, replay_max_new_tokens=4)
+    # same seed and warm start: with a tiny multiplier the new rows stay (almost) where they started
+    ref_tok = smollm2_tokenizer()
+    ref = _talkative(tiny_llama(ref_tok), ref_tok)
+    ft.extend_tokenizer(ref_tok, ref, ft.sid_tokens_used(lookup["semantic_id"].to_list()) + SPECIAL_TOKENS)
+    torch.manual_seed(42)
+    ft.warm_start_embeddings(ref, ref_tok, lookup, ft.sid_tokens_used(lookup["semantic_id"].to_list()), mode="mean", n_base_rows=n_base)
+    w0 = ref.get_input_embeddings().weight[n_base:].detach()
+    d_slow = (slow.model.get_input_embeddings().weight[n_base:].detach() - w0).abs().max()
+    d_fast = (fast.model.get_input_embeddings().weight[n_base:].detach() - w0).abs().max()
+    assert d_fast > 100 * d_slow
+    for k in ("phase1_sid_to_title_exact", "phase1_sid_to_title_retrieval@1", "phase1_title_to_sid_exact",
+              "phase1_title_to_sid_retrieval@1"):
+        assert 0.0 <= fast.metrics[k] <= 1.0
+    assert fast.metrics["phase1_sid_to_title_items"] + fast.metrics["phase1_title_to_sid_items"] >= 4
+    assert fast.info["phase_mix"]["phase1"]["replay"] == 3 and fast.metrics["replay_rows"] >= 1
+    assert any("linking accuracy" in line for line in logs)

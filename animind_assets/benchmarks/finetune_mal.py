@@ -2,6 +2,13 @@
 
     python -m animind_assets.benchmarks.finetune_mal                       # defaults (bounded, 2 shared cores)
     python -m animind_assets.benchmarks.finetune_mal --phase1-steps 4 --phase2-steps 4 --eval-users 20   # smoke
+    python -m animind_assets.benchmarks.finetune_mal --baselines-only       # protocol + baselines, no LM (minutes)
+
+Protocol (``--holdout``): ``random`` (default) = set completion, no time order: each test user's
+held-out item is a seeded random item of the list (MAL 2020 has no timestamps); ``last`` = the last
+row of the list, an ORDER ARTEFACT on MAL 2020 (the highest MAL id), kept to reproduce older figures.
+Baselines on the same users: popularity, co-watch, cosine item-kNN, EASE (Steck 2019), EASE on the
+full list (reference) and, for ``last`` only, last-item popularity.
 
 Steps (every figure is printed):
 
@@ -124,6 +131,18 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--seed", type=int, default=None, help="seed of the dataset (user split, sampling) and the fine-tune "
                     "(default: the assets' defaults)")
     ap.add_argument("--cache-dir", default=str(Path(tempfile.gettempdir()) / "animind_bench"))
+    ap.add_argument("--holdout", choices=["random", "last"], default="random",
+                    help="random: set completion (seeded random held-out item); last: last row = ORDER ARTEFACT on MAL")
+    ap.add_argument("--replay-ratio", type=float, default=0.0, help="English-retention replay share (self-distilled)")
+    ap.add_argument("--replay-prompts", type=int, default=0, help="shipped replay prompts used (0 = all 150)")
+    ap.add_argument("--replay-max-new-tokens", type=int, default=96)
+    ap.add_argument("--phase1-weights", default="0.8,0.1,0.1", help="phase 1 task shares A,B,C")
+    ap.add_argument("--phase1-lr", type=float, default=1e-3)
+    ap.add_argument("--phase1-new-rows-lr-mult", type=float, default=1.0)
+    ap.add_argument("--linking-items", type=int, default=30, help="items per direction for ID <-> title accuracy")
+    ap.add_argument("--ease-lambda", type=float, default=500.0)
+    ap.add_argument("--baselines-only", action="store_true",
+                    help="build the dataset and print the baseline table on all test users (no LM)")
     args = ap.parse_args(argv)
 
     db = shared_data() / "mal2020" / "anilist.sqlite"
@@ -183,6 +202,7 @@ def main(argv: list[str] | None = None) -> int:
         "ops": {
             "llm_prep_dataset": {"config": {"n_examples": args.n_examples, "max_history": args.max_history,
                                             "c_max_liked": args.c_max_liked, "list_end_prob": args.list_end_prob,
+                                            "holdout": args.holdout,
                                             **({"seed": args.seed} if args.seed is not None else {})}},
             "finetuned_model": {
                 "config": {
@@ -195,12 +215,22 @@ def main(argv: list[str] | None = None) -> int:
                     "eval_examples": args.eval_examples,
                     **({"seed": args.seed} if args.seed is not None else {}),
                     "phase2_weights": dict(zip("ABC", (float(x) for x in args.phase2_weights.split(",")))),
+                    "phase1_weights": dict(zip("ABC", (float(x) for x in args.phase1_weights.split(",")))),
+                    "phase1_lr": args.phase1_lr,
+                    "phase1_new_rows_lr_mult": args.phase1_new_rows_lr_mult,
+                    "replay_ratio": args.replay_ratio,
+                    "replay_prompts": args.replay_prompts,
+                    "replay_max_new_tokens": args.replay_max_new_tokens,
+                    "linking_eval_items": args.linking_items,
                 }
             },
-            "recommendation_eval": {"config": {"max_users": args.eval_users, "num_beams": args.num_beams, "num_threads": args.threads}},
+            "recommendation_eval": {"config": {"max_users": args.eval_users, "num_beams": args.num_beams, "num_threads": args.threads,
+                                               "ease_lambda": args.ease_lambda, "title_items": args.linking_items}},
         }
     }
     timings = {}
+    if args.baselines_only:
+        return _baselines_only(args, stubs, ours, resources, run_config)
     for asset in ours:
         name = asset.key.path[-1]
         t0 = time.perf_counter()
@@ -214,19 +244,25 @@ def main(argv: list[str] | None = None) -> int:
             s = md["summary"].value
             print(f"rows {md['dagster/row_count'].value}; counts {s['counts']}; duplicates dropped {s['duplicates_dropped']}")
             print(f"users by split {s['users_by_split']}; leakage {s['leakage']}; {s['order_note']}")
+            print(f"protocol {s['protocol']}: {s['protocol_note']}")
             print(f"token lengths ({s['token_length_method']}): {s['token_lengths']}")
         elif name == "finetuned_model":
             for k in ("device", "method", "new_tokens_added", "warm_start", "phase1_train_loss", "phase1_val_loss",
                       "phase2_train_loss", "phase2_val_loss", "phase1_tokens_per_s", "phase2_tokens_per_s",
-                      "english_ppl_before", "english_ppl_after", "english_ppl_ratio", "materialize_seconds"):
+                      "english_ppl_before", "english_ppl_after", "english_ppl_ratio", "replay_ratio",
+                      "phase1_sid_to_title_exact", "phase1_sid_to_title_retrieval@1", "phase1_title_to_sid_exact",
+                      "phase1_title_to_sid_retrieval@1", "phase2_sid_to_title_exact", "phase2_sid_to_title_retrieval@1",
+                      "phase2_title_to_sid_exact", "phase2_title_to_sid_retrieval@1", "materialize_seconds"):
                 if k in md:
                     print(f"  {k}: {md[k].value}")
             if "warm_start_ridge_r2" in md:
                 print(f"  warm_start_ridge_r2: {md['warm_start_ridge_r2'].value}")
         else:
+            print(md["protocol"].value)
             print(md["metrics"].value)
             for k in ("valid_id_rate", "unconstrained_valid_id_rate", "sid_to_title_exact", "sid_to_title_fuzzy_ge_0_8",
-                      "lm_beats_popularity", "users", "catalog_size", "users_per_s"):
+                      "sid_to_title_retrieval@1", "title_to_sid_exact", "title_to_sid_retrieval@1",
+                      "lm_beats_popularity", "lm_beats_item_knn", "lm_over_ease", "users", "catalog_size", "users_per_s"):
                 if k in md:
                     print(f"  {k}: {md[k].value}")
             print(f"  examples: {md['examples'].value}")
@@ -242,6 +278,63 @@ def main(argv: list[str] | None = None) -> int:
     r = subprocess.run(cmd, capture_output=True, text=True, cwd=PROJECT_ROOT)
     print(r.stdout + r.stderr)
     print(f"(recommend CLI: {time.perf_counter() - t0:.1f}s, exit {r.returncode})")
+    return 0
+
+
+def _baselines_only(args, stubs, ours, resources, run_config) -> int:
+    """Materialize llm_prep_dataset, then print the baselines of ``recommendation_eval`` on every
+    test user of the chosen protocol (no model is loaded)."""
+    import dagster as dg
+    import numpy as np
+
+    from animind_assets.lib.retrieval.item_baselines import EASE, CoWatch, ItemKNN, popularity_counts, popularity_ranking
+    from animind_assets.lib.llm.evaluation import PROTOCOLS, baseline_training_users, last_item_counts, metrics_frame
+    from animind_assets.lib.llm.model_folder import list_order_of
+    from animind_assets.lib.common.metrics import ranking_metrics
+    from animind_assets.meta import markdown_table
+
+    t0 = time.perf_counter()
+    res = dg.materialize([*stubs, *ours], resources=resources, selection=["llm_prep_dataset"],
+                         run_config={"ops": {"llm_prep_dataset": run_config["ops"]["llm_prep_dataset"]}})
+    md = res.asset_materializations_for_node("llm_prep_dataset")[0].metadata
+    s = md["summary"].value
+    print(f"\n=== llm_prep_dataset: {time.perf_counter() - t0:.0f}s; users by split {s['users_by_split']}; leakage {s['leakage']}")
+    print(f"protocol {s['protocol']}: {s['protocol_note']}")
+    from animind_assets.resources import AniMindDuckDBIOManager  # noqa: F401 - the table lives in DuckDB
+
+    import duckdb
+
+    con = duckdb.connect(str(Path(os.environ["ANIMIND_DATA_DIR"]) / "animind.duckdb"), read_only=True)
+    ds = pl.from_arrow(con.execute("select * from main.llm_prep_dataset").arrow())
+    inter = pl.from_arrow(con.execute("select * from main.user_interactions").arrow())
+    con.close()
+    test = ds.filter((pl.col("task") == "B") & pl.col("is_heldout") & (pl.col("split") == "test")).sort("user_id")
+    protocol, note = PROTOCOLS[list_order_of(test["prompt"].to_list())]
+    train_users = baseline_training_users(ds, inter)
+    t1 = time.perf_counter()
+    pop = popularity_counts(inter, train_users)
+    models = {"cowatch": CoWatch(inter, train_users), "item_knn": ItemKNN(inter, train_users),
+              "ease": EASE(inter, train_users, args.ease_lambda)}
+    print(f"baselines fitted on {len(train_users)} training users, {len(models['ease'].items)} items: {time.perf_counter() - t1:.0f}s")
+    pop_list = popularity_ranking(pop, set(), 5000)
+    users, targets, windows = test["user_id"].to_list(), test["target_anime_id"].to_list(), test["history_anime_ids"].to_list()
+    lists: dict[int, list[int]] = {}
+    for u, a in inter.filter(pl.col("user_id").is_in(users)).select("user_id", "anime_id").iter_rows():
+        lists.setdefault(int(u), []).append(int(a))
+    excludes = [(set(lists.get(u, [])) - {t}) | set(w) for u, t, w in zip(users, targets, windows)]
+    metrics = {"popularity": ranking_metrics([popularity_ranking(pop, ex, 10) for ex in excludes], targets, [1, 5, 10])}
+    for name, m in models.items():
+        metrics[name] = ranking_metrics([m.ranking(w, ex, 10, pop_list) for w, ex in zip(windows, excludes)], targets, [1, 5, 10])
+    metrics["ease_full_history"] = ranking_metrics(
+        [models["ease"].ranking([a for a in lists.get(u, []) if a != t], ex, 10, pop_list) for u, t, ex in zip(users, targets, excludes)],
+        targets, [1, 5, 10])
+    if protocol != "set_completion":
+        last = last_item_counts(inter, train_users)
+        metrics["last_item_popularity"] = ranking_metrics([popularity_ranking(last, ex, 10) for ex in excludes], targets, [1, 5, 10])
+    print(f"\n{protocol}: {note}; {len(users)} test users (all), history shown {np.mean([len(w) for w in windows]):.1f} items; "
+          f"exclude_seen for every method; ties: higher score then smaller anime_id; EASE lambda {args.ease_lambda}")
+    print(markdown_table(metrics_frame(metrics)))
+    print(f"total {(time.perf_counter() - t0) / 60:.1f} min; load average {os.getloadavg()}")
     return 0
 
 

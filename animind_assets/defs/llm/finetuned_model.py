@@ -19,9 +19,10 @@ import polars as pl
 from pydantic import Field
 
 from animind_assets.gpu import GPU_OP_TAGS, GPU_POOL
-from animind_assets.lib.llm.data import SPECIAL_TOKENS, sid_lookup_frame
+from animind_assets.lib.llm.data import sid_lookup_frame
 from animind_assets.lib.llm.finetune import FinetuneConfig, codebooks_from_checkpoint, run_finetune, save_model_folder
 from animind_assets.meta import lines_plot, markdown_table, scalar_metadata
+from animind_assets.lib.semantic_ids.tokens import SID_PATTERN, SPECIAL_TOKENS
 from animind_assets.resources import ArtifactStoreResource, MlflowResource, data_dir
 
 from animind_assets.defs.llm.shared import GROUP, MODEL_DIR, WORK_DIR, semantic_ids_provenance
@@ -72,6 +73,9 @@ FinetunedModelConfig = derive_config(
         "english_ppl": 'English-retention perplexity before/after',
         "save_dtype": "'float32' | 'bfloat16'",
         "bf16": 'bf16 autocast while training',
+        "replay_ratio": "English-retention replay: share of each phase drawn from the base model's own answers to the "
+        "shipped general prompts (self-distillation, no downloads)",
+        "replay_max_new_tokens": "length cap of each self-distilled replay answer",
     },
 )
 
@@ -85,8 +89,8 @@ def model_lookup(anime_prep: pl.DataFrame, semantic_ids: pl.DataFrame, dataset: 
         raise ValueError(f"lookup_scope must be 'dataset' or 'all', got {scope!r}")
     used = set(dataset["target_anime_id"].drop_nulls().to_list())
     used |= set(dataset["history_anime_ids"].explode().drop_nulls().to_list())
-    sids = set(dataset["completion"].str.extract_all(r"(?:<L\d+_\d+>)+").explode().drop_nulls().to_list())
-    sids |= set(dataset["prompt"].str.extract_all(r"(?:<L\d+_\d+>)+").explode().drop_nulls().to_list())
+    sids = set(dataset["completion"].str.extract_all(SID_PATTERN).explode().drop_nulls().to_list())
+    sids |= set(dataset["prompt"].str.extract_all(SID_PATTERN).explode().drop_nulls().to_list())
     return lookup.filter(pl.col("anime_id").is_in(list(used)) | pl.col("semantic_id").is_in(list(sids)))
 
 
@@ -172,6 +176,15 @@ def finetuned_model(
                 "english_ppl_before": m.get("english_ppl_before"),
                 "english_ppl_after": m.get("english_ppl_after"),
                 "english_ppl_ratio": m.get("english_ppl_ratio"),
+                "replay_ratio": cfg.replay_ratio,
+                "phase1_sid_to_title_exact": m.get("phase1_sid_to_title_exact"),
+                "phase1_sid_to_title_retrieval@1": m.get("phase1_sid_to_title_retrieval@1"),
+                "phase1_title_to_sid_exact": m.get("phase1_title_to_sid_exact"),
+                "phase1_title_to_sid_retrieval@1": m.get("phase1_title_to_sid_retrieval@1"),
+                "phase2_sid_to_title_exact": m.get("phase2_sid_to_title_exact"),
+                "phase2_sid_to_title_retrieval@1": m.get("phase2_sid_to_title_retrieval@1"),
+                "phase2_title_to_sid_exact": m.get("phase2_title_to_sid_exact"),
+                "phase2_title_to_sid_retrieval@1": m.get("phase2_title_to_sid_retrieval@1"),
                 "warm_start": (result.warm_start.mode if result.warm_start else "none"),
                 "materialize_seconds": round(elapsed, 1),
             }

@@ -56,8 +56,6 @@ LlmPrepDatasetConfig = derive_config(
         "max_eval_users": 'cap on validation and test users each (0 = no cap)',
         "min_user_items": 'users with fewer list entries get no B/C rows',
         "max_history": 'list items shown in a task-B prompt',
-        "mask_last_prob": 'training B rows that mask the last item of their window',
-        "list_end_prob": "training B rows whose window ends at the end of the user's list (the position held out for test users: next-item prediction as evaluated); the rest take random windows",
         "like_min_score": 'score >= this is <liked>',
         "dislike_max_score": 'score 1..this is <disliked>',
         "c_max_liked": 'liked anime listed in a task-C prompt',
@@ -68,6 +66,12 @@ LlmPrepDatasetConfig = derive_config(
         "a_validation_frac": 'task-A rows held out for validation loss',
         "timestamps": "is list order temporal? 'auto' = user_interactions' has_timestamps metadata or a timestamp column; 'yes' | 'no'",
         "system_prompt": 'system message of every row',
+        "holdout": "held-out item of validation/test users: 'random' (seeded random item: set completion, no time "
+        "order) | 'last' (last item; an ORDER ARTEFACT without timestamps) | 'auto' (last when temporal, else random)",
+        "mask_last_prob": "training B rows that put the masked item last (set completion: a random item of a random "
+        "subset; last-item protocol: the window's last item)",
+        "list_end_prob": "last-item protocol only: training B rows whose window ends at the end of the user's list "
+        "(the position held out for test users); the rest take random windows",
     },
 )
 
@@ -86,12 +90,13 @@ def _token_counter(model: str, frame: pl.DataFrame, log):
     if not model:
         return approx_token_count, "approximate (4 chars/token, SID tokens = 1)"
     try:
-        from animind_assets.lib.llm.data import SPECIAL_TOKENS
-        from animind_assets.lib.llm.finetune import add_tokens, load_tokenizer, render_prompt, sid_tokens_used
+        from animind_assets.lib.llm.finetune import add_tokens, load_tokenizer
+        from animind_assets.lib.llm.model_folder import render_prompt
+        from animind_assets.lib.semantic_ids.tokens import SID_PATTERN, SPECIAL_TOKENS, sid_tokens_used
 
         tok = load_tokenizer(model)
-        sids = frame["completion"].str.extract_all(r"<L\d+_\d+>").explode().drop_nulls().unique().to_list()
-        sids += frame["prompt"].str.extract_all(r"<L\d+_\d+>").explode().drop_nulls().unique().to_list()
+        sids = frame["completion"].str.extract_all(SID_PATTERN).explode().drop_nulls().unique().to_list()
+        sids += frame["prompt"].str.extract_all(SID_PATTERN).explode().drop_nulls().unique().to_list()
         add_tokens(tok, sid_tokens_used(sids) + list(SPECIAL_TOKENS))
 
         def count(texts: list[str]) -> list[int]:
@@ -173,6 +178,7 @@ def llm_prep_dataset(
         "task_a_skipped_missing_field": counts_md(summary["task_a_skipped_missing_field"], key="template:field", value="anime"),
         "sentiment_counts": counts_md(summary["sentiment_counts"], key="sentiment", value="list entries"),
         "order_note": dg.MetadataValue.text(summary["order_note"]),
+        "protocol": dg.MetadataValue.text(f"{summary['protocol']}: {summary['protocol_note']}"),
         "jsonl_folder": dg.MetadataValue.path(str(store.path(config.export_folder))),
         "parquet_export": dg.MetadataValue.path(export),
         "summary": dg.MetadataValue.json({k: v for k, v in summary.items() if k != "config"}),

@@ -1,8 +1,9 @@
-"""``recommendation_eval``: next-item quality of ``finetuned_model`` on the held-out test users.
+"""``recommendation_eval``: held-out-item quality of ``finetuned_model`` on the test users.
 
 Thin layer over ``animind_assets.lib.llm.evaluation``: constrained beam search over the trie of valid
-semantic IDs (only real anime can come out), Hit@K / NDCG@K next to popularity and co-watch
-baselines on the same users, valid-ID rate, SID->title accuracy. The table (one row per method)
+semantic IDs (only real anime can come out), Hit@K / NDCG@K next to popularity, co-watch,
+item-kNN and EASE baselines on the same users (protocol stated in the metadata: set completion
+without timestamps), valid-ID rate, ID <-> title linking accuracy. The table (one row per method)
 goes to DuckDB + a Parquet export; per-user predictions to
 ``<artifacts>/recommendation_eval/predictions.parquet``; metrics to MLflow.
 """
@@ -41,7 +42,7 @@ RecommendationEvalConfig = derive_config(
         "max_users": 'test users evaluated, a seeded sample (0 = all); demo-scale default',
         "exclude_seen": "leave the user's own list out of every ranking",
         "unconstrained_users": 'users for the unconstrained greedy valid-ID reference (0 = off)',
-        "title_items": 'task-A items for SID->title accuracy (0 = off)',
+        "title_items": 'training task-A items per direction for ID <-> title accuracy (0 = off)',
         "split": "llm_prep_dataset split to evaluate ('test' | 'validation')",
         "seed": 'user sample seed',
     },
@@ -54,8 +55,8 @@ RecommendationEvalConfig = derive_config(
     op_tags=GPU_OP_TAGS,
     deps=["finetuned_model"],
     kinds={"pytorch", "polars", "mlflow"},
-    description="Hit@K / NDCG@K of trie-constrained semantic-ID generation vs popularity and co-watch "
-    "baselines on held-out test users; valid-ID rate; SID->title accuracy.",
+    description="Hit@K / NDCG@K of trie-constrained semantic-ID generation vs popularity, co-watch, item-kNN and "
+    "EASE baselines on held-out test users; valid-ID rate; ID <-> title accuracy.",
 )
 def recommendation_eval(
     context: dg.AssetExecutionContext,
@@ -102,11 +103,19 @@ def recommendation_eval(
                 f"lm_ndcg@{kmax}": lm.get(f"ndcg@{kmax}"),
                 f"popularity_hit@{kmax}": pop.get(f"hit@{kmax}"),
                 f"cowatch_hit@{kmax}": cw.get(f"hit@{kmax}"),
+                f"item_knn_hit@{kmax}": res.metrics["item_knn"].get(f"hit@{kmax}"),
+                f"ease_hit@{kmax}": res.metrics["ease"].get(f"hit@{kmax}"),
+                "lm_beats_item_knn": bool(lm.get(f"hit@{kmax}", 0) > res.metrics["item_knn"].get(f"hit@{kmax}", 0)),
+                "lm_over_ease": (lm.get(f"hit@{kmax}", 0) / res.metrics["ease"][f"hit@{kmax}"]
+                                 if res.metrics["ease"].get(f"hit@{kmax}") else None),
                 "lm_beats_popularity": bool(lm.get(f"hit@{kmax}", 0) > pop.get(f"hit@{kmax}", 0)),
                 "valid_id_rate": lm.get("valid_id_rate"),
                 "unconstrained_valid_id_rate": s.get("unconstrained_valid_id_rate"),
                 "sid_to_title_exact": s.get("sid_to_title_exact"),
                 "sid_to_title_fuzzy_ge_0_8": s.get("sid_to_title_fuzzy_ge_0_8"),
+                "sid_to_title_retrieval@1": s.get("sid_to_title_retrieval@1"),
+                "title_to_sid_exact": s.get("title_to_sid_exact"),
+                "title_to_sid_retrieval@1": s.get("title_to_sid_retrieval@1"),
                 "users": s["users"],
                 "catalog_size": s["catalog_size"],
                 "users_per_s": s["users_per_s"],
@@ -114,9 +123,10 @@ def recommendation_eval(
             }
         ),
         "protocol": dg.MetadataValue.text(
-            f"split={config.split}: each user's list minus its last item (the model sees the last "
-            f"{s['history_items_mean']:.1f} items on average), the last item is the target; "
-            f"exclude_seen={config.exclude_seen} for every method; baselines fitted on training users only."
+            f"{s['protocol']} ({s['protocol_note']}); split={config.split}, {s['users']} users; the prompt shows "
+            f"{s['history_items_mean']:.1f} other items of the list on average; exclude_seen={config.exclude_seen} for "
+            f"every method; ties: higher score, then smaller anime_id; {s['baselines_note']}; EASE lambda "
+            f"{config.ease_lambda}, item-kNN {config.knn_neighbours} neighbours."
         ),
         "examples": dg.MetadataValue.json({k: s[k] for k in ("unconstrained_examples", "sid_to_title_examples") if k in s}),
         "predictions": dg.MetadataValue.path(str(store.path(EVAL_DIR, "predictions.parquet"))),

@@ -21,6 +21,7 @@ from pydantic import Field
 from animind_assets.defs.semantic_ids.quantizer_fit import GROUP
 from animind_assets.lib.semantic_ids.evaluation import bucket_genre_coherence, cowatch_recall, positive_graph
 from animind_assets.lib.semantic_ids.assign import frame_vectors
+from animind_assets.lib.semantic_ids.tokens import level_token
 from animind_assets.meta import bar_plot, hist_plot, markdown_table, scalar_metadata, table_metadata
 from animind_assets.resources import ArtifactStoreResource, ParquetExports
 from animind_assets.launchpad import settings_defaults
@@ -103,7 +104,7 @@ def semantic_id_report(
         members = [int(ids[i]) for i in b["sample_rows"]]
         inspection.append(
             {
-                "first_token": f"<L1_{int(full[b['sample_rows'][0], 0])}>" if members else "",
+                "first_token": level_token(1, int(full[b['sample_rows'][0], 0])) if members else "",
                 "bucket_size": b["bucket_size"],
                 "avg_genre_jaccard": b["avg_genre_jaccard"],
                 "samples": [

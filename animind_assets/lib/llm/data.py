@@ -6,7 +6,7 @@ Three tasks, mixed by configurable ratios (default 0.5 / 0.25 / 0.25):
   title+studio->SID, SID->year, title+year->SID, SID->synopsis, SID->type, SID->studio, SID->source,
   SID->themes (only when the catalog has a ``themes`` column). The display title is ``title``
   (English name, else the original name), never "Unknown".
-* **B — masked watch-sequence prediction**: a user's list as
+* **B — masked list-item prediction**: a user's list as
   ``<anime_start>{SID}<anime_end>{sentiment}`` items with one item replaced by
   ``<anime_start>[MASK]<anime_end>``; the answer is the masked item's SID. Sentiment: ``<dropped>``
   (status 4, takes precedence), ``<liked>`` (score >= 7), ``<disliked>`` (score 1..3), ``<watch>``
@@ -15,10 +15,21 @@ Three tasks, mixed by configurable ratios (default 0.5 / 0.25 / 0.25):
   liked anime: a profile summary, or a summary followed by one more of the user's liked anime.
 
 Splits: task B/C examples are split **by user** (no user in two splits). Validation/test users
-get exactly one B example each: their list without its last item (by ``seq``; by timestamp when
-the source has one), the last item masked. Their C examples are built from the list *without*
-that held-out item, so a test user's held-out item never appears in any training row. Task A
-examples are item-level (split ``train``, plus a small ``validation`` sample).
+get exactly one B example each, with one held-out item masked at the end of the prompt
+(``holdout``):
+
+* ``random`` (the default when the order is not temporal, e.g. MAL 2020): **set completion, no
+  time order**. The held-out item is a seeded random item of the user's list (seed, user id); the
+  prompt shows a random subset (``max_history``) of the other items in random order, stated as
+  "in no particular order". Training B rows likewise mask a random item of a random subset shown in
+  random order, so list position carries no information.
+* ``last``: the last item of the list (by timestamp when the source has one: leave-one-out
+  next-item prediction). On data without timestamps this is an **order artefact** (the last row
+  is whatever the source sorted by; for MAL 2020 the highest MAL id) and is labelled as such.
+
+Their C examples are built from the list *without* that held-out item, so a test user's held-out
+item never appears in any training row. Task A examples are item-level (split ``train``, plus a
+small ``validation`` sample).
 
 Identical examples are generated at most once: duplicates are dropped and counted
 (``dup_count`` column, ``duplicates_dropped`` in the summary), never silently repeated.
@@ -40,16 +51,12 @@ from typing import Any
 import numpy as np
 import polars as pl
 
+from animind_assets.lib.llm.model_folder import MASK, b_prompt, masked_item, recommend_prompt, watch_item
 from animind_assets.lib.common.progress import Progress
+from animind_assets.lib.semantic_ids.tokens import ANIME_END, ANIME_START, DISLIKED, DROPPED, LIKED, WATCH
+from animind_assets.lib.semantic_ids.tokens import SPECIAL_TOKENS as _SPECIAL_TOKENS
 
-ANIME_START = "<anime_start>"
-ANIME_END = "<anime_end>"
-WATCH = "<watch>"
-LIKED = "<liked>"
-DISLIKED = "<disliked>"
-DROPPED = "<dropped>"
-SPECIAL_TOKENS = [ANIME_START, ANIME_END, WATCH, LIKED, DISLIKED, DROPPED]
-MASK = "[MASK]"
+SPECIAL_TOKENS = list(_SPECIAL_TOKENS)
 TASKS = ("A", "B", "C")
 SPLITS = ("train", "validation", "test")
 DEFAULT_SYSTEM_PROMPT = (
@@ -70,6 +77,24 @@ A_TEMPLATES = (
 )
 C_TEMPLATES = ("c_profile", "c_recommend")
 TIMESTAMP_COLUMNS = ("timestamp", "watched_at", "updated_at", "ts", "event_time")
+HOLDOUTS = ("auto", "random", "last")
+PROTOCOL_NOTES = {
+    "set_completion": "set completion, no time order: the held-out item of each validation/test user is a seeded "
+    "random item of the list; the other items are shown as a random subset in random order",
+    "next_item": "leave-one-out next item: the held-out item is the last of the list by timestamp",
+    "next_item_order_artefact": "ORDER ARTEFACT: the held-out item is the last row of the list, but the source has "
+    "no timestamps, so 'last' is the source's row order (MAL 2020: the highest MAL id), not watch time",
+}
+
+
+def resolve_protocol(holdout: str, temporal: bool) -> str:
+    """``set_completion`` | ``next_item`` | ``next_item_order_artefact`` for a ``holdout`` setting
+    (``HOLDOUTS``) and whether the list order is temporal. ValueError for an unknown setting."""
+    if holdout not in HOLDOUTS:
+        raise ValueError(f"holdout must be one of {HOLDOUTS}, got {holdout!r}")
+    if holdout == "random" or (holdout == "auto" and not temporal):
+        return "set_completion"
+    return "next_item" if temporal else "next_item_order_artefact"
 
 OUTPUT_SCHEMA = {
     "example_id": pl.Utf8,
@@ -98,35 +123,6 @@ def sentiment_token(score: int | None, status: int | None, like_min: int = 7, di
     if 1 <= s <= dislike_max:
         return DISLIKED
     return WATCH
-
-
-def watch_item(sid: str, sentiment: str | None) -> str:
-    return f"{ANIME_START}{sid}{ANIME_END}{sentiment or ''}"
-
-
-def masked_item() -> str:
-    return f"{ANIME_START}{MASK}{ANIME_END}"
-
-
-def b_prompt(items: Sequence[str], mask_pos: int, temporal: bool) -> str:
-    """Task B prompt. ``items`` are rendered watch items (``watch_item``); the item at ``mask_pos``
-    (``len(items)`` = append a masked next item) is replaced by the mask."""
-    parts = list(items)
-    if mask_pos >= len(parts):
-        parts.append(masked_item())
-    else:
-        parts[mask_pos] = masked_item()
-    order = "in watch order" if temporal else "in list order"
-    return (
-        f"A user's anime list ({order}): {' '.join(parts)}\n"
-        f"Which anime is hidden at {MASK}? Answer with its semantic ID."
-    )
-
-
-def recommend_prompt(sids: Sequence[str], sentiments: Sequence[str | None], temporal: bool = False) -> str:
-    """The next-item prompt used by evaluation and the ``recommend`` CLI (task B, last position)."""
-    items = [watch_item(s, t) for s, t in zip(sids, sentiments)]
-    return b_prompt(items, len(items), temporal)
 
 
 def era_of(year: int | None) -> str | None:
@@ -170,6 +166,11 @@ class LlmDataConfig:
     a_catalog: str = "interacted"  # "interacted" (anime with user rows) | "all"
     a_validation_frac: float = 0.02
     timestamps: str = "auto"  # is the list order temporal? "auto" (a timestamp column exists) | "yes" | "no"
+    # held-out item of a validation/test user: "random" = a seeded random item of the list (set
+    # completion, no time order); "last" = the last item of the list (leave-one-out next item when the
+    # order is temporal; on data without timestamps an ORDER ARTEFACT); "auto" = last when temporal,
+    # else random
+    holdout: str = "auto"
     system_prompt: str = DEFAULT_SYSTEM_PROMPT
 
     def validate(self) -> LlmDataConfig:
@@ -185,6 +186,8 @@ class LlmDataConfig:
             raise ValueError(f"unknown task-A templates {sorted(unknown)}; known: {list(A_TEMPLATES)}")
         if self.a_catalog not in ("interacted", "all"):
             raise ValueError(f"a_catalog must be 'interacted' or 'all', got {self.a_catalog!r}")
+        if self.holdout not in HOLDOUTS:
+            raise ValueError(f"holdout must be one of {HOLDOUTS}, got {self.holdout!r}")
         if self.timestamps not in ("auto", "yes", "no"):
             raise ValueError(f"timestamps must be 'auto', 'yes' or 'no', got {self.timestamps!r}")
         for name in ("mask_last_prob", "list_end_prob"):
@@ -414,6 +417,8 @@ def build_llm_dataset(
     meta = {r["anime_id"]: r for r in lookup.iter_rows(named=True)}
     has_ts_col = any(c in user_interactions.columns for c in TIMESTAMP_COLUMNS)
     temporal = has_ts_col if cfg.timestamps == "auto" else cfg.timestamps == "yes"
+    protocol = resolve_protocol(cfg.holdout, temporal)
+    list_order = "set" if protocol == "set_completion" else ("watch" if temporal else "list")
 
     inter = user_interactions.filter(pl.col("anime_id").is_in(list(meta)))
     unknown_rows = user_interactions.height - inter.height
@@ -480,10 +485,19 @@ def build_llm_dataset(
     heldout_of: dict[int, int] = {}
     for u in eval_users:
         items = eligible[u]
-        hist, target = items[:-1], items[-1]
+        if protocol == "set_completion":
+            # a seeded random item of the list; the rest shown as a random subset in random order
+            rng_u = np.random.default_rng(_stable_seed(cfg.seed, "holdout", u))
+            h = int(rng_u.integers(0, len(items)))
+            target = items[h]
+            hist = items[:h] + items[h + 1 :]
+            keep = rng_u.permutation(len(hist))[: cfg.max_history]
+            window = [hist[i] for i in keep.tolist()]
+        else:  # the last item of the list (by timestamp, or by row order: the order artefact)
+            hist, target = items[:-1], items[-1]
+            window = hist[-cfg.max_history :]
         heldout_of[u] = target[0]
-        window = hist[-cfg.max_history :]
-        prompt = recommend_prompt([meta[a]["semantic_id"] for a, _ in window], [s for _, s in window], temporal)
+        prompt = recommend_prompt([meta[a]["semantic_id"] for a, _ in window], [s for _, s in window], list_order)
         add("B", "b_next", splits[u], u, target[0], prompt, meta[target[0]]["semantic_id"], [a for a, _ in window], True)
         progress.update(1)
     n_b_train = max(0, budget["B"] - len(eval_users))
@@ -496,6 +510,20 @@ def build_llm_dataset(
             items = eligible[u]
             n = len(items)
             w = min(cfg.max_history + 1, n)
+            if protocol == "set_completion":
+                # a random subset of the list in random order; a random one of them is masked and,
+                # with mask_last_prob, moved to the end (the form of the evaluation prompt)
+                window = [items[i] for i in rng_b.choice(n, size=w, replace=False).tolist()]
+                pos = w - 1 if rng_b.random() < cfg.mask_last_prob else int(rng_b.integers(0, w))
+                target = window[pos][0]
+                shown = [watch_item(meta[a]["semantic_id"], s) for a, s in window]
+                if pos == w - 1:
+                    tmpl, prompt = "b_next", b_prompt(shown[:-1], w - 1, list_order)
+                else:
+                    tmpl, prompt = "b_masked", b_prompt(shown, pos, list_order)
+                hist_ids = [a for i, (a, _) in enumerate(window) if i != pos]
+                add("B", tmpl, "train", u, target, prompt, meta[target]["semantic_id"], hist_ids)
+                continue
             if rng_b.random() < cfg.list_end_prob:
                 start, pos = n - w, w - 1  # the user's last item, as held out for eval users
             elif rng_b.random() < cfg.mask_last_prob:
@@ -509,9 +537,9 @@ def build_llm_dataset(
             shown = [watch_item(meta[a]["semantic_id"], s) for a, s in window]
             tmpl = "b_next" if pos == w - 1 else "b_masked"
             if tmpl == "b_next":
-                prompt = b_prompt(shown[:-1], w - 1, temporal)
+                prompt = b_prompt(shown[:-1], w - 1, list_order)
             else:
-                prompt = b_prompt(shown, pos, temporal)
+                prompt = b_prompt(shown, pos, list_order)
             hist_ids = [a for i, (a, _) in enumerate(window) if i != pos]
             add("B", tmpl, "train", u, target, prompt, meta[target]["semantic_id"], hist_ids)
     progress.update(max(0, len(eligible) - len(eval_users)))
@@ -522,7 +550,7 @@ def build_llm_dataset(
     def liked_rows(u: int) -> list[dict]:
         items = eligible[u]
         if u in heldout_of:  # never reveal a validation/test user's held-out item
-            items = items[:-1]
+            items = [it for it in items if it[0] != heldout_of[u]]
         return [meta[a] for a, s in items if s == LIKED]
 
     c_eval = 0
@@ -594,6 +622,9 @@ def build_llm_dataset(
         "task_a_distinct_candidates": len(candidates),
         "task_c_eval_users_without_enough_likes": c_no_likes,
         "order_is_temporal": temporal,
+        "protocol": protocol,
+        "protocol_note": PROTOCOL_NOTES[protocol],
+        "list_order": list_order,
         "order_note": (
             "list order follows timestamps"
             if temporal

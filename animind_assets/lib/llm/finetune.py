@@ -15,10 +15,16 @@ Pipeline (``run_finetune``):
    codes start from the numerals' embeddings, special tokens from their words' embeddings.
 3. Two TRL ``SFTTrainer`` phases with completion-only loss and EOS: linking (task-A weighted),
    then recommendation/reasoning (B/C weighted), optionally mixed with general instructions from a
-   local JSONL file. Loss is computed only at completion positions (the LM head is not applied to
-   prompt tokens). Full fine-tune for small models (optionally only the top ``train_layers`` blocks
-   plus the tied embedding/head), LoRA with ``modules_to_save`` for large ones.
-4. English-retention perplexity on ``english_heldout.PARAGRAPHS`` before and after.
+   local JSONL file and with the **replay mix** (``replay_ratio``): the base model's own greedy
+   answers to the shipped general prompts (``lib/llm/replay_prompts.py``), generated before the
+   tokenizer grows (self-distillation; no download). Loss is computed only at completion positions
+   (the LM head is not applied to prompt tokens). Full fine-tune for small models (optionally only
+   the top ``train_layers`` blocks plus the tied embedding/head), LoRA with ``modules_to_save`` for
+   large ones. Phase 1 can give the new token rows their own learning rate
+   (``phase1_new_rows_lr_mult``).
+4. Linking accuracy (ID -> title, title -> ID; exact and constrained retrieval,
+   ``llm_eval.linking_accuracy``) after each phase on the items phase 1 trained on; English-retention
+   perplexity on ``english_heldout.PARAGRAPHS`` before and after.
 5. Checkpoints per phase (resumable), the final folder written atomically by the caller.
 
 This module never imports Dagster.
@@ -43,16 +49,21 @@ import polars as pl
 import torch
 
 from animind_assets.lib.common.fingerprint import json_fingerprint
-from animind_assets.lib.llm.data import SPECIAL_TOKENS
+from animind_assets.lib.llm.model_folder import (
+    PROMPT_FORMAT_VERSION,
+    list_order_of,
+    prompt_ids,
+    render_prompt,
+    token_ids,
+    write_folder_files,
+)
 from animind_assets.lib.common.progress import fmt_seconds
+from animind_assets.lib.semantic_ids.tokens import SPECIAL_TOKENS, find_level_tokens, level_token, parse_level_token, sid_codes
+from animind_assets.lib.semantic_ids.tokens import sid_tokens_used as sid_tokens_used
 
 LogFn = Callable[[str], None]
 EMBEDDED_MODEL = "embedded:smollm2-135m-instruct"
 EMBEDDED_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
-SID_TOKEN_RE = re.compile(r"<L(\d+)_(\d+)>")
-INFO_FILE = "animind_llm.json"
-LOOKUP_FILE = "sid_lookup.parquet"
-PROMPT_FORMAT_VERSION = 1
 
 
 def _noop(_: str) -> None:
@@ -86,6 +97,15 @@ class FinetuneConfig:
     max_seq_length: int = 192
     general_mix_file: str = ""  # local JSONL of {"prompt","completion"} or {"messages"} rows
     general_mix_ratio: float = 0.0  # share of each phase's examples drawn from that file
+    # English retention without downloads: the base model's own greedy answers to the shipped general
+    # prompts (lib/llm/replay_prompts.py), generated before training, mixed into both phases at this share
+    replay_ratio: float = 0.0
+    replay_prompts: int = 0  # shipped prompts used (0 = all)
+    replay_max_new_tokens: int = 96
+    phase1_new_rows_lr_mult: float = 1.0  # phase 1: learning-rate multiplier of the new token rows (SID + special)
+    phase1_templates: list[str] = field(default_factory=list)  # phase 1 task-A templates ([] = all in the dataset)
+    phase1_items: int = 0  # phase 1 task-A rows only for a seeded subset of N items (0 = every item)
+    linking_eval_items: int = 30  # ID <-> title accuracy after each phase on items seen in phase 1 (0 = off)
     warm_start: str = "rqvae"  # "rqvae" (falls back to centroid without codebooks) | "centroid" | "mean" | "none"
     ridge_alpha: float = 1.0
     use_chat_template: bool = True
@@ -113,6 +133,10 @@ class FinetuneConfig:
                 raise ValueError(f"{name} must map tasks A/B/C to weights >= 0 (not all 0), got {w}")
         if not 0 <= self.general_mix_ratio < 1:
             raise ValueError("general_mix_ratio must be in [0, 1)")
+        if not 0 <= self.replay_ratio < 1 or self.replay_ratio + self.general_mix_ratio >= 1:
+            raise ValueError("replay_ratio must be in [0, 1) and replay_ratio + general_mix_ratio < 1")
+        if self.phase1_new_rows_lr_mult <= 0:
+            raise ValueError("phase1_new_rows_lr_mult must be > 0")
         if self.general_mix_ratio > 0 and not self.general_mix_file:
             raise ValueError("general_mix_ratio > 0 needs general_mix_file (a local JSONL file)")
         if self.save_dtype not in ("float32", "bfloat16"):
@@ -123,7 +147,8 @@ class FinetuneConfig:
 
     def fingerprint_dict(self) -> dict:
         d = asdict(self)
-        for k in ("resume", "keep_checkpoints", "num_threads", "english_ppl", "ppl_max_tokens", "save_dtype", "eval_examples"):
+        for k in ("resume", "keep_checkpoints", "num_threads", "english_ppl", "ppl_max_tokens", "save_dtype", "eval_examples",
+                  "linking_eval_items"):
             d.pop(k, None)
         return d
 
@@ -212,15 +237,6 @@ def load_base(cfg: FinetuneConfig, log: LogFn = _noop):
 
 
 # ---------------------------------------------------------------------------------------- tokens
-def sid_tokens_used(semantic_ids: Sequence[str]) -> list[str]:
-    """Distinct ``<L{l}_{c}>`` tokens in the given IDs, sorted by (level, code)."""
-    found: set[tuple[int, int]] = set()
-    for sid in semantic_ids:
-        for lv, c in SID_TOKEN_RE.findall(sid):
-            found.add((int(lv), int(c)))
-    return [f"<L{lv}_{c}>" for lv, c in sorted(found)]
-
-
 def add_tokens(tokenizer, new_tokens: Sequence[str]) -> list[str]:
     """Add ``new_tokens`` to the tokenizer (not normalized, matched atomically in text). Returns the
     tokens that were actually new."""
@@ -241,15 +257,6 @@ def extend_tokenizer(tokenizer, model, new_tokens: Sequence[str], log: LogFn = _
         model.resize_token_embeddings(len(tokenizer), mean_resizing=False)
     log(f"tokenizer: +{len(todo)} tokens ({len(tokenizer)} total), embeddings {old} -> {model.get_input_embeddings().weight.shape[0]} rows")
     return todo
-
-
-def token_ids(tokenizer, tokens: Sequence[str]) -> list[int]:
-    ids = tokenizer.convert_tokens_to_ids(list(tokens))
-    unk = tokenizer.unk_token_id
-    bad = [t for t, i in zip(tokens, ids) if i is None or (unk is not None and i == unk)]
-    if bad:
-        raise ValueError(f"tokens not in the tokenizer: {bad[:5]}")
-    return list(ids)
 
 
 # ---------------------------------------------------------------------------------------- warm start
@@ -342,14 +349,14 @@ def warm_start_embeddings(
     used_cb: list[int] = []
     if mode in ("rqvae", "centroid") and sid_tokens:
         sids = lookup["semantic_id"].to_list()
-        codes = [[int(c) for _, c in SID_TOKEN_RE.findall(s)] for s in sids]
+        codes = [sid_codes(s) for s in sids]
         n_levels = max(len(c) for c in codes)
         codes_arr = np.array([c + [0] * (n_levels - len(c)) for c in codes], dtype=np.int64)
         genres = lookup["genres"].to_list() if "genres" in lookup.columns else [None] * lookup.height
         texts = [f"{t}. {', '.join(g or [])}" for t, g in zip(lookup["title"].to_list(), genres)]
         target = _text_mean_embeddings(tokenizer, base, texts)
         resid = target - target.mean(0)
-        wanted = {(int(a), int(b)) for a, b in (SID_TOKEN_RE.findall("".join(sid_tokens)))}
+        wanted = set(find_level_tokens("".join(sid_tokens)))
         cb = codebooks if (mode == "rqvae" and codebooks) else None
         if mode == "rqvae" and not codebooks:
             log("warm start: no RQ-VAE codebooks available, using per-level centroids of the title embeddings")
@@ -385,11 +392,11 @@ def warm_start_embeddings(
                 dev = np.mean([np.linalg.norm(v) for v in level_vecs.values()]) or 1.0
                 for c, v in level_vecs.items():
                     if (lv + 1, c) in wanted:
-                        new_vecs[f"<L{lv + 1}_{c}>"] = mu + v * (base_dev / dev)
+                        new_vecs[level_token(lv + 1, c)] = mu + v * (base_dev / dev)
         # codes without a vector (disambiguation level with codebooks, unseen codes): numerals
         for tok in sid_tokens:
             if tok not in new_vecs:
-                lv, c = (int(x) for x in SID_TOKEN_RE.fullmatch(tok).groups())
+                lv, c = parse_level_token(tok)
                 num = _text_mean_embeddings(tokenizer, base, [f" {c}"])[0]
                 new_vecs[tok] = num + rng.normal(0, 0.01 * base_dev / math.sqrt(base.shape[1]), base.shape[1])
     elif mode == "mean" or (mode in ("rqvae", "centroid") and not sid_tokens):
@@ -423,20 +430,6 @@ def warm_start_embeddings(
 
 
 # ---------------------------------------------------------------------------------------- prompts
-def render_prompt(tokenizer, system: str | None, prompt: str, use_chat_template: bool = True) -> str:
-    """The exact text the model sees before its answer (training and inference share it)."""
-    if use_chat_template and getattr(tokenizer, "chat_template", None):
-        msgs = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": prompt}]
-        return tokenizer.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True)
-    head = f"{system}\n\n" if system else ""
-    return f"{head}### Question:\n{prompt}\n### Answer:\n"
-
-
-def prompt_ids(tokenizer, text: str, use_chat_template: bool = True) -> list[int]:
-    templated = use_chat_template and getattr(tokenizer, "chat_template", None)
-    return tokenizer(text, add_special_tokens=not templated)["input_ids"]
-
-
 def encode_example(tokenizer, system, prompt, completion, use_chat_template=True) -> tuple[list[int], list[int]]:
     """(input_ids, completion_mask): prompt tokens, then completion tokens + EOS (mask 1)."""
     p = prompt_ids(tokenizer, render_prompt(tokenizer, system, prompt, use_chat_template), use_chat_template)
@@ -475,22 +468,101 @@ def load_general_mix(path: str) -> list[dict]:
     return rows
 
 
-def phase_rows(train: pl.DataFrame, weights: dict[str, float], n: int, seed: int, general: list[dict] | None = None, general_ratio: float = 0.0) -> tuple[list[dict], dict[str, int]]:
-    """``n`` training rows drawn (with replacement, seeded) from the tasks by ``weights``."""
+@torch.no_grad()
+def self_distill_rows(
+    model, tokenizer, prompts: Sequence[str], max_new_tokens: int = 96, use_chat_template: bool = True,
+    batch_size: int = 8, log: LogFn = _noop,
+) -> list[dict]:
+    """The model's own greedy answers to ``prompts`` as training rows {system: None, prompt,
+    completion} (the English-retention replay mix). Call it on the *base* model before any
+    fine-tuning. Prompts are rendered exactly as training renders them (``render_prompt``), left
+    padded, decoded without special tokens; empty answers are dropped (counted in the log)."""
+    was_training = model.training
+    model.eval()
+    dev = next(model.parameters()).device
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    rows: list[dict] = []
+    empty = 0
+    t0 = time.perf_counter()
+    for s in range(0, len(prompts), batch_size):
+        chunk = list(prompts[s : s + batch_size])
+        ids = [prompt_ids(tokenizer, render_prompt(tokenizer, None, p, use_chat_template), use_chat_template) for p in chunk]
+        L = max(len(x) for x in ids)
+        inp = torch.full((len(ids), L), pad, dtype=torch.long)
+        att = torch.zeros((len(ids), L), dtype=torch.long)
+        for i, x in enumerate(ids):
+            inp[i, L - len(x) :] = torch.tensor(x)
+            att[i, L - len(x) :] = 1
+        gen = model.generate(input_ids=inp.to(dev), attention_mask=att.to(dev), max_new_tokens=max_new_tokens,
+                             do_sample=False, num_beams=1, pad_token_id=pad, eos_token_id=tokenizer.eos_token_id)
+        for p, row in zip(chunk, gen[:, L:].tolist()):
+            text = tokenizer.decode(row, skip_special_tokens=True).strip()
+            if text:
+                rows.append({"system": None, "prompt": p, "completion": text})
+            else:
+                empty += 1
+        done = min(s + batch_size, len(prompts))
+        el = time.perf_counter() - t0
+        log(f"replay mix: {done}/{len(prompts)} answers generated ({done / max(el, 1e-9):.2f} prompts/s, "
+            f"ETA {fmt_seconds(el / done * (len(prompts) - done))})")
+    if was_training:
+        model.train()
+    if empty:
+        log(f"replay mix: {empty} empty answers dropped")
+    return rows
+
+
+def replay_rows(model, tokenizer, cfg: FinetuneConfig, cache_dir: Path | None, log: LogFn = _noop) -> list[dict]:
+    """``self_distill_rows`` on the shipped prompts (``lib/llm/replay_prompts.py``, the first
+    ``cfg.replay_prompts``), cached as JSONL under ``cache_dir`` keyed by base model and settings
+    (``None``: no cache, e.g. an injected test model)."""
+    from animind_assets.lib.llm.replay_prompts import PROMPTS
+
+    prompts = PROMPTS[: cfg.replay_prompts] if cfg.replay_prompts > 0 else list(PROMPTS)
+    key = json_fingerprint({"base": cfg.base_model, "gguf": cfg.gguf_file, "rev": cfg.revision, "prompts": prompts,
+                            "max_new": cfg.replay_max_new_tokens, "chat": cfg.use_chat_template})
+    path = cache_dir / f"replay_{key}.jsonl" if cache_dir is not None else None
+    if path is not None and path.exists():
+        rows = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+        log(f"replay mix: {len(rows)} self-distilled rows from cache {path}")
+        return rows
+    rows = self_distill_rows(model, tokenizer, prompts, cfg.replay_max_new_tokens, cfg.use_chat_template, log=log)
+    if not rows:
+        raise ValueError("replay mix: the base model produced no non-empty answer")
+    if path is not None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+        tmp.replace(path)
+    return rows
+
+
+def phase_rows(
+    train: pl.DataFrame, weights: dict[str, float], n: int, seed: int, general: list[dict] | None = None,
+    general_ratio: float = 0.0, replay: list[dict] | None = None, replay_ratio: float = 0.0,
+) -> tuple[list[dict], dict[str, int]]:
+    """``n`` training rows drawn (with replacement, seeded): ``round(n * general_ratio)`` from
+    ``general``, ``round(n * replay_ratio)`` from ``replay`` (self-distilled rows), the rest from
+    the tasks by ``weights``. Rows are dicts with system, prompt, completion (task rows also task,
+    template, target_anime_id). Returns (rows in seeded random order, counts per source)."""
     rng = np.random.default_rng(seed)
-    pools = {t: train.filter(pl.col("task") == t).select("system", "prompt", "completion").to_dicts() for t in ("A", "B", "C")}
+    cols = [c for c in ("system", "prompt", "completion", "task", "template", "target_anime_id") if c in train.columns]
+    pools = {t: train.filter(pl.col("task") == t).select(cols).to_dicts() for t in ("A", "B", "C")}
     w = {t: (weights.get(t, 0.0) if pools[t] else 0.0) for t in pools}
     tot = sum(w.values())
     if tot <= 0:
         raise ValueError(f"no training rows for the tasks weighted {weights}")
     n_gen = int(round(n * general_ratio)) if general else 0
-    tasks = rng.choice(["A", "B", "C"], size=n - n_gen, p=[w[t] / tot for t in ("A", "B", "C")])
-    rows, counts = [], {"A": 0, "B": 0, "C": 0, "general": n_gen}
+    n_rep = int(round(n * replay_ratio)) if replay else 0
+    tasks = rng.choice(["A", "B", "C"], size=n - n_gen - n_rep, p=[w[t] / tot for t in ("A", "B", "C")])
+    rows, counts = [], {"A": 0, "B": 0, "C": 0, "general": n_gen, "replay": n_rep}
     for t in tasks.tolist():
         rows.append(pools[t][int(rng.integers(0, len(pools[t])))])
         counts[t] += 1
     for _ in range(n_gen):
         rows.append(general[int(rng.integers(0, len(general)))])
+    for _ in range(n_rep):
+        rows.append(replay[int(rng.integers(0, len(replay)))])
     order = rng.permutation(len(rows))
     return [rows[i] for i in order], counts
 
@@ -544,6 +616,37 @@ def _make_trainer_class():
             return loss
 
     return SidSFTTrainer
+
+
+def _new_rows_lr_callback(model, row_ids: Sequence[int], mult: float, log: LogFn = _noop):
+    """TrainerCallback giving the embedding (and untied head) rows ``row_ids`` an effective learning
+    rate ``mult`` x the phase's: the rows are snapshotted before each optimizer step and their update
+    is scaled after it (``w = w0 + mult * (w1 - w0)``; exact for any optimizer, unlike a gradient
+    scale, which Adam normalises away). Returns None when the rows cannot be reached (logged)."""
+    from transformers import TrainerCallback
+
+    try:
+        mats = [model.get_input_embeddings().weight]
+        head = model.get_output_embeddings()
+        if head is not None and head.weight.data_ptr() != mats[0].data_ptr():
+            mats.append(head.weight)
+    except AttributeError as exc:
+        log(f"new-row learning-rate multiplier skipped: embeddings not reachable ({exc})")
+        return None
+    idx = torch.as_tensor(list(row_ids), dtype=torch.long, device=mats[0].device)
+
+    class _CB(TrainerCallback):
+        before: list[torch.Tensor] = []
+
+        def on_step_begin(self, args, state, control, **kw):
+            self.before = [m.detach()[idx].clone() for m in mats]
+
+        def on_step_end(self, args, state, control, **kw):
+            with torch.no_grad():
+                for m, b in zip(mats, self.before):
+                    m[idx] = b + mult * (m[idx] - b)
+
+    return _CB()
 
 
 def _make_callback(phase: str, step_offset: int, log: LogFn, run, history: list, t0: float, max_steps: int):
@@ -699,7 +802,7 @@ def _decoder_layers(model):
 
 def _run_phase(
     phase: str, model, tokenizer, rows: list[dict], cfg: FinetuneConfig, lr: float, max_steps: int,
-    out_dir: Path, step_offset: int, log: LogFn, run, history: list,
+    out_dir: Path, step_offset: int, log: LogFn, run, history: list, extra_callbacks: Sequence = (),
 ) -> dict:
     import datasets
     from datasets import Dataset
@@ -746,7 +849,7 @@ def _run_phase(
         args=args,
         train_dataset=ds,
         processing_class=tokenizer,
-        callbacks=[_make_callback(phase, step_offset, log, run, history, t0, max_steps)],
+        callbacks=[_make_callback(phase, step_offset, log, run, history, t0, max_steps), *extra_callbacks],
     )
     trainer.fast_loss = cfg.fast_loss
     from transformers.trainer_callback import PrinterCallback, ProgressCallback
@@ -801,6 +904,10 @@ def run_finetune(
     if cfg.english_ppl:
         metrics["english_ppl_before"] = english_perplexity(model, tok, max_tokens=cfg.ppl_max_tokens)
         log(f"English perplexity before: {metrics['english_ppl_before']:.2f}")
+    replay = None
+    if cfg.replay_ratio > 0:  # the base model's own answers, before any new token exists
+        replay = replay_rows(model, tok, cfg, Path(work_dir) / "replay_cache" if base is None else None, log)
+        metrics["replay_rows"] = float(len(replay))
     sid_toks = sid_tokens_used(lookup["semantic_id"].to_list())
     added = extend_tokenizer(tok, model, sid_toks + list(special_tokens), log)
     ws = None
@@ -825,6 +932,7 @@ def run_finetune(
         run.log_params({**{k: v for k, v in asdict(cfg).items()}, "method_resolved": method, "new_tokens": len(added),
                         "base_params": n_params, "work_fingerprint": fp})
     step_offset = 0
+    linking_rows: list[dict] = []
     phase_counts = {}
     hooks: list = []
     model_wrapped = None
@@ -832,14 +940,22 @@ def run_finetune(
         [("phase1", cfg.phase1_max_steps, cfg.phase1_weights, cfg.phase1_lr),
          ("phase2", cfg.phase2_max_steps, cfg.phase2_weights, cfg.phase2_lr)]
     ):
-        rows, counts = phase_rows(train, weights, max(steps, 1) * per_step, cfg.seed + i, general, cfg.general_mix_ratio)
+        pool = _phase1_pool(train, cfg, log) if i == 0 else train
+        rows, counts = phase_rows(pool, weights, max(steps, 1) * per_step, cfg.seed + i, general, cfg.general_mix_ratio,
+                                  replay, cfg.replay_ratio)
+        if i == 0:
+            linking_rows = [r for r in rows if r.get("task") == "A" and r.get("template") in ("sid_to_title", "title_to_sid")]
         phase_counts[name] = counts
         log(f"{name}: {steps} steps x {per_step} examples, mix {counts}")
         if steps == 0:
             continue
         if model_wrapped is None:
             model_wrapped, hooks = _apply_method(model, cfg, method, log)
-        m = _run_phase(name, model_wrapped, tok, rows, cfg, lr, steps, work / name, step_offset, log, run, history)
+        extra = []
+        if name == "phase1" and cfg.phase1_new_rows_lr_mult != 1.0:
+            cb = _new_rows_lr_callback(model_wrapped, range(n_base_rows, len(tok)), cfg.phase1_new_rows_lr_mult, log)
+            extra = [cb] if cb is not None else []
+        m = _run_phase(name, model_wrapped, tok, rows, cfg, lr, steps, work / name, step_offset, log, run, history, extra)
         for k, v in m.items():
             if isinstance(v, (int, float)):
                 metrics[f"{name}_{k}"] = float(v)
@@ -847,6 +963,9 @@ def run_finetune(
         if vl is not None:
             metrics[f"{name}_val_loss"] = vl
             log(f"{name}: validation completion loss {vl:.4f} on {len(val_rows)} rows")
+        if cfg.linking_eval_items > 0 and linking_rows:
+            for k, v in _linking_after_phase(model_wrapped, tok, lookup, frame, cfg, linking_rows, log).items():
+                metrics[f"{name}_{k}"] = v
         if run is not None:
             run.log_metrics({k: v for k, v in metrics.items() if k.startswith(name)}, step=step_offset + steps)
         step_offset += steps
@@ -871,9 +990,10 @@ def run_finetune(
         "system_prompt": frame["system"][0] if frame.height else "",
         "special_tokens": list(special_tokens),
         "sid_tokens": len(sid_toks),
-        "sid_levels": max((int(l) for l, _ in SID_TOKEN_RE.findall("".join(sid_toks))), default=0),
+        "sid_levels": max((lv for lv, _ in find_level_tokens("".join(sid_toks))), default=0),
         "eos_token": tok.eos_token,
-        "order_is_temporal": bool(frame["prompt"].str.contains("in watch order", literal=True).any()),
+        "order_is_temporal": list_order_of(frame.filter(pl.col("task") == "B")["prompt"].to_list()) == "watch",
+        "list_order": list_order_of(frame.filter(pl.col("task") == "B")["prompt"].to_list()),
         "new_tokens_added": len(added),
         "phase_mix": phase_counts,
         "warm_start": asdict(ws) if ws else None,
@@ -885,6 +1005,52 @@ def run_finetune(
     return FinetuneResult(model=final, tokenizer=tok, info=info, metrics=metrics, history=history, warm_start=ws)
 
 
+def _phase1_pool(train: pl.DataFrame, cfg: FinetuneConfig, log: LogFn) -> pl.DataFrame:
+    """Training rows phase 1 draws from: task-A rows limited to ``cfg.phase1_templates`` and to a
+    seeded subset of ``cfg.phase1_items`` items (B/C rows unchanged). ValueError when nothing is left."""
+    if not cfg.phase1_templates and not cfg.phase1_items:
+        return train
+    a = train.filter(pl.col("task") == "A")
+    if cfg.phase1_templates:
+        a = a.filter(pl.col("template").is_in(list(cfg.phase1_templates)))
+    if cfg.phase1_items:
+        items = sorted(set(a["target_anime_id"].drop_nulls().to_list()))
+        if len(items) > cfg.phase1_items:
+            keep = np.random.default_rng(cfg.seed).choice(len(items), size=cfg.phase1_items, replace=False)
+            a = a.filter(pl.col("target_anime_id").is_in([items[j] for j in keep.tolist()]))
+    if a.height == 0:
+        raise ValueError(f"phase 1 has no task-A rows for templates {cfg.phase1_templates} / {cfg.phase1_items} items")
+    log(f"phase 1 task-A pool: {a.height} rows, {a['target_anime_id'].n_unique()} items"
+        + (f", templates {list(cfg.phase1_templates)}" if cfg.phase1_templates else ""))
+    return pl.concat([a, train.filter(pl.col("task") != "A")])
+
+
+def _linking_after_phase(model, tok, lookup: pl.DataFrame, frame: pl.DataFrame, cfg: FinetuneConfig,
+                         seen_rows: list[dict], log: LogFn) -> dict[str, float]:
+    """``llm_eval.linking_accuracy`` on the ID <-> title rows phase 1 trained on (distinct prompts,
+    at most ``cfg.linking_eval_items`` per direction), with the in-memory model."""
+    from animind_assets.lib.llm.evaluation import linking_accuracy
+    from animind_assets.lib.llm.infer import make_sid_model
+
+    seen = pl.DataFrame(
+        [{"task": "A", "template": r["template"], "split": "train", "target_anime_id": r["target_anime_id"],
+          "prompt": r["prompt"], "completion": r["completion"]} for r in seen_rows],
+        schema={"task": pl.Utf8, "template": pl.Utf8, "split": pl.Utf8, "target_anime_id": pl.Int64, "prompt": pl.Utf8,
+                "completion": pl.Utf8},
+    ).unique("prompt", keep="first", maintain_order=True)
+    info = {"use_chat_template": cfg.use_chat_template, "system_prompt": frame["system"][0] if frame.height else "",
+            "sid_levels": max((lv for lv, _ in find_level_tokens("".join(lookup["semantic_id"].head(50).to_list()))), default=4)}
+    was_training = model.training
+    model.eval()
+    try:
+        sm = make_sid_model(model, tok, lookup, info)
+        res = linking_accuracy(sm, seen, cfg.linking_eval_items, seed=cfg.seed, log=log)
+    finally:
+        if was_training:
+            model.train()
+    return {k: float(v) for k, v in res.items() if isinstance(v, (int, float))}
+
+
 def _unwrap_for_save(model, merge: bool):
     if merge and hasattr(model, "merge_and_unload"):
         return model.merge_and_unload()
@@ -892,18 +1058,16 @@ def _unwrap_for_save(model, merge: bool):
 
 
 def save_model_folder(result: FinetuneResult, lookup: pl.DataFrame, dest: str | os.PathLike) -> list[str]:
-    """Write model + tokenizer + ``sid_lookup.parquet`` + ``animind_llm.json`` into ``dest``
-    (a temp folder from ``ArtifactStore.atomic_dir``)."""
+    """Write model + tokenizer + the contract files of ``lib/llm/model_folder.py``
+    (``sid_lookup.parquet``, ``animind_llm.json``, ``history.json``) into ``dest`` (a temp folder
+    from ``ArtifactStore.atomic_dir``)."""
     dest = Path(dest)
     model = result.model
     if result.info["config"].get("save_dtype") == "bfloat16":
         model = model.to(torch.bfloat16)
     model.save_pretrained(dest, safe_serialization=True)
     result.tokenizer.save_pretrained(dest)
-    cols = [c for c in ("anime_id", "semantic_id", "title", "name", "english_name", "year", "type") if c in lookup.columns]
-    lookup.select(cols).write_parquet(dest / LOOKUP_FILE)
-    (dest / INFO_FILE).write_text(json.dumps(result.info, indent=2, default=str), encoding="utf-8")
-    (dest / "history.json").write_text(json.dumps(result.history, indent=1, default=str), encoding="utf-8")
+    write_folder_files(dest, lookup, result.info, result.history)
     return sorted(p.name for p in dest.iterdir())
 
 

@@ -9,9 +9,7 @@ This module never imports Dagster.
 
 from __future__ import annotations
 
-import json
 import os
-import re
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -19,8 +17,8 @@ from pathlib import Path
 import polars as pl
 import torch
 
-from animind_assets.lib.llm.data import LIKED, recommend_prompt
-from animind_assets.lib.llm.finetune import INFO_FILE, LOOKUP_FILE, SID_TOKEN_RE, prompt_ids, render_prompt
+from animind_assets.lib.llm.model_folder import prompt_ids, read_folder_files, recommend_prompt, render_prompt, sid_token_ids
+from animind_assets.lib.semantic_ids.tokens import LIKED, leading_sid
 from animind_assets.lib.semantic_ids.trie import SidTrie
 
 
@@ -59,17 +57,6 @@ class SidModel:
         return trie
 
 
-def sid_token_ids(tokenizer, semantic_id: str) -> tuple[int, ...]:
-    toks = [f"<L{a}_{b}>" for a, b in SID_TOKEN_RE.findall(semantic_id)]
-    if not toks or "".join(toks) != semantic_id:
-        raise ValueError(f"not a semantic ID made of <L{{level}}_{{code}}> tokens: {semantic_id!r}")
-    ids = tokenizer.convert_tokens_to_ids(toks)
-    unk = tokenizer.unk_token_id
-    if any(i is None or (unk is not None and i == unk) for i in ids):
-        raise ValueError(f"semantic ID {semantic_id} has tokens missing from the tokenizer")
-    return tuple(int(i) for i in ids)
-
-
 def make_sid_model(model, tokenizer, lookup: pl.DataFrame, info: dict) -> SidModel:
     sm = SidModel(model=model, tokenizer=tokenizer, lookup=lookup, info=info)
     for r in lookup.select("anime_id", "semantic_id", "title").iter_rows(named=True):
@@ -86,14 +73,9 @@ def load_sid_model(folder: str | os.PathLike, num_threads: int = 0, device: str 
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     folder = Path(folder)
-    for name in (INFO_FILE, LOOKUP_FILE, "config.json"):
-        if not (folder / name).exists():
-            raise FileNotFoundError(f"{folder / name} not found: {folder} is not a finetuned_model folder")
+    info, lookup = read_folder_files(folder)
     if num_threads > 0:
         torch.set_num_threads(num_threads)
-    info = json.loads((folder / INFO_FILE).read_text(encoding="utf-8"))
-    if info.get("finished") is False:
-        raise ValueError(f"{folder / INFO_FILE} says finished=false: {folder} holds an unfinished fine-tune; re-run finetuned_model")
     tok = AutoTokenizer.from_pretrained(folder)
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token
@@ -102,7 +84,6 @@ def load_sid_model(folder: str | os.PathLike, num_threads: int = 0, device: str 
     dev = resolve_device(device or "auto")
     model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).to(dev)
     model.eval()
-    lookup = pl.read_parquet(folder / LOOKUP_FILE)
     return make_sid_model(model, tok, lookup, info)
 
 
@@ -162,7 +143,9 @@ def trie_beam_search(sm: SidModel, prompt_text: str, trie: SidTrie, num_beams: i
                 finished.append((toks, score))
             else:
                 keep.append((score, i, toks))
-        if len(finished) >= num_beams and (not keep or keep[0][0] < finished[num_beams - 1][0]):
+        # log-probs only fall as a sequence grows: stop once the best live beam is below the
+        # num_beams-th best finished one (finished holds (tokens, score); sequences end at any depth)
+        if len(finished) >= num_beams and (not keep or keep[0][0] < sorted((sc for _, sc in finished), reverse=True)[num_beams - 1]):
             break
         if not keep:
             break
@@ -275,9 +258,8 @@ def generate_text(sm: SidModel, prompts: Sequence[str], max_new_tokens: int = 24
 
 
 def parse_sid(text: str) -> str:
-    """The leading run of semantic-ID tokens in a generated text."""
-    m = re.match(r"\s*((?:<L\d+_\d+>)+)", text)
-    return m.group(1) if m else ""
+    """The leading run of semantic-ID tokens in a generated text (``sid_tokens.leading_sid``)."""
+    return leading_sid(text)
 
 
 DEFAULT_MAX_BEAMS = 256  # beams at most (each beam holds a copy of the prompt's KV cache)
@@ -391,4 +373,5 @@ def plan_recommendation(
 
 def history_prompt(sm: SidModel, anime_ids: Sequence[int], sentiments: Sequence[str] | None = None) -> str:
     sents = list(sentiments) if sentiments is not None else [LIKED] * len(anime_ids)
-    return recommend_prompt([sm.sids[a] for a in anime_ids], sents, temporal=bool(sm.info.get("order_is_temporal", False)))
+    order = sm.info.get("list_order") or ("watch" if sm.info.get("order_is_temporal") else "list")
+    return recommend_prompt([sm.sids[a] for a in anime_ids], sents, temporal=order)

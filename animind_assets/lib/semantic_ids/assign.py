@@ -15,7 +15,8 @@ All IDs then have the same length and every ID is unique. The disambiguation lev
 is as large as the largest collision group (or ``min_dedup_size`` when larger).
 
 Token strings use 1-based levels: level ``l`` code ``c`` -> ``<L{l}_{c}>``, concatenated without
-a separator (as the original AniMind tokenizer's ``semantic_id_concat``).
+a separator (as the original AniMind tokenizer's ``semantic_id_concat``); the format, its regex
+and parsing are owned by ``lib/semantic_ids/tokens.py``.
 """
 
 from __future__ import annotations
@@ -25,7 +26,9 @@ from collections.abc import Sequence
 import numpy as np
 import polars as pl
 
-DEFAULT_SPECIAL_TOKENS = ["<anime_start>", "<anime_end>", "<watch>", "<liked>", "<disliked>", "<dropped>"]
+from animind_assets.lib.semantic_ids.tokens import SPECIAL_TOKENS, check_special_tokens, level_vocab, sid_string
+
+DEFAULT_SPECIAL_TOKENS = list(SPECIAL_TOKENS)  # format owned by lib/semantic_ids/tokens.py
 
 
 def assign_semantic_ids(codes: np.ndarray, order_key: Sequence | np.ndarray | None = None) -> np.ndarray:
@@ -66,12 +69,9 @@ def collision_group_sizes(codes: np.ndarray) -> np.ndarray:
     return counts[inverse.reshape(-1)]
 
 
-def level_tokens(codes_row: Sequence[int]) -> list[str]:
-    return [f"<L{level + 1}_{int(c)}>" for level, c in enumerate(codes_row)]
-
-
 def semantic_id_strings(codes: np.ndarray, separator: str = "") -> list[str]:
-    return [separator.join(level_tokens(row)) for row in np.asarray(codes).tolist()]
+    """One ID string per code row (format: ``lib/semantic_ids/tokens.py``)."""
+    return [sid_string(row, separator) for row in np.asarray(codes).tolist()]
 
 
 def level_sizes(full_codes: np.ndarray, codebook_size: int, min_dedup_size: int = 1) -> list[int]:
@@ -85,13 +85,8 @@ def level_sizes(full_codes: np.ndarray, codebook_size: int, min_dedup_size: int 
 
 def build_vocab(sizes: Sequence[int], special_tokens: Sequence[str] = DEFAULT_SPECIAL_TOKENS) -> dict:
     """Special tokens first (deduplicated, order kept), then ``<L1_0>..`` level by level."""
-    specials = list(dict.fromkeys(t.strip() for t in special_tokens if t and t.strip()))
-    clash = [t for t in specials if t.startswith("<L") and "_" in t]
-    if clash:
-        raise ValueError(f"special tokens must not look like level tokens: {clash}")
-    tokens = list(specials)
-    for level, size in enumerate(sizes):
-        tokens.extend(f"<L{level + 1}_{c}>" for c in range(int(size)))
+    specials = check_special_tokens(special_tokens)
+    tokens = list(specials) + level_vocab(sizes)
     return {
         "special_tokens": specials,
         "tokens": tokens,

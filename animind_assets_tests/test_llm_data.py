@@ -5,11 +5,11 @@ from __future__ import annotations
 import polars as pl
 import pytest
 
+from animind_assets.lib.llm.model_folder import MASK
 from animind_assets.lib.llm.data import (
     DISLIKED,
     DROPPED,
     LIKED,
-    MASK,
     WATCH,
     LlmDataConfig,
     approx_token_count,

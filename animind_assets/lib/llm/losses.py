@@ -1,0 +1,156 @@
+"""Completion-only loss, the TRL/transformers trainer hooks (new-row learning rate, progress callback), English
+perplexity and validation loss."""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Sequence
+
+import torch
+
+from animind_assets.lib.common.progress import fmt_seconds
+from animind_assets.lib.semantic_ids.tokens import sid_tokens_used as sid_tokens_used
+from animind_assets.lib.llm.finetune_config import LogFn, noop_log
+from animind_assets.lib.llm.training_data import tokenize_rows
+
+# ---------------------------------------------------------------------------------------- loss
+def completion_loss(model, input_ids, attention_mask, labels, num_items=None):
+    """Causal-LM loss evaluated only where ``labels != -100`` (the LM head skips prompt tokens).
+    Returns (loss, n_tokens, n_correct)."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    backbone = getattr(base, base.base_model_prefix)
+    hidden = backbone(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).last_hidden_state
+    h = hidden[:, :-1]
+    y = labels[:, 1:]
+    mask = y != -100
+    logits = base.get_output_embeddings()(h[mask]).float()
+    target = y[mask]
+    n = int(mask.sum())
+    denom = num_items if num_items is not None else max(n, 1)
+    if isinstance(denom, torch.Tensor):
+        denom = denom.to(logits.device)
+    loss = torch.nn.functional.cross_entropy(logits, target, reduction="sum") / denom
+    correct = int((logits.argmax(-1) == target).sum()) if n else 0
+    return loss, n, correct
+
+
+def make_trainer_class():
+    from trl import SFTTrainer
+
+    class SidSFTTrainer(SFTTrainer):
+        fast_loss = True
+
+        def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+            if not self.fast_loss or return_outputs:
+                return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+            loss, n, correct = completion_loss(model, inputs["input_ids"], inputs.get("attention_mask"), inputs["labels"], num_items_in_batch)
+            mode = "train" if model.training else "eval"
+            if n:
+                self._metrics[mode]["mean_token_accuracy"].append(correct / n)
+            return loss
+
+    return SidSFTTrainer
+
+
+def new_rows_lr_callback(model, row_ids: Sequence[int], mult: float, log: LogFn = noop_log):
+    """TrainerCallback giving the embedding (and untied head) rows ``row_ids`` an effective learning
+    rate ``mult`` x the phase's: the rows are snapshotted before each optimizer step and their update
+    is scaled after it (``w = w0 + mult * (w1 - w0)``; exact for any optimizer, unlike a gradient
+    scale, which Adam normalises away). Returns None when the rows cannot be reached (logged)."""
+    from transformers import TrainerCallback
+
+    try:
+        mats = [model.get_input_embeddings().weight]
+        head = model.get_output_embeddings()
+        if head is not None and head.weight.data_ptr() != mats[0].data_ptr():
+            mats.append(head.weight)
+    except AttributeError as exc:
+        log(f"new-row learning-rate multiplier skipped: embeddings not reachable ({exc})")
+        return None
+    idx = torch.as_tensor(list(row_ids), dtype=torch.long, device=mats[0].device)
+
+    class _CB(TrainerCallback):
+        before: list[torch.Tensor] = []
+
+        def on_step_begin(self, args, state, control, **kw):
+            self.before = [m.detach()[idx].clone() for m in mats]
+
+        def on_step_end(self, args, state, control, **kw):
+            with torch.no_grad():
+                for m, b in zip(mats, self.before):
+                    m[idx] = b + mult * (m[idx] - b)
+
+    return _CB()
+
+
+def make_progress_callback(phase: str, step_offset: int, log: LogFn, run, history: list, t0: float, max_steps: int):
+    """TrainerCallback forwarding logs to ``log`` and an MLflow run (metrics prefixed by phase)."""
+    from transformers import TrainerCallback
+
+    class _CB(TrainerCallback):
+        def on_log(self, args, state, control, logs=None, **kw):
+            logs = {k: v for k, v in (logs or {}).items() if isinstance(v, (int, float))}
+            step = step_offset + state.global_step
+            history.append({"phase": phase, "step": step, **logs})
+            el = time.perf_counter() - t0
+            done = max(state.global_step, 1)
+            eta = el / done * max(max_steps - state.global_step, 0)
+            log(
+                f"{phase}: step {state.global_step}/{max_steps} loss {logs.get('loss', float('nan')):.4f} "
+                f"acc {logs.get('mean_token_accuracy', float('nan')):.3f} ({done / max(el, 1e-9):.3f} steps/s, "
+                f"elapsed {fmt_seconds(el)}, ETA {fmt_seconds(eta)})"
+            )
+            if run is not None:
+                run.log_metrics({f"{phase}/{k}": v for k, v in logs.items()}, step=step)
+
+    return _CB()
+
+
+# ---------------------------------------------------------------------------------------- perplexity
+@torch.no_grad()
+def english_perplexity(model, tokenizer, texts: Sequence[str] | None = None, max_tokens: int = 256) -> float:
+    from animind_assets.lib.llm.english_heldout import PARAGRAPHS
+
+    texts = list(texts or PARAGRAPHS)
+    was_training = model.training
+    model.eval()
+    nll, n = 0.0, 0
+    for t in texts:
+        ids = tokenizer(t, add_special_tokens=True, return_tensors="pt")["input_ids"][:, :max_tokens]
+        if ids.shape[1] < 2:
+            continue
+        out = model(input_ids=ids.to(model.device), labels=ids.to(model.device))
+        k = ids.shape[1] - 1
+        nll += float(out.loss) * k
+        n += k
+    if was_training:
+        model.train()
+    return float(math.exp(nll / max(n, 1)))
+
+
+@torch.no_grad()
+def validation_loss(model, tokenizer, rows: list[dict], max_len: int, use_chat_template: bool, batch_size: int = 8) -> float | None:
+    enc, _ = tokenize_rows(tokenizer, rows, max_len, use_chat_template)
+    if not enc["input_ids"]:
+        return None
+    was_training = model.training
+    model.eval()
+    tot, ntok = 0.0, 0
+    pad = tokenizer.pad_token_id
+    for s in range(0, len(enc["input_ids"]), batch_size):
+        xs, ms = enc["input_ids"][s : s + batch_size], enc["completion_mask"][s : s + batch_size]
+        L = max(len(x) for x in xs)
+        ids = torch.full((len(xs), L), pad, dtype=torch.long)
+        att = torch.zeros((len(xs), L), dtype=torch.long)
+        lab = torch.full((len(xs), L), -100, dtype=torch.long)
+        for i, (x, m) in enumerate(zip(xs, ms)):
+            ids[i, : len(x)] = torch.tensor(x)
+            att[i, : len(x)] = 1
+            lab[i, : len(x)] = torch.tensor([t if mm else -100 for t, mm in zip(x, m)])
+        loss, n, _ = completion_loss(model, ids.to(model.device), att.to(model.device), lab.to(model.device), None)
+        tot += float(loss) * n
+        ntok += n
+    if was_training:
+        model.train()
+    return tot / max(ntok, 1)

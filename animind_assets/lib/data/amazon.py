@@ -44,12 +44,10 @@ from typing import Any
 import polars as pl
 
 from animind_assets.lib.data.ids import parse_id
-from animind_assets.lib.data.amazon_records import ParseReport, iter_records, open_binary, open_text, read_records, parse_record  # noqa: F401
+from animind_assets.lib.data.amazon_records import FORMATS, MAX_BAD_EXAMPLES, ParseReport, iter_records, open_binary, open_text, read_records, parse_record  # noqa: F401
 from animind_assets.lib.data.sources import EmptyResultError, shared_data_dir
 
 ORDERS = ("inter_json", "user_sequence")
-FORMATS = ("auto", "json", "python")
-MAX_BAD_EXAMPLES = 20
 
 ITEMS_SCHEMA = {
     "item_id": pl.Int64,

@@ -14,34 +14,10 @@ from typing import Any
 import polars as pl
 
 from animind_assets.lib.data.ids import parse_id, parse_ids
-from animind_assets.lib.data.amazon import AmazonData, beauty_dir
+from animind_assets.lib.data.amazon import INTERACTIONS_SCHEMA, ITEMS_SCHEMA, ORDERS, AmazonData, beauty_dir
 from animind_assets.lib.data.amazon_records import open_binary
 from animind_assets.lib.data.sources import EmptyResultError, SourceError, read_csv_table
 
-ORDERS = ("inter_json", "user_sequence")
-FORMATS = ("auto", "json", "python")
-MAX_BAD_EXAMPLES = 20
-
-ITEMS_SCHEMA = {
-    "item_id": pl.Int64,
-    "asin": pl.Utf8,
-    "text": pl.Utf8,
-    "title": pl.Utf8,
-    "brand": pl.Utf8,
-    "categories": pl.List(pl.Utf8),
-    "price": pl.Float64,
-    "description": pl.Utf8,
-    "has_text": pl.Boolean,
-}
-INTERACTIONS_SCHEMA = {
-    "user_id": pl.Int64,
-    "item_id": pl.Int64,
-    "rating": pl.Float64,
-    "timestamp": pl.Int64,
-    "seq": pl.Int64,
-    "reviewer_id": pl.Utf8,
-    "asin": pl.Utf8,
-}
 
 
 # ------------------------------------------------------------------------------- prepared split

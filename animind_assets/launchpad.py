@@ -33,6 +33,9 @@ from animind_assets.settings import Settings, check_unknown_names, current_setti
 #: asset name -> {field: default used in the launchpad instead of the library default} (why: bounded CPU runs)
 DEMO_OVERRIDES: dict[str, dict[str, Any]] = {
     "finetuned_model": {"train_layers": 4, "phase1_max_steps": 6, "phase2_max_steps": 12},
+    # Beauty sequence models: validation NDCG@10 on a fixed 5,000-user subset (of 22,363) per epoch
+    "sasrec_model": {"val_users": 5000},
+    "rpg_model": {"val_users": 5000},
 }
 
 
@@ -73,6 +76,7 @@ def derive_config(
     extra: dict[str, tuple[Any, Any]] | None = None,
     descriptions: dict[str, str] | None = None,
     all_optional: bool = False,
+    nested: tuple[str, ...] = (),
     doc: str | None = None,
 ) -> type[dg.Config]:
     """Build a ``dg.Config`` subclass from the dataclass ``lib_cls``.
@@ -86,6 +90,8 @@ def derive_config(
         descriptions: descriptions for library fields without a trailing comment.
         all_optional: every library field becomes ``Optional[...] = None`` ("use the preset's value"),
             for preset + override configs (``rqvae_model``).
+        nested: library fields that hold a dataclass (e.g. ``train: SeqTrainConfig``); their fields are shown
+            flat in the launchpad with the defaults of ``lib_cls()``'s instance, and ``to_lib`` rebuilds them.
     Returns: the class; its ``to_lib(**replace)`` returns ``lib_cls`` (``None`` overrides dropped when
     ``all_optional``). Raises ``TypeError`` for a library field without default.
     """
@@ -94,8 +100,34 @@ def derive_config(
     overrides = DEMO_OVERRIDES.get(asset or "", {})
     fields: dict[str, Any] = {}
     lib_names: list[str] = []
+    nested_names: dict[str, list[str]] = {}
+    tuple_fields: set[str] = set()
+    lib_default = lib_cls() if nested else None
+    for outer in nested:
+        inner_cls = hints[outer]
+        inner_default = getattr(lib_default, outer)
+        inner_hints = typing.get_type_hints(inner_cls)
+        inner_comments = field_comments(inner_cls)
+        nested_names[outer] = []
+        for f in dataclasses.fields(inner_cls):
+            if not f.init or f.name.startswith("_"):
+                continue
+            nested_names[outer].append(f.name)
+            tp = inner_hints[f.name]
+            if typing.get_origin(tp) is tuple:  # launchpad lists; the library gets its tuple back
+                tp = list[typing.get_args(tp)[0]]
+                tuple_fields.add(f.name)
+            desc = f.metadata.get("description") or inner_comments.get(f.name) or (descriptions or {}).get(f.name) or f.name
+            default = overrides.get(f.name, getattr(inner_default, f.name))
+            if f.name in overrides:
+                desc = f"{desc} [demo-scale default; library default {getattr(inner_default, f.name)!r}]"
+            if isinstance(default, (list, tuple, dict)):
+                value = list(default) if isinstance(default, tuple) else default
+                fields[f.name] = (tp, Field(default_factory=lambda v=value: type(v)(v), description=f"{desc} ({outer})"))
+            else:
+                fields[f.name] = (tp, Field(default, description=f"{desc} ({outer})"))
     for f in dataclasses.fields(lib_cls):
-        if f.name in exclude or f.name.startswith("_") or not f.init:
+        if f.name in exclude or f.name.startswith("_") or not f.init or f.name in nested:
             continue
         lib_names.append(f.name)
         desc = f.metadata.get("description") or comments.get(f.name) or (descriptions or {}).get(f.name) or f.name
@@ -118,6 +150,9 @@ def derive_config(
         values = {n: getattr(self, n) for n in lib_names}
         if all_optional:
             values = {k: v for k, v in values.items() if v is not None}
+        for outer, names in nested_names.items():
+            inner = {n: (tuple(getattr(self, n)) if n in tuple_fields else getattr(self, n)) for n in names}
+            values[outer] = hints[outer](**inner)
         values.update(replace)
         return lib_cls(**values)
 
@@ -128,6 +163,7 @@ def derive_config(
     cls.to_lib = to_lib  # type: ignore[attr-defined]
     cls.LIB_CLASS = lib_cls  # type: ignore[attr-defined]
     cls.LIB_FIELDS = tuple(lib_names)  # type: ignore[attr-defined]
+    cls.NESTED_FIELDS = {k: tuple(v) for k, v in nested_names.items()}  # type: ignore[attr-defined]
     cls.__module__ = inspect.currentframe().f_back.f_globals.get("__name__", __name__)  # type: ignore[union-attr]
     return apply_settings(cls, asset) if asset else cls
 

@@ -16,7 +16,12 @@ def _derived_configs():
     from animind_assets.defs.semantic_ids.quantizer_fit import QuantizerOverrides
     from animind_assets.defs.tokenizer.domain_tokenizer import DomainTokenizerAssetConfig
 
+    from animind_assets.defs.beauty.rpg_model import RpgModelConfig
+    from animind_assets.defs.beauty.sasrec_model import SasrecModelConfig
+
     return {
+        "rpg_model": RpgModelConfig,
+        "sasrec_model": SasrecModelConfig,
         "tiger_model": TigerModelConfig,
         "anime_embeddings": AnimeEmbeddingsConfig,
         "finetuned_model": FinetunedModelConfig,
@@ -35,8 +40,17 @@ def _lib_default(f):
 def test_launchpad_fields_equal_library_fields(asset):
     cls = _derived_configs()[asset]
     lib = cls.LIB_CLASS
-    lib_fields = {f.name: f for f in dataclasses.fields(lib) if f.init}
+    nested = getattr(cls, "NESTED_FIELDS", {})
+    lib_fields = {f.name: f for f in dataclasses.fields(lib) if f.init and f.name not in nested}
     assert set(cls.LIB_FIELDS) == set(lib_fields), "every library knob must be in the launchpad"
+    lib_instance = lib()
+    for outer, names in nested.items():
+        inner = getattr(lib_instance, outer)
+        assert set(names) == {f.name for f in dataclasses.fields(inner) if f.init}
+        for name in names:
+            expected = DEMO_OVERRIDES.get(asset, {}).get(name, getattr(inner, name))
+            got = getattr(cls(), name)
+            assert (tuple(got) if isinstance(expected, tuple) else got) == expected, f"{asset}.{outer}.{name}"
     assert set(lib_fields) <= set(cls.model_fields)
     instance = cls()
     for name, f in lib_fields.items():
@@ -56,4 +70,5 @@ def test_demo_overrides_name_real_fields():
     configs = _derived_configs()
     for asset, over in DEMO_OVERRIDES.items():
         assert asset in configs
-        assert set(over) <= set(configs[asset].LIB_FIELDS)
+        known = set(configs[asset].LIB_FIELDS) | {n for names in getattr(configs[asset], "NESTED_FIELDS", {}).values() for n in names}
+        assert set(over) <= known

@@ -13,49 +13,44 @@ import time
 import dagster as dg
 import numpy as np
 import polars as pl
-from pydantic import Field
 
 from animind_assets.defs.beauty.shared import GROUP, curve_metadata, split_from_interactions
 from animind_assets.gpu import GPU_OP_TAGS, GPU_POOL
 from animind_assets.lib.retrieval.rpg import RPGConfig, save_rpg, train_rpg
-from animind_assets.lib.retrieval.seqtrain import SeqTrainConfig
 from animind_assets.meta import scalar_metadata
 from animind_assets.resources import ArtifactStoreResource
-from animind_assets.launchpad import settings_defaults
+from animind_assets.launchpad import derive_config
 
 ASSET = "rpg_model"
 
 
-@settings_defaults("rpg_model")
-class RpgModelConfig(dg.Config):
-    hidden: int = Field(256, description="hidden size (paper: 448)")
-    layers: int = Field(2, description="transformer layers")
-    heads: int = Field(4, description="attention heads")
-    d_ff: int = Field(1024, description="feed-forward width")
-    emb_dropout: float = Field(0.5, description="dropout on the input item representations")
-    attn_dropout: float = Field(0.5, description="dropout on attention weights")
-    resid_dropout: float = Field(0.0, description="dropout on residual branches")
-    temperature: float = Field(0.03, description="softmax temperature of the cosine code logits")
-    max_len: int = Field(50, description="positions (most recent items)")
-    batch_size: int = Field(256, description="sequences per step")
-    lr: float = Field(3e-3, description="Adam learning rate (constant after warm-up)")
-    warmup_steps: int = Field(100, description="linear warm-up steps")
-    epochs: int = Field(200, description="maximum epochs")
-    patience: int = Field(5, description="validations without val NDCG@10 gain before stopping (0 = off)")
-    val_users: int = Field(5000, description="validation users (seeded subset, 0 = all)")
-    max_train_seconds: float = Field(0.0, description="wall-clock training budget (0 = none)")
-    seed: int = Field(42, description="random seed")
-    num_threads: int = Field(2, description="torch CPU threads (0 = leave as is)")
-    device: str = Field("auto", description="auto | cpu | cuda")
-
-    def to_lib(self) -> RPGConfig:
-        train = SeqTrainConfig(max_len=self.max_len, batch_size=self.batch_size, lr=self.lr, warmup_steps=self.warmup_steps,
-                               epochs=self.epochs, patience=self.patience, val_users=self.val_users,
-                               max_train_seconds=self.max_train_seconds, seed=self.seed, num_threads=self.num_threads,
-                               device=self.device)
-        return RPGConfig(hidden=self.hidden, layers=self.layers, heads=self.heads, d_ff=self.d_ff, emb_dropout=self.emb_dropout,
-                         attn_dropout=self.attn_dropout, resid_dropout=self.resid_dropout, temperature=self.temperature,
-                         train=train).validate()
+RpgModelConfig = derive_config(
+    RPGConfig,
+    name="RpgModelConfig",
+    asset="rpg_model",
+    nested=("train",),
+    descriptions={
+        "hidden": 'hidden size (paper: 448)',
+        "layers": 'transformer layers',
+        "heads": 'attention heads',
+        "d_ff": 'feed-forward width',
+        "emb_dropout": 'dropout on the input item representations',
+        "attn_dropout": 'dropout on attention weights',
+        "resid_dropout": 'dropout on residual branches',
+        "temperature": 'softmax temperature of the cosine code logits',
+        "max_len": 'positions (most recent items)',
+        "batch_size": 'sequences per step',
+        "lr": 'Adam learning rate (constant after warm-up)',
+        "warmup_steps": 'linear warm-up steps',
+        "epochs": 'maximum epochs',
+        "patience": 'validations without val NDCG@10 gain before stopping (0 = off)',
+        "val_users": 'validation users (seeded subset, 0 = all)',
+        "max_train_seconds": 'wall-clock training budget (0 = none)',
+        "seed": 'random seed',
+        "num_threads": 'torch CPU threads (0 = leave as is)',
+        "device": 'auto | cpu | cuda',
+    },
+)
 
 
 @dg.asset(
@@ -73,7 +68,7 @@ def rpg_model(
     beauty_pq_codes: pl.DataFrame,
 ) -> dg.MaterializeResult:
     t0 = time.perf_counter()
-    cfg = config.to_lib()
+    cfg = config.to_lib().validate()
     codes_df = beauty_pq_codes.sort("item_id")
     if codes_df["item_id"].to_list() != list(range(codes_df.height)):
         raise ValueError("beauty_pq_codes: item_id must be 0..n-1 without gaps")

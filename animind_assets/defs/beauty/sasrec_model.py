@@ -11,43 +11,40 @@ import time
 
 import dagster as dg
 import polars as pl
-from pydantic import Field
 
 from animind_assets.defs.beauty.shared import GROUP, curve_metadata, split_from_interactions
 from animind_assets.gpu import GPU_OP_TAGS, GPU_POOL
 from animind_assets.lib.retrieval.sasrec import SASRecConfig, save_sasrec, train_sasrec
-from animind_assets.lib.retrieval.seqtrain import SeqTrainConfig
 from animind_assets.meta import scalar_metadata
 from animind_assets.resources import ArtifactStoreResource
-from animind_assets.launchpad import settings_defaults
+from animind_assets.launchpad import derive_config
 
 ASSET = "sasrec_model"
 
 
-@settings_defaults("sasrec_model")
-class SasrecModelConfig(dg.Config):
-    loss: str = Field("ce", description="'ce' (full softmax over all items) | 'bce' (1 sampled negative, original paper)")
-    hidden: int = Field(64, description="hidden size")
-    blocks: int = Field(2, description="self-attention blocks")
-    heads: int = Field(1, description="attention heads")
-    dropout: float = Field(0.5, description="dropout (embeddings, attention, residual/FFN)")
-    max_len: int = Field(50, description="positions (most recent items)")
-    batch_size: int = Field(128, description="sequences per step")
-    lr: float = Field(1e-3, description="Adam learning rate")
-    epochs: int = Field(200, description="maximum epochs")
-    patience: int = Field(10, description="validations without val NDCG@10 gain before stopping (0 = off)")
-    val_users: int = Field(5000, description="validation users (seeded subset, 0 = all)")
-    max_train_seconds: float = Field(0.0, description="wall-clock training budget (0 = none)")
-    seed: int = Field(42, description="random seed")
-    num_threads: int = Field(2, description="torch CPU threads (0 = leave as is)")
-    device: str = Field("auto", description="auto | cpu | cuda")
-
-    def to_lib(self) -> SASRecConfig:
-        train = SeqTrainConfig(max_len=self.max_len, batch_size=self.batch_size, lr=self.lr, epochs=self.epochs,
-                               patience=self.patience, val_users=self.val_users, max_train_seconds=self.max_train_seconds,
-                               seed=self.seed, num_threads=self.num_threads, device=self.device)
-        return SASRecConfig(hidden=self.hidden, blocks=self.blocks, heads=self.heads, dropout=self.dropout, loss=self.loss,
-                            train=train).validate()
+SasrecModelConfig = derive_config(
+    SASRecConfig,
+    name="SasrecModelConfig",
+    asset="sasrec_model",
+    nested=("train",),
+    descriptions={
+        "loss": "'ce' (full softmax over all items) | 'bce' (1 sampled negative, original paper)",
+        "hidden": 'hidden size',
+        "blocks": 'self-attention blocks',
+        "heads": 'attention heads',
+        "dropout": 'dropout (embeddings, attention, residual/FFN)',
+        "max_len": 'positions (most recent items)',
+        "batch_size": 'sequences per step',
+        "lr": 'Adam learning rate',
+        "epochs": 'maximum epochs',
+        "patience": 'validations without val NDCG@10 gain before stopping (0 = off)',
+        "val_users": 'validation users (seeded subset, 0 = all)',
+        "max_train_seconds": 'wall-clock training budget (0 = none)',
+        "seed": 'random seed',
+        "num_threads": 'torch CPU threads (0 = leave as is)',
+        "device": 'auto | cpu | cuda',
+    },
+)
 
 
 @dg.asset(
@@ -64,7 +61,7 @@ def sasrec_model(
     beauty_interactions: pl.DataFrame,
 ) -> dg.MaterializeResult:
     t0 = time.perf_counter()
-    cfg = config.to_lib()
+    cfg = config.to_lib().validate()
     split, data_fp = split_from_interactions(beauty_interactions)
     context.log.info(f"{ASSET}: split {split.stats()}")
     res = train_sasrec(split, cfg, log=context.log.info)

@@ -11,7 +11,7 @@ import pytest
 
 from animind_assets.lib.semantic_ids import tokens as st
 
-PKG = Path(__file__).resolve().parents[1] / "animind_assets"
+PKG = Path(__file__).resolve().parents[2] / "animind_assets"
 OWNER = PKG / "lib" / "semantic_ids" / "tokens.py"
 
 

@@ -25,7 +25,7 @@ import yaml
 
 warnings.filterwarnings("ignore", category=getattr(dg, "BetaWarning", Warning))
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 DOCKER = ROOT / "docker"
 ALL_YAML = [
     ROOT / ".dagster_home" / "dagster.yaml",

@@ -154,7 +154,7 @@ def test_sigkill_mid_write_leaves_a_whole_version(tmp_path):
     store = ParquetTableStore(tmp_path)
     loc = store.location("big")
     store.write(loc, pl.DataFrame({"round": pl.Series([0] * 400_000, dtype=pl.Int32), "x": pl.arange(0, 400_000, eager=True)}))
-    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parent.parent)}
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[2])}
     for delay in (0.4, 0.9, 1.3):
         proc = subprocess.Popen([sys.executable, "-c", _KILL_WRITER, str(tmp_path)], stdout=subprocess.PIPE, env=env)
         assert proc.stdout.readline().strip() == b"ready"

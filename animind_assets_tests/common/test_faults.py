@@ -21,7 +21,7 @@ import polars as pl
 import pytest
 import torch
 
-PROJECT_ROOT = Path(__file__).resolve().parent.parent
+PROJECT_ROOT = Path(__file__).resolve().parents[2]
 
 
 def _env(**extra: str) -> dict:

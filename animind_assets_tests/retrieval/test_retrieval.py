@@ -276,7 +276,7 @@ def test_beauty_sequence_assets_train_and_eval_in_process(tmp_path, animind_env)
     from animind_assets.defs.beauty.rpg_model import rpg_model
     from animind_assets.defs.beauty.sasrec_model import sasrec_model
     from animind_assets.resources import AniMindDuckDBIOManager, ArtifactStoreResource, DuckDBWarehouse, MlflowResource, ParquetExports
-    from animind_assets_tests.test_tiger import write_cyclic_prepared
+    from animind_assets_tests.retrieval.test_tiger import write_cyclic_prepared
 
     folder = write_cyclic_prepared(tmp_path / "beauty")
     db = str(animind_env / "animind.duckdb")
@@ -324,7 +324,7 @@ def test_beauty_sequence_assets_train_and_eval_in_process(tmp_path, animind_env)
 @pytest.mark.slow
 def test_tiger_on_the_shared_evaluation_matches_its_own_metrics():
     from animind_assets.lib.retrieval.tiger import TigerConfig, evaluate, evaluate_on_split, leave_one_out, train_tiger
-    from animind_assets_tests.test_tiger import TINY, cyclic_codec, cyclic_sequences
+    from animind_assets_tests.retrieval.test_tiger import TINY, cyclic_codec, cyclic_sequences
 
     seqs = cyclic_sequences(n_users=40)
     codec = cyclic_codec()

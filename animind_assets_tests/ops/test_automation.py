@@ -517,7 +517,7 @@ def test_daemon_tick_runs_checks_and_keeps_the_settings_file(animind_env, tmp_pa
     module_file = tmp_path / "daemon_defs.py"
     module_file.write_text(DAEMON_DEFS)
     local = _load_module(module_file).defs
-    root = str(Path(__file__).resolve().parent.parent)
+    root = str(Path(__file__).resolve().parents[2])
 
     overrides = {
         "run_coordinator": {"module": "dagster._core.run_coordinator", "class": "DefaultRunCoordinator"},

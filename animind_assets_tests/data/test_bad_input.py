@@ -29,7 +29,7 @@ from animind_assets.lib.data.amazon_split import load_prepared_split
 from animind_assets.lib.data.ids import parse_id, parse_ids
 from animind_assets.lib.data.sources import EmptyResultError, SourceError
 
-from .conftest import ANIME_HEADER, CATALOG, write_kaggle, write_sqlite
+from animind_assets_tests.conftest import ANIME_HEADER, CATALOG, write_kaggle, write_sqlite
 
 ANIMELIST_HEADER = "user_id,anime_id,rating,watching_status,watched_episodes"
 

@@ -10,7 +10,7 @@ import pytest
 from animind_assets.lib.data import prep, sources
 from animind_assets.lib.data.demo import DemoUserConfig, read_demo_catalog, simulate_users
 
-from .conftest import write_kaggle
+from animind_assets_tests.conftest import write_kaggle
 
 
 def _clean_both(kaggle_dir, sqlite_path):

@@ -37,7 +37,7 @@ from animind_assets.resources import MlflowResource
 warnings.filterwarnings("ignore", category=getattr(dg, "BetaWarning", Warning))
 warnings.filterwarnings("ignore", category=getattr(dg, "PreviewWarning", Warning))
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 PREP = dg.AssetKey("anime_prep")
 INTERACTIONS = dg.AssetKey("user_interactions")
 URL_ENV = "ANIMIND_TEST_POSTGRES_URL"

@@ -181,7 +181,7 @@ def test_cli_demo_is_quiet_one_line_per_step(tmp_path):
     add_synthetic_anime(db, 40)
     settings = tmp_path / "animind.yaml"
     settings.write_text("anime_prep:\n  limit: 30\n")
-    root = Path(__file__).resolve().parent.parent
+    root = Path(__file__).resolve().parents[2]
     env = {
         **os.environ,
         "DAGSTER_HOME": str(tmp_path / "home"),

@@ -1,0 +1,1 @@
+"""Tests of the semantic_ids stage."""

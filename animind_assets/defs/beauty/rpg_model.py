@@ -38,17 +38,6 @@ RpgModelConfig = derive_config(
         "attn_dropout": 'dropout on attention weights',
         "resid_dropout": 'dropout on residual branches',
         "temperature": 'softmax temperature of the cosine code logits',
-        "max_len": 'positions (most recent items)',
-        "batch_size": 'sequences per step',
-        "lr": 'Adam learning rate (constant after warm-up)',
-        "warmup_steps": 'linear warm-up steps',
-        "epochs": 'maximum epochs',
-        "patience": 'validations without val NDCG@10 gain before stopping (0 = off)',
-        "val_users": 'validation users (seeded subset, 0 = all)',
-        "max_train_seconds": 'wall-clock training budget (0 = none)',
-        "seed": 'random seed',
-        "num_threads": 'torch CPU threads (0 = leave as is)',
-        "device": 'auto | cpu | cuda',
     },
 )
 

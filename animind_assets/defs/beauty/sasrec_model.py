@@ -33,16 +33,6 @@ SasrecModelConfig = derive_config(
         "blocks": 'self-attention blocks',
         "heads": 'attention heads',
         "dropout": 'dropout (embeddings, attention, residual/FFN)',
-        "max_len": 'positions (most recent items)',
-        "batch_size": 'sequences per step',
-        "lr": 'Adam learning rate',
-        "epochs": 'maximum epochs',
-        "patience": 'validations without val NDCG@10 gain before stopping (0 = off)',
-        "val_users": 'validation users (seeded subset, 0 = all)',
-        "max_train_seconds": 'wall-clock training budget (0 = none)',
-        "seed": 'random seed',
-        "num_threads": 'torch CPU threads (0 = leave as is)',
-        "device": 'auto | cpu | cuda',
     },
 )
 

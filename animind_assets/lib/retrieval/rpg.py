@@ -21,9 +21,7 @@ Public API: ``RPGConfig``, ``RPG``, ``train_rpg(split, codes, cfg) -> SeqTrainRe
 
 from __future__ import annotations
 
-import json
-from dataclasses import dataclass, fields
-from pathlib import Path
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -32,6 +30,9 @@ import torch.nn.functional as F
 
 from animind_assets.lib.retrieval.evaluation import SequenceSplit
 from animind_assets.lib.retrieval.seqtrain import (
+    ModelConfigMixin,
+    read_model_folder,
+    write_model_folder,
     CausalBlock,
     LogFn,
     SeqTrainConfig,
@@ -39,11 +40,10 @@ from animind_assets.lib.retrieval.seqtrain import (
     causal_mask,
     train_sequence_model,
 )
-from animind_assets.lib.common.storage import atomic_dir, local_copy
 
 
 @dataclass
-class RPGConfig:
+class RPGConfig(ModelConfigMixin):
     """Model knobs (RPG's Beauty config: hidden 448, 2 layers, 4 heads, ff 1024, embedding and
     attention dropout 0.5, temperature 0.03, 32 codebooks x 256); training knobs in ``train``."""
 
@@ -71,15 +71,6 @@ class RPGConfig:
         self.train.validate()
         return self
 
-    def to_dict(self) -> dict[str, Any]:
-        d = {f.name: getattr(self, f.name) for f in fields(self) if f.name != "train"}
-        d["train"] = self.train.to_dict()
-        return d
-
-    @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> RPGConfig:
-        known = {f.name for f in fields(cls)}
-        return cls(**{k: v for k, v in data.items() if k in known}).validate()
 
 
 class RPG(torch.nn.Module):
@@ -183,29 +174,19 @@ def train_rpg(split: SequenceSplit, codes: np.ndarray, codebook_size: int, cfg: 
 
 def save_rpg(model: RPG, dest: str, extra: dict[str, Any] | None = None) -> str:
     """Folder with ``weights.pt`` (incl. the codes) + ``config.json`` (+ ``extra.json``), atomic."""
-    with atomic_dir(dest) as tmp:
-        torch.save(model.state_dict(), tmp / "weights.pt")
-        conf = {"n_items": model.n_items, "n_codebooks": model.m, "codebook_size": model.k, **model.cfg.to_dict()}
-        (tmp / "config.json").write_text(json.dumps(conf, indent=2), encoding="utf-8")
-        if extra:
-            (tmp / "extra.json").write_text(json.dumps(extra, indent=2, default=str), encoding="utf-8")
-    return dest
+    conf = {"n_items": model.n_items, "n_codebooks": model.m, "codebook_size": model.k, **model.cfg.to_dict()}
+    return write_model_folder(model.state_dict(), conf, dest, extra)
 
 
 def load_rpg(src: str, map_location: str = "cpu") -> tuple[RPG, dict[str, Any]]:
     """-> (model in eval mode, extra). ``torch.load(weights_only=True)``."""
-    with local_copy(src) as local:
-        local = Path(local)
-        conf = json.loads((local / "config.json").read_text(encoding="utf-8"))
-        state = torch.load(local / "weights.pt", map_location=map_location, weights_only=True)
-        n, m, k = int(conf.pop("n_items")), int(conf.pop("n_codebooks")), int(conf.pop("codebook_size"))
-        codes = state["codes"].cpu().numpy()
-        if codes.shape != (n, m):
-            raise ValueError(f"{local}: codes shape {codes.shape} != ({n}, {m})")
-        model = RPG(codes, k, RPGConfig.from_dict(conf))
-        model.load_state_dict(state)
-        extra_p = local / "extra.json"
-        extra = json.loads(extra_p.read_text(encoding="utf-8")) if extra_p.exists() else {}
+    state, conf, extra = read_model_folder(src, map_location)
+    n, m, k = int(conf.pop("n_items")), int(conf.pop("n_codebooks")), int(conf.pop("codebook_size"))
+    codes = state["codes"].cpu().numpy()
+    if codes.shape != (n, m):
+        raise ValueError(f"{src}: codes shape {codes.shape} != ({n}, {m})")
+    model = RPG(codes, k, RPGConfig.from_dict(conf))
+    model.load_state_dict(state)
     model.eval()
     return model, extra
 

@@ -21,10 +21,8 @@ Public API: ``SASRecConfig``, ``SASRec``, ``train_sasrec(split, cfg, log=None) -
 
 from __future__ import annotations
 
-import json
 import math
-from dataclasses import asdict, dataclass, fields
-from pathlib import Path
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -32,6 +30,9 @@ import torch.nn.functional as F
 
 from animind_assets.lib.retrieval.evaluation import SequenceSplit
 from animind_assets.lib.retrieval.seqtrain import (
+    ModelConfigMixin,
+    read_model_folder,
+    write_model_folder,
     CausalBlock,
     LogFn,
     SeqTrainConfig,
@@ -39,13 +40,12 @@ from animind_assets.lib.retrieval.seqtrain import (
     causal_mask,
     train_sequence_model,
 )
-from animind_assets.lib.common.storage import atomic_dir, local_copy
 
 LOSSES = ("ce", "bce")
 
 
 @dataclass
-class SASRecConfig:
+class SASRecConfig(ModelConfigMixin):
     """Model knobs (the training knobs are in ``train``: ``SeqTrainConfig``)."""
 
     hidden: int = 64
@@ -71,15 +71,6 @@ class SASRecConfig:
         self.train.validate()
         return self
 
-    def to_dict(self) -> dict[str, Any]:
-        d = {f.name: getattr(self, f.name) for f in fields(self) if f.name != "train"}
-        d["train"] = self.train.to_dict()
-        return d
-
-    @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> SASRecConfig:
-        known = {f.name for f in fields(cls)}
-        return cls(**{k: v for k, v in data.items() if k in known}).validate()
 
 
 class SASRec(torch.nn.Module):
@@ -158,22 +149,13 @@ def train_sasrec(split: SequenceSplit, cfg: SASRecConfig, log: LogFn | None = No
 
 def save_sasrec(model: SASRec, dest: str, extra: dict[str, Any] | None = None) -> str:
     """Folder with ``weights.pt`` (state dict) + ``config.json`` (+ ``extra.json``), written atomically."""
-    with atomic_dir(dest) as tmp:
-        torch.save(model.state_dict(), tmp / "weights.pt")
-        (tmp / "config.json").write_text(json.dumps({"n_items": model.n_items, **model.cfg.to_dict()}, indent=2), encoding="utf-8")
-        if extra:
-            (tmp / "extra.json").write_text(json.dumps(extra, indent=2, default=str), encoding="utf-8")
-    return dest
+    return write_model_folder(model.state_dict(), {"n_items": model.n_items, **model.cfg.to_dict()}, dest, extra)
 
 
 def load_sasrec(src: str, map_location: str = "cpu") -> tuple[SASRec, dict[str, Any]]:
     """-> (model in eval mode, extra). ``torch.load(weights_only=True)``."""
-    with local_copy(src) as local:
-        local = Path(local)
-        conf = json.loads((local / "config.json").read_text(encoding="utf-8"))
-        model = SASRec(int(conf.pop("n_items")), SASRecConfig.from_dict(conf))
-        model.load_state_dict(torch.load(local / "weights.pt", map_location=map_location, weights_only=True))
-        extra_p = local / "extra.json"
-        extra = json.loads(extra_p.read_text(encoding="utf-8")) if extra_p.exists() else {}
+    state, conf, extra = read_model_folder(src, map_location)
+    model = SASRec(int(conf.pop("n_items")), SASRecConfig.from_dict(conf))
+    model.load_state_dict(state)
     model.eval()
     return model, extra

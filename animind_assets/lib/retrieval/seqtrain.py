@@ -18,16 +18,19 @@ best weights are restored at the end. Speed is reported as training targets (pos
 from __future__ import annotations
 
 import copy
+import json
 import math
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
 from animind_assets.lib.common.progress import Progress, fmt_seconds
+from animind_assets.lib.common.storage import atomic_dir, local_copy
 from animind_assets.lib.retrieval.evaluation import SequenceSplit, evaluate_scorer
 
 LogFn = Callable[[str], None]
@@ -51,9 +54,9 @@ class SeqTrainConfig:
     max_len: int = 50  # positions (most recent items) fed to the model
     batch_size: int = 128  # users (sequences) per step
     lr: float = 1e-3  # Adam learning rate (constant after warm-up)
-    weight_decay: float = 0.0
-    betas: tuple[float, float] = (0.9, 0.98)
-    warmup_steps: int = 0
+    weight_decay: float = 0.0  # Adam(W) weight decay
+    betas: tuple[float, float] = (0.9, 0.98)  # Adam betas
+    warmup_steps: int = 0  # linear warm-up steps
     grad_clip: float = 0.0  # 0 = off
     epochs: int = 200  # maximum epochs
     eval_every: int = 1  # epochs between validations
@@ -61,10 +64,10 @@ class SeqTrainConfig:
     val_users: int = 0  # validation users (fixed seeded subset); 0 = all
     max_train_seconds: float = 0.0  # wall-clock budget (checked after each validation and step); 0 = none
     length_buckets: int = 20  # batches per sorted-by-length bucket (less padding); 0 = plain shuffle
-    seed: int = 42
+    seed: int = 42  # seed of init, batches and the validation subset
     num_threads: int = 2  # torch.set_num_threads; 0 = leave as is
-    device: str = "auto"
-    eval_batch_size: int = 512
+    device: str = "auto"  # auto | cpu | cuda | cuda:N
+    eval_batch_size: int = 512  # users per scoring batch (validation/test)
 
     def validate(self) -> SeqTrainConfig:
         for name in ("max_len", "batch_size", "epochs", "eval_every"):
@@ -113,7 +116,7 @@ def training_pairs(split: SequenceSplit, max_len: int) -> tuple[list[np.ndarray]
     return inputs, targets
 
 
-def epoch_batches(lengths: np.ndarray, batch_size: int, epoch: int, seed: int, bucket_batches: int) -> list[np.ndarray]:
+def epoch_batches(lengths: np.ndarray, batch_size: int, epoch: int, seed: int, bucket_batches: int = 50) -> list[np.ndarray]:
     """Deterministic batches for one epoch: shuffle; with ``bucket_batches > 0`` sort by length within
     buckets of that many batches (less padding), then shuffle the batch order."""
     rng = np.random.default_rng(seed * 1_000_003 + epoch)
@@ -296,3 +299,38 @@ class CausalBlock(torch.nn.Module):
 def causal_mask(length: int, device: torch.device) -> torch.Tensor:
     """(L, L) bool, True above the diagonal (= not allowed to attend)."""
     return torch.triu(torch.ones(length, length, dtype=torch.bool, device=device), diagonal=1)
+
+
+class ModelConfigMixin:
+    """``to_dict`` / ``from_dict`` for model configs that hold a ``train: SeqTrainConfig`` (SASRec, RPG)."""
+
+    def to_dict(self) -> dict[str, Any]:
+        d = {f.name: getattr(self, f.name) for f in fields(self) if f.name != "train"}
+        d["train"] = self.train.to_dict()
+        return d
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]):
+        known = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in data.items() if k in known}).validate()
+
+
+def write_model_folder(state: dict[str, Any], conf: dict[str, Any], dest: str, extra: dict[str, Any] | None = None) -> str:
+    """Atomic model folder: ``weights.pt`` (a state dict), ``config.json`` and optional ``extra.json``."""
+    with atomic_dir(dest) as tmp:
+        torch.save(state, tmp / "weights.pt")
+        (tmp / "config.json").write_text(json.dumps(conf, indent=2), encoding="utf-8")
+        if extra:
+            (tmp / "extra.json").write_text(json.dumps(extra, indent=2, default=str), encoding="utf-8")
+    return dest
+
+
+def read_model_folder(src: str, map_location: str = "cpu") -> tuple[dict[str, Any], dict[str, Any], dict[str, Any]]:
+    """``(state, conf, extra)`` of a folder written by ``write_model_folder``; ``torch.load(weights_only=True)``."""
+    with local_copy(src) as local:
+        local = Path(local)
+        conf = json.loads((local / "config.json").read_text(encoding="utf-8"))
+        state = torch.load(local / "weights.pt", map_location=map_location, weights_only=True)
+        extra_p = local / "extra.json"
+        extra = json.loads(extra_p.read_text(encoding="utf-8")) if extra_p.exists() else {}
+    return state, conf, extra

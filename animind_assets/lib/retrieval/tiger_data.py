@@ -14,6 +14,7 @@ import torch
 
 from animind_assets.lib.semantic_ids.trie import SidTrie
 from animind_assets.lib.common.device import resolve_device  # noqa: F401  (the one device rule; re-exported)
+from animind_assets.lib.retrieval.seqtrain import epoch_batches  # noqa: F401  (one owner: seqtrain)
 
 PAD_ID = 0
 EOS_ID = 1
@@ -229,18 +230,5 @@ def encode_batch(codec: SidCodec, ex: Examples, idx: Sequence[int], with_labels:
     return out
 
 
-def epoch_batches(lengths: np.ndarray, batch_size: int, epoch: int, seed: int, bucket_batches: int = 50) -> list[np.ndarray]:
-    """Deterministic batches for one epoch: shuffle, sort by length inside buckets of
-    ``bucket_batches`` batches (little padding), then shuffle the batch order."""
-    rng = np.random.default_rng(seed * 1_000_003 + epoch)
-    perm = rng.permutation(len(lengths))
-    bucket = max(1, bucket_batches) * batch_size
-    batches: list[np.ndarray] = []
-    for start in range(0, len(perm), bucket):
-        chunk = perm[start: start + bucket]
-        chunk = chunk[np.argsort(lengths[chunk], kind="stable")]
-        batches.extend(chunk[i: i + batch_size] for i in range(0, len(chunk), batch_size))
-    order = rng.permutation(len(batches))
-    return [batches[i] for i in order]
 
 

@@ -171,7 +171,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     materializable = [k for k in keys if graph.get(k).is_materializable and not graph.get(k).is_partitioned]
     if partitioned:
         print(f"[animind] skipping partitioned assets (launch partitions from the UI): {', '.join(partitioned)}")
-    job = defs.get_implicit_global_asset_job_def()
+    job = defs.resolve_implicit_global_asset_job_def()
     from dagster._core.execution.api import create_execution_plan
 
     plan = create_execution_plan(job.get_subset(asset_selection=set(materializable)), run_config=_silence_dagster_events(args.verbose))
@@ -224,7 +224,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     for e in failed_checks:
         key = e.event_specific_data.asset_check_key  # type: ignore[union-attr]
         print(f"[animind]   failed check {key.to_user_string()}: {(e.event_specific_data.description or '').strip()[:300]}")
-    print("[animind] open the UI with:  dagster dev   (then http://127.0.0.1:3000)")
+    print(f"[animind] open the UI with:  DAGSTER_HOME={os.environ.get('DAGSTER_HOME', '$PWD/.dagster_home')} .venv/bin/dg dev   (then http://127.0.0.1:3000)")
     return 0 if ok else 1
 
 

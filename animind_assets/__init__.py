@@ -2,7 +2,7 @@
 
 Layout:
   animind_assets.lib       plain data/ML library code (never imports Dagster)
-  animind_assets.assets    thin Dagster assets, one module per artifact, named after it
+  animind_assets.defs      thin Dagster layer, one package per asset group (loaded by load_from_defs_folder)
   animind_assets.definitions  the single ``Definitions`` entry point
 """
 

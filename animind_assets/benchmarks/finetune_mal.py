@@ -14,7 +14,7 @@ Steps (every figure is printed):
 
 1. ``anime_prep`` / ``user_interactions`` from ``../shared/data/mal2020/anilist.sqlite`` with the
    project's cleaning library (adult titles excluded).
-2. Semantic IDs with the project's quantizer library (``lib/rqvae``, its default preset;
+2. Semantic IDs with the project's quantizer library (``lib/semantic_ids/quantizers``, its default preset;
    ``--quantizer-preset rqvae`` for the RQ-VAE) on TF-IDF/SVD-128 features of ``anime_text``
    (``--sids rqvae-minilm``: the offline MiniLM embeddings instead, cached under
    ``$TMPDIR/animind_bench``, tens of minutes on 2 shared cores), 3x256 codes,

@@ -1,5 +1,5 @@
 """Text embeddings for catalog items: fast (CPU and GPU), incremental, domain-generic. No Dagster here:
-``animind_assets.assets.anime_embeddings`` / ``beauty_embeddings`` wrap it for their catalogs.
+``animind_assets.defs.embeddings.anime_embeddings`` / ``defs.beauty.beauty_embeddings`` wrap it for their catalogs.
 
 One concern per module:
 

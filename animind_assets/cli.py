@@ -122,8 +122,8 @@ class StepProgress:
 
 
 def _silence_dagster_events(verbose: bool) -> dict:
-    """Run config keeping Dagster's console logger at ERROR unless ``verbose`` (then DEBUG, every event)."""
-    level = "DEBUG" if verbose else "ERROR"
+    """Run config keeping Dagster's console logger silent (CRITICAL) unless ``verbose`` (then DEBUG, every event)."""
+    level = "DEBUG" if verbose else "CRITICAL"  # failures: one [animind] line; tracebacks with --verbose or in the UI
     return {"loggers": {"console": {"config": {"log_level": level}}}}
 
 
@@ -141,7 +141,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     from dagster._core.utils import make_new_run_id
 
     if not args.verbose:
-        logging.getLogger("dagster").setLevel(logging.ERROR)
+        logging.getLogger("dagster").setLevel(logging.CRITICAL)
     from animind_assets.definitions import defs
 
     instance = dg.DagsterInstance.get()

@@ -181,9 +181,12 @@ def require_kept(kept: int, read: int, dropped_by_reason: dict[str, int], what: 
     if kept == 0:
         reasons = ", ".join(f"{k} {v}" for k, v in sorted(dropped_by_reason.items(), key=lambda kv: (-kv[1], kv[0])))
         where = f" from {origin}" if origin else ""
+        hint = ""
+        if dropped_by_reason and max(dropped_by_reason, key=dropped_by_reason.get) == "adult_excluded":
+            hint = " (to keep adult titles set anime_prep's include_adult: true)"
         raise EmptyResultError(
             f"{what}: 0 of {read} rows kept ({reasons or 'no reason recorded'}){where}; "
-            "nothing was written, the previous table and export are kept"
+            f"nothing was written, the previous table and export are kept{hint}"
         )
 
 

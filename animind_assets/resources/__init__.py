@@ -13,18 +13,45 @@ Everything public is importable from ``animind_assets.resources``.
 
 from __future__ import annotations
 
-from animind_assets.resources.duckdb_io import *  # noqa: F401,F403
-from animind_assets.resources.files import *  # noqa: F401,F403
-from animind_assets.resources.parquet_tables import *  # noqa: F401,F403
-from animind_assets.resources.paths import *  # noqa: F401,F403
-from animind_assets.resources.source import *  # noqa: F401,F403
-from animind_assets.resources.tracking import *  # noqa: F401,F403
-from animind_assets.resources.duckdb_io import AniMindDuckDBIOManager, DuckDBWarehouse
+from animind_assets.resources.duckdb_io import (
+    ALLOW_EMPTY,
+    ALLOW_SHRINK_TAG,
+    AniMindDuckDBIOManager,
+    DuckDBWarehouse,
+    OutputRefused,
+    locked_duckdb,
+    recover_exports,
+)
 from animind_assets.resources.files import ArtifactStoreResource, ParquetExports
-from animind_assets.resources.parquet_tables import table_resources
+from animind_assets.resources.parquet_tables import ParquetTablesIOManager, ParquetWarehouse, table_resources
+from animind_assets.resources.paths import PROJECT_ROOT, data_dir, default_duckdb_path
 from animind_assets.resources.source import AnimeSource, anime_source_from_env
-from animind_assets.resources.tracking import MlflowResource
-from animind_assets.resources.paths import default_duckdb_path
+from animind_assets.resources.tracking import MlflowResource, MlflowRun, NoOpMlflowRun
+
+__all__ = [
+    "ALLOW_EMPTY",
+    "ALLOW_SHRINK_TAG",
+    "PROJECT_ROOT",
+    "AniMindDuckDBIOManager",
+    "AnimeSource",
+    "ArtifactStoreResource",
+    "DuckDBWarehouse",
+    "MlflowResource",
+    "MlflowRun",
+    "NoOpMlflowRun",
+    "OutputRefused",
+    "ParquetExports",
+    "ParquetTablesIOManager",
+    "ParquetWarehouse",
+    "anime_source_from_env",
+    "build_resources",
+    "data_dir",
+    "default_duckdb_path",
+    "locked_duckdb",
+    "recover_exports",
+    "table_resources",
+]
+
 
 def build_resources(anime_source: "AnimeSource | None" = None, mlflow_enabled: bool = True) -> dict:
     """The one declaration of AniMind's resources (paths under ``$ANIMIND_DATA_DIR``).

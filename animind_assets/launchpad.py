@@ -33,6 +33,7 @@ from animind_assets.settings import Settings, check_unknown_names, current_setti
 #: asset name -> {field: default used in the launchpad instead of the library default} (why: bounded CPU runs)
 DEMO_OVERRIDES: dict[str, dict[str, Any]] = {
     "finetuned_model": {"train_layers": 4, "phase1_max_steps": 6, "phase2_max_steps": 12},
+    "beauty_finetuned_model": {"train_layers": 4, "phase1_max_steps": 6, "phase2_max_steps": 12},
     # Beauty sequence models: validation NDCG@10 on a fixed 5,000-user subset (of 22,363) per epoch
     "sasrec_model": {"val_users": 5000},
     "rpg_model": {"val_users": 5000},

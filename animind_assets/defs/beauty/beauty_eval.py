@@ -34,8 +34,9 @@ SCHEMA = {
 
 @settings_defaults("beauty_eval")
 class BeautyEvalConfig(dg.Config):
-    models: list[str] = Field(default_factory=lambda: ["popularity", "sasrec", "rpg", "tiger"],
-                              description="rows to evaluate: popularity | sasrec | rpg | tiger (missing models are skipped)")
+    models: list[str] = Field(default_factory=lambda: ["popularity", "sasrec", "rpg", "tiger", "llm"],
+                              description="rows to evaluate: popularity | sasrec | rpg | tiger | llm (missing models are skipped; "
+                              "llm = the rows of beauty_llm_eval, taken only when it evaluated the same users)")
     tiger_partitions: list[str] = Field(default_factory=lambda: list(ID_SOURCES), description="tiger_model partitions to include")
     tiger_beams: int = Field(20, description="TIGER constrained beam width (>= 10)")
     test_users: int = Field(0, description="0 = every test user; >0 = seeded subset, the same for every model")
@@ -59,7 +60,7 @@ def _rows(res, kind: str, extra: dict | None = None) -> list[dict]:
 
 @dg.asset(
     group_name=GROUP,
-    deps=["sasrec_model", "rpg_model", TIGER_MODEL_ASSET],
+    deps=["sasrec_model", "rpg_model", TIGER_MODEL_ASSET, "beauty_llm_eval"],
     pool=GPU_POOL,
     op_tags=GPU_OP_TAGS,
     kinds={"pytorch", "polars", "duckdb"},
@@ -118,10 +119,23 @@ def beauty_eval(
                                         n_boot=config.n_boot, seed=config.seed, label=f"TIGER [{part} IDs]", log=context.log.info)
                 rows += _rows(res, "measured", {"invalid_id_rate": res.extra["invalid_id_rate"]})
                 evaluated.append(f"tiger[{part}]")
+        elif name == "llm":  # the LM's beam search is run once, by beauty_llm_eval; its rows join only on the same users
+            if not store.exists("beauty_llm_eval", "rows.parquet"):
+                context.log.warning(f"{ASSET}: no beauty_llm_eval rows: skipped")
+                continue
+            llm_users = store.read_json("beauty_llm_eval", "users.json")
+            if llm_users.get("users") != split.users[rows_idx].tolist() or llm_users.get("data_fingerprint") != data_fp:
+                context.log.warning(f"{ASSET}: beauty_llm_eval evaluated other users or interactions (set the same test_users "
+                                    f"and seed, {config.test_users} and {config.seed}): LM rows skipped")
+                continue
+            with store.local_copy("beauty_llm_eval", "rows.parquet") as local:
+                lm_rows = pl.read_parquet(local).filter(pl.col("kind") == "measured")
+            rows += [{k: r.get(k) for k in SCHEMA} for r in lm_rows.iter_rows(named=True)]
+            evaluated.append("llm")
         else:
-            raise ValueError(f"unknown model {name!r}; expected popularity | sasrec | rpg | tiger")
+            raise ValueError(f"unknown model {name!r}; expected popularity | sasrec | rpg | tiger | llm")
     if not evaluated:
-        raise ValueError("no trained model found (sasrec_model, rpg_model, tiger_model): materialize one first")
+        raise ValueError("no trained model found (sasrec_model, rpg_model, tiger_model, beauty_llm_eval): materialize one first")
     for label, vals in PUBLISHED_BEAUTY.items():
         r = {k: None for k in SCHEMA}
         r.update({"model": label, "kind": "published", "masking": "as published", **vals})

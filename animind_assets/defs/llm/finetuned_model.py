@@ -25,7 +25,7 @@ from animind_assets.meta import lines_plot, markdown_table, scalar_metadata
 from animind_assets.lib.semantic_ids.tokens import SID_PATTERN, SPECIAL_TOKENS
 from animind_assets.resources import ArtifactStoreResource, MlflowResource, data_dir
 
-from animind_assets.defs.llm.shared import GROUP, MODEL_DIR, WORK_DIR, semantic_ids_provenance
+from animind_assets.defs.llm.shared import FINETUNE_DESCRIPTIONS, GROUP, MODEL_DIR, WORK_DIR, semantic_ids_provenance
 from animind_assets.launchpad import derive_config
 
 
@@ -38,45 +38,7 @@ FinetunedModelConfig = derive_config(
         "lookup_scope": (str, Field("dataset", description="anime the model can name: 'dataset' (in llm_prep_dataset) | 'all'")),
         "log_model_to_mlflow": (bool, Field(True, description="log the model folder as MLflow artifacts")),
     },
-    descriptions={
-        "base_model": 'embedded SmolLM2-135M-Instruct GGUF | Hugging Face model id | local folder',
-        "gguf_file": 'GGUF file name inside base_model (folder or repo)',
-        "revision": 'model revision (Hugging Face ids); HF_TOKEN only from the environment',
-        "method": "'auto' (full below lora_above_params, else LoRA) | 'full' | 'lora'",
-        "lora_above_params": "parameter count from which 'auto' picks LoRA",
-        "lora_r": 'LoRA rank',
-        "lora_alpha": 'LoRA alpha',
-        "lora_dropout": 'LoRA dropout',
-        "train_layers": 'full method: train only the top N transformer blocks + tied embeddings/head (0 = every block; the default keeps the shared 2-core CPU run bounded)',
-        "phase1_max_steps": 'optimizer steps of phase 1 (linking); demo-scale default, raise on a GPU',
-        "phase2_max_steps": 'optimizer steps of phase 2 (recommendation/reasoning); demo-scale default, raise on a GPU',
-        "phase1_lr": 'peak learning rate of phase 1',
-        "phase2_lr": 'peak learning rate of phase 2',
-        "warmup_frac": "warm-up share of each phase's steps",
-        "lr_scheduler": 'transformers lr scheduler name',
-        "weight_decay": 'AdamW weight decay',
-        "batch_size": 'examples per device step',
-        "grad_accum": 'gradient accumulation steps',
-        "max_seq_length": 'longer examples are skipped (counted)',
-        "general_mix_file": 'local JSONL of general instructions ({prompt, completion} or {messages})',
-        "general_mix_ratio": 'share of each phase drawn from general_mix_file',
-        "warm_start": "'rqvae' (ridge from codebooks) | 'centroid' | 'mean' | 'none'",
-        "ridge_alpha": 'ridge regularisation of the codebook -> embedding projection',
-        "use_chat_template": "render prompts with the tokenizer's chat template",
-        "fast_loss": 'apply the LM head only at completion positions',
-        "num_threads": 'torch CPU threads (shared CPU: keep it small)',
-        "seed": 'training seed',
-        "save_steps": 'checkpoint every N steps (0 = at the end of each phase)',
-        "resume": "resume from the work folder's checkpoints",
-        "keep_checkpoints": 'keep phase checkpoints after success',
-        "eval_examples": 'validation rows per task for the per-phase validation loss',
-        "english_ppl": 'English-retention perplexity before/after',
-        "save_dtype": "'float32' | 'bfloat16'",
-        "bf16": 'bf16 autocast while training',
-        "replay_ratio": "English-retention replay: share of each phase drawn from the base model's own answers to the "
-        "shipped general prompts (self-distillation, no downloads)",
-        "replay_max_new_tokens": "length cap of each self-distilled replay answer",
-    },
+    descriptions=FINETUNE_DESCRIPTIONS,
 )
 
 

@@ -225,15 +225,39 @@ def _run_phase(
             log(f"{phase}: resuming from {resume}")
     out = trainer.train(resume_from_checkpoint=resume)
     secs = time.perf_counter() - t0
+    steps_done = int(trainer.state.global_step)
     m = dict(out.metrics)
+    m["steps_done"] = steps_done
     m["seconds"] = secs
     m["examples"] = len(enc["input_ids"])
     m["skipped_too_long"] = dropped
     mean_len = sum(len(x) for x in enc["input_ids"]) / len(enc["input_ids"])
-    m["train_tokens"] = int(mean_len * max_steps * cfg.batch_size * cfg.grad_accum)
+    m["train_tokens"] = int(mean_len * steps_done * cfg.batch_size * cfg.grad_accum)
     m["tokens_per_s"] = m["train_tokens"] / max(secs, 1e-9)
-    log(f"{phase}: {max_steps} steps in {fmt_seconds(secs)} ({max_steps / max(secs, 1e-9):.3f} steps/s), final train loss {m.get('train_loss', float('nan')):.4f}")
+    log(f"{phase}: {steps_done} of {max_steps} steps in {fmt_seconds(secs)} ({steps_done / max(secs, 1e-9):.3f} steps/s), "
+        f"final train loss {m.get('train_loss', float('nan')):.4f}")
     return m
+
+
+def time_budget_callback(deadline: float, phase: str, log: LogFn = noop_log):
+    """A ``TrainerCallback`` that stops training (and saves a checkpoint) at the first optimizer step
+    ending after ``deadline`` (a ``time.perf_counter()`` value); ``.stopped`` says whether it fired."""
+    from transformers import TrainerCallback
+
+    class _TimeBudget(TrainerCallback):
+        stopped = False
+
+        def on_step_end(self, args, state, control, **kwargs):
+            if time.perf_counter() >= deadline and state.global_step < state.max_steps:
+                if not self.stopped:
+                    log(f"{phase}: wall-clock budget (max_train_seconds) spent at step {state.global_step} of "
+                        f"{state.max_steps}: stopping here")
+                self.stopped = True
+                control.should_training_stop = True
+                control.should_save = True
+            return control
+
+    return _TimeBudget()
 
 
 def run_finetune(
@@ -293,6 +317,7 @@ def run_finetune(
         run.log_params({**{k: v for k, v in asdict(cfg).items()}, "method_resolved": method, "new_tokens": len(added),
                         "base_params": n_params, "work_fingerprint": fp})
     step_offset = 0
+    stop_reason = "step budget"
     linking_rows: list[dict] = []
     phase_counts = {}
     hooks: list = []
@@ -316,7 +341,12 @@ def run_finetune(
         if name == "phase1" and cfg.phase1_new_rows_lr_mult != 1.0:
             cb = new_rows_lr_callback(model_wrapped, range(n_base_rows, len(tok)), cfg.phase1_new_rows_lr_mult, log)
             extra = [cb] if cb is not None else []
+        budget_cb = time_budget_callback(t_start + cfg.max_train_seconds, name, log) if cfg.max_train_seconds > 0 else None
+        if budget_cb is not None:
+            extra.append(budget_cb)
         m = _run_phase(name, model_wrapped, tok, rows, cfg, lr, steps, work / name, step_offset, log, run, history, extra)
+        if budget_cb is not None and budget_cb.stopped:
+            stop_reason = f"time budget of {cfg.max_train_seconds:.0f}s spent in {name} at step {int(m['steps_done'])} of {steps}"
         for k, v in m.items():
             if isinstance(v, (int, float)):
                 metrics[f"{name}_{k}"] = float(v)
@@ -329,7 +359,7 @@ def run_finetune(
                 metrics[f"{name}_{k}"] = v
         if run is not None:
             run.log_metrics({k: v for k, v in metrics.items() if k.startswith(name)}, step=step_offset + steps)
-        step_offset += steps
+        step_offset += int(m.get("steps_done", steps))
     for h in hooks:
         h.remove()
     if not cfg.keep_checkpoints:
@@ -361,6 +391,7 @@ def run_finetune(
         "config": asdict(cfg),
         "metrics": metrics,
         "work_fingerprint": fp,
+        "stop_reason": stop_reason,
         "finished": True,  # both phases ran to their step budget (consumers refuse folders without it)
     }
     return FinetuneResult(model=final, tokenizer=tok, info=info, metrics=metrics, history=history, warm_start=ws)

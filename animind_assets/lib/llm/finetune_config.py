@@ -67,6 +67,7 @@ class FinetuneConfig:
     ppl_max_tokens: int = 256
     save_dtype: str = "float32"  # "float32" | "bfloat16"
     bf16: bool = False  # autocast bf16 during training (GPU / AMX CPUs)
+    max_train_seconds: float = 0.0  # wall-clock budget of both phases together (0 = none); training stops at the first step past it (stop_reason in the metadata)
 
     def validate(self) -> FinetuneConfig:
         if self.method not in ("auto", "full", "lora"):
@@ -88,6 +89,8 @@ class FinetuneConfig:
             raise ValueError("general_mix_ratio > 0 needs general_mix_file (a local JSONL file)")
         if self.save_dtype not in ("float32", "bfloat16"):
             raise ValueError("save_dtype must be float32 or bfloat16")
+        if self.max_train_seconds < 0:
+            raise ValueError("max_train_seconds must be >= 0")
         if self.phase1_max_steps < 0 or self.phase2_max_steps < 0:
             raise ValueError("max_steps must be >= 0")
         return self
@@ -95,6 +98,6 @@ class FinetuneConfig:
     def fingerprint_dict(self) -> dict:
         d = asdict(self)
         for k in ("resume", "keep_checkpoints", "num_threads", "english_ppl", "ppl_max_tokens", "save_dtype", "eval_examples",
-                  "linking_eval_items"):
+                  "linking_eval_items", "max_train_seconds"):
             d.pop(k, None)
         return d

@@ -164,7 +164,7 @@ def warm_start_embeddings(
             new_vecs[tok] = mu + rng.normal(0, base_dev / math.sqrt(base.shape[1]), base.shape[1])
     elif mode == "none":
         log("warm start: none (new rows keep their resize initialisation)")
-    if mode != "none":
+    if mode != "none" and special_tokens:
         words = [t.strip("<>").replace("_", " ") for t in special_tokens]
         for tok, vec in zip(special_tokens, _text_mean_embeddings(tokenizer, base, words)):
             new_vecs[tok] = vec

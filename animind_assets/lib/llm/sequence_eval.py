@@ -1,0 +1,168 @@
+"""The semantic-ID LM on the leave-one-out next-item evaluation of ``lib/retrieval/evaluation.py``.
+
+Same split, users, metrics and exclusions as every other next-item model (SASRec, RPG, TIGER,
+popularity on Amazon Beauty): the ``SequenceSplit`` of the interactions, a seeded user subset
+(``SequenceSplit.subset(test_users, seed)``, the one ``beauty_eval --test-users`` draws), Recall@K /
+NDCG@K for K = 5, 10 with ties by ascending item id, masked and unmasked, 95% percentile bootstrap
+intervals over users (``evaluate_rankings``).
+
+The LM ranks by **beam search constrained to the trie of valid semantic IDs** (``lib/llm/infer.py``),
+so only real items can come out; the valid-ID rate of the returned sequences is reported (1.0 by
+construction), plus the unconstrained greedy valid-ID rate for reference. Masking
+(``SeqEvalConfig.masking``):
+
+* ``filter`` (default, TIGER's rule in ``lib/retrieval/tiger.py``): one search over every ID with
+  ``num_beams`` beams; *unmasked* = its top 10, *masked* = the same list with history items removed.
+* ``trie``: the *masked* list comes from a search whose trie leaves the user's history out (exact
+  masking inside the search, a second search gives the *unmasked* list).
+
+The prompts are the dataset's held-out test rows (``lib/llm/sequence_data.py``); each is checked
+against the split (same user, same target, history = the tail of ``seq[:-1]``), so a dataset built
+from other interactions fails loudly instead of being scored on another protocol.
+
+This module never imports Dagster.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import numpy as np
+import polars as pl
+
+from animind_assets.lib.common.progress import Progress
+from animind_assets.lib.llm.infer import SidModel, generate_text, parse_sid, rank_items
+from animind_assets.lib.retrieval.evaluation import EvalResult, SequenceSplit, evaluate_rankings, evaluate_scorer, popularity_scorer
+
+LogFn = Callable[[str], None]
+LM_LABEL = "semantic-ID LM (LC-Rec-style SFT)"
+POPULARITY_LABEL = "popularity (train+valid counts)"
+
+
+@dataclass
+class SeqEvalConfig:
+    test_users: int = 500  # test users (0 = all), the seeded subset SequenceSplit.subset draws for every model
+    seed: int = 0  # seed of the user subset and the bootstrap
+    num_beams: int = 20  # beams of the constrained search (>= 10; items returned per user)
+    masking: str = "filter"  # 'filter' (one search, masked = list minus history items, as TIGER) | 'trie' (history left out of the trie)
+    n_boot: int = 1000  # bootstrap resamples of the 95% intervals (0 = none)
+    batch_size: int = 8  # prompts per beam-search call
+    engine: str = "cached"  # 'cached' (prompt KV cache shared by the beams) | 'hf' (generate)
+    unconstrained_users: int = 20  # users for the unconstrained greedy valid-ID reference (0 = off)
+    linking_items: int = 30  # training items per direction for ID <-> text accuracy (0 = off)
+
+    def validate(self) -> SeqEvalConfig:
+        if self.num_beams < 10:
+            raise ValueError(f"num_beams ({self.num_beams}) must be >= 10 for Recall@10")
+        if self.masking not in ("filter", "trie"):
+            raise ValueError(f"masking must be 'filter' or 'trie', got {self.masking!r}")
+        return self
+
+
+@dataclass
+class SeqEvalOutput:
+    lm: EvalResult  # masked + unmasked ranks/metrics/CIs of the LM
+    popularity: EvalResult  # the same users, the same rules
+    predictions: pl.DataFrame  # user_id, target, ranked item list (unmasked search), hit flags
+    summary: dict
+
+
+def heldout_prompts(dataset: pl.DataFrame, split: SequenceSplit, rows: np.ndarray, stage: str = "test") -> list[str]:
+    """The dataset's held-out ``stage`` prompt of each user row of ``split``; ValueError naming the
+    user when a row is missing or its target/history differ from the split (other interactions)."""
+    held = dataset.filter(pl.col("is_heldout") & (pl.col("split") == stage) & (pl.col("task") == "B"))
+    by_user = {int(u): (t, h, p) for u, t, h, p in held.select("user_id", "target_anime_id", "history_anime_ids", "prompt").iter_rows()}
+    hists = split.histories(stage)
+    targets = split.targets(stage)
+    out = []
+    for i in rows.tolist():
+        u = int(split.users[i])
+        if u not in by_user:
+            raise ValueError(f"dataset has no held-out {stage} row for user {u}: it was built from other interactions")
+        t, h, p = by_user[u]
+        want_h = hists[i].tolist()[-len(h):] if h else []
+        if int(t) != int(targets[i]) or list(h) != want_h:
+            raise ValueError(
+                f"user {u}: the dataset's held-out {stage} row (target {t}, history tail {list(h)[-3:]}) differs from the "
+                f"split (target {int(targets[i])}, history tail {want_h[-3:]}): rebuild the dataset from these interactions"
+            )
+        out.append(p)
+    return out
+
+
+def evaluate_next_item_lm(
+    sm: SidModel,
+    dataset: pl.DataFrame,
+    split: SequenceSplit,
+    cfg: SeqEvalConfig | None = None,
+    log: LogFn | None = None,
+) -> SeqEvalOutput:
+    """LM and popularity on the same user rows of ``split`` (see module docstring). ``sm`` must be
+    able to name every item of the split (the lookup covers ``0..n_items-1`` items with IDs); a
+    target without an ID counts as a miss and is counted in ``targets_without_sid``."""
+    cfg = (cfg or SeqEvalConfig()).validate()
+    log = log or (lambda _m: None)
+    t0 = time.perf_counter()
+    rows = split.subset(cfg.test_users, seed=cfg.seed)
+    prompts = heldout_prompts(dataset, split, rows)
+    hists = split.histories("test")
+    known = set(sm.sid_ids)
+    targets = split.targets("test")[rows]
+    missing = int(sum(int(t) not in known for t in targets.tolist()))
+    if missing:
+        log(f"{missing} test targets have no semantic ID in the model's lookup; they count as misses")
+    progress = Progress("LM constrained beam search", total=len(prompts), unit="users", log=log, every_s=30)
+    unmasked: list[list[int]] = []
+    masked: list[list[int]] = []
+    seqs = valid = 0
+    for s in range(0, len(prompts), cfg.batch_size):
+        chunk = prompts[s : s + cfg.batch_size]
+        out = rank_items(sm, chunk, k=cfg.num_beams, num_beams=cfg.num_beams, batch_size=cfg.batch_size, engine=cfg.engine)
+        seqs += out.sequences
+        valid += out.valid_sequences
+        unmasked += [[a for a, _ in items] for items in out.items]
+        if cfg.masking == "trie":
+            ex = [set(hists[i].tolist()) for i in rows[s : s + cfg.batch_size].tolist()]
+            out_m = rank_items(sm, chunk, k=cfg.num_beams, num_beams=cfg.num_beams, exclude=ex, batch_size=cfg.batch_size,
+                               engine=cfg.engine)
+            seqs += out_m.sequences
+            valid += out_m.valid_sequences
+            masked += [[a for a, _ in items] for items in out_m.items]
+        progress.update(len(chunk))
+    gen_seconds = time.perf_counter() - t0
+    rankings = {"unmasked": [r[:10] for r in unmasked], "masked": masked if cfg.masking == "trie" else unmasked}
+    extra = {"invalid_id_rate": 1.0 - valid / max(seqs, 1), "valid_id_rate": valid / max(seqs, 1), "beams": cfg.num_beams,
+             "users_per_s": len(rows) / max(gen_seconds, 1e-9), "targets_without_sid": missing}
+    lm = evaluate_rankings(rankings, split, "test", LM_LABEL, rows=rows, n_boot=cfg.n_boot, seed=cfg.seed, extra=extra)
+    lm.seconds += gen_seconds
+    pop = evaluate_scorer(popularity_scorer(split), split, "test", POPULARITY_LABEL, rows=rows, n_boot=cfg.n_boot, seed=cfg.seed)
+    summary: dict = {
+        "users": int(len(rows)),
+        "users_total": int(len(split)),
+        "items_ranked": int(split.n_items),
+        "catalog_in_model": len(known),
+        "masking_rule": cfg.masking,
+        "num_beams": cfg.num_beams,
+        "generation_seconds": gen_seconds,
+        "users_per_s": extra["users_per_s"],
+        "valid_id_rate": extra["valid_id_rate"],
+    }
+    if cfg.unconstrained_users:
+        free = generate_text(sm, prompts[: cfg.unconstrained_users], max_new_tokens=int(sm.info.get("sid_levels", 4) or 4) + 2)
+        summary["unconstrained_valid_id_rate"] = sum(parse_sid(t) in sm.by_sid for t in free) / max(len(free), 1)
+        summary["unconstrained_examples"] = free[:5]
+    if cfg.linking_items:
+        from animind_assets.lib.llm.evaluation import linking_accuracy
+
+        summary.update({k: v for k, v in linking_accuracy(sm, dataset, cfg.linking_items, seed=cfg.seed + 1, log=log).items()
+                        if isinstance(v, (int, float))})
+    preds = pl.DataFrame(
+        {"user_id": split.users[rows].tolist(), "target_item_id": targets.tolist(), "ranked_items": unmasked,
+         "hit@10_unmasked": [float(int(t) in r[:10]) for t, r in zip(targets.tolist(), unmasked)]},
+        schema={"user_id": pl.Int64, "target_item_id": pl.Int64, "ranked_items": pl.List(pl.Int64), "hit@10_unmasked": pl.Float64},
+    )
+    log(f"LM R@10 masked {lm.metrics['masked']['recall@10']:.4f} vs popularity {pop.metrics['masked']['recall@10']:.4f} "
+        f"on {len(rows)} users; valid-ID rate {extra['valid_id_rate']:.4f}; {extra['users_per_s']:.2f} users/s")
+    return SeqEvalOutput(lm=lm, popularity=pop, predictions=preds, summary=summary)

@@ -1,0 +1,257 @@
+"""The semantic-ID LM on next-item data (Amazon Beauty): leave-one-out rows, the Beauty evaluation
+protocol, and the Beauty chain beauty_llm_prep_dataset -> beauty_finetuned_model -> beauty_llm_eval
+-> beauty_eval on a tiny split built here (real data only in a test that skips without it)."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+import polars as pl
+import pytest
+
+from animind_assets.lib.llm.sequence_data import (
+    SeqLlmDataConfig,
+    build_next_item_dataset,
+    item_lookup,
+    loo_leakage_report,
+    next_id_prompt,
+)
+from animind_assets.lib.retrieval.evaluation import SequenceSplit, evaluate_rankings, evaluate_scorer, popularity_scorer
+from animind_assets.lib.semantic_ids.assign import assign_semantic_ids, semantic_id_strings
+from animind_assets_tests.llm_fixtures import smollm2_tokenizer, tiny_llama
+
+WORDS = ["nail", "lacquer", "shimmer", "matte", "lip", "gloss", "eye", "shadow", "serum", "cream", "brush", "mask"]
+
+
+def tiny_beauty(n_items: int = 30, n_users: int = 24, seed: int = 0) -> tuple[pl.DataFrame, pl.DataFrame, pl.DataFrame]:
+    """(items: item_id, asin, text; interactions: user_id, item_id, seq; semantic_ids: item_id, codes,
+    semantic_id). Item 4 has no text (as item 4173 of the real data); users have 4-9 distinct items."""
+    rng = np.random.default_rng(seed)
+    texts = [" ".join(rng.choice(WORDS, size=3, replace=False)) + f" {i}" for i in range(n_items)]
+    texts[4] = ""
+    items = pl.DataFrame({"item_id": list(range(n_items)), "asin": [f"B{i:09d}" for i in range(n_items)], "text": texts})
+    rows = []
+    for u in range(n_users):
+        k = int(rng.integers(4, 10)) if u else 2  # user 0 is too short (< 3 items): skipped and counted
+        for s, a in enumerate(rng.choice(n_items, size=k, replace=False).tolist()):
+            rows.append({"user_id": u, "item_id": int(a), "seq": s})
+    inter = pl.DataFrame(rows)
+    codes = rng.integers(0, 6, size=(n_items, 3))
+    codes[1] = codes[2]  # a collision the disambiguation level separates
+    full = assign_semantic_ids(codes, order_key=np.arange(n_items))
+    sids = pl.DataFrame({"item_id": list(range(n_items)), "codes": full.tolist(), "semantic_id": semantic_id_strings(full)},
+                        schema={"item_id": pl.Int64, "codes": pl.List(pl.Int64), "semantic_id": pl.Utf8})
+    return items, inter, sids
+
+
+def _seqs(inter: pl.DataFrame) -> dict[int, list[int]]:
+    g = inter.sort(["user_id", "seq"]).group_by("user_id", maintain_order=True).agg("item_id")
+    return {int(u): list(map(int, s)) for u, s in g.iter_rows()}
+
+
+CFG = SeqLlmDataConfig(n_examples=400, max_history=5, title_history=3, validation_users=0)
+
+
+def test_rows_follow_leave_one_out_and_no_heldout_item_in_training_rows():
+    items, inter, sids = tiny_beauty()
+    res = build_next_item_dataset(items, inter, sids, CFG)
+    df, seqs = res.frame, _seqs(inter)
+    users = sorted(u for u, s in seqs.items() if len(s) >= 3)
+    assert res.summary["users_skipped_lt3"] == 1 and res.summary["users_evaluated"] == len(users)
+    sid = dict(zip(sids["item_id"].to_list(), sids["semantic_id"].to_list()))
+    for stage, cut in (("test", 1), ("validation", 2)):
+        held = df.filter((pl.col("split") == stage) & pl.col("is_heldout")).sort("user_id")
+        assert held["user_id"].to_list() == users  # one row per user and stage
+        for u, t, h, p, c in held.select("user_id", "target_anime_id", "history_anime_ids", "prompt", "completion").iter_rows():
+            s = seqs[u]
+            assert t == s[-cut] and h == s[:-cut][-CFG.max_history:] and c == sid[t]
+            assert p == next_id_prompt([sid[a] for a in h], CFG)
+    # no validation/test item of a user appears in that user's training rows, as target or history
+    train = df.filter((pl.col("split") == "train") & pl.col("user_id").is_not_null())
+    assert train.height > 0
+    for u, t, h in train.select("user_id", "target_anime_id", "history_anime_ids").iter_rows():
+        s = seqs[u]
+        assert t not in s[-2:] and not set(h) & set(s[-2:])
+        j = s.index(t)  # a (prefix -> next item) position of seq[:-2]
+        assert 1 <= j <= len(s) - 3 and h == s[:j][-len(h):]
+    assert loo_leakage_report(df, seqs) == {"heldout_items_in_train": 0, "heldout_repeats": 0, "heldout_examples": 2 * len(users)}
+    # the three LC-Rec-style tasks
+    templates = set(df["template"].to_list())
+    assert templates == {"seq_next_id", "title_seq_next_id", "sid_to_title", "title_to_sid"}
+    a = df.filter(pl.col("task") == "A")
+    assert 4 not in a["target_anime_id"].to_list() and res.summary["task_a_skipped"] == {"no_text": 1}
+    assert all(r.startswith("<L1_") for r in df.filter(pl.col("task") == "C")["completion"].to_list())
+    c = df.filter(pl.col("task") == "C")
+    assert all(p.count('"') == 2 * len(h) for p, h in c.select("prompt", "history_anime_ids").iter_rows())
+    with_4 = c.filter(pl.col("history_anime_ids").list.contains(4))["prompt"].to_list()
+    assert all(f'"{sid[4]}"' in p for p in with_4)  # an item without text is shown by its ID
+
+
+def test_leakage_report_detects_an_injected_leak_and_bad_inputs_are_named():
+    items, inter, sids = tiny_beauty()
+    df = build_next_item_dataset(items, inter, sids, CFG).frame
+    test_row = df.filter(pl.col("split") == "test").row(0, named=True)
+    leak = df.head(1).with_columns(pl.lit("train").alias("split"), pl.lit(test_row["user_id"]).cast(pl.Int64).alias("user_id"),
+                                   pl.lit(test_row["target_anime_id"]).cast(pl.Int64).alias("target_anime_id"),
+                                   pl.lit(False).alias("is_heldout"), pl.lit([], dtype=pl.List(pl.Int64)).alias("history_anime_ids"))
+    assert loo_leakage_report(pl.concat([df, leak]))["heldout_items_in_train"] == 1
+    with pytest.raises(ValueError, match="have no semantic ID"):
+        build_next_item_dataset(items, inter, sids.filter(pl.col("item_id") != int(inter["item_id"][0])), CFG)
+    with pytest.raises(ValueError, match="lacks column"):
+        build_next_item_dataset(items.drop("text"), inter, sids, CFG)
+    with pytest.raises(ValueError, match="not unique"):
+        build_next_item_dataset(items, inter, sids.with_columns(pl.lit("<L1_0>").alias("semantic_id")), CFG)
+
+
+def test_deterministic_and_budget():
+    items, inter, sids = tiny_beauty()
+    a = build_next_item_dataset(items, inter, sids, CFG).frame
+    b = build_next_item_dataset(items, inter, sids, CFG).frame
+    assert a.equals(b)
+    c = build_next_item_dataset(items, inter, sids, SeqLlmDataConfig(**{**CFG.__dict__, "seed": 7})).frame
+    assert not a.equals(c)
+
+
+@pytest.fixture(scope="module")
+def tiny_lm():
+    """An untrained tiny LM whose tokenizer knows the tiny split's semantic IDs."""
+    from animind_assets.lib.llm.base_model import extend_tokenizer
+    from animind_assets.lib.llm.infer import make_sid_model
+    from animind_assets.lib.semantic_ids.tokens import sid_tokens_used
+
+    items, inter, sids = tiny_beauty()
+    lookup = item_lookup(items, sids)
+    tok = smollm2_tokenizer()
+    model = tiny_llama(tok)
+    extend_tokenizer(tok, model, sid_tokens_used(lookup["semantic_id"].to_list()), lambda _m: None)
+    model.eval()
+    info = {"use_chat_template": True, "system_prompt": CFG.system_prompt, "sid_levels": 4}
+    return make_sid_model(model, tok, lookup, info), items, inter, sids
+
+
+def test_evaluation_rows_follow_the_beauty_protocol(tiny_lm):
+    from animind_assets.lib.llm.sequence_eval import SeqEvalConfig, evaluate_next_item_lm
+
+    sm, items, inter, sids = tiny_lm
+    df = build_next_item_dataset(items, inter, sids, CFG).frame
+    split = SequenceSplit.from_sequences(_seqs(inter), n_items=items.height)
+    cfg = SeqEvalConfig(test_users=10, seed=3, num_beams=12, n_boot=50, unconstrained_users=2, linking_items=2)
+    out = evaluate_next_item_lm(sm, df, split, cfg)
+    rows = split.subset(10, seed=3)  # the subset beauty_eval --test-users draws
+    assert out.lm.users.tolist() == split.users[rows].tolist() == out.popularity.users.tolist()
+    assert out.summary["valid_id_rate"] == 1.0 and out.lm.extra["invalid_id_rate"] == 0.0
+    # popularity is the benchmark's own scorer on the same rows
+    pop = evaluate_scorer(popularity_scorer(split), split, "test", "p", rows=rows, n_boot=50, seed=3)
+    assert out.popularity.metrics == pop.metrics
+    # the LM ranks come from its ranked lists under evaluate_rankings' rules (masked = history removed)
+    ranked = out.predictions["ranked_items"].to_list()
+    assert all(len(r) == 12 and set(r) <= set(range(items.height)) for r in ranked)
+    again = evaluate_rankings({"masked": ranked, "unmasked": [r[:10] for r in ranked]}, split, "test", "lm", rows=rows, n_boot=50, seed=3)
+    assert again.metrics == out.lm.metrics
+    hist = split.histories("test")
+    for j, i in enumerate(rows.tolist()):
+        masked = [x for x in ranked[j] if x not in set(hist[i].tolist())]
+        t = int(split.test_targets[i])
+        assert out.lm.ranks["masked"][j] == (masked.index(t) if t in masked[:10] else 10)
+    assert set(out.lm.metrics["masked"]) == {"recall@5", "ndcg@5", "recall@10", "ndcg@10"}
+    assert out.lm.ci["masked"]["recall@10"][0] <= out.lm.metrics["masked"]["recall@10"] <= out.lm.ci["masked"]["recall@10"][1]
+
+
+def test_evaluation_refuses_a_dataset_of_other_interactions(tiny_lm):
+    from animind_assets.lib.llm.sequence_eval import SeqEvalConfig, evaluate_next_item_lm
+
+    sm, items, inter, sids = tiny_lm
+    df = build_next_item_dataset(items, inter, sids, CFG).frame
+    other = inter.with_columns(pl.when(pl.col("user_id") == 5).then(-pl.col("seq")).otherwise(pl.col("seq")).alias("seq"))
+    split = SequenceSplit.from_sequences(_seqs(other), n_items=items.height)
+    with pytest.raises(ValueError, match="user 5"):
+        evaluate_next_item_lm(sm, df, split, SeqEvalConfig(test_users=0, n_boot=0, unconstrained_users=0, linking_items=0))
+
+
+@pytest.mark.skipif(not (Path(os.environ.get("ANIMIND_SHARED_DATA", Path(__file__).resolve().parents[2] / "../shared/data")) / "beauty" / "inter.json").exists(),
+                    reason="../shared/data/beauty not present")
+def test_real_beauty_rows_match_the_benchmark_split():
+    from animind_assets.lib.data.amazon import sequences_from_interactions
+    from animind_assets.lib.data.amazon_split import load_prepared_split
+
+    data = load_prepared_split()
+    inter = data.interactions.filter(pl.col("user_id") < 300)  # a slice of users, every item kept
+    items = data.items
+    n = items.height
+    sids = pl.DataFrame({"item_id": list(range(n)), "semantic_id": [f"<L1_{i // 256}><L2_{i % 256}>" for i in range(n)]})
+    df = build_next_item_dataset(items, inter, sids, SeqLlmDataConfig(n_examples=2000, validation_users=50)).frame
+    split = SequenceSplit.from_sequences(sequences_from_interactions(inter), n_items=n)
+    test = df.filter(pl.col("split") == "test").sort("user_id")
+    assert test["user_id"].to_list() == split.users.tolist()
+    assert test["target_anime_id"].to_list() == split.test_targets.tolist()
+    assert loo_leakage_report(df, sequences_from_interactions(inter))["heldout_items_in_train"] == 0
+    text = dict(zip(items["item_id"].to_list(), items["text"].to_list()))
+    a = df.filter(pl.col("template") == "sid_to_title")
+    assert a.height and all(text[i].startswith(c.removesuffix(" ...")) for i, c in a.select("target_anime_id", "completion").iter_rows())
+
+
+@pytest.mark.slow
+def test_beauty_llm_chain(animind_env, tmp_path):
+    import dagster as dg
+
+    from animind_assets.defs.beauty.beauty_eval import beauty_eval
+    from animind_assets.defs.beauty.beauty_finetuned_model import beauty_finetuned_model
+    from animind_assets.defs.beauty.beauty_llm_eval import beauty_llm_eval, beauty_llm_eval_valid_ids
+    from animind_assets.defs.beauty.beauty_llm_prep_dataset import beauty_llm_prep_dataset, beauty_llm_prep_dataset_no_heldout_in_train
+    from animind_assets.resources import AniMindDuckDBIOManager, ArtifactStoreResource, MlflowResource, ParquetExports
+
+    items, inter, sids = tiny_beauty()
+    tok = smollm2_tokenizer()
+    base = tmp_path / "tiny_base"
+    tiny_llama(tok).save_pretrained(base)
+    tok.save_pretrained(base)
+
+    @dg.asset(name="beauty_items")
+    def items_stub() -> pl.DataFrame:
+        return items
+
+    @dg.asset(name="beauty_interactions")
+    def inter_stub() -> pl.DataFrame:
+        return inter
+
+    @dg.asset(name="beauty_semantic_ids")
+    def sids_stub() -> pl.DataFrame:
+        return sids
+
+    artifacts = animind_env / "artifacts"
+    resources = {
+        "io_manager": AniMindDuckDBIOManager(database=str(animind_env / "animind.duckdb"), schema="main"),
+        "artifacts": ArtifactStoreResource(root=str(artifacts)),
+        "exports": ParquetExports(root=str(animind_env / "exports")),
+        "mlflow": MlflowResource(tracking_uri=f"sqlite:///{animind_env / 'mlflow.db'}", artifact_location=str(animind_env / "mlartifacts")),
+    }
+    run_config = {"ops": {
+        "beauty_llm_prep_dataset": {"config": {"n_examples": 300, "max_history": 5, "validation_users": 0}},
+        "beauty_finetuned_model": {"config": {"base_model": str(base), "phase1_max_steps": 1, "phase2_max_steps": 1, "batch_size": 4,
+                                              "max_seq_length": 256, "eval_examples": 2, "train_layers": 0, "num_threads": 1,
+                                              "english_ppl": False, "linking_eval_items": 2}},
+        "beauty_llm_eval": {"config": {"test_users": 8, "seed": 0, "num_beams": 10, "n_boot": 20, "unconstrained_users": 1,
+                                       "linking_items": 2, "num_threads": 1}},
+        "beauty_eval": {"config": {"models": ["popularity", "llm"], "test_users": 8, "seed": 0, "n_boot": 20, "num_threads": 1}},
+    }}
+    result = dg.materialize(
+        [items_stub, inter_stub, sids_stub, beauty_llm_prep_dataset, beauty_finetuned_model, beauty_llm_eval, beauty_eval,
+         beauty_llm_prep_dataset_no_heldout_in_train, beauty_llm_eval_valid_ids],
+        resources=resources, run_config=run_config,
+    )
+    assert result.success
+    checks = {c.check_name: c.passed for c in result.get_asset_check_evaluations()}
+    assert checks == {"beauty_llm_prep_dataset_no_heldout_in_train": True, "beauty_llm_eval_valid_ids": True}
+    assert (artifacts / "beauty_finetuned_model" / "sid_lookup.parquet").exists()
+    ev = result.output_for_node("beauty_llm_eval")
+    assert ev["users"].to_list() == [8] * 4 and set(ev["kind"]) == {"measured", "baseline"}
+    table = result.output_for_node("beauty_eval")
+    measured = table.filter(pl.col("kind") != "published")
+    lm = measured.filter(pl.col("model").str.contains("LM"))
+    assert lm.height == 2 and lm["users"].to_list() == [8, 8]
+    # the LM rows stand beside beauty_eval's own popularity rows on the same users
+    pop_eval = measured.filter(pl.col("model").str.starts_with("popularity")).sort("masking")
+    pop_llm = ev.filter(pl.col("kind") == "baseline").sort("masking")
+    assert pop_eval["recall@10"].to_list() == pop_llm["recall@10"].to_list()

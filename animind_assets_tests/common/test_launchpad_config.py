@@ -16,10 +16,16 @@ def _derived_configs():
     from animind_assets.defs.semantic_ids.quantizer_fit import QuantizerOverrides
     from animind_assets.defs.tokenizer.domain_tokenizer import DomainTokenizerAssetConfig
 
+    from animind_assets.defs.beauty.beauty_finetuned_model import BeautyFinetunedModelConfig
+    from animind_assets.defs.beauty.beauty_llm_eval import BeautyLlmEvalConfig
+    from animind_assets.defs.beauty.beauty_llm_prep_dataset import BeautyLlmPrepDatasetConfig
     from animind_assets.defs.beauty.rpg_model import RpgModelConfig
     from animind_assets.defs.beauty.sasrec_model import SasrecModelConfig
 
     return {
+        "beauty_finetuned_model": BeautyFinetunedModelConfig,
+        "beauty_llm_eval": BeautyLlmEvalConfig,
+        "beauty_llm_prep_dataset": BeautyLlmPrepDatasetConfig,
         "rpg_model": RpgModelConfig,
         "sasrec_model": SasrecModelConfig,
         "tiger_model": TigerModelConfig,

@@ -255,3 +255,22 @@ def test_beauty_llm_chain(animind_env, tmp_path):
     pop_eval = measured.filter(pl.col("model").str.starts_with("popularity")).sort("masking")
     pop_llm = ev.filter(pl.col("kind") == "baseline").sort("masking")
     assert pop_eval["recall@10"].to_list() == pop_llm["recall@10"].to_list()
+
+
+def test_finetune_wall_clock_budget_stops_training_and_says_so(tmp_path):
+    from animind_assets.lib.llm.finetune import run_finetune
+    from animind_assets_tests.llm_fixtures import tiny_finetune_config
+
+    items, inter, sids = tiny_beauty()
+    df = build_next_item_dataset(items, inter, sids, CFG).frame
+    lookup = item_lookup(items, sids)
+    tok = smollm2_tokenizer()
+    cfg = tiny_finetune_config(phase1_max_steps=3, phase2_max_steps=3, english_ppl=False, linking_eval_items=0,
+                               max_train_seconds=1e-3)
+    res = run_finetune(df, lookup, cfg, tmp_path / "work", special_tokens=(), base=(tiny_llama(tok), tok))
+    assert res.info["stop_reason"].startswith("time budget") and "phase1 at step 1 of 3" in res.info["stop_reason"]
+    assert res.metrics["phase1_steps_done"] == 1 and res.metrics["total_steps"] < 6
+    full = run_finetune(df, lookup, tiny_finetune_config(phase1_max_steps=2, phase2_max_steps=2, english_ppl=False,
+                                                         linking_eval_items=0), tmp_path / "work2", special_tokens=(),
+                        base=(tiny_llama(smollm2_tokenizer()), smollm2_tokenizer()))
+    assert full.info["stop_reason"] == "step budget" and full.metrics["total_steps"] == 4

@@ -318,6 +318,7 @@ def run_finetune(
                         "base_params": n_params, "work_fingerprint": fp})
     step_offset = 0
     stop_reason = "step budget"
+    deadline: float | None = None
     linking_rows: list[dict] = []
     phase_counts = {}
     hooks: list = []
@@ -335,17 +336,25 @@ def run_finetune(
         log(f"{name}: {steps} steps x {per_step} examples, mix {counts}")
         if steps == 0:
             continue
+        if deadline is not None and time.perf_counter() >= deadline:
+            log(f"{name}: skipped, the wall-clock budget (max_train_seconds={cfg.max_train_seconds:.0f}) is spent")
+            metrics[f"{name}_steps_done"] = 0.0
+            if stop_reason == "step budget":
+                stop_reason = f"time budget of {cfg.max_train_seconds:.0f}s spent before {name}"
+            continue
         if model_wrapped is None:
             model_wrapped, hooks = _apply_method(model, cfg, method, log)
         extra = []
         if name == "phase1" and cfg.phase1_new_rows_lr_mult != 1.0:
             cb = new_rows_lr_callback(model_wrapped, range(n_base_rows, len(tok)), cfg.phase1_new_rows_lr_mult, log)
             extra = [cb] if cb is not None else []
-        budget_cb = time_budget_callback(t_start + cfg.max_train_seconds, name, log) if cfg.max_train_seconds > 0 else None
+        if cfg.max_train_seconds > 0 and deadline is None:  # the budget counts training time, from the first step
+            deadline = time.perf_counter() + cfg.max_train_seconds
+        budget_cb = time_budget_callback(deadline, name, log) if deadline is not None else None
         if budget_cb is not None:
             extra.append(budget_cb)
         m = _run_phase(name, model_wrapped, tok, rows, cfg, lr, steps, work / name, step_offset, log, run, history, extra)
-        if budget_cb is not None and budget_cb.stopped:
+        if budget_cb is not None and budget_cb.stopped and stop_reason == "step budget":
             stop_reason = f"time budget of {cfg.max_train_seconds:.0f}s spent in {name} at step {int(m['steps_done'])} of {steps}"
         for k, v in m.items():
             if isinstance(v, (int, float)):

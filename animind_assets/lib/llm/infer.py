@@ -32,6 +32,7 @@ class SidModel:
     by_sid: dict[str, int] = field(default_factory=dict)  # semantic_id -> anime_id
     titles: dict[int, str] = field(default_factory=dict)
     sids: dict[int, str] = field(default_factory=dict)
+    _full_trie: SidTrie | None = field(default=None, repr=False)  # trie of every ID (built once, reused)
 
     @property
     def eos_id(self) -> int:
@@ -49,11 +50,17 @@ class SidModel:
         return render_prompt(self.tokenizer, self.system_prompt, prompt, self.use_chat_template)
 
     def trie(self, exclude: Iterable[int] = ()) -> SidTrie:
+        """Trie of every item's ID tokens + EOS, leaves = item ids, without ``exclude``. The trie of
+        every item is built once and shared (callers only read it)."""
         ex = set(int(a) for a in exclude)
+        if not ex and self._full_trie is not None:
+            return self._full_trie
         trie = SidTrie(end_token_id=self.eos_id)
         for aid, ids in self.sid_ids.items():
             if aid not in ex:
                 trie.add(ids, item=aid)
+        if not ex:
+            self._full_trie = trie
         return trie
 
 

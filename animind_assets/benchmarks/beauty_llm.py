@@ -1,0 +1,239 @@
+"""The semantic-ID LM on Amazon Beauty, on the evaluation of the Beauty table (``beauty_eval``).
+
+    python -m animind_assets.benchmarks.beauty_llm                          # CPU: 30-minute fine-tune budget, 500 test users
+    python -m animind_assets.benchmarks.beauty_llm --train-seconds 300 --test-users 200   # a short CPU run
+    python -m animind_assets.benchmarks.beauty_llm --gpu                    # GPU scale: Beauty, then the MAL LM benchmark
+
+What it runs (the library functions the assets ``beauty_llm_prep_dataset`` -> ``beauty_finetuned_model``
+-> ``beauty_llm_eval`` call):
+
+1. The prepared Beauty split (``../shared/data/beauty``: ``inter.json`` order by default, ``items.csv``
+   item words) and semantic IDs: ``--sids reference`` (default, as the TIGER benchmark: tiger-cf's
+   ``index_rqkmeans.json``, 3 RQ-KMeans codes + a collision code) or ``--sids own`` (the project's
+   quantizer, default preset, on the offline MiniLM vectors of the item words, + TIGER's
+   disambiguation level, as ``beauty_semantic_ids`` builds them; the embedding is cached).
+2. ``build_next_item_dataset``: LC-Rec-style rows (ID <-> item words, next ID from ID history, word
+   history -> next ID) from the leave-one-out split; training rows only from prefixes of ``seq[:-2]``.
+3. ``run_finetune`` on the embedded SmolLM2-135M-Instruct (two SFT phases), stopped by the wall-clock
+   budget ``--train-seconds`` (default 1800 = the issue's 30 minutes; the model at the stop is evaluated).
+4. ``evaluate_next_item_lm`` on a seeded subset of test users (``--test-users``, the subset
+   ``benchmarks.beauty --test-users`` draws): full-catalog beam search constrained to the trie of
+   valid IDs, Recall/NDCG@5/10 masked and unmasked with 95% bootstrap intervals, popularity on the
+   same users, valid-ID rate.
+
+It prints the table rows (ours), the ratio LM / popularity R@10 (target >= 3x on CPU within a 30-minute
+fine-tune), throughput, ``uptime`` load at start and end, the published reference rows separately, and
+the protocol. Results go to ``<out>/beauty_llm.json``.
+
+``--gpu``: device cuda, every block trained, batch 32, bf16, a 4-minute fine-tune budget, 2,000 test
+users, then ``benchmarks.finetune_mal`` at GPU scale; sized to finish within 10 minutes on one
+H100/H200-class GPU. Not measured yet (no GPU was available where this was written).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import tempfile
+import time
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+def load_avg() -> str:
+    try:
+        return subprocess.run(["uptime"], capture_output=True, text=True, timeout=5).stdout.strip()
+    except Exception:  # pragma: no cover - uptime missing
+        return "load " + " ".join(f"{x:.2f}" for x in os.getloadavg())
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--out", default=str(Path(tempfile.gettempdir()) / "animind_beauty_llm"))
+    p.add_argument("--data", default="", help="prepared split folder ('' = ../shared/data/beauty)")
+    p.add_argument("--order", default="inter_json", choices=["inter_json", "user_sequence"])
+    p.add_argument("--sids", default="reference", choices=["reference", "own"],
+                   help="reference: tiger-cf index_rqkmeans.json; own: project quantizer on MiniLM vectors of the item words")
+    p.add_argument("--cache-dir", default=str(Path(tempfile.gettempdir()) / "animind_bench"))
+    p.add_argument("--n-examples", type=int, default=60000, help="training rows generated (A+B+C, before dedup)")
+    p.add_argument("--max-history", type=int, default=10, help="items shown as IDs in a next-ID prompt (--gpu: 20, as TIGER)")
+    p.add_argument("--title-history", type=int, default=5, help="items shown as words in a word-history prompt")
+    p.add_argument("--base-model", default="", help="'' = the embedded SmolLM2-135M-Instruct")
+    p.add_argument("--train-seconds", type=float, default=1800.0, help="wall-clock budget of the whole fine-tune")
+    p.add_argument("--phase1-steps", type=int, default=60)
+    p.add_argument("--phase2-steps", type=int, default=3000, help="upper bound (rows for it are drawn and tokenized up "
+                   "front); the time budget usually stops first")
+    p.add_argument("--linking-items", type=int, default=10, help="items per direction for ID <-> words accuracy (0 = off)")
+    p.add_argument("--phase1-weights", default="0.8,0.1,0.1")
+    p.add_argument("--phase2-weights", default="0.1,0.7,0.2")
+    p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--max-seq-length", type=int, default=192)
+    p.add_argument("--train-layers", type=int, default=2, help="top blocks trained + embeddings/head (0 = all)")
+    p.add_argument("--test-users", type=int, default=500, help="seeded subset of test users (0 = all 22,363)")
+    p.add_argument("--beams", type=int, default=20)
+    p.add_argument("--masking", default="filter", choices=["filter", "trie"])
+    p.add_argument("--n-boot", type=int, default=1000)
+    p.add_argument("--seed", type=int, default=0, help="user subset / bootstrap seed (as benchmarks.beauty)")
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--gpu", action="store_true", help="GPU scale (see the module docstring), then the MAL LM benchmark")
+    p.add_argument("--skip-mal", action="store_true", help="with --gpu: Beauty only")
+    args = p.parse_args(argv)
+    if args.gpu:
+        for k, v in {"train_seconds": 240.0, "batch_size": 32, "train_layers": 0, "test_users": 2000, "phase1_steps": 200,
+                     "n_examples": 200000, "threads": 8, "max_history": 20, "phase2_steps": 8000,
+                     "linking_items": 30}.items():
+            if getattr(args, k) == p.get_default(k):
+                setattr(args, k, v)
+    return args
+
+
+def load_sids(args, items, log):
+    import numpy as np
+    import polars as pl
+
+    from animind_assets.lib.data.amazon import beauty_dir
+    from animind_assets.lib.semantic_ids.assign import assign_semantic_ids, semantic_id_strings
+
+    ids = items["item_id"].to_numpy()
+    if args.sids == "reference":
+        from animind_assets.lib.retrieval.tiger_data import load_reference_index
+
+        path = (Path(args.data) if args.data else beauty_dir()) / "index_rqkmeans.json"
+        mapping = load_reference_index(path)
+        full = np.array([mapping[int(i)] for i in ids], dtype=np.int64)
+        note = f"reference IDs {path.name} (tiger-cf RQ-KMeans 3x256 + collision code; LLaMA-7B text embeddings)"
+        codebooks = None
+    else:
+        from animind_assets.benchmarks.semantic_ids import embed
+        from animind_assets.lib.semantic_ids.quantizers import preset_config, train_quantizer
+        from animind_assets.lib.llm.warm_start import codebooks_from_checkpoint
+
+        texts = [t if t else f"Amazon beauty product {a}" for t, a in zip(items["text"].to_list(), items["asin"].to_list())]
+        x = embed(texts, Path(args.cache_dir), log=log)
+        cfg = preset_config("default", num_threads=args.threads)
+        ckpt = Path(args.out) / "quantizer"
+        res = train_quantizer(x, cfg, checkpoint_dir=str(ckpt))
+        full = assign_semantic_ids(res.codes, order_key=ids)
+        note = f"own IDs: {cfg.quantizer} {cfg.levels}x{cfg.codebook_size} on MiniLM vectors of the item words + disambiguation"
+        codebooks = codebooks_from_checkpoint(str(ckpt / "model.pt"))
+    sids = pl.DataFrame({"item_id": ids, "semantic_id": semantic_id_strings(full)}, schema={"item_id": pl.Int64, "semantic_id": pl.Utf8})
+    if sids["semantic_id"].n_unique() != sids.height:
+        raise ValueError(f"{note}: semantic IDs are not unique")
+    return sids, note, codebooks
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    from animind_assets.lib.data.amazon import beauty_dir
+
+    folder = Path(args.data) if args.data else beauty_dir()
+    if not (folder / "inter.json").exists():
+        print(f"prepared Beauty split not found: {folder} (see ../shared/data/beauty/README.md)")
+        return 0
+    import polars as pl
+    import torch
+
+    from animind_assets.lib.data.amazon import sequences_from_interactions
+    from animind_assets.lib.data.amazon_split import load_prepared_split
+    from animind_assets.lib.llm.finetune import FinetuneConfig, run_finetune, save_model_folder
+    from animind_assets.lib.llm.infer import load_sid_model
+    from animind_assets.lib.llm.sequence_data import SeqLlmDataConfig, build_next_item_dataset, item_lookup
+    from animind_assets.lib.llm.sequence_eval import SeqEvalConfig, evaluate_next_item_lm
+    from animind_assets.lib.retrieval.evaluation import PUBLISHED_BEAUTY, SequenceSplit, format_table, protocol
+
+    def log(msg: str) -> None:
+        print(f"[{time.strftime('%H:%M:%S')}] {msg}", flush=True)
+
+    if args.gpu and not torch.cuda.is_available():
+        print("--gpu: no CUDA device visible; nothing run")
+        return 2
+    torch.set_num_threads(args.threads)
+    out = Path(args.out).resolve()
+    out.mkdir(parents=True, exist_ok=True)
+    load_start = load_avg()
+    print(f"start: {load_start}; torch threads {torch.get_num_threads()}; cuda {torch.cuda.is_available()}")
+    t_all = time.perf_counter()
+    data = load_prepared_split(folder, order=args.order)
+    items, inter = data.items, data.interactions
+    sids, sid_note, codebooks = load_sids(args, items, log)
+    log(f"Beauty: {items.height} items, {inter.height} interactions, {inter['user_id'].n_unique()} users; {sid_note}")
+    dcfg = SeqLlmDataConfig(n_examples=args.n_examples, max_history=args.max_history, title_history=args.title_history)
+    t0 = time.perf_counter()
+    ds = build_next_item_dataset(items, inter, sids, dcfg, log=log)
+    log(f"dataset: {ds.frame.height} rows in {time.perf_counter() - t0:.0f}s; counts {ds.summary['counts']}; "
+        f"leakage {ds.summary['leakage']}")
+    lookup = item_lookup(items, sids)
+    w1 = dict(zip("ABC", (float(x) for x in args.phase1_weights.split(","))))
+    w2 = dict(zip("ABC", (float(x) for x in args.phase2_weights.split(","))))
+    fcfg = FinetuneConfig(
+        **({"base_model": args.base_model} if args.base_model else {}),
+        train_layers=args.train_layers, phase1_max_steps=args.phase1_steps, phase2_max_steps=args.phase2_steps,
+        phase1_weights=w1, phase2_weights=w2, phase1_lr=args.lr, phase2_lr=args.lr, batch_size=args.batch_size,
+        max_seq_length=args.max_seq_length, num_threads=args.threads, max_train_seconds=args.train_seconds,
+        english_ppl=not args.gpu, linking_eval_items=args.linking_items, eval_examples=16, bf16=args.gpu, lr_scheduler="constant_with_warmup",
+        warmup_frac=0.02,
+    )
+    t0 = time.perf_counter()
+    ft = run_finetune(ds.frame, lookup, fcfg, out / "work", codebooks=codebooks, special_tokens=(), log=log)
+    ft_seconds = time.perf_counter() - t0
+    model_dir = out / "beauty_finetuned_model"
+    if model_dir.exists():
+        import shutil
+
+        shutil.rmtree(model_dir)
+    model_dir.mkdir(parents=True)
+    save_model_folder(ft, lookup, model_dir)
+    m = ft.metrics
+    steps = int(m.get("total_steps", 0))
+    log(f"fine-tune: {steps} steps in {ft_seconds:.0f}s ({ft.info['stop_reason']}); phase2 {m.get('phase2_tokens_per_s', 0):.0f} "
+        f"tokens/s; val loss {m.get('phase2_val_loss')}; English ppl ratio {m.get('english_ppl_ratio')}")
+    stop_reason = ft.info["stop_reason"]
+    del ft
+    sm = load_sid_model(model_dir, num_threads=args.threads, device="cuda" if args.gpu else "cpu")
+    split = SequenceSplit.from_sequences(sequences_from_interactions(inter), n_items=items.height)
+    ecfg = SeqEvalConfig(test_users=args.test_users, seed=args.seed, num_beams=args.beams, masking=args.masking,
+                         n_boot=args.n_boot, linking_items=args.linking_items)
+    ev = evaluate_next_item_lm(sm, ds.frame, split, ecfg, log=log)
+    load_end = load_avg()
+    extra = {"train s": round(ft_seconds), "steps": steps, "users/s": round(ev.summary["users_per_s"], 2)}
+    lm_rows = [{**ev.lm.row(mode), **extra, "valid-ID": ev.summary["valid_id_rate"]} for mode in ("masked", "unmasked")]
+    pop_rows = [ev.popularity.row(mode) for mode in ("masked", "unmasked")]
+    rows = pop_rows + lm_rows
+    ratio = ev.lm.metrics["masked"]["recall@10"] / max(ev.popularity.metrics["masked"]["recall@10"], 1e-12)
+    print("\n=== Beauty, leave-one-out test (ours)")
+    print(format_table(rows, extra_cols=("users", "train s", "steps", "valid-ID")))
+    print(f"\nLM / popularity R@10 (masked): {ratio:.2f}x (target >= 3x on CPU within a 30-minute fine-tune)")
+    print(f"valid-ID rate (constrained) {ev.summary['valid_id_rate']:.4f}; unconstrained greedy "
+          f"{ev.summary.get('unconstrained_valid_id_rate')}; ID->words retrieval@1 {ev.summary.get('sid_to_title_retrieval@1')}; "
+          f"words->ID retrieval@1 {ev.summary.get('title_to_sid_retrieval@1')}")
+    print(f"fine-tune: {steps} steps x batch {args.batch_size} in {ft_seconds / 60:.1f} min ({stop_reason}; "
+          f"phase2 {m.get('phase2_tokens_per_s', 0):.0f} tokens/s); eval {ev.summary['generation_seconds'] / 60:.1f} min "
+          f"({ev.summary['users_per_s']:.2f} users/s); total {(time.perf_counter() - t_all) / 60:.1f} min")
+    print(f"load at start: {load_start}\nload at end:   {load_end}")
+    print("\n=== published reference rows (NOT measured here; other code, machines, masking rules)")
+    print(format_table([{"model": k, "masking": "as published", **v} for k, v in PUBLISHED_BEAUTY.items()], with_ci=False))
+    print("  LC-Rec-style SFT, 1.7B base, R@10 0.0704; OneRec-style SFT, 1.7B base, R@10 0.0925 (as cited in issue 15)")
+    proto = protocol(split, "test", split.subset(args.test_users, seed=args.seed))
+    print(f"\nprotocol: {json.dumps(proto)}; generative masking rule '{args.masking}' ({args.beams} beams); order {args.order}; "
+          f"IDs: {sid_note}; base {fcfg.base_model}, top {args.train_layers or 'all'} blocks; prompts: last {args.max_history} "
+          f"IDs / {args.title_history} word titles")
+    result = {"rows": rows, "ratio_r10_masked": ratio, "summary": ev.summary, "finetune_metrics": m, "args": vars(args),
+              "load_start": load_start, "load_end": load_end, "protocol": proto, "sids": sid_note}
+    (out / "beauty_llm.json").write_text(json.dumps(result, indent=1, default=str), encoding="utf-8")
+    if args.gpu and not args.skip_mal:
+        from animind_assets.benchmarks import finetune_mal
+
+        print("\n=== MAL 2020 LM benchmark at GPU scale (set completion)")
+        finetune_mal.main(["--out", str(out / "mal"), "--sids", "rqvae", "--phase1-steps", "150", "--phase2-steps", "1200",
+                           "--batch-size", "32", "--train-layers", "0", "--eval-users", "0", "--threads", "8",
+                           "--linking-items", "30"])
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,6 +1,7 @@
 """``beauty_eval``: every Beauty model ranked on the same users, in the same order, with the same
 exclusions (``animind_assets.lib.retrieval.evaluation``): popularity, ``sasrec_model``,
-``rpg_model`` and, when present, ``tiger_model`` partitions.
+``rpg_model`` and, when present, ``tiger_model`` partitions and the semantic-ID LM rows of
+``beauty_llm_eval`` (taken from its artifact folder only when it evaluated exactly these users).
 
 Protocol: leave-one-out test (last item; history = everything before it), full ranking over all
 items, ties by ascending item id, Recall/NDCG@5/10 with 95% bootstrap intervals over users, each

@@ -274,3 +274,13 @@ def test_finetune_wall_clock_budget_stops_training_and_says_so(tmp_path):
                                                          linking_eval_items=0), tmp_path / "work2", special_tokens=(),
                         base=(tiny_llama(smollm2_tokenizer()), smollm2_tokenizer()))
     assert full.info["stop_reason"] == "step budget" and full.metrics["total_steps"] == 4
+
+
+def test_benchmark_gpu_flag_sets_gpu_scale_but_keeps_explicit_values():
+    from animind_assets.benchmarks.beauty_llm import parse_args
+
+    cpu = parse_args([])
+    assert cpu.train_seconds == 1800 and cpu.test_users == 500 and cpu.train_layers == 2 and not cpu.gpu
+    gpu = parse_args(["--gpu", "--test-users", "300"])
+    assert gpu.train_seconds == 240 and gpu.batch_size == 32 and gpu.train_layers == 0 and gpu.max_history == 20
+    assert gpu.test_users == 300  # an explicit value wins over the GPU-scale default

@@ -48,6 +48,8 @@ from typing import Any
 
 import dagster as dg
 
+from animind_assets.meta import CONTENT_VERSION_TAGS
+
 SOURCE_KEYS = (dg.AssetKey("anime_catalog_source"), dg.AssetKey("watchlist_source"))
 
 OBSERVE_JOB_NAME = "observe_sources"
@@ -85,22 +87,69 @@ def alerts_path() -> Path:
     return data_dir() / "alerts.jsonl"
 
 
-def automation_condition() -> dg.AutomationCondition:
-    """Refresh an already-built asset when an upstream data version changed or its code version changed.
+#: The assets tagged ``animind/data_version: content`` (``meta.CONTENT_VERSION_TAGS``): their data version
+#: is a fingerprint of their content (``semantic_ids``: the ID space; ``rqvae_model``: the quantizer
+#: weights) and a rebuild often yields the same content. Their dependents react only to a *changed*
+#: data version, on the tick after they materialized, and never join them in the same run
+#: (``deps_updated``). Resolved against the asset graph each time a condition is evaluated.
+DATA_VERSION_GATES = dg.AssetSelection.tag(*next(iter(CONTENT_VERSION_TAGS.items())))
 
-    ``any_deps_updated`` counts an observation of an observable source only when its data version
-    differs from the previous one (Dagster compares the observed data versions), so an hourly
-    observation that finds the same fingerprint requests nothing. ``will_be_requested`` inside
-    ``any_deps_updated`` chains the downstream assets into the same run.
+
+def deps_updated() -> dg.AutomationCondition:
+    """A dependency changed since the last tick, or will be requested on this tick.
+
+    For ordinary dependencies this is Dagster's ``any_deps_updated``: a new materialization, or an
+    observation of an observable source whose data version differs from the previous one (so an hourly
+    observation that finds the same fingerprint requests nothing), not counting updates by a run that
+    also materialized this asset; ``will_be_requested`` chains the downstream assets into the same run.
+
+    Dependencies in ``DATA_VERSION_GATES`` count only when their data version changed
+    (``data_version_changed``): ``semantic_ids`` re-materialized with every ID kept has the same data
+    version, so ``llm_prep_dataset``, ``finetuned_model``, ``recommendation_eval`` and the other
+    assets built on the IDs are not requested. Because nobody knows before the run whether the IDs will
+    change, their dependents never chain onto a gate requested on the same tick: they follow on the next
+    tick (one sensor interval later), in a run of their own, and only when the content did change.
+    """
+    AC = dg.AutomationCondition
+    ordinary = AC.any_deps_match(
+        (AC.newly_updated() & ~AC.executed_with_root_target()).with_label("newly_updated_without_root")
+        | AC.will_be_requested()
+    ).ignore(DATA_VERSION_GATES).with_label("any_deps_updated (dependencies without a content data version)")
+    gated = AC.any_deps_match(
+        (AC.data_version_changed() & ~AC.executed_with_root_target()).with_label("data_version_changed_without_root")
+    ).allow(DATA_VERSION_GATES).with_label("a content-versioned dependency changed its data version")
+    return (ordinary | gated).with_label("deps_updated")
+
+
+def waits_for_content_versioned_dep() -> dg.AutomationCondition:
+    """A content-versioned dependency (``DATA_VERSION_GATES``) is requested on this tick and no ordinary
+    dependency is: wait for its result instead of running beside it on what it replaces.
+
+    E.g. ``rqvae_model`` refit by hand: on the next tick ``semantic_ids`` and ``finetuned_model`` both
+    react to the new quantizer; ``finetuned_model`` waits one tick for ``semantic_ids``, so it is trained
+    once, after ``llm_prep_dataset`` caught up with the new IDs, not once now and once more after.
+    ``semantic_ids`` itself is not held back when ``anime_embeddings`` (ordinary) goes in the same run as
+    ``rqvae_model``: then both are in one run, in dependency order.
     """
     AC = dg.AutomationCondition
     return (
+        AC.any_deps_match(AC.will_be_requested()).allow(DATA_VERSION_GATES)
+        & ~AC.any_deps_match(AC.will_be_requested()).ignore(DATA_VERSION_GATES)
+    ).with_label("a content-versioned dependency is requested on this tick (wait for its result)")
+
+
+def automation_condition() -> dg.AutomationCondition:
+    """Refresh an already-built asset when an upstream data version changed or its code version changed
+    (``deps_updated``: content-versioned dependencies count only when their data version changed)."""
+    AC = dg.AutomationCondition
+    return (
         AC.in_latest_time_window()
-        & (AC.any_deps_updated() | AC.code_version_changed()).since_last_handled()
+        & (deps_updated() | AC.code_version_changed()).since_last_handled()
         & ~AC.missing()
         & ~AC.any_deps_missing()
         & ~AC.any_deps_in_progress()
         & ~AC.in_progress()
+        & ~waits_for_content_versioned_dep()
         & AC.all_deps_blocking_checks_passed()
     ).with_label("animind: upstream data or code changed")
 

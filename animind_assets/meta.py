@@ -11,6 +11,12 @@ import polars as pl
 
 _MAX_CELL = 80
 
+#: Asset tag: "my data version is a fingerprint of my content" (``semantic_ids``: the ID space;
+#: ``rqvae_model``: the quantizer weights). ``animind_assets.automation`` requests the dependents of
+#: such an asset only when its data version changed (a rebuild that keeps every ID requests nothing).
+CONTENT_VERSION_TAG = "animind/data_version"
+CONTENT_VERSION_TAGS = {CONTENT_VERSION_TAG: "content"}
+
 
 def _cell(value: Any) -> str:
     if value is None:

@@ -582,3 +582,133 @@ def test_daemon_tick_runs_checks_and_keeps_the_settings_file(animind_env, tmp_pa
 def _failure_text(instance, run_id: str) -> str:
     events = instance.all_logs(run_id, of_type={dg.DagsterEventType.STEP_FAILURE, dg.DagsterEventType.RUN_FAILURE})
     return "\n".join((e.message or "")[:1500] for e in events)
+
+
+# --------------------------------------------------------------------------------------------------
+# content-versioned assets (semantic_ids, rqvae_model): their dependents rebuild only on a changed data version
+
+
+def _id_graph(state: dict):
+    """The project's shape from anime_prep to recommendation_eval. ``rqvae_model`` and ``semantic_ids``
+    carry the project's content-version tag and report ``state['quantizer']`` / ``state['ids']`` as their
+    data version, as the real assets do (quantizer fingerprint / ID-space hash)."""
+    from animind_assets import automation
+    from animind_assets.meta import CONTENT_VERSION_TAGS
+
+    @dg.asset(code_version="1")
+    def anime_prep():
+        return 1
+
+    @dg.asset(code_version="1", deps=[anime_prep])
+    def anime_embeddings():
+        return 1
+
+    @dg.asset(code_version="1", deps=[anime_embeddings], tags=CONTENT_VERSION_TAGS)
+    def rqvae_model():
+        return dg.MaterializeResult(data_version=dg.DataVersion(state["quantizer"]))
+
+    @dg.asset(code_version="1", deps=[anime_prep, anime_embeddings, rqvae_model], tags=CONTENT_VERSION_TAGS)
+    def semantic_ids():
+        return dg.MaterializeResult(data_version=dg.DataVersion(state["ids"]))
+
+    @dg.asset(code_version="1", deps=[anime_prep, semantic_ids])
+    def llm_prep_dataset():
+        return 1
+
+    @dg.asset(code_version="1", deps=[llm_prep_dataset, semantic_ids, anime_prep, rqvae_model])
+    def finetuned_model():
+        return 1
+
+    @dg.asset(code_version="1", deps=[finetuned_model, llm_prep_dataset])
+    def recommendation_eval():
+        return 1
+
+    return automation.apply_automation(
+        [anime_prep, anime_embeddings, rqvae_model, semantic_ids, llm_prep_dataset, finetuned_model, recommendation_eval]
+    )
+
+
+LLM = {"llm_prep_dataset": 1, "finetuned_model": 1, "recommendation_eval": 1}
+
+
+def _bump(assets, key: str, version: str):
+    return [
+        a.map_asset_specs(lambda s: s.replace_attributes(code_version=version)) if dg.AssetKey(key) in a.keys else a
+        for a in assets
+    ]
+
+
+def test_the_project_tags_its_content_versioned_assets():
+    """``rqvae_model`` and ``semantic_ids`` report content fingerprints as data versions and carry the tag
+    that makes the automation wait for a changed data version (``automation.DATA_VERSION_GATES``)."""
+    from animind_assets import automation
+    from animind_assets.definitions import defs
+
+    graph = defs.resolve_asset_graph()
+    gates = automation.DATA_VERSION_GATES.resolve(graph)
+    assert gates == {dg.AssetKey("rqvae_model"), dg.AssetKey("semantic_ids")}
+
+
+def test_llm_assets_rebuild_only_when_semantic_ids_change():
+    """semantic_ids re-materialized with every ID kept (same data version): llm_prep_dataset,
+    finetuned_model and recommendation_eval are NOT requested; with changed IDs all three are requested
+    on the next tick, in one run. An upstream change chains anime_embeddings -> rqvae_model ->
+    semantic_ids into one run but never pulls the LLM assets into it."""
+    state = {"quantizer": "q1", "ids": "ids1"}
+    assets = _id_graph(state)
+    instance = dg.DagsterInstance.ephemeral()
+    ticker = Ticker(assets, instance, {})
+    ticker.tick()
+    assert dg.materialize(assets, instance=instance).success
+    assert ticker.tick() == {}
+
+    # the embedding code changed (as after 3 changed texts, the embeddings are rebuilt): the chain up to
+    # semantic_ids goes in one run; the LLM assets wait for semantic_ids' result
+    bumped = _bump(assets, "anime_embeddings", "2")
+    requested = ticker.tick(bumped)
+    assert requested == {"anime_embeddings": 1, "rqvae_model": 1, "semantic_ids": 1}, ticker.explain("llm_prep_dataset")
+    assert dg.materialize(bumped, instance=instance, selection=["anime_embeddings", "rqvae_model", "semantic_ids"]).success
+    # quantizer kept and every ID kept: same data versions -> nothing downstream
+    assert ticker.tick(bumped) == {}, ticker.explain("llm_prep_dataset")
+    assert ticker.tick(bumped) == {}
+
+    # semantic_ids rebuilt by hand, same IDs: still nothing
+    assert dg.materialize(bumped, instance=instance, selection=["semantic_ids"]).success
+    assert ticker.tick(bumped) == {}, ticker.explain("llm_prep_dataset")
+
+    # IDs changed: the LLM chain, all three on one tick (one run)
+    state["ids"] = "ids2"
+    assert dg.materialize(bumped, instance=instance, selection=["semantic_ids"]).success
+    assert ticker.tick(bumped) == LLM, ticker.explain("llm_prep_dataset")
+    assert ticker.tick(bumped) == {}, "requested once"
+    assert dg.materialize(bumped, instance=instance, selection=list(LLM)).success
+    assert ticker.tick(bumped) == {}
+
+
+def test_quantizer_refit_by_hand_trains_the_lm_once():
+    """rqvae_model refit alone (new fingerprint): semantic_ids follows on the next tick; finetuned_model,
+    which also reads the quantizer, waits for semantic_ids instead of training beside it, then goes once
+    with llm_prep_dataset when the IDs changed."""
+    state = {"quantizer": "q1", "ids": "ids1"}
+    assets = _id_graph(state)
+    instance = dg.DagsterInstance.ephemeral()
+    ticker = Ticker(assets, instance, {})
+    ticker.tick()
+    assert dg.materialize(assets, instance=instance).success
+    assert ticker.tick() == {}
+
+    state["quantizer"] = "q2"
+    assert dg.materialize(assets, instance=instance, selection=["rqvae_model"]).success
+    assert ticker.tick() == {"semantic_ids": 1}, ticker.explain("finetuned_model")
+    state["ids"] = "ids2"
+    assert dg.materialize(assets, instance=instance, selection=["semantic_ids"]).success
+    assert ticker.tick() == LLM, ticker.explain("finetuned_model")
+    assert dg.materialize(assets, instance=instance, selection=list(LLM)).success
+    assert ticker.tick() == {}
+
+    # a refit that happens to give the same IDs still retrains the LM once (its warm start reads the quantizer)
+    state["quantizer"] = "q3"
+    assert dg.materialize(assets, instance=instance, selection=["rqvae_model"]).success
+    assert ticker.tick() == {"semantic_ids": 1}
+    assert dg.materialize(assets, instance=instance, selection=["semantic_ids"]).success
+    assert ticker.tick() == {"finetuned_model": 1, "recommendation_eval": 1}, ticker.explain("finetuned_model")

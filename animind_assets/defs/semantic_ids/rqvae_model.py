@@ -39,7 +39,7 @@ from animind_assets.gpu import GPU_OP_TAGS, GPU_POOL
 from animind_assets.lib.semantic_ids.assign import frame_vectors
 from animind_assets.lib.semantic_ids.quantizers import PRESETS, load_quantizer, preset_config
 from animind_assets.lib.semantic_ids.stable import DriftThresholds, decide_refit, measure_drift, model_fingerprint
-from animind_assets.meta import scalar_metadata
+from animind_assets.meta import CONTENT_VERSION_TAGS, scalar_metadata
 from animind_assets.resources import ArtifactStoreResource, MlflowResource
 
 _DEFAULT_DRIFT = DriftThresholds()
@@ -72,6 +72,7 @@ class RqvaeModelConfig(QuantizerOverrides):
     pool=GPU_POOL,
     op_tags=GPU_OP_TAGS,
     kinds={"pytorch", "mlflow"},
+    tags=CONTENT_VERSION_TAGS,  # data version = quantizer fingerprint: a kept quantizer changes nothing downstream
     description="Hierarchical item quantizer (preset: default = Ward-seeded residual k-means; rqvae, "
     "rqkmeans, conservative, aggressive) fitted on anime_embeddings; checkpoint at "
     "<artifacts>/rqvae_model/model.pt (+ last.pt). Kept across rebuilds unless refit is requested, "
@@ -85,16 +86,24 @@ def rqvae_model(
     anime_embeddings: pl.DataFrame,
 ) -> dg.MaterializeResult:
     cfg = preset_config(config.preset, **config.overrides())
+    store = artifacts.store()
+    ckpt = str(store.path(RQVAE_DIR, CHECKPOINT_NAME))
     if config.dry_run:
         _, md = run_quantizer(
             context, cfg, anime_embeddings, artifacts, mlflow, store_dir=f"{RQVAE_DIR}/dry_run",
             run_name=f"rqvae_model[{config.preset}] dry run", resume=config.resume, tags={"preset": config.preset},
         )
         md["preset"] = dg.MetadataValue.text(config.preset)
-        return dg.MaterializeResult(metadata=md)
+        # the published checkpoint is untouched: keep its fingerprint as the data version, so a dry run
+        # does not look like a new quantizer to semantic_ids' automation
+        published = None
+        if store.exists(RQVAE_DIR, CHECKPOINT_NAME):
+            try:
+                published = model_fingerprint(load_quantizer(ckpt)[1]["model_state"])
+            except (OSError, ValueError, RuntimeError, KeyError):
+                published = None
+        return dg.MaterializeResult(metadata=md, data_version=dg.DataVersion(published) if published else None)
 
-    store = artifacts.store()
-    ckpt = str(store.path(RQVAE_DIR, CHECKPOINT_NAME))
     payload = model = None
     load_note = ""
     if store.exists(RQVAE_DIR, CHECKPOINT_NAME):

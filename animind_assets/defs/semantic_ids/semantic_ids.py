@@ -47,7 +47,7 @@ from animind_assets.lib.semantic_ids.assign import (
     level_sizes,
     semantic_id_frame,
 )
-from animind_assets.meta import counts_md, plot_metadata, scalar_metadata, table_metadata
+from animind_assets.meta import CONTENT_VERSION_TAGS, counts_md, plot_metadata, scalar_metadata, table_metadata
 from animind_assets.resources import ArtifactStoreResource, ParquetExports
 from animind_assets.launchpad import settings_defaults
 
@@ -112,6 +112,7 @@ def write_exports(store, folder: str, rows: list[dict], vocab: dict, meta: dict,
     group_name=GROUP,
     deps=["rqvae_model"],
     kinds={"duckdb", "polars"},
+    tags=CONTENT_VERSION_TAGS,  # data version = ID-space hash: dependents rebuild only when an ID changed
     check_specs=[
         dg.AssetCheckSpec("every_anime_has_id", asset="semantic_ids", blocking=True,
                           description="every anime in anime_prep has a semantic ID"),

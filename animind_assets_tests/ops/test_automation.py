@@ -712,3 +712,63 @@ def test_quantizer_refit_by_hand_trains_the_lm_once():
     assert ticker.tick() == {"semantic_ids": 1}
     assert dg.materialize(assets, instance=instance, selection=["semantic_ids"]).success
     assert ticker.tick() == {"finetuned_model": 1, "recommendation_eval": 1}, ticker.explain("finetuned_model")
+
+
+def test_model_built_on_changed_ids_is_stale_with_the_reason():
+    """Dagster's staleness follows the ID space: a semantic_ids rebuild with the same IDs leaves the LLM
+    asset fresh; changed IDs make it stale ("new data version"), and its next build records which ID
+    version it was built on and why it changed (``semantic_ids_provenance``)."""
+    from dagster._core.definitions.data_version import StaleStatus
+    from dagster._utils.test.data_versions import get_stale_status_resolver
+
+    from animind_assets.defs.llm.shared import semantic_ids_provenance
+
+    state = {"ids": "ids1", "reason": "first assignment: no previous IDs"}
+
+    @dg.asset(code_version="1")
+    def semantic_ids():
+        return dg.MaterializeResult(data_version=dg.DataVersion(state["ids"]), metadata={"id_change_reason": state["reason"]})
+
+    @dg.asset(code_version="1", deps=[semantic_ids])
+    def llm_prep_dataset(context):
+        return dg.MaterializeResult(metadata=semantic_ids_provenance(context, "llm_prep_dataset"))
+
+    assets = [semantic_ids, llm_prep_dataset]
+    instance = dg.DagsterInstance.ephemeral()
+
+    def build(*keys):
+        result = dg.materialize(assets, instance=instance, selection=list(keys))
+        assert result.success
+        mats = result.asset_materializations_for_node("llm_prep_dataset")
+        return mats[0].metadata if mats else None
+
+    md = build("semantic_ids", "llm_prep_dataset")
+    assert md["semantic_ids_version"].value == "ids1"
+    assert md["semantic_ids_change"].value == "first build on semantic IDs ids1"
+    state["reason"] = "same quantizer q: 150 IDs kept (3 of them re-encoded to the same codes), 0 changed, 0 added, 0 removed"
+    build("semantic_ids")
+    assert get_stale_status_resolver(instance, assets).get_status(dg.AssetKey("llm_prep_dataset")) == StaleStatus.FRESH
+
+    state["ids"], state["reason"] = "ids2", "same quantizer q: 147 IDs kept, 3 changed, 0 added, 0 removed"
+    build("semantic_ids")
+    resolver = get_stale_status_resolver(instance, assets)
+    assert resolver.get_status(dg.AssetKey("llm_prep_dataset")) == StaleStatus.STALE
+    causes = resolver.get_stale_causes(dg.AssetKey("llm_prep_dataset"))
+    assert any("semantic_ids" in str(c) and "new data version" in str(c) for c in causes), causes
+    md = build("llm_prep_dataset")
+    assert md["semantic_ids_change"].value == f"semantic IDs changed ids1 -> ids2: {state['reason']}"
+
+
+def test_rates_are_over_the_work_done_with_wall_time_beside():
+    """``rate_metadata``: count, wall seconds and the rate side by side; no rate for a handful of items
+    (3 texts in 10.2 s including a model load would read 0.29/s), a note saying why instead."""
+    from animind_assets.meta import MIN_ITEMS_FOR_RATE, rate_metadata, round_float
+
+    few = rate_metadata("rows_embedded", 3, 10.2, unit="texts")
+    assert few["rows_embedded"].value == 3 and few["rows_embedded_seconds"].value == 10.2
+    assert "rows_embedded_per_s" not in few and "3 texts in 10.2 s wall" in few["rows_embedded_rate_note"].value
+    many = rate_metadata("rows_embedded", 16_211, 812.3456, unit="texts")
+    assert many["rows_embedded_seconds"].value == 812.35
+    assert many["rows_embedded_per_s"].value == round_float(16_211 / 812.3456) == 19.96
+    assert MIN_ITEMS_FOR_RATE > 3
+    assert round_float(12_345.6789) == 12_345.68 and round_float(0.0123456) == 0.01235

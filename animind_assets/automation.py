@@ -233,7 +233,10 @@ def _with_check_conditions(obj: dg.AssetsDefinition, asset_keys: set[dg.AssetKey
     """``obj`` with ``CHECK_AUTOMATION_CONDITION`` on each of its check specs that targets one of
     ``asset_keys`` and has no condition of its own (Dagster has no public mapper for check specs, so the
     definition is rebuilt from its attributes, as ``AssetsDefinition.with_attributes`` does)."""
+    from dagster._core.definitions.asset_checks.asset_checks_definition import AssetChecksDefinition
     from dagster_shared.record import replace
+
+    from animind_assets.quiet import known_warnings_silenced
 
     specs = dict(obj.node_check_specs_by_output_name)
     changed = False
@@ -243,7 +246,14 @@ def _with_check_conditions(obj: dg.AssetsDefinition, asset_keys: set[dg.AssetKey
             changed = True
     if not changed:
         return obj
-    return obj.__class__.dagster_internal_init(**{**obj.get_attributes_dict(), "check_specs_by_output_name": specs})
+    attrs = {**obj.get_attributes_dict(), "check_specs_by_output_name": specs}
+    if isinstance(obj, AssetChecksDefinition):
+        # keep the type: Dagster converts a plain AssetsDefinition holding only checks back with
+        # AssetChecksDefinition(**attrs) when it builds the repository, which passes the beta parameter
+        # `execution_type` outside any silenced block (the one beta notice left in the server log)
+        with known_warnings_silenced():
+            return AssetChecksDefinition(**attrs)
+    return obj.__class__.dagster_internal_init(**attrs)
 
 
 def apply_check_automation(checks: Sequence[Any], assets: Sequence[Any]) -> list[Any]:

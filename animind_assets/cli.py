@@ -7,8 +7,11 @@
     animind runs clean           mark runs whose processes died as failed, free the pool slots they hold
                                  and finish/undo interrupted table+export writes
 
-Quiet by default: one line when a step starts and one when it ends (rows written, wall time, check
-results), then a summary. Step failures print their error; ``--verbose`` shows every Dagster event.
+Quiet by default: one line per step (its start time, wall time, rows written, check results; on a
+terminal the line shows "running" while the step runs and is then completed in place), then a summary.
+Step failures print their error. Library progress bars, log chatter and Python warnings are held back
+(``animind_assets.quiet.LibraryChatter``: the warnings go to a file the summary names);
+``--verbose`` shows every Dagster event and all library output.
 
 Runs use the project's persistent Dagster instance (``$DAGSTER_HOME``, default ``.dagster_home/`` in the
 project root), so ``dagster dev`` afterwards shows the runs, lineage and metadata.
@@ -34,18 +37,26 @@ def _ensure_dagster_home() -> Path:
 
 
 class StepProgress:
-    """Reads a run's events from the instance and prints one line per step start and per step end.
+    """Reads a run's events from the instance and prints one line per step, when the step ends.
 
     ``poll()`` fetches the events since the last call (``instance.get_records_for_run`` with a cursor), so
-    it can run beside an in-process execution in another thread. End lines carry the rows written
-    (``dagster/row_count`` of the step's materializations), the step's wall time and the results of the
-    checks it evaluated; a failure carries the first line of its error.
+    it can run beside an in-process execution in another thread. A line carries the step's start time,
+    its wall time, the rows written (``dagster/row_count`` of the step's materializations) and the
+    results of the checks it evaluated; a failure carries the first line of its error. With
+    ``live=True`` (a terminal) the step's line is shown as "running" when it starts and rewritten in
+    place when it ends, so a long step is visible without adding lines.
     """
 
     KINDS = ("STEP_START", "STEP_SUCCESS", "STEP_FAILURE", "STEP_SKIPPED", "ASSET_MATERIALIZATION", "ASSET_CHECK_EVALUATION")
 
     def __init__(
-        self, instance, run_id: str, total: int, out: Callable[[str], Any] = print, labels: dict[str, str] | None = None
+        self,
+        instance,
+        run_id: str,
+        total: int,
+        out: Callable[[str], Any] = print,
+        labels: dict[str, str] | None = None,
+        live: Callable[[str], Any] | None = None,
     ) -> None:
         self.labels = dict(labels or {})  # step key -> what the user reads (check steps: "check asset:name")
         self.instance = instance
@@ -58,9 +69,11 @@ class StepProgress:
         self.checks: dict[str, list[str]] = {}
         self.failed_checks: list[str] = []
         self.passed_checks = 0
+        self.live = live  # writes a provisional line (no newline) that the next line replaces
+        self.started: dict[str, float] = {}
 
     def _line(self, text: str) -> None:
-        self.out(f"[animind] {time.strftime('%H:%M:%S')} {text}")
+        self.out(f"[animind] {text}")
 
     def poll(self) -> None:
         import dagster as dg
@@ -81,7 +94,9 @@ class StepProgress:
         step = self.labels.get(event.step_key or "", event.step_key or "?")
         kind = event.event_type_value
         if kind == "STEP_START":
-            self._line(f"[{self.done + 1}/{self.total}] {step} started")
+            self.started[step] = entry.timestamp
+            if self.live is not None:
+                self.live(f"[animind] [{self.done + 1}/{self.total}] {step}: started {time.strftime('%H:%M:%S', time.localtime(entry.timestamp))}, running ...")
         elif kind == "ASSET_MATERIALIZATION":
             mat = event.event_specific_data.materialization
             rows = mat.metadata.get("dagster/row_count")
@@ -103,10 +118,12 @@ class StepProgress:
                 self.checks.setdefault(step, []).append(f"{name} FAILED{': ' + desc[0][:160] if desc else ''}")
         elif kind in ("STEP_SUCCESS", "STEP_FAILURE", "STEP_SKIPPED"):
             self.done += 1
+            start = self.started.pop(step, None)
             parts = []
             if kind == "STEP_SUCCESS":
                 secs = (event.event_specific_data.duration_ms or 0.0) / 1000.0
-                parts.append(f"done in {secs:.1f}s")
+                began = time.strftime("%H:%M:%S", time.localtime(start if start is not None else entry.timestamp - secs))
+                parts.append(f"started {began}, done in {secs:.1f}s")
             elif kind == "STEP_FAILURE":
                 err = getattr(event.event_specific_data, "error", None)
                 cause = err
@@ -118,7 +135,7 @@ class StepProgress:
                 parts.append("skipped (an upstream step or blocking check failed)")
             parts += self.rows.pop(step, [])
             parts += self.checks.pop(step, [])
-            self._line(f"[{self.done}/{self.total}] {step} " + "; ".join(parts))
+            self._line(f"[{self.done}/{self.total}] {step}: " + "; ".join(parts))
 
 
 def _silence_dagster_events(verbose: bool) -> dict:
@@ -127,12 +144,35 @@ def _silence_dagster_events(verbose: bool) -> dict:
     return {"loggers": {"console": {"config": {"log_level": level}}}}
 
 
+def _live_writer(stream=None) -> Callable[[str], Any] | None:
+    """On a terminal: a writer that shows a provisional line, replaced by the next line printed."""
+    stream = stream or sys.stdout
+    if not stream.isatty():
+        return None
+
+    def write(text: str) -> None:
+        stream.write("\r\x1b[K" + text)
+        stream.flush()
+
+    return write
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
-    home = _ensure_dagster_home()
+    from animind_assets.quiet import LibraryChatter
+
+    chatter = LibraryChatter(verbose=args.verbose).start()  # before the libraries are imported
+    try:
+        return _demo(args, chatter)
+    finally:
+        chatter.stop()
+
+
+def _demo(args: argparse.Namespace, chatter) -> int:
     from animind_assets.quiet import silence_known_warnings
 
+    home = _ensure_dagster_home()
     silence_known_warnings()
     import logging
 
@@ -169,15 +209,14 @@ def cmd_demo(args: argparse.Namespace) -> int:
     keys = selection.resolve(graph)
     partitioned = sorted(k.to_user_string() for k in keys if graph.get(k).is_partitioned)
     materializable = [k for k in keys if graph.get(k).is_materializable and not graph.get(k).is_partitioned]
-    if partitioned:
-        print(f"[animind] skipping partitioned assets (launch partitions from the UI): {', '.join(partitioned)}")
     job = defs.resolve_implicit_global_asset_job_def()
     from dagster._core.execution.api import create_execution_plan
 
     plan = create_execution_plan(job.get_subset(asset_selection=set(materializable)), run_config=_silence_dagster_events(args.verbose))
     total = len(plan.step_keys_to_execute)
     print(
-        f"[animind] materializing {len(materializable)} assets ({total} steps incl. checks) into DAGSTER_HOME={home}",
+        f"[animind] materializing {len(materializable)} assets ({total} steps incl. checks) into DAGSTER_HOME={home}"
+        + (f"; partitioned assets skipped (launch partitions from the UI): {', '.join(partitioned)}" if partitioned else ""),
         flush=True,
     )
     run_id = make_new_run_id()
@@ -199,7 +238,12 @@ def cmd_demo(args: argparse.Namespace) -> int:
     labels = {}
     for check_key in job.asset_layer.asset_graph.asset_check_keys:
         labels[f"{check_key.asset_key.to_python_identifier()}_{check_key.name}"] = f"check {check_key.to_user_string()}"
-    progress = StepProgress(instance, run_id, total, out=lambda line: print(line, flush=True), labels=labels)
+    live = _live_writer()
+
+    def out(line: str) -> None:
+        print(("\r\x1b[K" if live else "") + line, flush=True)
+
+    progress = StepProgress(instance, run_id, total, out=out, labels=labels, live=live)
     worker = threading.Thread(target=work, name="animind-demo-run", daemon=True)
     worker.start()
     while worker.is_alive():
@@ -215,10 +259,16 @@ def cmd_demo(args: argparse.Namespace) -> int:
     ok = result.success
     checks = [e for e in result.all_events if e.event_type_value == "ASSET_CHECK_EVALUATION"]
     failed_checks = [e for e in checks if not e.event_specific_data.passed]  # type: ignore[union-attr]
+    hidden = ""
+    if chatter.hidden:
+        from animind_assets.resources import data_dir
+
+        path = chatter.write(data_dir() / "logs" / f"demo-{result.run_id}-warnings.txt")
+        hidden = f"; {len(chatter.hidden)} library warning(s) hidden: {path} (--verbose prints them)"
     print(
         f"[animind] run {result.run_id}: {'SUCCESS' if ok else 'FAILURE'}; "
         f"{len(result.get_asset_materialization_events())} materializations, "
-        f"{len(checks)} checks ({len(failed_checks)} failed) in {elapsed:.1f}s",
+        f"{len(checks)} checks ({len(failed_checks)} failed) in {elapsed:.1f}s{hidden}",
         flush=True,
     )
     for e in failed_checks:

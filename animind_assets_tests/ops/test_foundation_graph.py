@@ -168,7 +168,7 @@ def test_definitions_load_and_every_asset_has_code_version():
 
 def test_cli_demo_is_quiet_one_line_per_step(tmp_path):
     """`animind demo` (a real subprocess on a fresh DAGSTER_HOME, the foundation group on a SQLite source)
-    prints one start and one end line per step (rows, seconds, check results) and the summary; no Dagster
+    prints one line per step (start time, seconds, rows, check results) and the summary; no Dagster
     DEBUG events and no beta warnings. The settings file's limit shows up in the rows."""
     import os
     import subprocess
@@ -199,11 +199,110 @@ def test_cli_demo_is_quiet_one_line_per_step(tmp_path):
     out, err = proc.stdout, proc.stderr
     assert proc.returncode == 0, f"{out}\n{err[-3000:]}"
     lines = out.strip().splitlines()
-    assert len(lines) == 2 + 2 * 3 + 2, out  # observe + plan, 3 steps x (start, end), summary + UI hint
+    assert len(lines) == 2 + 3 + 2, out  # observe + plan, one line per step (3), summary + UI hint
     assert all(line.startswith("[animind] ") for line in lines), out
-    assert any("[1/3] anime_prep started" in line for line in lines), out
-    assert any("anime_prep done in" in line and "30 rows" in line for line in lines), out
-    assert any("check anime_prep:anime_prep_is_valid done in" in line and "anime_prep_is_valid passed" in line for line in lines), out
+    assert any("[1/3] anime_prep: started" in line and "30 rows" in line for line in lines), out
+    assert any("check anime_prep:anime_prep_is_valid: started" in line and "anime_prep_is_valid passed" in line for line in lines), out
     assert "SUCCESS; 2 materializations, 1 checks (0 failed)" in out
     for noise in ("DEBUG", "STEP_START", "BetaWarning", "PreviewWarning"):
         assert noise not in out and noise not in err, f"{noise} printed:\n{out}\n{err[-3000:]}"
+
+
+CHATTY_DRIVER = """
+# A step that talks like the ML libraries do during the demo's embedding/fine-tune steps: a FutureWarning
+# attributed to a library module, a UserWarning, a tqdm bar, INFO/WARNING log lines of transformers/mlflow,
+# and one ERROR log line (a real error, which must stay visible). anime_prep calls it (patched into the
+# library function before the asset module imports it); the real anime_embeddings step adds the
+# transformers "Loading weights" bar of the offline MiniLM.
+import logging
+import sys
+import warnings
+
+import animind_assets.lib.data.prep as prep
+
+_clean = prep.clean_anime
+
+
+def chatty_clean_anime(*args, **kwargs):
+    from tqdm import tqdm
+
+    for _ in tqdm(range(50), desc="Map"):
+        pass
+    warnings.warn_explicit("`foo` is deprecated and will be removed in v5", FutureWarning, "transformers/trainer.py", 1, module="transformers.trainer")
+    warnings.warn("padding side is right; use left for generation", UserWarning)
+    logging.getLogger("transformers.modeling_utils").warning("Some weights were not initialized")
+    logging.getLogger("mlflow.store.db.utils").info("Creating initial MLflow database tables...")
+    logging.getLogger("transformers").error("REAL-ERROR-LINE from a library")
+    return _clean(*args, **kwargs)
+
+
+prep.clean_anime = chatty_clean_anime
+from animind_assets.cli import main
+
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+@pytest.mark.slow
+def test_cli_demo_hides_library_chatter(tmp_path):
+    """Quiet `animind demo` on anime_prep (which here also emits library warnings, a tqdm bar and library
+    log lines) and the real anime_embeddings (the offline MiniLM: transformers' "Loading weights" bar):
+    stdout is one line per step plus the summary, stderr holds no progress bar, no FutureWarning/
+    UserWarning, no library INFO/WARNING line and no Dagster notice; the library ERROR line still shows;
+    the summary names the file holding the hidden warnings. With --verbose the warnings come back."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from animind_assets_tests.conftest import add_synthetic_anime, write_sqlite
+
+    db = write_sqlite(tmp_path / "src.sqlite")
+    add_synthetic_anime(db, 20)
+    settings = tmp_path / "animind.yaml"
+    settings.write_text("anime_prep:\n  limit: 12\n")
+    driver = tmp_path / "driver.py"
+    driver.write_text(CHATTY_DRIVER)
+    root = Path(__file__).resolve().parents[2]
+    env = {
+        k: v for k, v in os.environ.items()
+        if not k.startswith(("TQDM_", "HF_HUB_DISABLE", "HF_DATASETS_DISABLE", "TRANSFORMERS_VERBOSITY", "MLFLOW_LOGGING"))
+    }
+    env.update({
+        "ANIMIND_SOURCE": "sqlite",
+        "ANIMIND_SQLITE_PATH": str(db),
+        "ANIMIND_SETTINGS": str(settings),
+        "DAGSTER_DISABLE_TELEMETRY": "yes",
+        "OMP_NUM_THREADS": "1",
+        "PYTHONPATH": str(root) + os.pathsep + os.environ.get("PYTHONPATH", ""),
+    })
+
+    def demo(*extra):
+        tag = "verbose" if extra else "quiet"  # fresh folders: the embedding model is loaded in both runs
+        run_env = {**env, "DAGSTER_HOME": str(tmp_path / f"home_{tag}"), "ANIMIND_DATA_DIR": str(tmp_path / f"data_{tag}")}
+        proc = subprocess.run(
+            [sys.executable, str(driver), "demo", "--select", "anime_prep anime_embeddings", *extra],
+            cwd=root, env=run_env, capture_output=True, text=True, timeout=900,
+        )
+        assert proc.returncode == 0, f"{proc.stdout}\n{proc.stderr[-3000:]}"
+        return proc.stdout, proc.stderr
+
+    out, err = demo()
+    lines = out.strip().splitlines()
+    steps = [line for line in lines if line.startswith("[animind] [")]
+    assert len(steps) == len({line.split("]")[1] for line in steps}) >= 2, out
+    assert len(lines) == 2 + len(steps) + 2, out  # observe + plan, one line per step, summary + UI hint
+    assert any("anime_embeddings: started" in line and "12 rows" in line for line in steps), out
+    for noise in ("it/s]", "Loading weights", "Map:", "FutureWarning", "UserWarning", "Some weights were not",
+                  "MLflow database", "BetaWarning", "PreviewWarning", "DEBUG"):
+        assert noise not in out and noise not in err, f"{noise!r} leaked:\nSTDOUT\n{out}\nSTDERR\n{err[-4000:]}"
+    assert "REAL-ERROR-LINE from a library" in err, f"library errors must stay visible:\n{err[-3000:]}"
+    summary = next(line for line in lines if "SUCCESS" in line)
+    assert "library warning(s) hidden: " in summary, summary
+    hidden_file = Path(summary.split("hidden: ")[1].split(" (--verbose")[0])
+    hidden = hidden_file.read_text()
+    assert "is deprecated and will be removed in v5" in hidden and "padding side is right" in hidden, hidden
+
+    out_v, err_v = demo("--verbose")
+    assert "FutureWarning" in err_v and "padding side is right" in err_v, err_v[-3000:]
+    assert "Loading weights" in err_v, err_v[-3000:]

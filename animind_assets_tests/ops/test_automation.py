@@ -312,6 +312,14 @@ def test_automation_plan_on_the_live_graph():
     rebuild = defs.resolve_job_def(automation.REBUILD_JOB_NAME).asset_layer.executable_asset_keys
     assert not (rebuild & partitioned), f"full_rebuild must not include partitioned assets: {rebuild & partitioned}"
     assert {PREP, INTERACTIONS} <= rebuild
+    # the scheduled rebuild evaluates the checks too: separately defined ones are steps of its plan
+    from dagster._core.execution.api import create_execution_plan
+
+    steps = set(create_execution_plan(defs.resolve_job_def(automation.REBUILD_JOB_NAME)).step_keys_to_execute)
+    assert {
+        "anime_prep_anime_prep_is_valid", "anime_embeddings_anime_embeddings_finite",
+        "anime_embeddings_anime_embeddings_unit_norm", "llm_prep_dataset_llm_prep_dataset_split_by_user",
+    } <= steps, sorted(steps)
     observe = defs.resolve_job_def(automation.OBSERVE_JOB_NAME).asset_layer.executable_asset_keys
     assert observe == {dg.AssetKey("anime_catalog_source"), dg.AssetKey("watchlist_source")}
 

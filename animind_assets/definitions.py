@@ -12,7 +12,7 @@ from pathlib import Path
 
 import dagster as dg
 
-from animind_assets import automation, code_version, launchpad
+from animind_assets import automation, code_version, launchpad, quiet
 from animind_assets.resources import build_resources
 
 __all__ = ["all_assets", "all_checks", "build_resources", "defs"]
@@ -45,3 +45,7 @@ def _build() -> tuple[list, list, dg.Definitions]:
 
 
 all_assets, all_checks, defs = _build()
+# after the load: load_from_defs_folder imports the asset modules inside a catch_warnings block, which
+# drops a filter set there (every process that loads the code location - code server, run and step
+# workers - runs this line)
+quiet.silence_known_warnings()

@@ -6,10 +6,9 @@
    ``AssetsDefinition(execution_type=...)``. Each process that loads the definitions printed them again
    (the server log showed the observable-source one 90 times in 50 minutes). They carry no information
    for a user, so these three Dagster-only categories are ignored; every other warning still shows.
-   Called when the definitions load (``animind_assets.defs``, so in the code server and every run
-   worker) and by the CLI. It re-installs its filters when a ``warnings.catch_warnings()`` block around
-   the first call has dropped them (Dagster loads code inside such blocks), and
-   ``known_warnings_silenced`` wraps the one place where AniMind itself builds a definition with a beta
+   Called when the definitions have loaded (``animind_assets.definitions``, so in the code server and
+   every run worker) and by the CLI. It re-installs its filters when a ``warnings.catch_warnings()``
+   block has dropped them (Dagster loads the asset modules inside one), and ``known_warnings_silenced`` wraps the one place where AniMind itself builds a definition with a beta
    parameter (``automation._with_check_conditions``).
 
 2. **Library chatter in ``animind demo``** (``LibraryChatter``, CLI only, off with ``--verbose``):
@@ -48,7 +47,11 @@ def _installed(category: type[Warning]) -> bool:
 
 def silence_known_warnings() -> None:
     """Ignore Dagster's ``BetaWarning`` / ``PreviewWarning`` / ``SupersessionWarning`` (only Dagster raises
-    them). Idempotent; re-installs the filters when a surrounding ``catch_warnings`` has dropped them."""
+    them). Idempotent; re-installs the filters when a surrounding ``catch_warnings`` has dropped them
+    (Dagster's ``load_from_defs_folder`` imports the asset modules inside one, so a filter set there is
+    gone once the definitions are loaded: ``animind_assets.definitions`` calls this after the load).
+    ``PYTHONWARNINGS`` cannot carry these filters: Python reads it before site-packages are importable.
+    """
     for category in _known_categories():
         if not _installed(category):
             warnings.filterwarnings("ignore", category=category)

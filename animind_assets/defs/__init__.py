@@ -2,4 +2,4 @@
 
 from animind_assets.quiet import silence_known_warnings as _silence
 
-_silence()  # Dagster's beta/preview notices for features AniMind relies on, once per process
+_silence()  # for direct imports of the asset modules; animind_assets.definitions re-applies it after the load

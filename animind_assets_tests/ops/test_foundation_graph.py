@@ -306,3 +306,30 @@ def test_cli_demo_hides_library_chatter(tmp_path):
     out_v, err_v = demo("--verbose")
     assert "FutureWarning" in err_v and "padding side is right" in err_v, err_v[-3000:]
     assert "Loading weights" in err_v, err_v[-3000:]
+
+
+def test_known_dagster_notices_stay_silenced_after_the_definitions_load(tmp_path):
+    """A process that loads the code location (code server, run and step workers) ignores Dagster's beta
+    notices afterwards, e.g. ``Output(data_version=...)`` in semantic_ids: load_from_defs_folder imports the
+    asset modules inside a catch_warnings block that used to drop the filter (the server log showed the
+    notice once per semantic_ids step). Other warnings still show."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[2]
+    code = (
+        "import warnings\n"
+        "import animind_assets.definitions\n"
+        "import dagster as dg\n"
+        "dg.Output(1, data_version=dg.DataVersion('x'))\n"
+        "warnings.warn('a real warning', UserWarning)\n"
+    )
+    env = {**os.environ, "ANIMIND_DATA_DIR": str(tmp_path / "data"), "DAGSTER_HOME": str(tmp_path),
+           "PYTHONPATH": str(root) + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    env.pop("PYTHONWARNINGS", None)
+    proc = subprocess.run([sys.executable, "-c", code], cwd=root, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "BetaWarning" not in proc.stderr and "PreviewWarning" not in proc.stderr, proc.stderr[-3000:]
+    assert "UserWarning: a real warning" in proc.stderr, proc.stderr[-3000:]

@@ -285,6 +285,17 @@ def test_drift_threshold_triggers_refit(tmp_path, monkeypatch):
     assert m["fit_action"] == "refit" and "drift: code usage shift" in m["fit_reason"], m["fit_reason"]
 
 
+def test_dry_run_keeps_the_published_quantizer_version(tmp_path, monkeypatch):
+    """A dry run writes to rqvae_model/dry_run and leaves model.pt alone, so rqvae_model keeps the
+    published quantizer's fingerprint as its data version (the automation sees no new quantizer)."""
+    monkeypatch.setenv("ANIMIND_DATA_DIR", str(tmp_path))
+    ids, x = _catalog(1)
+    first = _run(tmp_path, ids[:200], x[:200])
+    dry = _run(tmp_path, ids[:200], x[:200], rq_cfg={"dry_run": True})
+    assert _version(dry, "rqvae_model") == _version(first, "rqvae_model")
+    assert _version(dry, "semantic_ids") == _version(first, "semantic_ids")
+
+
 def test_small_catalog_materializes_and_usage_is_judged_against_min_n_k(tmp_path, monkeypatch):
     monkeypatch.setenv("ANIMIND_DATA_DIR", str(tmp_path))
     ids, x = _catalog(2, n=100)

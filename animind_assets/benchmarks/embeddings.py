@@ -57,6 +57,31 @@ VARIANTS = {  # name -> EmbeddingConfig changes
     "torch": {"backend": "torch"},
     "int8": {"backend": "onnx", "quantize": "int8"},
 }
+# --sweep: the threads x batch grid of (a) (workers x threads each = the CPU count; batch = texts per forward)
+SWEEP = [f"onnx@w{w}b{b}" for w in (1, 2) for b in (16, 32, 64)]
+
+
+def variant_changes(spec: str) -> dict:
+    """``NAME[@w<workers>][b<batch>][t<max batch tokens>]`` -> ``EmbeddingConfig`` changes, e.g.
+    ``onnx@w1b32`` = fused fp32 graph, one inference worker (one ONNX Runtime session with all the
+    threads), 32 texts per batch; ``t-1`` = no padded-token cap. Raises ``ValueError`` for an unknown
+    name or suffix."""
+    import re
+
+    name, _, suffix = spec.partition("@")
+    if name not in VARIANTS:
+        raise ValueError(f"unknown variant {name!r} in {spec!r}; choose from {sorted(VARIANTS)} (+ @w<N>b<N>t<N>)")
+    changes = dict(VARIANTS[name])
+    m = re.fullmatch(r"(?:w(\d+))?(?:b(\d+))?(?:t(-?\d+))?", suffix)
+    if m is None:
+        raise ValueError(f"bad variant suffix {suffix!r} in {spec!r}; expected e.g. @w1b32 or @w2b64t-1")
+    if m.group(1):
+        changes["cpu_workers"] = int(m.group(1))
+    if m.group(2):
+        changes["batch_size"] = int(m.group(2))
+    if m.group(3):
+        changes["max_batch_tokens"] = int(m.group(3))
+    return changes
 
 
 def cpu_info() -> dict:
@@ -156,7 +181,9 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--limit", type=int, default=None, help="first N anime of the catalog (quick run)")
     ap.add_argument("--ratio-sample", type=int, default=768, help="texts per round for (a) (0 = all)")
     ap.add_argument("--rounds", type=int, default=3, help="interleaved rounds for (a)")
-    ap.add_argument("--variants", default="onnx,int8", help=f"asset-path settings timed in (a), of {sorted(VARIANTS)}")
+    ap.add_argument("--variants", default="onnx,int8",
+                    help=f"asset-path settings timed in (a), of {sorted(VARIANTS)}, each optionally with @w<workers>b<batch>t<tokens>")
+    ap.add_argument("--sweep", action="store_true", help=f"add the threads x batch grid {','.join(SWEEP)} to --variants")
     ap.add_argument("--change-frac", type=float, default=0.01, help="fraction of texts changed for (b)")
     ap.add_argument("--batch-size", type=int, default=64)
     ap.add_argument("--cpu-workers", type=int, default=0, help="asset path inference threads (0 = auto)")
@@ -169,9 +196,12 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--json", type=str, default=None, help="write the figures to this JSON file")
     args = ap.parse_args(argv)
     variants = [v.strip() for v in args.variants.split(",") if v.strip()]
-    unknown = [v for v in variants if v not in VARIANTS]
-    if unknown:
-        ap.error(f"unknown --variants {unknown}; choose from {sorted(VARIANTS)}")
+    if args.sweep:
+        variants += [v for v in SWEEP if v not in variants]
+    try:
+        changes = {v: variant_changes(v) for v in variants}
+    except ValueError as exc:
+        ap.error(str(exc))
 
     import torch
 
@@ -249,7 +279,7 @@ def main(argv: list[str] | None = None) -> dict:
         rng = np.random.default_rng(args.seed)
         n = len(texts) if not args.ratio_sample or args.ratio_sample >= len(texts) else args.ratio_sample
         sample = [texts[i] for i in sorted(rng.choice(len(texts), size=n, replace=False))]
-        cfgs = {v: cfg.replace(**VARIANTS[v]) for v in variants}
+        cfgs = {v: cfg.replace(**changes[v]) for v in variants}
         warm = sample[:32]
         st.encode(warm, batch_size=args.batch_size)
         for v, c in cfgs.items():

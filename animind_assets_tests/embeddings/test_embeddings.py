@@ -75,6 +75,30 @@ def test_parity_with_sentence_transformer_encode():
     assert np.abs(budget - mine).max() < 1e-4
 
 
+def test_tail_split_balances_the_last_batches_and_keeps_every_text_once():
+    from transformers import AutoTokenizer
+
+    from animind_assets.lib.embeddings.batching import direct_batches
+
+    tok = AutoTokenizer.from_pretrained(str(E.embedded_model_path()))
+    rng = np.random.default_rng(0)
+    texts = [" ".join(["word"] * int(n)) for n in rng.integers(5, 120, size=100)]
+    kw = dict(max_length=128, batch_size=16, token_budget=None)
+    plain = [idx for idx, _ in direct_batches(tok, texts, 10, **kw)]
+    split = [(idx, f) for idx, f in direct_batches(tok, texts, 10, tail_split=2, **kw)]
+    assert [len(i) for i in plain] == [16] * 6 + [4]
+    sizes = [len(i) for i, _ in split]
+    # guided tail: once <= 2 full batches remain (20 texts), they are cut into 2 * 2 batches of 5
+    assert sizes == [16] * 5 + [5, 5, 5, 5], sizes
+    assert sorted(np.concatenate([i for i, _ in split]).tolist()) == list(range(10, 110))
+    widths = [f["input_ids"].shape[1] for _, f in split]
+    assert widths == sorted(widths, reverse=True)  # still longest first
+    for idx, f in split:  # every row is its own text, padded after it
+        for r, j in enumerate(idx):
+            n = int(f["attention_mask"][r].sum())
+            assert f["input_ids"][r, :n].tolist() == tok(texts[j - 10], truncation=True, max_length=128)["input_ids"]
+
+
 def test_truncate_dim_pooling_and_prefix_variants():
     texts = list(TEXTS.values())
     full = E.embed_texts(texts, CPU.replace(normalize=False))

@@ -354,9 +354,10 @@ class TextEmbedder:
         if self.mode == "direct":
             max_len, budget = self.max_length_for(cfg), self.batch_token_budget(cfg)
 
-            def batches(start: int, stop: int):
+            def batches(start: int, stop: int):  # the last window ends in smaller batches (tail_split) so workers finish together
                 return direct_batches(self.tokenizer, texts[start:stop], start, max_length=max_len, batch_size=cfg.batch_size,
-                                      token_budget=budget, prefix=cfg.prefix, pin_memory=pin)
+                                      token_budget=budget, prefix=cfg.prefix, pin_memory=pin,
+                                      tail_split=workers if stop >= len(texts) else 1)
         else:
 
             def batches(start: int, stop: int):

@@ -25,7 +25,9 @@ the fp32 and the int8 graph and raises ``QuantizationGateError`` unless the mean
 falls back to fp32 (the rows would carry the int8 fingerprint).
 
 Threads: on CPU ``cpu_workers`` inference threads (auto: ``min(torch threads, 4)``) each run whole
-batches with ``torch threads // workers`` intra-op threads (PyTorch and ONNX Runtime alike).
+batches with ``torch threads // workers`` intra-op threads (PyTorch and ONNX Runtime alike); the last
+window of a run ends in ``2 * workers`` smaller batches (``direct_batches(tail_split=...)``) so the
+workers finish together.
 """
 
 from __future__ import annotations

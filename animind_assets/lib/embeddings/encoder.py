@@ -66,6 +66,8 @@ from animind_assets.lib.embeddings.pooling import pool
 class TextEmbedder:
     """A loaded model plus the batching pipeline. Obtain with ``get_embedder(cfg)`` (cached)."""
 
+    guided_tail = True  # last window ends in 2 * workers smaller batches (False only to measure the path without it)
+
     def __init__(self, folder: Path, device, dtype, cfg: EmbeddingConfig, log: LogFn | None = None) -> None:
         from sentence_transformers import SentenceTransformer
 
@@ -359,7 +361,7 @@ class TextEmbedder:
             def batches(start: int, stop: int):  # the last window ends in smaller batches (tail_split) so workers finish together
                 return direct_batches(self.tokenizer, texts[start:stop], start, max_length=max_len, batch_size=cfg.batch_size,
                                       token_budget=budget, prefix=cfg.prefix, pin_memory=pin,
-                                      tail_split=workers if stop >= len(texts) else 1)
+                                      tail_split=workers if self.guided_tail and stop >= len(texts) else 1)
         else:
 
             def batches(start: int, stop: int):

@@ -37,7 +37,7 @@ from animind_assets.lib.retrieval.seqtrain import (
     LogFn,
     SeqTrainConfig,
     SeqTrainResult,
-    causal_mask,
+    padded_causal_mask,
     train_sequence_model,
 )
 
@@ -105,7 +105,7 @@ class SASRec(torch.nn.Module):
         x = self.item_emb(tokens) * math.sqrt(self.cfg.hidden)
         pos = torch.arange(self.max_len - length, self.max_len, device=tokens.device)
         x = self.emb_drop(x + self.pos_emb(pos).unsqueeze(0)) * pad
-        mask = causal_mask(length, tokens.device)
+        mask = padded_causal_mask(tokens, self.cfg.heads)
         for blk in self.blocks:
             x = blk(x, mask) * pad
         return self.final_ln(x) * pad

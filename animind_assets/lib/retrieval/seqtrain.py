@@ -301,6 +301,21 @@ def causal_mask(length: int, device: torch.device) -> torch.Tensor:
     return torch.triu(torch.ones(length, length, dtype=torch.bool, device=device), diagonal=1)
 
 
+def padded_causal_mask(tokens: torch.Tensor, heads: int) -> torch.Tensor:
+    """Attention mask for left-padded ``tokens`` (B, L) int64 (0 = padding) -> (B * heads, L, L) bool,
+    True = not allowed to attend (``torch.nn.MultiheadAttention``'s 3-D ``attn_mask``).
+
+    Position t attends to positions <= t that are **not padding**, so a sequence's hidden states do
+    not depend on how much padding its batch needs (without this, scores changed with the batch: the
+    longest history in an evaluation batch decided how many padding keys every user attended to).
+    Padding rows attend only to themselves (no fully masked row, hence no NaN); their outputs are
+    zeroed by the models."""
+    b, length = tokens.shape
+    mask = causal_mask(length, tokens.device).unsqueeze(0) | (tokens == 0).unsqueeze(1)  # (B, L, L)
+    mask = mask & ~torch.eye(length, dtype=torch.bool, device=tokens.device).unsqueeze(0)
+    return mask.repeat_interleave(heads, dim=0)
+
+
 class ModelConfigMixin:
     """``to_dict`` / ``from_dict`` for model configs that hold a ``train: SeqTrainConfig`` (SASRec, RPG)."""
 

@@ -163,13 +163,19 @@ def item_vectors(kind: str, data, out: Path, log) -> "np.ndarray":
 
 def run_rpg(split, rows, args, data, out: Path, log) -> dict:
     from animind_assets.lib.retrieval.evaluation import evaluate_scorer
-    from animind_assets.lib.retrieval.pq import PQConfig, product_quantize
+    from animind_assets.lib.retrieval.pq import PQConfig, next_item_code_gain, product_quantize
     from animind_assets.lib.retrieval.rpg import RPGConfig, save_rpg, train_rpg
     from animind_assets.lib.retrieval.seqtrain import SeqTrainConfig, make_scorer
 
     vec = item_vectors(args.rpg_embeddings, data, out, log)
     pq = product_quantize(vec, PQConfig(n_codebooks=args.rpg_codebooks, codebook_size=256, pca_dim=128, method=args.pq_method,
                                         num_threads=args.threads, seed=args.seed), log=log)
+    # how predictable each codebook is from the previous item (held out: last training item -> validation item)
+    gain = next_item_code_gain(pq.codes, split.train, np.array([t[-1] for t in split.train]), split.valid_targets, 256)
+    pq.stats.update({"next_code_gain_mean_nats": round(float(gain.mean()), 4),
+                     "codebooks_with_gain_over_0.01": int((gain > 0.01).sum())})
+    log(f"pq codes: next-item code information gain {gain.mean():.4f} nats per codebook (random codes: ~0); "
+        f"{int((gain > 0.01).sum())}/{len(gain)} codebooks above 0.01")
     tcfg = SeqTrainConfig(max_len=50, batch_size=args.rpg_batch, lr=args.rpg_lr, warmup_steps=100, epochs=200,
                           patience=args.rpg_patience, val_users=args.val_users, max_train_seconds=args.rpg_seconds,
                           seed=args.seed, num_threads=args.threads, device=args.device)

@@ -273,6 +273,22 @@ def test_rpg_learns_a_memorizable_sequence_from_its_codes():
     assert ev.metrics["masked"]["recall@5"] > 0.5 > pop.metrics["masked"]["recall@5"]
 
 
+def test_next_item_code_gain_separates_predictable_from_random_codes():
+    from animind_assets.lib.retrieval.pq import next_item_code_gain
+
+    split = tiny_split(n_users=300)
+    prev = np.array([t[-1] for t in split.train])
+    ids = np.arange(split.n_items)
+    predictable = np.stack([ids % 8, (ids // 8) % 8], axis=1)  # next item's code follows from this item's code
+    random_codes = tiny_codes(split.n_items, m=2, k=8, seed=3)
+    good = next_item_code_gain(predictable, split.train, prev, split.valid_targets, 8)
+    bad = next_item_code_gain(random_codes, split.train, prev, split.valid_targets, 8)
+    assert good.shape == (2,) and good[0] > 1.0  # ln 8 = 2.08 at most; smoothing takes part of it
+    assert good[0] > bad[0] + 0.5
+    with pytest.raises(ValueError, match="codes must be"):
+        next_item_code_gain(predictable, split.train, prev, split.valid_targets, 4)
+
+
 def test_train_loop_rejects_nonfinite_loss():
     class Bad(torch.nn.Module):
         def __init__(self):

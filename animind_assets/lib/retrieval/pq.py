@@ -167,3 +167,38 @@ def _unpack(codes_u8: np.ndarray, m: int, nbits: int) -> np.ndarray:
         return codes_u8.reshape(-1, m).astype(np.int64)
     bits = np.unpackbits(codes_u8, axis=1, bitorder="little")[:, : m * nbits].reshape(-1, m, nbits)
     return (bits.astype(np.int64) << np.arange(nbits)).sum(-1)
+
+
+def next_item_code_gain(codes: np.ndarray, train: list[np.ndarray], held_out_prev: np.ndarray, held_out_next: np.ndarray,
+                        codebook_size: int, smoothing: float = 0.7) -> np.ndarray:
+    """How much each codebook's code of the **next** item can be predicted from the previous item's code
+    in the same codebook: held-out information gain (nats per transition) of a smoothed code-bigram
+    model over the code's unigram. A diagnostic for RPG-style IDs, whose loss is one cross-entropy per
+    codebook: a codebook whose gain is ~0 (like random codes) adds an unpredictable term to every
+    item's score.
+
+    ``codes`` (N, m) int codes; ``train`` per-user item-id arrays (chronological) giving the training
+    transitions; ``held_out_prev``/``held_out_next`` (U,) item ids of held-out transitions (e.g. the last
+    training item -> the validation item). Bigram ``p(b|a)`` is interpolated with the unigram:
+    ``(1 - smoothing) * p_bigram + smoothing * p_unigram`` (unigram add-one smoothed). Returns (m,)
+    float64, mean ``log p(b|a) - log p_unigram(b)`` over the held-out transitions. Raises ``ValueError``
+    on empty input or codes outside ``0..codebook_size-1``."""
+    codes = np.asarray(codes, dtype=np.int64)
+    if codes.ndim != 2 or codes.min() < 0 or codes.max() >= codebook_size:
+        raise ValueError(f"codes must be an (N, m) matrix in 0..{codebook_size - 1}")
+    pairs = [(t[:-1], t[1:]) for t in train if len(t) >= 2]
+    if not pairs or len(held_out_prev) == 0 or len(held_out_prev) != len(held_out_next):
+        raise ValueError("need training transitions and equally long, non-empty held-out prev/next arrays")
+    src = np.concatenate([p[0] for p in pairs])
+    dst = np.concatenate([p[1] for p in pairs])
+    k = codebook_size
+    gains = np.empty(codes.shape[1])
+    for j in range(codes.shape[1]):
+        a, b = codes[src, j], codes[dst, j]
+        big = np.bincount(a * k + b, minlength=k * k).reshape(k, k).astype(np.float64)
+        big /= np.maximum(big.sum(1, keepdims=True), 1.0)
+        uni = np.bincount(b, minlength=k) + 1.0
+        uni /= uni.sum()
+        va, vb = codes[held_out_prev, j], codes[held_out_next, j]
+        gains[j] = float(np.mean(np.log((1 - smoothing) * big[va, vb] + smoothing * uni[vb]) - np.log(uni[vb])))
+    return gains

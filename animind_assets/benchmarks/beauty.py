@@ -55,14 +55,15 @@ def parse_args(argv=None) -> argparse.Namespace:
     # SASRec
     p.add_argument("--sasrec-loss", default="ce", choices=["ce", "bce"])
     p.add_argument("--sasrec-seconds", type=float, default=2400.0, help="SASRec training budget (0 = none)")
-    p.add_argument("--sasrec-lr", type=float, default=1e-3)
+    p.add_argument("--sasrec-lr", type=float, default=3e-3)
     p.add_argument("--sasrec-batch", type=int, default=128)
-    p.add_argument("--sasrec-patience", type=int, default=8)
+    p.add_argument("--sasrec-patience", type=int, default=5)
     p.add_argument("--sasrec-init", default="", help="continue from a saved sasrec_model folder (a second budget leg)")
     # RPG
     p.add_argument("--rpg-seconds", type=float, default=2400.0, help="RPG training budget (0 = none)")
     p.add_argument("--rpg-lr", type=float, default=3e-3)
     p.add_argument("--rpg-hidden", type=int, default=256)
+    p.add_argument("--rpg-ff", type=int, default=1024, help="feed-forward width of the RPG transformer (RPG's Beauty config: 1024)")
     p.add_argument("--rpg-codebooks", type=int, default=32)
     p.add_argument("--rpg-temperature", type=float, default=0.03)
     p.add_argument("--rpg-batch", type=int, default=256)
@@ -179,7 +180,7 @@ def run_rpg(split, rows, args, data, out: Path, log) -> dict:
     tcfg = SeqTrainConfig(max_len=50, batch_size=args.rpg_batch, lr=args.rpg_lr, warmup_steps=100, epochs=200,
                           patience=args.rpg_patience, val_users=args.val_users, max_train_seconds=args.rpg_seconds,
                           seed=args.seed, num_threads=args.threads, device=args.device)
-    cfg = RPGConfig(hidden=args.rpg_hidden, temperature=args.rpg_temperature, train=tcfg)
+    cfg = RPGConfig(hidden=args.rpg_hidden, d_ff=args.rpg_ff, temperature=args.rpg_temperature, train=tcfg)
     res = train_rpg(split, pq.codes, 256, cfg, log=log)
     save_rpg(res.model, str(out / "rpg_model"), extra={"best": res.best, "pq": pq.stats})
     label = f"RPG, {args.pq_method.upper()} {args.rpg_codebooks}x256 on {args.rpg_embeddings} vectors (ours)"

@@ -12,7 +12,7 @@ embedding table holds ``m * K`` code embeddings (codebook ``j`` code ``c`` -> ro
   (``E_j`` = the same code embeddings as the input). All ``m`` codes of the next item are predicted
   at once, one softmax per codebook; the loss is the mean of the ``m`` cross-entropies.
 * Scoring (exact, every item): ``score(item) = sum_j log softmax(logits_j)[code_j(item)]``, computed
-  as one sparse (N, m*K) x (m*K, B) product. (The paper decodes with a graph over IDs to avoid scoring
+  as one sparse (CSR) (N, m*K) x (m*K, B) product. (The paper decodes with a graph over IDs to avoid scoring
   all items; with 12k items exact scoring is cheap and needs no approximation.)
 
 Public API: ``RPGConfig``, ``RPG``, ``train_rpg(split, codes, cfg) -> SeqTrainResult``,
@@ -21,6 +21,7 @@ Public API: ``RPGConfig``, ``RPG``, ``train_rpg(split, codes, cfg) -> SeqTrainRe
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 from typing import Any
 
@@ -150,14 +151,18 @@ class RPG(torch.nn.Module):
             rows = torch.arange(self.n_items).repeat_interleave(self.m)
             cols = (self.codes.cpu() + torch.arange(self.m) * self.k).reshape(-1)
             idx = torch.stack([rows, cols])
-            self._onehot = torch.sparse_coo_tensor(idx, torch.ones(len(rows)), (self.n_items, self.m * self.k), check_invariants=True).coalesce().to(device)
+            coo = torch.sparse_coo_tensor(idx, torch.ones(len(rows)), (self.n_items, self.m * self.k), check_invariants=True).coalesce()
+            with warnings.catch_warnings():  # "sparse CSR support is in beta"
+                warnings.simplefilter("ignore", UserWarning)
+                # CSR: ~15x faster than COO for this (N, m*K) @ (m*K, B) product on CPU (0.7 s vs 11 s for 512 users)
+                self._onehot = coo.to_sparse_csr().to(device)
         return self._onehot
 
     @torch.no_grad()
     def score(self, inputs: torch.Tensor) -> torch.Tensor:
         """(B, L) tokens -> (B, N) float32: sum over codebooks of the log-prob of each item's code."""
         logp = self.code_log_probs(inputs).reshape(inputs.shape[0], -1)  # (B, m*K)
-        return torch.sparse.mm(self._item_code_matrix(logp.device), logp.T).T.contiguous()
+        return (self._item_code_matrix(logp.device) @ logp.T.contiguous()).T.contiguous()
 
 
 def train_rpg(split: SequenceSplit, codes: np.ndarray, codebook_size: int, cfg: RPGConfig, log: LogFn | None = None,

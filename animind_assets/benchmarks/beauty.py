@@ -61,16 +61,16 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--sasrec-init", default="", help="continue from a saved sasrec_model folder (a second budget leg)")
     # RPG
     p.add_argument("--rpg-seconds", type=float, default=2400.0, help="RPG training budget (0 = none)")
-    p.add_argument("--rpg-lr", type=float, default=3e-3)
-    p.add_argument("--rpg-hidden", type=int, default=256)
-    p.add_argument("--rpg-ff", type=int, default=1024, help="feed-forward width of the RPG transformer (RPG's Beauty config: 1024)")
+    p.add_argument("--rpg-lr", type=float, default=1e-2, help="RPG's Beauty LR; at 3e-3 training stayed near the code-frequency loss")
+    p.add_argument("--rpg-hidden", type=int, default=64, help="RPG's Beauty config: 448 (64 for CPU)")
+    p.add_argument("--rpg-ff", type=int, default=256, help="feed-forward width of the RPG transformer (RPG's Beauty config: 1024)")
     p.add_argument("--rpg-codebooks", type=int, default=32)
     p.add_argument("--rpg-temperature", type=float, default=0.03)
-    p.add_argument("--rpg-batch", type=int, default=256)
+    p.add_argument("--rpg-batch", type=int, default=128)
     p.add_argument("--rpg-patience", type=int, default=5)
     p.add_argument("--pq-method", default="pq", choices=["pq", "opq"])
-    p.add_argument("--rpg-embeddings", default="text", choices=["text", "text+sasrec", "sasrec"],
-                   help="what PQ quantizes: MiniLM item-text vectors, SASRec item embeddings, or both (needs sasrec first)")
+    p.add_argument("--rpg-embeddings", default="sasrec", choices=["text", "text+sasrec", "sasrec"],
+                   help="what PQ quantizes: MiniLM item-text vectors, SASRec item embeddings (default; the ~5-word titles give codes without next-item signal, docs/beauty.md), or both (sasrec: run --models sasrec first, same --out)")
     # TIGER
     p.add_argument("--tiger-seconds", type=float, default=600.0)
     p.add_argument("--tiger-ids", default="rqkmeans", choices=["rqkmeans", "rqvae"], help="reference ID file index_<ids>.json")

@@ -326,7 +326,27 @@ def main(argv: list[str] | None = None) -> int:
                        help="a run must also have written no event for this long (default 60)")
     clean.set_defaults(func=cmd_runs_clean)
     args = parser.parse_args(argv)
-    return args.func(args)
+    try:
+        return args.func(args)
+    except Exception as exc:  # noqa: BLE001 - a settings-file error is one line unless --verbose
+        settings_error = _settings_error(exc)
+        if settings_error is None or getattr(args, "verbose", False):
+            raise
+        print(f"[animind] settings error: {settings_error}", file=sys.stderr)
+        return 1
+
+
+def _settings_error(exc: BaseException):
+    """The ``SettingsError`` in ``exc``'s cause/context chain (Dagster wraps import-time errors), else None."""
+    from animind_assets.settings import SettingsError
+
+    seen = set()
+    while exc is not None and id(exc) not in seen:
+        if isinstance(exc, SettingsError):
+            return exc
+        seen.add(id(exc))
+        exc = exc.__cause__ or exc.__context__
+    return None
 
 
 if __name__ == "__main__":

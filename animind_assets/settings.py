@@ -1,7 +1,7 @@
 """The project settings file (``animind.yaml``): persistent defaults for every asset's config.
 
 Path: ``$ANIMIND_SETTINGS`` when set, else ``<project root>/animind.yaml``; a missing file means "no
-settings" (every config keeps its built-in default). Format: one mapping per asset (or asset check)
+settings" (every config keeps its built-in default); ``ANIMIND_SETTINGS=none`` switches the file off. Format: one mapping per asset (or asset check)
 name, holding config field names and values, exactly as in the launchpad's ``ops:`` section::
 
     anime_prep:
@@ -35,6 +35,16 @@ class SettingsError(ValueError):
     """A settings file that cannot be applied; the message names the file and the key."""
 
 
+#: ``$ANIMIND_SETTINGS`` values that switch the settings file off (built-in defaults only; the test suite and
+#: ``config_reference`` use it so a personal ``animind.yaml`` never leaks into tests or docs)
+DISABLED_VALUES = ("none", "off")
+
+
+def settings_disabled() -> bool:
+    """True when ``$ANIMIND_SETTINGS`` is ``none``/``off``: no settings file is read."""
+    return os.environ.get(ENV_VAR, "").strip().lower() in DISABLED_VALUES
+
+
 def settings_path() -> Path:
     """``$ANIMIND_SETTINGS`` or ``<project root>/animind.yaml`` (the file need not exist)."""
     explicit = os.environ.get(ENV_VAR, "").strip()
@@ -65,6 +75,8 @@ def load_settings(path: str | os.PathLike | None = None) -> Settings:
     """
     import yaml
 
+    if path is None and settings_disabled():
+        return Settings(path=Path(f"${ENV_VAR}={os.environ[ENV_VAR].strip()}"))
     target = Path(path) if path is not None else settings_path()
     if not target.exists():
         if os.environ.get(ENV_VAR, "").strip() and path is None:
@@ -80,7 +92,8 @@ def load_settings(path: str | os.PathLike | None = None) -> Settings:
         raise SettingsError(f"{target}: top level must be a mapping of asset names, got {type(data).__name__}")
     values: dict[str, dict[str, Any]] = {}
     for name, entry in data.items():
-        if entry is None:
+        if entry is None:  # `anime_prep:` with nothing under it: no values, but the name is still checked
+            values[str(name)] = {}
             continue
         if not isinstance(entry, dict):
             raise SettingsError(
@@ -96,6 +109,8 @@ _CACHE: dict[tuple[str, float], Settings] = {}
 
 def current_settings() -> Settings:
     """``load_settings()`` cached per (path, modification time): one read per code-location load."""
+    if settings_disabled():
+        return load_settings()
     target = settings_path()
     mtime = target.stat().st_mtime if target.exists() else -1.0
     key = (str(target), mtime)

@@ -13,6 +13,9 @@ import pytest
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# a personal animind.yaml (project root or $ANIMIND_SETTINGS) must not change what the tests see; tests of the
+# settings file point ANIMIND_SETTINGS at their own file
+os.environ["ANIMIND_SETTINGS"] = "none"
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 

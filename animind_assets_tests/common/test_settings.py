@@ -98,3 +98,16 @@ def test_unknown_asset_key_and_missing_env_file(tmp_path, monkeypatch):
         load_settings()
     monkeypatch.delenv("ANIMIND_SETTINGS")
     assert load_settings(tmp_path / "absent.yaml").values == {}
+
+
+def test_settings_can_be_switched_off_and_empty_entries_are_checked(tmp_path, monkeypatch):
+    """ANIMIND_SETTINGS=none reads no file (tests, config reference); `anime_prepp:` with nothing under it is
+    still an unknown key (it used to be dropped silently)."""
+    from animind_assets.settings import SettingsError, check_unknown_names, current_settings, load_settings
+
+    monkeypatch.setenv("ANIMIND_SETTINGS", "none")
+    assert load_settings().values == {} and current_settings().values == {}
+    path = tmp_path / "animind.yaml"
+    path.write_text("anime_prepp:\n")
+    with pytest.raises(SettingsError, match=r"unknown key 'anime_prepp'"):
+        check_unknown_names(load_settings(path), {"anime_prep"})

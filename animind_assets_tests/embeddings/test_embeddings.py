@@ -275,6 +275,7 @@ def test_checks_pass_on_real_vectors_and_fail_on_bad_data(base):
     collapsed = np.ones((20, 16)) + rng.normal(scale=1e-3, size=(20, 16))
     out = E.check_no_collapse(_frame(collapsed), threshold=0.9)
     assert not out.passed and "mean pairwise cosine" in out.description
+    assert "Cause:" in out.description and "Fix:" in out.description, out.description
     # two different texts with bit-identical vectors
     dup = mat.copy()
     dup[7] = dup[2]
@@ -576,3 +577,12 @@ def test_int8_needs_onnx_runtime(monkeypatch, tmp_path, fresh_embedders):
     monkeypatch.setattr(E.onnx_backend, "available", lambda: False)
     with pytest.raises(E.EmbeddingError, match="quantize='int8': onnxruntime is not installed"):
         E.embed_texts(["x"], CPU.replace(quantize="int8", onnx_cache_dir=str(tmp_path)))
+
+
+def test_no_collapse_check_is_blocking():
+    """Collapsed vectors must stop before rqvae_model: a refit on them would replace the quantizer and, once the
+    source is repaired, change every ID (found by a newcomer run of issue 13's path)."""
+    from animind_assets.defs.embeddings.anime_embeddings import anime_embeddings_no_collapse
+
+    specs = list(anime_embeddings_no_collapse.check_specs)
+    assert specs and all(spec.blocking for spec in specs), specs

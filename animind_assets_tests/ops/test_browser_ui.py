@@ -23,9 +23,10 @@ Then, in the browser:
    ``semantic_ids`` asset page says so (ids_kept / ids_changed / ids_added / ids_removed and the
    reason);
 7. a bad source: every synthetic anime gets the same title, synopsis and genres (a broken export);
-   the automated run stops at ``semantic_ids``' blocking check ``level_usage_floor`` with a message
-   that names the cause and the fix, nothing downstream runs, the previous IDs stay published, and the
-   run-failure sensor appends an alert to ``<data>/alerts.jsonl``.
+   the automated run stops at ``anime_embeddings``' blocking check ``anime_embeddings_no_collapse`` with a
+   message that names the cause and the fix, nothing downstream runs (the quantizer is not refitted on the
+   collapsed vectors), the previous quantizer and IDs stay published, and the run-failure sensor appends an
+   alert to ``<data>/alerts.jsonl``.
 
 Screenshots, the server log and timings go to ``test-artifacts/browser/`` (git-ignored).
 Needs Debian's ``chromium`` package (``apt-get install -y chromium``); never ``playwright install``.
@@ -416,6 +417,7 @@ def test_lineage_launchpad_materialize_and_asset_metadata(dagster_ui):
 
             # 7. a bad source (every synthetic anime has the same title, synopsis and genres): the automated
             #    run stops at the blocking check with the cause and the fix; an alert is appended
+            quantizer_run_before = _latest(base, "rqvae_model")[0]
             conn = sqlite3.connect(dagster_ui["source"])
             marks = ",".join("?" * len(dagster_ui["ids"]))
             conn.execute(
@@ -432,12 +434,16 @@ def test_lineage_launchpad_materialize_and_asset_metadata(dagster_ui):
             timings["bad_source_run_finished_s"] = time.perf_counter() - t_bad
             assert bad["status"] == "FAILURE", f"the bad source must fail the run: {bad}"
             steps = {s["stepKey"]: s["status"] for s in bad["stepStats"]}
-            assert steps.get("semantic_ids") == "FAILURE", steps
+            # the collapsed embeddings stop at anime_embeddings' blocking check: the quantizer is not refitted on
+            # them (a refit would replace it and change every ID once the source is repaired)
+            assert any("no_collapse" in k and v == "FAILURE" for k, v in steps.items()), steps
+            assert steps.get("rqvae_model") != "SUCCESS" and steps.get("semantic_ids") != "SUCCESS", steps
             checks, failures = _run_logs(base, bad_id)
-            passed, why = checks["level_usage_floor"]
+            passed, why = checks["anime_embeddings_no_collapse"]
             assert not passed and "Cause:" in why and "Fix:" in why, why
-            assert "level_usage_floor" in failures["semantic_ids"] and "nothing was written" in failures["semantic_ids"], failures
+            assert any("anime_embeddings_no_collapse" in err for err in failures.values()), failures
             assert _latest(base, "semantic_ids")[0] == auto_id, "the failed run must not replace the published IDs"
+            assert _latest(base, "rqvae_model")[0] == quantizer_run_before, "the failed run must not replace the quantizer"
             alerts = dagster_ui["data"] / "alerts.jsonl"
             deadline = time.monotonic() + ALERT_TIMEOUT_S
             records: list[dict] = []
@@ -449,15 +455,15 @@ def test_lineage_launchpad_materialize_and_asset_metadata(dagster_ui):
                 time.sleep(3)
             alert = next((r for r in records if r["run_id"] == bad_id), None)
             assert alert is not None, f"no alert for run {bad_id} in {alerts}: {records}"
-            assert any("level_usage_floor" in f["error"] for f in alert["step_failures"]), alert
+            assert any("no_collapse" in f["error"] for f in alert["step_failures"]), alert
             timings["alert_written_s"] = time.perf_counter() - t_bad
             page.goto(f"{base}/runs/{bad_id}", wait_until="domcontentloaded")
             expect(page.get_by_text("Failure", exact=True).first).to_be_visible(timeout=60_000)
-            expect(page.get_by_text("semantic_ids").first).to_be_visible()
+            expect(page.get_by_text("anime_embeddings").first).to_be_visible()
             page.screenshot(path=str(ARTIFACTS / "11_bad_source_run.png"))
             # the run's log lists the failed check's event (shown when it is within the rendered part of the log)
             try:
-                page.get_by_text("level_usage_floor").first.wait_for(timeout=15_000)
+                page.get_by_text("anime_embeddings_no_collapse").first.wait_for(timeout=15_000)
                 timings["bad_source_check_visible_on_run_page"] = 1
             except Exception:  # noqa: BLE001 - the virtualized log may need scrolling; GraphQL above is the assertion
                 timings["bad_source_check_visible_on_run_page"] = 0

@@ -333,3 +333,25 @@ def test_known_dagster_notices_stay_silenced_after_the_definitions_load(tmp_path
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "BetaWarning" not in proc.stderr and "PreviewWarning" not in proc.stderr, proc.stderr[-3000:]
     assert "UserWarning: a real warning" in proc.stderr, proc.stderr[-3000:]
+
+
+def test_cli_settings_error_is_one_line(tmp_path):
+    """A bad settings file (unknown key, or a missing file named by $ANIMIND_SETTINGS) makes `animind demo` print
+    one line naming the file and the key and exit 1, not Dagster's chained import tracebacks (newcomer finding)."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[2]
+    typo = tmp_path / "typo.yaml"
+    typo.write_text("anime_prep:\n  limitt: 150\n")
+    for settings, expected in ((typo, "anime_prep.limitt"), (tmp_path / "missing.yaml", "does not exist")):
+        env = {**os.environ, "DAGSTER_HOME": str(tmp_path / "home"), "ANIMIND_DATA_DIR": str(tmp_path / "data"),
+               "ANIMIND_SETTINGS": str(settings)}
+        proc = subprocess.run([sys.executable, "-m", "animind_assets.cli", "demo", "--select", "anime_prep"],
+                              cwd=root, env=env, capture_output=True, text=True, timeout=600)
+        lines = [line for line in (proc.stdout + proc.stderr).splitlines() if line.strip()]
+        assert proc.returncode == 1, proc
+        assert len(lines) == 1 and lines[0].startswith("[animind] settings error:"), lines
+        assert str(settings) in lines[0] and expected in lines[0], lines

@@ -310,3 +310,15 @@ def test_small_catalog_materializes_and_usage_is_judged_against_min_n_k(tmp_path
     assert not bad.success
     msgs = " ".join(str(e.event_specific_data.error) for e in bad.all_events if e.is_step_failure)
     assert "100 items < codebook_size 256" in msgs
+
+
+def test_drift_against_a_degenerate_fit_says_so_instead_of_an_absurd_percentage():
+    """A quantizer fitted on collapsed vectors has a ~0 reconstruction error; drift against it is reported as
+    degenerate (refit), not as "+1466236855545886464.0 %"."""
+    from animind_assets.lib.semantic_ids.stable import DriftReport
+
+    report = DriftReport(items_fit=150, items_now=150, recon_fit=2.42e-19, recon_now=0.003548, usage_shift_per_level=[0.0])
+    reasons = report.exceeded(DriftThresholds())
+    assert len(reasons) == 1 and "degenerate" in reasons[0] and "%" not in reasons[0], reasons
+    healthy = DriftReport(items_fit=150, items_now=150, recon_fit=0.0030, recon_now=0.0031, usage_shift_per_level=[0.01])
+    assert healthy.exceeded(DriftThresholds()) == []

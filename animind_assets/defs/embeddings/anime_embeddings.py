@@ -182,8 +182,9 @@ class CollapseCheckConfig(dg.Config):
 
 @dg.asset_check(
     asset=anime_embeddings,
+    blocking=True,  # collapsed vectors must not reach rqvae_model: a refit on them would replace the quantizer
     description="no collapse: mean pairwise cosine of a seeded sample below a threshold, and no two different "
-    "texts with identical vectors",
+    "texts with identical vectors (blocking: a collapsed table never reaches the quantizer)",
     **sharded_check_kwargs(),
 )
 def anime_embeddings_no_collapse(

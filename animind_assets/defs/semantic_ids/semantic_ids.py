@@ -293,8 +293,8 @@ def semantic_ids(
     failed = [c.check_name for c in checks if c.check_name in blocking and not c.passed]
     if failed:
         raise dg.Failure(
-            description=f"semantic_ids: blocking check(s) {failed} failed; nothing was written (the previous "
-            f"table, exports and ID registry are kept). Checkpoint {ckpt}.",
+            description=f"semantic_ids: blocking check(s) {failed} failed; semantic_ids wrote nothing (its previous "
+            f"table, exports and ID registry are kept); quantizer checkpoint used: {ckpt}",
             metadata={name: md[name] for name in ("dagster/row_count", "missing_from_prep") if name in md},
         )
 

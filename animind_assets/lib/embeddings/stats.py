@@ -138,6 +138,13 @@ def check_no_collapse(
         desc.append(f"mean pairwise cosine {mean:.4f} >= threshold {threshold}")
     if pairs:
         desc.append(f"{len(pairs)} pair(s) of different texts with identical vectors, e.g. {id_column} {pairs[:5]}")
+    if desc:
+        desc.append(
+            "Cause: the item texts are (nearly) all alike (a broken source export: same title/synopsis/genres on "
+            "every row) or the embedding model is broken. Fix: repair the source (compare anime_prep's text column "
+            "with the previous run) or the model; the quantizer and semantic IDs are not rebuilt until this passes "
+            "(if the catalog really is this uniform, raise collapse_threshold)"
+        )
     return CheckOutcome(
         passed=passed,
         description="; ".join(desc) or f"mean pairwise cosine {mean:.4f} < {threshold}, no identical vectors",

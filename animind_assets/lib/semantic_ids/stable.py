@@ -150,6 +150,11 @@ def fit_reference(codes: np.ndarray, recon_loss: float, codebook_size: int, requ
     }
 
 
+#: a fit-time reconstruction error below this means the quantizer was fitted on (nearly) identical vectors;
+#: a relative increase over it is meaningless (it would print as +1e18 %), so drift says so instead
+DEGENERATE_RECON = 1e-9
+
+
 @dataclass(frozen=True)
 class DriftThresholds:
     """Refit when the current vectors drifted past either bound (0 disables a bound).
@@ -191,7 +196,12 @@ class DriftReport:
     def exceeded(self, thresholds: DriftThresholds) -> list[str]:
         """Reasons (empty when within bounds)."""
         out = []
-        if thresholds.max_recon_increase > 0 and self.recon_increase > thresholds.max_recon_increase:
+        if thresholds.max_recon_increase > 0 and self.recon_fit < DEGENERATE_RECON and self.recon_now > self.recon_fit:
+            out.append(
+                f"drift: the fit-time reconstruction error {self.recon_fit:.2g} is degenerate (the quantizer was fitted "
+                f"on collapsed vectors); now {self.recon_now:.4g}"
+            )
+        elif thresholds.max_recon_increase > 0 and self.recon_increase > thresholds.max_recon_increase:
             out.append(
                 f"drift: reconstruction error {self.recon_now:.4g} is {self.recon_increase:+.1%} over the fit-time "
                 f"{self.recon_fit:.4g} (threshold +{thresholds.max_recon_increase:.0%})"

@@ -211,7 +211,8 @@ def apply_settings(cls: type, name: str, settings: Settings | None = None) -> ty
             )
         f = model_fields[field_name]
         try:
-            value = TypeAdapter(f.annotation).validate_python(raw)
+            # YAML's yes/no/true/false are booleans: never let one become 1/0 of a number field
+            value = TypeAdapter(f.annotation).validate_python(raw, strict=isinstance(raw, bool))
         except ValidationError as exc:
             first = exc.errors()[0].get("msg", str(exc)) if exc.errors() else str(exc)
             raise settings.error(f"{name}.{key}: {raw!r} is not valid for this field: {first}") from exc

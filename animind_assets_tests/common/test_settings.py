@@ -111,3 +111,18 @@ def test_settings_can_be_switched_off_and_empty_entries_are_checked(tmp_path, mo
     path.write_text("anime_prepp:\n")
     with pytest.raises(SettingsError, match=r"unknown key 'anime_prepp'"):
         check_unknown_names(load_settings(path), {"anime_prep"})
+
+
+def test_yaml_boolean_is_not_a_number(tmp_path):
+    """`limit: yes` (a YAML boolean) is refused for an int field instead of becoming limit=1."""
+    from animind_assets.defs.prep.anime_prep import AnimePrepConfig
+    from animind_assets.launchpad import apply_settings
+    from animind_assets.settings import SettingsError, load_settings
+
+    path = tmp_path / "animind.yaml"
+    path.write_text("anime_prep:\n  limit: yes\n")
+    with pytest.raises(SettingsError, match=r"anime_prep.limit: True is not valid"):
+        apply_settings(getattr(AnimePrepConfig, "BUILTIN", AnimePrepConfig), "anime_prep", load_settings(path))
+    path.write_text("anime_prep:\n  include_adult: yes\n  limit: 7\n")
+    cfg = apply_settings(getattr(AnimePrepConfig, "BUILTIN", AnimePrepConfig), "anime_prep", load_settings(path))()
+    assert cfg.include_adult is True and cfg.limit == 7

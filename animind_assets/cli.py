@@ -271,6 +271,9 @@ def _demo(args: argparse.Namespace, chatter) -> int:
         f"{len(checks)} checks ({len(failed_checks)} failed) in {elapsed:.1f}s{hidden}",
         flush=True,
     )
+    if not args.verbose and progress.done < progress.total:
+        print(f"[animind]   {progress.total - progress.done} of {progress.total} planned steps not run "
+              "(Dagster does not start the steps below a failed step or blocking check)")
     for e in failed_checks:
         key = e.event_specific_data.asset_check_key  # type: ignore[union-attr]
         print(f"[animind]   failed check {key.to_user_string()}: {(e.event_specific_data.description or '').strip()[:300]}")

@@ -10,20 +10,19 @@ with an ID (the leave-one-out evaluation ranks the whole catalog). One atomic fo
 """
 
 import time
-from pathlib import Path
 
 import dagster as dg
 import polars as pl
 from pydantic import Field
 
 from animind_assets.defs.beauty.shared import GROUP
-from animind_assets.defs.llm.shared import FINETUNE_DESCRIPTIONS
+from animind_assets.defs.llm.shared import FINETUNE_DESCRIPTIONS, load_codebooks, phase_losses, train_and_publish
 from animind_assets.gpu import GPU_OP_TAGS, GPU_POOL
 from animind_assets.launchpad import derive_config
-from animind_assets.lib.llm.finetune import FinetuneConfig, codebooks_from_checkpoint, run_finetune, save_model_folder
+from animind_assets.lib.llm.finetune import FinetuneConfig
 from animind_assets.lib.llm.sequence_data import item_lookup
 from animind_assets.meta import lines_plot, scalar_metadata
-from animind_assets.resources import ArtifactStoreResource, MlflowResource, data_dir
+from animind_assets.resources import ArtifactStoreResource, MlflowResource
 
 ASSET = "beauty_finetuned_model"
 MODEL_DIR = ASSET
@@ -40,19 +39,6 @@ BeautyFinetunedModelConfig = derive_config(
     },
     descriptions=FINETUNE_DESCRIPTIONS,
 )
-
-
-def _codebooks(store, path: str, log):
-    try:
-        if path:
-            return codebooks_from_checkpoint(path)
-        if store.exists(*QUANTIZER_CKPT):
-            with store.local_copy(*QUANTIZER_CKPT) as local:
-                return codebooks_from_checkpoint(str(local))
-        log(f"no {'/'.join(QUANTIZER_CKPT)} in the artifact store: warm start falls back to title centroids")
-    except Exception as exc:  # noqa: BLE001 - the warm start is an optimisation, never a blocker
-        log(f"could not read the quantizer codebooks ({type(exc).__name__}: {exc}); falling back to title centroids")
-    return None
 
 
 @dg.asset(
@@ -77,18 +63,13 @@ def beauty_finetuned_model(
     store.sweep(log=context.log.info)
     cfg = config.to_lib()
     lookup = item_lookup(beauty_items, beauty_semantic_ids, "item_id", "text")
-    codebooks = _codebooks(store, config.quantizer_checkpoint, context.log.info) if cfg.warm_start == "rqvae" else None
-    local_root = Path(store.root.path) if str(getattr(store.root, "protocol", "") or "") in ("", "file", "local") else data_dir()
-    with mlflow.start_run(context, tags={"base_model": cfg.base_model, "dataset": "amazon_beauty"}) as run:
-        result = run_finetune(beauty_llm_prep_dataset, lookup, cfg, local_root / WORK_DIR, codebooks=codebooks,
-                              special_tokens=(), log=context.log.info, run=run)
-        with store.atomic_dir(MODEL_DIR) as tmp:
-            files = save_model_folder(result, lookup, tmp)
-            if config.log_model_to_mlflow:
-                for f in sorted(Path(tmp).iterdir()):
-                    run.log_artifact(str(f), artifact_path="model")
-        run.log_metrics(result.metrics)
-        run_link = run.link
+    codebooks = (load_codebooks(store, config.quantizer_checkpoint, QUANTIZER_CKPT, context.log.info)
+                 if cfg.warm_start == "rqvae" else None)
+    result, files, _, run_link = train_and_publish(
+        context, store, mlflow, cfg, beauty_llm_prep_dataset, lookup, codebooks=codebooks, special_tokens=(),
+        model_dir=MODEL_DIR, work_dir=WORK_DIR, log_model=config.log_model_to_mlflow,
+        tags={"base_model": cfg.base_model, "dataset": "amazon_beauty"},
+    )
     m, info = result.metrics, result.info
     md = {
         **scalar_metadata({
@@ -108,8 +89,8 @@ def beauty_finetuned_model(
         "files": dg.MetadataValue.json(files),
         "phase_mix": dg.MetadataValue.json(info["phase_mix"]),
     }
-    losses = {p: [h["loss"] for h in result.history if h.get("phase") == p and "loss" in h] for p in ("phase1", "phase2")}
-    if any(losses.values()):
-        md.update(lines_plot("loss_plot", {k: v for k, v in losses.items() if v}, "training loss (completion tokens)",
+    losses = phase_losses(result.history)
+    if losses:
+        md.update(lines_plot("loss_plot", losses, "training loss (completion tokens)",
                              xlabel="log step", ylabel="loss"))
     return dg.MaterializeResult(metadata=md)

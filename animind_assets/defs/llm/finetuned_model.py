@@ -12,7 +12,6 @@ re-run with the same inputs and config resumes there).
 """
 
 import time
-from pathlib import Path
 
 import dagster as dg
 import polars as pl
@@ -20,12 +19,14 @@ from pydantic import Field
 
 from animind_assets.gpu import GPU_OP_TAGS, GPU_POOL
 from animind_assets.lib.llm.data import sid_lookup_frame
-from animind_assets.lib.llm.finetune import FinetuneConfig, codebooks_from_checkpoint, run_finetune, save_model_folder
+from animind_assets.lib.llm.finetune import FinetuneConfig
 from animind_assets.meta import lines_plot, markdown_table, scalar_metadata
 from animind_assets.lib.semantic_ids.tokens import SID_PATTERN, SPECIAL_TOKENS
-from animind_assets.resources import ArtifactStoreResource, MlflowResource, data_dir
+from animind_assets.resources import ArtifactStoreResource, MlflowResource
 
-from animind_assets.defs.llm.shared import FINETUNE_DESCRIPTIONS, GROUP, MODEL_DIR, WORK_DIR, semantic_ids_provenance
+from animind_assets.defs.llm.shared import (
+    FINETUNE_DESCRIPTIONS, GROUP, MODEL_DIR, WORK_DIR, load_codebooks, phase_losses, semantic_ids_provenance, train_and_publish,
+)
 from animind_assets.launchpad import derive_config
 
 
@@ -54,19 +55,6 @@ def model_lookup(anime_prep: pl.DataFrame, semantic_ids: pl.DataFrame, dataset: 
     sids = set(dataset["completion"].str.extract_all(SID_PATTERN).explode().drop_nulls().to_list())
     sids |= set(dataset["prompt"].str.extract_all(SID_PATTERN).explode().drop_nulls().to_list())
     return lookup.filter(pl.col("anime_id").is_in(list(used)) | pl.col("semantic_id").is_in(list(sids)))
-
-
-def load_codebooks(store, path: str, log) -> list | None:
-    try:
-        if path:
-            return codebooks_from_checkpoint(path)
-        if store.exists("rqvae_model", "model.pt"):
-            with store.local_copy("rqvae_model", "model.pt") as local:
-                return codebooks_from_checkpoint(str(local))
-        log("no rqvae_model/model.pt in the artifact store: warm start falls back to title centroids")
-    except Exception as exc:  # noqa: BLE001 - warm start is an optimisation, never a blocker
-        log(f"could not read RQ-VAE codebooks ({type(exc).__name__}: {exc}); falling back to title centroids")
-    return None
 
 
 def _device() -> str:
@@ -99,22 +87,12 @@ def finetuned_model(
     cfg = config.to_lib()
     lookup = model_lookup(anime_prep, semantic_ids, llm_prep_dataset, config.lookup_scope)
     context.log.info(f"model lookup: {lookup.height} anime ({config.lookup_scope})")
-    codebooks = load_codebooks(store, config.rqvae_checkpoint, context.log.info) if cfg.warm_start == "rqvae" else None
-    local_root = Path(store.root.path) if str(getattr(store.root, "protocol", "") or "") in ("", "file", "local") else data_dir()
-    work = local_root / WORK_DIR
-    with mlflow.start_run(context, tags={"base_model": cfg.base_model}) as run:
-        result = run_finetune(
-            llm_prep_dataset, lookup, cfg, work, codebooks=codebooks, special_tokens=SPECIAL_TOKENS,
-            log=context.log.info, run=run,
-        )
-        with store.atomic_dir(MODEL_DIR) as tmp:
-            files = save_model_folder(result, lookup, tmp)
-            if config.log_model_to_mlflow:
-                for f in sorted(Path(tmp).iterdir()):
-                    run.log_artifact(str(f), artifact_path="model")
-        run.log_metrics(result.metrics)
-        run_id = run.run_id
-        run_link = run.link
+    codebooks = (load_codebooks(store, config.rqvae_checkpoint, ("rqvae_model", "model.pt"), context.log.info)
+                 if cfg.warm_start == "rqvae" else None)
+    result, files, run_id, run_link = train_and_publish(
+        context, store, mlflow, cfg, llm_prep_dataset, lookup, codebooks=codebooks, special_tokens=SPECIAL_TOKENS,
+        model_dir=MODEL_DIR, work_dir=WORK_DIR, log_model=config.log_model_to_mlflow, tags={"base_model": cfg.base_model},
+    )
     elapsed = time.perf_counter() - t0
     m = result.metrics
     info = result.info
@@ -161,11 +139,7 @@ def finetuned_model(
     if run_id:
         md["mlflow_run_id"] = dg.MetadataValue.text(run_id)
         md["mlflow_run"] = dg.MetadataValue.url(run_link)
-    losses = {}
-    for phase in ("phase1", "phase2"):
-        ys = [h["loss"] for h in result.history if h.get("phase") == phase and "loss" in h]
-        if ys:
-            losses[phase] = ys
+    losses = phase_losses(result.history)
     if losses:
         md.update(lines_plot("loss_plot", losses, "training loss (completion tokens)", xlabel="log step", ylabel="loss"))
         hist = pl.DataFrame([{k: h.get(k) for k in ("phase", "step", "loss", "mean_token_accuracy", "learning_rate")} for h in result.history if "loss" in h])

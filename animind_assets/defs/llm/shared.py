@@ -1,4 +1,8 @@
-"""Shared Dagster-layer names of the llm group (artifact-store folders)."""
+"""Shared Dagster-layer pieces of the LM assets (anime ``finetuned_model`` and ``beauty_finetuned_model``):
+artifact-store folder names, launchpad descriptions, codebook loading, the train-and-publish step and the
+loss plot."""
+
+from pathlib import Path
 
 GROUP = "llm"
 MODEL_DIR = "finetuned_model"
@@ -77,3 +81,52 @@ def semantic_ids_provenance(context, asset: str) -> dict:
     else:
         change = f"semantic IDs changed {built_on} -> {version}: {reason}"
     return {"semantic_ids_version": dg.MetadataValue.text(version), "semantic_ids_change": dg.MetadataValue.text(change)}
+
+
+def load_codebooks(store, path: str, default: tuple[str, ...], log) -> list | None:
+    """Quantizer codebooks for the warm start: ``path`` when given, else the artifact-store file ``default``.
+
+    Returns ``None`` (the warm start falls back to title centroids, said in ``log``) when the file is
+    missing or unreadable: the warm start is an optimisation, never a blocker.
+    """
+    from animind_assets.lib.llm.finetune import codebooks_from_checkpoint
+
+    try:
+        if path:
+            return codebooks_from_checkpoint(path)
+        if store.exists(*default):
+            with store.local_copy(*default) as local:
+                return codebooks_from_checkpoint(str(local))
+        log(f"no {'/'.join(default)} in the artifact store: warm start falls back to title centroids")
+    except Exception as exc:  # noqa: BLE001 - the warm start is an optimisation, never a blocker
+        log(f"could not read the quantizer codebooks ({type(exc).__name__}: {exc}); falling back to title centroids")
+    return None
+
+
+def train_and_publish(context, store, mlflow, cfg, dataset, lookup, *, codebooks, special_tokens, model_dir: str,
+                      work_dir: str, log_model: bool, tags: dict):
+    """``run_finetune`` inside an MLflow run, then the model folder published atomically at ``model_dir``.
+
+    The work folder (checkpoints, resume) stays on local disk: under the artifact store when it is local,
+    else under ``data_dir()``. Returns ``(result, files, mlflow_run_id, mlflow_run_link)``.
+    """
+    from animind_assets.lib.llm.finetune import run_finetune, save_model_folder
+    from animind_assets.resources import data_dir
+
+    local_root = Path(store.root.path) if str(getattr(store.root, "protocol", "") or "") in ("", "file", "local") else data_dir()
+    with mlflow.start_run(context, tags=tags) as run:
+        result = run_finetune(dataset, lookup, cfg, local_root / work_dir, codebooks=codebooks,
+                              special_tokens=special_tokens, log=context.log.info, run=run)
+        with store.atomic_dir(model_dir) as tmp:
+            files = save_model_folder(result, lookup, tmp)
+            if log_model:
+                for f in sorted(Path(tmp).iterdir()):
+                    run.log_artifact(str(f), artifact_path="model")
+        run.log_metrics(result.metrics)
+        return result, files, run.run_id, run.link
+
+
+def phase_losses(history: list[dict]) -> dict[str, list[float]]:
+    """Training loss per phase (``phase1``/``phase2``) from ``run_finetune``'s history; phases without any left out."""
+    losses = {p: [h["loss"] for h in history if h.get("phase") == p and "loss" in h] for p in ("phase1", "phase2")}
+    return {p: ys for p, ys in losses.items() if ys}

@@ -355,3 +355,29 @@ def test_cli_settings_error_is_one_line(tmp_path):
         assert proc.returncode == 1, proc
         assert len(lines) == 1 and lines[0].startswith("[animind] settings error:"), lines
         assert str(settings) in lines[0] and expected in lines[0], lines
+
+
+def test_cli_failed_step_names_the_file_and_counts_the_steps_not_run(tmp_path):
+    """Shared case e13 (every anime adult-rated) through `animind demo`: the failed step's line names the file
+    and the table, nothing is written, and the summary says how many planned steps did not run."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from animind_assets_tests.conftest import shared_cases
+
+    case = shared_cases() / "sqlite" / "e13_all_excluded.sqlite"
+    if not case.exists():
+        pytest.skip(f"shared case {case} absent")
+    root = Path(__file__).resolve().parents[2]
+    env = {**os.environ, "DAGSTER_HOME": str(tmp_path / "home"), "ANIMIND_DATA_DIR": str(tmp_path / "data"),
+           "ANIMIND_SOURCE": "sqlite", "ANIMIND_SQLITE_PATH": str(case)}
+    proc = subprocess.run([sys.executable, "-m", "animind_assets.cli", "demo", "--select", "anime_prep user_interactions"],
+                          cwd=root, env=env, capture_output=True, text=True, timeout=600)
+    out = proc.stdout
+    assert proc.returncode == 1, (proc.stdout, proc.stderr)
+    failed = [line for line in out.splitlines() if "anime_prep: FAILED" in line]
+    assert failed and "0 of 5 rows kept (adult_excluded 5)" in failed[0] and str(case) in failed[0], out
+    assert "(table anime)" in failed[0] and "nothing was written" in failed[0], out
+    assert "2 of 3 planned steps not run" in out, out

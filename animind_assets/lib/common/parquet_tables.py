@@ -269,9 +269,9 @@ class ParquetTableStore:
 
     # -- maintenance ---------------------------------------------------------------------------
     def vacuum(self, location: UPath, older_than_s: float = 3600.0) -> list[str]:
-        """Delete data objects at ``location`` that no manifest names and are older than
-        ``older_than_s`` (orphans of killed writers; young ones may belong to a write in progress).
-        Returns the removed names."""
+        """Delete data objects at ``location`` that no manifest names, and temporary manifests
+        (``._manifest.json.<hex>.tmp``), older than ``older_than_s`` (orphans of killed writers; young
+        ones may belong to a write in progress). Returns the removed names."""
         manifest = self._read_manifest_or_none(location)
         keep = set(manifest.files) if manifest else set()
         now = _dt.datetime.now(_dt.timezone.utc).timestamp()
@@ -280,7 +280,8 @@ class ParquetTableStore:
             return removed
         for child in location.iterdir():
             name = child.name
-            if not (name.startswith("data-") or name.startswith(".data-")) or name in keep:
+            orphan_manifest = name.startswith(f".{MANIFEST}.") and name.endswith(".tmp")
+            if not (name.startswith("data-") or name.startswith(".data-") or orphan_manifest) or name in keep:
                 continue
             info = child.fs.info(child.path)
             mtime = info.get("mtime") or info.get("LastModified") or info.get("created")

@@ -39,6 +39,8 @@ from animind_assets.lib.semantic_ids.quantizers import encode_codes, load_quanti
 from animind_assets.lib.semantic_ids.quantizers.metrics import code_stats
 from animind_assets.lib.semantic_ids.exports import export_rows, write_export_files
 from animind_assets.lib.semantic_ids.stable import model_fingerprint, vector_hashes
+from animind_assets.lib.semantic_ids.encode_table import codes_from_frame
+from animind_assets.defs.embeddings.sharding import embedding_shards
 from animind_assets.lib.semantic_ids.id_registry import REGISTRY_FILE, REGISTRY_META, id_space_version, load_registry, save_registry, stable_assign
 from animind_assets.lib.semantic_ids.assign import (
     DEFAULT_SPECIAL_TOKENS,
@@ -108,7 +110,10 @@ def write_exports(store, folder: str, rows: list[dict], vocab: dict, meta: dict,
     return str(store.path(folder))
 
 
-@dg.asset(
+SHARDED = embedding_shards() > 0  # $ANIMIND_EMBEDDING_SHARDS: encode per shard in semantic_id_codes
+
+_ASSET_KWARGS = dict(
+    name="semantic_ids",
     group_name=GROUP,
     deps=["rqvae_model"],
     kinds={"duckdb", "polars"},
@@ -123,36 +128,81 @@ def write_exports(store, folder: str, rows: list[dict], vocab: dict, meta: dict,
         dg.AssetCheckSpec("collision_rate_before_disambiguation", asset="semantic_ids", blocking=False,
                           description="share of anime whose quantizer codes collide (warning only)"),
     ],
-    description="Unique hierarchical semantic ID per anime (quantizer codes + disambiguation level).",
 )
-def semantic_ids(
-    context: dg.AssetExecutionContext,
-    config: SemanticIdsConfig,
-    artifacts: ArtifactStoreResource,
-    exports: ParquetExports,
-    anime_prep: pl.DataFrame,
-    anime_embeddings: pl.DataFrame,
-) -> Iterator:
-    t0 = time.perf_counter()
-    store = artifacts.store()
+
+
+def _load_checkpoint(config: SemanticIdsConfig, store):
     ckpt = config.checkpoint or str(store.path(RQVAE_DIR, CHECKPOINT_NAME))
     try:
         model, payload = load_quantizer(ckpt)
     except FileNotFoundError as exc:
         raise FileNotFoundError(f"{exc}. Materialize rqvae_model first (or set config.checkpoint).") from exc
-    ids, x = frame_vectors(anime_embeddings, "anime_id", "embedding", table="anime_embeddings")
-    if x.shape[1] != int(payload["input_dim"]):
-        raise ValueError(
-            f"anime_embeddings.embedding has dim {x.shape[1]} but checkpoint {ckpt} expects {payload['input_dim']}; "
-            "re-materialize rqvae_model on the current embeddings"
+    return ckpt, model, payload
+
+
+if not SHARDED:
+
+    @dg.asset(
+        **_ASSET_KWARGS,
+        description="Unique hierarchical semantic ID per anime (quantizer codes + disambiguation level).",
+    )
+    def semantic_ids(
+        context: dg.AssetExecutionContext,
+        config: SemanticIdsConfig,
+        artifacts: ArtifactStoreResource,
+        exports: ParquetExports,
+        anime_prep: pl.DataFrame,
+        anime_embeddings: pl.DataFrame,
+    ) -> Iterator:
+        t0 = time.perf_counter()
+        store = artifacts.store()
+        ckpt, model, payload = _load_checkpoint(config, store)
+        ids, x = frame_vectors(anime_embeddings, "anime_id", "embedding", table="anime_embeddings")
+        if x.shape[1] != int(payload["input_dim"]):
+            raise ValueError(
+                f"anime_embeddings.embedding has dim {x.shape[1]} but checkpoint {ckpt} expects {payload['input_dim']}; "
+                "re-materialize rqvae_model on the current embeddings"
+            )
+        t_enc = time.perf_counter()
+        codes = encode_codes(model, x)
+        encode_s = time.perf_counter() - t_enc
+        context.log.info(f"encoded {len(ids)} anime with {payload['kind']} checkpoint {ckpt} ({codes.shape[1]} levels) in {encode_s:.1f}s")
+        yield from _assign_and_publish(
+            context, config, store, exports, anime_prep, ids, codes, vector_hashes(x), ckpt, payload, encode_s, t0
         )
+
+else:
+
+    @dg.asset(
+        **_ASSET_KWARGS,
+        description="Unique hierarchical semantic ID per anime from the union of the semantic_id_codes shards "
+        "(disambiguation level, stable ID registry, vocabulary and exports need every item at once).",
+    )
+    def semantic_ids(
+        context: dg.AssetExecutionContext,
+        config: SemanticIdsConfig,
+        artifacts: ArtifactStoreResource,
+        exports: ParquetExports,
+        anime_prep: pl.DataFrame,
+        semantic_id_codes: pl.DataFrame,
+    ) -> Iterator:
+        t0 = time.perf_counter()
+        store = artifacts.store()
+        ckpt, _model, payload = _load_checkpoint(config, store)
+        ids, codes, hashes = codes_from_frame(semantic_id_codes, model_fingerprint(payload["model_state"]))
+        n_shards = semantic_id_codes["shard"].n_unique() if "shard" in semantic_id_codes.columns else 1
+        context.log.info(f"semantic_ids: {len(ids)} anime's codes from {n_shards} shard(s) of semantic_id_codes")
+        yield from _assign_and_publish(
+            context, config, store, exports, anime_prep, ids, codes, hashes, ckpt, payload, None, t0
+        )
+
+
+def _assign_and_publish(context, config, store, exports, anime_prep, ids, codes, hashes, ckpt, payload, encode_s, t0) -> Iterator:
+    """Disambiguate, assign stable IDs against the registry, run the checks, then publish (table, exports,
+    registry) only when every blocking check passed."""
     qcfg = payload["config"]
     k = int(qcfg["codebook_size"])
     quantizer_fp = model_fingerprint(payload["model_state"])
-    t_enc = time.perf_counter()
-    codes = encode_codes(model, x)
-    encode_s = time.perf_counter() - t_enc
-    context.log.info(f"encoded {len(ids)} anime with {payload['kind']} checkpoint {ckpt} ({codes.shape[1]} levels) in {encode_s:.1f}s")
     before = code_stats(codes, k)
 
     # stable assignment against the previous registry (same folder as the exports)
@@ -165,7 +215,7 @@ def semantic_ids(
         except (ValueError, OSError, pl.exceptions.PolarsError) as exc:
             registry_note = f"previous ID registry unreadable, IDs assigned afresh: {exc}"
             context.log.warning(registry_note)
-    assignment = stable_assign(ids, codes, vector_hashes(x), quantizer_fp, previous, release_removed=config.release_removed)
+    assignment = stable_assign(ids, codes, hashes, quantizer_fp, previous, release_removed=config.release_removed)
     full = assignment.full
     c = assignment.counts
 
@@ -240,8 +290,9 @@ def semantic_ids(
                 "usable_codes_per_level": usable,
                 "missing_from_prep": len(missing),
                 "encoded": len(ids),
-                "encode_seconds": round(encode_s, 2),
-                "encoded_per_s": round(len(ids) / encode_s, 1) if encode_s > 0 else None,
+                "encode_seconds": round(encode_s, 2) if encode_s is not None else None,
+                "encoded_per_s": round(len(ids) / encode_s, 1) if encode_s else None,
+                "encoded_in": "semantic_id_codes shards" if encode_s is None else "this step",
                 "wall_seconds": round(time.perf_counter() - t0, 2),
                 "checkpoint": ckpt,
             }

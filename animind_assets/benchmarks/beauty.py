@@ -151,15 +151,15 @@ def item_vectors(kind: str, data, out: Path, log) -> "np.ndarray":
             np.save(cache, vec)
         parts.append(vec)
     if "sasrec" in kind:
-        from animind_assets.lib.retrieval.sasrec import load_sasrec
+        from animind_assets.lib.retrieval.sasrec import load_sasrec, sasrec_item_vectors
 
         if not (out / "sasrec_model").exists():
             raise FileNotFoundError(f"--rpg-embeddings {kind} needs {out / 'sasrec_model'}: run --models sasrec first")
         model, _ = load_sasrec(str(out / "sasrec_model"))
-        parts.append(model.item_emb.weight[1:].detach().numpy())
-    if len(parts) > 1:
-        parts = [(p - p.mean(0)) / (p.std(0) + 1e-8) / np.sqrt(p.shape[1]) for p in parts]
-    return np.concatenate(parts, axis=1)
+        parts.append(sasrec_item_vectors(model))
+    from animind_assets.lib.retrieval.pq import combine_item_vectors
+
+    return combine_item_vectors(parts)
 
 
 def run_rpg(split, rows, args, data, out: Path, log) -> dict:

@@ -322,6 +322,31 @@ def test_product_quantization_codes(backend, method):
         product_quantize(x[:10], PQConfig(n_codebooks=4, codebook_size=16, backend=backend, method=method))
 
 
+def test_combine_item_vectors_balances_blocks_of_different_width():
+    from animind_assets.lib.retrieval.pq import combine_item_vectors
+
+    rng = np.random.default_rng(0)
+    a, b = rng.normal(size=(50, 384)) * 5.0, rng.normal(size=(50, 16))
+    assert combine_item_vectors([b]).shape == (50, 16)
+    both = combine_item_vectors([a, b])
+    assert both.shape == (50, 400) and both.dtype == np.float32
+    # each block carries the same total variance whatever its width or scale
+    assert both[:, :384].var(0).sum() == pytest.approx(both[:, 384:].var(0).sum(), rel=1e-3)
+    with pytest.raises(ValueError, match="item counts"):
+        combine_item_vectors([a, b[:10]])
+    with pytest.raises(ValueError, match="no vector blocks"):
+        combine_item_vectors([])
+
+
+def test_sasrec_item_vectors_are_the_item_table_without_padding():
+    from animind_assets.lib.retrieval.sasrec import SASRec, SASRecConfig, sasrec_item_vectors
+
+    model = SASRec(12, SASRecConfig(hidden=8, blocks=1, heads=1))
+    vec = sasrec_item_vectors(model)
+    assert vec.shape == (12, 8) and vec.dtype == np.float32
+    np.testing.assert_array_equal(vec[3], model.item_emb.weight[4].detach().numpy())
+
+
 # ------------------------------------------------------------------------------------------ assets
 @pytest.mark.slow
 def test_beauty_sequence_assets_train_and_eval_in_process(tmp_path, animind_env):
@@ -365,6 +390,8 @@ def test_beauty_sequence_assets_train_and_eval_in_process(tmp_path, animind_env)
     assert res.success
     codes = resources["warehouse"].read_table("beauty_pq_codes")
     assert codes.height == 60 and set(codes["codes"].list.len().to_list()) == {4}
+    pq_md = res.asset_materializations_for_node("beauty_pq_codes")[0].metadata
+    assert pq_md["vectors"].value == "sasrec" and pq_md["vector_dim"].value == 32  # SASRec hidden 32, not MiniLM 384
     table = resources["warehouse"].read_table("beauty_eval")
     rows = {(r["model"], r["masking"]): r for r in table.iter_rows(named=True)}
     pop = rows[("popularity (train+valid counts)", "masked")]

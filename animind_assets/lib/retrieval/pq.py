@@ -24,6 +24,8 @@ from typing import Any
 import numpy as np
 
 METHODS = ("opq", "pq")
+#: what PQ quantizes for RPG on Beauty: MiniLM item-text vectors, the SASRec item embeddings, or both
+VECTOR_SOURCES = ("sasrec", "text", "text+sasrec")
 BACKENDS = ("auto", "faiss", "sklearn")
 
 
@@ -202,3 +204,20 @@ def next_item_code_gain(codes: np.ndarray, train: list[np.ndarray], held_out_pre
         va, vb = codes[held_out_prev, j], codes[held_out_next, j]
         gains[j] = float(np.mean(np.log((1 - smoothing) * big[va, vb] + smoothing * uni[vb]) - np.log(uni[vb])))
     return gains
+
+
+def combine_item_vectors(parts: list[np.ndarray]) -> np.ndarray:
+    """Concatenate per-item vector blocks ``(n, d_i)`` into ``(n, sum d_i)`` float32.
+
+    One block is returned as is (``product_quantize`` standardizes it). Several blocks are each z-scored per
+    dimension and scaled by ``1/sqrt(d_i)`` first, so every block carries the same total variance whatever its
+    width (e.g. 384-d text vectors beside 64-d SASRec embeddings). Raises ``ValueError`` when the blocks have
+    different numbers of rows or there are none."""
+    if not parts:
+        raise ValueError("combine_item_vectors: no vector blocks")
+    if len({p.shape[0] for p in parts}) != 1:
+        raise ValueError(f"combine_item_vectors: blocks have different item counts {[p.shape[0] for p in parts]}")
+    parts = [np.asarray(p, dtype=np.float32) for p in parts]
+    if len(parts) > 1:
+        parts = [(p - p.mean(0)) / (p.std(0) + 1e-8) / np.sqrt(p.shape[1]) for p in parts]
+    return np.ascontiguousarray(np.concatenate(parts, axis=1), dtype=np.float32)

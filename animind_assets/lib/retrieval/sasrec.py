@@ -25,6 +25,7 @@ import math
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -150,6 +151,12 @@ def train_sasrec(split: SequenceSplit, cfg: SASRecConfig, log: LogFn | None = No
 def save_sasrec(model: SASRec, dest: str, extra: dict[str, Any] | None = None) -> str:
     """Folder with ``weights.pt`` (state dict) + ``config.json`` (+ ``extra.json``), written atomically."""
     return write_model_folder(model.state_dict(), {"n_items": model.n_items, **model.cfg.to_dict()}, dest, extra)
+
+
+def sasrec_item_vectors(model: SASRec) -> np.ndarray:
+    """The learned item embeddings of a SASRec model, ``(n_items, hidden)`` float32, row ``i`` = item id ``i``
+    (the padding row 0 of the embedding table is dropped). Used as the input of product quantization for RPG."""
+    return model.item_emb.weight[1:].detach().cpu().float().numpy().copy()
 
 
 def load_sasrec(src: str, map_location: str = "cpu") -> tuple[SASRec, dict[str, Any]]:

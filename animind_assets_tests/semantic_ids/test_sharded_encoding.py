@@ -186,7 +186,7 @@ def test_sharded_encoding_equals_unsharded_and_refit_needs_a_backfill(tmp_path, 
     assert not bad.success
     error = next(e for e in bad.all_events if e.event_type_value == "STEP_FAILURE").event_specific_data.error
     err = error.message + (error.cause.message if error.cause else "")
-    assert "quantizer_fingerprint" in err and "backfill every shard of semantic_id_codes" in err, err
+    assert "quantizer_fingerprint" in err and "backfill those shards of semantic_id_codes" in err, err
     assert all(k in err for k in shard_keys(SHARDS)), err
     from animind_assets.resources import DuckDBWarehouse
 

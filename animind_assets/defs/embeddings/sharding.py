@@ -1,16 +1,18 @@
-"""Item-hash shards as Dagster partitions, for the per-item steps of large catalogs (``anime_embeddings``).
+"""Item-hash shards as Dagster partitions, for the per-item steps of large catalogs (``anime_embeddings`` and
+the semantic-ID encoding ``semantic_id_codes``).
 
 ``$ANIMIND_EMBEDDING_SHARDS`` (read when the definitions load; default ``0``):
 
 * ``0`` = unpartitioned (the default; right for catalogs a single step embeds in minutes);
-* ``N >= 1`` = ``anime_embeddings`` gets a ``StaticPartitionsDefinition`` of the keys ``"00-of-N"`` ...
+* ``N >= 1`` = ``anime_embeddings`` and ``semantic_id_codes`` get a ``StaticPartitionsDefinition`` of the keys
+  ``"<k>-of-N"`` (k zero-padded to the width of N-1: ``"0-of-4"``, ``"00-of-16"``)
   (``lib.common.sharding``): a backfill runs one step per shard (one pod each under ``k8s_job_executor``),
   a failed shard reruns alone, and each shard is incremental against its own previous rows.
 
 Storage: every shard is a partition of the one table ``anime_embeddings`` with a ``shard`` column
 (= the partition key; ``partition_expr`` metadata), so the DuckDB IO manager replaces ``WHERE shard = key``
 and the multi-pod Parquet backend writes one dataset folder per shard. An unpartitioned downstream
-(``rqvae_model``, ``semantic_ids``) loads the union of all shards as one frame; ``frame_vectors`` sorts it
+(``rqvae_model``; ``semantic_ids`` reads the union of ``semantic_id_codes``) loads the union of all shards as one frame; ``frame_vectors`` sorts it
 by id, so the downstream sees the same rows in the same order as from the unsharded table.
 
 Changing ``N`` changes the key set: the next backfill of the new keys reuses the previous vectors of the

@@ -86,8 +86,8 @@ def codes_from_frame(
         raise ValueError(
             f"{table}.quantizer_fingerprint: {stale.height} of {df.height} rows{where} were encoded by quantizer "
             f"{found}, not the current {quantizer_fingerprint}, e.g. {id_column} {stale[id_column].head(5).to_list()}. "
-            "Cause: rqvae_model was refit after those shards were encoded. Fix: backfill every shard of "
-            f"{table}, then materialize semantic_ids."
+            "Cause: rqvae_model was refit after those shards were encoded. Fix: backfill those shards of "
+            f"{table} (after a refit: every shard), then materialize semantic_ids."
         )
     df = df.sort(id_column)
     lens = df["codes"].list.len()

@@ -103,7 +103,18 @@ def child(catalog: str, out: str, shard: str | None, cpu_workers: int, limit: in
     if shard:
         df = df.filter(pl.Series(shard_mask(df["anime_id"].to_list(), shard)))
     cfg = EmbeddingConfig(cpu_workers=cpu_workers)
-    table, stats = build_embeddings(df["anime_id"].to_list(), df["anime_text"].to_list(), None, cfg)
+    label = shard or "unsharded"
+
+    last = [0.0]
+
+    def log(msg: str) -> None:
+        """Progress (counts, rate, ETA) on stderr, tagged with the run: at most one line a minute, plus the end."""
+        now = time.perf_counter()
+        if now - last[0] >= 60.0 or "(100.0%)" in msg:
+            last[0] = now
+            print(f"[{label}] {msg}", file=sys.stderr, flush=True)
+
+    table, stats = build_embeddings(df["anime_id"].to_list(), df["anime_text"].to_list(), None, cfg, log=log)
     table.select("anime_id", "embedding").write_parquet(out)
     figures = {
         "shard": shard or "all",

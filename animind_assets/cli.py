@@ -64,6 +64,8 @@ class StepProgress:
         self.total = total
         self.out = out
         self.cursor = None
+        self.poll_errors = 0  # event-log reads that failed and were retried on the next tick
+        self.last_poll_error = ""
         self.done = 0
         self.rows: dict[str, list[str]] = {}
         self.checks: dict[str, list[str]] = {}
@@ -76,6 +78,17 @@ class StepProgress:
         self.out(f"[animind] {text}")
 
     def poll(self) -> None:
+        """Print the lines of the steps that started/finished since the last poll. Reading the event log
+        can fail transiently while the run thread writes it (e.g. SQLite ``database is locked`` or the
+        run's event database being created on a loaded machine): such a poll is skipped and retried on the
+        next tick (the cursor is kept, nothing is lost). The run itself never depends on this display."""
+        try:
+            self._poll()
+        except Exception as exc:  # noqa: BLE001 - display only; the run thread owns the outcome
+            self.poll_errors += 1
+            self.last_poll_error = f"{type(exc).__name__}: {exc}"
+
+    def _poll(self) -> None:
         import dagster as dg
 
         types = {getattr(dg.DagsterEventType, k) for k in self.KINDS}
@@ -254,6 +267,9 @@ def _demo(args: argparse.Namespace, chatter) -> int:
         raise box["error"]
     if not args.verbose:
         progress.poll()
+        if progress.poll_errors and progress.done < progress.total:
+            print(f"[animind]   step lines incomplete: {progress.poll_errors} event-log read(s) failed, last: "
+                  f"{progress.last_poll_error[:200]} (the run's own result follows)", flush=True)
     result = box["result"]
     elapsed = time.perf_counter() - t0
     ok = result.success

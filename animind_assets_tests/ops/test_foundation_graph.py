@@ -171,7 +171,6 @@ def test_cli_demo_is_quiet_one_line_per_step(tmp_path):
     prints one line per step (start time, seconds, rows, check results) and the summary; no Dagster
     DEBUG events and no beta warnings. The settings file's limit shows up in the rows."""
     import os
-    import subprocess
     import sys
     from pathlib import Path
 
@@ -192,12 +191,10 @@ def test_cli_demo_is_quiet_one_line_per_step(tmp_path):
         "DAGSTER_DISABLE_TELEMETRY": "yes",
         "PYTHONPATH": str(root) + os.pathsep + os.environ.get("PYTHONPATH", ""),
     }
-    proc = subprocess.run(
-        [sys.executable, "-m", "animind_assets.cli", "demo", "--select", "group:prep"],
-        cwd=root, env=env, capture_output=True, text=True, timeout=600,
+    out, err, returncode = run_cli_to_files(
+        [sys.executable, "-m", "animind_assets.cli", "demo", "--select", "group:prep"], root, env, tmp_path
     )
-    out, err = proc.stdout, proc.stderr
-    assert proc.returncode == 0, f"{out}\n{err[-3000:]}"
+    assert returncode == 0, f"{out}\n{err[-3000:]}"
     lines = out.strip().splitlines()
     assert len(lines) == 2 + 3 + 2, out  # observe + plan, one line per step (3), summary + UI hint
     assert all(line.startswith("[animind] ") for line in lines), out
@@ -206,6 +203,29 @@ def test_cli_demo_is_quiet_one_line_per_step(tmp_path):
     assert "SUCCESS; 2 materializations, 1 checks (0 failed)" in out
     for noise in ("DEBUG", "STEP_START", "BetaWarning", "PreviewWarning"):
         assert noise not in out and noise not in err, f"{noise} printed:\n{out}\n{err[-3000:]}"
+
+
+def run_cli_to_files(cmd: list[str], cwd, env: dict, tmp_path, timeout: float = 600) -> tuple[str, str, int]:
+    """Run the CLI in its own session with stdout/stderr in files, then kill whatever it left behind.
+
+    Pipes would tie the test to every process that inherited them: Dagster's compute-log capture starts
+    ``tail -F`` children, and a CLI that died without closing its capture would leave them holding the pipe,
+    so ``communicate`` would wait for its whole timeout. Files return as soon as the CLI exits."""
+    import os
+    import signal
+    import subprocess
+
+    out_p, err_p = tmp_path / "cli.out", tmp_path / "cli.err"
+    with out_p.open("w") as fo, err_p.open("w") as fe:
+        proc = subprocess.Popen(cmd, cwd=cwd, env=env, stdout=fo, stderr=fe, text=True, start_new_session=True)
+        try:
+            returncode = proc.wait(timeout=timeout)
+        finally:
+            try:
+                os.killpg(proc.pid, signal.SIGKILL)  # leftover children (compute-log tails), if any
+            except ProcessLookupError:
+                pass
+    return out_p.read_text(), err_p.read_text(), returncode
 
 
 CHATTY_DRIVER = """
@@ -251,7 +271,6 @@ def test_cli_demo_hides_library_chatter(tmp_path):
     UserWarning, no library INFO/WARNING line and no Dagster notice; the library ERROR line still shows;
     the summary names the file holding the hidden warnings. With --verbose the warnings come back."""
     import os
-    import subprocess
     import sys
     from pathlib import Path
 
@@ -280,12 +299,13 @@ def test_cli_demo_hides_library_chatter(tmp_path):
     def demo(*extra):
         tag = "verbose" if extra else "quiet"  # fresh folders: the embedding model is loaded in both runs
         run_env = {**env, "DAGSTER_HOME": str(tmp_path / f"home_{tag}"), "ANIMIND_DATA_DIR": str(tmp_path / f"data_{tag}")}
-        proc = subprocess.run(
-            [sys.executable, str(driver), "demo", "--select", "anime_prep anime_embeddings", *extra],
-            cwd=root, env=run_env, capture_output=True, text=True, timeout=900,
+        run_dir = tmp_path / f"cli_{tag}"
+        run_dir.mkdir()
+        stdout, stderr, code = run_cli_to_files(
+            [sys.executable, str(driver), "demo", "--select", "anime_prep anime_embeddings", *extra], root, run_env, run_dir, 900
         )
-        assert proc.returncode == 0, f"{proc.stdout}\n{proc.stderr[-3000:]}"
-        return proc.stdout, proc.stderr
+        assert code == 0, f"{stdout}\n{stderr[-3000:]}"
+        return stdout, stderr
 
     out, err = demo()
     lines = out.strip().splitlines()
@@ -361,7 +381,6 @@ def test_cli_failed_step_names_the_file_and_counts_the_steps_not_run(tmp_path):
     """Shared case e13 (every anime adult-rated) through `animind demo`: the failed step's line names the file
     and the table, nothing is written, and the summary says how many planned steps did not run."""
     import os
-    import subprocess
     import sys
     from pathlib import Path
 
@@ -373,11 +392,37 @@ def test_cli_failed_step_names_the_file_and_counts_the_steps_not_run(tmp_path):
     root = Path(__file__).resolve().parents[2]
     env = {**os.environ, "DAGSTER_HOME": str(tmp_path / "home"), "ANIMIND_DATA_DIR": str(tmp_path / "data"),
            "ANIMIND_SOURCE": "sqlite", "ANIMIND_SQLITE_PATH": str(case)}
-    proc = subprocess.run([sys.executable, "-m", "animind_assets.cli", "demo", "--select", "anime_prep user_interactions"],
-                          cwd=root, env=env, capture_output=True, text=True, timeout=600)
-    out = proc.stdout
-    assert proc.returncode == 1, (proc.stdout, proc.stderr)
+    out, err, code = run_cli_to_files(
+        [sys.executable, "-m", "animind_assets.cli", "demo", "--select", "anime_prep user_interactions"], root, env, tmp_path
+    )
+    assert code == 1, (out, err)
     failed = [line for line in out.splitlines() if "anime_prep: FAILED" in line]
     assert failed and "0 of 5 rows kept (adult_excluded 5)" in failed[0] and str(case) in failed[0], out
     assert "(table anime)" in failed[0] and "nothing was written" in failed[0], out
     assert "2 of 3 planned steps not run" in out, out
+
+
+def test_cli_progress_survives_a_failed_event_log_read():
+    """The CLI's step lines read the event log while the run thread writes it; a failed read (SQLite
+    'database is locked' on a loaded machine) must not end the CLI (which would orphan the run thread and
+    its compute-log children): the poll is skipped, counted, and the next one catches up from the same cursor."""
+    from types import SimpleNamespace
+
+    from animind_assets.cli import StepProgress
+
+    calls = {"n": 0}
+
+    class FlakyInstance:
+        def get_records_for_run(self, run_id, cursor=None, of_type=None, limit=None):
+            calls["n"] += 1
+            if calls["n"] == 1:
+                raise RuntimeError("database is locked")
+            assert cursor is None  # the failed read did not move the cursor
+            return SimpleNamespace(records=[], cursor="c1", has_more=False)
+
+    lines: list[str] = []
+    progress = StepProgress(FlakyInstance(), "run-1", total=2, out=lines.append)
+    progress.poll()  # must not raise
+    assert progress.poll_errors == 1 and "database is locked" in progress.last_poll_error
+    progress.poll()
+    assert progress.cursor == "c1" and calls["n"] == 2

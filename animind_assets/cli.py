@@ -170,7 +170,33 @@ def _live_writer(stream=None) -> Callable[[str], Any] | None:
     return write
 
 
+def stop_compute_log_tails() -> int:
+    """Terminate the ``tail -F`` children that Dagster's compute-log capture left running; returns how many.
+
+    The in-process run mirrors its stdout/stderr through ``tail -F`` child processes. When the capture is not
+    closed before the interpreter exits (its generator is finalized late, after the run thread ended), those
+    children outlive the CLI, holding its stdout/stderr open: a caller reading the CLI through pipes
+    (``animind demo | tee log``, ``subprocess.run(capture_output=True)``) then never sees end-of-file. Run at
+    exit (``atexit``) after the run has finished; only this process's own ``tail`` children are touched."""
+    try:
+        import psutil
+    except ImportError:  # pragma: no cover - psutil is a Dagster dependency
+        return 0
+    stopped = 0
+    for child in psutil.Process().children(recursive=True):
+        try:
+            if child.name() == "tail":
+                child.terminate()
+                stopped += 1
+        except psutil.Error:
+            continue
+    return stopped
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
+    import atexit
+
+    atexit.register(stop_compute_log_tails)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
     from animind_assets.quiet import LibraryChatter

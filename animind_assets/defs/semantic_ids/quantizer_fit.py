@@ -153,3 +153,35 @@ def run_quantizer(
         f"{fit.result.metrics.get('train_samples_per_s', 0):,.0f} samples/s, {fit.seconds:.1f}s"
     )
     return fit, md
+
+
+def load_checkpoint(checkpoint: str, store) -> tuple[str, Any, dict]:
+    """``(path, model, payload)`` of the quantizer checkpoint ``checkpoint`` ('' = ``<artifacts>/rqvae_model/model.pt``).
+    Raises ``FileNotFoundError`` saying to materialize ``rqvae_model`` first."""
+    from animind_assets.lib.semantic_ids.quantizers import load_quantizer
+
+    ckpt = checkpoint or str(store.path(RQVAE_DIR, CHECKPOINT_NAME))
+    try:
+        model, payload = load_quantizer(ckpt)
+    except FileNotFoundError as exc:
+        raise FileNotFoundError(f"{exc}. Materialize rqvae_model first (or set config.checkpoint).") from exc
+    return ckpt, model, payload
+
+
+def encode_embeddings(model, payload: dict, ckpt: str, frame: pl.DataFrame, table: str):
+    """``(ids (n,), vectors (n, dim) float32, codes (n, levels) int64, encode seconds)`` of an embedding frame
+    (sorted by id). Raises ``ValueError`` naming ``table`` when the vector width differs from the checkpoint's."""
+    import time
+
+    from animind_assets.lib.semantic_ids.quantizers import encode_codes
+
+    ids, x = frame_vectors(frame, "anime_id", "embedding", table=table)
+    if x.shape[1] != int(payload["input_dim"]):
+        raise ValueError(
+            f"{table}.embedding has dim {x.shape[1]} but checkpoint {ckpt} expects {payload['input_dim']}; "
+            "re-materialize rqvae_model on the current embeddings"
+        )
+    t0 = time.perf_counter()
+    codes = encode_codes(model, x)
+    return ids, x, codes, time.perf_counter() - t0
+

@@ -25,14 +25,8 @@ from animind_assets.defs.embeddings.sharding import (
     sharded_asset_kwargs,
     with_shard_column,
 )
-from animind_assets.defs.semantic_ids.quantizer_fit import (
-    CHECKPOINT_NAME,
-    GROUP,
-    RQVAE_DIR,
-)
-from animind_assets.lib.semantic_ids.assign import frame_vectors
+from animind_assets.defs.semantic_ids.quantizer_fit import GROUP, encode_embeddings, load_checkpoint
 from animind_assets.lib.semantic_ids.encode_table import code_frame
-from animind_assets.lib.semantic_ids.quantizers import encode_codes, load_quantizer
 from animind_assets.lib.semantic_ids.quantizers.metrics import code_stats
 from animind_assets.lib.semantic_ids.stable import model_fingerprint, vector_hashes
 from animind_assets.meta import rate_metadata, scalar_metadata, table_metadata
@@ -65,21 +59,9 @@ if embedding_shards() > 0:
         t0 = time.perf_counter()
         shard = current_shard(context)
         store = artifacts.store()
-        ckpt = config.checkpoint or str(store.path(RQVAE_DIR, CHECKPOINT_NAME))
-        try:
-            model, payload = load_quantizer(ckpt)
-        except FileNotFoundError as exc:
-            raise FileNotFoundError(f"{exc}. Materialize rqvae_model first (or set config.checkpoint).") from exc
+        ckpt, model, payload = load_checkpoint(config.checkpoint, store)
         table = "anime_embeddings" if shard is None else f"anime_embeddings[shard {shard}]"
-        ids, x = frame_vectors(anime_embeddings.drop("shard", strict=False), "anime_id", "embedding", table=table)
-        if x.shape[1] != int(payload["input_dim"]):
-            raise ValueError(
-                f"{table}.embedding has dim {x.shape[1]} but checkpoint {ckpt} expects {payload['input_dim']}; "
-                "re-materialize rqvae_model on the current embeddings"
-            )
-        t_enc = time.perf_counter()
-        codes = encode_codes(model, x)
-        encode_s = time.perf_counter() - t_enc
+        ids, x, codes, encode_s = encode_embeddings(model, payload, ckpt, anime_embeddings, table)
         fp = model_fingerprint(payload["model_state"])
         df = with_shard_column(code_frame(ids, codes, vector_hashes(x), fp), shard)
         k = int(payload["config"]["codebook_size"])

@@ -34,8 +34,7 @@ import numpy as np
 import polars as pl
 from pydantic import Field
 
-from animind_assets.defs.semantic_ids.quantizer_fit import CHECKPOINT_NAME, GROUP, RQVAE_DIR
-from animind_assets.lib.semantic_ids.quantizers import encode_codes, load_quantizer
+from animind_assets.defs.semantic_ids.quantizer_fit import GROUP, encode_embeddings, load_checkpoint
 from animind_assets.lib.semantic_ids.quantizers.metrics import code_stats
 from animind_assets.lib.semantic_ids.exports import export_rows, write_export_files
 from animind_assets.lib.semantic_ids.stable import model_fingerprint, vector_hashes
@@ -45,7 +44,6 @@ from animind_assets.lib.semantic_ids.id_registry import REGISTRY_FILE, REGISTRY_
 from animind_assets.lib.semantic_ids.assign import (
     DEFAULT_SPECIAL_TOKENS,
     build_vocab,
-    frame_vectors,
     level_sizes,
     semantic_id_frame,
 )
@@ -131,15 +129,6 @@ _ASSET_KWARGS = dict(
 )
 
 
-def _load_checkpoint(config: SemanticIdsConfig, store):
-    ckpt = config.checkpoint or str(store.path(RQVAE_DIR, CHECKPOINT_NAME))
-    try:
-        model, payload = load_quantizer(ckpt)
-    except FileNotFoundError as exc:
-        raise FileNotFoundError(f"{exc}. Materialize rqvae_model first (or set config.checkpoint).") from exc
-    return ckpt, model, payload
-
-
 if not SHARDED:
 
     @dg.asset(
@@ -156,16 +145,8 @@ if not SHARDED:
     ) -> Iterator:
         t0 = time.perf_counter()
         store = artifacts.store()
-        ckpt, model, payload = _load_checkpoint(config, store)
-        ids, x = frame_vectors(anime_embeddings, "anime_id", "embedding", table="anime_embeddings")
-        if x.shape[1] != int(payload["input_dim"]):
-            raise ValueError(
-                f"anime_embeddings.embedding has dim {x.shape[1]} but checkpoint {ckpt} expects {payload['input_dim']}; "
-                "re-materialize rqvae_model on the current embeddings"
-            )
-        t_enc = time.perf_counter()
-        codes = encode_codes(model, x)
-        encode_s = time.perf_counter() - t_enc
+        ckpt, model, payload = load_checkpoint(config.checkpoint, store)
+        ids, x, codes, encode_s = encode_embeddings(model, payload, ckpt, anime_embeddings, "anime_embeddings")
         context.log.info(f"encoded {len(ids)} anime with {payload['kind']} checkpoint {ckpt} ({codes.shape[1]} levels) in {encode_s:.1f}s")
         yield from _assign_and_publish(
             context, config, store, exports, anime_prep, ids, codes, vector_hashes(x), ckpt, payload, encode_s, t0
@@ -188,7 +169,7 @@ else:
     ) -> Iterator:
         t0 = time.perf_counter()
         store = artifacts.store()
-        ckpt, _model, payload = _load_checkpoint(config, store)
+        ckpt, _model, payload = load_checkpoint(config.checkpoint, store)
         ids, codes, hashes = codes_from_frame(semantic_id_codes, model_fingerprint(payload["model_state"]))
         n_shards = semantic_id_codes["shard"].n_unique() if "shard" in semantic_id_codes.columns else 1
         context.log.info(f"semantic_ids: {len(ids)} anime's codes from {n_shards} shard(s) of semantic_id_codes")

@@ -68,6 +68,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--rpg-temperature", type=float, default=0.03)
     p.add_argument("--rpg-batch", type=int, default=128)
     p.add_argument("--rpg-patience", type=int, default=5)
+    p.add_argument("--rpg-epochs", type=int, default=200, help="maximum RPG epochs (the cosine schedule decays to 0 at this epoch)")
+    p.add_argument("--rpg-schedule", default="constant", choices=["constant", "cosine"],
+                   help="LR after warm-up: constant, or cosine to 0 at --rpg-epochs (RPG's reference schedule)")
+    p.add_argument("--rpg-warmup", type=int, default=100, help="RPG linear warm-up steps")
+    p.add_argument("--rpg-grad-clip", type=float, default=0.0, help="RPG gradient-norm clip (reference: 1.0; 0 = off)")
     p.add_argument("--pq-method", default="pq", choices=["pq", "opq"])
     p.add_argument("--rpg-embeddings", default="sasrec", choices=["text", "text+sasrec", "sasrec"],
                    help="what PQ quantizes: MiniLM item-text vectors, SASRec item embeddings (default; the ~5-word titles give codes without next-item signal, docs/beauty.md), or both (sasrec: run --models sasrec first, same --out)")
@@ -177,7 +182,8 @@ def run_rpg(split, rows, args, data, out: Path, log) -> dict:
                      "codebooks_with_gain_over_0.01": int((gain > 0.01).sum())})
     log(f"pq codes: next-item code information gain {gain.mean():.4f} nats per codebook (random codes: ~0); "
         f"{int((gain > 0.01).sum())}/{len(gain)} codebooks above 0.01")
-    tcfg = SeqTrainConfig(max_len=50, batch_size=args.rpg_batch, lr=args.rpg_lr, warmup_steps=100, epochs=200,
+    tcfg = SeqTrainConfig(max_len=50, batch_size=args.rpg_batch, lr=args.rpg_lr, lr_schedule=args.rpg_schedule,
+                          warmup_steps=args.rpg_warmup, grad_clip=args.rpg_grad_clip, epochs=args.rpg_epochs,
                           patience=args.rpg_patience, val_users=args.val_users, max_train_seconds=args.rpg_seconds,
                           seed=args.seed, num_threads=args.threads, device=args.device)
     cfg = RPGConfig(hidden=args.rpg_hidden, d_ff=args.rpg_ff, temperature=args.rpg_temperature, train=tcfg)

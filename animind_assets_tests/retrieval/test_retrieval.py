@@ -23,7 +23,7 @@ from animind_assets.lib.retrieval.evaluation import (
 from animind_assets.lib.retrieval.pq import PQConfig, product_quantize
 from animind_assets.lib.retrieval.rpg import RPG, RPGConfig, brute_force_scores, load_rpg, save_rpg, train_rpg
 from animind_assets.lib.retrieval.sasrec import SASRec, SASRecConfig, load_sasrec, save_sasrec
-from animind_assets.lib.retrieval.seqtrain import SeqTrainConfig, pad_left, train_sequence_model, training_pairs
+from animind_assets.lib.retrieval.seqtrain import SeqTrainConfig, lr_factor, pad_left, train_sequence_model, training_pairs
 
 
 @pytest.fixture(autouse=True)
@@ -143,6 +143,17 @@ def test_popularity_counts_use_only_what_precedes_the_stage():
 
 
 # ------------------------------------------------------------------------------------------ models
+def test_lr_schedule_warms_up_then_stays_or_decays_to_zero():
+    const = lr_factor(SeqTrainConfig(warmup_steps=10), 110)
+    cos = lr_factor(SeqTrainConfig(warmup_steps=10, lr_schedule="cosine"), 110)
+    assert const(0) == cos(0) == pytest.approx(0.1) and const(9) == cos(9) == 1.0
+    assert const(60) == const(109) == 1.0
+    assert cos(10) == 1.0 and cos(60) == pytest.approx(0.5) and cos(110) == pytest.approx(0.0)
+    assert all(cos(s) >= cos(s + 1) for s in range(10, 120))
+    with pytest.raises(ValueError, match="lr_schedule"):
+        SeqTrainConfig(lr_schedule="linear").validate()
+
+
 def test_pad_left_keeps_the_most_recent_items():
     t = pad_left([np.array([1, 2, 3, 4]), np.array([7])], max_len=3)
     assert t.tolist() == [[3, 4, 5], [0, 0, 8]]

@@ -53,7 +53,8 @@ class SeqTrainConfig:
 
     max_len: int = 50  # positions (most recent items) fed to the model
     batch_size: int = 128  # users (sequences) per step
-    lr: float = 1e-3  # Adam learning rate (constant after warm-up)
+    lr: float = 1e-3  # Adam learning rate (peak, after warm-up)
+    lr_schedule: str = "constant"  # constant | cosine (decay to 0 over ``epochs`` epochs after warm-up)
     weight_decay: float = 0.0  # Adam(W) weight decay
     betas: tuple[float, float] = (0.9, 0.98)  # Adam betas
     warmup_steps: int = 0  # linear warm-up steps
@@ -75,6 +76,8 @@ class SeqTrainConfig:
                 raise ValueError(f"SeqTrainConfig.{name} must be >= 1, got {getattr(self, name)}")
         if self.lr <= 0:
             raise ValueError(f"SeqTrainConfig.lr must be > 0, got {self.lr}")
+        if self.lr_schedule not in ("constant", "cosine"):
+            raise ValueError(f"SeqTrainConfig.lr_schedule must be 'constant' or 'cosine', got {self.lr_schedule!r}")
         return self
 
     def to_dict(self) -> dict[str, Any]:
@@ -89,6 +92,25 @@ class SeqTrainConfig:
         if "betas" in kw:
             kw["betas"] = tuple(kw["betas"])
         return cls(**kw).validate()
+
+
+def lr_factor(cfg: SeqTrainConfig, total_steps: int) -> Callable[[int], float]:
+    """Multiplier of ``cfg.lr`` at optimizer step ``s`` (0-based): linear warm-up over ``warmup_steps``,
+    then 1.0 (``constant``) or a half cosine from 1 to 0 at ``total_steps`` (``cosine``, as in RPG's
+    reference training; Loshchilov & Hutter, SGDR, ICLR 2017). ``total_steps`` is the planned number of
+    steps (``epochs`` x steps per epoch), so stopping earlier on a time budget leaves the LR above 0."""
+    warm = max(0, int(cfg.warmup_steps))
+    total = max(1, int(total_steps))
+
+    def factor(s: int) -> float:
+        if warm and s < warm:
+            return (s + 1) / warm
+        if cfg.lr_schedule == "cosine":
+            frac = min(1.0, (s - warm) / max(1, total - warm))
+            return 0.5 * (1.0 + math.cos(math.pi * frac))
+        return 1.0
+
+    return factor
 
 
 # ------------------------------------------------------------------------------------------- batches
@@ -192,9 +214,8 @@ def train_sequence_model(
     n_positions = int(lengths.sum())
     val_rows = split.subset(cfg.val_users, seed=cfg.seed + 1)
     opt = torch.optim.Adam(model.parameters(), lr=cfg.lr, betas=cfg.betas, weight_decay=cfg.weight_decay)
-    warm = max(0, cfg.warmup_steps)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / warm) if warm else 1.0)
     steps_per_epoch = math.ceil(len(inputs) / cfg.batch_size)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_factor(cfg, cfg.epochs * steps_per_epoch))
     n_params = sum(p.numel() for p in model.parameters())
     log(f"{name}: {len(inputs)} training sequences, {n_positions} target positions/epoch, {steps_per_epoch} steps/epoch, "
         f"{n_params:,} parameters, validation on {len(val_rows)} users, device {device}")

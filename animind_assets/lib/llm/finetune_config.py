@@ -49,6 +49,7 @@ class FinetuneConfig:
     replay_ratio: float = 0.0
     replay_prompts: int = 0  # shipped prompts used (0 = all)
     replay_max_new_tokens: int = 96
+    train_base_token_rows: bool = True  # False: the base vocabulary's rows of the embedding/head get no gradient (only the new ID-token rows learn; keeps English closer to the base model; exact with weight_decay 0)
     phase1_new_rows_lr_mult: float = 1.0  # phase 1: learning-rate multiplier of the new token rows (SID + special)
     phase1_templates: list[str] = field(default_factory=list)  # phase 1 task-A templates ([] = all in the dataset)
     phase1_items: int = 0  # phase 1 task-A rows only for a seeded subset of N items (0 = every item)

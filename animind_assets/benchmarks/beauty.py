@@ -80,6 +80,17 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--tiger-seconds", type=float, default=600.0)
     p.add_argument("--tiger-ids", default="rqkmeans", choices=["rqkmeans", "rqvae"], help="reference ID file index_<ids>.json")
     p.add_argument("--tiger-beams", type=int, default=20)
+    p.add_argument("--tiger-lr", type=float, default=1e-3, help="peak AdamW LR (the 22 Nov benchmark used 5e-3)")
+    p.add_argument("--tiger-schedule", default="constant", choices=["constant", "cosine_time", "inverse_sqrt"],
+                   help="LR after warm-up; cosine_time decays to 5%% at --tiger-seconds")
+    p.add_argument("--tiger-warmup", type=int, default=100)
+    p.add_argument("--tiger-dropout", type=float, default=0.1)
+    p.add_argument("--tiger-batch", type=int, default=256)
+    p.add_argument("--tiger-layers", type=int, default=2, help="encoder and decoder layers each (TIGER paper: 4)")
+    p.add_argument("--tiger-d-model", type=int, default=64, help="TIGER paper: 128")
+    p.add_argument("--tiger-ff", type=int, default=256, help="TIGER paper: 1024")
+    p.add_argument("--tiger-history", type=int, default=20, help="most recent items in the encoder input")
+    p.add_argument("--tiger-patience", type=int, default=3, help="validations (every 700 steps) without gain; 0 = off")
     return p.parse_args(argv)
 
 
@@ -213,10 +224,12 @@ def run_tiger(split, rows, args, data, out: Path, log) -> dict:
     codec = SidCodec.from_mapping(load_reference_index(beauty_dir() / f"index_{args.tiger_ids}.json"))
     sequences = {int(u): list(np.append(t, [v, te])) for u, t, v, te in
                  zip(split.users, split.train, split.valid_targets, split.test_targets)}
-    tsplit = leave_one_out(sequences, max_history=20)
-    cfg = TigerConfig(d_model=64, d_kv=16, num_heads=4, d_ff=256, num_layers=2, num_decoder_layers=2, dropout=0.1,
-                      batch_size=256 * (2 if args.gpu else 1), lr=1e-3, warmup_steps=100, lr_schedule="constant", epochs=200,
-                      max_train_seconds=args.tiger_seconds, eval_every_steps=700, val_users=1000, val_beams=20, patience=3,
+    tsplit = leave_one_out(sequences, max_history=args.tiger_history)
+    cfg = TigerConfig(d_model=args.tiger_d_model, d_kv=args.tiger_d_model // 4, num_heads=4, d_ff=args.tiger_ff,
+                      num_layers=args.tiger_layers, num_decoder_layers=args.tiger_layers, dropout=args.tiger_dropout,
+                      max_history=args.tiger_history, batch_size=args.tiger_batch * (2 if args.gpu else 1), lr=args.tiger_lr,
+                      warmup_steps=args.tiger_warmup, lr_schedule=args.tiger_schedule, epochs=200,
+                      max_train_seconds=args.tiger_seconds, eval_every_steps=700, val_users=1000, val_beams=20, patience=args.tiger_patience,
                       num_threads=args.threads, device=args.device, seed=args.seed)
     res = train_tiger(tsplit, codec, cfg, log=log)
     label = f"TIGER, reference {args.tiger_ids} IDs (ours)"

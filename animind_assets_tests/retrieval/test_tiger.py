@@ -249,3 +249,17 @@ def test_tiger_assets_train_and_eval_in_process(tmp_path, animind_env):
     assert rows["TIGER paper (Rajput et al. 2023)"]["recall@10"] == 0.0648
     md = ev.asset_materializations_for_node("tiger_eval")[0].metadata
     assert "comparison_plot" in md and md["dagster/row_count"].value == 5
+
+
+def test_cosine_time_schedule_follows_the_budget_share():
+    from animind_assets.lib.retrieval.tiger import lr_factor
+
+    cfg = TigerConfig(warmup_steps=10, lr_schedule="cosine_time", max_train_seconds=60)
+    assert lr_factor(0, cfg, 100, 0.0) == pytest.approx(0.1)  # warm-up first
+    assert lr_factor(50, cfg, 100, 0.0) == pytest.approx(1.0)
+    assert lr_factor(50, cfg, 100, 0.5) == pytest.approx(0.05 + 0.95 * 0.5)
+    assert lr_factor(50, cfg, 100, 1.0) == lr_factor(50, cfg, 100, 3.0) == pytest.approx(0.05)
+    # the step count does not matter, only the elapsed share of the budget
+    assert lr_factor(20, cfg, 100, 0.25) == lr_factor(5000, cfg, 100, 0.25)
+    with pytest.raises(ValueError, match="max_train_seconds"):
+        TigerConfig(lr_schedule="cosine_time").validate()

@@ -90,7 +90,7 @@ class TigerConfig:
     lr: float = 2e-3
     weight_decay: float = 0.01
     warmup_steps: int = 300
-    lr_schedule: str = "inverse_sqrt"  # "inverse_sqrt" | "cosine" | "constant"
+    lr_schedule: str = "inverse_sqrt"  # "inverse_sqrt" | "cosine" | "constant" | "cosine_time" (cosine to 5% at max_train_seconds)
     grad_clip: float = 1.0
     epochs: int = 50
     max_steps: int = 0  # 0 = no step cap
@@ -111,8 +111,10 @@ class TigerConfig:
     length_buckets: int = 50  # batches per sorted-by-length bucket (less padding)
 
     def validate(self) -> TigerConfig:
-        if self.lr_schedule not in ("inverse_sqrt", "cosine", "constant"):
-            raise ValueError(f"lr_schedule={self.lr_schedule!r}; expected inverse_sqrt | cosine | constant")
+        if self.lr_schedule not in ("inverse_sqrt", "cosine", "constant", "cosine_time"):
+            raise ValueError(f"lr_schedule={self.lr_schedule!r}; expected inverse_sqrt | cosine | constant | cosine_time")
+        if self.lr_schedule == "cosine_time" and self.max_train_seconds <= 0:
+            raise ValueError("lr_schedule='cosine_time' decays over the wall-clock budget: set max_train_seconds > 0")
         for name in ("d_model", "d_kv", "num_heads", "d_ff", "num_layers", "num_decoder_layers", "batch_size", "max_history", "epochs"):
             if int(getattr(self, name)) < 1:
                 raise ValueError(f"TigerConfig.{name} must be >= 1")
@@ -164,14 +166,22 @@ def n_parameters(model) -> int:
     return int(sum(p.numel() for p in model.parameters()))
 
 
-def lr_factor(step: int, cfg: TigerConfig, total_steps: int) -> float:
+def lr_factor(step: int, cfg: TigerConfig, total_steps: int, time_frac: float = 0.0) -> float:
+    """Multiplier of ``cfg.lr`` at optimizer step ``step``: linear warm-up over ``warmup_steps``, then
+    ``inverse_sqrt`` (T5/TIGER), ``cosine`` to 5 % at ``total_steps``, ``constant``, or ``cosine_time``:
+    cosine to 5 % as ``time_frac`` (elapsed / ``max_train_seconds``) goes 0 -> 1, so a wall-clock budget
+    ends at the low LR whatever the machine's speed (budget-aware schedule; Li et al., "Budgeted
+    Training", ICLR 2020, with time instead of iterations as the budget)."""
     warm = max(1, cfg.warmup_steps)
     if step < warm:
         return (step + 1) / warm
     if cfg.lr_schedule == "inverse_sqrt":
         return math.sqrt(warm / (step + 1))
-    if cfg.lr_schedule == "cosine":
-        progress = min(1.0, (step - warm) / max(1, total_steps - warm))
+    if cfg.lr_schedule in ("cosine", "cosine_time"):
+        if cfg.lr_schedule == "cosine":
+            progress = min(1.0, (step - warm) / max(1, total_steps - warm))
+        else:
+            progress = min(1.0, max(0.0, time_frac))
         return 0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * progress))
     return 1.0
 
@@ -371,6 +381,10 @@ def train_tiger(
                 torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
             opt.step()
             sched.step()
+            if cfg.lr_schedule == "cosine_time":  # overrides the step-based value with the budget's elapsed share
+                frac = (time.perf_counter() - t_start) / cfg.max_train_seconds
+                for g in opt.param_groups:
+                    g["lr"] = cfg.lr * lr_factor(state["step"] + 1, cfg, total_steps, frac)
             opt.zero_grad(set_to_none=True)
             running += float(loss.detach())
             running_n += 1

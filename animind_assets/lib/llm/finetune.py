@@ -228,7 +228,7 @@ def _run_phase(
         bf16=cfg.bf16,
         disable_tqdm=True,
         remove_unused_columns=True,
-        train_sampling_strategy="group_by_length",
+        train_sampling_strategy="group_by_length" if cfg.group_by_length else "random",
     )
     Trainer = make_trainer_class()
     t0 = time.perf_counter()

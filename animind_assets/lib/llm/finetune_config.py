@@ -58,6 +58,7 @@ class FinetuneConfig:
     ridge_alpha: float = 1.0
     use_chat_template: bool = True
     fast_loss: bool = True  # LM head only at completion positions
+    group_by_length: bool = True  # batches of similar length (less padding); False = plain random order
     num_threads: int = 2
     seed: int = 42
     save_steps: int = 0  # 0 = one checkpoint at the end of each phase

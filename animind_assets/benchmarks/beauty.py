@@ -73,6 +73,9 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="LR after warm-up: constant, or cosine to 0 at --rpg-epochs (RPG's reference schedule)")
     p.add_argument("--rpg-warmup", type=int, default=100, help="RPG linear warm-up steps")
     p.add_argument("--rpg-grad-clip", type=float, default=0.0, help="RPG gradient-norm clip (reference: 1.0; 0 = off)")
+    p.add_argument("--rpg-item-loss-weight", type=float, default=0.0,
+                   help="add this x a sampled item-level softmax on the mean code log-probs (not in the RPG paper; 0 = RPG's loss)")
+    p.add_argument("--rpg-item-negatives", type=int, default=1024, help="uniform negatives per batch of the item-level loss")
     p.add_argument("--pq-method", default="pq", choices=["pq", "opq"])
     p.add_argument("--rpg-embeddings", default="sasrec", choices=["text", "text+sasrec", "sasrec"],
                    help="what PQ quantizes: MiniLM item-text vectors, SASRec item embeddings (default; the ~5-word titles give codes without next-item signal, docs/beauty.md), or both (sasrec: run --models sasrec first, same --out)")
@@ -197,10 +200,13 @@ def run_rpg(split, rows, args, data, out: Path, log) -> dict:
                           warmup_steps=args.rpg_warmup, grad_clip=args.rpg_grad_clip, epochs=args.rpg_epochs,
                           patience=args.rpg_patience, val_users=args.val_users, max_train_seconds=args.rpg_seconds,
                           seed=args.seed, num_threads=args.threads, device=args.device)
-    cfg = RPGConfig(hidden=args.rpg_hidden, d_ff=args.rpg_ff, temperature=args.rpg_temperature, train=tcfg)
+    cfg = RPGConfig(hidden=args.rpg_hidden, d_ff=args.rpg_ff, temperature=args.rpg_temperature, train=tcfg,
+                    item_loss_weight=args.rpg_item_loss_weight, item_negatives=args.rpg_item_negatives)
     res = train_rpg(split, pq.codes, 256, cfg, log=log)
     save_rpg(res.model, str(out / "rpg_model"), extra={"best": res.best, "pq": pq.stats})
     label = f"RPG, {args.pq_method.upper()} {args.rpg_codebooks}x256 on {args.rpg_embeddings} vectors (ours)"
+    if args.rpg_item_loss_weight > 0:
+        label = label.replace(" (ours)", f", + item-level loss x{args.rpg_item_loss_weight:g} (ours)")
     ev = evaluate_scorer(make_scorer(res.model, tcfg.max_len), split, "test", label, rows=rows, n_boot=args.n_boot,
                          seed=args.seed, log=log)
     return {"rows": _rows(ev, {}), "eval_seconds": ev.seconds, "train_seconds": res.train_seconds,

@@ -56,6 +56,8 @@ class RPGConfig(ModelConfigMixin):
     attn_dropout: float = 0.5
     resid_dropout: float = 0.0
     temperature: float = 0.03
+    item_loss_weight: float = 0.0  # 0 = RPG's loss (code cross-entropies only); >0 adds this x a sampled item-level softmax on the summed code log-probs
+    item_negatives: int = 1024  # uniformly sampled negative items per batch (shared by its positions) of the item-level loss
     train: SeqTrainConfig = None  # type: ignore[assignment]
 
     def __post_init__(self) -> None:
@@ -70,6 +72,8 @@ class RPGConfig(ModelConfigMixin):
             raise ValueError("RPGConfig.hidden, layers, heads and d_ff must be >= 1")
         if self.temperature <= 0:
             raise ValueError(f"RPGConfig.temperature must be > 0, got {self.temperature}")
+        if self.item_loss_weight < 0 or self.item_negatives < 1:
+            raise ValueError("RPGConfig.item_loss_weight must be >= 0 and item_negatives >= 1")
         self.train.validate()
         return self
 
@@ -135,12 +139,41 @@ class RPG(torch.nn.Module):
         return torch.einsum("bmd,mkd->bmk", z, table) / self.cfg.temperature
 
     def loss(self, inputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-        """Mean over positions with a target and over the m codebooks of the code cross-entropy."""
+        """Mean over positions with a target and over the m codebooks of the code cross-entropy (RPG's
+        loss), plus ``item_loss_weight`` x :meth:`item_loss` when that weight is > 0."""
         h = self.hidden_states(inputs)
         valid = targets > 0
         logits = self.code_logits(h[valid])  # (M, m, K)
-        tgt = self.codes[targets[valid] - 1]  # (M, m)
-        return F.cross_entropy(logits.reshape(-1, self.k), tgt.reshape(-1))
+        tgt_items = targets[valid] - 1
+        tgt = self.codes[tgt_items]  # (M, m)
+        loss = F.cross_entropy(logits.reshape(-1, self.k), tgt.reshape(-1))
+        if self.cfg.item_loss_weight > 0:
+            loss = loss + self.cfg.item_loss_weight * self.item_loss(logits, tgt_items)
+        return loss
+
+    def item_loss(self, logits: torch.Tensor, tgt_items: torch.Tensor) -> torch.Tensor:
+        """Sampled item-level softmax cross-entropy on the scores the model ranks by.
+
+        ``logits`` (M, m, K) code logits, ``tgt_items`` (M,) int64 item ids. An item's score is the mean
+        of its codes' log-probabilities (:meth:`score` / m: the same ranking); the target competes with
+        ``item_negatives`` items drawn uniformly for the whole batch (a negative equal to a position's
+        target is masked). Uniform sampling needs no log-Q correction: every item has the same
+        probability. This is not in the RPG paper (its loss is the code cross-entropy only); it
+        trains the summed score directly, as sampled-softmax SASRec does. Returns a scalar."""
+        logp = F.log_softmax(logits, dim=-1)  # (M, m, K)
+        pos = logp.gather(2, self.codes[tgt_items].unsqueeze(-1)).squeeze(-1).mean(-1)  # (M,)
+        neg_items = torch.randint(0, self.n_items, (self.cfg.item_negatives,), device=logits.device)
+        s_neg = len(neg_items)
+        cols = (self.codes[neg_items] + torch.arange(self.m, device=logits.device) * self.k).reshape(-1)
+        crow = torch.arange(0, s_neg * self.m + 1, self.m, device=logits.device)
+        with warnings.catch_warnings():  # "sparse CSR support is in beta"
+            warnings.simplefilter("ignore", UserWarning)
+            onehot = torch.sparse_csr_tensor(crow, cols, torch.full((s_neg * self.m,), 1.0 / self.m, device=logits.device),
+                                             (s_neg, self.m * self.k))
+            neg = (onehot @ logp.reshape(len(pos), -1).T).T  # (M, S): mean code log-prob of each negative
+        neg = neg.masked_fill(neg_items.unsqueeze(0) == tgt_items.unsqueeze(1), float("-inf"))
+        scores = torch.cat([pos.unsqueeze(1), neg], dim=1)
+        return F.cross_entropy(scores, torch.zeros(len(pos), dtype=torch.long, device=logits.device))
 
     def code_log_probs(self, inputs: torch.Tensor) -> torch.Tensor:
         """(B, L) tokens -> (B, m, K) log-probabilities of every code of the next item."""

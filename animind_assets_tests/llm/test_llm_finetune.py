@@ -296,25 +296,29 @@ def test_finetune_with_replay_new_row_lr_and_linking_metrics(tmp_path, data):
 @pytest.mark.parametrize("train_layers", [0, 1])
 def test_frozen_base_token_rows_stay_exactly_while_new_rows_learn(tmp_path, data, train_layers):
     """``train_base_token_rows=False``: the base vocabulary rows of the (tied) embedding/head are bit-identical
-    after training; the new ID-token rows moved; with the default both change."""
+    after training; the new ID-token rows moved; with the default both change; ``base_token_rows_lr_mult=0.1``
+    moves them about 10x less."""
     cat, sids, _, lookup = data
     frame = build_llm_dataset(cat, make_interactions(), sids, LlmDataConfig(
         n_examples=120, validation_user_frac=0.2, test_user_frac=0.2)).frame
 
-    def run(train_rows: bool):
+    def run(train_rows: bool, mult: float = 1.0):
         tok = smollm2_tokenizer()
         model = tiny_llama(tok)
         n_base = model.get_input_embeddings().weight.shape[0]
         w_base = model.get_input_embeddings().weight.detach().clone()
         cfg = tiny_finetune_config(phase1_max_steps=2, phase2_max_steps=1, english_ppl=False, linking_eval_items=0,
-                                   train_layers=train_layers, train_base_token_rows=train_rows, warm_start="mean")
-        res = ft.run_finetune(frame, lookup, cfg, tmp_path / f"w{train_rows}{train_layers}", base=(model, tok))
+                                   train_layers=train_layers, train_base_token_rows=train_rows, warm_start="mean",
+                                   base_token_rows_lr_mult=mult)
+        res = ft.run_finetune(frame, lookup, cfg, tmp_path / f"w{train_rows}{train_layers}{mult}", base=(model, tok))
         w = res.model.get_input_embeddings().weight.detach()
         return (w[:n_base] - w_base).abs().max().item(), w[n_base:].clone()
 
     frozen_diff, frozen_new = run(False)
     trained_diff, _ = run(True)
+    slow_diff, _ = run(True, 0.1)  # base_token_rows_lr_mult: the base rows' updates are scaled by 0.1
     assert frozen_diff == 0.0 and trained_diff > 0.0
+    assert 0.0 < slow_diff < 0.2 * trained_diff
     # the new rows still learned: differ from a warm start computed the same way
     tok = smollm2_tokenizer()
     ref = tiny_llama(tok)

@@ -375,6 +375,9 @@ def run_finetune(
         if name == "phase1" and cfg.phase1_new_rows_lr_mult != 1.0:
             cb = new_rows_lr_callback(model_wrapped, range(n_base_rows, len(tok)), cfg.phase1_new_rows_lr_mult, log)
             extra = [cb] if cb is not None else []
+        if cfg.train_base_token_rows and cfg.base_token_rows_lr_mult != 1.0:  # the same update rescaling, base rows
+            cb = new_rows_lr_callback(model_wrapped, range(0, n_base_rows), cfg.base_token_rows_lr_mult, log)
+            extra += [cb] if cb is not None else []
         if cfg.max_train_seconds > 0 and deadline is None:  # the budget counts training time, from the first step
             deadline = time.perf_counter() + cfg.max_train_seconds
         budget_cb = time_budget_callback(deadline, name, log) if deadline is not None else None

@@ -50,6 +50,7 @@ class FinetuneConfig:
     replay_prompts: int = 0  # shipped prompts used (0 = all)
     replay_max_new_tokens: int = 96
     train_base_token_rows: bool = True  # False: the base vocabulary's rows of the embedding/head get no gradient (only the new ID-token rows learn; keeps English closer to the base model; exact with weight_decay 0)
+    base_token_rows_lr_mult: float = 1.0  # both phases: learning-rate multiplier of the base vocabulary's rows of the embedding/head (e.g. 0.1: they move slowly; 0 ~ frozen; ignored when train_base_token_rows is false)
     phase1_new_rows_lr_mult: float = 1.0  # phase 1: learning-rate multiplier of the new token rows (SID + special)
     phase1_templates: list[str] = field(default_factory=list)  # phase 1 task-A templates ([] = all in the dataset)
     phase1_items: int = 0  # phase 1 task-A rows only for a seeded subset of N items (0 = every item)
@@ -87,6 +88,8 @@ class FinetuneConfig:
             raise ValueError("replay_ratio must be in [0, 1) and replay_ratio + general_mix_ratio < 1")
         if self.phase1_new_rows_lr_mult <= 0:
             raise ValueError("phase1_new_rows_lr_mult must be > 0")
+        if self.base_token_rows_lr_mult < 0:
+            raise ValueError("base_token_rows_lr_mult must be >= 0")
         if self.general_mix_ratio > 0 and not self.general_mix_file:
             raise ValueError("general_mix_ratio > 0 needs general_mix_file (a local JSONL file)")
         if self.save_dtype not in ("float32", "bfloat16"):

@@ -8,14 +8,14 @@ same embedded SmolLM2-135M-Instruct. Every variant trains the **same rows for th
 (phase 1 only, batch ``--batch-size``) in this one process, one after the other, so their ratios are
 comparable; absolute figures depend on the machine's load, printed before and after.
 
-Fine-tune variants (each adds one change to the one before; the last is the project's default):
+Fine-tune variants (each adds one change to the one before):
 
 1. ``before``: every transformer block trained, LM head over every position, random batch order
    (the 22 Nov 2026 configuration: 0.29 steps/s at batch 8 on 2 threads).
 2. ``+length-grouped batches``: ``group_by_length`` (less padding per batch).
 3. ``+LM head at completion positions``: ``fast_loss`` (the 49k-row head only where the loss is taken).
-4. ``+top 2 blocks``: ``train_layers=2`` (no backward pass through the 28 frozen blocks; the default
-   of the benchmarks and of ``finetuned_model``'s CPU preset).
+4. ``+top 2 blocks``: ``train_layers=2`` (no backward pass through the 28 frozen blocks; the setting of
+   the LM benchmarks; ``finetuned_model``'s demo preset trains the top 4).
 
 Tokens/s counts the tokens of the training examples (prompt + completion, no padding) per second of
 training steps. Beam search: the fine-tuned model of the last variant ranks the top 10 for ``--users``
@@ -23,7 +23,7 @@ prompts of the dataset's test rows with both engines of ``lib/llm/infer.rank_ite
 ``model.generate`` with ``prefix_allowed_tokens_fn``; ``cached``: the prompt's KV cache shared by the
 beams, constrained to the trie of valid IDs), 20 beams; the agreement of the two top-10 lists is printed.
 With ``--profile``, a ``torch.profiler`` table (top operators by self CPU time) of 3 training steps of
-the default variant, Trainer loop included.
+variant 4, Trainer loop included.
 """
 
 from __future__ import annotations
@@ -42,7 +42,7 @@ VARIANTS = [
     ("before: every block, full LM head, random order", dict(train_layers=0, fast_loss=False, group_by_length=False)),
     ("+ length-grouped batches", dict(train_layers=0, fast_loss=False, group_by_length=True)),
     ("+ LM head at completion positions", dict(train_layers=0, fast_loss=True, group_by_length=True)),
-    ("+ top 2 blocks only (default)", dict(train_layers=2, fast_loss=True, group_by_length=True)),
+    ("+ top 2 blocks only (the benchmarks' setting)", dict(train_layers=2, fast_loss=True, group_by_length=True)),
 ]
 
 
@@ -128,7 +128,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _profile_default(ds, lookup, codebooks, out: Path, args) -> None:
-    """3 training steps of the default variant inside ``torch.profiler`` (the whole Trainer loop: data
+    """3 training steps of variant 4 inside ``torch.profiler`` (the whole Trainer loop: data
     collation, forward, loss, backward, optimizer); prints the top operators by self CPU time."""
     from torch.profiler import ProfilerActivity, profile
 
@@ -138,7 +138,7 @@ def _profile_default(ds, lookup, codebooks, out: Path, args) -> None:
                          linking_eval_items=0, eval_examples=1, num_threads=args.threads, seed=args.seed, **VARIANTS[-1][1])
     with profile(activities=[ProfilerActivity.CPU]) as prof:
         run_finetune(ds, lookup, cfg, out / "work_profile", codebooks=codebooks, log=lambda _m: None)
-    print("\nprofile of the default variant (3 steps + model setup), top operators by self CPU time:")
+    print("\nprofile of variant 4 (3 steps + model setup), top operators by self CPU time:")
     print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=12))
 
 

@@ -92,7 +92,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--tiger-layers", type=int, default=1, help="encoder and decoder layers each (TIGER paper: 4; 22 Nov: 2)")
     p.add_argument("--tiger-d-model", type=int, default=64, help="TIGER paper: 128")
     p.add_argument("--tiger-ff", type=int, default=256, help="TIGER paper: 1024")
-    p.add_argument("--tiger-history", type=int, default=10, help="most recent items in the encoder input (22 Nov: 20)")
+    p.add_argument("--tiger-history", type=int, default=5, help="most recent items in the encoder input (22 Nov: 20)")
     p.add_argument("--tiger-patience", type=int, default=0, help="validations (every 700 steps) without gain; 0 = off")
     return p.parse_args(argv)
 
@@ -221,8 +221,8 @@ import numpy as np  # noqa: E402  (after the env defaults above)
 def run_tiger(split, rows, args, data, out: Path, log) -> dict:
     """TIGER under a wall-clock budget: reference RQ-KMeans IDs (``index_rqkmeans.json``), constrained beam
     search with ``beams >= 10``, and the CPU recipe measured side by side on 30 Nov 2026 (docs/beauty.md):
-    a 1+1-layer T5 (d_model 64), no dropout, the 10 most recent items, AdamW 1e-2 with ``cosine_time``
-    decay over the budget (1.85x the 22 Nov recipe's Recall@10 in the same 600 s)."""
+    a 1+1-layer T5 (d_model 64), no dropout, the 5 most recent items, AdamW 1e-2 with ``cosine_time``
+    decay over the budget (2.02x the 22 Nov recipe's Recall@10 in the same 600 s, side by side)."""
     from animind_assets.lib.data.amazon import beauty_dir
     from animind_assets.lib.retrieval.tiger import (
         SidCodec, TigerConfig, evaluate_on_split, leave_one_out, load_reference_index, train_tiger,

@@ -99,19 +99,6 @@ def _choose_method(cfg: FinetuneConfig, n_params: int) -> str:
     return "lora" if n_params >= cfg.lora_above_params else "full"
 
 
-def _apply_method(model, cfg: FinetuneConfig, method: str, log: LogFn, n_base_rows: int | None = None):
-    """Returns (model, hooks). Full: optionally freeze all but the top ``train_layers`` blocks (the
-    embedding output is detached so no gradient flows through the frozen blocks; a tied LM head
-    still trains the new rows). LoRA: adapters + ``modules_to_save`` for embeddings and head.
-    ``cfg.train_base_token_rows=False``: rows ``0..n_base_rows-1`` of every trainable embedding/head
-    matrix get a zero gradient (a tensor hook), so with Adam and no weight decay they stay exactly
-    at the base model's values and only the new ID-token rows learn."""
-    model, hooks = _apply_method_inner(model, cfg, method, log)
-    if not cfg.train_base_token_rows and n_base_rows:
-        hooks += freeze_base_rows(model, n_base_rows, log)
-    return model, hooks
-
-
 def freeze_base_rows(model, n_base_rows: int, log: LogFn = noop_log) -> list:
     """Zero the gradient of rows ``0..n_base_rows-1`` of the (trainable) input embedding and LM head
     weights, each (V, d) float. Returns the hook handles (``.remove()``). Tied weights get one hook."""
@@ -129,7 +116,10 @@ def freeze_base_rows(model, n_base_rows: int, log: LogFn = noop_log) -> list:
     return handles
 
 
-def _apply_method_inner(model, cfg: FinetuneConfig, method: str, log: LogFn):
+def _apply_method(model, cfg: FinetuneConfig, method: str, log: LogFn):
+    """Returns (model, hooks). Full: optionally freeze all but the top ``train_layers`` blocks (the
+    embedding output is detached so no gradient flows through the frozen blocks; a tied LM head
+    still trains the new rows). LoRA: adapters + ``modules_to_save`` for embeddings and head."""
     hooks = []
     if method == "lora":
         from peft import LoraConfig, get_peft_model
@@ -370,7 +360,9 @@ def run_finetune(
                 stop_reason = f"time budget of {cfg.max_train_seconds:.0f}s spent before {name}"
             continue
         if model_wrapped is None:
-            model_wrapped, hooks = _apply_method(model, cfg, method, log, n_base_rows)
+            model_wrapped, hooks = _apply_method(model, cfg, method, log)
+            if not cfg.train_base_token_rows:  # zero gradient: exact with Adam and no weight decay
+                hooks += freeze_base_rows(model_wrapped, n_base_rows, log)
         extra = []
         if name == "phase1" and cfg.phase1_new_rows_lr_mult != 1.0:
             cb = new_rows_lr_callback(model_wrapped, range(n_base_rows, len(tok)), cfg.phase1_new_rows_lr_mult, log)

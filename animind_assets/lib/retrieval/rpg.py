@@ -56,7 +56,7 @@ class RPGConfig(ModelConfigMixin):
     attn_dropout: float = 0.5
     resid_dropout: float = 0.0
     temperature: float = 0.03
-    item_loss_weight: float = 0.0  # 0 = RPG's loss (code cross-entropies only); >0 adds this x a sampled item-level softmax on the summed code log-probs
+    item_loss_weight: float = 0.0  # 0 = RPG's loss (code cross-entropies only); >0 adds this x a sampled item-level softmax on the mean code log-probs (RPG.item_loss)
     item_negatives: int = 1024  # uniformly sampled negative items per batch (shared by its positions) of the item-level loss
     train: SeqTrainConfig = None  # type: ignore[assignment]
 

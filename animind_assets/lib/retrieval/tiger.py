@@ -279,7 +279,13 @@ def train_tiger(
     device = resolve_device(cfg.device)
     model = build_model(codec, cfg).to(device)
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(s, cfg, total_steps))
+    clock: dict[str, float] = {}  # "t0" once training starts: the budget share for lr_schedule="cosine_time"
+
+    def factor(step: int) -> float:
+        frac = (time.perf_counter() - clock["t0"]) / cfg.max_train_seconds if "t0" in clock and cfg.max_train_seconds else 0.0
+        return lr_factor(step, cfg, total_steps, frac)
+
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, factor)
     trie = codec.trie()
 
     state = {"step": 0, "epoch": 0, "batch_in_epoch": 0, "best_metric": -1.0, "best_step": 0, "bad_evals": 0, "history": [], "train_seconds": 0.0}
@@ -310,6 +316,7 @@ def train_tiger(
         f"{n_parameters(model):,} parameters, vocab {codec.vocab_size}, validation on {len(valid)} users, device {device}"
     )
     t_start = time.perf_counter() - state["train_seconds"]
+    clock["t0"] = t_start
     stop_reason = ""
     running, running_n = 0.0, 0
     progress = Progress("tiger train", total=total_steps, unit="steps", log=log, every_s=30.0)
@@ -381,10 +388,6 @@ def train_tiger(
                 torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
             opt.step()
             sched.step()
-            if cfg.lr_schedule == "cosine_time":  # overrides the step-based value with the budget's elapsed share
-                frac = (time.perf_counter() - t_start) / cfg.max_train_seconds
-                for g in opt.param_groups:
-                    g["lr"] = cfg.lr * lr_factor(state["step"] + 1, cfg, total_steps, frac)
             opt.zero_grad(set_to_none=True)
             running += float(loss.detach())
             running_n += 1

@@ -75,7 +75,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--rpg-grad-clip", type=float, default=1.0, help="RPG gradient-norm clip (reference: 1.0; 0 = off)")
     p.add_argument("--rpg-item-loss-weight", type=float, default=0.0,
                    help="add this x a sampled item-level softmax on the mean code log-probs (not in the RPG paper; 0 = RPG's loss)")
-    p.add_argument("--rpg-item-negatives", type=int, default=1024, help="uniform negatives per batch of the item-level loss")
+    p.add_argument("--rpg-item-negatives", type=int, default=1024,
+                   help="uniform negatives per batch of the item-level loss; 0 = exact softmax over all items")
+    p.add_argument("--rpg-item-loss-positions", type=int, default=0,
+                   help="target positions per batch (random) that get the item-level loss; 0 = all")
     p.add_argument("--pq-method", default="pq", choices=["pq", "opq"])
     p.add_argument("--rpg-embeddings", default="sasrec", choices=["text", "text+sasrec", "sasrec"],
                    help="what PQ quantizes: MiniLM item-text vectors, SASRec item embeddings (default; the ~5-word titles give codes without next-item signal, docs/beauty.md), or both (sasrec: run --models sasrec first, same --out)")
@@ -201,12 +204,14 @@ def run_rpg(split, rows, args, data, out: Path, log) -> dict:
                           patience=args.rpg_patience, val_users=args.val_users, max_train_seconds=args.rpg_seconds,
                           seed=args.seed, num_threads=args.threads, device=args.device)
     cfg = RPGConfig(hidden=args.rpg_hidden, d_ff=args.rpg_ff, temperature=args.rpg_temperature, train=tcfg,
-                    item_loss_weight=args.rpg_item_loss_weight, item_negatives=args.rpg_item_negatives)
+                    item_loss_weight=args.rpg_item_loss_weight, item_negatives=args.rpg_item_negatives,
+                    item_loss_positions=args.rpg_item_loss_positions)
     res = train_rpg(split, pq.codes, 256, cfg, log=log)
     save_rpg(res.model, str(out / "rpg_model"), extra={"best": res.best, "pq": pq.stats})
     label = f"RPG, {args.pq_method.upper()} {args.rpg_codebooks}x256 on {args.rpg_embeddings} vectors (ours)"
     if args.rpg_item_loss_weight > 0:
-        label = label.replace(" (ours)", f", + item-level loss x{args.rpg_item_loss_weight:g} (ours)")
+        kind = "exact" if args.rpg_item_negatives == 0 else f"{args.rpg_item_negatives} sampled negatives"
+        label = label.replace(" (ours)", f", + item-level loss x{args.rpg_item_loss_weight:g}, {kind} (ours)")
     ev = evaluate_scorer(make_scorer(res.model, tcfg.max_len), split, "test", label, rows=rows, n_boot=args.n_boot,
                          seed=args.seed, log=log)
     return {"rows": _rows(ev, {}), "eval_seconds": ev.seconds, "train_seconds": res.train_seconds,

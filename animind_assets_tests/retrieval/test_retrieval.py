@@ -267,6 +267,42 @@ def test_rpg_item_level_loss_scores_what_the_ranking_uses_and_trains(monkeypatch
         RPGConfig(item_loss_weight=-1.0).validate()
 
 
+
+def test_rpg_exact_item_level_loss_is_the_full_softmax_over_ranking_scores_with_gradients():
+    """item_negatives=0: the item-level loss is the exact softmax cross-entropy over every item's mean code
+    log-probability (= brute-force ranking scores / m), gradients reach the model, and
+    item_loss_positions limits it to a random subset of a batch's target positions."""
+    split = tiny_split()
+    codes = tiny_codes(split.n_items)
+    cfg = RPGConfig(hidden=16, heads=2, d_ff=32, emb_dropout=0.0, attn_dropout=0.0, temperature=0.1,
+                    item_loss_weight=1.0, item_negatives=0, train=train_cfg(epochs=8, lr=1e-2))
+    torch.manual_seed(0)
+    model = RPG(codes, 8, cfg).eval()
+    torch.nn.init.normal_(model.head_w, std=0.1)
+    inp = pad_left(split.histories("test")[:4], 8)
+    tgt = torch.as_tensor(split.test_targets[:4], dtype=torch.long)
+    logits = model.code_logits(model.hidden_states(inp)[:, -1])
+    loss = model.item_loss(logits, tgt)
+    with torch.no_grad():
+        ref = torch.nn.functional.cross_entropy(brute_force_scores(model, inp) / model.m, tgt)
+    assert float(loss) == pytest.approx(float(ref), rel=1e-5)
+    loss.backward()
+    assert model.head_w.grad is not None and float(model.head_w.grad.abs().sum()) > 0
+    # a subset of positions: the loss only sees item_loss_positions targets per batch
+    seen = []
+    orig = RPG.item_loss
+    sub = RPG(codes, 8, RPGConfig(**{**cfg.to_dict(), "item_loss_positions": 3}))
+    sub.item_loss = lambda lg, t: seen.append(len(t)) or orig(sub, lg, t)
+    batch = pad_left(split.histories("test")[:6], 8)
+    targets = torch.cat([batch[:, 1:], torch.as_tensor(split.test_targets[:6] + 1).unsqueeze(1)], dim=1) * (batch > 0)
+    sub.loss(batch, targets)
+    assert seen == [3]
+    res = train_rpg(split, codes, 8, cfg)
+    losses = [h["train_loss"] for h in res.history]
+    assert losses[-1] < losses[0]
+    with pytest.raises(ValueError, match="item_loss_positions"):
+        RPGConfig(item_loss_positions=-1).validate()
+
 def _models_for_padding_check():
     split = tiny_split()
     torch.manual_seed(0)

@@ -30,6 +30,7 @@ import numpy as np
 import torch
 
 from animind_assets.lib.common.progress import Progress, fmt_seconds
+from animind_assets.lib.common.schedules import progress_after_warmup, warmup_cosine
 from animind_assets.lib.common.storage import atomic_dir, local_copy
 from animind_assets.lib.retrieval.evaluation import SequenceSplit, evaluate_scorer
 
@@ -99,16 +100,11 @@ def lr_factor(cfg: SeqTrainConfig, total_steps: int) -> Callable[[int], float]:
     then 1.0 (``constant``) or a half cosine from 1 to 0 at ``total_steps`` (``cosine``, as in RPG's
     reference training; Loshchilov & Hutter, SGDR, ICLR 2017). ``total_steps`` is the planned number of
     steps (``epochs`` x steps per epoch), so stopping earlier on a time budget leaves the LR above 0."""
-    warm = max(0, int(cfg.warmup_steps))
-    total = max(1, int(total_steps))
+    cosine = cfg.lr_schedule == "cosine"
 
     def factor(s: int) -> float:
-        if warm and s < warm:
-            return (s + 1) / warm
-        if cfg.lr_schedule == "cosine":
-            frac = min(1.0, (s - warm) / max(1, total - warm))
-            return 0.5 * (1.0 + math.cos(math.pi * frac))
-        return 1.0
+        progress = progress_after_warmup(s, cfg.warmup_steps, total_steps) if cosine else None
+        return warmup_cosine(s, cfg.warmup_steps, progress)
 
     return factor
 

@@ -37,6 +37,7 @@ import numpy as np
 import torch
 
 from animind_assets.lib.common.progress import Progress, fmt_seconds
+from animind_assets.lib.common.schedules import progress_after_warmup, warmup_cosine
 from animind_assets.lib.common.checkpoint import load_payload, save_payload
 from animind_assets.lib.common.device import resolve_device  # noqa: F401  (the one device rule; re-exported)
 from animind_assets.lib.common.storage import atomic_dir, local_copy
@@ -173,17 +174,10 @@ def lr_factor(step: int, cfg: TigerConfig, total_steps: int, time_frac: float = 
     ends at the low LR whatever the machine's speed (budget-aware schedule; Li et al., "Budgeted
     Training", ICLR 2020, with time instead of iterations as the budget)."""
     warm = max(1, cfg.warmup_steps)
-    if step < warm:
-        return (step + 1) / warm
-    if cfg.lr_schedule == "inverse_sqrt":
+    if step >= warm and cfg.lr_schedule == "inverse_sqrt":
         return math.sqrt(warm / (step + 1))
-    if cfg.lr_schedule in ("cosine", "cosine_time"):
-        if cfg.lr_schedule == "cosine":
-            progress = min(1.0, (step - warm) / max(1, total_steps - warm))
-        else:
-            progress = min(1.0, max(0.0, time_frac))
-        return 0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * progress))
-    return 1.0
+    progress = {"cosine": progress_after_warmup(step, warm, total_steps), "cosine_time": time_frac}.get(cfg.lr_schedule)
+    return warmup_cosine(step, warm, progress, min_ratio=0.05)
 
 
 # -------------------------------------------------------------------------------------- training

@@ -31,6 +31,7 @@ from animind_assets.lib.common.device import resolve_device  # noqa: F401  (the 
 from animind_assets.lib.common.faults import crash_point
 from animind_assets.lib.common.fingerprint import array_fingerprint
 from animind_assets.lib.common.progress import Progress
+from animind_assets.lib.common.schedules import progress_after_warmup, warmup_cosine
 from animind_assets.lib.semantic_ids.quantizers.checkpoint import load_checkpoint, save_checkpoint
 from animind_assets.lib.semantic_ids.quantizers.config import QuantizerConfig, small_catalog_codebook
 from animind_assets.lib.semantic_ids.quantizers.metrics import code_stats, level_counts, perplexity_from_counts
@@ -93,15 +94,10 @@ def split_indices(n: int, val_fraction: float, seed: int) -> tuple[torch.Tensor,
 
 
 def lr_factor(step: int, cfg: QuantizerConfig, total_steps: int) -> float:
-    """Multiplier of ``cfg.lr`` for optimizer step ``step`` (0-based)."""
-    warm = max(0, int(cfg.warmup_steps))
-    if warm and step < warm:
-        return (step + 1) / warm
-    if cfg.lr_schedule == "constant":
-        return 1.0
-    span = max(1, total_steps - warm)
-    t = min(1.0, max(0.0, (step - warm) / span))
-    return cfg.min_lr_ratio + (1.0 - cfg.min_lr_ratio) * 0.5 * (1.0 + math.cos(math.pi * t))
+    """Multiplier of ``cfg.lr`` for optimizer step ``step`` (0-based): linear warm-up, then constant or
+    cosine to ``min_lr_ratio`` at ``total_steps`` (``common.schedules.warmup_cosine``)."""
+    progress = None if cfg.lr_schedule == "constant" else progress_after_warmup(step, cfg.warmup_steps, total_steps)
+    return warmup_cosine(step, cfg.warmup_steps, progress, min_ratio=cfg.min_lr_ratio)
 
 
 def make_optimizer(params, cfg: QuantizerConfig) -> torch.optim.Optimizer:

@@ -217,7 +217,27 @@ def run_rpg(split, rows, args, data, out: Path, log) -> dict:
     return {"rows": _rows(ev, {}), "eval_seconds": ev.seconds, "train_seconds": res.train_seconds,
             "examples_per_s": res.positions_per_s, "stop_reason": res.stop_reason, "epochs": res.epochs,
             "invalid_id_rate": 0.0, "best_val": res.best, "history": res.history, "config": cfg.to_dict(),
-            "pq": pq.stats, "extra": res.extra}
+            "pq": pq.stats, "extra": res.extra, "diagnostic": marginal_diagnostic(split, rows, args, out, pq.codes, log)}
+
+
+def marginal_diagnostic(split, rows, args, out: Path, codes, log) -> dict | None:
+    """Not a model: RPG's ranking rule (summed per-codebook code log-probabilities) fed with the SASRec's
+    own per-codebook marginals on these codes. Near SASRec's figures = the codes and the scoring family
+    are not what limits RPG; the learned code distributions are. Only when ``<out>/sasrec_model`` exists."""
+    if "sasrec" not in args.rpg_embeddings or not (out / "sasrec_model").exists():
+        return None
+    from animind_assets.lib.retrieval.evaluation import evaluate_scorer
+    from animind_assets.lib.retrieval.rpg import marginal_product_scorer
+    from animind_assets.lib.retrieval.sasrec import load_sasrec
+    from animind_assets.lib.retrieval.seqtrain import make_scorer
+
+    sas, _ = load_sasrec(str(out / "sasrec_model"))
+    ev = evaluate_scorer(marginal_product_scorer(make_scorer(sas, sas.cfg.train.max_len), codes, 256), split, "test",
+                         "diagnostic: RPG ranking rule with SASRec's per-codebook marginals", rows=rows,
+                         n_boot=args.n_boot, seed=args.seed, log=log)
+    log(f"diagnostic (not a model): RPG's ranking rule on SASRec's per-codebook marginals of these codes: "
+        f"R@10 {ev.metrics['masked']['recall@10']:.4f} / N@10 {ev.metrics['masked']['ndcg@10']:.4f} (masked)")
+    return {"rows": _rows(ev, {})}
 
 
 import numpy as np  # noqa: E402  (after the env defaults above)
@@ -316,6 +336,10 @@ def main(argv=None) -> int:
         print(f"  {name:<11} examples/s {r.get('examples_per_s') or 0:>9,.0f}  train {r.get('train_seconds') or 0:>7.0f}s  "
               f"eval {r.get('eval_seconds') or 0:>6.0f}s  stop: {r.get('stop_reason', '-')}  "
               f"invalid-ID rate: {r.get('invalid_id_rate', '-')}  load after: {r.get('load_after', '-')}")
+    diag = [r for name in models for r in (results[name].get("diagnostic") or {}).get("rows", [])]
+    if diag:
+        print("\ndiagnostic (not a model; same users):")
+        print(format_table(diag, with_ci=True))
     print("\n== published (not measured here; other code, other machines) ==")
     print(format_table([{"model": k, "masking": "as published", **v} for k, v in PUBLISHED_BEAUTY.items()], with_ci=False))
     print("\nprotocol:", json.dumps({**protocol(split, "test", rows), "sequence_order": data.order}, indent=1))

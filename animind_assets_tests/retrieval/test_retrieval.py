@@ -21,7 +21,16 @@ from animind_assets.lib.retrieval.evaluation import (
     target_ranks,
 )
 from animind_assets.lib.retrieval.pq import PQConfig, product_quantize
-from animind_assets.lib.retrieval.rpg import RPG, RPGConfig, brute_force_scores, load_rpg, save_rpg, train_rpg
+from animind_assets.lib.retrieval.rpg import (
+    RPG,
+    RPGConfig,
+    brute_force_scores,
+    load_rpg,
+    marginal_code_log_probs,
+    marginal_product_scorer,
+    save_rpg,
+    train_rpg,
+)
 from animind_assets.lib.retrieval.sasrec import SASRec, SASRecConfig, load_sasrec, save_sasrec
 from animind_assets.lib.retrieval.seqtrain import SeqTrainConfig, lr_factor, pad_left, train_sequence_model, training_pairs
 
@@ -302,6 +311,28 @@ def test_rpg_exact_item_level_loss_is_the_full_softmax_over_ranking_scores_with_
     assert losses[-1] < losses[0]
     with pytest.raises(ValueError, match="item_loss_positions"):
         RPGConfig(item_loss_positions=-1).validate()
+
+
+def test_marginal_code_log_probs_and_the_product_of_marginals_ranking_match_loops():
+    """Per-codebook marginals of an item softmax, and RPG-style ranking by their summed logs, equal a
+    brute-force loop over items; a code no item uses gets ~log(1e-30)."""
+    rng = np.random.default_rng(0)
+    codes = rng.integers(0, 5, size=(9, 3))
+    codes[:, 2] = np.minimum(codes[:, 2], 3)  # code 4 of codebook 2 unused
+    scores = torch.as_tensor(rng.normal(size=(2, 9)), dtype=torch.float32)
+    logp = marginal_code_log_probs(scores, codes, 5)
+    p = torch.softmax(scores, 1)
+    for b in range(2):
+        for j in range(3):
+            for c in range(5):
+                want = float(p[b, codes[:, j] == c].sum())
+                assert math.exp(float(logp[b, j, c])) == pytest.approx(want, abs=1e-6)
+    assert float(logp[0, 2, 4]) < -60
+    ranked = marginal_product_scorer(lambda h: scores, codes, 5)([None, None])
+    brute = torch.stack([sum(logp[:, j, codes[i, j]] for j in range(3)) for i in range(9)], 1)
+    assert torch.allclose(ranked, brute, atol=1e-5)
+    with pytest.raises(ValueError, match="item_scores"):
+        marginal_code_log_probs(scores[:, :4], codes, 5)
 
 def _models_for_padding_check():
     split = tiny_split()

@@ -241,6 +241,38 @@ def load_rpg(src: str, map_location: str = "cpu") -> tuple[RPG, dict[str, Any]]:
     return model, extra
 
 
+def marginal_code_log_probs(item_scores: torch.Tensor, codes: np.ndarray | torch.Tensor, codebook_size: int) -> torch.Tensor:
+    """Per-codebook marginals of an item-level model: (B, N) item scores (logits, e.g. SASRec's) ->
+    (B, m, K) float32 ``log sum_{i: code_j(i) = c} softmax(scores)_i``; ``codes`` (N, m) int in
+    ``0..K-1``. A code no item uses gets log(1e-30). Used to ask what RPG's scoring family (summed
+    code log-probabilities) reaches when its per-codebook distributions are those of another model."""
+    codes_t = torch.as_tensor(np.asarray(codes), dtype=torch.long)
+    n, m = codes_t.shape
+    if item_scores.ndim != 2 or item_scores.shape[1] != n:
+        raise ValueError(f"item_scores must be (B, {n}), got {tuple(item_scores.shape)}")
+    p = torch.softmax(item_scores.float(), dim=1)  # (B, N)
+    flat = (codes_t + torch.arange(m) * codebook_size).reshape(-1)  # (N*m,) item-major
+    marg = torch.zeros(p.shape[0], m * codebook_size)
+    marg.index_add_(1, flat, p.repeat_interleave(m, dim=1))
+    return torch.log(marg.clamp_min(1e-30)).view(-1, m, codebook_size)
+
+
+def marginal_product_scorer(score_fn, codes: np.ndarray, codebook_size: int):
+    """Wrap an item scorer (``histories -> (B, N)``, as for ``evaluation.evaluate_scorer``) so that it
+    ranks like RPG: ``score(item) = sum_j log p_j(code_j(item))`` with ``p_j`` the wrapped model's
+    per-codebook marginals (:func:`marginal_code_log_probs`). The "oracle" RPG for these codes: how far
+    the summed-code-log-prob ranking gets when each codebook's distribution is right for that model."""
+    codes_t = torch.as_tensor(np.asarray(codes), dtype=torch.long)
+    m = codes_t.shape[1]
+    flat = codes_t + torch.arange(m) * codebook_size  # (N, m)
+
+    def score(histories):
+        logp = marginal_code_log_probs(torch.as_tensor(score_fn(histories)), codes_t, codebook_size)
+        return logp.reshape(logp.shape[0], -1)[:, flat].sum(-1)  # (B, N)
+
+    return score
+
+
 def brute_force_scores(model: RPG, inputs: torch.Tensor) -> torch.Tensor:
     """Reference implementation of ``RPG.score`` (loops over codebooks; for tests)."""
     logp = model.code_log_probs(inputs)  # (B, m, K)

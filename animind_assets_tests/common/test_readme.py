@@ -32,3 +32,18 @@ def test_config_reference_is_current():
         "docs/config-reference.md is stale; regenerate with "
         f"python -m animind_assets.config_reference > docs/config-reference.md: {missing[:5]}"
     )
+
+
+def test_layout_listing_in_the_guide_matches_the_tree():
+    """docs/guide/layout-and-storage.md lists every module of every package folder it names."""
+    import re
+
+    text = (ROOT / "docs" / "guide" / "layout-and-storage.md").read_text()
+    listed = {m.group(1): set(m.group(2).split()) for m in re.finditer(r"^(animind_assets(?:_tests)?/[\w/]*)  (.*)$", text, re.M)}
+    assert len(listed) > 20
+    stale = {}
+    for folder, names in listed.items():
+        actual = {f.stem for f in (ROOT / folder).glob("*.py") if f.stem != "__init__"}
+        if names != actual:
+            stale[folder] = {"missing": sorted(actual - names), "gone": sorted(names - actual)}
+    assert not stale, f"update the module listing in docs/guide/layout-and-storage.md: {stale}"

@@ -68,16 +68,17 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--rpg-temperature", type=float, default=0.03)
     p.add_argument("--rpg-batch", type=int, default=128)
     p.add_argument("--rpg-patience", type=int, default=0, help="validations without gain before stopping; 0 = off (the cosine schedule ends at --rpg-epochs)")
-    p.add_argument("--rpg-epochs", type=int, default=45, help="maximum RPG epochs (the cosine schedule decays to 0 at this epoch)")
+    p.add_argument("--rpg-epochs", type=int, default=30, help="maximum RPG epochs (the cosine schedule decays to 0 at this epoch)")
     p.add_argument("--rpg-schedule", default="cosine", choices=["constant", "cosine"],
                    help="LR after warm-up: constant, or cosine to 0 at --rpg-epochs (RPG's reference schedule)")
     p.add_argument("--rpg-warmup", type=int, default=300, help="RPG linear warm-up steps")
     p.add_argument("--rpg-grad-clip", type=float, default=1.0, help="RPG gradient-norm clip (reference: 1.0; 0 = off)")
-    p.add_argument("--rpg-item-loss-weight", type=float, default=0.0,
-                   help="add this x a sampled item-level softmax on the mean code log-probs (not in the RPG paper; 0 = RPG's loss)")
-    p.add_argument("--rpg-item-negatives", type=int, default=1024,
+    p.add_argument("--rpg-item-loss-weight", type=float, default=1.0,
+                   help="add this x an item-level softmax on the mean code log-probs (not in the RPG paper, labelled in the "
+                        "model name; 0 = RPG's loss only)")
+    p.add_argument("--rpg-item-negatives", type=int, default=0,
                    help="uniform negatives per batch of the item-level loss; 0 = exact softmax over all items")
-    p.add_argument("--rpg-item-loss-positions", type=int, default=0,
+    p.add_argument("--rpg-item-loss-positions", type=int, default=256,
                    help="target positions per batch (random) that get the item-level loss; 0 = all")
     p.add_argument("--pq-method", default="pq", choices=["pq", "opq"])
     p.add_argument("--rpg-embeddings", default="sasrec", choices=["text", "text+sasrec", "sasrec"],

@@ -56,7 +56,7 @@ class RPGConfig(ModelConfigMixin):
     attn_dropout: float = 0.5
     resid_dropout: float = 0.0
     temperature: float = 0.03
-    item_loss_weight: float = 0.0  # 0 = RPG's loss (code cross-entropies only); >0 adds this x a sampled item-level softmax on the mean code log-probs (RPG.item_loss)
+    item_loss_weight: float = 0.0  # 0 = RPG's loss (code cross-entropies only); >0 adds this x an item-level softmax on the mean code log-probs (RPG.item_loss; exact or sampled, see item_negatives; not in the paper)
     item_negatives: int = 1024  # uniformly sampled negative items per batch (shared by its positions) of the item-level loss; 0 = exact softmax over all items
     item_loss_positions: int = 0  # target positions per batch (drawn at random) that get the item-level loss; 0 = all
     train: SeqTrainConfig = None  # type: ignore[assignment]

@@ -142,7 +142,8 @@ class RPG(torch.nn.Module):
     def loss(self, inputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         """Mean over positions with a target and over the m codebooks of the code cross-entropy (RPG's
         loss), plus ``item_loss_weight`` x :meth:`item_loss` when that weight is > 0 (on
-        ``item_loss_positions`` target positions drawn at random from the batch when that is > 0)."""
+        ``item_loss_positions`` target positions drawn at random from the batch when that is > 0 and smaller than
+        the batch's number of target positions; otherwise on all of them)."""
         h = self.hidden_states(inputs)
         valid = targets > 0
         logits = self.code_logits(h[valid])  # (M, m, K)
@@ -162,7 +163,7 @@ class RPG(torch.nn.Module):
 
         ``logits`` (M, m, K) code logits, ``tgt_items`` (M,) int64 item ids. An item's score is the mean
         of its codes' log-probabilities (:meth:`score` / m: the same ranking). With ``item_negatives`` = 0
-        the softmax is **exact, over all N items** (one sparse (M, m*K) x (m*K, N) product, ~0.08 s
+        the softmax is **exact, over all N items** (one sparse (N, m*K) x (m*K, M) product, transposed; ~0.08 s
         forward + backward for 128 positions x 12,101 items on one CPU thread). With ``item_negatives`` = S
         > 0 the target competes with S items drawn uniformly for the whole batch (a negative equal to a
         position's target is masked; uniform sampling needs no log-Q correction). This is not in the RPG
@@ -244,8 +245,11 @@ def load_rpg(src: str, map_location: str = "cpu") -> tuple[RPG, dict[str, Any]]:
 def marginal_code_log_probs(item_scores: torch.Tensor, codes: np.ndarray | torch.Tensor, codebook_size: int) -> torch.Tensor:
     """Per-codebook marginals of an item-level model: (B, N) item scores (logits, e.g. SASRec's) ->
     (B, m, K) float32 ``log sum_{i: code_j(i) = c} softmax(scores)_i``; ``codes`` (N, m) int in
-    ``0..K-1``. A code no item uses gets log(1e-30). Used to ask what RPG's scoring family (summed
-    code log-probabilities) reaches when its per-codebook distributions are those of another model."""
+    ``0..K-1`` (not range-checked: a code >= K would land in the next codebook's slot). A code no item
+    uses gets log(1e-30). CPU tensors (as ``seqtrain.make_scorer`` returns); memory O(B * N * m) for the
+    (B, N*m) intermediate. Raises ``ValueError`` unless ``item_scores`` is (B, N). Used to ask what
+    RPG's scoring family (summed code log-probabilities) reaches when its per-codebook distributions are
+    those of another model."""
     codes_t = torch.as_tensor(np.asarray(codes), dtype=torch.long)
     n, m = codes_t.shape
     if item_scores.ndim != 2 or item_scores.shape[1] != n:
@@ -260,8 +264,9 @@ def marginal_code_log_probs(item_scores: torch.Tensor, codes: np.ndarray | torch
 def marginal_product_scorer(score_fn, codes: np.ndarray, codebook_size: int):
     """Wrap an item scorer (``histories -> (B, N)``, as for ``evaluation.evaluate_scorer``) so that it
     ranks like RPG: ``score(item) = sum_j log p_j(code_j(item))`` with ``p_j`` the wrapped model's
-    per-codebook marginals (:func:`marginal_code_log_probs`). The "oracle" RPG for these codes: how far
-    the summed-code-log-prob ranking gets when each codebook's distribution is right for that model."""
+    per-codebook marginals (:func:`marginal_code_log_probs`). Returns (B, N) float32 CPU scores. A
+    reference level, not an upper bound: what the summed-code-log-prob ranking reaches on these codes
+    with that model's per-codebook marginals."""
     codes_t = torch.as_tensor(np.asarray(codes), dtype=torch.long)
     m = codes_t.shape[1]
     flat = codes_t + torch.arange(m) * codebook_size  # (N, m)

@@ -76,6 +76,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--rpg-item-loss-weight", type=float, default=1.0,
                    help="add this x an item-level softmax on the mean code log-probs (not in the RPG paper, labelled in the "
                         "model name; 0 = RPG's loss only)")
+    p.add_argument("--rpg-code-loss-weight", type=float, default=1.0,
+                   help="weight of RPG's own loss (mean code cross-entropy); 0 = item-level loss only (labelled)")
     p.add_argument("--rpg-item-negatives", type=int, default=0,
                    help="uniform negatives per batch of the item-level loss; 0 = exact softmax over all items")
     p.add_argument("--rpg-item-loss-positions", type=int, default=256,
@@ -206,13 +208,15 @@ def run_rpg(split, rows, args, data, out: Path, log) -> dict:
                           seed=args.seed, num_threads=args.threads, device=args.device)
     cfg = RPGConfig(hidden=args.rpg_hidden, d_ff=args.rpg_ff, temperature=args.rpg_temperature, train=tcfg,
                     item_loss_weight=args.rpg_item_loss_weight, item_negatives=args.rpg_item_negatives,
-                    item_loss_positions=args.rpg_item_loss_positions)
+                    item_loss_positions=args.rpg_item_loss_positions, code_loss_weight=args.rpg_code_loss_weight)
     res = train_rpg(split, pq.codes, 256, cfg, log=log)
     save_rpg(res.model, str(out / "rpg_model"), extra={"best": res.best, "pq": pq.stats})
     label = f"RPG, {args.pq_method.upper()} {args.rpg_codebooks}x256 on {args.rpg_embeddings} vectors (ours)"
     if args.rpg_item_loss_weight > 0:
         kind = "exact" if args.rpg_item_negatives == 0 else f"{args.rpg_item_negatives} sampled negatives"
         label = label.replace(" (ours)", f", + item-level loss x{args.rpg_item_loss_weight:g}, {kind} (ours)")
+    if args.rpg_code_loss_weight != 1.0:
+        label = label.replace(" (ours)", f", code loss x{args.rpg_code_loss_weight:g} (ours)")
     ev = evaluate_scorer(make_scorer(res.model, tcfg.max_len), split, "test", label, rows=rows, n_boot=args.n_boot,
                          seed=args.seed, log=log)
     return {"rows": _rows(ev, {}), "eval_seconds": ev.seconds, "train_seconds": res.train_seconds,

@@ -314,6 +314,49 @@ def test_rpg_exact_item_level_loss_is_the_full_softmax_over_ranking_scores_with_
         RPGConfig(item_loss_positions=-1).validate()
 
 
+def test_item_code_sums_forward_and_backward_equal_a_dense_product():
+    """The blocked sparse operator behind the exact item-level loss and the scoring: values (M, m*K) ->
+    per-item code sums (M, N), and its custom backward, equal the dense (M, m*K) x (m*K, N) product
+    and its autograd gradient, across several 64-row blocks."""
+    from animind_assets.lib.retrieval.rpg import item_code_matrix, item_code_sums
+    rng = np.random.default_rng(3)
+    codes = torch.as_tensor(rng.integers(0, 5, (37, 4)))
+    a = item_code_matrix(codes, 5)
+    a_t = a.to_sparse_coo().t().coalesce().to_sparse_csr()
+    dense = torch.zeros(37, 20)
+    for i in range(37):
+        for j in range(4):
+            dense[i, j * 5 + int(codes[i, j])] = 1.0
+    x = torch.randn(150, 20, requires_grad=True)  # 150 rows = blocks of 64, 64, 22
+    w = torch.randn(150, 37)
+    out = item_code_sums(x, a, a_t)
+    (out * w).sum().backward()
+    grad = x.grad.clone()
+    x.grad = None
+    ref = x @ dense.T
+    (ref * w).sum().backward()
+    assert torch.allclose(out, ref, atol=1e-5)
+    assert torch.allclose(grad, x.grad, atol=1e-5)
+
+
+def test_rpg_item_level_loss_alone_trains_and_needs_some_loss():
+    """code_loss_weight=0: RPG's code cross-entropy is off, the exact item-level loss alone trains the
+    model; both weights 0 is refused."""
+    split = tiny_split()
+    codes = tiny_codes(split.n_items)
+    cfg = RPGConfig(hidden=16, heads=2, d_ff=32, emb_dropout=0.0, attn_dropout=0.0, temperature=0.1,
+                    code_loss_weight=0.0, item_loss_weight=1.0, item_negatives=0, train=train_cfg(epochs=8, lr=1e-2))
+    model = RPG(codes, 8, cfg).eval()
+    batch = pad_left(split.histories("test")[:6], 8)
+    targets = torch.cat([batch[:, 1:], torch.as_tensor(split.test_targets[:6] + 1).unsqueeze(1)], dim=1) * (batch > 0)
+    valid = targets > 0
+    logits = model.code_logits(model.hidden_states(batch)[valid])
+    assert float(model.loss(batch, targets)) == pytest.approx(float(model.item_loss(logits, targets[valid] - 1)), rel=1e-5)
+    _assert_rpg_trains(split, codes, cfg)
+    with pytest.raises(ValueError, match="nothing to train"):
+        RPGConfig(code_loss_weight=0.0).validate()
+
+
 def test_marginal_code_log_probs_and_the_product_of_marginals_ranking_match_loops():
     """Per-codebook marginals of an item softmax, and RPG-style ranking by their summed logs, equal a
     brute-force loop over items; a code no item uses gets ~log(1e-30)."""

@@ -76,6 +76,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--rpg-item-loss-weight", type=float, default=1.0,
                    help="add this x an item-level softmax on the mean code log-probs (not in the RPG paper, labelled in the "
                         "model name; 0 = RPG's loss only)")
+    p.add_argument("--rpg-logits", default="cosine", choices=["cosine", "dot"],
+                   help="code logits: cos/temperature (RPG) or an unnormalised dot product (labelled)")
     p.add_argument("--rpg-code-loss-weight", type=float, default=1.0,
                    help="weight of RPG's own loss (mean code cross-entropy); 0 = item-level loss only (labelled)")
     p.add_argument("--rpg-item-negatives", type=int, default=0,
@@ -87,7 +89,9 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="what PQ quantizes: MiniLM item-text vectors, SASRec item embeddings (default; the ~5-word titles give codes without next-item signal, docs/beauty.md), or both (sasrec: run --models sasrec first, same --out)")
     # TIGER
     p.add_argument("--tiger-seconds", type=float, default=600.0)
-    p.add_argument("--tiger-ids", default="rqkmeans", choices=["rqkmeans", "rqvae"], help="reference ID file index_<ids>.json")
+    p.add_argument("--tiger-ids", default="rqkmeans", choices=["rqkmeans", "rqvae", "sasrec"],
+                   help="rqkmeans / rqvae: the reference ID file index_<ids>.json (text IDs); sasrec: RQ-KMeans (3 x 256 + a "
+                        "disambiguation code) of the SASRec item embeddings of <out>/sasrec_model (collaborative IDs, labelled)")
     p.add_argument("--tiger-beams", type=int, default=20)
     p.add_argument("--tiger-lr", type=float, default=1e-2, help="peak AdamW LR (the 22 Nov benchmark used 5e-3, constant)")
     p.add_argument("--tiger-schedule", default="cosine_time", choices=["constant", "cosine_time", "inverse_sqrt"],
@@ -179,7 +183,7 @@ def item_vectors(kind: str, data, out: Path, log) -> "np.ndarray":
         from animind_assets.lib.retrieval.sasrec import load_sasrec, sasrec_item_vectors
 
         if not (out / "sasrec_model").exists():
-            raise FileNotFoundError(f"--rpg-embeddings {kind} needs {out / 'sasrec_model'}: run --models sasrec first")
+            raise FileNotFoundError(f"{kind} item vectors need {out / 'sasrec_model'}: run --models sasrec first (same --out)")
         model, _ = load_sasrec(str(out / "sasrec_model"))
         parts.append(sasrec_item_vectors(model))
     from animind_assets.lib.retrieval.pq import combine_item_vectors
@@ -208,13 +212,16 @@ def run_rpg(split, rows, args, data, out: Path, log) -> dict:
                           seed=args.seed, num_threads=args.threads, device=args.device)
     cfg = RPGConfig(hidden=args.rpg_hidden, d_ff=args.rpg_ff, temperature=args.rpg_temperature, train=tcfg,
                     item_loss_weight=args.rpg_item_loss_weight, item_negatives=args.rpg_item_negatives,
-                    item_loss_positions=args.rpg_item_loss_positions, code_loss_weight=args.rpg_code_loss_weight)
+                    item_loss_positions=args.rpg_item_loss_positions, code_loss_weight=args.rpg_code_loss_weight,
+                    logits=args.rpg_logits)
     res = train_rpg(split, pq.codes, 256, cfg, log=log)
     save_rpg(res.model, str(out / "rpg_model"), extra={"best": res.best, "pq": pq.stats})
     label = f"RPG, {args.pq_method.upper()} {args.rpg_codebooks}x256 on {args.rpg_embeddings} vectors (ours)"
     if args.rpg_item_loss_weight > 0:
         kind = "exact" if args.rpg_item_negatives == 0 else f"{args.rpg_item_negatives} sampled negatives"
         label = label.replace(" (ours)", f", + item-level loss x{args.rpg_item_loss_weight:g}, {kind} (ours)")
+    if args.rpg_logits != "cosine":
+        label = label.replace(" (ours)", f", {args.rpg_logits} logits (ours)")
     if args.rpg_code_loss_weight != 1.0:
         label = label.replace(" (ours)", f", code loss x{args.rpg_code_loss_weight:g} (ours)")
     ev = evaluate_scorer(make_scorer(res.model, tcfg.max_len), split, "test", label, rows=rows, n_boot=args.n_boot,
@@ -258,7 +265,15 @@ def run_tiger(split, rows, args, data, out: Path, log) -> dict:
         SidCodec, TigerConfig, evaluate_on_split, leave_one_out, load_reference_index, train_tiger,
     )
 
-    codec = SidCodec.from_mapping(load_reference_index(beauty_dir() / f"index_{args.tiger_ids}.json"))
+    id_stats = None
+    if args.tiger_ids == "sasrec":
+        from animind_assets.lib.retrieval.tiger_data import rqkmeans_ids
+
+        codes, id_stats = rqkmeans_ids(item_vectors("sasrec", data, out, log), seed=args.seed, log=log)
+        log(f"tiger: RQ-KMeans IDs of the SASRec item embeddings: {id_stats}")
+        codec = SidCodec.from_mapping({i: row for i, row in enumerate(codes.tolist())})
+    else:
+        codec = SidCodec.from_mapping(load_reference_index(beauty_dir() / f"index_{args.tiger_ids}.json"))
     sequences = {int(u): list(np.append(t, [v, te])) for u, t, v, te in
                  zip(split.users, split.train, split.valid_targets, split.test_targets)}
     tsplit = leave_one_out(sequences, max_history=args.tiger_history)
@@ -269,14 +284,15 @@ def run_tiger(split, rows, args, data, out: Path, log) -> dict:
                       max_train_seconds=args.tiger_seconds, eval_every_steps=700, val_users=1000, val_beams=20, patience=args.tiger_patience,
                       num_threads=args.threads, device=args.device, seed=args.seed)
     res = train_tiger(tsplit, codec, cfg, log=log)
-    label = f"TIGER, reference {args.tiger_ids} IDs (ours)"
+    label = ("TIGER, RQ-KMeans IDs of the SASRec item embeddings (ours)" if args.tiger_ids == "sasrec"
+             else f"TIGER, reference {args.tiger_ids} IDs (ours)")
     ev = evaluate_on_split(res.model, codec, split, rows, max_history=cfg.max_history, beams=args.tiger_beams,
                            n_boot=args.n_boot, seed=args.seed, label=label, log=log)
     steps = res.steps
     return {"rows": _rows(ev, {"invalid_id_rate": ev.extra["invalid_id_rate"]}), "eval_seconds": ev.seconds,
             "train_seconds": res.train_seconds, "examples_per_s": steps * cfg.batch_size / max(1e-9, res.train_seconds),
             "stop_reason": res.stop_reason, "steps": steps, "invalid_id_rate": ev.extra["invalid_id_rate"],
-            "best_val": res.best, "history": res.history, "config": cfg.to_dict()}
+            "best_val": res.best, "history": res.history, "config": cfg.to_dict(), "ids": args.tiger_ids, "id_stats": id_stats}
 
 
 def main(argv=None) -> int:

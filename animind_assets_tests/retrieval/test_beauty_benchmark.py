@@ -54,3 +54,25 @@ def test_one_command_trains_and_ranks_every_model_on_the_same_users(tmp_path, mo
     again = capsys.readouterr().out
     assert again.count("reused") == 4 and "train:" not in again
     assert again.split("== ours")[1].split("speed and budget")[0] == table
+
+
+def test_tiger_on_collaborative_rqkmeans_ids_of_the_sasrec_embeddings(tmp_path, monkeypatch, capsys):
+    """``--tiger-ids sasrec``: TIGER on RQ-KMeans IDs of the SASRec item embeddings of the same --out,
+    labelled as such; every item gets a unique valid ID; without a sasrec_model it says what to run."""
+    _tiny_beauty(tmp_path / "shared" / "beauty")
+    monkeypatch.setenv("ANIMIND_SHARED_DATA", str(tmp_path / "shared"))
+    out = tmp_path / "out"
+    common = ["--threads", "1", "--out", str(out), "--n-boot", "20", "--val-users", "50", "--tiger-beams", "10"]
+    tiger = ["--models", "tiger", "--tiger-ids", "sasrec", "--tiger-seconds", "3"]
+    try:
+        beauty.main(common + tiger)
+    except FileNotFoundError as exc:
+        assert "run --models sasrec first" in str(exc)
+    else:
+        raise AssertionError("expected a FileNotFoundError without sasrec_model")
+    assert beauty.main(common + ["--models", "sasrec", "--sasrec-seconds", "3"]) == 0
+    assert beauty.main(common + tiger) == 0
+    text = capsys.readouterr().out
+    assert text.split("== ours")[-1].count("TIGER, RQ-KMeans IDs of the SASRec item embeddings (ours)") == 2
+    res = json.loads((out / "tiger.json").read_text())
+    assert res["ids"] == "sasrec" and res["id_stats"]["levels"] == 4 and res["invalid_id_rate"] == 0.0

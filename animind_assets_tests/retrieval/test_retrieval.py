@@ -573,3 +573,24 @@ def test_tiger_on_the_shared_evaluation_matches_its_own_metrics():
     assert res.metrics["unmasked"]["recall@10"] == pytest.approx(own["recall@10"])
     assert res.metrics["unmasked"]["ndcg@5"] == pytest.approx(own["ndcg@5"])
     assert res.extra["invalid_id_rate"] == 0.0
+
+
+def test_rqkmeans_ids_of_item_vectors_are_unique_and_follow_the_clusters():
+    """RQ-KMeans IDs of arbitrary item vectors (TIGER's collaborative-ID option): one row per item,
+    levels + 1 codes, all IDs unique, items of one tight cluster share their first code, bad input refused."""
+    from animind_assets.lib.retrieval.tiger_data import rqkmeans_ids
+
+    rng = np.random.default_rng(0)
+    centres = rng.normal(size=(4, 16)) * 10
+    vec = np.repeat(centres, 30, axis=0) + rng.normal(scale=0.01, size=(120, 16))
+    codes, stats = rqkmeans_ids(vec, levels=2, codebook_size=4)
+    assert codes.shape == (120, 3) and len({tuple(r) for r in codes.tolist()}) == 120
+    assert all(len(set(codes[g * 30:(g + 1) * 30, 0].tolist())) == 1 for g in range(4))
+    assert len(set(codes[::30, 0].tolist())) == 4
+    assert stats["levels"] == 3 and stats["max_collision_group"] >= 1 and len(stats["inertias"]) == 2
+    with pytest.raises(ValueError, match="non-empty"):
+        rqkmeans_ids(np.zeros((0, 4)))
+    bad = vec.copy()
+    bad[7, 3] = np.nan
+    with pytest.raises(ValueError, match="row 7"):
+        rqkmeans_ids(bad, levels=2, codebook_size=4)

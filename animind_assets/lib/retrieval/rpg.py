@@ -56,6 +56,7 @@ class RPGConfig(ModelConfigMixin):
     attn_dropout: float = 0.5
     resid_dropout: float = 0.0
     temperature: float = 0.03
+    logits: str = "cosine"  # "cosine": cos(z_j, E_j[c]) / temperature (RPG); "dot": z_j . E_j[c] (unnormalised, so code-embedding norms can carry popularity; not in the paper)
     code_loss_weight: float = 1.0  # weight of RPG's loss (mean code cross-entropy); 0 = train on the item-level loss only (needs item_loss_weight > 0)
     item_loss_weight: float = 0.0  # 0 = RPG's loss (code cross-entropies only); >0 adds this x an item-level softmax on the mean code log-probs (RPG.item_loss; exact or sampled, see item_negatives; not in the paper)
     item_negatives: int = 1024  # uniformly sampled negative items per batch (shared by its positions) of the item-level loss; 0 = exact softmax over all items
@@ -72,6 +73,8 @@ class RPGConfig(ModelConfigMixin):
     def validate(self) -> RPGConfig:
         if self.hidden < 1 or self.layers < 1 or self.heads < 1 or self.d_ff < 1:
             raise ValueError("RPGConfig.hidden, layers, heads and d_ff must be >= 1")
+        if self.logits not in ("cosine", "dot"):
+            raise ValueError(f"RPGConfig.logits must be 'cosine' or 'dot', got {self.logits!r}")
         if self.temperature <= 0:
             raise ValueError(f"RPGConfig.temperature must be > 0, got {self.temperature}")
         if self.item_loss_weight < 0 or self.item_negatives < 0 or self.item_loss_positions < 0 or self.code_loss_weight < 0:
@@ -185,8 +188,11 @@ class RPG(torch.nn.Module):
         return self.final_ln(x)
 
     def code_logits(self, h: torch.Tensor) -> torch.Tensor:
-        """(M, d) hidden states -> (M, m, K) logits, one softmax per codebook."""
+        """(M, d) hidden states -> (M, m, K) logits, one softmax per codebook: ``cos(z_j, E_j[c]) / temperature``
+        (RPG) or, with ``logits="dot"``, ``z_j . E_j[c]``."""
         z = h.unsqueeze(1) + F.silu(torch.einsum("bd,mde->bme", h, self.head_w) + self.head_b)
+        if self.cfg.logits == "dot":
+            return torch.einsum("bmd,mkd->bmk", z, self.code_emb.weight.view(self.m, self.k, -1))
         z = F.normalize(z, dim=-1) * (1.0 / self.cfg.temperature)  # scale (M, m, d) rather than the (M, m, K) logits
         table = F.normalize(self.code_emb.weight, dim=-1).view(self.m, self.k, -1)
         return torch.einsum("bmd,mkd->bmk", z, table)

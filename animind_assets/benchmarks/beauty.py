@@ -78,6 +78,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                         "model name; 0 = RPG's loss only)")
     p.add_argument("--rpg-logits", default="cosine", choices=["cosine", "dot"],
                    help="code logits: cos/temperature (RPG) or an unnormalised dot product (labelled)")
+    p.add_argument("--rpg-pooling", default="mean", choices=["mean", "sqrt"],
+                   help="item representation: mean of its code embeddings (RPG) or sum / sqrt(m) (labelled)")
     p.add_argument("--rpg-code-loss-weight", type=float, default=1.0,
                    help="weight of RPG's own loss (mean code cross-entropy); 0 = item-level loss only (labelled)")
     p.add_argument("--rpg-item-negatives", type=int, default=0,
@@ -213,13 +215,15 @@ def run_rpg(split, rows, args, data, out: Path, log) -> dict:
     cfg = RPGConfig(hidden=args.rpg_hidden, d_ff=args.rpg_ff, temperature=args.rpg_temperature, train=tcfg,
                     item_loss_weight=args.rpg_item_loss_weight, item_negatives=args.rpg_item_negatives,
                     item_loss_positions=args.rpg_item_loss_positions, code_loss_weight=args.rpg_code_loss_weight,
-                    logits=args.rpg_logits)
+                    logits=args.rpg_logits, pooling=args.rpg_pooling)
     res = train_rpg(split, pq.codes, 256, cfg, log=log)
     save_rpg(res.model, str(out / "rpg_model"), extra={"best": res.best, "pq": pq.stats})
     label = f"RPG, {args.pq_method.upper()} {args.rpg_codebooks}x256 on {args.rpg_embeddings} vectors (ours)"
     if args.rpg_item_loss_weight > 0:
         kind = "exact" if args.rpg_item_negatives == 0 else f"{args.rpg_item_negatives} sampled negatives"
         label = label.replace(" (ours)", f", + item-level loss x{args.rpg_item_loss_weight:g}, {kind} (ours)")
+    if args.rpg_pooling != "mean":
+        label = label.replace(" (ours)", f", {args.rpg_pooling} pooling (ours)")
     if args.rpg_logits != "cosine":
         label = label.replace(" (ours)", f", {args.rpg_logits} logits (ours)")
     if args.rpg_code_loss_weight != 1.0:

@@ -233,6 +233,55 @@ def test_rpg_exact_scoring_equals_brute_force_sum_of_code_log_probs():
     assert torch.equal(s2[:, 5], s2[:, 6])
 
 
+def test_rpg_dot_logits_score_exactly_train_and_round_trip(tmp_path):
+    """logits="dot": code logits are the plain dot products z_j . E_j[c] (no normalisation, no temperature),
+    exact scoring still equals the brute-force sum of code log-probabilities, the item-level loss equals the
+    full softmax over those scores / m, training lowers the loss, the option survives save/load, and an
+    unknown option is refused."""
+    split = tiny_split()
+    codes = tiny_codes(split.n_items)
+    cfg = RPGConfig(hidden=16, heads=2, d_ff=32, emb_dropout=0.0, attn_dropout=0.0, logits="dot", code_loss_weight=0.0,
+                    item_loss_weight=1.0, item_negatives=0, train=train_cfg(epochs=8, lr=1e-2))
+    model = RPG(codes, 8, cfg)
+    torch.nn.init.normal_(model.head_w, std=0.1)
+    model.eval()
+    inp = pad_left(split.histories("test")[:9], 8)
+    h = model.hidden_states(inp)[:, -1]
+    z = h.unsqueeze(1) + torch.nn.functional.silu(torch.einsum("bd,mde->bme", h, model.head_w) + model.head_b)
+    by_hand = torch.einsum("bmd,mkd->bmk", z, model.code_emb.weight.view(4, 8, -1))
+    assert torch.allclose(model.code_logits(h), by_hand, atol=1e-5)
+    assert torch.allclose(model.score(inp), brute_force_scores(model, inp), atol=1e-4)
+    tgt = torch.as_tensor(split.test_targets[:9], dtype=torch.long)
+    loss = model.item_loss(model.code_logits(h), tgt)
+    with torch.no_grad():
+        ref = torch.nn.functional.cross_entropy(brute_force_scores(model, inp) / model.m, tgt)
+    assert float(loss) == pytest.approx(float(ref), rel=1e-5)
+    res = train_rpg(split, codes, 8, cfg)
+    assert res.history[-1]["train_loss"] < res.history[0]["train_loss"]
+    save_rpg(res.model, str(tmp_path / "m"))
+    loaded, _ = load_rpg(str(tmp_path / "m"))
+    assert loaded.cfg.logits == "dot" and torch.allclose(loaded.score(inp), res.model.score(inp), atol=1e-5)
+    with pytest.raises(ValueError, match="logits"):
+        RPGConfig(logits="l2").validate()
+
+
+def test_rpg_sqrt_pooling_sums_code_embeddings_over_sqrt_m():
+    """pooling="sqrt": an item's input representation is the sum of its m code embeddings / sqrt(m)
+    (mean x sqrt(m)), padding stays 0; an unknown pooling is refused."""
+    split = tiny_split()
+    codes = tiny_codes(split.n_items)
+    mean = RPG(codes, 8, RPGConfig(hidden=16, heads=2, d_ff=32, train=train_cfg()))
+    sqrt = RPG(codes, 8, RPGConfig(hidden=16, heads=2, d_ff=32, pooling="sqrt", train=train_cfg()))
+    sqrt.load_state_dict(mean.state_dict())
+    tokens = torch.tensor([[0, 3, 7]])
+    by_hand = sum(sqrt.code_emb.weight[j * 8 + int(codes[6, j])] for j in range(4)) / 2.0  # item 6 = token 7, m = 4
+    assert torch.allclose(sqrt.item_repr(tokens)[0, 2], by_hand, atol=1e-6)
+    assert torch.allclose(sqrt.item_repr(tokens), mean.item_repr(tokens) * 2.0, atol=1e-6)
+    assert float(sqrt.item_repr(tokens)[0, 0].abs().sum()) == 0.0
+    with pytest.raises(ValueError, match="pooling"):
+        RPGConfig(pooling="max").validate()
+
+
 def test_rpg_loss_decreases_and_round_trips(tmp_path):
     split = tiny_split()
     codes = tiny_codes(split.n_items)

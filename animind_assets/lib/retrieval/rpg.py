@@ -56,6 +56,7 @@ class RPGConfig(ModelConfigMixin):
     attn_dropout: float = 0.5
     resid_dropout: float = 0.0
     temperature: float = 0.03
+    pooling: str = "mean"  # item representation from its m code embeddings: "mean" (RPG) or "sqrt" (sum / sqrt(m): keeps the embeddings' scale, so at init items are not 1/sqrt(m) smaller than positions; not in the paper)
     logits: str = "cosine"  # "cosine": cos(z_j, E_j[c]) / temperature (RPG); "dot": z_j . E_j[c] (unnormalised, so code-embedding norms can carry popularity; not in the paper)
     code_loss_weight: float = 1.0  # weight of RPG's loss (mean code cross-entropy); 0 = train on the item-level loss only (needs item_loss_weight > 0)
     item_loss_weight: float = 0.0  # 0 = RPG's loss (code cross-entropies only); >0 adds this x an item-level softmax on the mean code log-probs (RPG.item_loss; exact or sampled, see item_negatives; not in the paper)
@@ -73,6 +74,8 @@ class RPGConfig(ModelConfigMixin):
     def validate(self) -> RPGConfig:
         if self.hidden < 1 or self.layers < 1 or self.heads < 1 or self.d_ff < 1:
             raise ValueError("RPGConfig.hidden, layers, heads and d_ff must be >= 1")
+        if self.pooling not in ("mean", "sqrt"):
+            raise ValueError(f"RPGConfig.pooling must be 'mean' or 'sqrt', got {self.pooling!r}")
         if self.logits not in ("cosine", "dot"):
             raise ValueError(f"RPGConfig.logits must be 'cosine' or 'dot', got {self.logits!r}")
         if self.temperature <= 0:
@@ -171,8 +174,10 @@ class RPG(torch.nn.Module):
 
     # ------------------------------------------------------------------ model
     def item_repr(self, tokens: torch.Tensor) -> torch.Tensor:
-        """(B, L) item tokens (id + 1, 0 = pad) -> (B, L, d) mean code embeddings (0 at padding)."""
-        rep = self.code_emb(self.token_codes[tokens]).mean(-2)
+        """(B, L) item tokens (id + 1, 0 = pad) -> (B, L, d) mean code embeddings (``pooling="sqrt"``: their
+        sum / sqrt(m)); 0 at padding."""
+        emb = self.code_emb(self.token_codes[tokens])
+        rep = emb.mean(-2) if self.cfg.pooling == "mean" else emb.sum(-2) * self.m ** -0.5
         return rep * (tokens > 0).unsqueeze(-1)
 
     def hidden_states(self, tokens: torch.Tensor) -> torch.Tensor:

@@ -603,6 +603,31 @@ def test_beauty_sequence_assets_train_and_eval_in_process(tmp_path, animind_env)
     md = res.asset_materializations_for_node("sasrec_model")[0].metadata
     assert md["epochs"].value == 10 and "validation_curve" in md
 
+    # TIGER on collaborative IDs: RQ-KMeans of this sasrec_model's item embeddings, then one more eval row
+    from animind_assets.defs.beauty.tiger_model import tiger_model
+    from animind_assets_tests.retrieval.test_tiger import TINY
+
+    tcfg = {**TINY, "d_model": 48, "d_ff": 96, "batch_size": 32, "lr": 1e-2, "warmup_steps": 10, "max_steps": 60,
+            "eval_every_steps": 30, "val_users": 0, "val_beams": 10, "patience": 0,
+            "collaborative_levels": 2, "collaborative_codebook_size": 4}
+    instance = dg.DagsterInstance.ephemeral()
+    res = dg.materialize([*everything, tiger_model], selection=[tiger_model], partition_key="collaborative", resources=resources,
+                         instance=instance, run_config={"ops": {"tiger_model": {"config": tcfg}}})
+    assert res.success
+    md = res.asset_materializations_for_node("tiger_model")[0].metadata
+    assert md["id_source"].value == "collaborative" and md["id_levels"].value == 3 and "id_stats" in md
+    import json
+
+    codec = json.loads((animind_env / "artifacts" / "tiger_model" / "collaborative" / "model" / "codec.json").read_text())
+    assert len(codec["item_ids"]) == 60 and len({tuple(v) for v in codec["codes"]}) == 60
+    res = dg.materialize([*everything, tiger_model], selection=[beauty_eval], resources=resources, instance=instance,
+                         run_config={"ops": {"beauty_eval": {"config": {"models": ["tiger"], "tiger_partitions": ["collaborative"],
+                                                                        "tiger_beams": 10, "n_boot": 20, "num_threads": 1, "device": "cpu"}}}})
+    assert res.success
+    table = resources["warehouse"].read_table("beauty_eval")
+    tiger_rows = [r for r in table.iter_rows(named=True) if r["model"] == "TIGER [collaborative IDs]"]
+    assert {r["masking"] for r in tiger_rows} == {"masked", "unmasked"} and all(r["invalid_id_rate"] == 0.0 for r in tiger_rows)
+
 
 @pytest.mark.slow
 def test_tiger_on_the_shared_evaluation_matches_its_own_metrics():

@@ -53,7 +53,7 @@ def source_metadata(data: AmazonData) -> dict:
     return md
 
 TIGER_MODEL_ASSET = "tiger_model"
-ID_SOURCES = ("own", "reference")
+ID_SOURCES = ("own", "reference", "collaborative")
 
 
 def split_from_interactions(interactions, n_items: int | None = None):

@@ -56,7 +56,8 @@ SCHEMA = {
     "parameters": pl.Int64,
     "best_val_recall@10": pl.Float64,
 }
-LABELS = {"own": "TIGER, own IDs (beauty_semantic_ids)", "reference": "TIGER, reference IDs (index_rqvae.json)"}
+LABELS = {"own": "TIGER, own IDs (beauty_semantic_ids)", "reference": "TIGER, reference IDs (index_rqvae.json)",
+          "collaborative": "TIGER, collaborative IDs (RQ-KMeans of the sasrec_model item embeddings)"}
 
 
 @settings_defaults("tiger_eval")

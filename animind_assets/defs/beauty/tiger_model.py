@@ -5,9 +5,12 @@ Statically partitioned by ``id_source``:
 * ``own``: the project's IDs (``beauty_semantic_ids`` table: MiniLM text embeddings -> RQ-VAE ->
   disambiguation level);
 * ``reference``: tiger-cf's published ``index_rqvae.json`` (config ``reference_index_path``; the
-  RQ-KMeans file ``index_rqkmeans.json`` works too).
+  RQ-KMeans file ``index_rqkmeans.json`` works too);
+* ``collaborative``: RQ-KMeans (``collaborative_levels`` x ``collaborative_codebook_size`` + one
+  disambiguation code, ``lib.retrieval.tiger_data.rqkmeans_ids``) of the ``sasrec_model`` item embeddings:
+  IDs that carry next-item signal, which the ~5-word Beauty titles do not (docs/beauty.md, fifth round).
 
-Same model, data and training budget for both partitions, so ``tiger_eval`` can tell ID quality from
+Same model, data and training budget for every partition, so ``tiger_eval`` can tell ID quality from
 model quality. The library (``animind_assets.lib.retrieval.tiger``) trains a Hugging Face T5 (default: TIGER's
 Beauty config, 4+4 layers, d_model 128, 6 heads x 64, ff 1024, dropout 0.1) on every training prefix
 of the leave-one-out split, evaluates validation Recall@10 with trie-constrained beam search, early-stops
@@ -38,6 +41,8 @@ from animind_assets.lib.retrieval.tiger import (
     save_model,
     train_tiger,
 )
+from animind_assets.lib.retrieval.sasrec import load_sasrec, sasrec_item_vectors
+from animind_assets.lib.retrieval.tiger_data import rqkmeans_ids
 from animind_assets.meta import lines_plot, markdown_table, scalar_metadata
 from animind_assets.resources import ArtifactStoreResource, DuckDBWarehouse, MlflowResource
 
@@ -58,6 +63,8 @@ TigerModelConfig = derive_config(
     asset="tiger_model",
     extra={
         "reference_index_path": (str, Field("", description="partition 'reference': tiger-cf ID file; '' = ../shared/data/beauty/index_rqvae.json")),
+        "collaborative_levels": (int, Field(3, description="partition 'collaborative': RQ-KMeans levels before the disambiguation code")),
+        "collaborative_codebook_size": (int, Field(256, description="partition 'collaborative': codes per RQ-KMeans level")),
         "resume": (bool, Field(True, description="continue from last.pt when its data/config fingerprint matches")),
     },
     descriptions={
@@ -95,8 +102,11 @@ TigerModelConfig = derive_config(
 )
 
 
-def load_codec(id_source: str, config: TigerModelConfig, warehouse: DuckDBWarehouse) -> tuple[SidCodec, dict]:
-    """The semantic IDs of one partition as a ``SidCodec`` (+ a description for metadata)."""
+def load_codec(id_source: str, config: TigerModelConfig, warehouse: DuckDBWarehouse,
+               artifacts: ArtifactStoreResource | None = None, log=None) -> tuple[SidCodec, dict]:
+    """The semantic IDs of one partition as a ``SidCodec`` (+ a description for metadata).
+
+    Raises ``ValueError`` / ``FileNotFoundError`` naming the missing upstream asset or column."""
     if id_source == "own":
         table = warehouse.read_table("beauty_semantic_ids")
         if table is None:
@@ -110,6 +120,19 @@ def load_codec(id_source: str, config: TigerModelConfig, warehouse: DuckDBWareho
         path = Path(config.reference_index_path) if config.reference_index_path else beauty_dir() / "index_rqvae.json"
         mapping = load_reference_index(path)
         return SidCodec.from_mapping(mapping, user_buckets=config.user_buckets), {"id_file": str(path)}
+    if id_source == "collaborative":
+        if artifacts is None:
+            raise ValueError("partition 'collaborative' needs the artifact store (sasrec_model)")
+        folder = artifacts.store().path("sasrec_model", "model")
+        try:
+            model, _ = load_sasrec(str(folder))
+        except FileNotFoundError as exc:
+            raise FileNotFoundError(f"partition 'collaborative' needs sasrec_model ({exc}): materialize sasrec_model first") from exc
+        codes, stats = rqkmeans_ids(sasrec_item_vectors(model), levels=config.collaborative_levels,
+                                    codebook_size=config.collaborative_codebook_size, seed=config.seed, log=log)
+        mapping = {i: row for i, row in enumerate(codes.tolist())}
+        return (SidCodec.from_mapping(mapping, user_buckets=config.user_buckets),
+                {"id_file": f"RQ-KMeans of the item embeddings of {folder}", "id_stats": stats})
     raise ValueError(f"unknown id_source partition {id_source!r}; expected one of {ID_SOURCES}")
 
 
@@ -118,9 +141,9 @@ def load_codec(id_source: str, config: TigerModelConfig, warehouse: DuckDBWareho
     partitions_def=id_source_partitions,
     pool=GPU_POOL,
     op_tags=GPU_OP_TAGS,
-    deps=["beauty_semantic_ids"],
+    deps=["beauty_semantic_ids", "sasrec_model"],
     kinds={"pytorch", "mlflow"},
-    description="TIGER (T5 encoder-decoder) generating the next item's semantic ID; partition = ID source (own | reference).",
+    description="TIGER (T5 encoder-decoder) generating the next item's semantic ID; partition = ID source (own | reference | collaborative).",
 )
 def tiger_model(
     context: dg.AssetExecutionContext,
@@ -133,7 +156,7 @@ def tiger_model(
     t0 = time.perf_counter()
     id_source = context.partition_key
     cfg = config.to_lib()
-    codec, id_info = load_codec(id_source, config, warehouse)
+    codec, id_info = load_codec(id_source, config, warehouse, artifacts, log=context.log.info)
     sequences = sequences_from_interactions(beauty_interactions)
     split = leave_one_out(sequences, max_history=cfg.max_history)
     data_fp = frame_fingerprint(beauty_interactions.select(["user_id", "item_id", "seq"]), sort_by=["user_id", "seq"])
@@ -173,6 +196,7 @@ def tiger_model(
         "n_parameters": n_parameters(result.model),
         "split": split.stats(),
         "mlflow_run_id": run_id,
+        "id_stats": id_info.get("id_stats"),
     }
     save_model(result.model, codec, cfg, model_dir, extra=extra)
     hist = result.history
@@ -202,6 +226,8 @@ def tiger_model(
         ),
         "config": dg.MetadataValue.json(cfg.to_dict()),
     }
+    if id_info.get("id_stats"):
+        md["id_stats"] = dg.MetadataValue.json(id_info["id_stats"])
     if hist:
         table = pl.DataFrame(hist).select(["step", "epoch", "train_loss", "val_recall@10", "val_ndcg@10", "lr", "elapsed_s"])
         md["history"] = dg.MetadataValue.md(markdown_table(table, max_rows=40))

@@ -15,6 +15,12 @@ embedding table holds ``m * K`` code embeddings (codebook ``j`` code ``c`` -> ro
   as one sparse (CSR) (N, m*K) x (m*K, B) product. (The paper decodes with a graph over IDs to avoid scoring
   all items; with 12k items exact scoring is cheap and needs no approximation.)
 
+Options that are not in the paper (off by default in ``RPGConfig``; the Beauty benchmark's default turns
+them on, docs/beauty.md fifth round): ``item_loss_weight`` / ``code_loss_weight`` (an exact item-level
+softmax over the summed code log-probabilities, alone or beside the code cross-entropy; with raw logits
+the per-codebook log-normalisers cancel, so it is one ``item_code_sums`` product), ``logits="dot"``
+(unnormalised code logits) and ``pooling="sqrt"`` (sum of the code embeddings / sqrt(m)).
+
 Public API: ``RPGConfig``, ``RPG``, ``train_rpg(split, codes, cfg) -> SeqTrainResult``,
 ``save_rpg``/``load_rpg``.
 """

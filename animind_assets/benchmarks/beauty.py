@@ -91,6 +91,10 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="uniform negatives per batch of the item-level loss; 0 = exact softmax over all items")
     p.add_argument("--rpg-item-loss-positions", type=int, default=0,
                    help="target positions per batch (random) that get the item-level loss; 0 = all")
+    p.add_argument("--rpg-distill-weight", type=float, default=0.0,
+                   help="alpha: the item-level target = (1-alpha) one-hot + alpha x the softmax of <out>/sasrec_model's logits "
+                        "(knowledge distillation from the SASRec; not in the RPG paper, labelled; 0 = off)")
+    p.add_argument("--rpg-distill-temperature", type=float, default=1.0, help="temperature of the teacher's softmax")
     p.add_argument("--pq-method", default="pq", choices=["pq", "opq"])
     p.add_argument("--rpg-embeddings", default="sasrec", choices=["text", "text+sasrec", "sasrec"],
                    help="what PQ quantizes: MiniLM item-text vectors, SASRec item embeddings (default; the ~5-word titles give codes without next-item signal, docs/beauty.md), or both (sasrec: run --models sasrec first, same --out)")
@@ -209,6 +213,8 @@ def rpg_label(args) -> str:
             parts.append(f"code loss x{args.rpg_code_loss_weight:g}")
         if args.rpg_item_loss_weight > 0:
             parts.append(f"+ item-level loss x{args.rpg_item_loss_weight:g}, {kind}")
+    if args.rpg_distill_weight > 0:
+        parts.append(f"distilled from the SASRec (weight {args.rpg_distill_weight:g}, T {args.rpg_distill_temperature:g})")
     if args.rpg_pooling != "mean":
         parts.append(f"{args.rpg_pooling} pooling")
     if args.rpg_logits != "cosine":
@@ -238,8 +244,16 @@ def run_rpg(split, rows, args, data, out: Path, log) -> dict:
     cfg = RPGConfig(hidden=args.rpg_hidden, d_ff=args.rpg_ff, temperature=args.rpg_temperature, train=tcfg,
                     item_loss_weight=args.rpg_item_loss_weight, item_negatives=args.rpg_item_negatives,
                     item_loss_positions=args.rpg_item_loss_positions, code_loss_weight=args.rpg_code_loss_weight,
-                    logits=args.rpg_logits, pooling=args.rpg_pooling)
-    res = train_rpg(split, pq.codes, 256, cfg, log=log)
+                    logits=args.rpg_logits, pooling=args.rpg_pooling, distill_weight=args.rpg_distill_weight,
+                    distill_temperature=args.rpg_distill_temperature)
+    teacher = None
+    if args.rpg_distill_weight > 0:
+        from animind_assets.lib.retrieval.sasrec import load_sasrec
+
+        if not (out / "sasrec_model").exists():
+            raise FileNotFoundError(f"--rpg-distill-weight needs {out / 'sasrec_model'} as the teacher: run --models sasrec first (same --out)")
+        teacher, _ = load_sasrec(str(out / "sasrec_model"))
+    res = train_rpg(split, pq.codes, 256, cfg, log=log, teacher=teacher)
     save_rpg(res.model, str(out / "rpg_model"), extra={"best": res.best, "pq": pq.stats})
     label = rpg_label(args)
     ev = evaluate_scorer(make_scorer(res.model, tcfg.max_len), split, "test", label, rows=rows, n_boot=args.n_boot,

@@ -31,7 +31,7 @@ from animind_assets.lib.retrieval.rpg import (
     save_rpg,
     train_rpg,
 )
-from animind_assets.lib.retrieval.sasrec import SASRec, SASRecConfig, load_sasrec, save_sasrec
+from animind_assets.lib.retrieval.sasrec import SASRec, SASRecConfig, load_sasrec, save_sasrec, train_sasrec
 from animind_assets.lib.retrieval.seqtrain import SeqTrainConfig, lr_factor, pad_left, train_sequence_model, training_pairs
 
 
@@ -353,7 +353,7 @@ def test_rpg_exact_item_level_loss_is_the_full_softmax_over_ranking_scores_with_
     seen = []
     orig = RPG.item_loss
     sub = RPG(codes, 8, RPGConfig(**{**cfg.to_dict(), "item_loss_positions": 3}))
-    sub.item_loss = lambda lg, t: seen.append(len(t)) or orig(sub, lg, t)
+    sub.item_loss = lambda lg, t, teacher=None: seen.append(len(t)) or orig(sub, lg, t, teacher)
     batch = pad_left(split.histories("test")[:6], 8)
     targets = torch.cat([batch[:, 1:], torch.as_tensor(split.test_targets[:6] + 1).unsqueeze(1)], dim=1) * (batch > 0)
     sub.loss(batch, targets)
@@ -404,6 +404,51 @@ def test_rpg_item_level_loss_alone_trains_and_needs_some_loss():
     _assert_rpg_trains(split, codes, cfg)
     with pytest.raises(ValueError, match="nothing to train"):
         RPGConfig(code_loss_weight=0.0).validate()
+
+
+def test_rpg_distillation_mixes_the_teacher_softmax_into_the_item_target_and_trains():
+    """distill_weight = a: the exact item-level loss is the cross-entropy of the ranking scores against
+    (1 - a) one-hot + a softmax(teacher / T) (a hand-computed KL form), a = 0 gives the plain loss, training
+    with a SASRec teacher lowers the loss and leaves no teacher in the saved state; bad settings are refused."""
+    split = tiny_split()
+    codes = tiny_codes(split.n_items)
+    sas = train_sasrec(split, SASRecConfig(hidden=16, heads=1, dropout=0.0, train=train_cfg(epochs=3, lr=1e-2))).model.eval()
+    cfg = RPGConfig(hidden=16, heads=2, d_ff=32, emb_dropout=0.0, attn_dropout=0.0, temperature=0.1, code_loss_weight=0.0,
+                    item_loss_weight=1.0, item_negatives=0, distill_weight=0.3, distill_temperature=2.0,
+                    train=train_cfg(epochs=6, lr=1e-2))
+    model = RPG(codes, 8, cfg).eval()
+    torch.nn.init.normal_(model.head_w, std=0.1)
+    batch = pad_left(split.histories("test")[:6], 8)
+    targets = torch.cat([batch[:, 1:], torch.as_tensor(split.test_targets[:6] + 1).unsqueeze(1)], dim=1) * (batch > 0)
+    valid = targets > 0
+    with pytest.raises(ValueError, match="needs a teacher"):
+        model.loss(batch, targets)
+    model.set_teacher(lambda inp, v: sas.position_logits(inp, v))
+    t_logits = sas.position_logits(batch, valid)
+    assert t_logits.shape == (int(valid.sum()), split.n_items)
+    scores = brute_force_scores_at(model, batch, valid) / model.m
+    tgt = targets[valid] - 1
+    mix = 0.3 * torch.softmax(t_logits / 2.0, 1)
+    mix[torch.arange(len(tgt)), tgt] += 0.7
+    want = float(-(mix * torch.log_softmax(scores, 1)).sum(1).mean())
+    assert float(model.loss(batch, targets)) == pytest.approx(want, rel=1e-4)
+    losses = [h["train_loss"] for h in train_rpg(split, codes, 8, cfg, teacher=sas).history]
+    assert losses[-1] < losses[0]
+    with pytest.raises(ValueError, match="needs a teacher"):
+        train_rpg(split, codes, 8, cfg)
+    with pytest.raises(ValueError, match="exact item-level loss"):
+        RPGConfig(item_loss_weight=1.0, item_negatives=16, distill_weight=0.5).validate()
+    with pytest.raises(ValueError, match=r"\[0, 1\]"):
+        RPGConfig(item_loss_weight=1.0, item_negatives=0, distill_weight=1.5).validate()
+
+
+def brute_force_scores_at(model, batch, valid):
+    """Summed code log-probabilities of every item at every valid position (loop over codebooks)."""
+    logp = torch.log_softmax(model.code_logits(model.hidden_states(batch)[valid]), -1)  # (M, m, K)
+    out = torch.zeros(logp.shape[0], model.n_items)
+    for j in range(model.m):
+        out += logp[:, j, model.codes[:, j]]
+    return out
 
 
 def test_marginal_code_log_probs_and_the_product_of_marginals_ranking_match_loops():

@@ -68,6 +68,8 @@ class RPGConfig(ModelConfigMixin):
     item_loss_weight: float = 0.0  # 0 = RPG's loss (code cross-entropies only); >0 adds this x an item-level softmax on the mean code log-probs (RPG.item_loss; exact or sampled, see item_negatives; not in the paper)
     item_negatives: int = 1024  # uniformly sampled negative items per batch (shared by its positions) of the item-level loss; 0 = exact softmax over all items
     item_loss_positions: int = 0  # target positions per batch (drawn at random) that get the item-level loss; 0 = all
+    distill_weight: float = 0.0  # alpha in [0, 1]: the exact item-level loss's target becomes (1 - alpha) one-hot + alpha softmax(teacher logits / distill_temperature) (knowledge distillation, Hinton et al. 2015; teacher via train_rpg(teacher=...); not in the paper)
+    distill_temperature: float = 1.0  # softmax temperature of the teacher's item logits
     train: SeqTrainConfig = None  # type: ignore[assignment]
 
     def __post_init__(self) -> None:
@@ -88,6 +90,11 @@ class RPGConfig(ModelConfigMixin):
             raise ValueError(f"RPGConfig.temperature must be > 0, got {self.temperature}")
         if self.item_loss_weight < 0 or self.item_negatives < 0 or self.item_loss_positions < 0 or self.code_loss_weight < 0:
             raise ValueError("RPGConfig.code_loss_weight, item_loss_weight, item_negatives and item_loss_positions must be >= 0")
+        if not 0.0 <= self.distill_weight <= 1.0 or self.distill_temperature <= 0:
+            raise ValueError(f"RPGConfig.distill_weight must be in [0, 1] and distill_temperature > 0, got "
+                             f"{self.distill_weight}, {self.distill_temperature}")
+        if self.distill_weight > 0 and (self.item_loss_weight == 0 or self.item_negatives != 0):
+            raise ValueError("RPGConfig.distill_weight > 0 needs the exact item-level loss (item_loss_weight > 0, item_negatives = 0)")
         if self.code_loss_weight == 0 and self.item_loss_weight == 0:
             raise ValueError("RPGConfig: code_loss_weight and item_loss_weight are both 0: nothing to train")
         self.train.validate()
@@ -177,6 +184,13 @@ class RPG(torch.nn.Module):
             if p.dim() > 1 and not name.startswith("head_") and "ln" not in name:
                 torch.nn.init.normal_(p, std=0.02)
         self._onehot: tuple[torch.Tensor, torch.Tensor] | None = None
+        self._teacher = None  # distillation teacher (a plain callable, so it is never part of the state dict)
+
+    def set_teacher(self, teacher) -> None:
+        """Distillation teacher for ``distill_weight > 0``: ``teacher(inputs (B, L) tokens, valid (B, L) bool)
+        -> (M, N) float next-item logits`` at the valid positions, in ``h[valid]`` order, without gradients
+        (e.g. ``SASRec.position_logits`` of a trained SASRec in eval mode). ``None`` removes it."""
+        self._teacher = teacher
 
     # ------------------------------------------------------------------ model
     def item_repr(self, tokens: torch.Tensor) -> torch.Tensor:
@@ -222,14 +236,21 @@ class RPG(torch.nn.Module):
         if self.cfg.code_loss_weight > 0:
             loss = self.cfg.code_loss_weight * F.cross_entropy(logits.reshape(-1, self.k), tgt.reshape(-1))
         if self.cfg.item_loss_weight > 0:
+            teacher = None
+            if self.cfg.distill_weight > 0:
+                if self._teacher is None:
+                    raise ValueError("RPGConfig.distill_weight > 0 needs a teacher: RPG.set_teacher / train_rpg(teacher=...)")
+                with torch.no_grad():
+                    teacher = self._teacher(inputs, valid).to(logits.device)
             n_pos = self.cfg.item_loss_positions
             if 0 < n_pos < len(tgt_items):
                 pick = torch.randperm(len(tgt_items), device=logits.device)[:n_pos]
                 logits, tgt_items = logits[pick], tgt_items[pick]
-            loss = loss + self.cfg.item_loss_weight * self.item_loss(logits, tgt_items)
+                teacher = teacher[pick] if teacher is not None else None
+            loss = loss + self.cfg.item_loss_weight * self.item_loss(logits, tgt_items, teacher)
         return loss
 
-    def item_loss(self, logits: torch.Tensor, tgt_items: torch.Tensor) -> torch.Tensor:
+    def item_loss(self, logits: torch.Tensor, tgt_items: torch.Tensor, teacher_logits: torch.Tensor | None = None) -> torch.Tensor:
         """Item-level softmax cross-entropy on the scores the model ranks by.
 
         ``logits`` (M, m, K) code logits, ``tgt_items`` (M,) int64 item ids. An item's score is the mean
@@ -241,10 +262,21 @@ class RPG(torch.nn.Module):
         > 0 the target competes with S items drawn uniformly for the whole batch (a negative equal to a
         position's target is masked; uniform sampling needs no log-Q correction). This is not in the RPG
         paper (its loss is the code cross-entropy only); it trains the summed score directly, as SASRec
-        with a full (or sampled) softmax does. Returns a scalar."""
+        with a full (or sampled) softmax does.
+
+        ``teacher_logits`` (M, N) (exact loss only): the target distribution becomes ``(1 - a) one_hot(target)
+        + a softmax(teacher_logits / T)`` with ``a = distill_weight``, ``T = distill_temperature`` (knowledge
+        distillation, Hinton et al., "Distilling the Knowledge in a Neural Network", 2015). Returns a scalar."""
         if self.cfg.item_negatives == 0:
             scores = item_code_sums(logits.reshape(len(tgt_items), -1), *self._item_code_matrices(logits.device)) / self.m
-            return F.cross_entropy(scores, tgt_items)
+            if teacher_logits is None or self.cfg.distill_weight == 0:
+                return F.cross_entropy(scores, tgt_items)
+            a = self.cfg.distill_weight
+            target = a * torch.softmax(teacher_logits.float() / self.cfg.distill_temperature, dim=1)
+            target[torch.arange(len(tgt_items), device=target.device), tgt_items] += 1.0 - a
+            return F.cross_entropy(scores, target)
+        if teacher_logits is not None:
+            raise ValueError("distillation needs the exact item-level loss (item_negatives = 0)")
         logp = F.log_softmax(logits, dim=-1)  # (M, m, K)
         pos = logp.gather(2, self.codes[tgt_items].unsqueeze(-1)).squeeze(-1).mean(-1)  # (M,)
         neg_items = torch.randint(0, self.n_items, (self.cfg.item_negatives,), device=logits.device)
@@ -278,15 +310,35 @@ class RPG(torch.nn.Module):
 
 
 def train_rpg(split: SequenceSplit, codes: np.ndarray, codebook_size: int, cfg: RPGConfig, log: LogFn | None = None,
-              on_eval=None) -> SeqTrainResult:
+              on_eval=None, teacher=None) -> SeqTrainResult:
     """Build and train an RPG on ``split`` with item codes ``codes`` (N, m); ``N`` must equal
-    ``split.n_items`` (row i = item id i)."""
+    ``split.n_items`` (row i = item id i). ``teacher``: a trained item-level model with
+    ``position_logits(inputs, valid)`` over the same N items (e.g. ``SASRec``), used when
+    ``cfg.distill_weight > 0``; it is put in eval mode and moved to the training device. Raises
+    ``ValueError`` for mismatched codes, a missing teacher or a teacher over another item count."""
     cfg.validate()
     if len(codes) != split.n_items:
         raise ValueError(f"codes has {len(codes)} rows but the split has {split.n_items} items")
+    if cfg.distill_weight > 0 and teacher is None:
+        raise ValueError("RPGConfig.distill_weight > 0 needs a teacher model (train_rpg(teacher=...))")
     torch.manual_seed(cfg.train.seed)
     model = RPG(codes, codebook_size, cfg)
-    return train_sequence_model(model, split, cfg.train, name="rpg", log=log, on_eval=on_eval)
+    if teacher is not None and cfg.distill_weight > 0:
+        if getattr(teacher, "n_items", split.n_items) != split.n_items:
+            raise ValueError(f"teacher scores {teacher.n_items} items but the split has {split.n_items}")
+        teacher.eval()
+        for p in teacher.parameters():
+            p.requires_grad_(False)
+
+        def teach(inputs: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+            teacher.to(inputs.device)
+            return teacher.position_logits(inputs, valid)
+
+        model.set_teacher(teach)
+    try:
+        return train_sequence_model(model, split, cfg.train, name="rpg", log=log, on_eval=on_eval)
+    finally:
+        model.set_teacher(None)
 
 
 def save_rpg(model: RPG, dest: str, extra: dict[str, Any] | None = None) -> str:

@@ -129,6 +129,13 @@ class SASRec(torch.nn.Module):
         )
 
     @torch.no_grad()
+    def position_logits(self, inputs: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+        """(B, L) tokens and a (B, L) bool mask -> (M, n_items) float32 next-item logits at the M masked
+        positions (row order of ``h[valid]``), without gradients: a teacher for distillation
+        (``rpg.RPG.set_teacher``). Call in eval mode for dropout-free logits."""
+        return (self.hidden_states(inputs)[valid] @ self.item_emb.weight[1:].T).float()
+
+    @torch.no_grad()
     def score(self, inputs: torch.Tensor) -> torch.Tensor:
         """(B, L) tokens -> (B, n_items) float32 scores for the next item (exact, every item)."""
         h = self.hidden_states(inputs)[:, -1]

@@ -19,9 +19,10 @@ separate invocations of this command. Speed: ``examples/s`` = training targets (
 of training time. The machine load (``uptime``) is printed at start and end.
 
 RPG's default here (fifth round, docs/beauty.md) is the RPG architecture on PQ codes of the SASRec item
-vectors trained with an exact item-level softmax only, sum/sqrt(m) pooling and dot-product code logits:
-three choices that are not in the RPG paper and are named in the row's label. The paper's recipe:
-``--rpg-code-loss-weight 1 --rpg-item-loss-weight 0 --rpg-logits cosine --rpg-pooling mean``.
+vectors trained with an exact item-level softmax only, whose target mixes the true next item with the
+SASRec's softmax (distillation weight 0.5), sum/sqrt(m) pooling and dot-product code logits: four choices
+that are not in the RPG paper and are named in the row's label. The paper's recipe:
+``--rpg-code-loss-weight 1 --rpg-item-loss-weight 0 --rpg-distill-weight 0 --rpg-logits cosine --rpg-pooling mean``.
 """
 
 from __future__ import annotations
@@ -91,9 +92,9 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="uniform negatives per batch of the item-level loss; 0 = exact softmax over all items")
     p.add_argument("--rpg-item-loss-positions", type=int, default=0,
                    help="target positions per batch (random) that get the item-level loss; 0 = all")
-    p.add_argument("--rpg-distill-weight", type=float, default=0.0,
+    p.add_argument("--rpg-distill-weight", type=float, default=0.5,
                    help="alpha: the item-level target = (1-alpha) one-hot + alpha x the softmax of <out>/sasrec_model's logits "
-                        "(knowledge distillation from the SASRec; not in the RPG paper, labelled; 0 = off)")
+                        "(knowledge distillation from the SASRec; not in the RPG paper, labelled; default 0.5; 0 = off)")
     p.add_argument("--rpg-distill-temperature", type=float, default=1.0, help="temperature of the teacher's softmax")
     p.add_argument("--pq-method", default="pq", choices=["pq", "opq"])
     p.add_argument("--rpg-embeddings", default="sasrec", choices=["text", "text+sasrec", "sasrec"],

@@ -39,7 +39,8 @@ def test_one_command_trains_and_ranks_every_model_on_the_same_users(tmp_path, mo
     text = capsys.readouterr().out
     ours, published = text.split("== published")
     table = ours.split("== ours")[1].split("speed and budget")[0]
-    for label in ("popularity (train+valid counts)", "SASRec-CE (ours)", "RPG, PQ 4x256 on sasrec vectors, item-level softmax only (exact; not RPG's code loss), sqrt pooling, dot logits (ours)",
+    for label in ("popularity (train+valid counts)", "SASRec-CE (ours)", "RPG, PQ 4x256 on sasrec vectors, item-level softmax only (exact; not RPG's code loss), "
+                  "distilled from the SASRec (weight 0.5, T 1), sqrt pooling, dot logits (ours)",
                   "TIGER, RQ-KMeans IDs of the SASRec item embeddings (ours)"):
         assert table.count(label) == 2, label  # masked and unmasked rows
     assert "TIGER paper (Rajput et al. 2023)" in published and "TIGER paper" not in ours

@@ -625,7 +625,8 @@ def test_beauty_sequence_assets_train_and_eval_in_process(tmp_path, animind_env)
             "beauty_pq_codes": {"config": {"n_codebooks": 4, "codebook_size": 8, "pca_dim": 16, "num_threads": 1}},
             "sasrec_model": {"config": {**seq, "hidden": 32, "dropout": 0.0, "lr": 1e-2}},
             "rpg_model": {"config": {**seq, "hidden": 32, "heads": 2, "d_ff": 64, "emb_dropout": 0.0, "attn_dropout": 0.0,
-                                     "temperature": 0.1, "lr": 1e-2, "warmup_steps": 0}},
+                                     "temperature": 0.1, "lr": 1e-2, "warmup_steps": 0,
+                                     "item_loss_weight": 1.0, "item_negatives": 0, "distill_weight": 0.5}},
             "beauty_eval": {"config": {"models": ["popularity", "sasrec", "rpg", "tiger"], "n_boot": 50, "num_threads": 1, "device": "cpu"}},
         }},
     )
@@ -647,6 +648,7 @@ def test_beauty_sequence_assets_train_and_eval_in_process(tmp_path, animind_env)
     assert "comparison_plot_masked" in md and "protocol" in md
     md = res.asset_materializations_for_node("sasrec_model")[0].metadata
     assert md["epochs"].value == 10 and "validation_curve" in md
+    assert res.asset_materializations_for_node("rpg_model")[0].metadata["distill_weight"].value == 0.5  # taught by sasrec_model
 
     # TIGER on collaborative IDs: RQ-KMeans of this sasrec_model's item embeddings, then one more eval row
     from animind_assets.defs.beauty.tiger_model import tiger_model

@@ -17,6 +17,7 @@ import polars as pl
 from animind_assets.defs.beauty.shared import GROUP, curve_metadata, split_from_interactions
 from animind_assets.gpu import GPU_OP_TAGS, GPU_POOL
 from animind_assets.lib.retrieval.rpg import RPGConfig, save_rpg, train_rpg
+from animind_assets.lib.retrieval.sasrec import load_sasrec
 from animind_assets.meta import scalar_metadata
 from animind_assets.resources import ArtifactStoreResource
 from animind_assets.launchpad import derive_config
@@ -38,6 +39,8 @@ RpgModelConfig = derive_config(
         "attn_dropout": 'dropout on attention weights',
         "resid_dropout": 'dropout on residual branches',
         "temperature": 'softmax temperature of the cosine code logits',
+        "distill_weight": 'knowledge distillation from sasrec_model: weight of its softmax in the item-level target (needs item_loss_weight > 0, item_negatives 0; not in the paper)',
+        "distill_temperature": 'temperature of the teacher softmax',
     },
 )
 
@@ -47,6 +50,7 @@ RpgModelConfig = derive_config(
     pool=GPU_POOL,
     op_tags=GPU_OP_TAGS,
     kinds={"pytorch"},
+    deps=["sasrec_model"],
     description="RPG: parallel prediction of long PQ semantic IDs, exact scoring of all items; early-stopped on val NDCG@10.",
 )
 def rpg_model(
@@ -66,7 +70,18 @@ def rpg_model(
     codebook_size = int(codes.max()) + 1
     codebook_size = 1 << (codebook_size - 1).bit_length()  # the PQ codebook size (a power of two)
     context.log.info(f"{ASSET}: {codes.shape[1]} codes x {codebook_size} per item; split {split.stats()}")
-    res = train_rpg(split, codes, codebook_size, cfg, log=context.log.info)
+    teacher = None
+    if cfg.distill_weight > 0:  # knowledge distillation from the sasrec_model (docs/beauty.md, fifth round)
+        folder = artifacts.store().path("sasrec_model", "model")
+        try:
+            teacher, t_extra = load_sasrec(str(folder))
+        except FileNotFoundError as exc:
+            raise FileNotFoundError(f"{ASSET}: distill_weight={cfg.distill_weight} needs sasrec_model as the teacher ({exc}); "
+                                    "materialize sasrec_model first, or set distill_weight: 0") from exc
+        if t_extra.get("data_fingerprint") not in (None, data_fp):
+            raise ValueError(f"{ASSET}: sasrec_model ({folder}) was trained on other interactions: rematerialize it first")
+        context.log.info(f"{ASSET}: distilling from {folder} (weight {cfg.distill_weight}, T {cfg.distill_temperature})")
+    res = train_rpg(split, codes, codebook_size, cfg, log=context.log.info, teacher=teacher)
     dest = str(artifacts.store().path(ASSET, "model"))
     save_rpg(res.model, dest, extra={"best": res.best, "stop_reason": res.stop_reason, "history": res.history,
                                      "data_fingerprint": data_fp, "positions_per_s": res.positions_per_s})
@@ -77,7 +92,7 @@ def rpg_model(
             "train_seconds": round(res.train_seconds, 1), "examples_per_s": round(res.positions_per_s, 1),
             "best_epoch": int(res.best.get("epoch", 0)), "best_val_ndcg@10": res.best.get("val_ndcg@10"),
             "best_val_recall@10": res.best.get("val_recall@10"), "val_users": res.extra["val_users"], "model_dir": dest,
-            "data_fingerprint": data_fp, "materialize_seconds": round(time.perf_counter() - t0, 1),
+            "distill_weight": cfg.distill_weight, "data_fingerprint": data_fp, "materialize_seconds": round(time.perf_counter() - t0, 1),
         }),
         "config": dg.MetadataValue.json(cfg.to_dict()),
         **curve_metadata(res.history, "RPG"),

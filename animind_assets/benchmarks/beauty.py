@@ -80,8 +80,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--rpg-warmup", type=int, default=300, help="RPG linear warm-up steps")
     p.add_argument("--rpg-grad-clip", type=float, default=1.0, help="RPG gradient-norm clip (reference: 1.0; 0 = off)")
     p.add_argument("--rpg-item-loss-weight", type=float, default=1.0,
-                   help="add this x an item-level softmax on the mean code log-probs (not in the RPG paper, labelled in the "
-                        "model name; 0 = RPG's loss only)")
+                   help="this x an item-level softmax on the mean code log-probs (not in the RPG paper, labelled in the "
+                        "model name); 0 = off (then set --rpg-code-loss-weight > 0 and --rpg-distill-weight 0)")
     p.add_argument("--rpg-logits", default="dot", choices=["cosine", "dot"],
                    help="code logits: cos/temperature (RPG) or an unnormalised dot product (labelled)")
     p.add_argument("--rpg-pooling", default="sqrt", choices=["mean", "sqrt"],
@@ -204,7 +204,8 @@ def item_vectors(kind: str, data, out: Path, log) -> "np.ndarray":
 
 
 def rpg_label(args) -> str:
-    """The RPG row's name: the codes, and every choice that departs from the RPG paper (loss, pooling, logits)."""
+    """The RPG row's name: the codes, and every choice that departs from the RPG paper (loss, positions that
+    get the item loss, distillation, pooling, logits)."""
     kind = "exact" if args.rpg_item_negatives == 0 else f"{args.rpg_item_negatives} sampled negatives"
     parts = [f"RPG, {args.pq_method.upper()} {args.rpg_codebooks}x256 on {args.rpg_embeddings} vectors"]
     if args.rpg_code_loss_weight == 0:
@@ -214,6 +215,8 @@ def rpg_label(args) -> str:
             parts.append(f"code loss x{args.rpg_code_loss_weight:g}")
         if args.rpg_item_loss_weight > 0:
             parts.append(f"+ item-level loss x{args.rpg_item_loss_weight:g}, {kind}")
+    if args.rpg_item_loss_weight > 0 and args.rpg_item_loss_positions > 0:
+        parts.append(f"item loss on {args.rpg_item_loss_positions} positions per batch")
     if args.rpg_distill_weight > 0:
         parts.append(f"distilled from the SASRec (weight {args.rpg_distill_weight:g}, T {args.rpg_distill_temperature:g})")
     if args.rpg_pooling != "mean":
@@ -331,6 +334,36 @@ def run_tiger(split, rows, args, data, out: Path, log) -> dict:
             "best_val": res.best, "history": res.history, "config": cfg.to_dict(), "ids": args.tiger_ids, "id_stats": id_stats}
 
 
+def setup_problem(args, models: list[str], out: Path) -> str:
+    """What would make a selected model fail after minutes of work, found before any training: an
+    invalid RPG configuration, or a model that needs ``<out>/sasrec_model`` (PQ codes of the SASRec vectors,
+    the distillation teacher, TIGER's collaborative IDs) when SASRec is neither selected nor saved there.
+    Returns '' when fine, else the message."""
+    from animind_assets.lib.retrieval.rpg import RPGConfig
+
+    if "rpg" in models:
+        try:
+            RPGConfig(item_loss_weight=args.rpg_item_loss_weight, item_negatives=args.rpg_item_negatives,
+                      item_loss_positions=args.rpg_item_loss_positions, code_loss_weight=args.rpg_code_loss_weight,
+                      logits=args.rpg_logits, pooling=args.rpg_pooling, distill_weight=args.rpg_distill_weight,
+                      distill_temperature=args.rpg_distill_temperature, temperature=args.rpg_temperature).validate()
+        except ValueError as exc:
+            return f"RPG flags: {exc}"
+    if "sasrec" in models or (out / "sasrec_model").exists():
+        return ""
+    needs = []
+    if "rpg" in models and "sasrec" in args.rpg_embeddings:
+        needs.append(f"--rpg-embeddings {args.rpg_embeddings}")
+    if "rpg" in models and args.rpg_distill_weight > 0:
+        needs.append(f"--rpg-distill-weight {args.rpg_distill_weight:g} (teacher)")
+    if "tiger" in models and args.tiger_ids == "sasrec":
+        needs.append("--tiger-ids sasrec (collaborative IDs; --tiger-ids rqkmeans uses the reference text IDs)")
+    if needs:
+        return (f"{', '.join(needs)} need(s) {out / 'sasrec_model'}: add sasrec to --models, or run --models sasrec "
+                "first with the same --out")
+    return ""
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
     if args.gpu:
@@ -356,6 +389,10 @@ def main(argv=None) -> int:
 
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         print("--device cuda but no CUDA device is available", file=sys.stderr)
+        return 2
+    problem = setup_problem(args, models, out)
+    if problem:
+        print(problem, file=sys.stderr)
         return 2
     torch.set_num_threads(args.threads)
     load_start = load_avg()

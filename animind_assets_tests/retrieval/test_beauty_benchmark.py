@@ -65,12 +65,14 @@ def test_tiger_on_collaborative_rqkmeans_ids_of_the_sasrec_embeddings(tmp_path, 
     out = tmp_path / "out"
     common = ["--threads", "1", "--out", str(out), "--n-boot", "20", "--val-users", "50", "--tiger-beams", "10"]
     tiger = ["--models", "tiger", "--tiger-ids", "sasrec", "--tiger-seconds", "3"]
-    try:
-        beauty.main(common + tiger)
-    except FileNotFoundError as exc:
-        assert "run --models sasrec first" in str(exc)
-    else:
-        raise AssertionError("expected a FileNotFoundError without sasrec_model")
+    assert beauty.main(common + tiger) == 2  # refused before any training, saying what to run
+    err = capsys.readouterr().err
+    assert "--tiger-ids sasrec" in err and "run --models sasrec first" in err and "--tiger-ids rqkmeans" in err
+    assert beauty.main(common + ["--models", "rpg"]) == 2  # PQ of the SASRec vectors and the teacher
+    err = capsys.readouterr().err
+    assert "--rpg-embeddings sasrec" in err and "--rpg-distill-weight 0.5" in err
+    assert beauty.main(common + ["--models", "rpg", "--rpg-item-negatives", "64"]) == 2  # distillation needs the exact loss
+    assert "RPG flags" in capsys.readouterr().err
     assert beauty.main(common + ["--models", "sasrec", "--sasrec-seconds", "3"]) == 0
     assert beauty.main(common + tiger) == 0
     text = capsys.readouterr().out

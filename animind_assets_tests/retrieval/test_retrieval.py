@@ -432,8 +432,10 @@ def test_rpg_distillation_mixes_the_teacher_softmax_into_the_item_target_and_tra
     mix[torch.arange(len(tgt)), tgt] += 0.7
     want = float(-(mix * torch.log_softmax(scores, 1)).sum(1).mean())
     assert float(model.loss(batch, targets)) == pytest.approx(want, rel=1e-4)
-    losses = [h["train_loss"] for h in train_rpg(split, codes, 8, cfg, teacher=sas).history]
+    trained = train_rpg(split, codes, 8, cfg, teacher=sas)
+    losses = [h["train_loss"] for h in trained.history]
     assert losses[-1] < losses[0]
+    assert trained.model._teacher is None and not any(k.startswith("teacher") for k in trained.model.state_dict())
     with pytest.raises(ValueError, match="needs a teacher"):
         train_rpg(split, codes, 8, cfg)
     with pytest.raises(ValueError, match="exact item-level loss"):

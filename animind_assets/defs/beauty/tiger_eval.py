@@ -88,7 +88,7 @@ def _row(model: str, kind: str, id_source: str | None, metrics: dict, **extra) -
     pool=GPU_POOL,
     op_tags=GPU_OP_TAGS,
     kinds={"pytorch", "polars", "duckdb"},
-    description="Beauty test Recall/NDCG@5/10 of TIGER on own vs reference IDs, vs the paper and popularity.",
+    description="Beauty test Recall/NDCG@5/10 of TIGER on own, reference and collaborative IDs, vs the paper and popularity.",
 )
 def tiger_eval(
     context: dg.AssetExecutionContext,

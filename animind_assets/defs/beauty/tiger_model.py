@@ -125,14 +125,15 @@ def load_codec(id_source: str, config: TigerModelConfig, warehouse: DuckDBWareho
             raise ValueError("partition 'collaborative' needs the artifact store (sasrec_model)")
         folder = artifacts.store().path("sasrec_model", "model")
         try:
-            model, _ = load_sasrec(str(folder))
+            model, sas_extra = load_sasrec(str(folder))
         except FileNotFoundError as exc:
             raise FileNotFoundError(f"partition 'collaborative' needs sasrec_model ({exc}): materialize sasrec_model first") from exc
         codes, stats = rqkmeans_ids(sasrec_item_vectors(model), levels=config.collaborative_levels,
                                     codebook_size=config.collaborative_codebook_size, seed=config.seed, log=log)
         mapping = {i: row for i, row in enumerate(codes.tolist())}
         return (SidCodec.from_mapping(mapping, user_buckets=config.user_buckets),
-                {"id_file": f"RQ-KMeans of the item embeddings of {folder}", "id_stats": stats})
+                {"id_file": f"RQ-KMeans of the item embeddings of {folder}", "id_stats": stats,
+                 "sasrec_data_fingerprint": sas_extra.get("data_fingerprint")})
     raise ValueError(f"unknown id_source partition {id_source!r}; expected one of {ID_SOURCES}")
 
 
@@ -160,6 +161,9 @@ def tiger_model(
     sequences = sequences_from_interactions(beauty_interactions)
     split = leave_one_out(sequences, max_history=cfg.max_history)
     data_fp = frame_fingerprint(beauty_interactions.select(["user_id", "item_id", "seq"]), sort_by=["user_id", "seq"])
+    if id_info.get("sasrec_data_fingerprint") not in (None, data_fp):
+        raise ValueError(f"{ASSET}[{id_source}]: sasrec_model was trained on other interactions than beauty_interactions: "
+                         "rematerialize sasrec_model first")
     codec_fp = json_fingerprint(codec.to_dict())
     fingerprint = json_fingerprint({"data": data_fp, "codec": codec_fp, "config": {k: cfg.to_dict()[k] for k in RESUME_KEYS}})
     context.log.info(

@@ -314,8 +314,9 @@ def train_rpg(split: SequenceSplit, codes: np.ndarray, codebook_size: int, cfg: 
     """Build and train an RPG on ``split`` with item codes ``codes`` (N, m); ``N`` must equal
     ``split.n_items`` (row i = item id i). ``teacher``: a trained item-level model with
     ``position_logits(inputs, valid)`` over the same N items (e.g. ``SASRec``), used when
-    ``cfg.distill_weight > 0``; it is put in eval mode and moved to the training device. Raises
-    ``ValueError`` for mismatched codes, a missing teacher or a teacher over another item count."""
+    ``cfg.distill_weight > 0``; it is put in eval mode and moved to the training device (both stay so
+    afterwards) and is never trained or saved. Raises ``ValueError`` for mismatched codes, a missing teacher,
+    a teacher over another item count or with a shorter ``max_len``."""
     cfg.validate()
     if len(codes) != split.n_items:
         raise ValueError(f"codes has {len(codes)} rows but the split has {split.n_items} items")
@@ -326,9 +327,9 @@ def train_rpg(split: SequenceSplit, codes: np.ndarray, codebook_size: int, cfg: 
     if teacher is not None and cfg.distill_weight > 0:
         if getattr(teacher, "n_items", split.n_items) != split.n_items:
             raise ValueError(f"teacher scores {teacher.n_items} items but the split has {split.n_items}")
-        teacher.eval()
-        for p in teacher.parameters():
-            p.requires_grad_(False)
+        if getattr(teacher, "max_len", cfg.train.max_len) < cfg.train.max_len:
+            raise ValueError(f"teacher max_len {teacher.max_len} < RPG max_len {cfg.train.max_len}")
+        teacher.eval()  # no dropout; position_logits runs without gradients
 
         def teach(inputs: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
             teacher.to(inputs.device)

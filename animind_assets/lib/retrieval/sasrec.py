@@ -132,7 +132,8 @@ class SASRec(torch.nn.Module):
     def position_logits(self, inputs: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
         """(B, L) tokens and a (B, L) bool mask -> (M, n_items) float32 next-item logits at the M masked
         positions (row order of ``h[valid]``), without gradients: a teacher for distillation
-        (``rpg.RPG.set_teacher``). Call in eval mode for dropout-free logits."""
+        (``rpg.RPG.set_teacher``). Call in eval mode for dropout-free logits. Raises ``ValueError`` when
+        ``L > max_len``."""
         return (self.hidden_states(inputs)[valid] @ self.item_emb.weight[1:].T).float()
 
     @torch.no_grad()

@@ -136,6 +136,28 @@ def test_corrupt_manifest_and_missing_file_are_named(tmp_path):
         store.read(loc)
 
 
+def test_read_follows_versions_published_during_the_read(tmp_path, monkeypatch):
+    """A writer that publishes a new version (removing the old data object) between the reader's manifest
+    read and its data read, twice in a row, makes the reader follow to the newest version, not fail."""
+    store = ParquetTableStore(tmp_path)
+    loc = store.location("t")
+    store.write(loc, _frame("all", 0, 5))
+    fs_type = type(loc.fs)
+    original = fs_type.cat_file
+    rounds = iter([1, 2])
+
+    def racing_cat_file(self, path, *args, **kwargs):
+        if os.path.basename(str(path)).startswith("data-"):
+            r = next(rounds, None)
+            if r is not None:
+                store.write(loc, _frame("all", r, 5))  # publishes round r, removes the object we are about to read
+        return original(self, path, *args, **kwargs)
+
+    monkeypatch.setattr(fs_type, "cat_file", racing_cat_file)
+    df = store.read(loc)
+    assert df.height == 5 and set(df["round"].to_list()) == {2}
+
+
 _KILL_WRITER = """
 import sys, polars as pl
 from animind_assets.lib.common.parquet_tables import ParquetTableStore

@@ -33,6 +33,7 @@ import io
 import json
 import os
 import socket
+import time
 import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -215,9 +216,14 @@ class ParquetTableStore:
         return (location / MANIFEST).exists()
 
     def read(self, location: UPath, columns: list[str] | None = None) -> pl.DataFrame:
-        """The committed version at ``location`` as a polars DataFrame (``columns`` to project)."""
-        for attempt in (0, 1):
-            manifest = self.manifest(location)
+        """The committed version at ``location`` as a polars DataFrame (``columns`` to project).
+
+        A data object that vanishes between the manifest read and the data read means a writer published a
+        newer version meanwhile (and removed the old objects): the read starts again from the new manifest,
+        as long as the manifest keeps changing (up to 50 times, with a short back-off). A manifest that names
+        a missing object and does not change is a broken table: ``CorruptManifestError``."""
+        manifest = self.manifest(location)
+        for attempt in range(50):
             try:
                 frames = [
                     pl.read_parquet(io.BytesIO(location.fs.cat_file((location / name).path)), columns=columns)
@@ -225,9 +231,13 @@ class ParquetTableStore:
                 ]
                 break
             except FileNotFoundError as exc:
-                # a writer replaced the version between our manifest read and the data read: re-read once
-                if attempt:  # the manifest still names a missing object: not a race, a broken table
+                newer = self.manifest(location)
+                if newer.files == manifest.files:  # unchanged and still naming a missing object: not a race
                     raise CorruptManifestError(f"{location}: manifest names a missing data file ({exc})") from exc
+                manifest = newer  # a writer replaced the version meanwhile: read the new one
+                time.sleep(min(0.5, 0.01 * 2 ** attempt))
+        else:
+            raise CorruptManifestError(f"{location}: the version changed under 50 consecutive reads; retry later")
         df = pl.concat(frames, how="vertical") if len(frames) > 1 else frames[0]
         if df.height != manifest.num_rows:
             raise CorruptManifestError(f"{location}: {df.height} rows read, manifest says {manifest.num_rows}")

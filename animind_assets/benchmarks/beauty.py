@@ -192,15 +192,33 @@ def item_vectors(kind: str, data, out: Path, log) -> "np.ndarray":
             np.save(cache, vec)
         parts.append(vec)
     if "sasrec" in kind:
-        from animind_assets.lib.retrieval.sasrec import load_sasrec, sasrec_item_vectors
+        from animind_assets.lib.retrieval.sasrec import sasrec_item_vectors
 
-        if not (out / "sasrec_model").exists():
-            raise FileNotFoundError(f"{kind} item vectors need {out / 'sasrec_model'}: run --models sasrec first (same --out)")
-        model, _ = load_sasrec(str(out / "sasrec_model"))
-        parts.append(sasrec_item_vectors(model))
+        parts.append(sasrec_item_vectors(out_sasrec(out, f"{kind} item vectors")))
     from animind_assets.lib.retrieval.pq import combine_item_vectors
 
     return combine_item_vectors(parts)
+
+
+def out_sasrec(out: Path, need: str):
+    """The SASRec saved in ``<out>/sasrec_model`` (eval mode) for ``need`` (PQ vectors, the distillation teacher,
+    TIGER's collaborative IDs, the diagnostic). Raises ``FileNotFoundError`` saying what to run when absent."""
+    from animind_assets.lib.retrieval.sasrec import load_sasrec
+
+    if not (out / "sasrec_model").exists():
+        raise FileNotFoundError(f"{need} need(s) {out / 'sasrec_model'}: run --models sasrec first (same --out)")
+    return load_sasrec(str(out / "sasrec_model"))[0]
+
+
+def rpg_config(args, train=None):
+    """``RPGConfig`` from the ``--rpg-*`` flags (``train``: its ``SeqTrainConfig``; default: the library's)."""
+    from animind_assets.lib.retrieval.rpg import RPGConfig
+
+    return RPGConfig(hidden=args.rpg_hidden, d_ff=args.rpg_ff, temperature=args.rpg_temperature, train=train,
+                     item_loss_weight=args.rpg_item_loss_weight, item_negatives=args.rpg_item_negatives,
+                     item_loss_positions=args.rpg_item_loss_positions, code_loss_weight=args.rpg_code_loss_weight,
+                     logits=args.rpg_logits, pooling=args.rpg_pooling, distill_weight=args.rpg_distill_weight,
+                     distill_temperature=args.rpg_distill_temperature)
 
 
 def rpg_label(args) -> str:
@@ -229,7 +247,7 @@ def rpg_label(args) -> str:
 def run_rpg(split, rows, args, data, out: Path, log) -> dict:
     from animind_assets.lib.retrieval.evaluation import evaluate_scorer
     from animind_assets.lib.retrieval.pq import PQConfig, next_item_code_gain, product_quantize
-    from animind_assets.lib.retrieval.rpg import RPGConfig, save_rpg, train_rpg
+    from animind_assets.lib.retrieval.rpg import save_rpg, train_rpg
     from animind_assets.lib.retrieval.seqtrain import SeqTrainConfig, make_scorer
 
     vec = item_vectors(args.rpg_embeddings, data, out, log)
@@ -245,18 +263,8 @@ def run_rpg(split, rows, args, data, out: Path, log) -> dict:
                           warmup_steps=args.rpg_warmup, grad_clip=args.rpg_grad_clip, epochs=args.rpg_epochs,
                           patience=args.rpg_patience, val_users=args.val_users, max_train_seconds=args.rpg_seconds,
                           seed=args.seed, num_threads=args.threads, device=args.device)
-    cfg = RPGConfig(hidden=args.rpg_hidden, d_ff=args.rpg_ff, temperature=args.rpg_temperature, train=tcfg,
-                    item_loss_weight=args.rpg_item_loss_weight, item_negatives=args.rpg_item_negatives,
-                    item_loss_positions=args.rpg_item_loss_positions, code_loss_weight=args.rpg_code_loss_weight,
-                    logits=args.rpg_logits, pooling=args.rpg_pooling, distill_weight=args.rpg_distill_weight,
-                    distill_temperature=args.rpg_distill_temperature)
-    teacher = None
-    if args.rpg_distill_weight > 0:
-        from animind_assets.lib.retrieval.sasrec import load_sasrec
-
-        if not (out / "sasrec_model").exists():
-            raise FileNotFoundError(f"--rpg-distill-weight needs {out / 'sasrec_model'} as the teacher: run --models sasrec first (same --out)")
-        teacher, _ = load_sasrec(str(out / "sasrec_model"))
+    cfg = rpg_config(args, train=tcfg)
+    teacher = out_sasrec(out, "--rpg-distill-weight (the teacher)") if args.rpg_distill_weight > 0 else None
     res = train_rpg(split, pq.codes, 256, cfg, log=log, teacher=teacher)
     save_rpg(res.model, str(out / "rpg_model"), extra={"best": res.best, "pq": pq.stats})
     label = rpg_label(args)
@@ -276,10 +284,9 @@ def marginal_diagnostic(split, rows, args, out: Path, codes, log) -> dict | None
         return None
     from animind_assets.lib.retrieval.evaluation import evaluate_scorer
     from animind_assets.lib.retrieval.rpg import marginal_product_scorer
-    from animind_assets.lib.retrieval.sasrec import load_sasrec
     from animind_assets.lib.retrieval.seqtrain import make_scorer
 
-    sas, _ = load_sasrec(str(out / "sasrec_model"))
+    sas = out_sasrec(out, "the diagnostic")
     ev = evaluate_scorer(marginal_product_scorer(make_scorer(sas, sas.cfg.train.max_len), codes, 256), split, "test",
                          "diagnostic: RPG ranking rule with SASRec's per-codebook marginals", rows=rows,
                          n_boot=args.n_boot, seed=args.seed, log=log)
@@ -339,14 +346,9 @@ def setup_problem(args, models: list[str], out: Path) -> str:
     invalid RPG configuration, or a model that needs ``<out>/sasrec_model`` (PQ codes of the SASRec vectors,
     the distillation teacher, TIGER's collaborative IDs) when SASRec is neither selected nor saved there.
     Returns '' when fine, else the message."""
-    from animind_assets.lib.retrieval.rpg import RPGConfig
-
     if "rpg" in models:
         try:
-            RPGConfig(item_loss_weight=args.rpg_item_loss_weight, item_negatives=args.rpg_item_negatives,
-                      item_loss_positions=args.rpg_item_loss_positions, code_loss_weight=args.rpg_code_loss_weight,
-                      logits=args.rpg_logits, pooling=args.rpg_pooling, distill_weight=args.rpg_distill_weight,
-                      distill_temperature=args.rpg_distill_temperature, temperature=args.rpg_temperature).validate()
+            rpg_config(args).validate()
         except ValueError as exc:
             return f"RPG flags: {exc}"
     if "sasrec" in models or (out / "sasrec_model").exists():

@@ -18,10 +18,10 @@ import numpy as np
 import polars as pl
 from pydantic import Field
 
-from animind_assets.defs.beauty.shared import GROUP
+from animind_assets.defs.beauty.shared import GROUP, load_sasrec_asset
 from animind_assets.lib.common.plots import histogram_png
 from animind_assets.lib.retrieval.pq import VECTOR_SOURCES, PQConfig, combine_item_vectors, product_quantize
-from animind_assets.lib.retrieval.sasrec import load_sasrec, sasrec_item_vectors
+from animind_assets.lib.retrieval.sasrec import sasrec_item_vectors
 from animind_assets.lib.semantic_ids.assign import frame_vectors
 from animind_assets.meta import image_md, scalar_metadata, table_metadata
 from animind_assets.resources import ArtifactStoreResource, ParquetExports
@@ -71,15 +71,10 @@ def beauty_pq_codes(
         raise ValueError(f"beauty_embeddings: item_id must be 0..{len(ids) - 1} without gaps (missing e.g. {missing})")
     parts = [text] if "text" in config.vectors else []
     if "sasrec" in config.vectors:
-        folder = artifacts.store().path("sasrec_model", "model")
-        try:
-            model, _ = load_sasrec(str(folder))
-        except FileNotFoundError as exc:
-            raise FileNotFoundError(f"beauty_pq_codes: vectors={config.vectors!r} needs sasrec_model ({exc}); "
-                                    "materialize sasrec_model first, or set vectors: text") from exc
+        model, _ = load_sasrec_asset(artifacts, f"beauty_pq_codes: vectors={config.vectors!r} (or set vectors: text)")
         emb = sasrec_item_vectors(model)
         if emb.shape[0] != len(ids):
-            raise ValueError(f"sasrec_model ({folder}) has {emb.shape[0]} items but beauty_embeddings has {len(ids)}; "
+            raise ValueError(f"sasrec_model has {emb.shape[0]} items but beauty_embeddings has {len(ids)}; "
                              "rematerialize sasrec_model on the current beauty_interactions")
         parts.append(emb)
     x = combine_item_vectors(parts)

@@ -14,10 +14,9 @@ import dagster as dg
 import numpy as np
 import polars as pl
 
-from animind_assets.defs.beauty.shared import GROUP, curve_metadata, split_from_interactions
+from animind_assets.defs.beauty.shared import GROUP, curve_metadata, load_sasrec_asset, split_from_interactions
 from animind_assets.gpu import GPU_OP_TAGS, GPU_POOL
 from animind_assets.lib.retrieval.rpg import RPGConfig, save_rpg, train_rpg
-from animind_assets.lib.retrieval.sasrec import load_sasrec
 from animind_assets.meta import scalar_metadata
 from animind_assets.resources import ArtifactStoreResource
 from animind_assets.launchpad import derive_config
@@ -72,15 +71,9 @@ def rpg_model(
     context.log.info(f"{ASSET}: {codes.shape[1]} codes x {codebook_size} per item; split {split.stats()}")
     teacher = None
     if cfg.distill_weight > 0:  # knowledge distillation from the sasrec_model (docs/beauty.md, fifth round)
-        folder = artifacts.store().path("sasrec_model", "model")
-        try:
-            teacher, t_extra = load_sasrec(str(folder))
-        except FileNotFoundError as exc:
-            raise FileNotFoundError(f"{ASSET}: distill_weight={cfg.distill_weight} needs sasrec_model as the teacher ({exc}); "
-                                    "materialize sasrec_model first, or set distill_weight: 0") from exc
-        if t_extra.get("data_fingerprint") not in (None, data_fp):
-            raise ValueError(f"{ASSET}: sasrec_model ({folder}) was trained on other interactions: rematerialize it first")
-        context.log.info(f"{ASSET}: distilling from {folder} (weight {cfg.distill_weight}, T {cfg.distill_temperature})")
+        teacher, _ = load_sasrec_asset(artifacts, f"{ASSET}: distill_weight={cfg.distill_weight} (the teacher; or set distill_weight: 0)",
+                                       data_fp=data_fp)
+        context.log.info(f"{ASSET}: distilling from sasrec_model (weight {cfg.distill_weight}, T {cfg.distill_temperature})")
     res = train_rpg(split, codes, codebook_size, cfg, log=context.log.info, teacher=teacher)
     dest = str(artifacts.store().path(ASSET, "model"))
     save_rpg(res.model, dest, extra={"best": res.best, "stop_reason": res.stop_reason, "history": res.history,

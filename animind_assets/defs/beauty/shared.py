@@ -89,3 +89,21 @@ def curve_metadata(history: list, title: str) -> dict:
         md["loss_curve"] = image_md(lines_png({"train loss": [h["train_loss"] for h in history]}, f"{title}: train loss",
                                               xlabel="validation"), "Loss")
     return md
+
+
+def load_sasrec_asset(artifacts, needed_by: str, data_fp: str | None = None):
+    """The materialized ``sasrec_model`` (eval mode) and its ``extra`` for an asset that builds on it (PQ codes,
+    collaborative TIGER IDs, the RPG distillation teacher). ``needed_by`` names the asset and setting in the
+    error. With ``data_fp``, a SASRec trained on other interactions is refused. Raises ``FileNotFoundError``
+    (not materialized: says what to materialize) or ``ValueError`` (fingerprint differs)."""
+    from animind_assets.lib.retrieval.sasrec import load_sasrec
+
+    folder = artifacts.store().path("sasrec_model", "model")
+    try:
+        model, extra = load_sasrec(str(folder))
+    except FileNotFoundError as exc:
+        raise FileNotFoundError(f"{needed_by} needs sasrec_model ({exc}): materialize sasrec_model first") from exc
+    if data_fp is not None and extra.get("data_fingerprint") not in (None, data_fp):
+        raise ValueError(f"{needed_by}: sasrec_model ({folder}) was trained on other interactions than beauty_interactions: "
+                         "rematerialize sasrec_model first")
+    return model, extra

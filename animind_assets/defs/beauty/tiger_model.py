@@ -41,12 +41,12 @@ from animind_assets.lib.retrieval.tiger import (
     save_model,
     train_tiger,
 )
-from animind_assets.lib.retrieval.sasrec import load_sasrec, sasrec_item_vectors
+from animind_assets.lib.retrieval.sasrec import sasrec_item_vectors
 from animind_assets.lib.retrieval.tiger_data import rqkmeans_ids
 from animind_assets.meta import lines_plot, markdown_table, scalar_metadata
 from animind_assets.resources import ArtifactStoreResource, DuckDBWarehouse, MlflowResource
 
-from animind_assets.defs.beauty.shared import ID_SOURCES, TIGER_MODEL_ASSET as ASSET
+from animind_assets.defs.beauty.shared import ID_SOURCES, TIGER_MODEL_ASSET as ASSET, load_sasrec_asset
 from animind_assets.launchpad import derive_config
 id_source_partitions = dg.StaticPartitionsDefinition(list(ID_SOURCES))
 # knobs that change what is learned: a checkpoint is resumed only when these (and the data) match
@@ -103,8 +103,9 @@ TigerModelConfig = derive_config(
 
 
 def load_codec(id_source: str, config: TigerModelConfig, warehouse: DuckDBWarehouse,
-               artifacts: ArtifactStoreResource | None = None, log=None) -> tuple[SidCodec, dict]:
-    """The semantic IDs of one partition as a ``SidCodec`` (+ a description for metadata).
+               artifacts: ArtifactStoreResource | None = None, data_fp: str | None = None, log=None) -> tuple[SidCodec, dict]:
+    """The semantic IDs of one partition as a ``SidCodec`` (+ a description for metadata). ``data_fp``: the
+    interactions' fingerprint, which the ``sasrec_model`` behind the collaborative IDs must match.
 
     Raises ``ValueError`` / ``FileNotFoundError`` naming the missing upstream asset or column."""
     if id_source == "own":
@@ -123,17 +124,12 @@ def load_codec(id_source: str, config: TigerModelConfig, warehouse: DuckDBWareho
     if id_source == "collaborative":
         if artifacts is None:
             raise ValueError("partition 'collaborative' needs the artifact store (sasrec_model)")
-        folder = artifacts.store().path("sasrec_model", "model")
-        try:
-            model, sas_extra = load_sasrec(str(folder))
-        except FileNotFoundError as exc:
-            raise FileNotFoundError(f"partition 'collaborative' needs sasrec_model ({exc}): materialize sasrec_model first") from exc
+        model, _ = load_sasrec_asset(artifacts, f"{ASSET}[collaborative]", data_fp=data_fp)
         codes, stats = rqkmeans_ids(sasrec_item_vectors(model), levels=config.collaborative_levels,
                                     codebook_size=config.collaborative_codebook_size, seed=config.seed, log=log)
         mapping = {i: row for i, row in enumerate(codes.tolist())}
         return (SidCodec.from_mapping(mapping, user_buckets=config.user_buckets),
-                {"id_file": f"RQ-KMeans of the item embeddings of {folder}", "id_stats": stats,
-                 "sasrec_data_fingerprint": sas_extra.get("data_fingerprint")})
+                {"id_file": "RQ-KMeans of the sasrec_model item embeddings", "id_stats": stats})
     raise ValueError(f"unknown id_source partition {id_source!r}; expected one of {ID_SOURCES}")
 
 
@@ -157,13 +153,10 @@ def tiger_model(
     t0 = time.perf_counter()
     id_source = context.partition_key
     cfg = config.to_lib()
-    codec, id_info = load_codec(id_source, config, warehouse, artifacts, log=context.log.info)
+    data_fp = frame_fingerprint(beauty_interactions.select(["user_id", "item_id", "seq"]), sort_by=["user_id", "seq"])
+    codec, id_info = load_codec(id_source, config, warehouse, artifacts, data_fp=data_fp, log=context.log.info)
     sequences = sequences_from_interactions(beauty_interactions)
     split = leave_one_out(sequences, max_history=cfg.max_history)
-    data_fp = frame_fingerprint(beauty_interactions.select(["user_id", "item_id", "seq"]), sort_by=["user_id", "seq"])
-    if id_info.get("sasrec_data_fingerprint") not in (None, data_fp):
-        raise ValueError(f"{ASSET}[{id_source}]: sasrec_model was trained on other interactions than beauty_interactions: "
-                         "rematerialize sasrec_model first")
     codec_fp = json_fingerprint(codec.to_dict())
     fingerprint = json_fingerprint({"data": data_fp, "codec": codec_fp, "config": {k: cfg.to_dict()[k] for k in RESUME_KEYS}})
     context.log.info(

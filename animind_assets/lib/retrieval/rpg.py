@@ -269,7 +269,7 @@ class RPG(torch.nn.Module):
         distillation, Hinton et al., "Distilling the Knowledge in a Neural Network", 2015). Returns a scalar."""
         if self.cfg.item_negatives == 0:
             scores = item_code_sums(logits.reshape(len(tgt_items), -1), *self._item_code_matrices(logits.device)) / self.m
-            if teacher_logits is None or self.cfg.distill_weight == 0:
+            if teacher_logits is None:
                 return F.cross_entropy(scores, tgt_items)
             a = self.cfg.distill_weight
             target = a * torch.softmax(teacher_logits.float() / self.cfg.distill_temperature, dim=1)

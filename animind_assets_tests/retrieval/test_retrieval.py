@@ -698,6 +698,20 @@ def test_tiger_on_the_shared_evaluation_matches_its_own_metrics():
     assert res.extra["invalid_id_rate"] == 0.0
 
 
+def test_rqkmeans_ids_of_a_small_catalog_keep_every_level_informative():
+    """../shared/cases kind "a catalog of 100 items with the default 3 x 256 codes": level 1 gave every item
+    its own code and levels 2-3 were constant. The small-catalog rule fits max(2, N // 4) codes per level
+    instead, says so in the stats, and every deeper level uses more than one code."""
+    from animind_assets.lib.retrieval.tiger_data import rqkmeans_ids
+
+    vec = np.random.default_rng(0).normal(size=(100, 32)).astype(np.float32)
+    codes, stats = rqkmeans_ids(vec)  # defaults: 3 levels x 256
+    assert codes.shape == (100, 4) and len({tuple(r) for r in codes.tolist()}) == 100
+    assert stats["codebook_size"] == 25 and stats["requested_codebook_size"] == 256 and "100 items" in stats["note"]
+    assert all(len(set(codes[:, j].tolist())) > 1 for j in range(3)), stats
+    assert codes[:, :3].max() < 25
+
+
 def test_rqkmeans_ids_of_item_vectors_are_unique_and_follow_the_clusters():
     """RQ-KMeans IDs of arbitrary item vectors (TIGER's collaborative-ID option): one row per item,
     levels + 1 codes, all IDs unique, items of one tight cluster share their first code, bad input refused."""

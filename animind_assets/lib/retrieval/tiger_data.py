@@ -244,10 +244,13 @@ def rqkmeans_ids(vectors: np.ndarray, levels: int = 3, codebook_size: int = 256,
 
     ``vectors`` (N, D) float, row i = item i (e.g. SASRec item embeddings: collaborative IDs). Returns
     ``(codes (N, levels + 1) int64, stats)`` with ``stats`` = the largest collision group, the number of
-    items sharing their first ``levels`` codes with another item, and the k-means inertias. Raises
-    ``ValueError`` for an empty or non-2-D matrix or non-finite values."""
+    items sharing their first ``levels`` codes with another item, and the k-means inertias. Fewer items
+    than ``codebook_size``: the project's small-catalog rule (``small_catalog_codebook``, "adapt") fits
+    ``max(2, N // 4)`` codes per level instead, so deeper levels do not collapse to one code; ``stats``
+    then carries ``requested_codebook_size`` and ``note``. Raises ``ValueError`` for an empty or non-2-D
+    matrix or non-finite values."""
     from animind_assets.lib.semantic_ids.assign import assign_semantic_ids
-    from animind_assets.lib.semantic_ids.quantizers.config import QuantizerConfig
+    from animind_assets.lib.semantic_ids.quantizers.config import QuantizerConfig, small_catalog_codebook
     from animind_assets.lib.semantic_ids.quantizers.model import ResidualKMeans
 
     x = np.asarray(vectors, dtype=np.float32)
@@ -255,6 +258,10 @@ def rqkmeans_ids(vectors: np.ndarray, levels: int = 3, codebook_size: int = 256,
         raise ValueError(f"vectors must be a non-empty (N, D) matrix, got shape {x.shape}")
     if not np.isfinite(x).all():
         raise ValueError(f"vectors: row {int(np.argwhere(~np.isfinite(x))[0][0])} is not finite")
+    requested = codebook_size
+    codebook_size, note = small_catalog_codebook(x.shape[0], codebook_size, "adapt")
+    if note and log:
+        log(f"rqkmeans_ids: {note}")
     cfg = QuantizerConfig(quantizer="rqkmeans", levels=levels, codebook_size=codebook_size, seed=seed)
     model = ResidualKMeans(x.shape[1], cfg)
     xt = torch.from_numpy(x)
@@ -265,4 +272,6 @@ def rqkmeans_ids(vectors: np.ndarray, levels: int = 3, codebook_size: int = 256,
     stats = {"levels": levels + 1, "codebook_size": codebook_size, "max_collision_group": int(counts.max()),
              "items_in_collisions": int((counts[inverse.reshape(-1)] > 1).sum()),
              "inertias": [float(v) for v in inertias]}
+    if note:
+        stats.update(requested_codebook_size=requested, note=note)
     return codes, stats

@@ -56,8 +56,16 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--out", default=str(Path(tempfile.gettempdir()) / "animind_beauty_llm"))
     p.add_argument("--data", default="", help="prepared split folder ('' = ../shared/data/beauty)")
     p.add_argument("--order", default="inter_json", choices=["inter_json", "user_sequence"])
-    p.add_argument("--sids", default="reference", choices=["reference", "own"],
-                   help="reference: tiger-cf index_rqkmeans.json; own: project quantizer on MiniLM vectors of the item words")
+    p.add_argument("--sids", default="reference", choices=["reference", "own", "sasrec"],
+                   help="reference: tiger-cf index_rqkmeans.json; own: project quantizer on MiniLM vectors of the item words; "
+                        "sasrec: collaborative IDs, RQ-KMeans 3x256 of the item embeddings of --sasrec-dir (as TIGER's "
+                        "collaborative partition)")
+    p.add_argument("--sasrec-dir", default="", help="with --sids sasrec: a saved SASRec (benchmarks.beauty --models sasrec "
+                   "writes <out>/sasrec_model)")
+    p.add_argument("--next-id-format", default="question", choices=["question", "sequence"],
+                   help="task B: 'question' (history IDs in the prompt, one target per row) or 'sequence' (the ID sequence "
+                        "is the answer, every item a target given its prefix)")
+    p.add_argument("--sequence-window", type=int, default=0, help="'sequence' form: items per training row (0 = max_history + 1)")
     p.add_argument("--cache-dir", default=str(Path(tempfile.gettempdir()) / "animind_bench"))
     p.add_argument("--n-examples", type=int, default=60000, help="training rows generated (A+B+C, before dedup)")
     p.add_argument("--max-history", type=int, default=10, help="items shown as IDs in a next-ID prompt (--gpu: 20, as TIGER)")
@@ -100,7 +108,20 @@ def load_sids(args, items, log):
     from animind_assets.lib.semantic_ids.assign import assign_semantic_ids, semantic_id_strings
 
     ids = items["item_id"].to_numpy()
-    if args.sids == "reference":
+    if args.sids == "sasrec":
+        from animind_assets.lib.retrieval.sasrec import load_sasrec, sasrec_item_vectors
+        from animind_assets.lib.retrieval.tiger_data import rqkmeans_ids
+
+        if not args.sasrec_dir or not (Path(args.sasrec_dir) / "config.json").exists():
+            raise SystemExit(f"--sids sasrec needs --sasrec-dir with a saved SASRec (got {args.sasrec_dir!r}); "
+                             "run: python -m animind_assets.benchmarks.beauty --models sasrec --out DIR (then DIR/sasrec_model)")
+        vec = sasrec_item_vectors(load_sasrec(args.sasrec_dir)[0])
+        if vec.shape[0] != len(ids) or not (ids == np.arange(len(ids))).all():
+            raise ValueError(f"{args.sasrec_dir}: {vec.shape[0]} item vectors for {len(ids)} items (item ids must be 0..N-1)")
+        full, stats = rqkmeans_ids(vec, seed=args.seed, log=log)
+        note = f"collaborative IDs: RQ-KMeans 3x256 of the SASRec item embeddings of {args.sasrec_dir} + collision code ({stats})"
+        codebooks = None
+    elif args.sids == "reference":
         from animind_assets.lib.retrieval.tiger_data import load_reference_index
 
         path = (Path(args.data) if args.data else beauty_dir()) / "index_rqkmeans.json"
@@ -162,7 +183,8 @@ def main(argv=None) -> int:
     items, inter = data.items, data.interactions
     sids, sid_note, codebooks = load_sids(args, items, log)
     log(f"Beauty: {items.height} items, {inter.height} interactions, {inter['user_id'].n_unique()} users; {sid_note}")
-    dcfg = SeqLlmDataConfig(n_examples=args.n_examples, max_history=args.max_history, title_history=args.title_history)
+    dcfg = SeqLlmDataConfig(n_examples=args.n_examples, max_history=args.max_history, title_history=args.title_history,
+                            next_id_format=args.next_id_format, sequence_window=args.sequence_window)
     t0 = time.perf_counter()
     ds = build_next_item_dataset(items, inter, sids, dcfg, log=log)
     log(f"dataset: {ds.frame.height} rows in {time.perf_counter() - t0:.0f}s; counts {ds.summary['counts']}; "
@@ -204,7 +226,8 @@ def main(argv=None) -> int:
     lm_rows = [{**ev.lm.row(mode), **extra, "valid-ID": ev.summary["valid_id_rate"]} for mode in ("masked", "unmasked")]
     pop_rows = [ev.popularity.row(mode) for mode in ("masked", "unmasked")]
     rows = pop_rows + lm_rows
-    ratio = ev.lm.metrics["masked"]["recall@10"] / max(ev.popularity.metrics["masked"]["recall@10"], 1e-12)
+    pop_r10 = ev.popularity.metrics["masked"]["recall@10"]
+    ratio = ev.lm.metrics["masked"]["recall@10"] / pop_r10 if pop_r10 > 0 else float("nan")  # nan: popularity hit no user
     print("\n=== Beauty, leave-one-out test (ours)")
     print(format_table(rows, extra_cols=("users", "train s", "steps", "valid-ID")))
     print(f"\nLM / popularity R@10 (masked): {ratio:.2f}x (target >= 3x on CPU within a 30-minute fine-tune)")
@@ -221,7 +244,7 @@ def main(argv=None) -> int:
     proto = protocol(split, "test", split.subset(args.test_users, seed=args.seed))
     print(f"\nprotocol: {json.dumps(proto)}; generative masking rule '{args.masking}' ({args.beams} beams); order {args.order}; "
           f"IDs: {sid_note}; base {fcfg.base_model}, top {args.train_layers or 'all'} blocks; prompts: last {args.max_history} "
-          f"IDs / {args.title_history} word titles")
+          f"IDs / {args.title_history} word titles; task B form {args.next_id_format}")
     result = {"rows": rows, "ratio_r10_masked": ratio, "summary": ev.summary, "finetune_metrics": m, "args": vars(args),
               "load_start": load_start, "load_end": load_end, "protocol": proto, "sids": sid_note}
     (out / "beauty_llm.json").write_text(json.dumps(result, indent=1, default=str), encoding="utf-8")

@@ -15,8 +15,11 @@ from animind_assets.lib.llm.sequence_data import (
     SeqLlmDataConfig,
     build_next_item_dataset,
     item_lookup,
+    SEQUENCE_TEMPLATE,
     loo_leakage_report,
     next_id_prompt,
+    sequence_prefix,
+    sequence_prompt,
 )
 from animind_assets.lib.retrieval.evaluation import SequenceSplit, evaluate_rankings, evaluate_scorer, popularity_scorer
 from animind_assets.lib.semantic_ids.assign import assign_semantic_ids, semantic_id_strings
@@ -168,6 +171,87 @@ def test_evaluation_refuses_a_dataset_of_other_interactions(tiny_lm):
     split = SequenceSplit.from_sequences(_seqs(other), n_items=items.height)
     with pytest.raises(ValueError, match="user 5"):
         evaluate_next_item_lm(sm, df, split, SeqEvalConfig(test_users=0, n_boot=0, unconstrained_users=0, linking_items=0))
+
+
+SEQ_CFG = SeqLlmDataConfig(**{**CFG.__dict__, "next_id_format": "sequence", "sequence_window": 4})
+
+
+def test_sequence_form_rows_cover_the_training_sequences_without_leakage():
+    """The "sequence" form of task B: one row per window of seq[:-2] whose answer is the window's IDs (every item
+    after the first a target given its prefix); held-out rows keep the history out of the prompt."""
+    items, inter, sids = tiny_beauty()
+    res = build_next_item_dataset(items, inter, sids, SEQ_CFG)
+    df, seqs = res.frame, _seqs(inter)
+    sid = dict(zip(sids["item_id"].to_list(), sids["semantic_id"].to_list()))
+    for stage, cut in (("test", 1), ("validation", 2)):
+        held = df.filter((pl.col("split") == stage) & pl.col("is_heldout"))
+        assert set(held["template"]) == {SEQUENCE_TEMPLATE}
+        for u, t, h, p, c in held.select("user_id", "target_anime_id", "history_anime_ids", "prompt", "completion").iter_rows():
+            assert t == seqs[u][-cut] and h == seqs[u][:-cut][-SEQ_CFG.max_history:] and c == sid[t]
+            assert p == sequence_prompt(SEQ_CFG) and sid[h[-1]] not in p
+    train_b = df.filter((pl.col("split") == "train") & (pl.col("task") == "B"))
+    assert set(train_b["template"]) == {SEQUENCE_TEMPLATE} and res.summary["sequence_windows"] == train_b.height + res.summary["duplicates_dropped"]["B"]
+    windows: dict[int, list[list[int]]] = {}
+    for u, t, h, c in train_b.select("user_id", "target_anime_id", "history_anime_ids", "completion").iter_rows():
+        w = list(h) + [t]
+        assert 2 <= len(w) <= 4 and c == sequence_prefix(w, sid) == "".join(sid[a] for a in w)
+        windows.setdefault(u, []).append(w)
+    assert res.summary["duplicates_dropped"]["B"] == 0  # this data has no window shared by two users (kept once if so)
+    for u, s in seqs.items():
+        if len(s) < 3:
+            continue
+        t = s[:-2]
+        joined = [a for w in reversed(windows.get(u, [])) for a in w]  # rows are cut from the end of the sequence
+        assert joined in (t, t[1:]), (u, t, windows.get(u))  # a lone first item (no history) is the only one left out
+    assert loo_leakage_report(df, seqs)["heldout_items_in_train"] == 0
+    with pytest.raises(ValueError, match="next_id_format"):
+        SeqLlmDataConfig(next_id_format="tree").validate()
+    with pytest.raises(ValueError, match="sequence_window"):
+        SeqLlmDataConfig(sequence_window=1).validate()
+
+
+def test_sequence_form_is_scored_as_trained(tiny_lm):
+    """Evaluation writes the history's IDs in the answer turn exactly as training encodes them, the trie has no EOS
+    (the answer goes on after the ID), and an item's beam score is the log-probability of its ID tokens there."""
+    import torch
+
+    from animind_assets.lib.llm.finetune import validation_rows
+    from animind_assets.lib.llm.infer import rank_items
+    from animind_assets.lib.llm.model_folder import prompt_ids, sid_token_ids
+    from animind_assets.lib.llm.sequence_eval import SeqEvalConfig, evaluate_next_item_lm, heldout_prompts
+    from animind_assets.lib.llm.training_data import encode_example
+
+    sm, items, inter, sids = tiny_lm
+    df = build_next_item_dataset(items, inter, sids, SEQ_CFG).frame
+    split = SequenceSplit.from_sequences(_seqs(inter), n_items=items.height)
+    rows = split.subset(4, seed=1)
+    prompts, prefixes = heldout_prompts(df, split, rows, sids=sm.sids)
+    hist = split.histories("test")
+    assert prefixes == [sequence_prefix(hist[i].tolist()[-SEQ_CFG.max_history:], sm.sids) for i in rows.tolist()]
+    tok = sm.tokenizer
+    x, mask = encode_example(tok, SEQ_CFG.system_prompt, prompts[0], prefixes[0] + sm.sids[0], True)
+    e = prompt_ids(tok, sm.render(prompts[0]) + prefixes[0], True)
+    assert x[: len(e)] == e and x[len(e):-1] == list(sid_token_ids(tok, sm.sids[0])) and x[-1] == tok.eos_token_id
+    assert sum(mask) == len(x) - len(prompt_ids(tok, sm.render(prompts[0]), True))  # the whole ID sequence is trained
+    out = rank_items(sm, prompts[:1], k=10, num_beams=12, prefixes=prefixes[:1])
+    aid, score = out.items[0][0]
+    ids = torch.tensor([e + list(sid_token_ids(tok, sm.sids[aid]))])
+    with torch.no_grad():
+        logp = torch.log_softmax(sm.model(input_ids=ids).logits[0].float(), -1)
+    want = sum(float(logp[len(e) - 1 + k, ids[0, len(e) + k]]) for k in range(ids.shape[1] - len(e)))
+    assert score == pytest.approx(want, abs=1e-4)
+    with pytest.raises(ValueError, match="prefixes"):
+        rank_items(sm, prompts[:2], prefixes=prefixes[:1])
+    ev = evaluate_next_item_lm(sm, df, split, SeqEvalConfig(test_users=6, seed=2, num_beams=12, n_boot=20, unconstrained_users=1,
+                                                            linking_items=0))
+    assert ev.summary["valid_id_rate"] == 1.0 and ev.lm.users.tolist() == split.users[split.subset(6, seed=2)].tolist()
+    # the validation loss of a held-out row of this form sees the history, as training rows do
+    val = df.filter((pl.col("split") == "validation") & pl.col("is_heldout")).head(2)
+    vr = validation_rows(val, item_lookup(items, sids))
+    assert [r["completion"] for r in vr] == [sequence_prefix(h, sm.sids) + c for h, c in val.select("history_anime_ids", "completion").iter_rows()]
+    mixed = pl.concat([df, build_next_item_dataset(items, inter, sids, CFG).frame.filter(pl.col("is_heldout"))])
+    with pytest.raises(ValueError, match="mix task-B forms"):
+        heldout_prompts(mixed, split, rows, sids=sm.sids)
 
 
 @pytest.mark.skipif(not (Path(os.environ.get("ANIMIND_SHARED_DATA", Path(__file__).resolve().parents[2] / "../shared/data")) / "beauty" / "inter.json").exists(),

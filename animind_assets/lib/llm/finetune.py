@@ -329,7 +329,7 @@ def run_finetune(
     per_step = cfg.batch_size * cfg.grad_accum
     val_rows = []
     for t in ("A", "B", "C"):
-        val_rows += val.filter(pl.col("task") == t).head(cfg.eval_examples).select("system", "prompt", "completion").to_dicts()
+        val_rows += validation_rows(val.filter(pl.col("task") == t).head(cfg.eval_examples), lookup)
     if run is not None:
         run.log_params({**{k: v for k, v in asdict(cfg).items()}, "method_resolved": method, "new_tokens": len(added),
                         "base_params": n_params, "work_fingerprint": fp})
@@ -426,6 +426,23 @@ def run_finetune(
         "finished": True,  # both phases ran to their step budget (consumers refuse folders without it)
     }
     return FinetuneResult(model=final, tokenizer=tok, info=info, metrics=metrics, history=history, warm_start=ws)
+
+
+def validation_rows(val: pl.DataFrame, lookup: pl.DataFrame) -> list[dict]:
+    """{system, prompt, completion} rows of the per-phase validation loss. A held-out row of the "sequence"
+    form of task B (``lib/llm/sequence_data.py``) gets its history's IDs before its answer, so its loss is the
+    one training rows of that form have (every item given its prefix), not an unconditional guess."""
+    from animind_assets.lib.llm.sequence_data import SEQUENCE_TEMPLATE, sequence_prefix
+
+    rows = []
+    sids = None
+    cols = [c for c in ("system", "prompt", "completion", "template", "history_anime_ids") if c in val.columns]
+    for r in val.select(cols).to_dicts():
+        if r.get("template") == SEQUENCE_TEMPLATE:
+            sids = sids or dict(zip(lookup["anime_id"].to_list(), lookup["semantic_id"].to_list()))
+            r["completion"] = sequence_prefix(r.get("history_anime_ids") or [], sids) + r["completion"]
+        rows.append({k: r[k] for k in ("system", "prompt", "completion")})
+    return rows
 
 
 def _phase1_pool(train: pl.DataFrame, cfg: FinetuneConfig, log: LogFn) -> pl.DataFrame:

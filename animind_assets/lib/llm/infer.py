@@ -32,7 +32,7 @@ class SidModel:
     by_sid: dict[str, int] = field(default_factory=dict)  # semantic_id -> anime_id
     titles: dict[int, str] = field(default_factory=dict)
     sids: dict[int, str] = field(default_factory=dict)
-    _full_trie: SidTrie | None = field(default=None, repr=False)  # trie of every ID (built once, reused)
+    _full_tries: dict[bool, SidTrie] = field(default_factory=dict, repr=False)  # end -> trie of every ID (built once, reused)
 
     @property
     def eos_id(self) -> int:
@@ -49,18 +49,19 @@ class SidModel:
     def render(self, prompt: str) -> str:
         return render_prompt(self.tokenizer, self.system_prompt, prompt, self.use_chat_template)
 
-    def trie(self, exclude: Iterable[int] = ()) -> SidTrie:
-        """Trie of every item's ID tokens + EOS, leaves = item ids, without ``exclude``. The trie of
-        every item is built once and shared (callers only read it)."""
+    def trie(self, exclude: Iterable[int] = (), end: bool = True) -> SidTrie:
+        """Trie of every item's ID tokens (+ EOS when ``end``), leaves = item ids, without ``exclude``. The
+        trie of every item is built once per ``end`` and shared (callers only read it). ``end=False`` for
+        answers that continue after the ID (the "sequence" form of ``lib/llm/sequence_data.py``)."""
         ex = set(int(a) for a in exclude)
-        if not ex and self._full_trie is not None:
-            return self._full_trie
-        trie = SidTrie(end_token_id=self.eos_id)
+        if not ex and end in self._full_tries:
+            return self._full_tries[end]
+        trie = SidTrie(end_token_id=self.eos_id if end else None)
         for aid, ids in self.sid_ids.items():
             if aid not in ex:
                 trie.add(ids, item=aid)
         if not ex:
-            self._full_trie = trie
+            self._full_tries[end] = trie
         return trie
 
 
@@ -181,21 +182,31 @@ def rank_items(
     exclude: Sequence[Iterable[int]] | None = None,
     batch_size: int = 4,
     engine: str = "cached",
+    prefixes: Sequence[str] | None = None,
 ) -> RankOutput:
     """Top-``k`` anime for each (un-rendered) prompt by beam search constrained to the semantic-ID
     trie; ``exclude[i]`` (e.g. the user's own list) is left out of prompt i's trie.
 
-    ``engine="cached"``: ``trie_beam_search`` (prompt encoded once, then the beams share its KV
-    cache). ``engine="hf"``: ``model.generate(num_beams=..., prefix_allowed_tokens_fn=trie)``
-    (expands the prompt per beam; several times slower on CPU)."""
+    ``prefixes[i]``: answer-turn text placed after rendered prompt i before decoding (the history's IDs of
+    the "sequence" form, ``sequence_data.sequence_prefix``); the answer then continues after the ID, so
+    the trie has no EOS and the score is the ID's own log-probability. ``engine="cached"``:
+    ``trie_beam_search`` (prompt encoded once, then the beams share its KV cache). ``engine="hf"``:
+    ``model.generate(num_beams=..., prefix_allowed_tokens_fn=trie)`` (expands the prompt per beam;
+    several times slower on CPU; no ``prefixes``). ValueError for an unknown engine, ``prefixes`` with
+    "hf" or a ``prefixes`` of another length."""
     if engine not in ("cached", "hf"):
         raise ValueError(f"engine must be 'cached' or 'hf', got {engine!r}")
+    if prefixes is not None and (engine != "cached" or len(prefixes) != len(prompts)):
+        raise ValueError(f"prefixes need engine 'cached' and one per prompt ({len(prefixes)} for {len(prompts)} prompts)")
     out = RankOutput(items=[])
+    end = prefixes is None
     for s in range(0, len(prompts), batch_size):
         chunk = list(prompts[s : s + batch_size])
-        tries = [sm.trie(exclude[s + i] if exclude is not None else ()) for i in range(len(chunk))]
+        tries = [sm.trie(exclude[s + i] if exclude is not None else (), end=end) for i in range(len(chunk))]
         if engine == "cached":
-            results = [trie_beam_search(sm, sm.render(p), t, max(1, min(num_beams, len(t)))) for p, t in zip(chunk, tries)]
+            pre = list(prefixes[s : s + batch_size]) if prefixes is not None else [""] * len(chunk)
+            results = [trie_beam_search(sm, sm.render(p) + x, t, max(1, min(num_beams, len(t))))
+                       for p, x, t in zip(chunk, pre, tries)]
         else:
             results = _hf_beam_search(sm, chunk, tries, num_beams)
         for trie, res in zip(tries, results):
@@ -247,11 +258,14 @@ def _hf_beam_search(sm: SidModel, chunk: list[str], tries: list[SidTrie], num_be
 
 
 @torch.no_grad()
-def generate_text(sm: SidModel, prompts: Sequence[str], max_new_tokens: int = 24, batch_size: int = 8) -> list[str]:
-    """Greedy, unconstrained answers (decoded, special tokens kept except EOS/pad)."""
+def generate_text(sm: SidModel, prompts: Sequence[str], max_new_tokens: int = 24, batch_size: int = 8,
+                  prefixes: Sequence[str] | None = None) -> list[str]:
+    """Greedy, unconstrained answers (decoded, special tokens kept except EOS/pad). ``prefixes[i]``: answer-turn
+    text after rendered prompt i (as in ``rank_items``); the answer returned is what follows it."""
     res = []
     for s in range(0, len(prompts), batch_size):
-        chunk = [sm.render(p) for p in prompts[s : s + batch_size]]
+        pre = list(prefixes[s : s + batch_size]) if prefixes is not None else [""] * len(prompts[s : s + batch_size])
+        chunk = [sm.render(p) + x for p, x in zip(prompts[s : s + batch_size], pre)]
         enc = _batch_inputs(sm, chunk)
         gen = sm.model.generate(
             **enc, max_new_tokens=max_new_tokens, do_sample=False, num_beams=1,

@@ -19,6 +19,11 @@ Semantics for Recommendation", ICDE 2024), keyed by the task letters the fine-tu
 * **B: next ID from ID history** (``seq_next_id``): the last ``max_history`` items of the history
   as semantic IDs, oldest first; the answer is the next item's ID. The validation/test rows
   (``is_heldout``) are of this form, one per user and stage.
+  With ``next_id_format="sequence"`` task B is written as the ID sequence itself (template
+  ``seq_id_sequence``): the prompt is one fixed sentence and the answer turn is the IDs of a window of
+  ``seq[:-2]``, so every item after the window's first is a target given its prefix (the all-positions
+  training of SASRec/TIGER); held-out rows keep the sentence as prompt, and the evaluation writes the
+  history's IDs (``sequence_prefix``) in the answer turn before decoding.
 * **C: title history -> next ID** (``title_seq_next_id``): the last ``title_history`` items as
   their text (quoted); the answer is the next item's ID.
 
@@ -47,6 +52,8 @@ from animind_assets.lib.llm.dataset_report import counts_by
 from animind_assets.lib.llm.dataset_schema import OUTPUT_SCHEMA, TASKS
 
 SEQ_A_TEMPLATES = ("sid_to_title", "title_to_sid")
+NEXT_ID_FORMATS = ("question", "sequence")
+SEQUENCE_TEMPLATE = "seq_id_sequence"  # task-B template of the "sequence" form (rows and held-out rows)
 DEFAULT_SEQ_SYSTEM_PROMPT = "You are a recommender. Items are written as semantic IDs."
 PROTOCOL = "leave_one_out_next_item"
 PROTOCOL_NOTE = (
@@ -72,6 +79,13 @@ class SeqLlmDataConfig:
     history_noun: str = "purchase history"  # what a user's sequence is called in prompts
     next_question: str = "Which item will the user buy next?"  # question of the B/C prompts
     system_prompt: str = DEFAULT_SEQ_SYSTEM_PROMPT
+    # task B's form. "question": the prompt lists the history's IDs, the answer is the next ID (one target per
+    # row). "sequence": the answer turn is the user's ID sequence itself, so with the completion-only loss every
+    # item after the first is a next-item target given its prefix (the all-positions training of SASRec/TIGER;
+    # ~max_history targets per row instead of 1); evaluation puts the history's IDs in the answer turn and
+    # decodes the next ID (``sequence_prefix``).
+    next_id_format: str = "question"
+    sequence_window: int = 0  # "sequence": items per training row (0 = max_history + 1); longer histories give several rows
 
     def validate(self) -> SeqLlmDataConfig:
         mix = [self.mix_a, self.mix_b, self.mix_c]
@@ -84,7 +98,16 @@ class SeqLlmDataConfig:
             raise ValueError("max_history and title_history must be >= 1")
         if not 0 <= self.a_validation_frac < 1:
             raise ValueError("a_validation_frac must be in [0, 1)")
+        if self.next_id_format not in NEXT_ID_FORMATS:
+            raise ValueError(f"next_id_format must be one of {list(NEXT_ID_FORMATS)}, got {self.next_id_format!r}")
+        if self.sequence_window < 0 or self.sequence_window == 1:
+            raise ValueError(f"sequence_window must be 0 (max_history + 1) or >= 2, got {self.sequence_window}")
         return self
+
+    @property
+    def window(self) -> int:
+        """Items per training row of the "sequence" form."""
+        return self.sequence_window or self.max_history + 1
 
 
 # ------------------------------------------------------------------------------------------ prompts
@@ -110,6 +133,22 @@ def title_next_id_prompt(titles: Sequence[str], cfg: SeqLlmDataConfig) -> str:
         f"A user's {cfg.history_noun} (oldest first): {', '.join(shown)}. "
         f"{cfg.next_question} Answer with its semantic ID."
     )
+
+
+def sequence_prompt(cfg: SeqLlmDataConfig) -> str:
+    """Task-B prompt of the "sequence" form: the same text for every row; the IDs follow in the answer turn."""
+    return f"Write a user's {cfg.history_noun} as semantic IDs, oldest first."
+
+
+def sequence_prefix(history: Sequence[int], sids: Mapping[int, str]) -> str:
+    """The answer-turn text that precedes the next ID in the "sequence" form: the history's IDs, oldest first,
+    concatenated (``sids``: item id -> semantic ID). Training completions are ``sequence_prefix(window[:-1]) +
+    sids[window[-1]]``; evaluation renders the prompt, appends this and decodes. KeyError names an item without
+    an ID."""
+    try:
+        return "".join(sids[int(a)] for a in history)
+    except KeyError as exc:
+        raise KeyError(f"item {exc.args[0]} of the history has no semantic ID") from None
 
 
 # ------------------------------------------------------------------------------------------ inputs
@@ -197,14 +236,20 @@ def build_next_item_dataset(
     if cfg.validation_users and len(users) > cfg.validation_users:
         rng_v = np.random.default_rng(_stable_seed(cfg.seed, "validation"))
         val_users = sorted(np.asarray(users)[rng_v.choice(len(users), cfg.validation_users, replace=False)].tolist())
+    seq_form = cfg.next_id_format == "sequence"
+    b_template = SEQUENCE_TEMPLATE if seq_form else "seq_next_id"
+
+    def b_prompt(hist: Sequence[int]) -> str:
+        return sequence_prompt(cfg) if seq_form else next_id_prompt([sid[a] for a in hist], cfg)
+
     for u in users:
         s = seqs[u]
         hist, target = s[:-1][-cfg.max_history :], s[-1]
-        eval_rows.append(row("B", "seq_next_id", "test", u, target, next_id_prompt([sid[a] for a in hist], cfg), sid[target], hist, True))
+        eval_rows.append(row("B", b_template, "test", u, target, b_prompt(hist), sid[target], hist, True))
     for u in val_users:
         s = seqs[u]
         hist, target = s[:-2][-cfg.max_history :], s[-2]
-        eval_rows.append(row("B", "seq_next_id", "validation", u, target, next_id_prompt([sid[a] for a in hist], cfg), sid[target], hist, True))
+        eval_rows.append(row("B", b_template, "validation", u, target, b_prompt(hist), sid[target], hist, True))
 
     # --- training positions: every prefix of seq[:-2] with >= 1 history item -----------------------
     positions = [(u, j) for u in users for j in range(1, len(seqs[u]) - 2)]
@@ -220,7 +265,20 @@ def build_next_item_dataset(
             return list(positions)
         return [positions[i] for i in sorted(rng.choice(len(positions), n, replace=False).tolist())]
 
-    for u, j in pick_positions(budget["B"], "B"):
+    b_windows = 0
+    if seq_form:  # every training sequence, cut from its end into windows of cfg.window items (>= 2 items each)
+        for u in users:
+            t = seqs[u][:-2]
+            for e in range(len(t), 1, -cfg.window):
+                w = t[max(0, e - cfg.window) : e]
+                if len(w) < 2:
+                    break
+                b_windows += 1
+                train_rows.append(row("B", SEQUENCE_TEMPLATE, "train", u, w[-1], sequence_prompt(cfg),
+                                      sequence_prefix(w, sid), w[:-1]))
+        log(f"task B (sequence form): {b_windows} windows of <= {cfg.window} items cover the training sequences "
+            f"(every item after a window's first is a target); the B budget ({budget['B']}) does not apply")
+    for u, j in ([] if seq_form else pick_positions(budget["B"], "B")):
         s = seqs[u]
         hist = s[:j][-cfg.max_history :]
         train_rows.append(row("B", "seq_next_id", "train", u, s[j], next_id_prompt([sid[a] for a in hist], cfg), sid[s[j]], hist))
@@ -276,6 +334,8 @@ def build_next_item_dataset(
         "users_skipped_lt3": skipped_users,
         "validation_users": len(val_users),
         "train_positions": len(positions),
+        "next_id_format": cfg.next_id_format,
+        "sequence_windows": b_windows,
         "items_with_sid": len(sid),
         "task_a_skipped": dict(a_skipped),
         "task_a_distinct_candidates": len(candidates),

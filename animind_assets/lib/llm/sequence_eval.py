@@ -34,6 +34,7 @@ import polars as pl
 
 from animind_assets.lib.common.progress import Progress
 from animind_assets.lib.llm.infer import SidModel, generate_text, parse_sid, rank_items
+from animind_assets.lib.llm.sequence_data import SEQUENCE_TEMPLATE, sequence_prefix
 from animind_assets.lib.retrieval.evaluation import EvalResult, SequenceSplit, evaluate_rankings, evaluate_scorer, popularity_scorer
 
 LogFn = Callable[[str], None]
@@ -69,14 +70,24 @@ class SeqEvalOutput:
     summary: dict
 
 
-def heldout_prompts(dataset: pl.DataFrame, split: SequenceSplit, rows: np.ndarray, stage: str = "test") -> list[str]:
-    """The dataset's held-out ``stage`` prompt of each user row of ``split``; ValueError naming the
-    user when a row is missing or its target/history differ from the split (other interactions)."""
+def heldout_prompts(dataset: pl.DataFrame, split: SequenceSplit, rows: np.ndarray, stage: str = "test",
+                    sids: dict[int, str] | None = None) -> tuple[list[str], list[str] | None]:
+    """The dataset's held-out ``stage`` prompt of each user row of ``split`` and, for rows of the "sequence"
+    form (``SEQUENCE_TEMPLATE``; needs ``sids``, item id -> semantic ID), the answer-turn prefixes (the
+    history's IDs; None for the "question" form). ValueError naming the user when a row is missing or its
+    target/history differ from the split (other interactions), or when the dataset mixes both forms."""
     held = dataset.filter(pl.col("is_heldout") & (pl.col("split") == stage) & (pl.col("task") == "B"))
+    forms = set(held["template"].to_list()) if "template" in held.columns else set()
+    if SEQUENCE_TEMPLATE in forms and len(forms) > 1:
+        raise ValueError(f"held-out {stage} rows mix task-B forms {sorted(forms)}: rebuild the dataset with one next_id_format")
+    seq_form = SEQUENCE_TEMPLATE in forms
+    if seq_form and sids is None:
+        raise ValueError("held-out rows of the 'sequence' form need the model's semantic IDs (sids) to write the history")
     by_user = {int(u): (t, h, p) for u, t, h, p in held.select("user_id", "target_anime_id", "history_anime_ids", "prompt").iter_rows()}
     hists = split.histories(stage)
     targets = split.targets(stage)
-    out = []
+    out: list[str] = []
+    prefixes: list[str] = []
     for i in rows.tolist():
         u = int(split.users[i])
         if u not in by_user:
@@ -89,7 +100,9 @@ def heldout_prompts(dataset: pl.DataFrame, split: SequenceSplit, rows: np.ndarra
                 f"split (target {int(targets[i])}, history tail {want_h[-3:]}): rebuild the dataset from these interactions"
             )
         out.append(p)
-    return out
+        if seq_form:
+            prefixes.append(sequence_prefix(h or [], sids))
+    return out, (prefixes if seq_form else None)
 
 
 def evaluate_next_item_lm(
@@ -106,7 +119,7 @@ def evaluate_next_item_lm(
     log = log or (lambda _m: None)
     t0 = time.perf_counter()
     rows = split.subset(cfg.test_users, seed=cfg.seed)
-    prompts = heldout_prompts(dataset, split, rows)
+    prompts, prefixes = heldout_prompts(dataset, split, rows, sids=sm.sids)
     hists = split.histories("test")
     known = set(sm.sid_ids)
     targets = split.targets("test")[rows]
@@ -119,14 +132,16 @@ def evaluate_next_item_lm(
     seqs = valid = 0
     for s in range(0, len(prompts), cfg.batch_size):
         chunk = prompts[s : s + cfg.batch_size]
-        out = rank_items(sm, chunk, k=cfg.num_beams, num_beams=cfg.num_beams, batch_size=cfg.batch_size, engine=cfg.engine)
+        pre = prefixes[s : s + cfg.batch_size] if prefixes is not None else None
+        out = rank_items(sm, chunk, k=cfg.num_beams, num_beams=cfg.num_beams, batch_size=cfg.batch_size, engine=cfg.engine,
+                         prefixes=pre)
         seqs += out.sequences
         valid += out.valid_sequences
         unmasked += [[a for a, _ in items] for items in out.items]
         if cfg.masking == "trie":
             ex = [set(hists[i].tolist()) for i in rows[s : s + cfg.batch_size].tolist()]
             out_m = rank_items(sm, chunk, k=cfg.num_beams, num_beams=cfg.num_beams, exclude=ex, batch_size=cfg.batch_size,
-                               engine=cfg.engine)
+                               engine=cfg.engine, prefixes=pre)
             seqs += out_m.sequences
             valid += out_m.valid_sequences
             masked += [[a for a, _ in items] for items in out_m.items]
@@ -150,7 +165,8 @@ def evaluate_next_item_lm(
         "valid_id_rate": extra["valid_id_rate"],
     }
     if cfg.unconstrained_users:
-        free = generate_text(sm, prompts[: cfg.unconstrained_users], max_new_tokens=int(sm.info.get("sid_levels", 4) or 4) + 2)
+        free = generate_text(sm, prompts[: cfg.unconstrained_users], max_new_tokens=int(sm.info.get("sid_levels", 4) or 4) + 2,
+                             prefixes=prefixes[: cfg.unconstrained_users] if prefixes is not None else None)
         summary["unconstrained_valid_id_rate"] = sum(parse_sid(t) in sm.by_sid for t in free) / max(len(free), 1)
         summary["unconstrained_examples"] = free[:5]
     if cfg.linking_items:

@@ -12,8 +12,12 @@ What it runs (the library functions the assets ``beauty_llm_prep_dataset`` -> ``
    ``index_rqkmeans.json``, 3 RQ-KMeans codes + a collision code) or ``--sids own`` (the project's
    quantizer, default preset, on the offline MiniLM vectors of the item words, + TIGER's
    disambiguation level, as ``beauty_semantic_ids`` builds them; the embedding is cached).
+   ``--sids sasrec``: collaborative IDs, RQ-KMeans 3x256 (+ collision code) of the item embeddings of a
+   saved SASRec (``--sasrec-dir``), as the TIGER benchmark's default.
 2. ``build_next_item_dataset``: LC-Rec-style rows (ID <-> item words, next ID from ID history, word
    history -> next ID) from the leave-one-out split; training rows only from prefixes of ``seq[:-2]``.
+   ``--next-id-format sequence``: task B written as the ID sequence itself (every item a target given
+   its prefix; ``lib/llm/sequence_data.py``).
 3. ``run_finetune`` on the embedded SmolLM2-135M-Instruct (two SFT phases), stopped by the wall-clock
    budget ``--train-seconds`` (default 1800 = the issue's 30 minutes; the model at the stop is evaluated).
 4. ``evaluate_next_item_lm`` on a seeded subset of test users (``--test-users``, the subset
@@ -237,6 +241,8 @@ def main(argv=None) -> int:
     print(f"fine-tune: {steps} steps x batch {args.batch_size} in {ft_seconds / 60:.1f} min ({stop_reason}; "
           f"phase2 {m.get('phase2_tokens_per_s', 0):.0f} tokens/s); eval {ev.summary['generation_seconds'] / 60:.1f} min "
           f"({ev.summary['users_per_s']:.2f} users/s); total {(time.perf_counter() - t_all) / 60:.1f} min")
+    print(f"task B form {args.next_id_format}: {ds.summary['b_targets_per_row']} next-item targets per training row; "
+          f"{ds.summary['counts']['B']['train']} B training rows")
     print(f"load at start: {load_start}\nload at end:   {load_end}")
     print("\n=== published reference rows (NOT measured here; other code, machines, masking rules)")
     print(format_table([{"model": k, "masking": "as published", **v} for k, v in PUBLISHED_BEAUTY.items()], with_ci=False))

@@ -277,7 +277,8 @@ def test_real_beauty_rows_match_the_benchmark_split():
 
 
 @pytest.mark.slow
-def test_beauty_llm_chain(animind_env, tmp_path):
+@pytest.mark.parametrize("next_id_format", ["question", "sequence"])
+def test_beauty_llm_chain(animind_env, tmp_path, next_id_format):
     import dagster as dg
 
     from animind_assets.defs.beauty.beauty_eval import beauty_eval
@@ -312,7 +313,8 @@ def test_beauty_llm_chain(animind_env, tmp_path):
         "mlflow": MlflowResource(tracking_uri=f"sqlite:///{animind_env / 'mlflow.db'}", artifact_location=str(animind_env / "mlartifacts")),
     }
     run_config = {"ops": {
-        "beauty_llm_prep_dataset": {"config": {"n_examples": 300, "max_history": 5, "validation_users": 0}},
+        "beauty_llm_prep_dataset": {"config": {"n_examples": 300, "max_history": 5, "validation_users": 0,
+                                               "next_id_format": next_id_format}},
         "beauty_finetuned_model": {"config": {"base_model": str(base), "phase1_max_steps": 1, "phase2_max_steps": 1, "batch_size": 4,
                                               "max_seq_length": 256, "eval_examples": 2, "train_layers": 0, "num_threads": 1,
                                               "english_ppl": False, "linking_eval_items": 2}},

@@ -82,6 +82,7 @@ def beauty_llm_prep_dataset(
         **scalar_metadata({
             "users_evaluated": summary["users_evaluated"], "users_skipped_lt3": summary["users_skipped_lt3"],
             "train_positions": summary["train_positions"], "items_with_sid": summary["items_with_sid"],
+            "next_id_format": summary["next_id_format"], "sequence_windows": summary["sequence_windows"],
             "heldout_items_in_train": summary["leakage"]["heldout_items_in_train"],
             "rows_a": sum(counts["A"].values()), "rows_b": sum(counts["B"].values()), "rows_c": sum(counts["C"].values()),
             "token_length_method": "approximate (4 chars/token, SID tokens = 1)",

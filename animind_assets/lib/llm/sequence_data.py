@@ -336,6 +336,9 @@ def build_next_item_dataset(
         "train_positions": len(positions),
         "next_id_format": cfg.next_id_format,
         "sequence_windows": b_windows,
+        # next-item targets with >= 1 history item that one training row of task B trains (question form: 1)
+        "b_targets_per_row": round(float(frame.filter((pl.col("task") == "B") & (pl.col("split") == "train"))["history_anime_ids"]
+                                         .list.len().mean() or 0.0), 3) if seq_form else 1.0,
         "items_with_sid": len(sid),
         "task_a_skipped": dict(a_skipped),
         "task_a_distinct_candidates": len(candidates),

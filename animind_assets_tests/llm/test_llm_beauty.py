@@ -173,7 +173,7 @@ def test_evaluation_refuses_a_dataset_of_other_interactions(tiny_lm):
         evaluate_next_item_lm(sm, df, split, SeqEvalConfig(test_users=0, n_boot=0, unconstrained_users=0, linking_items=0))
 
 
-SEQ_CFG = SeqLlmDataConfig(**{**CFG.__dict__, "next_id_format": "sequence", "sequence_window": 4})
+SEQ_CFG = SeqLlmDataConfig(**{**CFG.__dict__, "next_id_format": "sequence", "sequence_window": 3})
 
 
 def test_sequence_form_rows_cover_the_training_sequences_without_leakage():
@@ -194,20 +194,22 @@ def test_sequence_form_rows_cover_the_training_sequences_without_leakage():
     windows: dict[int, list[list[int]]] = {}
     for u, t, h, c in train_b.select("user_id", "target_anime_id", "history_anime_ids", "completion").iter_rows():
         w = list(h) + [t]
-        assert 2 <= len(w) <= 4 and c == sequence_prefix(w, sid) == "".join(sid[a] for a in w)
+        assert 2 <= len(w) <= 3 and c == sequence_prefix(w, sid) == "".join(sid[a] for a in w)
         windows.setdefault(u, []).append(w)
     assert res.summary["duplicates_dropped"]["B"] == 0  # this data has no window shared by two users (kept once if so)
     for u, s in seqs.items():
         if len(s) < 3:
             continue
         t = s[:-2]
-        joined = [a for w in reversed(windows.get(u, [])) for a in w]  # rows are cut from the end of the sequence
-        assert joined in (t, t[1:]), (u, t, windows.get(u))  # a lone first item (no history) is the only one left out
+        targets = sorted(a for w in windows.get(u, []) for a in w[1:])  # consecutive windows share one item
+        assert targets == sorted(t[1:]), (u, t, windows.get(u))  # every item after the first is a target exactly once
     assert loo_leakage_report(df, seqs)["heldout_items_in_train"] == 0
     with pytest.raises(ValueError, match="next_id_format"):
         SeqLlmDataConfig(next_id_format="tree").validate()
     with pytest.raises(ValueError, match="sequence_window"):
         SeqLlmDataConfig(sequence_window=1).validate()
+    with pytest.raises(ValueError, match="only applies"):
+        SeqLlmDataConfig(sequence_window=4).validate()  # ignored by the question form: refused, not silently dropped
 
 
 def test_sequence_form_is_scored_as_trained(tiny_lm):
@@ -248,7 +250,10 @@ def test_sequence_form_is_scored_as_trained(tiny_lm):
     # the validation loss of a held-out row of this form sees the history, as training rows do
     val = df.filter((pl.col("split") == "validation") & pl.col("is_heldout")).head(2)
     vr = validation_rows(val, item_lookup(items, sids))
-    assert [r["completion"] for r in vr] == [sequence_prefix(h, sm.sids) + c for h, c in val.select("history_anime_ids", "completion").iter_rows()]
+    assert [(r["prefix"], r["completion"]) for r in vr] == [(sequence_prefix(h, sm.sids), c)
+                                                             for h, c in val.select("history_anime_ids", "completion").iter_rows()]
+    x, mask = encode_example(tok, vr[0]["system"], vr[0]["prompt"], vr[0]["completion"], True, vr[0]["prefix"])
+    assert sum(mask) == len(sid_token_ids(tok, vr[0]["completion"])) + 1  # only the held-out ID (+ EOS) is scored
     mixed = pl.concat([df, build_next_item_dataset(items, inter, sids, CFG).frame.filter(pl.col("is_heldout"))])
     with pytest.raises(ValueError, match="mix task-B forms"):
         heldout_prompts(mixed, split, rows, sids=sm.sids)

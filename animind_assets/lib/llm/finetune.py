@@ -429,9 +429,10 @@ def run_finetune(
 
 
 def validation_rows(val: pl.DataFrame, lookup: pl.DataFrame) -> list[dict]:
-    """{system, prompt, completion} rows of the per-phase validation loss. A held-out row of the "sequence"
-    form of task B (``lib/llm/sequence_data.py``) gets its history's IDs before its answer, so its loss is the
-    one training rows of that form have (every item given its prefix), not an unconditional guess."""
+    """{system, prompt, completion, prefix} rows of the per-phase validation loss. A held-out row of the
+    "sequence" form of task B (``lib/llm/sequence_data.py``) gets its history's IDs as an unscored answer-turn
+    ``prefix`` (as the evaluation writes them), so its loss is the held-out item's given the history, not an
+    unconditional guess; other rows get ``prefix`` "". KeyError names a history item without a semantic ID."""
     from animind_assets.lib.llm.sequence_data import SEQUENCE_TEMPLATE, sequence_prefix
 
     rows = []
@@ -440,8 +441,10 @@ def validation_rows(val: pl.DataFrame, lookup: pl.DataFrame) -> list[dict]:
     for r in val.select(cols).to_dicts():
         if r.get("template") == SEQUENCE_TEMPLATE:
             sids = sids or dict(zip(lookup["anime_id"].to_list(), lookup["semantic_id"].to_list()))
-            r["completion"] = sequence_prefix(r.get("history_anime_ids") or [], sids) + r["completion"]
-        rows.append({k: r[k] for k in ("system", "prompt", "completion")})
+            rows.append({"system": r["system"], "prompt": r["prompt"], "completion": r["completion"],
+                         "prefix": sequence_prefix(r.get("history_anime_ids") or [], sids)})
+        else:
+            rows.append({"system": r["system"], "prompt": r["prompt"], "completion": r["completion"], "prefix": ""})
     return rows
 
 

@@ -60,6 +60,10 @@ class SidModel:
         for aid, ids in self.sid_ids.items():
             if aid not in ex:
                 trie.add(ids, item=aid)
+        if not end:  # without an end token an ID that is a prefix of another would hide the longer one
+            for path, aid in trie._items.items():
+                if trie.allowed(path):
+                    raise ValueError(f"semantic ID of item {aid} is a prefix of another item's ID: an EOS-free trie needs prefix-free IDs")
         if not ex:
             self._full_tries[end] = trie
         return trie
@@ -119,7 +123,7 @@ class RankOutput:
 def trie_beam_search(sm: SidModel, prompt_text: str, trie: SidTrie, num_beams: int) -> list[tuple[tuple[int, ...], float]]:
     """Beam search over ``trie`` paths for one rendered prompt: the prompt is run once (KV cache),
     then the cache is repeated for the beams. Scores are sums of full-vocabulary log-probabilities
-    (as in ``generate``). Returns complete trie paths (ending in EOS), best first."""
+    (as in ``generate``). Returns complete trie paths (ending in EOS when the trie has an end token), best first."""
     model = sm.model
     dev = next(model.parameters()).device
     ids = torch.tensor([prompt_ids(sm.tokenizer, prompt_text, sm.use_chat_template)], device=dev)

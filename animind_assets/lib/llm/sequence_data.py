@@ -84,8 +84,8 @@ class SeqLlmDataConfig:
     # item after the first is a next-item target given its prefix (the all-positions training of SASRec/TIGER;
     # ~max_history targets per row instead of 1); evaluation puts the history's IDs in the answer turn and
     # decodes the next ID (``sequence_prefix``).
-    next_id_format: str = "question"
-    sequence_window: int = 0  # "sequence": items per training row (0 = max_history + 1); longer histories give several rows
+    next_id_format: str = "question"  # task B: "question" (history IDs in the prompt, 1 target per row) | "sequence" (the ID sequence is the answer, every item a target given its prefix)
+    sequence_window: int = 0  # "sequence" only: items per training row (0 = max_history + 1, the context the evaluation shows); consecutive rows of a user share one item
 
     def validate(self) -> SeqLlmDataConfig:
         mix = [self.mix_a, self.mix_b, self.mix_c]
@@ -102,6 +102,8 @@ class SeqLlmDataConfig:
             raise ValueError(f"next_id_format must be one of {list(NEXT_ID_FORMATS)}, got {self.next_id_format!r}")
         if self.sequence_window < 0 or self.sequence_window == 1:
             raise ValueError(f"sequence_window must be 0 (max_history + 1) or >= 2, got {self.sequence_window}")
+        if self.sequence_window and self.next_id_format != "sequence":
+            raise ValueError(f"sequence_window ({self.sequence_window}) only applies to next_id_format 'sequence'")
         return self
 
     @property
@@ -266,18 +268,16 @@ def build_next_item_dataset(
         return [positions[i] for i in sorted(rng.choice(len(positions), n, replace=False).tolist())]
 
     b_windows = 0
-    if seq_form:  # every training sequence, cut from its end into windows of cfg.window items (>= 2 items each)
-        for u in users:
+    if seq_form:  # every training sequence, cut from its end into windows of cfg.window items sharing one item, so
+        for u in users:  # every item after the sequence's first is a target exactly once
             t = seqs[u][:-2]
-            for e in range(len(t), 1, -cfg.window):
+            for e in range(len(t), 1, -(cfg.window - 1)):
                 w = t[max(0, e - cfg.window) : e]
-                if len(w) < 2:
-                    break
                 b_windows += 1
                 train_rows.append(row("B", SEQUENCE_TEMPLATE, "train", u, w[-1], sequence_prompt(cfg),
                                       sequence_prefix(w, sid), w[:-1]))
         log(f"task B (sequence form): {b_windows} windows of <= {cfg.window} items cover the training sequences "
-            f"(every item after a window's first is a target); the B budget ({budget['B']}) does not apply")
+            f"(every item after the sequence's first is a target once); the B budget ({budget['B']}) does not apply")
     for u, j in ([] if seq_form else pick_positions(budget["B"], "B")):
         s = seqs[u]
         hist = s[:j][-cfg.max_history :]

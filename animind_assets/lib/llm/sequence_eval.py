@@ -120,6 +120,8 @@ def evaluate_next_item_lm(
     t0 = time.perf_counter()
     rows = split.subset(cfg.test_users, seed=cfg.seed)
     prompts, prefixes = heldout_prompts(dataset, split, rows, sids=sm.sids)
+    if prefixes is not None and cfg.engine != "cached":
+        raise ValueError(f"engine {cfg.engine!r} cannot evaluate the 'sequence' form of task B: use engine 'cached'")
     hists = split.histories("test")
     known = set(sm.sid_ids)
     targets = split.targets("test")[rows]
@@ -165,7 +167,9 @@ def evaluate_next_item_lm(
         "valid_id_rate": extra["valid_id_rate"],
     }
     if cfg.unconstrained_users:
-        free = generate_text(sm, prompts[: cfg.unconstrained_users], max_new_tokens=int(sm.info.get("sid_levels", 4) or 4) + 2,
+        levels = int(sm.info.get("sid_levels", 4) or 4)
+        # the sequence form's answer goes on with the next ID: read exactly one ID's worth of tokens
+        free = generate_text(sm, prompts[: cfg.unconstrained_users], max_new_tokens=levels if prefixes is not None else levels + 2,
                              prefixes=prefixes[: cfg.unconstrained_users] if prefixes is not None else None)
         summary["unconstrained_valid_id_rate"] = sum(parse_sid(t) in sm.by_sid for t in free) / max(len(free), 1)
         summary["unconstrained_examples"] = free[:5]

@@ -22,9 +22,11 @@ from animind_assets.lib.semantic_ids.tokens import sid_tokens_used as sid_tokens
 from animind_assets.lib.llm.finetune_config import FinetuneConfig, LogFn, noop_log
 
 # ---------------------------------------------------------------------------------------- prompts
-def encode_example(tokenizer, system, prompt, completion, use_chat_template=True) -> tuple[list[int], list[int]]:
-    """(input_ids, completion_mask): prompt tokens, then completion tokens + EOS (mask 1)."""
-    p = prompt_ids(tokenizer, render_prompt(tokenizer, system, prompt, use_chat_template), use_chat_template)
+def encode_example(tokenizer, system, prompt, completion, use_chat_template=True, prefix: str = "") -> tuple[list[int], list[int]]:
+    """(input_ids, completion_mask): prompt tokens, then completion tokens + EOS (mask 1). ``prefix``: answer-turn
+    text after the rendered prompt that is context, not scored (mask 0), tokenized with the prompt exactly as
+    the evaluation does (the history's IDs of the "sequence" form's held-out rows)."""
+    p = prompt_ids(tokenizer, render_prompt(tokenizer, system, prompt, use_chat_template) + prefix, use_chat_template)
     c = tokenizer(completion, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
     return p + c, [0] * len(p) + [1] * len(c)
 
@@ -162,7 +164,7 @@ def phase_rows(
 def tokenize_rows(tokenizer, rows: list[dict], max_len: int, use_chat_template: bool) -> tuple[dict[str, list], int]:
     ids, masks, dropped = [], [], 0
     for r in rows:
-        x, m = encode_example(tokenizer, r.get("system"), r["prompt"], r["completion"], use_chat_template)
+        x, m = encode_example(tokenizer, r.get("system"), r["prompt"], r["completion"], use_chat_template, r.get("prefix", ""))
         if len(x) > max_len:
             dropped += 1
             continue

@@ -116,10 +116,11 @@ def load_sids(args, items, log):
         from animind_assets.lib.retrieval.sasrec import load_sasrec, sasrec_item_vectors
         from animind_assets.lib.retrieval.tiger_data import rqkmeans_ids
 
-        if not args.sasrec_dir or not (Path(args.sasrec_dir) / "config.json").exists():
-            raise SystemExit(f"--sids sasrec needs --sasrec-dir with a saved SASRec (got {args.sasrec_dir!r}); "
-                             "run: python -m animind_assets.benchmarks.beauty --models sasrec --out DIR (then DIR/sasrec_model)")
-        vec = sasrec_item_vectors(load_sasrec(args.sasrec_dir)[0])
+        try:
+            vec = sasrec_item_vectors(load_sasrec(args.sasrec_dir)[0])
+        except FileNotFoundError as exc:
+            raise SystemExit(f"--sids sasrec needs --sasrec-dir with a saved SASRec ({exc}); run: python -m "
+                             "animind_assets.benchmarks.beauty --models sasrec --out DIR, then pass DIR/sasrec_model") from None
         if vec.shape[0] != len(ids) or not (ids == np.arange(len(ids))).all():
             raise ValueError(f"{args.sasrec_dir}: {vec.shape[0]} item vectors for {len(ids)} items (item ids must be 0..N-1)")
         full, stats = rqkmeans_ids(vec, seed=args.seed, log=log)

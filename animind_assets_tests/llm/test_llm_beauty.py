@@ -375,3 +375,23 @@ def test_benchmark_gpu_flag_sets_gpu_scale_but_keeps_explicit_values():
     gpu = parse_args(["--gpu", "--test-users", "300"])
     assert gpu.train_seconds == 240 and gpu.batch_size == 32 and gpu.train_layers == 0 and gpu.max_history == 20
     assert gpu.test_users == 300  # an explicit value wins over the GPU-scale default
+
+
+def test_a_trie_without_end_token_refuses_prefix_ids():
+    """Without EOS a decoded path ends at the first complete ID, so an ID that is a prefix of another would hide
+    the longer one: refused in either order of insertion; with an end token both stay reachable."""
+    from animind_assets.lib.semantic_ids.trie import SidTrie
+
+    for first, second in (((1, 2), (1, 2, 3)), ((1, 2, 3), (1, 2))):
+        t = SidTrie()
+        t.add(first, item="a")
+        with pytest.raises(ValueError, match="prefix-free"):
+            t.add(second, item="b")
+        e = SidTrie(end_token_id=0)
+        e.add(first, item="a")
+        e.add(second, item="b")
+        assert e.item(first + (0,)) == "a" and e.item(second + (0,)) == "b"
+    ok = SidTrie()
+    ok.add((1, 2), item="a")
+    ok.add((1, 3), item="b")
+    assert ok.allowed((1,)) == [2, 3] and ok.is_complete((1, 3))

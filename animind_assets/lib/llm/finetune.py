@@ -435,17 +435,11 @@ def validation_rows(val: pl.DataFrame, lookup: pl.DataFrame) -> list[dict]:
     unconditional guess; other rows get ``prefix`` "". KeyError names a history item without a semantic ID."""
     from animind_assets.lib.llm.sequence_data import SEQUENCE_TEMPLATE, sequence_prefix
 
-    rows = []
-    sids = None
+    sids = dict(zip(lookup["anime_id"].to_list(), lookup["semantic_id"].to_list()))
     cols = [c for c in ("system", "prompt", "completion", "template", "history_anime_ids") if c in val.columns]
-    for r in val.select(cols).to_dicts():
-        if r.get("template") == SEQUENCE_TEMPLATE:
-            sids = sids or dict(zip(lookup["anime_id"].to_list(), lookup["semantic_id"].to_list()))
-            rows.append({"system": r["system"], "prompt": r["prompt"], "completion": r["completion"],
-                         "prefix": sequence_prefix(r.get("history_anime_ids") or [], sids)})
-        else:
-            rows.append({"system": r["system"], "prompt": r["prompt"], "completion": r["completion"], "prefix": ""})
-    return rows
+    return [{"system": r["system"], "prompt": r["prompt"], "completion": r["completion"],
+             "prefix": sequence_prefix(r["history_anime_ids"] or [], sids) if r.get("template") == SEQUENCE_TEMPLATE else ""}
+            for r in val.select(cols).to_dicts()]
 
 
 def _phase1_pool(train: pl.DataFrame, cfg: FinetuneConfig, log: LogFn) -> pl.DataFrame:

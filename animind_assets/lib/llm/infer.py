@@ -52,7 +52,8 @@ class SidModel:
     def trie(self, exclude: Iterable[int] = (), end: bool = True) -> SidTrie:
         """Trie of every item's ID tokens (+ EOS when ``end``), leaves = item ids, without ``exclude``. The
         trie of every item is built once per ``end`` and shared (callers only read it). ``end=False`` for
-        answers that continue after the ID (the "sequence" form of ``lib/llm/sequence_data.py``)."""
+        answers that continue after the ID (the "sequence" form of ``lib/llm/sequence_data.py``); ``SidTrie``
+        then raises ValueError when one item's ID is a prefix of another's."""
         ex = set(int(a) for a in exclude)
         if not ex and end in self._full_tries:
             return self._full_tries[end]
@@ -60,10 +61,6 @@ class SidModel:
         for aid, ids in self.sid_ids.items():
             if aid not in ex:
                 trie.add(ids, item=aid)
-        if not end:  # without an end token an ID that is a prefix of another would hide the longer one
-            for path, aid in trie._items.items():
-                if trie.allowed(path):
-                    raise ValueError(f"semantic ID of item {aid} is a prefix of another item's ID: an EOS-free trie needs prefix-free IDs")
         if not ex:
             self._full_tries[end] = trie
         return trie

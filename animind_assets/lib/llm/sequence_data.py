@@ -21,8 +21,8 @@ Semantics for Recommendation", ICDE 2024), keyed by the task letters the fine-tu
   (``is_heldout``) are of this form, one per user and stage.
   With ``next_id_format="sequence"`` task B is written as the ID sequence itself (template
   ``seq_id_sequence``): the prompt is one fixed sentence and the answer turn is the IDs of a window of
-  ``seq[:-2]``, so every item after the window's first is a target given its prefix (the all-positions
-  training of SASRec/TIGER); held-out rows keep the sentence as prompt, and the evaluation writes the
+  ``seq[:-2]`` (consecutive windows share one item), so every item after the sequence's first is a target
+  given its prefix exactly once (the all-positions training of SASRec/TIGER); held-out rows keep the sentence as prompt, and the evaluation writes the
   history's IDs (``sequence_prefix``) in the answer turn before decoding.
 * **C: title history -> next ID** (``title_seq_next_id``): the last ``title_history`` items as
   their text (quoted); the answer is the next item's ID.
@@ -79,11 +79,6 @@ class SeqLlmDataConfig:
     history_noun: str = "purchase history"  # what a user's sequence is called in prompts
     next_question: str = "Which item will the user buy next?"  # question of the B/C prompts
     system_prompt: str = DEFAULT_SEQ_SYSTEM_PROMPT
-    # task B's form. "question": the prompt lists the history's IDs, the answer is the next ID (one target per
-    # row). "sequence": the answer turn is the user's ID sequence itself, so with the completion-only loss every
-    # item after the first is a next-item target given its prefix (the all-positions training of SASRec/TIGER;
-    # ~max_history targets per row instead of 1); evaluation puts the history's IDs in the answer turn and
-    # decodes the next ID (``sequence_prefix``).
     next_id_format: str = "question"  # task B: "question" (history IDs in the prompt, 1 target per row) | "sequence" (the ID sequence is the answer, every item a target given its prefix)
     sequence_window: int = 0  # "sequence" only: items per training row (0 = max_history + 1, the context the evaluation shows); consecutive rows of a user share one item
 

@@ -19,12 +19,18 @@ class SidTrie:
             self.add(seq)
 
     def add(self, seq: Sequence[int], item: object = None) -> None:
+        """Add one path (``item`` is what ``item(path)`` returns). Without an end token a path that is a
+        prefix of another would hide the longer one (decoding stops at the shorter): ValueError then."""
         seq = tuple(int(t) for t in seq)
         if self.end_token_id is not None:
             seq = seq + (self.end_token_id,)
         node = self.root
-        for tok in seq:
+        for i, tok in enumerate(seq):
+            if self.end_token_id is None and i and seq[:i] in self._items:
+                raise ValueError(f"path of {item!r} extends the path of {self._items[seq[:i]]!r}: a trie without an end token needs prefix-free paths")
             node = node.setdefault(tok, {})
+        if self.end_token_id is None and node and seq not in self._items:
+            raise ValueError(f"path of {item!r} is a prefix of another path: a trie without an end token needs prefix-free paths")
         self._items[seq] = item
         self.depth = max(self.depth, len(seq))
 

@@ -83,6 +83,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--phase1-weights", default="0.8,0.1,0.1")
     p.add_argument("--phase2-weights", default="0.1,0.7,0.2")
     p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--warm-start", default="rqvae", choices=["rqvae", "projection", "centroid", "mean", "none"],
+                   help="new ID rows: rqvae = ridge from the codebooks to the item words (title centroids without "
+                        "codebooks); projection = the codebooks projected into the token space (--sids sasrec/own)")
+    p.add_argument("--phase1-new-rows-lr-mult", type=float, default=1.0, help="learning-rate multiplier of the new ID rows, phase 1")
+    p.add_argument("--phase2-new-rows-lr-mult", type=float, default=1.0, help="the same, phase 2")
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--max-seq-length", type=int, default=192)
     p.add_argument("--train-layers", type=int, default=2, help="top blocks trained + embeddings/head (0 = all)")
@@ -123,9 +128,8 @@ def load_sids(args, items, log):
                              "animind_assets.benchmarks.beauty --models sasrec --out DIR, then pass DIR/sasrec_model") from None
         if vec.shape[0] != len(ids) or not (ids == np.arange(len(ids))).all():
             raise ValueError(f"{args.sasrec_dir}: {vec.shape[0]} item vectors for {len(ids)} items (item ids must be 0..N-1)")
-        full, stats = rqkmeans_ids(vec, seed=args.seed, log=log)
+        full, stats, codebooks = rqkmeans_ids(vec, seed=args.seed, log=log, with_codebooks=True)
         note = f"collaborative IDs: RQ-KMeans 3x256 of the SASRec item embeddings of {args.sasrec_dir} + collision code ({stats})"
-        codebooks = None
     elif args.sids == "reference":
         from animind_assets.lib.retrieval.tiger_data import load_reference_index
 
@@ -203,7 +207,8 @@ def main(argv=None) -> int:
         phase1_weights=w1, phase2_weights=w2, phase1_lr=args.lr, phase2_lr=args.lr, batch_size=args.batch_size,
         max_seq_length=args.max_seq_length, num_threads=args.threads, max_train_seconds=args.train_seconds,
         english_ppl=not args.gpu, linking_eval_items=args.linking_items, eval_examples=16, bf16=args.gpu, lr_scheduler="constant_with_warmup",
-        warmup_frac=0.02,
+        warmup_frac=0.02, warm_start=args.warm_start, phase1_new_rows_lr_mult=args.phase1_new_rows_lr_mult,
+        phase2_new_rows_lr_mult=args.phase2_new_rows_lr_mult,
     )
     t0 = time.perf_counter()
     ft = run_finetune(ds.frame, lookup, fcfg, out / "work", codebooks=codebooks, special_tokens=(), log=log)
@@ -220,6 +225,7 @@ def main(argv=None) -> int:
     log(f"fine-tune: {steps} steps in {ft_seconds:.0f}s ({ft.info['stop_reason']}); phase2 {m.get('phase2_tokens_per_s', 0):.0f} "
         f"tokens/s; val loss {m.get('phase2_val_loss')}; English ppl ratio {m.get('english_ppl_ratio')}")
     stop_reason = ft.info["stop_reason"]
+    ws_mode = ft.warm_start.mode if ft.warm_start else "none"
     del ft
     sm = load_sid_model(model_dir, num_threads=args.threads, device="cuda" if args.gpu else "cpu")
     split = SequenceSplit.from_sequences(sequences_from_interactions(inter), n_items=items.height)
@@ -251,9 +257,10 @@ def main(argv=None) -> int:
     proto = protocol(split, "test", split.subset(args.test_users, seed=args.seed))
     print(f"\nprotocol: {json.dumps(proto)}; generative masking rule '{args.masking}' ({args.beams} beams); order {args.order}; "
           f"IDs: {sid_note}; base {fcfg.base_model}, top {args.train_layers or 'all'} blocks; prompts: last {args.max_history} "
-          f"IDs / {args.title_history} word titles; task B form {args.next_id_format}")
+          f"IDs / {args.title_history} word titles; task B form {args.next_id_format}; warm start "
+          f"{ws_mode}; new-row lr x{args.phase1_new_rows_lr_mult}/x{args.phase2_new_rows_lr_mult}")
     result = {"rows": rows, "ratio_r10_masked": ratio, "summary": ev.summary, "finetune_metrics": m, "args": vars(args),
-              "load_start": load_start, "load_end": load_end, "protocol": proto, "sids": sid_note}
+              "load_start": load_start, "load_end": load_end, "protocol": proto, "sids": sid_note, "warm_start": ws_mode}
     (out / "beauty_llm.json").write_text(json.dumps(result, indent=1, default=str), encoding="utf-8")
     if args.gpu and not args.skip_mal:
         from animind_assets.benchmarks import finetune_mal

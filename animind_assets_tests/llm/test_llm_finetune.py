@@ -94,6 +94,40 @@ def test_warm_start_centroid_fallback_differs_from_mean(data):
     assert len(l1) > 2 and float(torch.stack(l1).std(0).mean()) > 0  # distinct per code
 
 
+def test_warm_start_projection_keeps_the_codebook_geometry(data):
+    """``mode="projection"`` (collaborative codebooks): centred at the vocabulary mean, the rows of one level
+    have the codebook's cosine similarities exactly (orthonormal map), live at the vocabulary's scale, the
+    disambiguation level starts at numerals; without codebooks it falls back to centroids (said in the
+    mode); a code past its codebook is refused."""
+    _, _, _, lookup = data
+    tok, model, n_base, sid_toks = _extended(lookup)
+    books = make_codebooks()
+    base_before = model.get_input_embeddings().weight[:n_base].clone()
+    stats = ft.warm_start_embeddings(model, tok, lookup, sid_toks, SPECIAL_TOKENS, books, "projection", 1.0, n_base)
+    W = model.get_input_embeddings().weight.detach().double()
+    assert torch.equal(W[:n_base].float(), base_before.float())
+    assert stats.mode == "projection" and stats.levels_with_codebook == [1, 2, 3]
+    mu = W[:n_base].mean(0)
+    for lv in (1, 2):
+        toks = [t for t in sid_toks if t.startswith(f"<L{lv}_")]
+        codes = [int(t[len(f"<L{lv}_"):-1]) for t in toks]
+        rows = torch.stack([W[tok.convert_tokens_to_ids(t)] for t in toks]) - mu
+        vec = torch.as_tensor(books[lv - 1], dtype=torch.float64)
+        centred = (vec - vec.mean(0))[codes]
+        cos_rows = torch.nn.functional.cosine_similarity(rows[:, None], rows[None], dim=-1)
+        cos_book = torch.nn.functional.cosine_similarity(centred[:, None], centred[None], dim=-1)
+        assert torch.allclose(cos_rows, cos_book, atol=1e-4)
+    assert 0.3 < stats.mean_norm_new / stats.mean_norm_base < 3.0
+    l4 = [t for t in sid_toks if t.startswith("<L4_")]
+    assert l4 and all(torch.isfinite(W[tok.convert_tokens_to_ids(t)]).all() for t in l4)
+    tok2, model2, n_base2, _ = _extended(lookup)
+    fallback = ft.warm_start_embeddings(model2, tok2, lookup, sid_toks, SPECIAL_TOKENS, None, "projection", 1.0, n_base2)
+    assert fallback.mode.startswith("centroid") and fallback.levels_with_codebook == []
+    tok3, model3, n_base3, _ = _extended(lookup)
+    with pytest.raises(ValueError, match="level 1 uses code"):
+        ft.warm_start_embeddings(model3, tok3, lookup, sid_toks, SPECIAL_TOKENS, [b[:1] for b in books], "projection", 1.0, n_base3)
+
+
 def test_codebooks_from_checkpoint_layouts():
     per_level = {"config": {"levels": 2}, "model_state": {"quantizer.codebooks.0.embed": torch.ones(4, 3), "quantizer.codebooks.1.embed": torch.zeros(4, 3), "encoder.0.weight": torch.ones(2, 2)}}
     books = ft.codebooks_from_checkpoint(per_level)
@@ -291,6 +325,33 @@ def test_finetune_with_replay_new_row_lr_and_linking_metrics(tmp_path, data):
     assert fast.metrics["phase1_sid_to_title_items"] + fast.metrics["phase1_title_to_sid_items"] >= 4
     assert fast.info["phase_mix"]["phase1"]["replay"] == 3 and fast.metrics["replay_rows"] >= 1
     assert any("linking accuracy" in line for line in logs)
+
+
+def test_phase2_new_row_lr_multiplier_scales_the_id_rows_update(tmp_path, data):
+    """``phase2_new_rows_lr_mult`` acts in phase 2 (the recommendation phase): with phase 1 off, a tiny
+    multiplier leaves the new rows (almost) where the warm start put them, 1.0 moves them; refused <= 0."""
+    _, _, frame, lookup = data
+
+    def run(mult: float):
+        tok = smollm2_tokenizer()
+        model = tiny_llama(tok)
+        n_base = model.get_input_embeddings().weight.shape[0]
+        cfg = tiny_finetune_config(phase1_max_steps=0, phase2_max_steps=3, english_ppl=False, warm_start="mean",
+                                   phase2_new_rows_lr_mult=mult, linking_eval_items=0)
+        res = ft.run_finetune(frame, lookup, cfg, tmp_path / f"p2_{mult}", base=(model, tok))
+        return res.model.get_input_embeddings().weight[n_base:].detach().clone(), n_base
+
+    ref_tok = smollm2_tokenizer()
+    ref = tiny_llama(ref_tok)
+    n_base = ref.get_input_embeddings().weight.shape[0]
+    ft.extend_tokenizer(ref_tok, ref, ft.sid_tokens_used(lookup["semantic_id"].to_list()) + SPECIAL_TOKENS)
+    ft.warm_start_embeddings(ref, ref_tok, lookup, ft.sid_tokens_used(lookup["semantic_id"].to_list()), mode="mean", n_base_rows=n_base)
+    w0 = ref.get_input_embeddings().weight[n_base:].detach()
+    slow, _ = run(1e-4)
+    fast, _ = run(1.0)
+    assert (fast - w0).abs().max() > 100 * (slow - w0).abs().max()
+    with pytest.raises(ValueError, match="phase2_new_rows_lr_mult"):
+        ft.FinetuneConfig(phase2_new_rows_lr_mult=0).validate()
 
 
 @pytest.mark.parametrize("train_layers", [0, 1])

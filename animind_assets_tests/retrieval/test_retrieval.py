@@ -712,6 +712,21 @@ def test_rqkmeans_ids_of_a_small_catalog_keep_every_level_informative():
     assert codes[:, :3].max() < 25
 
 
+def test_rqkmeans_ids_with_codebooks_give_the_centroids_the_codes_came_from():
+    """``with_codebooks=True`` (for the LM's projection warm start): one (codebook_size, D) array per level,
+    and every item's level-1 code is its nearest level-1 centroid (in the centred, normalised space)."""
+    from animind_assets.lib.retrieval.tiger_data import rqkmeans_ids
+
+    vec = np.random.default_rng(1).normal(size=(300, 8)).astype(np.float32)
+    codes, stats, books = rqkmeans_ids(vec, levels=2, codebook_size=16, with_codebooks=True)
+    assert [b.shape for b in books] == [(16, 8), (16, 8)] and codes.shape == (300, 3)
+    x = vec - vec.mean(0)
+    x /= np.linalg.norm(x, axis=1, keepdims=True)
+    nearest = ((x[:, None, :] - books[0][None]) ** 2).sum(-1).argmin(1)
+    assert (nearest == codes[:, 0]).mean() > 0.99
+    assert rqkmeans_ids(vec, levels=2, codebook_size=16)[0].tolist() == codes.tolist()
+
+
 def test_rqkmeans_ids_of_item_vectors_are_unique_and_follow_the_clusters():
     """RQ-KMeans IDs of arbitrary item vectors (TIGER's collaborative-ID option): one row per item,
     levels + 1 codes, all IDs unique, items of one tight cluster share their first code, bad input refused."""

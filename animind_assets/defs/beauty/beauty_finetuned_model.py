@@ -64,7 +64,7 @@ def beauty_finetuned_model(
     cfg = config.to_lib()
     lookup = item_lookup(beauty_items, beauty_semantic_ids, "item_id", "text")
     codebooks = (load_codebooks(store, config.quantizer_checkpoint, QUANTIZER_CKPT, context.log.info)
-                 if cfg.warm_start == "rqvae" else None)
+                 if cfg.warm_start in ("rqvae", "projection") else None)
     result, files, _, run_link = train_and_publish(
         context, store, mlflow, cfg, beauty_llm_prep_dataset, lookup, codebooks=codebooks, special_tokens=(),
         model_dir=MODEL_DIR, work_dir=WORK_DIR, log_model=config.log_model_to_mlflow,

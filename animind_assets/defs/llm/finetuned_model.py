@@ -88,7 +88,7 @@ def finetuned_model(
     lookup = model_lookup(anime_prep, semantic_ids, llm_prep_dataset, config.lookup_scope)
     context.log.info(f"model lookup: {lookup.height} anime ({config.lookup_scope})")
     codebooks = (load_codebooks(store, config.rqvae_checkpoint, ("rqvae_model", "model.pt"), context.log.info)
-                 if cfg.warm_start == "rqvae" else None)
+                 if cfg.warm_start in ("rqvae", "projection") else None)
     result, files, run_id, run_link = train_and_publish(
         context, store, mlflow, cfg, llm_prep_dataset, lookup, codebooks=codebooks, special_tokens=SPECIAL_TOKENS,
         model_dir=MODEL_DIR, work_dir=WORK_DIR, log_model=config.log_model_to_mlflow, tags={"base_model": cfg.base_model},

@@ -31,7 +31,7 @@ FINETUNE_DESCRIPTIONS: dict[str, str] = {
     "max_seq_length": 'longer examples are skipped (counted)',
     "general_mix_file": 'local JSONL of general instructions ({prompt, completion} or {messages})',
     "general_mix_ratio": 'share of each phase drawn from general_mix_file',
-    "warm_start": "'rqvae' (ridge from codebooks) | 'centroid' | 'mean' | 'none'",
+    "warm_start": "'rqvae' (ridge from codebooks) | 'projection' (codebooks, geometry kept) | 'centroid' | 'mean' | 'none'",
     "ridge_alpha": 'ridge regularisation of the codebook -> embedding projection',
     "use_chat_template": "render prompts with the tokenizer's chat template",
     "fast_loss": 'apply the LM head only at completion positions',

@@ -20,8 +20,8 @@ Pipeline (``run_finetune``):
    tokenizer grows (self-distillation; no download). Loss is computed only at completion positions
    (the LM head is not applied to prompt tokens). Full fine-tune for small models (optionally only
    the top ``train_layers`` blocks plus the tied embedding/head), LoRA with ``modules_to_save`` for
-   large ones. Phase 1 can give the new token rows their own learning rate
-   (``phase1_new_rows_lr_mult``).
+   large ones. Each phase can give the new token rows their own learning rate
+   (``phase1_new_rows_lr_mult``, ``phase2_new_rows_lr_mult``).
 4. Linking accuracy (ID -> title, title -> ID; exact and constrained retrieval,
    ``llm_eval.linking_accuracy``) after each phase on the items phase 1 trained on; English-retention
    perplexity on ``english_heldout.PARAGRAPHS`` before and after.
@@ -364,8 +364,9 @@ def run_finetune(
             if not cfg.train_base_token_rows:  # zero gradient: exact with Adam and no weight decay
                 hooks += freeze_base_rows(model_wrapped, n_base_rows, log)
         extra = []
-        if name == "phase1" and cfg.phase1_new_rows_lr_mult != 1.0:
-            cb = new_rows_lr_callback(model_wrapped, range(n_base_rows, len(tok)), cfg.phase1_new_rows_lr_mult, log)
+        new_mult = cfg.phase1_new_rows_lr_mult if name == "phase1" else cfg.phase2_new_rows_lr_mult
+        if new_mult != 1.0:
+            cb = new_rows_lr_callback(model_wrapped, range(n_base_rows, len(tok)), new_mult, log)
             extra = [cb] if cb is not None else []
         if cfg.train_base_token_rows and cfg.base_token_rows_lr_mult != 1.0:  # the same update rescaling, base rows
             cb = new_rows_lr_callback(model_wrapped, range(0, n_base_rows), cfg.base_token_rows_lr_mult, log)

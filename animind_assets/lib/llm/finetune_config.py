@@ -11,6 +11,7 @@ from animind_assets.lib.semantic_ids.tokens import sid_tokens_used as sid_tokens
 LogFn = Callable[[str], None]
 EMBEDDED_MODEL = "embedded:smollm2-135m-instruct"
 EMBEDDED_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+WARM_START_MODES = ("rqvae", "projection", "centroid", "mean", "none")
 
 
 def noop_log(_: str) -> None:
@@ -52,10 +53,11 @@ class FinetuneConfig:
     train_base_token_rows: bool = True  # False: the base vocabulary's rows of the embedding/head get no gradient (only the new ID-token rows learn; keeps English closer to the base model; exact with weight_decay 0)
     base_token_rows_lr_mult: float = 1.0  # both phases: learning-rate multiplier of the base vocabulary's rows of the embedding/head (e.g. 0.1: they move slowly; 0 ~ frozen; ignored when train_base_token_rows is false)
     phase1_new_rows_lr_mult: float = 1.0  # phase 1: learning-rate multiplier of the new token rows (SID + special)
+    phase2_new_rows_lr_mult: float = 1.0  # phase 2: the same for the recommendation phase (the ID rows are its output classes)
     phase1_templates: list[str] = field(default_factory=list)  # phase 1 task-A templates ([] = all in the dataset)
     phase1_items: int = 0  # phase 1 task-A rows only for a seeded subset of N items (0 = every item)
     linking_eval_items: int = 30  # ID <-> title accuracy after each phase on items seen in phase 1 (0 = off)
-    warm_start: str = "rqvae"  # "rqvae" (falls back to centroid without codebooks) | "centroid" | "mean" | "none"
+    warm_start: str = "rqvae"  # "rqvae" (falls back to centroid without codebooks) | "projection" (codebooks, geometry kept; collaborative IDs) | "centroid" | "mean" | "none"
     ridge_alpha: float = 1.0
     use_chat_template: bool = True
     fast_loss: bool = True  # LM head only at completion positions
@@ -75,8 +77,8 @@ class FinetuneConfig:
     def validate(self) -> FinetuneConfig:
         if self.method not in ("auto", "full", "lora"):
             raise ValueError(f"method must be auto|full|lora, got {self.method!r}")
-        if self.warm_start not in ("rqvae", "centroid", "mean", "none"):
-            raise ValueError(f"warm_start must be rqvae|centroid|mean|none, got {self.warm_start!r}")
+        if self.warm_start not in WARM_START_MODES:
+            raise ValueError(f"warm_start must be one of {'|'.join(WARM_START_MODES)}, got {self.warm_start!r}")
         for name in ("phase1_weights", "phase2_weights"):
             w = getattr(self, name)
             bad = set(w) - {"A", "B", "C"}
@@ -86,8 +88,8 @@ class FinetuneConfig:
             raise ValueError("general_mix_ratio must be in [0, 1)")
         if not 0 <= self.replay_ratio < 1 or self.replay_ratio + self.general_mix_ratio >= 1:
             raise ValueError("replay_ratio must be in [0, 1) and replay_ratio + general_mix_ratio < 1")
-        if self.phase1_new_rows_lr_mult <= 0:
-            raise ValueError("phase1_new_rows_lr_mult must be > 0")
+        if self.phase1_new_rows_lr_mult <= 0 or self.phase2_new_rows_lr_mult <= 0:
+            raise ValueError("phase1_new_rows_lr_mult and phase2_new_rows_lr_mult must be > 0")
         if self.base_token_rows_lr_mult < 0:
             raise ValueError("base_token_rows_lr_mult must be >= 0")
         if self.general_mix_ratio > 0 and not self.general_mix_file:

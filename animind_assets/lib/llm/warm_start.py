@@ -1,5 +1,9 @@
 """Warm start of the new semantic-ID token embeddings: ridge projection from the quantizer codebooks (or
-title centroids / mean), as in LC-Rec-style SID tokens (Zheng et al., ICDE 2024)."""
+title centroids / mean), as in LC-Rec-style SID tokens (Zheng et al., ICDE 2024); or, for codebooks of
+collaborative vectors (whose codes say little about the titles), a geometry-keeping random projection of
+the codebooks into the token space (``mode="projection"``; CoLLM, Zhang et al. 2023, and LLaRA, Liao et al.
+SIGIR 2024, map collaborative embeddings into the LM's token space with a learned projector; here the map is
+a fixed seeded orthonormal one, so inner products between a level's code vectors are kept up to one scale)."""
 
 from __future__ import annotations
 
@@ -66,6 +70,36 @@ def _text_mean_embeddings(tokenizer, emb: np.ndarray, texts: Sequence[str]) -> n
     return out
 
 
+def _projection_vectors(codebooks: list[np.ndarray], sid_tokens: Sequence[str], dim: int, mu: np.ndarray, base_dev: float,
+                       rng: np.random.Generator, out: dict[str, np.ndarray]) -> list[int]:
+    """``mode="projection"``: the row of code ``c`` of level ``l`` = ``mu + s_l * Q_l (book_l[c] - mean_l)``.
+
+    ``Q_l`` (dim, d_l) has orthonormal columns (QR of a seeded Gaussian matrix, a new one per level, so levels
+    do not share directions), so the centred code vectors keep their inner products up to the scale ``s_l``,
+    which gives the level's rows the vocabulary's mean distance from its mean (``base_dev``). Needs
+    ``d_l <= dim``. Writes into ``out``; returns the 1-based levels written. Raises ``ValueError`` when a
+    token's code is past its codebook."""
+    wanted = find_level_tokens("".join(sid_tokens))
+    used: list[int] = []
+    for lv, book in enumerate(codebooks, start=1):
+        book = np.asarray(book, dtype=np.float64)
+        if book.ndim != 2 or book.shape[1] > dim:
+            raise ValueError(f"level {lv} codebook of shape {book.shape} cannot be projected into {dim} dimensions")
+        codes = sorted(c for (l, c) in wanted if l == lv)
+        if not codes:
+            continue
+        if codes[-1] >= book.shape[0]:
+            raise ValueError(f"level {lv} uses code {codes[-1]} but the codebook has {book.shape[0]} rows")
+        q, _ = np.linalg.qr(rng.normal(size=(dim, book.shape[1])))
+        centred = book[codes] - book.mean(0)
+        proj = centred @ q.T
+        dev = float(np.linalg.norm(proj, axis=1).mean()) or 1.0
+        for c, v in zip(codes, proj):
+            out[level_token(lv, c)] = mu + v * (base_dev / dev)
+        used.append(lv)
+    return used
+
+
 @dataclass
 class WarmStartStats:
     mode: str
@@ -93,6 +127,11 @@ def warm_start_embeddings(
 
     ``lookup`` needs anime_id, semantic_id, title (genres optional). Only rows past
     ``n_base_rows`` (default: the first added token) are written; the base vocabulary is untouched.
+    Modes: ``rqvae`` (ridge from ``codebooks`` (level, codes, dim) to the title embeddings; centroids
+    without codebooks), ``projection`` (``codebooks`` projected into the token space, geometry kept; for
+    collaborative IDs), ``centroid``, ``mean``, ``none``. Levels without a vector (the disambiguation
+    level) start at the numeral's embedding; ``rqvae`` and ``projection`` without codebooks fall back to
+    ``centroid`` (logged; ``stats.mode`` says so). Raises ``ValueError`` when a code lies past its codebook.
     """
     emb_w = model.get_input_embeddings().weight
     out_emb = model.get_output_embeddings()
@@ -107,6 +146,12 @@ def warm_start_embeddings(
     new_vecs: dict[str, np.ndarray] = {}
     r2: dict[str, float] = {}
     used_cb: list[int] = []
+    requested = mode
+    if mode == "projection" and not codebooks:
+        log("warm start: 'projection' without codebooks, using per-level centroids of the title embeddings")
+        mode = "centroid"
+    if mode == "projection" and sid_tokens:
+        used_cb = _projection_vectors(codebooks, sid_tokens, base.shape[1], mu, base_dev, rng, new_vecs)
     if mode in ("rqvae", "centroid") and sid_tokens:
         sids = lookup["semantic_id"].to_list()
         codes = [sid_codes(s) for s in sids]
@@ -153,13 +198,14 @@ def warm_start_embeddings(
                 for c, v in level_vecs.items():
                     if (lv + 1, c) in wanted:
                         new_vecs[level_token(lv + 1, c)] = mu + v * (base_dev / dev)
+    if mode in ("rqvae", "centroid", "projection") and sid_tokens:
         # codes without a vector (disambiguation level with codebooks, unseen codes): numerals
         for tok in sid_tokens:
             if tok not in new_vecs:
                 lv, c = parse_level_token(tok)
                 num = _text_mean_embeddings(tokenizer, base, [f" {c}"])[0]
                 new_vecs[tok] = num + rng.normal(0, 0.01 * base_dev / math.sqrt(base.shape[1]), base.shape[1])
-    elif mode == "mean" or (mode in ("rqvae", "centroid") and not sid_tokens):
+    if mode == "mean" or (mode in ("rqvae", "centroid", "projection") and not sid_tokens):
         for tok in sid_tokens:
             new_vecs[tok] = mu + rng.normal(0, base_dev / math.sqrt(base.shape[1]), base.shape[1])
     elif mode == "none":
@@ -178,7 +224,7 @@ def warm_start_embeddings(
     new_rows = [tokenizer.convert_tokens_to_ids(t) for t in all_new]
     new_norm = float(emb_w[new_rows].float().norm(dim=1).mean()) if new_rows else 0.0
     stats = WarmStartStats(
-        mode=mode if (mode != "rqvae" or codebooks) else "centroid (no codebooks)",
+        mode=requested if (requested not in ("rqvae", "projection") or codebooks) else "centroid (no codebooks)",
         tokens=len(new_vecs),
         levels_with_codebook=used_cb,
         ridge_r2=r2,

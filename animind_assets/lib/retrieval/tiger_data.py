@@ -235,7 +235,7 @@ def encode_batch(codec: SidCodec, ex: Examples, idx: Sequence[int], with_labels:
 
 
 def rqkmeans_ids(vectors: np.ndarray, levels: int = 3, codebook_size: int = 256, seed: int = 0,
-                 log: LogFn | None = None) -> tuple[np.ndarray, dict[str, Any]]:
+                 log: LogFn | None = None, with_codebooks: bool = False):
     """Semantic IDs of arbitrary item vectors by RQ-KMeans, the recipe reproductions found to match or beat
     RQ-VAE (residual k-means: each level clusters the previous level's residual; the project's
     ``ResidualKMeans``, centred, L2-normalised residuals, Ward-seeded level 1) plus one disambiguation code
@@ -248,7 +248,9 @@ def rqkmeans_ids(vectors: np.ndarray, levels: int = 3, codebook_size: int = 256,
     than ``codebook_size``: the project's small-catalog rule (``small_catalog_codebook``, "adapt") fits
     ``max(2, N // 4)`` codes per level instead, so deeper levels do not collapse to one code; ``stats``
     then carries ``requested_codebook_size`` and ``note``. Raises ``ValueError`` for an empty or non-2-D
-    matrix or non-finite values."""
+    matrix or non-finite values. ``with_codebooks``: returns ``(codes, stats, codebooks)`` with the k-means
+    centroids of each level, a list of ``levels`` float32 arrays (codebook_size, D) (centred, L2-normalised
+    residual space), e.g. for the LM's ``warm_start="projection"``."""
     from animind_assets.lib.semantic_ids.assign import assign_semantic_ids
     from animind_assets.lib.semantic_ids.quantizers.config import QuantizerConfig, small_catalog_codebook
     from animind_assets.lib.semantic_ids.quantizers.model import ResidualKMeans
@@ -274,4 +276,6 @@ def rqkmeans_ids(vectors: np.ndarray, levels: int = 3, codebook_size: int = 256,
              "inertias": [float(v) for v in inertias]}
     if note:
         stats.update(requested_codebook_size=requested, note=note)
+    if with_codebooks:
+        return codes, stats, [model.centroids[i].detach().numpy().copy() for i in range(levels)]
     return codes, stats

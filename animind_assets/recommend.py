@@ -177,7 +177,8 @@ def recommend(
     if notes is not None:
         notes.extend(plan.notes)
     # the whole history stays excluded (also the oldest items left out of the prompt)
-    out = rank_items(sm, [plan.prompt], k=plan.k, num_beams=plan.num_beams, exclude=[set(ids)])
+    out = rank_items(sm, [plan.prompt], k=plan.k, num_beams=plan.num_beams, exclude=[set(ids)],
+                     prefixes=[plan.prefix] if plan.prefix else None)
     return [
         {"rank": i + 1, "anime_id": aid, "title": sm.titles.get(aid, str(aid)), "semantic_id": sm.sids[aid], "score": score}
         for i, (aid, score) in enumerate(out.items[0])

@@ -121,9 +121,10 @@ def tiny_finetune_config(**over):
     return FinetuneConfig(**base)
 
 
-def build_tiny_model_folder(dest, phase_steps: int = 1):
-    """Dataset + tiny fine-tuned model folder (as ``finetuned_model`` writes it). Returns
-    (folder, dataset frame, interactions, catalog, semantic_ids)."""
+def build_tiny_model_folder(dest, phase_steps: int = 1, **data_over):
+    """Dataset + tiny fine-tuned model folder (as ``finetuned_model`` writes it); ``data_over``: LlmDataConfig
+    overrides (e.g. ``next_id_format="sequence"``). Returns (folder, dataset frame, interactions, catalog,
+    semantic_ids)."""
     from pathlib import Path
 
     from animind_assets.lib.llm.data import LlmDataConfig, build_llm_dataset, sid_lookup_frame
@@ -133,7 +134,7 @@ def build_tiny_model_folder(dest, phase_steps: int = 1):
     cat = make_catalog()
     inter = make_interactions()
     sids = make_semantic_ids(cat)
-    frame = build_llm_dataset(cat, inter, sids, LlmDataConfig(n_examples=300, validation_user_frac=0.2, test_user_frac=0.2)).frame
+    frame = build_llm_dataset(cat, inter, sids, LlmDataConfig(n_examples=300, validation_user_frac=0.2, test_user_frac=0.2, **data_over)).frame
     lookup = sid_lookup_frame(cat, sids)
     tok = smollm2_tokenizer()
     cfg = tiny_finetune_config(phase1_max_steps=phase_steps, phase2_max_steps=phase_steps, english_ppl=False)

@@ -20,6 +20,8 @@ Steps (every figure is printed):
    ``$TMPDIR/animind_bench``, tens of minutes on 2 shared cores), 3x256 codes,
    checkpoint at ``<out>/artifacts/rqvae_model/model.pt`` (the fine-tune's warm-start source),
    TIGER disambiguation level. ``--sids random`` uses random 3x256 codes instead (no RQ-VAE).
+   ``--sids collab``: collaborative IDs, the same quantizer on PureSVD-64 vectors of the *training* users'
+   lists (the dataset's user split, same seed) beside 0.3 x the TF-IDF/SVD vectors (labelled in the output).
 3. ``dg.materialize`` of ``llm_prep_dataset`` -> ``finetuned_model`` -> ``recommendation_eval``
    (upstream tables injected as stub assets) with the default embedded SmolLM2-135M-Instruct,
    ``torch.set_num_threads(2)``, bounded steps; MLflow into ``<out>/mlflow.db``.
@@ -64,7 +66,32 @@ def load_mal(db: Path):
     return cat, inter, raw.has_timestamps
 
 
-def build_semantic_ids(cat, artifacts_root: Path, mode: str, epochs: int, cache_dir: Path, preset: str = "default", log=print):
+def collaborative_vectors(cat, inter, seed: int | None, text: "np.ndarray", dim: int = 64, text_weight: float = 0.3, log=print):
+    """``--sids collab`` features: PureSVD-``dim`` item vectors of the *training* users' lists (the user split of
+    ``llm_prep_dataset`` with the same seed: no validation/test user's list, so no held-out item, shapes the
+    IDs), each row L2-normalised, beside the row-normalised TF-IDF/SVD text vector x ``text_weight`` (so the
+    items no training user listed still get distinct, content-based codes). Returns float32 (n_items, dim + 128)."""
+    import numpy as np
+
+    from animind_assets.lib.llm.data import LlmDataConfig, split_users
+    from animind_assets.lib.retrieval.item_baselines import pure_svd_item_vectors
+
+    dcfg = LlmDataConfig(**({"seed": seed} if seed is not None else {}))
+    known = inter.filter(pl.col("anime_id").is_in(cat["anime_id"].to_list())).unique(["user_id", "anime_id"])
+    counts = known.group_by("user_id").len()
+    eligible = counts.filter(pl.col("len") >= dcfg.min_user_items)["user_id"].to_list()
+    splits = split_users(eligible, dcfg)
+    train = [u for u, sp in splits.items() if sp == "train"]
+    cf = pure_svd_item_vectors(known, train, cat["anime_id"].to_list(), dim=dim, seed=0)
+    norms = np.linalg.norm(cf, axis=1, keepdims=True)
+    cf = np.where(norms > 0, cf / np.maximum(norms, 1e-12), 0.0)
+    log(f"collaborative features: PureSVD-{cf.shape[1]} of {len(train)} training users' lists "
+        f"({int((norms[:, 0] > 0).sum())} of {len(cf)} items listed) + TF-IDF/SVD x {text_weight}")
+    return np.hstack([cf, text_weight * text]).astype(np.float32)
+
+
+def build_semantic_ids(cat, artifacts_root: Path, mode: str, epochs: int, cache_dir: Path, preset: str = "default", log=print,
+                       inter=None, seed: int | None = None):
     import numpy as np
     import polars as pl
 
@@ -92,11 +119,14 @@ def build_semantic_ids(cat, artifacts_root: Path, mode: str, epochs: int, cache_
             x = TruncatedSVD(128, random_state=0).fit_transform(m).astype(np.float32)
             x /= np.linalg.norm(x, axis=1, keepdims=True) + 1e-9
             log(f"TF-IDF ({m.shape[1]} terms) + SVD-128 features: {time.perf_counter() - t0:.0f}s")
+            if mode == "collab":
+                x = collaborative_vectors(cat, inter, seed, x, log=log)
         cfg = preset_config(preset, epochs=epochs, num_threads=2)
         ckpt_dir = artifacts_root / "rqvae_model"
         res = train_quantizer(x, cfg, checkpoint_dir=str(ckpt_dir))
         codes = res.codes
-        note = (f"{'MiniLM' if mode == 'rqvae-minilm' else 'TF-IDF/SVD'} features, quantizer preset {preset!r} "
+        feats = {"rqvae-minilm": "MiniLM", "collab": "collaborative (PureSVD of training lists + 0.3 x TF-IDF/SVD)"}.get(mode, "TF-IDF/SVD")
+        note = (f"{feats} features, quantizer preset {preset!r} "
                 f"({cfg.quantizer} {cfg.levels}x{cfg.codebook_size}, {res.epochs_run} epochs), checkpoint {ckpt_dir / 'model.pt'}")
     full = assign_semantic_ids(codes, order_key=ids)
     sids = pl.DataFrame({"anime_id": ids, "codes": full.tolist(), "semantic_id": semantic_id_strings(full)},
@@ -109,7 +139,7 @@ def build_semantic_ids(cat, artifacts_root: Path, mode: str, epochs: int, cache_
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", default=str(Path(tempfile.gettempdir()) / "animind_finetune_mal"))
-    ap.add_argument("--sids", choices=["rqvae", "rqvae-minilm", "random"], default="rqvae",
+    ap.add_argument("--sids", choices=["rqvae", "rqvae-minilm", "collab", "random"], default="rqvae",
                     help="rqvae: project RQ-VAE on TF-IDF/SVD features; rqvae-minilm: on MiniLM embeddings (slow on CPU)")
     ap.add_argument("--quantizer-epochs", type=int, default=10)
     ap.add_argument("--quantizer-preset", default="default", help="lib.rqvae preset (project default; 'rqvae' = RQ-VAE)")
@@ -139,6 +169,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--phase1-weights", default="0.8,0.1,0.1", help="phase 1 task shares A,B,C")
     ap.add_argument("--phase1-lr", type=float, default=1e-3)
     ap.add_argument("--phase1-new-rows-lr-mult", type=float, default=1.0)
+    ap.add_argument("--phase2-new-rows-lr-mult", type=float, default=1.0)
+    ap.add_argument("--warm-start", default="rqvae", choices=["rqvae", "projection", "centroid", "mean", "none"])
+    ap.add_argument("--train-seconds", type=float, default=0.0, help="wall-clock budget of the fine-tune (0 = the step counts only)")
     ap.add_argument("--linking-items", type=int, default=30, help="items per direction for ID <-> title accuracy")
     ap.add_argument("--ease-lambda", type=float, default=500.0)
     ap.add_argument("--baselines-only", action="store_true",
@@ -163,7 +196,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"MAL: {cat.height} anime (adult excluded), {inter.height} interactions, {inter['user_id'].n_unique()} users, "
           f"has timestamps {has_ts} ({time.perf_counter() - t0:.1f}s)")
     sids, sid_note = build_semantic_ids(cat, out / "artifacts", args.sids, args.quantizer_epochs, Path(args.cache_dir),
-                                        args.quantizer_preset)
+                                        args.quantizer_preset, inter=inter, seed=args.seed)
 
     import dagster as dg
     import polars as pl
@@ -218,6 +251,9 @@ def main(argv: list[str] | None = None) -> int:
                     "phase1_weights": dict(zip("ABC", (float(x) for x in args.phase1_weights.split(",")))),
                     "phase1_lr": args.phase1_lr,
                     "phase1_new_rows_lr_mult": args.phase1_new_rows_lr_mult,
+                    "phase2_new_rows_lr_mult": args.phase2_new_rows_lr_mult,
+                    "warm_start": args.warm_start,
+                    "max_train_seconds": args.train_seconds,
                     "replay_ratio": args.replay_ratio,
                     "replay_prompts": args.replay_prompts,
                     "replay_max_new_tokens": args.replay_max_new_tokens,

@@ -291,3 +291,48 @@ def test_random_protocol_no_heldout_item_in_training_rows(inputs):
     assert {"b_next", "b_masked"} <= set(b["template"].to_list())
     with pytest.raises(ValueError, match="holdout must be"):
         LlmDataConfig(holdout="first").validate()
+
+
+def test_sequence_form_set_completion_rows_cover_random_subsets_and_leak_nothing(inputs):
+    """``next_id_format="sequence"``: training B rows write a random subset of a training user's list as IDs in
+    random order (every item after the first a target given the ones before: window - 1 targets per row);
+    held-out rows keep the fixed prompt, the shown items as history and the held-out ID as the completion;
+    no held-out item appears in any training row; refused for the last-item protocol."""
+    from animind_assets.lib.llm.model_folder import SEQUENCE_TEMPLATE, list_order_of, sequence_prefix
+
+    cat, inter, sids = inputs
+    cfg = LlmDataConfig(n_examples=600, seed=2, validation_user_frac=0.25, test_user_frac=0.25, holdout="random",
+                        next_id_format="sequence", max_history=5)
+    res = build_llm_dataset(cat, inter, sids, cfg)
+    df = res.frame
+    sid_of = dict(sids.select("anime_id", "semantic_id").iter_rows())
+    lists = _lists(inter)
+    b = df.filter(pl.col("task") == "B")
+    assert set(b["template"].to_list()) == {SEQUENCE_TEMPLATE}
+    assert len(set(b["prompt"].to_list())) == 1 and list_order_of(b["prompt"].to_list()) == "set"
+    train = b.filter(pl.col("split") == "train")
+    orders_seen = set()
+    for u, t, hist, comp in train.select("user_id", "target_anime_id", "history_anime_ids", "completion").iter_rows():
+        window = [*hist, t]
+        assert comp == sequence_prefix(window, sid_of)  # the whole window is the answer, target last
+        assert len(set(window)) == len(window) and set(window) <= set(lists[u])
+        assert len(window) == min(cfg.max_history + 1, len(lists[u]))
+        orders_seen.add(tuple(lists[u].index(a) for a in window) == tuple(sorted(lists[u].index(a) for a in window)))
+    assert False in orders_seen  # windows are not in list order
+    assert res.summary["next_id_format"] == "sequence"
+    assert res.summary["b_targets_per_row"] == pytest.approx(train["history_anime_ids"].list.len().mean(), abs=1e-3)
+    assert res.summary["b_targets_per_row"] > 2
+    held = b.filter(pl.col("is_heldout"))
+    assert held.height > 5 and (held["completion"] == held["target_anime_id"].replace_strict(sid_of)).all()
+    train_pairs = {(u, a) for u, t, h in df.filter(pl.col("split") == "train").select(
+        "user_id", "target_anime_id", "history_anime_ids").iter_rows() if u is not None for a in [t, *(h or [])]}
+    for u, t, hist in held.select("user_id", "target_anime_id", "history_anime_ids").iter_rows():
+        assert (u, t) not in train_pairs and t not in hist and set(hist) <= set(lists[u])
+    assert res.summary["leakage"]["heldout_items_in_train"] == 0
+    question = build_llm_dataset(cat, inter, sids, LlmDataConfig(n_examples=600, seed=2, validation_user_frac=0.25,
+                                                                 test_user_frac=0.25, holdout="random"))
+    assert question.summary["b_targets_per_row"] == 1.0
+    with pytest.raises(ValueError, match="set completion"):
+        build_llm_dataset(cat, inter, sids, LlmDataConfig(n_examples=100, holdout="last", next_id_format="sequence"))
+    with pytest.raises(ValueError, match="next_id_format"):
+        LlmDataConfig(next_id_format="list").validate()

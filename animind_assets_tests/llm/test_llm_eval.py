@@ -186,3 +186,55 @@ def test_trie_beam_search_with_paths_of_different_lengths(tiny):
 
     for toks, sc in res:
         assert abs(logp(list(toks)) - sc) < 1e-3
+
+
+def test_pure_svd_item_vectors_follow_co_occurrence_and_only_training_users():
+    """PureSVD item vectors: items always listed together get near-identical directions, items of disjoint
+    user groups are orthogonal; a test user's list (not in ``users``) does not shape them; items no
+    training user listed get zero rows; dim < 1 is refused."""
+    from animind_assets.lib.retrieval.item_baselines import pure_svd_item_vectors
+
+    rows = [(u, a) for u in range(10) for a in (1, 2)] + [(u, a) for u in range(10, 20) for a in (3, 4)]
+    rows += [(99, 1), (99, 3), (99, 5)]  # a test user linking the groups and the only one listing item 5
+    inter = pl.DataFrame(rows, schema={"user_id": pl.Int64, "anime_id": pl.Int64}, orient="row")
+    v = pure_svd_item_vectors(inter, range(20), [1, 2, 3, 4, 5, 6], dim=2)
+    assert v.shape == (6, 2) and v.dtype == np.float32
+    cos = lambda a, b: float(a @ b / (np.linalg.norm(a) * np.linalg.norm(b)))  # noqa: E731
+    assert cos(v[0], v[1]) > 0.99 and cos(v[2], v[3]) > 0.99 and abs(cos(v[0], v[2])) < 1e-3
+    assert not v[4].any() and not v[5].any()
+    with pytest.raises(ValueError, match="dim"):
+        pure_svd_item_vectors(inter, range(20), [1], dim=0)
+
+
+def test_sequence_form_set_completion_is_scored_as_trained_in_eval_and_recommend(tmp_path):
+    """A model trained on ``next_id_format="sequence"`` rows: the folder says so; ``evaluate_recommender`` decodes
+    each held-out ID after the shown items' IDs in the answer turn (EOS-free trie), so a returned item's score is
+    the log-probability of its ID tokens there; ``recommend``'s plan renders the same prompt + prefix."""
+    import torch
+
+    from animind_assets.lib.llm.infer import plan_recommendation
+    from animind_assets.lib.llm.model_folder import SEQUENCE_TEMPLATE, prompt_ids, sequence_prefix, sid_token_ids
+
+    folder, frame, inter, _, _ = build_tiny_model_folder(tmp_path, next_id_format="sequence", holdout="random")
+    sm = load_sid_model(folder, num_threads=1)
+    assert sm.info["next_id_format"] == "sequence" and sm.info["sequence_prompt"].endswith("(in no particular order).")
+    res = evaluate_recommender(sm, frame, inter, EvalConfig(max_users=3, num_beams=10, unconstrained_users=2, title_items=0))
+    assert res.summary["next_id_format"] == "sequence" and res.metrics["semantic_id_lm"]["valid_id_rate"] == 1.0
+    assert res.summary["protocol"] == "set_completion"
+    test = frame.filter(pl.col("is_heldout") & (pl.col("split") == "test") & (pl.col("task") == "B")).sort("user_id")
+    assert set(test["template"].to_list()) == {SEQUENCE_TEMPLATE}
+    row = res.predictions.row(0, named=True)
+    hist = test.filter(pl.col("user_id") == row["user_id"])["history_anime_ids"][0].to_list()
+    e = prompt_ids(sm.tokenizer, sm.render(sm.info["sequence_prompt"]) + sequence_prefix(hist, sm.sids), sm.use_chat_template)
+    ids = torch.tensor([e + list(sid_token_ids(sm.tokenizer, sm.sids[row["model_top"][0]]))])
+    with torch.no_grad():
+        logp = torch.log_softmax(sm.model(input_ids=ids).logits[0].float(), -1)
+    want = sum(float(logp[len(e) - 1 + k, ids[0, len(e) + k]]) for k in range(ids.shape[1] - len(e)))
+    assert row["model_scores"][0] == pytest.approx(want, abs=1e-4)
+    plan = plan_recommendation(sm, hist, k=5)
+    assert plan.prompt == sm.info["sequence_prompt"] and plan.prefix == sequence_prefix(hist, sm.sids)
+    out = rank_items(sm, [plan.prompt], k=5, num_beams=10, exclude=[set(hist)], prefixes=[plan.prefix])
+    assert len(out.items[0]) == 5 and not {a for a, _ in out.items[0]} & set(hist)
+    mixed = pl.concat([frame, frame.filter(pl.col("is_heldout")).with_columns(pl.lit("b_next").alias("template"))])
+    with pytest.raises(ValueError, match="mix task-B forms"):
+        evaluate_recommender(sm, mixed, inter, EvalConfig(max_users=2, num_beams=10, unconstrained_users=0, title_items=0))

@@ -72,6 +72,8 @@ LlmPrepDatasetConfig = derive_config(
         "subset; last-item protocol: the window's last item)",
         "list_end_prob": "last-item protocol only: training B rows whose window ends at the end of the user's list "
         "(the position held out for test users); the rest take random windows",
+        "next_id_format": "task B: 'question' (list IDs in the prompt, one masked item answered) | 'sequence' (set "
+        "completion only: the answer is a random subset of the list as IDs, every item a target given the ones before)",
     },
 )
 
@@ -185,6 +187,8 @@ def llm_prep_dataset(
         **scalar_metadata(
             {
                 "order_is_temporal": bool(summary["order_is_temporal"]),
+                "next_id_format": summary["next_id_format"],
+                "b_targets_per_row": summary["b_targets_per_row"],
                 "users_train": summary["users_by_split"]["train"],
                 "users_validation": summary["users_by_split"]["validation"],
                 "users_test": summary["users_by_split"]["test"],

@@ -11,6 +11,10 @@ Three tasks, mixed by configurable ratios (default 0.5 / 0.25 / 0.25):
   ``<anime_start>[MASK]<anime_end>``; the answer is the masked item's SID. Sentiment: ``<dropped>``
   (status 4, takes precedence), ``<liked>`` (score >= 7), ``<disliked>`` (score 1..3), ``<watch>``
   otherwise (unscored or 4..6).
+  With ``next_id_format="sequence"`` (set completion only) task B is written as the list itself: the
+  answer turn is a random subset of a training user's list as IDs in random order (template
+  ``seq_id_sequence``), so one row trains every item after the first given the items before it; a
+  held-out row's shown items become the answer-turn prefix at evaluation (``sequence_prefix``).
 * **C — preference reasoning** from the overlaps (shared genres, studios, era, type) of a user's
   liked anime: a profile summary, or a summary followed by one more of the user's liked anime.
 
@@ -49,7 +53,14 @@ from typing import Any
 import numpy as np
 import polars as pl
 
-from animind_assets.lib.llm.model_folder import b_prompt, recommend_prompt, watch_item
+from animind_assets.lib.llm.model_folder import (
+    SEQUENCE_TEMPLATE,
+    b_prompt,
+    list_sequence_prompt,
+    recommend_prompt,
+    sequence_prefix,
+    watch_item,
+)
 from animind_assets.lib.common.progress import Progress
 from animind_assets.lib.semantic_ids.tokens import DISLIKED, DROPPED, LIKED, WATCH
 from animind_assets.lib.semantic_ids.tokens import SPECIAL_TOKENS as _SPECIAL_TOKENS
@@ -159,6 +170,10 @@ class LlmDataConfig:
     # order is temporal; on data without timestamps an ORDER ARTEFACT); "auto" = last when temporal,
     # else random
     holdout: str = "auto"
+    # task B: "question" (the list's IDs in the prompt, one masked item the answer) | "sequence" (set completion
+    # only: the answer turn is a random subset of the list's IDs in random order, so every item after the first
+    # is a target given the ones before it; held-out rows carry the shown items as the answer-turn prefix)
+    next_id_format: str = "question"
     system_prompt: str = DEFAULT_SYSTEM_PROMPT
 
     def validate(self) -> LlmDataConfig:
@@ -183,6 +198,8 @@ class LlmDataConfig:
                 raise ValueError(f"{name} must be in [0, 1], got {getattr(self, name)}")
         if self.n_examples < 1:
             raise ValueError("n_examples must be >= 1")
+        if self.next_id_format not in ("question", "sequence"):
+            raise ValueError(f"next_id_format must be 'question' or 'sequence', got {self.next_id_format!r}")
         return self
 
 
@@ -230,6 +247,17 @@ def _order_interactions(inter: pl.DataFrame, temporal: bool) -> pl.DataFrame:
     return inter.sort(keys, maintain_order=True)
 
 
+def _b_targets_per_row(frame: pl.DataFrame) -> float:
+    """Mean next-item targets with a non-empty history per training task-B row: 1 in the question form,
+    window - 1 in the sequence form (the first ID of a sequence has no history). 0.0 without B rows."""
+    b = frame.filter((pl.col("task") == "B") & (pl.col("split") == "train"))
+    if b.height == 0:
+        return 0.0
+    seq = b["template"] == SEQUENCE_TEMPLATE
+    per_row = pl.Series(np.where(seq.to_numpy(), b["history_anime_ids"].list.len().to_numpy(), 1))
+    return round(float(per_row.mean()), 3)
+
+
 def split_users(user_ids: Sequence[int], cfg: LlmDataConfig) -> dict[int, str]:
     """Deterministic user -> split assignment (a seeded permutation of the sorted user ids)."""
     users = np.array(sorted(set(int(u) for u in user_ids)), dtype=np.int64)
@@ -263,6 +291,10 @@ def build_llm_dataset(
     temporal = has_ts_col if cfg.timestamps == "auto" else cfg.timestamps == "yes"
     protocol = resolve_protocol(cfg.holdout, temporal)
     list_order = "set" if protocol == "set_completion" else ("watch" if temporal else "list")
+    seq_form = cfg.next_id_format == "sequence"
+    if seq_form and protocol != "set_completion":
+        raise ValueError(f"next_id_format 'sequence' is built for set completion (holdout 'random'); this dataset's "
+                         f"protocol is {protocol!r} (holdout {cfg.holdout!r}, timestamps {temporal})")
 
     inter = user_interactions.filter(pl.col("anime_id").is_in(list(meta)))
     unknown_rows = user_interactions.height - inter.height
@@ -341,8 +373,12 @@ def build_llm_dataset(
             hist, target = items[:-1], items[-1]
             window = hist[-cfg.max_history :]
         heldout_of[u] = target[0]
-        prompt = recommend_prompt([meta[a]["semantic_id"] for a, _ in window], [s for _, s in window], list_order)
-        add("B", "b_next", splits[u], u, target[0], prompt, meta[target[0]]["semantic_id"], [a for a, _ in window], True)
+        if seq_form:  # the shown items go into the answer turn at evaluation (sequence_prefix)
+            add("B", SEQUENCE_TEMPLATE, splits[u], u, target[0], list_sequence_prompt(list_order),
+                meta[target[0]]["semantic_id"], [a for a, _ in window], True)
+        else:
+            prompt = recommend_prompt([meta[a]["semantic_id"] for a, _ in window], [s for _, s in window], list_order)
+            add("B", "b_next", splits[u], u, target[0], prompt, meta[target[0]]["semantic_id"], [a for a, _ in window], True)
         progress.update(1)
     n_b_train = max(0, budget["B"] - len(eval_users))
     train_users = users_by_split["train"]
@@ -354,6 +390,13 @@ def build_llm_dataset(
             items = eligible[u]
             n = len(items)
             w = min(cfg.max_history + 1, n)
+            if seq_form:
+                # a random subset of the list in random order, written as its IDs: every item after the first
+                # is a next-item target given the items before it (completion-only loss)
+                window = [items[i][0] for i in rng_b.choice(n, size=w, replace=False).tolist()]
+                add("B", SEQUENCE_TEMPLATE, "train", u, window[-1], list_sequence_prompt(list_order),
+                    sequence_prefix(window, {a: meta[a]["semantic_id"] for a in window}), window[:-1])
+                continue
             if protocol == "set_completion":
                 # a random subset of the list in random order; a random one of them is masked and,
                 # with mask_last_prob, moved to the end (the form of the evaluation prompt)
@@ -468,6 +511,8 @@ def build_llm_dataset(
         "order_is_temporal": temporal,
         "protocol": protocol,
         "protocol_note": PROTOCOL_NOTES[protocol],
+        "next_id_format": cfg.next_id_format,
+        "b_targets_per_row": _b_targets_per_row(frame),
         "list_order": list_order,
         "order_note": (
             "list order follows timestamps"

@@ -37,7 +37,7 @@ import polars as pl
 from animind_assets.lib.retrieval.item_baselines import EASE, CoWatch, ItemKNN, popularity_counts, popularity_ranking
 from animind_assets.lib.retrieval.item_baselines import rank_scores as rank_scores
 from animind_assets.lib.llm.infer import SidModel, generate_text, parse_sid, rank_items, trie_beam_search
-from animind_assets.lib.llm.model_folder import list_order_of
+from animind_assets.lib.llm.model_folder import SEQUENCE_TEMPLATE, list_order_of, sequence_prefix
 from animind_assets.lib.common.metrics import ranking_metrics
 from animind_assets.lib.common.progress import Progress
 from animind_assets.lib.semantic_ids.trie import SidTrie
@@ -193,6 +193,9 @@ def evaluate_recommender(
     test = dataset.filter((pl.col("task") == "B") & pl.col("is_heldout") & (pl.col("split") == cfg.split)).sort("user_id")
     if test.height == 0:
         raise ValueError(f"llm_prep_dataset has no held-out task-B rows in split {cfg.split!r}")
+    forms = set(test["template"].to_list()) if "template" in test.columns else set()
+    if SEQUENCE_TEMPLATE in forms and len(forms) > 1:
+        raise ValueError(f"held-out {cfg.split} rows mix task-B forms {sorted(forms)}: rebuild llm_prep_dataset with one next_id_format")
     if cfg.max_users and test.height > cfg.max_users:
         rng = np.random.default_rng(cfg.seed)
         test = test[sorted(rng.choice(test.height, size=cfg.max_users, replace=False).tolist())]
@@ -220,13 +223,16 @@ def evaluate_recommender(
     excludes = [(full_lists.get(u, set()) - {t}) | set(w) if cfg.exclude_seen else set() for u, t, w in zip(users, targets, windows)]
     # model: constrained beam search over the trie minus the user's list
     prompts = test["prompt"].to_list()
+    # "sequence" form: the shown items' IDs are the answer-turn prefix, the ID is decoded after them (no EOS)
+    prefixes = [sequence_prefix(w or [], sm.sids) for w in windows] if SEQUENCE_TEMPLATE in forms else None
     progress = Progress("constrained beam search", total=len(prompts), unit="users", log=log, every_s=15)
     model_rank: list[list[int]] = []
     model_scores: list[list[float]] = []
     seqs = valid = 0
     for s in range(0, len(prompts), cfg.batch_size):
         out = rank_items(sm, prompts[s : s + cfg.batch_size], k=kmax, num_beams=max(cfg.num_beams, kmax),
-                         exclude=excludes[s : s + cfg.batch_size], batch_size=cfg.batch_size, engine=engine)
+                         exclude=excludes[s : s + cfg.batch_size], batch_size=cfg.batch_size, engine=engine,
+                         prefixes=prefixes[s : s + cfg.batch_size] if prefixes is not None else None)
         for items in out.items:
             model_rank.append([a for a, _ in items])
             model_scores.append([sc for _, sc in items])
@@ -262,6 +268,7 @@ def evaluate_recommender(
     summary: dict = {
         "protocol": protocol,
         "protocol_note": protocol_note,
+        "next_id_format": "sequence" if prefixes is not None else "question",
         "baselines_note": (
             f"fitted on the full lists of the {len(train_users)} users outside validation/test; popularity, cowatch, item_knn and ease see the items shown in the "
             "LM prompt; ease_full_history sees every other item of the user's list (reference)"
@@ -279,7 +286,9 @@ def evaluate_recommender(
     }
     # unconstrained greedy decoding: how often does free text form a real ID?
     if cfg.unconstrained_users:
-        free = generate_text(sm, prompts[: cfg.unconstrained_users], max_new_tokens=int(sm.info.get("sid_levels", 4)) + 2)
+        levels = int(sm.info.get("sid_levels", 4))  # the sequence form reads one ID after the prefix
+        free = generate_text(sm, prompts[: cfg.unconstrained_users], max_new_tokens=levels if prefixes is not None else levels + 2,
+                             prefixes=prefixes[: cfg.unconstrained_users] if prefixes is not None else None)
         ok = sum(1 for t in free if parse_sid(t) in sm.by_sid)
         summary["unconstrained_valid_id_rate"] = ok / max(len(free), 1)
         summary["unconstrained_examples"] = free[:5]

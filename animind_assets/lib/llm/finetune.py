@@ -417,6 +417,7 @@ def run_finetune(
         "eos_token": tok.eos_token,
         "order_is_temporal": list_order_of(frame.filter(pl.col("task") == "B")["prompt"].to_list()) == "watch",
         "list_order": list_order_of(frame.filter(pl.col("task") == "B")["prompt"].to_list()),
+        **_next_id_format_info(frame),
         "new_tokens_added": len(added),
         "phase_mix": phase_counts,
         "warm_start": asdict(ws) if ws else None,
@@ -427,6 +428,20 @@ def run_finetune(
         "finished": True,  # both phases ran to their step budget (consumers refuse folders without it)
     }
     return FinetuneResult(model=final, tokenizer=tok, info=info, metrics=metrics, history=history, warm_start=ws)
+
+
+def _next_id_format_info(frame: pl.DataFrame) -> dict:
+    """Model-folder info on how task B was written: ``next_id_format`` ("question" | "sequence") and, for the
+    sequence form, its fixed ``sequence_prompt`` (``recommend`` renders it and puts the history's IDs in the
+    answer turn, as training did)."""
+    from animind_assets.lib.llm.sequence_data import SEQUENCE_TEMPLATE
+
+    if "template" not in frame.columns:
+        return {"next_id_format": "question"}
+    seq = frame.filter((pl.col("task") == "B") & (pl.col("template") == SEQUENCE_TEMPLATE))
+    if seq.height == 0:
+        return {"next_id_format": "question"}
+    return {"next_id_format": "sequence", "sequence_prompt": seq["prompt"][0]}
 
 
 def validation_rows(val: pl.DataFrame, lookup: pl.DataFrame) -> list[dict]:

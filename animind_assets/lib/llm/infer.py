@@ -17,7 +17,7 @@ from pathlib import Path
 import polars as pl
 import torch
 
-from animind_assets.lib.llm.model_folder import prompt_ids, read_folder_files, recommend_prompt, render_prompt, sid_token_ids
+from animind_assets.lib.llm.model_folder import prompt_ids, read_folder_files, recommend_prompt, render_prompt, sequence_prefix, sid_token_ids
 from animind_assets.lib.semantic_ids.tokens import LIKED, leading_sid
 from animind_assets.lib.semantic_ids.trie import SidTrie
 
@@ -322,6 +322,7 @@ class RecommendPlan:
     num_beams: int
     dropped_history: int = 0  # oldest items left out to fit the context
     notes: list[str] = field(default_factory=list)
+    prefix: str = ""  # "sequence"-form models: the history's IDs, the answer-turn text decoding continues (rank_items prefixes)
 
 
 def plan_recommendation(
@@ -348,9 +349,14 @@ def plan_recommendation(
     ctx = context_length(sm)
     notes: list[str] = []
 
+    seq_form = sm.info.get("next_id_format") == "sequence"
+
     def n_tokens(start: int) -> int:
         text = history_prompt(sm, ids[start:], sents[start:])
-        return len(prompt_ids(sm.tokenizer, sm.render(text), sm.use_chat_template))
+        n = len(prompt_ids(sm.tokenizer, sm.render(text), sm.use_chat_template))
+        if seq_form:
+            n += len(sm.tokenizer(history_prefix(sm, ids[start:]), add_special_tokens=False)["input_ids"])
+        return n
 
     start = 0
     if n_tokens(0) + depth > ctx:
@@ -390,10 +396,23 @@ def plan_recommendation(
     if k_eff > beams:
         notes.append(f"k={k_eff} lowered to {beams}: no more beams fit the bounds above")
         k_eff = beams
-    return RecommendPlan(kept_ids, prompt, p_tokens, k_eff, beams, start, notes)
+    return RecommendPlan(kept_ids, prompt, p_tokens, k_eff, beams, start, notes,
+                         prefix=history_prefix(sm, kept_ids) if seq_form else "")
+
+
+def history_prefix(sm: SidModel, anime_ids: Sequence[int]) -> str:
+    """The answer-turn prefix of a "sequence"-form model (``info['next_id_format']``): the history's IDs in the
+    given order; "" for question-form models (their history is in the prompt)."""
+    if sm.info.get("next_id_format") != "sequence":
+        return ""
+    return sequence_prefix(anime_ids, sm.sids)
 
 
 def history_prompt(sm: SidModel, anime_ids: Sequence[int], sentiments: Sequence[str] | None = None) -> str:
+    """The task-B prompt for a history: the question form lists the IDs (with sentiments) and masks the next
+    item; a "sequence"-form model gets its fixed ``info['sequence_prompt']`` (the IDs go into ``history_prefix``)."""
+    if sm.info.get("next_id_format") == "sequence":
+        return sm.info["sequence_prompt"]
     sents = list(sentiments) if sentiments is not None else [LIKED] * len(anime_ids)
     order = sm.info.get("list_order") or ("watch" if sm.info.get("order_is_temporal") else "list")
     return recommend_prompt([sm.sids[a] for a in anime_ids], sents, temporal=order)

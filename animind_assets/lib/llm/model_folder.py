@@ -90,6 +90,26 @@ def b_prompt(items: Sequence[str], mask_pos: int, order: str | bool) -> str:
     )
 
 
+SEQUENCE_TEMPLATE = "seq_id_sequence"  # task-B template of the "sequence" form (training and held-out rows)
+
+
+def sequence_prefix(history: Sequence[int], sids) -> str:
+    """The answer-turn text that precedes the next ID in the "sequence" form: the history's IDs in the order
+    given, concatenated (``sids``: item id -> semantic ID). Training completions are ``sequence_prefix(window[:-1])
+    + sids[window[-1]]``; evaluation and ``recommend`` render the prompt, append this and decode. KeyError names
+    an item without an ID."""
+    try:
+        return "".join(sids[int(a)] for a in history)
+    except KeyError as exc:
+        raise KeyError(f"item {exc.args[0]} of the history has no semantic ID") from None
+
+
+def list_sequence_prompt(order: str = "set") -> str:
+    """Task-B prompt of the "sequence" form for user lists (``llm_prep_dataset``): the same text for every row,
+    the list's IDs follow in the answer turn. States the order (``LIST_ORDERS`` key) like ``b_prompt``."""
+    return f"Write the anime on a user's list as semantic IDs ({LIST_ORDERS[list_order_key(order)]})."
+
+
 def recommend_prompt(sids: Sequence[str], sentiments: Sequence[str | None] | None = None, temporal: bool | str = False) -> str:
     """The held-out-item prompt used by evaluation and the ``recommend`` CLI (task B, mask
     appended). ``temporal``: list order (``LIST_ORDERS`` key or the legacy bool)."""

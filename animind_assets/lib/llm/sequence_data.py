@@ -50,10 +50,10 @@ import polars as pl
 from animind_assets.lib.llm.data import LlmDataResult, _hash_id, _stable_seed
 from animind_assets.lib.llm.dataset_report import counts_by
 from animind_assets.lib.llm.dataset_schema import OUTPUT_SCHEMA, TASKS
+from animind_assets.lib.llm.model_folder import SEQUENCE_TEMPLATE, sequence_prefix  # noqa: F401  (public API here too)
 
 SEQ_A_TEMPLATES = ("sid_to_title", "title_to_sid")
 NEXT_ID_FORMATS = ("question", "sequence")
-SEQUENCE_TEMPLATE = "seq_id_sequence"  # task-B template of the "sequence" form (rows and held-out rows)
 DEFAULT_SEQ_SYSTEM_PROMPT = "You are a recommender. Items are written as semantic IDs."
 PROTOCOL = "leave_one_out_next_item"
 PROTOCOL_NOTE = (
@@ -135,17 +135,6 @@ def title_next_id_prompt(titles: Sequence[str], cfg: SeqLlmDataConfig) -> str:
 def sequence_prompt(cfg: SeqLlmDataConfig) -> str:
     """Task-B prompt of the "sequence" form: the same text for every row; the IDs follow in the answer turn."""
     return f"Write a user's {cfg.history_noun} as semantic IDs, oldest first."
-
-
-def sequence_prefix(history: Sequence[int], sids: Mapping[int, str]) -> str:
-    """The answer-turn text that precedes the next ID in the "sequence" form: the history's IDs, oldest first,
-    concatenated (``sids``: item id -> semantic ID). Training completions are ``sequence_prefix(window[:-1]) +
-    sids[window[-1]]``; evaluation renders the prompt, appends this and decodes. KeyError names an item without
-    an ID."""
-    try:
-        return "".join(sids[int(a)] for a in history)
-    except KeyError as exc:
-        raise KeyError(f"item {exc.args[0]} of the history has no semantic ID") from None
 
 
 # ------------------------------------------------------------------------------------------ inputs

@@ -202,3 +202,30 @@ class EASE(_ItemModel):
     def scores(self, history: Sequence[int]) -> np.ndarray:
         q = self.query(history)
         return q @ self.B
+
+
+def pure_svd_item_vectors(interactions: pl.DataFrame, users: Iterable[int], item_ids: Sequence[int], dim: int = 64,
+                          seed: int = 0) -> np.ndarray:
+    """Collaborative item vectors: PureSVD (Cremonesi, Koren & Turrin, RecSys 2010) of the binary user x item
+    matrix of the training ``users``' lists (``interactions``: user_id, anime_id).
+
+    Truncated SVD ``X ~ U S V^T`` (scikit-learn, randomized, ``seed``); item ``j``'s vector is row ``j`` of
+    ``V S``, so inner products approximate co-occurrence counts ``X^T X``. Returns float32
+    ``(len(item_ids), d)`` in the order of ``item_ids`` with ``d = min(dim, n_items - 1, n_users - 1)``; items
+    without a training interaction get a zero row (callers combine them with content vectors). Raises
+    ``ValueError`` when the training users have no interactions or ``dim < 1``.
+    """
+    from sklearn.decomposition import TruncatedSVD
+
+    if dim < 1:
+        raise ValueError(f"dim must be >= 1, got {dim}")
+    m = _ItemModel(interactions, users)
+    d = max(1, min(dim, m.X.shape[1] - 1, m.X.shape[0] - 1))
+    svd = TruncatedSVD(n_components=d, random_state=seed).fit(m.X)
+    factors = (svd.components_.T * svd.singular_values_).astype(np.float32)  # (n_model_items, d)
+    out = np.zeros((len(item_ids), d), dtype=np.float32)
+    for i, a in enumerate(item_ids):
+        j = m.index.get(int(a))
+        if j is not None:
+            out[i] = factors[j]
+    return out

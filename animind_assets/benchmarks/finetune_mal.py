@@ -68,8 +68,8 @@ def load_mal(db: Path):
 
 def collaborative_vectors(cat, inter, seed: int | None, text: "np.ndarray", dim: int = 64, text_weight: float = 0.3, log=print):
     """``--sids collab`` features: PureSVD-``dim`` item vectors of the *training* users' lists (the user split of
-    ``llm_prep_dataset`` with the same seed: no validation/test user's list, so no held-out item, shapes the
-    IDs), each row L2-normalised, beside the row-normalised TF-IDF/SVD text vector x ``text_weight`` (so the
+    ``llm_prep_dataset`` with the same seed: every user outside validation/test, as the baselines; no held-out
+    item shapes the IDs), each row L2-normalised, beside the row-normalised TF-IDF/SVD text vector x ``text_weight`` (so the
     items no training user listed still get distinct, content-based codes). Returns float32 (n_items, dim + 128)."""
     import numpy as np
 
@@ -80,8 +80,8 @@ def collaborative_vectors(cat, inter, seed: int | None, text: "np.ndarray", dim:
     known = inter.filter(pl.col("anime_id").is_in(cat["anime_id"].to_list())).unique(["user_id", "anime_id"])
     counts = known.group_by("user_id").len()
     eligible = counts.filter(pl.col("len") >= dcfg.min_user_items)["user_id"].to_list()
-    splits = split_users(eligible, dcfg)
-    train = [u for u, sp in splits.items() if sp == "train"]
+    held = {u for u, sp in split_users(eligible, dcfg).items() if sp != "train"}
+    train = sorted(set(known["user_id"].to_list()) - held)  # as the baselines: every user outside validation/test
     cf = pure_svd_item_vectors(known, train, cat["anime_id"].to_list(), dim=dim, seed=0)
     norms = np.linalg.norm(cf, axis=1, keepdims=True)
     cf = np.where(norms > 0, cf / np.maximum(norms, 1e-12), 0.0)
@@ -170,6 +170,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--phase1-lr", type=float, default=1e-3)
     ap.add_argument("--phase1-new-rows-lr-mult", type=float, default=1.0)
     ap.add_argument("--phase2-new-rows-lr-mult", type=float, default=1.0)
+    ap.add_argument("--next-id-format", choices=["question", "sequence"], default="question",
+                    help="task B: masked-item question, or the list itself as the answer (set completion only)")
     ap.add_argument("--warm-start", default="rqvae", choices=["rqvae", "projection", "centroid", "mean", "none"])
     ap.add_argument("--train-seconds", type=float, default=0.0, help="wall-clock budget of the fine-tune (0 = the step counts only)")
     ap.add_argument("--linking-items", type=int, default=30, help="items per direction for ID <-> title accuracy")
@@ -235,7 +237,7 @@ def main(argv: list[str] | None = None) -> int:
         "ops": {
             "llm_prep_dataset": {"config": {"n_examples": args.n_examples, "max_history": args.max_history,
                                             "c_max_liked": args.c_max_liked, "list_end_prob": args.list_end_prob,
-                                            "holdout": args.holdout,
+                                            "holdout": args.holdout, "next_id_format": args.next_id_format,
                                             **({"seed": args.seed} if args.seed is not None else {})}},
             "finetuned_model": {
                 "config": {
@@ -281,6 +283,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"rows {md['dagster/row_count'].value}; counts {s['counts']}; duplicates dropped {s['duplicates_dropped']}")
             print(f"users by split {s['users_by_split']}; leakage {s['leakage']}; {s['order_note']}")
             print(f"protocol {s['protocol']}: {s['protocol_note']}")
+            print(f"task B form {s['next_id_format']}: {s['b_targets_per_row']} next-item targets per training row")
             print(f"token lengths ({s['token_length_method']}): {s['token_lengths']}")
         elif name == "finetuned_model":
             for k in ("device", "method", "new_tokens_added", "warm_start", "phase1_train_loss", "phase1_val_loss",

@@ -23,7 +23,8 @@ def tiny_base(tmp_path) -> Path:
 
 
 @pytest.mark.slow
-def test_llm_assets_chain(animind_env, tmp_path, tiny_base):
+@pytest.mark.parametrize("next_id_format", ["question", "sequence"])
+def test_llm_assets_chain(animind_env, tmp_path, tiny_base, next_id_format):
     from animind_assets.defs.llm.finetuned_model import finetuned_model
     from animind_assets.defs.llm.llm_prep_dataset import llm_prep_dataset, llm_prep_dataset_split_by_user
     from animind_assets.defs.llm.recommendation_eval import recommendation_eval, recommendation_eval_valid_ids
@@ -66,7 +67,8 @@ def test_llm_assets_chain(animind_env, tmp_path, tiny_base):
     }
     run_config = {
         "ops": {
-            "llm_prep_dataset": {"config": {"n_examples": 300, "validation_user_frac": 0.2, "test_user_frac": 0.2, "tokenizer_model": str(tiny_base)}},
+            "llm_prep_dataset": {"config": {"n_examples": 300, "validation_user_frac": 0.2, "test_user_frac": 0.2, "tokenizer_model": str(tiny_base),
+                                            "next_id_format": next_id_format}},
             "finetuned_model": {"config": {"base_model": str(tiny_base), "phase1_max_steps": 1, "phase2_max_steps": 1, "batch_size": 4,
                                            "max_seq_length": 256, "eval_examples": 2, "train_layers": 0, "num_threads": 1}},
             "recommendation_eval": {"config": {"max_users": 3, "num_beams": 10, "unconstrained_users": 1, "title_items": 2, "num_threads": 1}},
@@ -82,6 +84,7 @@ def test_llm_assets_chain(animind_env, tmp_path, tiny_base):
     prep_md = result.asset_materializations_for_node("llm_prep_dataset")[0].metadata
     assert prep_md["dagster/row_count"].value > 0 and prep_md["order_is_temporal"].value is False
     assert prep_md["heldout_items_in_train"].value == 0 and "token" in prep_md["token_lengths"].value
+    assert prep_md["next_id_format"].value == next_id_format and prep_md["b_targets_per_row"].value >= 1
     assert {"train.jsonl", "validation.jsonl", "test.jsonl", "summary.json"} <= {p.name for p in (artifacts / "llm_prep_dataset").iterdir()}
     first = json.loads((artifacts / "llm_prep_dataset" / "train.jsonl").read_text().splitlines()[0])
     assert [m["role"] for m in first["messages"]] == ["system", "user", "assistant"]
@@ -95,7 +98,7 @@ def test_llm_assets_chain(animind_env, tmp_path, tiny_base):
     assert not any(p.name.startswith(".finetuned_model.tmp") for p in artifacts.iterdir())  # atomic folder swap
 
     ev_md = result.asset_materializations_for_node("recommendation_eval")[0].metadata
-    assert ev_md["valid_id_rate"].value == 1.0 and ev_md["users"].value == 3
+    assert ev_md["valid_id_rate"].value == 1.0 and ev_md["users"].value == 3 and ev_md["next_id_format"].value == next_id_format
     checks = {c.check_name: c.passed for c in result.get_asset_check_evaluations()}
     assert checks == {"llm_prep_dataset_split_by_user": True, "recommendation_eval_valid_ids": True}
     assert (artifacts / "recommendation_eval" / "predictions.parquet").exists()

@@ -204,6 +204,7 @@ def test_sequence_form_rows_cover_the_training_sequences_without_leakage():
         targets = sorted(a for w in windows.get(u, []) for a in w[1:])  # consecutive windows share one item
         assert targets == sorted(t[1:]), (u, t, windows.get(u))  # every item after the first is a target exactly once
     assert loo_leakage_report(df, seqs)["heldout_items_in_train"] == 0
+    assert df["example_id"].n_unique() == df.height  # held-out rows share a prompt; the history tells them apart
     with pytest.raises(ValueError, match="next_id_format"):
         SeqLlmDataConfig(next_id_format="tree").validate()
     with pytest.raises(ValueError, match="sequence_window"):

@@ -329,6 +329,11 @@ def test_sequence_form_set_completion_rows_cover_random_subsets_and_leak_nothing
     for u, t, hist in held.select("user_id", "target_anime_id", "history_anime_ids").iter_rows():
         assert (u, t) not in train_pairs and t not in hist and set(hist) <= set(lists[u])
     assert res.summary["leakage"]["heldout_items_in_train"] == 0
+    # held-out rows share one prompt: two users with the same held-out item are still two examples
+    n_eval = res.user_splits.filter(pl.col("split") != "train").height
+    assert held.height == n_eval and df["example_id"].n_unique() == df.height
+    shared = held.group_by("completion").len().filter(pl.col("len") > 1).height
+    assert shared > 0  # the fixture has such users, so the case is exercised
     question = build_llm_dataset(cat, inter, sids, LlmDataConfig(n_examples=600, seed=2, validation_user_frac=0.25,
                                                                  test_user_frac=0.25, holdout="random"))
     assert question.summary["b_targets_per_row"] == 1.0

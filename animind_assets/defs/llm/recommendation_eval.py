@@ -117,6 +117,7 @@ def recommendation_eval(
                 "title_to_sid_exact": s.get("title_to_sid_exact"),
                 "title_to_sid_retrieval@1": s.get("title_to_sid_retrieval@1"),
                 "users": s["users"],
+                "next_id_format": s["next_id_format"],
                 "catalog_size": s["catalog_size"],
                 "users_per_s": s["users_per_s"],
                 "seconds": round(time.perf_counter() - t0, 1),

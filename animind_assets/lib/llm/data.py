@@ -67,6 +67,7 @@ from animind_assets.lib.semantic_ids.tokens import SPECIAL_TOKENS as _SPECIAL_TO
 from animind_assets.lib.llm.dataset_schema import OUTPUT_SCHEMA, SPLITS, TASKS  # noqa: F401  (public API)
 from animind_assets.lib.llm.dataset_report import (  # noqa: F401  (public API)
     _dedupe,
+    example_key,
     approx_token_count,
     counts_by,
     example_rows_md,
@@ -475,8 +476,8 @@ def build_llm_dataset(
 
     frame, dup_counts = _dedupe(rows)
     frame = frame.with_columns(
-        pl.struct("task", "prompt", "completion")
-        .map_elements(lambda s: _hash_id(s["task"], s["prompt"], s["completion"]), return_dtype=pl.Utf8)
+        pl.struct("task", "template", "prompt", "completion", "history_anime_ids")
+        .map_elements(lambda s: _hash_id(*example_key(s)), return_dtype=pl.Utf8)
         .alias("example_id")
     ).select(list(OUTPUT_SCHEMA))
     frame = frame.cast(OUTPUT_SCHEMA)  # type: ignore[arg-type]

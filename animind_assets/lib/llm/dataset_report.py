@@ -13,8 +13,21 @@ import polars as pl
 
 from animind_assets.lib.llm.dataset_schema import OUTPUT_SCHEMA, SPLITS, TASKS
 
+SEQUENCE_TEMPLATE = "seq_id_sequence"  # as lib/llm/model_folder.py (the "sequence" form of task B)
+
+
+def example_key(row: dict) -> tuple:
+    """What makes two rows the same example: (task, prompt, completion) and, for the "sequence" form of task
+    B, the history too (its held-out rows share one prompt; their history is the answer-turn prefix, so two
+    users with the same held-out item are different examples)."""
+    key = (row["task"], row["prompt"], row["completion"])
+    if row.get("template") == SEQUENCE_TEMPLATE:
+        key += (tuple(int(a) for a in (row.get("history_anime_ids") or ())),)
+    return key
+
+
 def _dedupe(rows: list[dict]) -> tuple[pl.DataFrame, dict[str, int]]:
-    """Keep each (task, prompt, completion) once; priority test > validation > train so that an
+    """Keep each example (``example_key``) once; priority test > validation > train so that an
     evaluation example never also sits in training. Returns the frame and drops per task."""
     if not rows:
         empty = {k: v for k, v in OUTPUT_SCHEMA.items() if k != "example_id"}
@@ -27,7 +40,7 @@ def _dedupe(rows: list[dict]) -> tuple[pl.DataFrame, dict[str, int]]:
     dropped: Counter = Counter()
     for i in order:
         r = rows[i]
-        key = (r["task"], r["prompt"], r["completion"])
+        key = example_key(r)
         if key in seen:
             counts[seen[key]] += 1
             dropped[r["task"]] += 1

@@ -29,6 +29,7 @@ from pathlib import Path
 
 import polars as pl
 
+from animind_assets.lib.llm.dataset_report import SEQUENCE_TEMPLATE  # the task-B template of the "sequence" form
 from animind_assets.lib.semantic_ids.tokens import ANIME_END, ANIME_START, LIKED, SPECIAL_TOKENS, split_sid
 
 INFO_FILE = "animind_llm.json"
@@ -90,7 +91,6 @@ def b_prompt(items: Sequence[str], mask_pos: int, order: str | bool) -> str:
     )
 
 
-SEQUENCE_TEMPLATE = "seq_id_sequence"  # task-B template of the "sequence" form (training and held-out rows)
 
 
 def sequence_prefix(history: Sequence[int], sids) -> str:

@@ -48,7 +48,7 @@ import numpy as np
 import polars as pl
 
 from animind_assets.lib.llm.data import LlmDataResult, _hash_id, _stable_seed
-from animind_assets.lib.llm.dataset_report import counts_by
+from animind_assets.lib.llm.dataset_report import counts_by, example_key
 from animind_assets.lib.llm.dataset_schema import OUTPUT_SCHEMA, TASKS
 from animind_assets.lib.llm.model_folder import SEQUENCE_TEMPLATE, sequence_prefix  # noqa: F401  (public API here too)
 
@@ -297,8 +297,8 @@ def build_next_item_dataset(
 
     frame, dups = _dedupe_keep_eval(eval_rows, train_rows)
     frame = frame.with_columns(
-        pl.struct("task", "prompt", "completion")
-        .map_elements(lambda r: _hash_id(r["task"], r["prompt"], r["completion"]), return_dtype=pl.Utf8)
+        pl.struct("task", "template", "prompt", "completion", "history_anime_ids")
+        .map_elements(lambda r: _hash_id(*example_key(r)), return_dtype=pl.Utf8)
         .alias("example_id")
     ).select(list(OUTPUT_SCHEMA)).cast(OUTPUT_SCHEMA)  # type: ignore[arg-type]
     leak = loo_leakage_report(frame, seqs)

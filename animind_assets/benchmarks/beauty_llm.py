@@ -128,7 +128,8 @@ def load_sids(args, items, log):
                              "animind_assets.benchmarks.beauty --models sasrec --out DIR, then pass DIR/sasrec_model") from None
         if vec.shape[0] != len(ids) or not (ids == np.arange(len(ids))).all():
             raise ValueError(f"{args.sasrec_dir}: {vec.shape[0]} item vectors for {len(ids)} items (item ids must be 0..N-1)")
-        full, stats, codebooks = rqkmeans_ids(vec, seed=args.seed, log=log, with_codebooks=True)
+        full, stats, books = rqkmeans_ids(vec, seed=args.seed, log=log, with_codebooks=True)
+        codebooks = books if args.warm_start == "projection" else None  # rqvae: title centroids, as before (R1)
         note = f"collaborative IDs: RQ-KMeans 3x256 of the SASRec item embeddings of {args.sasrec_dir} + collision code ({stats})"
     elif args.sids == "reference":
         from animind_assets.lib.retrieval.tiger_data import load_reference_index

@@ -200,6 +200,8 @@ def test_task_c_reasoning_from_overlaps():
 def test_exports_and_token_stats(built):
     recs = to_chat_records(built.frame)
     assert recs[0]["messages"][0]["role"] == "system" and recs[0]["messages"][2]["content"] == recs[0]["completion"]
+    # the history travels with each row (a "sequence"-form held-out row is not reproducible without it)
+    assert [r["history_anime_ids"] for r in recs] == [list(h or []) for h in built.frame["history_anime_ids"].to_list()]
     stats = token_length_stats(built.frame, approx_token_count)
     assert set(stats) >= {"A", "B", "all"} and stats["all"]["max"] >= stats["all"]["p50"] > 0
     assert approx_token_count(["<L1_2><L2_3>"]) == [2]

@@ -235,6 +235,11 @@ def test_sequence_form_set_completion_is_scored_as_trained_in_eval_and_recommend
     assert plan.prompt == sm.info["sequence_prompt"] and plan.prefix == sequence_prefix(hist, sm.sids)
     out = rank_items(sm, [plan.prompt], k=5, num_beams=10, exclude=[set(hist)], prefixes=[plan.prefix])
     assert len(out.items[0]) == 5 and not {a for a, _ in out.items[0]} & set(hist)
-    mixed = pl.concat([frame, frame.filter(pl.col("is_heldout")).with_columns(pl.lit("b_next").alias("template"))])
+    question_rows = frame.filter(pl.col("is_heldout")).with_columns(pl.lit("b_next").alias("template"))
+    with pytest.raises(ValueError, match="re-materialize finetuned_model"):  # a model of the other form
+        evaluate_recommender(sm, question_rows, inter, EvalConfig(max_users=2, num_beams=10, unconstrained_users=0, title_items=0))
+    with pytest.raises(ValueError, match="engine 'cached'"):
+        evaluate_recommender(sm, frame, inter, EvalConfig(max_users=2, num_beams=10, unconstrained_users=0, title_items=0), engine="hf")
+    mixed = pl.concat([frame, question_rows])
     with pytest.raises(ValueError, match="mix task-B forms"):
         evaluate_recommender(sm, mixed, inter, EvalConfig(max_users=2, num_beams=10, unconstrained_users=0, title_items=0))

@@ -116,7 +116,8 @@ def approx_token_count(texts: list[str]) -> list[int]:
 
 
 def to_chat_records(frame: pl.DataFrame) -> list[dict]:
-    """JSONL export rows: chat messages plus the bookkeeping columns."""
+    """JSONL export rows: chat messages plus the bookkeeping columns. ``history_anime_ids`` is kept: a held-out
+    row of the "sequence" form has its shown items there (their IDs are the answer-turn prefix at evaluation)."""
     recs = []
     for r in frame.iter_rows(named=True):
         recs.append(
@@ -134,6 +135,7 @@ def to_chat_records(frame: pl.DataFrame) -> list[dict]:
                 ],
                 "prompt": r["prompt"],
                 "completion": r["completion"],
+                "history_anime_ids": list(r.get("history_anime_ids") or []),
             }
         )
     return recs

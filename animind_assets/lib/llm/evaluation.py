@@ -196,6 +196,12 @@ def evaluate_recommender(
     forms = set(test["template"].to_list()) if "template" in test.columns else set()
     if SEQUENCE_TEMPLATE in forms and len(forms) > 1:
         raise ValueError(f"held-out {cfg.split} rows mix task-B forms {sorted(forms)}: rebuild llm_prep_dataset with one next_id_format")
+    data_form = "sequence" if SEQUENCE_TEMPLATE in forms else "question"
+    if sm.info.get("next_id_format", "question") != data_form:
+        raise ValueError(f"the model was trained on the {sm.info.get('next_id_format', 'question')!r} form of task B, the "
+                         f"dataset's held-out rows are {data_form!r}: re-materialize finetuned_model on this llm_prep_dataset")
+    if data_form == "sequence" and engine != "cached":
+        raise ValueError(f"the 'sequence' form needs engine 'cached' (answer-turn prefixes), got {engine!r}")
     if cfg.max_users and test.height > cfg.max_users:
         rng = np.random.default_rng(cfg.seed)
         test = test[sorted(rng.choice(test.height, size=cfg.max_users, replace=False).tolist())]

@@ -288,6 +288,7 @@ def build_llm_dataset(
     _require(user_interactions, ["user_id", "anime_id", "score", "status"], "user_interactions")
     lookup = sid_lookup_frame(anime_prep, semantic_ids)
     meta = {r["anime_id"]: r for r in lookup.iter_rows(named=True)}
+    sid_of = {a: r["semantic_id"] for a, r in meta.items()}
     has_ts_col = any(c in user_interactions.columns for c in TIMESTAMP_COLUMNS)
     temporal = has_ts_col if cfg.timestamps == "auto" else cfg.timestamps == "yes"
     protocol = resolve_protocol(cfg.holdout, temporal)
@@ -396,7 +397,7 @@ def build_llm_dataset(
                 # is a next-item target given the items before it (completion-only loss)
                 window = [items[i][0] for i in rng_b.choice(n, size=w, replace=False).tolist()]
                 add("B", SEQUENCE_TEMPLATE, "train", u, window[-1], list_sequence_prompt(list_order),
-                    sequence_prefix(window, {a: meta[a]["semantic_id"] for a in window}), window[:-1])
+                    sequence_prefix(window, sid_of), window[:-1])
                 continue
             if protocol == "set_completion":
                 # a random subset of the list in random order; a random one of them is masked and,

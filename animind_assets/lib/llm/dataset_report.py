@@ -11,10 +11,7 @@ from collections.abc import Callable
 import numpy as np
 import polars as pl
 
-from animind_assets.lib.llm.dataset_schema import OUTPUT_SCHEMA, SPLITS, TASKS
-
-SEQUENCE_TEMPLATE = "seq_id_sequence"  # as lib/llm/model_folder.py (the "sequence" form of task B)
-
+from animind_assets.lib.llm.dataset_schema import OUTPUT_SCHEMA, SEQUENCE_TEMPLATE, SPLITS, TASKS
 
 def example_key(row: dict) -> tuple:
     """What makes two rows the same example: (task, prompt, completion) and, for the "sequence" form of task

@@ -20,3 +20,5 @@ OUTPUT_SCHEMA = {
     "is_heldout": pl.Boolean,
     "dup_count": pl.Int64,
 }
+
+SEQUENCE_TEMPLATE = "seq_id_sequence"  # task-B template of the "sequence" form (training and held-out rows)

@@ -48,6 +48,8 @@ from animind_assets.lib.common.fingerprint import json_fingerprint
 from animind_assets.lib.llm.model_folder import prompt_ids, render_prompt  # noqa: F401  (public API)
 from animind_assets.lib.llm.model_folder import (
     PROMPT_FORMAT_VERSION,
+    SEQUENCE_TEMPLATE,
+    sequence_prefix,
     list_order_of,
     write_folder_files,
 )
@@ -434,8 +436,6 @@ def _next_id_format_info(frame: pl.DataFrame) -> dict:
     """Model-folder info on how task B was written: ``next_id_format`` ("question" | "sequence") and, for the
     sequence form, its fixed ``sequence_prompt`` (``recommend`` renders it and puts the history's IDs in the
     answer turn, as training did)."""
-    from animind_assets.lib.llm.sequence_data import SEQUENCE_TEMPLATE
-
     if "template" not in frame.columns:
         return {"next_id_format": "question"}
     seq = frame.filter((pl.col("task") == "B") & (pl.col("template") == SEQUENCE_TEMPLATE))
@@ -449,8 +449,6 @@ def validation_rows(val: pl.DataFrame, lookup: pl.DataFrame) -> list[dict]:
     "sequence" form of task B (``lib/llm/sequence_data.py``) gets its history's IDs as an unscored answer-turn
     ``prefix`` (as the evaluation writes them), so its loss is the held-out item's given the history, not an
     unconditional guess; other rows get ``prefix`` "". KeyError names a history item without a semantic ID."""
-    from animind_assets.lib.llm.sequence_data import SEQUENCE_TEMPLATE, sequence_prefix
-
     sids = dict(zip(lookup["anime_id"].to_list(), lookup["semantic_id"].to_list()))
     cols = [c for c in ("system", "prompt", "completion", "template", "history_anime_ids") if c in val.columns]
     return [{"system": r["system"], "prompt": r["prompt"], "completion": r["completion"],

@@ -29,7 +29,7 @@ from pathlib import Path
 
 import polars as pl
 
-from animind_assets.lib.llm.dataset_report import SEQUENCE_TEMPLATE  # the task-B template of the "sequence" form
+from animind_assets.lib.llm.dataset_schema import SEQUENCE_TEMPLATE  # noqa: F401  (public API here too)
 from animind_assets.lib.semantic_ids.tokens import ANIME_END, ANIME_START, LIKED, SPECIAL_TOKENS, split_sid
 
 INFO_FILE = "animind_llm.json"

@@ -172,6 +172,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--phase2-new-rows-lr-mult", type=float, default=1.0)
     ap.add_argument("--next-id-format", choices=["question", "sequence"], default="question",
                     help="task B: masked-item question, or the list itself as the answer (set completion only)")
+    ap.add_argument("--sequence-window", type=int, default=0,
+                    help="sequence form: list items per training row (0 = max history + 1, as evaluated)")
     ap.add_argument("--warm-start", default="rqvae", choices=["rqvae", "projection", "centroid", "mean", "none"])
     ap.add_argument("--train-seconds", type=float, default=0.0, help="wall-clock budget of the fine-tune (0 = the step counts only)")
     ap.add_argument("--linking-items", type=int, default=30, help="items per direction for ID <-> title accuracy")
@@ -238,6 +240,7 @@ def main(argv: list[str] | None = None) -> int:
             "llm_prep_dataset": {"config": {"n_examples": args.n_examples, "max_history": args.max_history,
                                             "c_max_liked": args.c_max_liked, "list_end_prob": args.list_end_prob,
                                             "holdout": args.holdout, "next_id_format": args.next_id_format,
+                                            "sequence_window": args.sequence_window,
                                             **({"seed": args.seed} if args.seed is not None else {})}},
             "finetuned_model": {
                 "config": {

@@ -343,3 +343,28 @@ def test_sequence_form_set_completion_rows_cover_random_subsets_and_leak_nothing
         build_llm_dataset(cat, inter, sids, LlmDataConfig(n_examples=100, holdout="last", next_id_format="sequence"))
     with pytest.raises(ValueError, match="next_id_format"):
         LlmDataConfig(next_id_format="list").validate()
+
+
+def test_sequence_window_sets_items_per_training_row_and_leaves_heldout_rows_alone(inputs):
+    """``sequence_window``: sequence-form training rows carry that many list items (fewer on a shorter list),
+    the held-out rows still show at most ``max_history`` items; the knob is refused outside the sequence form."""
+    cat, inter, sids = inputs
+    base = dict(n_examples=600, seed=2, validation_user_frac=0.25, test_user_frac=0.25, holdout="random",
+                next_id_format="sequence", max_history=3)
+    short = build_llm_dataset(cat, inter, sids, LlmDataConfig(**base))
+    res = build_llm_dataset(cat, inter, sids, LlmDataConfig(**base, sequence_window=9))
+    lists = _lists(inter)
+    b = res.frame.filter(pl.col("task") == "B")
+    train = b.filter(pl.col("split") == "train")
+    lens = [len(h) + 1 for h in train["history_anime_ids"].to_list()]
+    assert all(n == min(9, len(lists[u])) for n, u in zip(lens, train["user_id"].to_list()))
+    assert max(lens) == 9
+    assert res.summary["b_targets_per_row"] > short.summary["b_targets_per_row"] + 1
+    held = b.filter(pl.col("is_heldout"))
+    assert held["history_anime_ids"].list.len().max() <= 3
+    assert held.sort("example_id")["history_anime_ids"].to_list() == (
+        short.frame.filter((pl.col("task") == "B") & pl.col("is_heldout")).sort("example_id")["history_anime_ids"].to_list())
+    with pytest.raises(ValueError, match="sequence_window"):
+        LlmDataConfig(sequence_window=5).validate()
+    with pytest.raises(ValueError, match="sequence_window"):
+        LlmDataConfig(next_id_format="sequence", sequence_window=1).validate()

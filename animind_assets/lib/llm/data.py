@@ -175,6 +175,9 @@ class LlmDataConfig:
     # only: the answer turn is a random subset of the list's IDs in random order, so every item after the first
     # is a target given the ones before it; held-out rows carry the shown items as the answer-turn prefix)
     next_id_format: str = "question"
+    # "sequence" only: list items per training row (0 = max_history + 1, the context the evaluation shows); a
+    # longer row trains more next-item targets per token (the fixed prompt is paid once per row)
+    sequence_window: int = 0
     system_prompt: str = DEFAULT_SYSTEM_PROMPT
 
     def validate(self) -> LlmDataConfig:
@@ -201,6 +204,10 @@ class LlmDataConfig:
             raise ValueError("n_examples must be >= 1")
         if self.next_id_format not in ("question", "sequence"):
             raise ValueError(f"next_id_format must be 'question' or 'sequence', got {self.next_id_format!r}")
+        if self.sequence_window < 0 or self.sequence_window == 1:
+            raise ValueError(f"sequence_window must be 0 (max_history + 1) or >= 2, got {self.sequence_window}")
+        if self.sequence_window and self.next_id_format != "sequence":
+            raise ValueError(f"sequence_window ({self.sequence_window}) only applies to next_id_format 'sequence'")
         return self
 
 
@@ -393,6 +400,7 @@ def build_llm_dataset(
             n = len(items)
             w = min(cfg.max_history + 1, n)
             if seq_form:
+                w = min(cfg.sequence_window or cfg.max_history + 1, n)
                 # a random subset of the list in random order, written as its IDs: every item after the first
                 # is a next-item target given the items before it (completion-only loss)
                 window = [items[i][0] for i in rng_b.choice(n, size=w, replace=False).tolist()]

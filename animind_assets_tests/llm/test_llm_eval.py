@@ -233,6 +233,11 @@ def test_sequence_form_set_completion_is_scored_as_trained_in_eval_and_recommend
     assert row["model_scores"][0] == pytest.approx(want, abs=1e-4)
     plan = plan_recommendation(sm, hist, k=5)
     assert plan.prompt == sm.info["sequence_prompt"] and plan.prefix == sequence_prefix(hist, sm.sids)
+    assert not plan.notes
+    from animind_assets.lib.semantic_ids.tokens import DISLIKED
+
+    disliked = plan_recommendation(sm, hist, [DISLIKED] * len(hist), k=5)  # no sentiment tokens in this form
+    assert disliked.prefix == plan.prefix and any("sentiments ignored" in n for n in disliked.notes)
     out = rank_items(sm, [plan.prompt], k=5, num_beams=10, exclude=[set(hist)], prefixes=[plan.prefix])
     assert len(out.items[0]) == 5 and not {a for a, _ in out.items[0]} & set(hist)
     question_rows = frame.filter(pl.col("is_heldout")).with_columns(pl.lit("b_next").alias("template"))

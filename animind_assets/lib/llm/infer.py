@@ -350,6 +350,9 @@ def plan_recommendation(
     notes: list[str] = []
 
     seq_form = sm.info.get("next_id_format") == "sequence"
+    if seq_form and sentiments is not None and any(x != LIKED for x in sents):
+        notes.append("sentiments ignored: this model was trained on the sequence form of task B, which writes no "
+                     "sentiment tokens (every history item is read as listed)")
 
     def n_tokens(start: int) -> int:
         text = history_prompt(sm, ids[start:], sents[start:])

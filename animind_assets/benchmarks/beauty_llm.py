@@ -30,7 +30,8 @@ fine-tune), throughput, ``uptime`` load at start and end, the published referenc
 the protocol. Results go to ``<out>/beauty_llm.json``.
 
 ``--gpu``: device cuda, every block trained, batch 32, bf16, a 4-minute fine-tune budget, 2,000 test
-users, then ``benchmarks.finetune_mal`` at GPU scale; sized to finish within 10 minutes on one
+users, then ``benchmarks.finetune_mal`` at GPU scale (collaborative IDs, the sequence form with 24-item
+training rows, every block trained, batch 32, bf16); sized to finish within 10 minutes on one
 H100/H200-class GPU. Not measured yet (no GPU was available where this was written).
 """
 
@@ -97,6 +98,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--n-boot", type=int, default=1000)
     p.add_argument("--seed", type=int, default=0, help="user subset / bootstrap seed (as benchmarks.beauty)")
     p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--bf16", action="store_true",
+                   help="bf16 autocast during training on CPU (fast only on CPUs with AMX / AVX512-BF16; --gpu sets it)")
     p.add_argument("--gpu", action="store_true", help="GPU scale (see the module docstring), then the MAL LM benchmark")
     p.add_argument("--skip-mal", action="store_true", help="with --gpu: Beauty only")
     args = p.parse_args(argv)
@@ -207,7 +210,7 @@ def main(argv=None) -> int:
         train_layers=args.train_layers, phase1_max_steps=args.phase1_steps, phase2_max_steps=args.phase2_steps,
         phase1_weights=w1, phase2_weights=w2, phase1_lr=args.lr, phase2_lr=args.lr, batch_size=args.batch_size,
         max_seq_length=args.max_seq_length, num_threads=args.threads, max_train_seconds=args.train_seconds,
-        english_ppl=not args.gpu, linking_eval_items=args.linking_items, eval_examples=16, bf16=args.gpu, lr_scheduler="constant_with_warmup",
+        english_ppl=not args.gpu, linking_eval_items=args.linking_items, eval_examples=16, bf16=args.gpu or args.bf16, lr_scheduler="constant_with_warmup",
         warmup_frac=0.02, warm_start=args.warm_start, phase1_new_rows_lr_mult=args.phase1_new_rows_lr_mult,
         phase2_new_rows_lr_mult=args.phase2_new_rows_lr_mult,
     )
@@ -267,8 +270,9 @@ def main(argv=None) -> int:
         from animind_assets.benchmarks import finetune_mal
 
         print("\n=== MAL 2020 LM benchmark at GPU scale (set completion)")
-        finetune_mal.main(["--out", str(out / "mal"), "--sids", "rqvae", "--phase1-steps", "150", "--phase2-steps", "1200",
-                           "--batch-size", "32", "--train-layers", "0", "--eval-users", "0", "--threads", "8",
+        finetune_mal.main(["--out", str(out / "mal"), "--sids", "collab", "--next-id-format", "sequence",
+                           "--sequence-window", "24", "--phase1-steps", "150", "--phase2-steps", "1200",
+                           "--batch-size", "32", "--train-layers", "0", "--eval-users", "0", "--threads", "8", "--bf16",
                            "--linking-items", "30"])
     return 0
 

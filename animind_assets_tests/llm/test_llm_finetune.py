@@ -389,3 +389,23 @@ def test_frozen_base_token_rows_stay_exactly_while_new_rows_learn(tmp_path, data
     torch.manual_seed(42)
     ft.warm_start_embeddings(ref, tok, lookup, sid_toks, mode="mean", n_base_rows=n_base)
     assert (frozen_new - ref.get_input_embeddings().weight[n_base:].detach()).abs().max() > 0
+
+
+def test_bf16_autocast_trains_on_cpu_and_saves_float32(tmp_path, data):
+    """``bf16=True`` on CPU (the benchmarks' ``--bf16``): the training forward runs under bf16 autocast (checked by
+    recording the dtype a decoder block's MLP sees), the loss stays finite, the ID rows move, and the weights
+    stay float32 (``save_dtype``) for saving and inference."""
+    _, _, frame, lookup = data
+    tok = smollm2_tokenizer()
+    model = tiny_llama(tok)
+    n_base = model.get_input_embeddings().weight.shape[0]
+    seen: list[torch.dtype] = []
+    model.model.layers[-1].mlp.down_proj.register_forward_hook(lambda _m, _i, out: seen.append(out.dtype) if _m.training else None)
+    cfg = tiny_finetune_config(phase1_max_steps=1, phase2_max_steps=2, english_ppl=False, warm_start="mean",
+                               linking_eval_items=0, bf16=True)
+    res = ft.run_finetune(frame, lookup, cfg, tmp_path / "bf16", base=(model, tok))
+    assert torch.bfloat16 in seen
+    assert all(np.isfinite(h["loss"]) for h in res.history if "loss" in h)
+    w = res.model.get_input_embeddings().weight
+    assert w.dtype == torch.float32 and torch.isfinite(w).all()
+    assert res.metrics["phase2_steps_done"] == 2 and w.shape[0] > n_base

@@ -44,7 +44,12 @@ def make_trainer_class():
         def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
             if not self.fast_loss or return_outputs:
                 return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
-            loss, n, correct = completion_loss(model, inputs["input_ids"], inputs.get("attention_mask"), inputs["labels"], num_items_in_batch)
+            # bf16: the fast path calls the backbone directly, past the autocast wrapper accelerate puts on
+            # model.forward, so it opens its own autocast (CPU with AMX / AVX512-BF16, or CUDA)
+            device_type = inputs["input_ids"].device.type
+            with torch.autocast(device_type, dtype=torch.bfloat16, enabled=bool(self.args.bf16)):
+                loss, n, correct = completion_loss(model, inputs["input_ids"], inputs.get("attention_mask"), inputs["labels"],
+                                                   num_items_in_batch)
             mode = "train" if model.training else "eval"
             if n:
                 self._metrics[mode]["mean_token_accuracy"].append(correct / n)

@@ -16,6 +16,9 @@ Fine-tune variants (each adds one change to the one before):
 3. ``+LM head at completion positions``: ``fast_loss`` (the 49k-row head only where the loss is taken).
 4. ``+top 2 blocks``: ``train_layers=2`` (no backward pass through the 28 frozen blocks; the setting of
    the LM benchmarks; ``finetuned_model``'s demo preset trains the top 4).
+5. ``+bf16 autocast``: ``bf16=True`` (the benchmarks' ``--bf16``): matrix products in bfloat16, weights and
+   loss in float32. Fast only where the CPU has AMX-BF16 / AVX512-BF16 (printed first); elsewhere bf16 is
+   emulated and slower.
 
 Tokens/s counts the tokens of the training examples (prompt + completion, no padding) per second of
 training steps. Beam search: the fine-tuned model of the last variant ranks the top 10 for ``--users``
@@ -43,6 +46,7 @@ VARIANTS = [
     ("+ length-grouped batches", dict(train_layers=0, fast_loss=False, group_by_length=True)),
     ("+ LM head at completion positions", dict(train_layers=0, fast_loss=True, group_by_length=True)),
     ("+ top 2 blocks only (the benchmarks' setting)", dict(train_layers=2, fast_loss=True, group_by_length=True)),
+    ("+ bf16 autocast (--bf16)", dict(train_layers=2, fast_loss=True, group_by_length=True, bf16=True)),
 ]
 
 
@@ -55,7 +59,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--steps", type=int, default=12, help="training steps per variant")
     ap.add_argument("--batch-size", type=int, default=8)
     ap.add_argument("--beams", type=int, default=20)
-    ap.add_argument("--variants", default="1,2,3,4", help="comma list of variant numbers (1-4) to run")
+    ap.add_argument("--variants", default="1,2,3,4,5", help="comma list of variant numbers (1-5) to run")
     ap.add_argument("--profile", action="store_true", help="print a torch.profiler table of one default training step")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--seed", type=int, default=42)
@@ -71,9 +75,14 @@ def main(argv: list[str] | None = None) -> int:
     from animind_assets.lib.llm.finetune import FinetuneConfig, codebooks_from_checkpoint, run_finetune
     from animind_assets.lib.llm.infer import make_sid_model, rank_items
 
+    from animind_assets.benchmarks.embeddings import cpu_info
+
     out = Path(args.out).resolve()
     out.mkdir(parents=True, exist_ok=True)
     load0 = os.getloadavg()
+    cpu = cpu_info()
+    print(f"CPU: {cpu['model']} ({cpu['cpus']} logical CPUs); extensions: {', '.join(cpu['extensions']) or '-'}; "
+          f"without: {', '.join(cpu['missing']) or '-'}", flush=True)
     cat, inter = load_demo(args.catalog_limit, 100)
     sids, _ = build_semantic_ids(cat, out / "artifacts", "rqvae", 10, out / "cache", log=lambda _m: None)
     ds = build_llm_dataset(cat, inter, sids, LlmDataConfig(n_examples=args.n_examples, seed=args.seed)).frame

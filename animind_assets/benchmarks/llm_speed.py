@@ -60,7 +60,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--batch-size", type=int, default=8)
     ap.add_argument("--beams", type=int, default=20)
     ap.add_argument("--variants", default="1,2,3,4,5", help="comma list of variant numbers (1-5) to run")
-    ap.add_argument("--profile", action="store_true", help="print a torch.profiler table of one default training step")
+    ap.add_argument("--profile", action="store_true", help="print a torch.profiler table of 3 training steps of --profile-variant")
+    ap.add_argument("--profile-variant", type=int, default=4, choices=range(1, len(VARIANTS) + 1),
+                    help="variant profiled with --profile (4 = the benchmarks' float32 setting, 5 = bf16)")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--seed", type=int, default=42)
     args = ap.parse_args(argv)
@@ -137,17 +139,19 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _profile_default(ds, lookup, codebooks, out: Path, args) -> None:
-    """3 training steps of variant 4 inside ``torch.profiler`` (the whole Trainer loop: data
-    collation, forward, loss, backward, optimizer); prints the top operators by self CPU time."""
+    """3 training steps of variant ``args.profile_variant`` (default 4) inside ``torch.profiler`` (the whole
+    Trainer loop: data collation, forward, loss, backward, optimizer); prints the top operators by self CPU time."""
     from torch.profiler import ProfilerActivity, profile
 
     from animind_assets.lib.llm.finetune import FinetuneConfig, run_finetune
 
     cfg = FinetuneConfig(phase1_max_steps=3, phase2_max_steps=0, batch_size=args.batch_size, english_ppl=False,
-                         linking_eval_items=0, eval_examples=1, num_threads=args.threads, seed=args.seed, **VARIANTS[-1][1])
+                         linking_eval_items=0, eval_examples=1, num_threads=args.threads, seed=args.seed,
+                         **VARIANTS[args.profile_variant - 1][1])
     with profile(activities=[ProfilerActivity.CPU]) as prof:
         run_finetune(ds, lookup, cfg, out / "work_profile", codebooks=codebooks, log=lambda _m: None)
-    print("\nprofile of variant 4 (3 steps + model setup), top operators by self CPU time:")
+    print(f"\nprofile of variant {args.profile_variant} ({VARIANTS[args.profile_variant - 1][0]}; 3 steps + model setup), "
+          "top operators by self CPU time:")
     print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=12))
 
 

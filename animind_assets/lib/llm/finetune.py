@@ -218,6 +218,7 @@ def _run_phase(
         dataloader_num_workers=0,
         use_cpu=not use_cuda,
         bf16=cfg.bf16,
+        gradient_checkpointing=cfg.gradient_checkpointing,  # explicit: TRL's SFTConfig defaults to True
         disable_tqdm=True,
         remove_unused_columns=True,
         train_sampling_strategy="group_by_length" if cfg.group_by_length else "random",

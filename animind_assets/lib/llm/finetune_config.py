@@ -72,6 +72,7 @@ class FinetuneConfig:
     ppl_max_tokens: int = 256
     save_dtype: str = "float32"  # "float32" | "bfloat16"
     bf16: bool = False  # autocast bf16 during training (GPU / AMX CPUs)
+    gradient_checkpointing: bool = False  # recompute activations in the backward pass: less memory, slower (TRL's SFTConfig turns it on by default; with frozen lower blocks it also makes the backward pass run through them)
     max_train_seconds: float = 0.0  # wall-clock budget of the training steps of both phases together, from the first step (0 = none); training stops at the first step past it, a later phase is skipped (stop_reason in the metadata)
 
     def validate(self) -> FinetuneConfig:

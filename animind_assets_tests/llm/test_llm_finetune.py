@@ -409,3 +409,17 @@ def test_bf16_autocast_trains_on_cpu_and_saves_float32(tmp_path, data):
     w = res.model.get_input_embeddings().weight
     assert w.dtype == torch.float32 and torch.isfinite(w).all()
     assert res.metrics["phase2_steps_done"] == 2 and w.shape[0] > n_base
+
+
+@pytest.mark.parametrize("checkpointing", [False, True])
+def test_gradient_checkpointing_only_when_asked(tmp_path, data, checkpointing):
+    """TRL's ``SFTConfig`` turns gradient checkpointing on by default; the fine-tune passes
+    ``FinetuneConfig.gradient_checkpointing`` (default False) explicitly, so the model trains without it unless
+    asked (with frozen lower blocks it made every step recompute and back-propagate through them: 2.2-2.6x slower)."""
+    _, _, frame, lookup = data
+    tok = smollm2_tokenizer()
+    model = tiny_llama(tok)
+    cfg = tiny_finetune_config(phase1_max_steps=1, phase2_max_steps=1, english_ppl=False, warm_start="mean",
+                               linking_eval_items=0, gradient_checkpointing=checkpointing)
+    res = ft.run_finetune(frame, lookup, cfg, tmp_path / "gc", base=(model, tok))
+    assert res.model.is_gradient_checkpointing is checkpointing

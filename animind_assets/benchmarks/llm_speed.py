@@ -80,9 +80,8 @@ def main(argv: list[str] | None = None) -> int:
     from animind_assets.benchmarks.llm_linking import load_demo
     from animind_assets.lib.llm.data import LlmDataConfig, build_llm_dataset, sid_lookup_frame
     from animind_assets.lib.llm.finetune import FinetuneConfig, codebooks_from_checkpoint, run_finetune
-    from animind_assets.lib.llm.infer import make_sid_model, rank_items
-
     from animind_assets.benchmarks.embeddings import cpu_info
+    from animind_assets.lib.llm.infer import make_sid_model, rank_items
 
     out = Path(args.out).resolve()
     out.mkdir(parents=True, exist_ok=True)

@@ -89,6 +89,10 @@ def parse_args(argv=None) -> argparse.Namespace:
                         "codebooks); projection = the codebooks projected into the token space (--sids sasrec/own)")
     p.add_argument("--phase1-new-rows-lr-mult", type=float, default=1.0, help="learning-rate multiplier of the new ID rows, phase 1")
     p.add_argument("--phase2-new-rows-lr-mult", type=float, default=1.0, help="the same, phase 2")
+    p.add_argument("--distill-weight", type=float, default=0.0,
+                   help="knowledge distillation from the SASRec of --sasrec-dir (lib/llm/distill.py): weight of its "
+                        "next-item softmax in the targets of the sequence form's ID tokens (0 = off)")
+    p.add_argument("--distill-temperature", type=float, default=1.0, help="softmax temperature of the teacher's logits")
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--max-seq-length", type=int, default=192)
     p.add_argument("--train-layers", type=int, default=2, help="top blocks trained + embeddings/head (0 = all)")
@@ -212,10 +216,25 @@ def main(argv=None) -> int:
         max_seq_length=args.max_seq_length, num_threads=args.threads, max_train_seconds=args.train_seconds,
         english_ppl=not args.gpu, linking_eval_items=args.linking_items, eval_examples=16, bf16=args.gpu or args.bf16, lr_scheduler="constant_with_warmup",
         warmup_frac=0.02, warm_start=args.warm_start, phase1_new_rows_lr_mult=args.phase1_new_rows_lr_mult,
-        phase2_new_rows_lr_mult=args.phase2_new_rows_lr_mult,
+        phase2_new_rows_lr_mult=args.phase2_new_rows_lr_mult, distill_weight=args.distill_weight,
+        distill_temperature=args.distill_temperature,
     )
+    teacher = None
+    if args.distill_weight > 0:
+        from animind_assets.lib.llm.distill import position_logits_teacher
+        from animind_assets.lib.retrieval.sasrec import load_sasrec
+
+        if not args.sasrec_dir:
+            raise SystemExit("--distill-weight needs --sasrec-dir (the teacher): python -m animind_assets.benchmarks.beauty "
+                             "--models sasrec --out DIR, then pass DIR/sasrec_model")
+        sas = load_sasrec(args.sasrec_dir)[0]
+        if sas.n_items != items.height:
+            raise SystemExit(f"--sasrec-dir {args.sasrec_dir} scores {sas.n_items} items, the split has {items.height}")
+        teacher = position_logits_teacher(sas)
+        log(f"distillation teacher: SASRec of {args.sasrec_dir} (weight {args.distill_weight}, T {args.distill_temperature})")
     t0 = time.perf_counter()
-    ft = run_finetune(ds.frame, lookup, fcfg, out / "work", codebooks=codebooks, special_tokens=(), log=log)
+    ft = run_finetune(ds.frame, lookup, fcfg, out / "work", codebooks=codebooks, special_tokens=(), log=log,
+                      teacher=teacher, teacher_items=items.height)
     ft_seconds = time.perf_counter() - t0
     model_dir = out / "beauty_finetuned_model"
     if model_dir.exists():

@@ -4,7 +4,9 @@ Thin layer over ``animind_assets.lib.llm.finetune.run_finetune`` (the same libra
 launchpad fields as the anime ``finetuned_model``): tokenizer extended with the Beauty semantic-ID
 tokens, new rows warm-started from the ``beauty_semantic_ids`` quantizer codebooks
 (``<artifacts>/beauty_semantic_ids/quantizer/model.pt``; title centroids without it), two TRL SFT
-phases (phase 1 linking-weighted, phase 2 next-item-weighted). The model can name every Beauty item
+phases (phase 1 linking-weighted, phase 2 next-item-weighted). With ``distill_weight > 0`` the materialized
+``sasrec_model`` is the teacher of knowledge distillation (``lib/llm/distill.py``; it must score the same
+items and have been trained on the same ``beauty_interactions``). The model can name every Beauty item
 with an ID (the leave-one-out evaluation ranks the whole catalog). One atomic folder
 ``<artifacts>/beauty_finetuned_model/`` read by ``beauty_llm_eval``; metrics in MLflow.
 """
@@ -15,7 +17,7 @@ import dagster as dg
 import polars as pl
 from pydantic import Field
 
-from animind_assets.defs.beauty.shared import GROUP
+from animind_assets.defs.beauty.shared import GROUP, load_sasrec_asset, split_from_interactions
 from animind_assets.defs.llm.shared import FINETUNE_DESCRIPTIONS, load_codebooks, phase_losses, train_and_publish
 from animind_assets.gpu import GPU_OP_TAGS, GPU_POOL
 from animind_assets.launchpad import derive_config
@@ -46,6 +48,7 @@ BeautyFinetunedModelConfig = derive_config(
     pool=GPU_POOL,
     op_tags=GPU_OP_TAGS,
     kinds={"pytorch", "mlflow"},
+    deps=["sasrec_model"],  # the distillation teacher (read only with distill_weight > 0)
     description="Causal LM fine-tuned (TRL SFT, two phases) to speak Beauty semantic IDs; folder at "
     "<artifacts>/beauty_finetuned_model/.",
 )
@@ -57,6 +60,7 @@ def beauty_finetuned_model(
     beauty_llm_prep_dataset: pl.DataFrame,
     beauty_semantic_ids: pl.DataFrame,
     beauty_items: pl.DataFrame,
+    beauty_interactions: pl.DataFrame,
 ) -> dg.MaterializeResult:
     t0 = time.perf_counter()
     store = artifacts.store()
@@ -65,8 +69,21 @@ def beauty_finetuned_model(
     lookup = item_lookup(beauty_items, beauty_semantic_ids, "item_id", "text")
     codebooks = (load_codebooks(store, config.quantizer_checkpoint, QUANTIZER_CKPT, context.log.info)
                  if cfg.warm_start in ("rqvae", "projection") else None)
+    teacher = None
+    if cfg.distill_weight > 0:  # knowledge distillation from the sasrec_model (docs/beauty.md)
+        from animind_assets.lib.llm.distill import position_logits_teacher
+
+        _, data_fp = split_from_interactions(beauty_interactions, n_items=beauty_items.height)
+        sasrec, _ = load_sasrec_asset(artifacts, f"{ASSET}: distill_weight={cfg.distill_weight} (the teacher; or set "
+                                      "distill_weight: 0)", data_fp=data_fp)
+        if sasrec.n_items != beauty_items.height:
+            raise ValueError(f"{ASSET}: sasrec_model scores {sasrec.n_items} items, beauty_items has {beauty_items.height}: "
+                             "rematerialize sasrec_model")
+        teacher = position_logits_teacher(sasrec)
+        context.log.info(f"{ASSET}: distilling from sasrec_model (weight {cfg.distill_weight}, T {cfg.distill_temperature})")
     result, files, _, run_link = train_and_publish(
         context, store, mlflow, cfg, beauty_llm_prep_dataset, lookup, codebooks=codebooks, special_tokens=(),
+        teacher=teacher, teacher_items=beauty_items.height,
         model_dir=MODEL_DIR, work_dir=WORK_DIR, log_model=config.log_model_to_mlflow,
         tags={"base_model": cfg.base_model, "dataset": "amazon_beauty"},
     )
@@ -83,6 +100,7 @@ def beauty_finetuned_model(
             "phase2_sid_to_title_retrieval@1": m.get("phase2_sid_to_title_retrieval@1"),
             "phase2_title_to_sid_retrieval@1": m.get("phase2_title_to_sid_retrieval@1"),
             "warm_start": result.warm_start.mode if result.warm_start else "none",
+            "distill_weight": cfg.distill_weight, "distill_positions": m.get("distill_positions"),
             "materialize_seconds": round(time.perf_counter() - t0, 1), "mlflow_run": run_link,
         }),
         "model_folder": dg.MetadataValue.path(str(store.path(MODEL_DIR))),

@@ -85,6 +85,9 @@ def finetuned_model(
     store = artifacts.store()
     store.sweep(log=context.log.info)  # half-written model folders of killed runs (.finetuned_model.tmp-p<pid>-*)
     cfg = config.to_lib()
+    if cfg.distill_weight > 0:
+        raise ValueError("finetuned_model: distill_weight > 0 needs a next-item teacher, and the anime chain has none "
+                         "(beauty_finetuned_model distils from sasrec_model); set distill_weight: 0")
     lookup = model_lookup(anime_prep, semantic_ids, llm_prep_dataset, config.lookup_scope)
     context.log.info(f"model lookup: {lookup.height} anime ({config.lookup_scope})")
     codebooks = (load_codebooks(store, config.rqvae_checkpoint, ("rqvae_model", "model.pt"), context.log.info)

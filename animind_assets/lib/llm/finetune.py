@@ -182,7 +182,7 @@ def _decoder_layers(model):
 
 def _run_phase(
     phase: str, model, tokenizer, rows: list[dict], cfg: FinetuneConfig, lr: float, max_steps: int,
-    out_dir: Path, step_offset: int, log: LogFn, run, history: list, extra_callbacks: Sequence = (),
+    out_dir: Path, step_offset: int, log: LogFn, run, history: list, extra_callbacks: Sequence = (), distiller=None,
 ) -> dict:
     import datasets
     from datasets import Dataset
@@ -233,6 +233,8 @@ def _run_phase(
         callbacks=[make_progress_callback(phase, step_offset, log, run, history, t0, max_steps), *extra_callbacks],
     )
     trainer.fast_loss = cfg.fast_loss
+    if distiller is not None and cfg.distill_weight > 0:
+        trainer.distiller, trainer.distill_weight = distiller, cfg.distill_weight
     from transformers.trainer_callback import PrinterCallback, ProgressCallback
 
     trainer.remove_callback(PrinterCallback)
@@ -290,11 +292,18 @@ def run_finetune(
     log: LogFn = noop_log,
     run=None,
     base=None,
+    teacher=None,
+    teacher_items: int | None = None,
 ) -> FinetuneResult:
     """Fine-tune on the ``llm_prep_dataset`` rows. ``lookup``: anime_id, semantic_id, title (+genres).
     ``work_dir`` holds per-phase checkpoints (a run with the same fingerprint resumes there).
-    ``base`` = (model, tokenizer) to skip loading (tests). Returns the trained model in memory."""
+    ``base`` = (model, tokenizer) to skip loading (tests). ``teacher`` (with ``cfg.distill_weight > 0``): a
+    ``lib/llm/distill.Teacher`` scoring ``teacher_items`` items whose ids are the lookup's ``anime_id``
+    (knowledge distillation, ``lib/llm/distill.py``). Returns the trained model in memory. Raises
+    ``ValueError`` without train rows, or with ``distill_weight > 0`` and no teacher."""
     cfg = cfg.validate()
+    if cfg.distill_weight > 0 and (teacher is None or not teacher_items):
+        raise ValueError("distill_weight > 0 needs a teacher and its item count (run_finetune(teacher=..., teacher_items=...))")
     if cfg.num_threads > 0 and not torch.cuda.is_available():
         torch.set_num_threads(cfg.num_threads)
     torch.manual_seed(cfg.seed)
@@ -320,6 +329,13 @@ def run_finetune(
         ws = warm_start_embeddings(
             model, tok, lookup, sid_toks, special_tokens, codebooks, cfg.warm_start, cfg.ridge_alpha, n_base_rows, log
         )
+    distiller = None
+    if cfg.distill_weight > 0:
+        from animind_assets.lib.llm.distill import SidDistiller
+
+        distiller = SidDistiller(lookup["anime_id"].to_list(), lookup["semantic_id"].to_list(), tok.convert_tokens_to_ids,
+                                 teacher, int(teacher_items), cfg.distill_temperature)
+        log(f"distillation: teacher over {teacher_items} items, weight {cfg.distill_weight}, temperature {cfg.distill_temperature}")
     n_params = sum(p.numel() for p in model.parameters())
     method = _choose_method(cfg, n_params)
     fp = json_fingerprint({"cfg": cfg.fingerprint_dict(), "rows": frame["example_id"].to_list() if "example_id" in frame.columns else frame.height,
@@ -379,7 +395,8 @@ def run_finetune(
         budget_cb = time_budget_callback(deadline, name, log) if deadline is not None else None
         if budget_cb is not None:
             extra.append(budget_cb)
-        m = _run_phase(name, model_wrapped, tok, rows, cfg, lr, steps, work / name, step_offset, log, run, history, extra)
+        m = _run_phase(name, model_wrapped, tok, rows, cfg, lr, steps, work / name, step_offset, log, run, history, extra,
+                       distiller)
         if budget_cb is not None and budget_cb.stopped and stop_reason == "step budget":
             stop_reason = f"time budget of {cfg.max_train_seconds:.0f}s spent in {name} at step {int(m['steps_done'])} of {steps}"
         for k, v in m.items():
@@ -405,6 +422,11 @@ def run_finetune(
         metrics["english_ppl_after"] = english_perplexity(final, tok, max_tokens=cfg.ppl_max_tokens)
         metrics["english_ppl_ratio"] = metrics["english_ppl_after"] / max(metrics["english_ppl_before"], 1e-9)
         log(f"English perplexity after: {metrics['english_ppl_after']:.2f} (x{metrics['english_ppl_ratio']:.2f})")
+    if distiller is not None:
+        metrics["distill_positions"] = float(distiller.positions_distilled)
+        metrics["distill_share"] = distiller.positions_distilled / max(distiller.positions_seen, 1)
+        log(f"distillation: {distiller.positions_distilled} of {distiller.positions_seen} completion items had teacher "
+            "targets (an item after another item of the same completion)")
     metrics["total_seconds"] = time.perf_counter() - t_start
     metrics["total_steps"] = float(step_offset)
     info = {

@@ -15,9 +15,13 @@ from animind_assets.lib.llm.finetune_config import LogFn, noop_log
 from animind_assets.lib.llm.training_data import tokenize_rows
 
 # ---------------------------------------------------------------------------------------- loss
-def completion_loss(model, input_ids, attention_mask, labels, num_items=None):
+def completion_loss(model, input_ids, attention_mask, labels, num_items=None, distill=None, distill_weight: float = 0.0):
     """Causal-LM loss evaluated only where ``labels != -100`` (the LM head skips prompt tokens).
-    Returns (loss, n_tokens, n_correct)."""
+
+    ``distill``: a ``lib/llm/distill.DistillBatch`` of teacher soft targets at some of those positions; there the
+    target becomes ``(1 - distill_weight) one_hot + distill_weight q`` (cross-entropy over the full vocabulary,
+    ``q`` 0 outside the ID tokens). Returns (loss, n_tokens, n_correct); the loss is summed over positions and
+    divided by ``num_items`` (the trainer's count) or the number of positions."""
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
     backbone = getattr(base, base.base_model_prefix)
     hidden = backbone(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).last_hidden_state
@@ -30,7 +34,14 @@ def completion_loss(model, input_ids, attention_mask, labels, num_items=None):
     denom = num_items if num_items is not None else max(n, 1)
     if isinstance(denom, torch.Tensor):
         denom = denom.to(logits.device)
-    loss = torch.nn.functional.cross_entropy(logits, target, reduction="sum") / denom
+    loss = torch.nn.functional.cross_entropy(logits, target, reduction="sum")
+    if distill is not None and distill_weight > 0 and len(distill.flat_index):
+        idx = distill.flat_index.to(logits.device)
+        logp = torch.log_softmax(logits[idx], dim=-1)
+        hard = -logp.gather(1, target[idx].unsqueeze(1)).sum()
+        soft = -(distill.targets.to(logits.device) * logp[:, distill.token_ids.to(logits.device)]).sum()
+        loss = loss + distill_weight * (soft - hard)
+    loss = loss / denom
     correct = int((logits.argmax(-1) == target).sum()) if n else 0
     return loss, n, correct
 
@@ -40,16 +51,19 @@ def make_trainer_class():
 
     class SidSFTTrainer(SFTTrainer):
         fast_loss = True
+        distiller = None  # lib/llm/distill.SidDistiller (FinetuneConfig.distill_weight > 0)
+        distill_weight = 0.0
 
         def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
             if not self.fast_loss or return_outputs:
                 return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+            distill = self.distiller.batch_targets(inputs["labels"]) if self.distiller is not None and model.training else None
             # bf16: the fast path calls the backbone directly, past the autocast wrapper accelerate puts on
             # model.forward, so it opens its own autocast (CPU with AMX / AVX512-BF16, or CUDA)
             device_type = inputs["input_ids"].device.type
             with torch.autocast(device_type, dtype=torch.bfloat16, enabled=bool(self.args.bf16)):
                 loss, n, correct = completion_loss(model, inputs["input_ids"], inputs.get("attention_mask"), inputs["labels"],
-                                                   num_items_in_batch)
+                                                   num_items_in_batch, distill, self.distill_weight)
             mode = "train" if model.training else "eval"
             if n:
                 self._metrics[mode]["mean_token_accuracy"].append(correct / n)

@@ -1,0 +1,206 @@
+"""Knowledge distillation of a next-item teacher into the semantic-ID LM (code-level soft targets).
+
+A trained item-level recommender (e.g. the Beauty ``SASRec``, ``lib/retrieval/sasrec.py``) scores every
+item after every prefix of a sequence. Its softmax is a dense target: one training position then says how
+likely *each* item is, not only which one came next (Hinton et al., "Distilling the Knowledge in a Neural
+Network", 2015; for LLM recommenders e.g. DLLM2Rec, Cui et al. RecSys 2024). The LM predicts an item as
+its semantic ID, one level token at a time, so the teacher's item distribution ``p`` is turned into one
+distribution per level, conditioned on the true prefix of the target's ID, exactly the factorisation the
+LM's chain rule uses:
+
+    q_l(c) = sum_{i : code_<l(i) = code_<l(target), code_l(i) = c} p(i)  /  sum_{i : code_<l(i) = code_<l(target)} p(i)
+
+so ``prod_l q_l(code_l(i))`` = ``p(i)`` for every item (exact, not an approximation).
+
+Where it applies: an item of a completion (the answer turn) whose history is the completion's earlier
+items, i.e. task B in the **"sequence" form** (``SeqLlmDataConfig.next_id_format = "sequence"``; the ID
+sequence is the answer). The first item of a completion and the single-item answers of the question form
+keep the plain one-hot loss. At a distilled token the target becomes ``(1 - a) one_hot + a q_l`` with
+``a = FinetuneConfig.distill_weight`` (cross-entropy against it, over the whole vocabulary: ``q_l`` is 0
+outside the level's ID tokens); ``distill_temperature`` divides the teacher's logits.
+
+This module never imports Dagster.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from animind_assets.lib.semantic_ids.tokens import level_tokens, sid_codes
+
+# teacher(seqs) -> (M, n_items) float logits: for each sequence s (item ids, oldest first) the rows for the
+# next item after s[:1], s[:2], ..., s[:-1] (len(s) - 1 rows), sequences concatenated in order
+Teacher = Callable[[list[list[int]]], torch.Tensor]
+
+
+def position_logits_teacher(model, pad_offset: int = 1) -> Teacher:
+    """A :data:`Teacher` from a model with ``position_logits(inputs (B, L) int64, valid (B, L) bool) -> (M, N)``
+    and ``max_len`` (``SASRec``; ``lib/retrieval/sasrec.py``): item id ``i`` is token ``i + pad_offset``,
+    sequences are left-padded with 0 and cut to their last ``max_len`` items (the rows of the cut-off
+    prefixes then see at most ``max_len`` items, as the teacher was trained). The model is put in eval mode
+    and never trained."""
+    model.eval()
+    max_len = int(getattr(model, "max_len", 10**9))
+
+    def teacher(seqs: list[list[int]]) -> torch.Tensor:
+        device = next(model.parameters()).device
+        rows = []
+        for s in seqs:
+            # the target of position t is s[t + 1]; a prefix longer than max_len is cut to its last max_len items
+            if len(s) <= max_len:
+                rows.append((list(s[:-1]), len(s) - 1))
+            else:  # one chunk per window end; rare (completions are short): each target sees max_len items
+                for t in range(1, len(s)):
+                    rows.append((list(s[max(0, t - max_len):t]), -1))
+        width = max((len(r) for r, _ in rows), default=1) or 1
+        inputs = torch.zeros((len(rows), width), dtype=torch.long)
+        valid = torch.zeros((len(rows), width), dtype=torch.bool)
+        for b, (r, n_valid) in enumerate(rows):
+            if not r:
+                continue
+            inputs[b, width - len(r):] = torch.as_tensor(r, dtype=torch.long) + pad_offset
+            if n_valid >= 0:
+                valid[b, width - len(r):] = True
+            else:  # a window: only its last position is a target row
+                valid[b, width - 1] = True
+        with torch.no_grad():
+            return model.position_logits(inputs.to(device), valid.to(device)).float()
+
+    return teacher
+
+
+@dataclass
+class DistillBatch:
+    """Soft targets of one training batch. ``flat_index`` (K,) int64: positions in the flattened
+    completion positions of ``completion_loss`` (row-major over ``labels[:, 1:] != -100``);
+    ``targets`` (K, S) float32: the level distributions ``q_l`` over the S ID tokens ``token_ids``."""
+
+    flat_index: torch.Tensor
+    targets: torch.Tensor
+    token_ids: torch.Tensor
+
+
+class SidDistiller:
+    """Turns a batch's completions into teacher soft targets at their ID tokens (module docstring).
+
+    ``item_ids`` / ``semantic_ids``: the catalog (item id in the teacher's column space ``0..n_items-1``,
+    ID string ``<L1_a><L2_b>...``); ``token_id``: maps a level token to its id in the extended tokenizer
+    (``tokenizer.convert_tokens_to_ids``); ``teacher``: a :data:`Teacher`; ``temperature`` > 0.
+    Raises ``ValueError`` when an item id is outside ``0..n_items-1`` or two items share an ID."""
+
+    def __init__(self, item_ids: Sequence[int], semantic_ids: Sequence[str], token_id: Callable[[str], int],
+                 teacher: Teacher, n_items: int, temperature: float = 1.0) -> None:
+        if temperature <= 0:
+            raise ValueError(f"distill temperature must be > 0, got {temperature}")
+        codes = [sid_codes(s) for s in semantic_ids]
+        n_lev = max((len(c) for c in codes), default=0)
+        tok = np.full((n_items, n_lev), -1, dtype=np.int64)
+        self.item_of: dict[tuple[int, ...], int] = {}
+        for item, c in zip(item_ids, codes):
+            item = int(item)
+            if not 0 <= item < n_items:
+                raise ValueError(f"item id {item} outside the teacher's 0..{n_items - 1}")
+            ids = tuple(int(token_id(t)) for t in level_tokens(c))
+            if ids in self.item_of:
+                raise ValueError(f"items {self.item_of[ids]} and {item} share the semantic ID {''.join(level_tokens(c))}")
+            self.item_of[ids] = item
+            tok[item, : len(ids)] = ids
+        self.level_of: dict[int, int] = {}
+        for ids in self.item_of:
+            for lv, t in enumerate(ids):
+                self.level_of[t] = lv
+        self.token_ids = torch.as_tensor(sorted(self.level_of), dtype=torch.long)
+        compact = {t: j for j, t in enumerate(self.token_ids.tolist())}
+        self.codes_tok = torch.as_tensor(tok)  # (N, n_lev) token ids, -1 = no such level / no ID
+        self.codes_compact = torch.as_tensor(np.vectorize(lambda t: compact.get(int(t), -1), otypes=[np.int64])(tok)
+                                             if tok.size else tok)
+        self.teacher = teacher
+        self.n_items = int(n_items)
+        self.temperature = float(temperature)
+        self.positions_seen = 0
+        self.positions_distilled = 0
+
+    def _items_of_row(self, label_row: list[int]) -> list[tuple[int, list[int]]]:
+        """(item id, [positions of its level tokens]) for each complete ID in one row's completion tokens
+        (``label_row``: the labels, -100 outside the completion), in order; a run broken by a non-ID token or
+        an unknown ID ends the sequence (later items start a new one only after it)."""
+        out: list[tuple[int, list[int]]] = []
+        cur: list[int] = []
+        pos: list[int] = []
+
+        def close():
+            item = self.item_of.get(tuple(cur))
+            if item is not None:
+                out.append((item, list(pos)))
+            else:
+                out.append((-1, []))
+
+        for j, t in enumerate(label_row):
+            lv = self.level_of.get(t)
+            if lv is None:
+                if cur:
+                    close()
+                    cur, pos = [], []
+                if t != -100:
+                    out.append((-1, []))  # a non-ID completion token: the history is broken here
+                continue
+            if lv == 0 and cur:
+                close()
+                cur, pos = [], []
+            cur.append(t)
+            pos.append(j)
+        if cur:
+            close()
+        return out
+
+    def batch_targets(self, labels: torch.Tensor) -> DistillBatch | None:
+        """``labels`` (B, T) int64 (-100 outside completions) -> the soft targets of the batch, or None when no
+        completion of it holds an item after another item."""
+        lab = labels.detach().cpu()
+        mask = lab[:, 1:] != -100
+        flat_of = torch.full(mask.shape, -1, dtype=torch.long)
+        flat_of[mask] = torch.arange(int(mask.sum()))
+        seqs: list[list[int]] = []
+        targets: list[tuple[int, list[int]]] = []  # (target item, label positions)
+        for b in range(lab.shape[0]):
+            runs: list[list[tuple[int, list[int]]]] = [[]]
+            for item, pos in self._items_of_row(lab[b].tolist()):
+                if item < 0:
+                    runs.append([])
+                else:
+                    runs[-1].append((item, pos))
+            for run in runs:
+                if len(run) >= 2:
+                    seqs.append([it for it, _ in run])
+                    targets += [(it, [flat_of[b, p - 1].item() for p in pos]) for it, pos in run[1:]]
+            self.positions_seen += sum(len(r) for r in runs)
+        if not seqs:
+            return None
+        logits = self.teacher(seqs)
+        if logits.shape != (len(targets), self.n_items):
+            raise ValueError(f"teacher returned {tuple(logits.shape)} logits, expected ({len(targets)}, {self.n_items})")
+        p = torch.softmax(logits.float().cpu() / self.temperature, dim=1)  # (M, N)
+        tgt_items = torch.as_tensor([t for t, _ in targets], dtype=torch.long)
+        true = self.codes_tok[tgt_items]  # (M, n_lev)
+        n_s = len(self.token_ids)
+        flat_idx: list[torch.Tensor] = []
+        soft: list[torch.Tensor] = []
+        match = torch.ones_like(p, dtype=torch.bool)
+        for lv in range(self.codes_tok.shape[1]):
+            if lv > 0:
+                match &= self.codes_tok[:, lv - 1].unsqueeze(0) == true[:, lv - 1].unsqueeze(1)
+            cols = self.codes_compact[:, lv]
+            ok = cols >= 0
+            w = (p * match)[:, ok]
+            q = torch.zeros((p.shape[0], n_s), dtype=torch.float32).index_add_(1, cols[ok], w)
+            q = q / q.sum(1, keepdim=True).clamp_min(1e-30)
+            rows = [m for m, (_, fl) in enumerate(targets) if lv < len(fl) and true[m, lv] >= 0]
+            if rows:
+                flat_idx.append(torch.as_tensor([targets[m][1][lv] for m in rows], dtype=torch.long))
+                soft.append(q[rows])
+        self.positions_distilled += len(targets)
+        return DistillBatch(torch.cat(flat_idx), torch.cat(soft), self.token_ids)

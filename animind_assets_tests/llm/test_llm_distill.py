@@ -1,0 +1,173 @@
+"""Knowledge distillation of a next-item teacher into the semantic-ID LM (``lib/llm/distill.py``): the code-level
+targets factorise the teacher's item softmax exactly, land on the right label positions, only where an item
+follows another item of the same completion; the loss mixes them in as documented; the fine-tune uses them."""
+
+from __future__ import annotations
+
+import numpy as np
+import polars as pl
+import pytest
+import torch
+
+from animind_assets.lib.llm.distill import SidDistiller, position_logits_teacher
+from animind_assets.lib.semantic_ids.tokens import level_tokens, sid_codes
+from animind_assets_tests.llm.test_llm_beauty import SEQ_CFG, tiny_beauty
+
+EOS = 2
+
+
+class FakeTeacher:
+    """Seeded logits that depend on the whole prefix (so a wrong prefix gives other targets); records calls."""
+
+    def __init__(self, n_items: int) -> None:
+        self.n_items = n_items
+        self.calls: list[list[list[int]]] = []
+
+    def logits_after(self, prefix: list[int]) -> torch.Tensor:
+        g = torch.Generator().manual_seed(1 + sum((k + 1) * 31**j for j, k in enumerate(prefix)) % 100_003)
+        return torch.randn(self.n_items, generator=g) * 2
+
+    def __call__(self, seqs: list[list[int]]) -> torch.Tensor:
+        self.calls.append([list(s) for s in seqs])
+        return torch.stack([self.logits_after(s[:t]) for s in seqs for t in range(1, len(s))])
+
+
+def _catalog():
+    items, _, sids = tiny_beauty()
+    vocab: dict[str, int] = {}
+    for s in sids["semantic_id"].to_list():
+        for t in level_tokens(sid_codes(s)):
+            vocab.setdefault(t, 1000 + len(vocab))
+    return sids, vocab
+
+
+def _ids(sid: str, vocab: dict[str, int]) -> list[int]:
+    return [vocab[t] for t in level_tokens(sid_codes(sid))]
+
+
+def test_code_level_targets_factorise_the_teacher_softmax():
+    sids, vocab = _catalog()
+    n = sids.height
+    sid = dict(zip(sids["item_id"].to_list(), sids["semantic_id"].to_list()))
+    teacher = FakeTeacher(n)
+    d = SidDistiller(sids["item_id"].to_list(), sids["semantic_id"].to_list(), vocab.__getitem__, teacher, n, temperature=0.7)
+    prompt = [-100] * 5
+    a, b, c, x = 3, 1, 2, 7  # items 1 and 2 share their first three codes (told apart by the last level)
+    row0 = prompt + _ids(sid[a], vocab) + _ids(sid[b], vocab) + _ids(sid[c], vocab) + [EOS]
+    row1 = prompt + _ids(sid[x], vocab) + [EOS]  # one item (the question form): nothing to distill
+    row2 = prompt + _ids(sid[a], vocab) + [55] + _ids(sid[x], vocab) + _ids(sid[b], vocab) + [EOS]  # a non-ID token breaks it
+    width = max(map(len, (row0, row1, row2)))
+    labels = torch.full((3, width), -100, dtype=torch.long)
+    for i, r in enumerate((row0, row1, row2)):
+        labels[i, : len(r)] = torch.as_tensor(r)
+    out = d.batch_targets(labels)
+    assert teacher.calls == [[[a, b, c], [x, b]]]  # row 2's history restarts after the non-ID token
+    n_lev = len(sid_codes(sid[a]))
+    assert len(out.flat_index) == 3 * n_lev and out.targets.shape == (3 * n_lev, len(out.token_ids))
+    # the soft targets sit at the label positions of the targets' ID tokens (completion_loss's flattening)
+    flat_labels = labels[:, 1:][labels[:, 1:] != -100]
+    targets = [(b, [a]), (c, [a, b]), (b, [x])]
+    want_tokens = [t for item, _ in targets for t in _ids(sid[item], vocab)]
+    # flat_index is level-major (all level-1 positions, then level 2, ...); compare as sets per level
+    got = flat_labels[out.flat_index].tolist()
+    by_level = [want_tokens[lv::n_lev] for lv in range(n_lev)]
+    assert got == [t for lv in range(n_lev) for t in by_level[lv]]
+    col = {t: j for j, t in enumerate(out.token_ids.tolist())}
+    assert torch.allclose(out.targets.sum(1), torch.ones(len(out.flat_index)))
+    for m, (item, prefix) in enumerate(targets):
+        p = torch.softmax(teacher.logits_after(prefix) / 0.7, 0)
+        prod = 1.0
+        for lv, t in enumerate(_ids(sid[item], vocab)):
+            q = out.targets[lv * len(targets) + m]
+            prod *= float(q[col[t]])
+            # mass only on level-lv tokens
+            level_cols = [col[tt] for tt, li in d.level_of.items() if li == lv]
+            assert float(q[level_cols].sum()) == pytest.approx(1.0, abs=1e-5)
+        assert prod == pytest.approx(float(p[item]), rel=1e-4)  # prod_l q_l(code_l) = p(item): exact
+    assert d.positions_distilled == 3
+    assert d.batch_targets(labels[1:2]) is None  # a lone item per completion: no teacher call, no targets
+    with pytest.raises(ValueError, match="share the semantic ID"):
+        SidDistiller([0, 1], [sid[a], sid[a]], vocab.__getitem__, teacher, n)
+    with pytest.raises(ValueError, match="outside"):
+        SidDistiller([n], [sid[a]], vocab.__getitem__, teacher, n)
+
+
+def test_position_logits_teacher_scores_every_prefix_as_the_sasrec_does():
+    from animind_assets.lib.retrieval.sasrec import SASRec, SASRecConfig
+
+    cfg = SASRecConfig(hidden=16, blocks=1, heads=1, dropout=0.0)
+    cfg.train.max_len = 4
+    torch.manual_seed(0)
+    model = SASRec(12, cfg)
+    teacher = position_logits_teacher(model)
+    seqs = [[3, 5, 7], [1, 2, 3, 4, 5, 6]]  # the second is longer than max_len: each target gets its own window
+    got = teacher(seqs)
+    # a sequence that fits: one pass, every position a row, as SASRec trains (right-aligned positions)
+    short = model.position_logits(torch.as_tensor([[3, 5]]) + 1, torch.ones((1, 2), dtype=torch.bool))
+    # a longer one: the target after s[:t] is scored from the last max_len items of s[:t]
+    long = [model.score(torch.as_tensor([seqs[1][max(0, t - 4):t]]) + 1)[0] for t in range(1, 6)]
+    assert got.shape == (2 + 5, 12)
+    assert torch.allclose(got[:2], short, atol=1e-5) and torch.allclose(got[2:], torch.stack(long), atol=1e-5)
+    assert not torch.allclose(got[0], got[1])
+
+
+def test_completion_loss_mixes_the_soft_targets_as_documented():
+    from animind_assets.lib.llm.distill import DistillBatch
+    from animind_assets.lib.llm.losses import completion_loss
+    from animind_assets_tests.llm_fixtures import smollm2_tokenizer, tiny_llama
+
+    tok = smollm2_tokenizer()
+    torch.manual_seed(0)
+    model = tiny_llama(tok).eval()
+    ids = torch.randint(5, 200, (2, 9))
+    labels = ids.clone()
+    labels[:, :4] = -100
+    token_ids = torch.as_tensor([10, 11, 12])
+    q = torch.as_tensor([[0.2, 0.3, 0.5], [1.0, 0.0, 0.0]])
+    batch = DistillBatch(torch.as_tensor([1, 6]), q, token_ids)
+    with torch.no_grad():
+        hard, n, _ = completion_loss(model, ids, None, labels)
+        mixed, _, _ = completion_loss(model, ids, None, labels, distill=batch, distill_weight=0.25)
+        off, _, _ = completion_loss(model, ids, None, labels, distill=batch, distill_weight=0.0)
+        logits = model(input_ids=ids).logits[:, :-1][labels[:, 1:] != -100].float()
+    logp = torch.log_softmax(logits, -1)
+    y = labels[:, 1:][labels[:, 1:] != -100]
+    ce = -logp.gather(1, y.unsqueeze(1)).squeeze(1)
+    soft = -(q * logp[[1, 6]][:, token_ids]).sum(1)
+    want = (ce.sum() + 0.25 * (soft - ce[[1, 6]]).sum()) / n
+    assert float(off) == pytest.approx(float(hard))
+    assert float(mixed) == pytest.approx(float(want), rel=1e-4)
+    assert abs(float(mixed) - float(hard)) > 1e-4  # a near-uniform tiny model: the targets still move the loss
+
+
+def test_finetune_distills_sequence_rows_and_refuses_without_a_teacher(tmp_path):
+    from animind_assets.lib.llm.finetune import run_finetune
+    from animind_assets.lib.llm.sequence_data import build_next_item_dataset, item_lookup
+    from animind_assets_tests.llm_fixtures import smollm2_tokenizer, tiny_finetune_config, tiny_llama
+
+    items, inter, sids = tiny_beauty()
+    df = build_next_item_dataset(items, inter, sids, SEQ_CFG).frame
+    lookup = item_lookup(items, sids)
+    cfg = tiny_finetune_config(phase1_max_steps=1, phase2_max_steps=3, english_ppl=False, linking_eval_items=0,
+                               phase2_weights={"A": 0.0, "B": 1.0, "C": 0.0}, distill_weight=0.5)
+    tok = smollm2_tokenizer()
+    with pytest.raises(ValueError, match="needs a teacher"):
+        run_finetune(df, lookup, cfg, tmp_path / "w0", special_tokens=(), base=(tiny_llama(tok), tok))
+    teacher = FakeTeacher(items.height)
+    res = run_finetune(df, lookup, cfg, tmp_path / "w1", special_tokens=(), base=(tiny_llama(tok), tok),
+                       teacher=teacher, teacher_items=items.height)
+    assert teacher.calls and res.metrics["distill_positions"] > 0 and 0 < res.metrics["distill_share"] < 1
+    assert all(np.isfinite(h["loss"]) for h in res.history if "loss" in h)
+    # every sequence the teacher saw is a run of consecutive items of one user's training sequence
+    train_seqs = {int(u): list(map(int, s)) for u, s in
+                  inter.sort(["user_id", "seq"]).group_by("user_id", maintain_order=True).agg("item_id").iter_rows()}
+    seen = [s for call in teacher.calls for s in call]
+    assert all(any(_is_run(s, full[:-2]) for full in train_seqs.values()) for s in seen)
+    with pytest.raises(ValueError, match="distill_weight"):
+        tiny_finetune_config(distill_weight=1.5).validate()
+    with pytest.raises(ValueError, match="fast_loss"):
+        tiny_finetune_config(distill_weight=0.5, fast_loss=False).validate()
+
+
+def _is_run(s: list[int], seq: list[int]) -> bool:
+    return any(seq[i : i + len(s)] == s for i in range(len(seq) - len(s) + 1))

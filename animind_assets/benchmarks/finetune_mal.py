@@ -165,6 +165,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--cache-dir", default=str(Path(tempfile.gettempdir()) / "animind_bench"))
     ap.add_argument("--holdout", choices=["random", "last"], default="random",
                     help="random: set completion (seeded random held-out item); last: last row = ORDER ARTEFACT on MAL")
+    ap.add_argument("--distill-weight", type=float, default=0.0,
+                    help="knowledge distillation from EASE on the training users' lists (lib/llm/distill.py; the "
+                         "'sequence' form's rows): weight of the teacher's targets (0 = off)")
+    ap.add_argument("--distill-temperature", type=float, default=0.0,
+                    help="softmax temperature of the EASE scores (0 = fitted by the teacher's NLL on training rows)")
     ap.add_argument("--replay-ratio", type=float, default=0.0, help="English-retention replay share (self-distilled)")
     ap.add_argument("--replay-prompts", type=int, default=0, help="shipped replay prompts used (0 = all 150)")
     ap.add_argument("--replay-max-new-tokens", type=int, default=96)
@@ -266,6 +271,9 @@ def main(argv: list[str] | None = None) -> int:
                     "replay_prompts": args.replay_prompts,
                     "replay_max_new_tokens": args.replay_max_new_tokens,
                     "linking_eval_items": args.linking_items,
+                    "distill_weight": args.distill_weight,
+                    "distill_temperature": args.distill_temperature,
+                    "distill_ease_lambda": args.ease_lambda,
                 }
             },
             "recommendation_eval": {"config": {"max_users": args.eval_users, "num_beams": args.num_beams, "num_threads": args.threads,

@@ -70,7 +70,11 @@ def test_llm_assets_chain(animind_env, tmp_path, tiny_base, next_id_format):
             "llm_prep_dataset": {"config": {"n_examples": 300, "validation_user_frac": 0.2, "test_user_frac": 0.2, "tokenizer_model": str(tiny_base),
                                             "next_id_format": next_id_format}},
             "finetuned_model": {"config": {"base_model": str(tiny_base), "phase1_max_steps": 1, "phase2_max_steps": 1, "batch_size": 4,
-                                           "max_seq_length": 256, "eval_examples": 2, "train_layers": 0, "num_threads": 1}},
+                                           "max_seq_length": 256, "eval_examples": 2, "train_layers": 0, "num_threads": 1,
+                                           # the sequence form distils from EASE, temperature fitted (0)
+                                           **({"distill_weight": 0.5, "distill_temperature": 0.0,
+                                               "phase2_weights": {"A": 0.0, "B": 1.0, "C": 0.0}}
+                                              if next_id_format == "sequence" else {})}},
             "recommendation_eval": {"config": {"max_users": 3, "num_beams": 10, "unconstrained_users": 1, "title_items": 2, "num_threads": 1}},
         }
     }
@@ -93,6 +97,10 @@ def test_llm_assets_chain(animind_env, tmp_path, tiny_base, next_id_format):
     ft_md = result.asset_materializations_for_node("finetuned_model")[0].metadata
     assert ft_md["warm_start"].value == "rqvae" and ft_md["method"].value == "full"
     assert ft_md["english_ppl_after"].value > 0 and "mlflow_run_id" in ft_md
+    if next_id_format == "sequence":
+        assert ft_md["distill_positions"].value > 0 and 0 < ft_md["distill_temperature"].value < 10
+    else:
+        assert ft_md["distill_weight"].value == 0.0 and "distill_positions" not in ft_md
     model_dir = artifacts / "finetuned_model"
     assert (model_dir / "sid_lookup.parquet").exists() and (model_dir / "model.safetensors").exists()
     assert not any(p.name.startswith(".finetuned_model.tmp") for p in artifacts.iterdir())  # atomic folder swap

@@ -323,13 +323,19 @@ def test_beauty_llm_chain(animind_env, tmp_path, next_id_format):
                                                "next_id_format": next_id_format}},
         "beauty_finetuned_model": {"config": {"base_model": str(base), "phase1_max_steps": 1, "phase2_max_steps": 1, "batch_size": 4,
                                               "max_seq_length": 256, "eval_examples": 2, "train_layers": 0, "num_threads": 1,
-                                              "english_ppl": False, "linking_eval_items": 2}},
+                                              "english_ppl": False, "linking_eval_items": 2,
+                                              # the sequence form distils from the materialized sasrec_model
+                                              **({"distill_weight": 0.5, "phase2_weights": {"A": 0.0, "B": 1.0, "C": 0.0}}
+                                                 if next_id_format == "sequence" else {})}},
+        "sasrec_model": {"config": {"hidden": 16, "epochs": 1, "max_len": 10}},
         "beauty_llm_eval": {"config": {"test_users": 8, "seed": 0, "num_beams": 10, "n_boot": 20, "unconstrained_users": 1,
                                        "linking_items": 2, "num_threads": 1}},
         "beauty_eval": {"config": {"models": ["popularity", "llm"], "test_users": 8, "seed": 0, "n_boot": 20, "num_threads": 1}},
     }}
+    from animind_assets.defs.beauty.sasrec_model import sasrec_model
+
     result = dg.materialize(
-        [items_stub, inter_stub, sids_stub, beauty_llm_prep_dataset, beauty_finetuned_model, beauty_llm_eval, beauty_eval,
+        [items_stub, inter_stub, sids_stub, sasrec_model, beauty_llm_prep_dataset, beauty_finetuned_model, beauty_llm_eval, beauty_eval,
          beauty_llm_prep_dataset_no_heldout_in_train, beauty_llm_eval_valid_ids],
         resources=resources, run_config=run_config,
     )
@@ -337,6 +343,11 @@ def test_beauty_llm_chain(animind_env, tmp_path, next_id_format):
     checks = {c.check_name: c.passed for c in result.get_asset_check_evaluations()}
     assert checks == {"beauty_llm_prep_dataset_no_heldout_in_train": True, "beauty_llm_eval_valid_ids": True}
     assert (artifacts / "beauty_finetuned_model" / "sid_lookup.parquet").exists()
+    ft_md = result.asset_materializations_for_node("beauty_finetuned_model")[0].metadata
+    if next_id_format == "sequence":  # every B row is a sequence of >= 2 items: teacher targets were used
+        assert ft_md["distill_weight"].value == 0.5 and ft_md["distill_positions"].value > 0
+    else:
+        assert ft_md["distill_weight"].value == 0.0 and "distill_positions" not in ft_md
     ev = result.output_for_node("beauty_llm_eval")
     assert ev["users"].to_list() == [8] * 4 and set(ev["kind"]) == {"measured", "baseline"}
     table = result.output_for_node("beauty_eval")

@@ -171,3 +171,37 @@ def test_finetune_distills_sequence_rows_and_refuses_without_a_teacher(tmp_path)
 
 def _is_run(s: list[int], seq: list[int]) -> bool:
     return any(seq[i : i + len(s)] == s for i in range(len(seq) - len(s) + 1))
+
+
+def test_ease_teacher_scores_the_prefix_set_and_the_fitted_temperature_recovers_a_known_one():
+    from animind_assets.lib.llm.distill import ease_teacher, fit_temperature
+    from animind_assets.lib.retrieval.item_baselines import EASE
+
+    inter = pl.DataFrame({"user_id": [1, 1, 1, 2, 2, 3, 3, 3], "anime_id": [10, 11, 12, 10, 12, 11, 12, 13]})
+    ease = EASE(inter, {1, 2, 3}, lam=1.0)
+    teacher = ease_teacher(ease, 20)
+    got = teacher([[10, 12, 11], [14, 13]])  # 14: unknown to EASE (no score of its own, no contribution)
+    col = {int(a): i for i, a in enumerate(ease.items.tolist())}
+    want0 = ease.B[col[10]]
+    want1 = ease.B[col[10]] + ease.B[col[12]]
+    assert got.shape == (3, 20)
+    for r, want, prefix in ((0, want0, [10]), (1, want1, [10, 12])):
+        for a, i in col.items():
+            if a in prefix:
+                assert got[r, a] == float("-inf")
+            else:
+                assert float(got[r, a]) == pytest.approx(float(want[i]), abs=1e-5)
+        assert float(got[r, 5]) == pytest.approx(float(got[r][torch.isfinite(got[r])].min()))  # never-seen items: lowest
+    assert float(got[2, 14]) == float("-inf") and float(got[2, 10]) == 0.0 == float(got[2, 13])  # the unknown 14 adds nothing
+    with pytest.raises(ValueError, match="beyond the teacher width"):
+        ease_teacher(ease, 12)
+
+    # a teacher whose logits are 4 x log p: the fitted temperature is 4 (the next items are drawn from p)
+    p = torch.tensor([0.5, 0.25, 0.15, 0.1])
+    scaled = lambda seqs: torch.log(p).mul(4.0).repeat(sum(len(s) - 1 for s in seqs), 1)  # noqa: E731
+    g = torch.Generator().manual_seed(0)
+    seqs = [[0] + torch.multinomial(p, 20, replacement=True, generator=g).tolist() for _ in range(50)]
+    T, nll = fit_temperature(scaled, seqs, grid=[1.0, 2.0, 4.0, 8.0])
+    assert T == 4.0 and nll[4.0] < nll[2.0] and nll[4.0] < nll[8.0]
+    with pytest.raises(ValueError, match="two or more"):
+        fit_temperature(scaled, [[1]])

@@ -4,6 +4,8 @@ Thin layer over ``animind_assets.lib.llm.finetune``: tokenizer extended with the
 used by ``llm_prep_dataset`` plus the special tokens, new embeddings warm-started from the RQ-VAE
 codebooks (``<artifacts>/rqvae_model/model.pt``), two TRL SFT phases (linking, then
 recommendation/reasoning), English-retention perplexity before/after, metrics + model in MLflow.
+With ``distill_weight > 0`` an EASE model fitted on the lists of the users outside validation/test is
+the teacher of knowledge distillation (``lib/llm/distill.py``; set completion, "sequence" form rows).
 
 Output: one atomic folder ``<artifacts>/finetuned_model/`` (model, tokenizer, ``sid_lookup.parquet``,
 ``animind_llm.json``, ``history.json``) read by ``recommendation_eval`` and ``python -m
@@ -38,6 +40,8 @@ FinetunedModelConfig = derive_config(
         "rqvae_checkpoint": (str, Field("", description="quantizer checkpoint; '' = <artifacts>/rqvae_model/model.pt")),
         "lookup_scope": (str, Field("dataset", description="anime the model can name: 'dataset' (in llm_prep_dataset) | 'all'")),
         "log_model_to_mlflow": (bool, Field(True, description="log the model folder as MLflow artifacts")),
+        "distill_ease_lambda": (float, Field(500.0, description="distill_weight > 0: L2 weight of the EASE teacher, fitted "
+                                             "on the lists of the users outside validation/test")),
     },
     descriptions=FINETUNE_DESCRIPTIONS,
 )
@@ -80,21 +84,32 @@ def finetuned_model(
     llm_prep_dataset: pl.DataFrame,
     semantic_ids: pl.DataFrame,
     anime_prep: pl.DataFrame,
+    user_interactions: pl.DataFrame,
 ) -> dg.MaterializeResult:
     t0 = time.perf_counter()
     store = artifacts.store()
     store.sweep(log=context.log.info)  # half-written model folders of killed runs (.finetuned_model.tmp-p<pid>-*)
     cfg = config.to_lib()
-    if cfg.distill_weight > 0:
-        raise ValueError("finetuned_model: distill_weight > 0 needs a next-item teacher, and the anime chain has none "
-                         "(beauty_finetuned_model distils from sasrec_model); set distill_weight: 0")
     lookup = model_lookup(anime_prep, semantic_ids, llm_prep_dataset, config.lookup_scope)
     context.log.info(f"model lookup: {lookup.height} anime ({config.lookup_scope})")
+    teacher, teacher_items = None, None
+    if cfg.distill_weight > 0:  # knowledge distillation from EASE on the training users' lists (lib/llm/distill.py)
+        from animind_assets.lib.llm.distill import ease_teacher
+        from animind_assets.lib.llm.evaluation import baseline_training_users
+        from animind_assets.lib.retrieval.item_baselines import EASE
+
+        users = baseline_training_users(llm_prep_dataset, user_interactions)
+        ease = EASE(user_interactions, users, config.distill_ease_lambda)
+        teacher_items = int(max(int(ease.items.max()), int(lookup["anime_id"].max()))) + 1
+        teacher = ease_teacher(ease, teacher_items)
+        context.log.info(f"distillation teacher: EASE (lambda {config.distill_ease_lambda}) on {len(users)} training users' "
+                         f"lists, {len(ease.items)} items")
     codebooks = (load_codebooks(store, config.rqvae_checkpoint, ("rqvae_model", "model.pt"), context.log.info)
                  if cfg.warm_start in ("rqvae", "projection") else None)
     result, files, run_id, run_link = train_and_publish(
         context, store, mlflow, cfg, llm_prep_dataset, lookup, codebooks=codebooks, special_tokens=SPECIAL_TOKENS,
         model_dir=MODEL_DIR, work_dir=WORK_DIR, log_model=config.log_model_to_mlflow, tags={"base_model": cfg.base_model},
+        teacher=teacher, teacher_items=teacher_items,
     )
     elapsed = time.perf_counter() - t0
     m = result.metrics
@@ -129,6 +144,9 @@ def finetuned_model(
                 "phase2_title_to_sid_exact": m.get("phase2_title_to_sid_exact"),
                 "phase2_title_to_sid_retrieval@1": m.get("phase2_title_to_sid_retrieval@1"),
                 "warm_start": (result.warm_start.mode if result.warm_start else "none"),
+                "distill_weight": cfg.distill_weight,
+                "distill_temperature": m.get("distill_temperature_fitted", cfg.distill_temperature),
+                "distill_positions": m.get("distill_positions"),
                 "materialize_seconds": round(elapsed, 1),
             }
         ),

@@ -204,3 +204,62 @@ class SidDistiller:
                 soft.append(q[rows])
         self.positions_distilled += len(targets)
         return DistillBatch(torch.cat(flat_idx), torch.cat(soft), self.token_ids)
+
+
+def ease_teacher(ease, n_items: int) -> Teacher:
+    """A :data:`Teacher` from a fitted ``EASE`` (Steck, "Embarrassingly Shallow Autoencoders for Sparse Data",
+    WWW 2019; ``lib/retrieval/item_baselines.py``) for **set completion** (lists without time order, as MAL
+    2020): the logits of the item after ``s[:t]`` are the EASE scores of the set ``s[:t]`` (``sum_j B[j]``),
+    items of ``s[:t]`` get ``-inf`` (a list names an item once) and items EASE never saw get the lowest seen
+    score. ``n_items``: the logit width (item ids ``0..n_items-1``; ids of ``ease.items`` must be below it).
+    EASE scores are not log-probabilities: pair it with a fitted temperature (:func:`fit_temperature`)."""
+    items = np.asarray(ease.items, dtype=np.int64)
+    if items.size and int(items.max()) >= n_items:
+        raise ValueError(f"EASE knows item {int(items.max())}, beyond the teacher width {n_items}")
+    B = torch.as_tensor(np.asarray(ease.B, dtype=np.float32))
+    index = {int(a): i for i, a in enumerate(items.tolist())}
+    cols = torch.as_tensor(items)
+
+    def teacher(seqs: list[list[int]]) -> torch.Tensor:
+        out = []
+        for s in seqs:
+            rows = torch.zeros((len(s) - 1, B.shape[0]))
+            idx = [index.get(int(a), -1) for a in s[:-1]]
+            acc = torch.zeros(B.shape[0])
+            for t, j in enumerate(idx):
+                if j >= 0:
+                    acc = acc + B[j]
+                rows[t] = acc
+            full = torch.empty((len(s) - 1, n_items))
+            full[:] = rows.min() if rows.numel() else 0.0
+            full[:, cols] = rows
+            for t in range(len(s) - 1):
+                full[t, torch.as_tensor(s[: t + 1], dtype=torch.long)] = float("-inf")
+            out.append(full)
+        return torch.cat(out) if out else torch.zeros((0, n_items))
+
+    return teacher
+
+
+def fit_temperature(teacher: Teacher, seqs: list[list[int]], grid: Sequence[float] | None = None) -> tuple[float, dict[float, float]]:
+    """The softmax temperature of ``teacher``'s logits that minimises the mean negative log-likelihood (nats) of
+    each sequence's next item given its prefix, over ``seqs`` (item ids; sequences of one item are skipped) and
+    a log-spaced ``grid`` (default 10^-3 .. 10^1, 25 values). Returns (best T, {T: NLL}). Raises ``ValueError``
+    without a sequence of two or more items."""
+    seqs = [list(s) for s in seqs if len(s) >= 2]
+    if not seqs:
+        raise ValueError("fit_temperature needs sequences of two or more items")
+    grid = [float(x) for x in (list(grid) if grid is not None else np.logspace(-3, 1, 25))]
+    tot = dict.fromkeys(grid, 0.0)
+    n = 0
+    for c in range(0, len(seqs), 16):  # in chunks: a chunk's logits are (positions, n_items)
+        chunk = seqs[c : c + 16]
+        logits = teacher(chunk).float()
+        target = torch.as_tensor([a for s in chunk for a in s[1:]], dtype=torch.long)
+        for T in grid:
+            lp = torch.log_softmax(logits / T, dim=1).gather(1, target.unsqueeze(1)).squeeze(1)
+            tot[T] += float(-lp.clamp_min(-1e4).sum())
+        n += len(target)
+    nll = {T: v / n for T, v in tot.items()}
+    best = min(nll, key=nll.get)
+    return best, nll

@@ -331,11 +331,23 @@ def run_finetune(
         )
     distiller = None
     if cfg.distill_weight > 0:
-        from animind_assets.lib.llm.distill import SidDistiller
+        from animind_assets.lib.llm.distill import SidDistiller, fit_temperature
 
+        temperature = cfg.distill_temperature
+        if temperature == 0:  # fitted on the training sequences of task B (the teacher's NLL of the next item)
+            seq_rows = train.filter((pl.col("task") == "B") & (pl.col("template") == SEQUENCE_TEMPLATE))
+            seqs = [list(h) + [t] for h, t in seq_rows.select("history_anime_ids", "target_anime_id").iter_rows()]
+            if not seqs:
+                raise ValueError("distill_temperature 0 (fitted) needs task-B training rows of the 'sequence' form")
+            pick = np.random.default_rng(cfg.seed).permutation(len(seqs))[:300]
+            temperature, nll = fit_temperature(teacher, [seqs[i] for i in pick.tolist()])
+            metrics["distill_temperature_fitted"] = temperature
+            metrics["distill_teacher_nll"] = nll[temperature]
+            log(f"distillation: temperature {temperature:.4g} fitted (teacher NLL {nll[temperature]:.3f} nats on "
+                f"{min(len(seqs), 300)} training sequences)")
         distiller = SidDistiller(lookup["anime_id"].to_list(), lookup["semantic_id"].to_list(), tok.convert_tokens_to_ids,
-                                 teacher, int(teacher_items), cfg.distill_temperature)
-        log(f"distillation: teacher over {teacher_items} items, weight {cfg.distill_weight}, temperature {cfg.distill_temperature}")
+                                 teacher, int(teacher_items), temperature)
+        log(f"distillation: teacher over {teacher_items} items, weight {cfg.distill_weight}, temperature {temperature:.4g}")
     n_params = sum(p.numel() for p in model.parameters())
     method = _choose_method(cfg, n_params)
     fp = json_fingerprint({"cfg": cfg.fingerprint_dict(), "rows": frame["example_id"].to_list() if "example_id" in frame.columns else frame.height,

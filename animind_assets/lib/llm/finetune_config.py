@@ -74,7 +74,7 @@ class FinetuneConfig:
     bf16: bool = False  # autocast bf16 during training (GPU / AMX CPUs)
     gradient_checkpointing: bool = False  # recompute activations in the backward pass: less memory, slower (TRL's SFTConfig turns it on by default; with frozen lower blocks it also makes the backward pass run through them)
     distill_weight: float = 0.0  # knowledge distillation (lib/llm/distill.py): at each ID token of an item that follows another item in a completion (task B, "sequence" form) the target becomes (1 - w) one-hot + w x the teacher's next-item softmax turned into that level's code distribution; needs a teacher (run_finetune(teacher=...); beauty_finetuned_model uses sasrec_model, the anime finetuned_model has none and refuses it); 0 = off
-    distill_temperature: float = 1.0  # softmax temperature of the teacher's item logits
+    distill_temperature: float = 1.0  # softmax temperature of the teacher's item logits (0 = fitted: the value minimising the teacher's NLL of the next item on up to 300 training sequences; for teachers whose scores are not log-probabilities, e.g. EASE)
     max_train_seconds: float = 0.0  # wall-clock budget of the training steps of both phases together, from the first step (0 = none); training stops at the first step past it, a later phase is skipped (stop_reason in the metadata)
 
     def validate(self) -> FinetuneConfig:
@@ -99,8 +99,8 @@ class FinetuneConfig:
             raise ValueError("general_mix_ratio > 0 needs general_mix_file (a local JSONL file)")
         if self.save_dtype not in ("float32", "bfloat16"):
             raise ValueError("save_dtype must be float32 or bfloat16")
-        if not 0.0 <= self.distill_weight <= 1.0 or self.distill_temperature <= 0:
-            raise ValueError(f"distill_weight must be in [0, 1] and distill_temperature > 0, got {self.distill_weight}, "
+        if not 0.0 <= self.distill_weight <= 1.0 or self.distill_temperature < 0:
+            raise ValueError(f"distill_weight must be in [0, 1] and distill_temperature >= 0 (0 = fitted), got {self.distill_weight}, "
                              f"{self.distill_temperature}")
         if self.distill_weight > 0 and not self.fast_loss:
             raise ValueError("distill_weight > 0 needs the completion-only loss (fast_loss = True)")

@@ -210,8 +210,9 @@ def ease_teacher(ease, n_items: int) -> Teacher:
     """A :data:`Teacher` from a fitted ``EASE`` (Steck, "Embarrassingly Shallow Autoencoders for Sparse Data",
     WWW 2019; ``lib/retrieval/item_baselines.py``) for **set completion** (lists without time order, as MAL
     2020): the logits of the item after ``s[:t]`` are the EASE scores of the set ``s[:t]`` (``sum_j B[j]``),
-    items of ``s[:t]`` get ``-inf`` (a list names an item once) and items EASE never saw get the lowest seen
-    score. ``n_items``: the logit width (item ids ``0..n_items-1``; ids of ``ease.items`` must be below it).
+    items of ``s[:t]`` get ``-inf`` (a list names an item once), and so do items EASE never saw (no training list
+    holds them, so they are no training target either; a finite score would give the thousands of catalog ids
+    without a list a share of the softmax and bias the fitted temperature). ``n_items``: the logit width (item ids ``0..n_items-1``; ids of ``ease.items`` must be below it).
     EASE scores are not log-probabilities: pair it with a fitted temperature (:func:`fit_temperature`)."""
     items = np.asarray(ease.items, dtype=np.int64)
     if items.size and int(items.max()) >= n_items:
@@ -230,8 +231,7 @@ def ease_teacher(ease, n_items: int) -> Teacher:
                 if j >= 0:
                     acc = acc + B[j]
                 rows[t] = acc
-            full = torch.empty((len(s) - 1, n_items))
-            full[:] = rows.min() if rows.numel() else 0.0
+            full = torch.full((len(s) - 1, n_items), float("-inf"))
             full[:, cols] = rows
             for t in range(len(s) - 1):
                 full[t, torch.as_tensor(s[: t + 1], dtype=torch.long)] = float("-inf")

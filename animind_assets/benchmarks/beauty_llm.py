@@ -20,6 +20,9 @@ What it runs (the library functions the assets ``beauty_llm_prep_dataset`` -> ``
    its prefix; ``lib/llm/sequence_data.py``).
 3. ``run_finetune`` on the embedded SmolLM2-135M-Instruct (two SFT phases), stopped by the wall-clock
    budget ``--train-seconds`` (default 1800 = the issue's 30 minutes; the model at the stop is evaluated).
+   ``--distill-weight W`` (with ``--sasrec-dir``): knowledge distillation from that SASRec
+   (``lib/llm/distill.py``): at the ID tokens of every item after the first of a "sequence"-form answer, the
+   target is ``(1 - W)`` one-hot + ``W`` x the SASRec's next-item softmax as that level's code distribution.
 4. ``evaluate_next_item_lm`` on a seeded subset of test users (``--test-users``, the subset
    ``benchmarks.beauty --test-users`` draws): full-catalog beam search constrained to the trie of
    valid IDs, Recall/NDCG@5/10 masked and unmasked with 95% bootstrap intervals, popularity on the

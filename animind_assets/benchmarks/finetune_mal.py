@@ -24,7 +24,9 @@ Steps (every figure is printed):
    lists (the dataset's user split, same seed) beside 0.3 x the TF-IDF/SVD vectors (labelled in the output).
 3. ``dg.materialize`` of ``llm_prep_dataset`` -> ``finetuned_model`` -> ``recommendation_eval``
    (upstream tables injected as stub assets) with the default embedded SmolLM2-135M-Instruct,
-   ``torch.set_num_threads(2)``, bounded steps; MLflow into ``<out>/mlflow.db``.
+   ``torch.set_num_threads(2)``, bounded steps; MLflow into ``<out>/mlflow.db``. ``--distill-weight W``:
+   ``finetuned_model`` distils from EASE fitted on the training users' lists (``lib/llm/distill.py``;
+   temperature fitted by the teacher's NLL unless ``--distill-temperature`` is given; "sequence" form rows).
 4. ``python -m animind_assets.recommend`` on the produced model.
 
 The CPU is shared: timings vary with the other processes on the machine (the load average is printed).

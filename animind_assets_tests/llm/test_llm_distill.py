@@ -205,3 +205,57 @@ def test_ease_teacher_scores_the_prefix_set_and_the_fitted_temperature_recovers_
     assert T == 4.0 and nll[4.0] < nll[2.0] and nll[4.0] < nll[8.0]
     with pytest.raises(ValueError, match="two or more"):
         fit_temperature(scaled, [[1]])
+
+
+def test_small_temperatures_and_ruled_out_items_give_targets_not_zeros_or_nans():
+    """Weights in log space: at T = 1e-3 every level's target still sums to 1 (an absolute softmax underflows to 0
+    for the whole prefix group); a teacher row that rules out every item of the target's prefix leaves the plain
+    loss there (no NaN), and a row with nothing allowed at all gives no target."""
+    from animind_assets.lib.llm.distill import fit_temperature, teacher_fingerprint
+
+    sids, vocab = _catalog()
+    n = sids.height
+    sid = dict(zip(sids["item_id"].to_list(), sids["semantic_id"].to_list()))
+    base = FakeTeacher(n)
+    d = SidDistiller(sids["item_id"].to_list(), sids["semantic_id"].to_list(), vocab.__getitem__, base, n, temperature=1e-3)
+    row = [-100] * 3 + _ids(sid[3], vocab) + _ids(sid[1], vocab) + [EOS]
+    out = d.batch_targets(torch.as_tensor([row]))
+    assert torch.isfinite(out.targets).all() and torch.allclose(out.targets.sum(1), torch.ones(len(out.flat_index)))
+
+    def ruled_out(seqs):  # item 1's prefix group (items 1, 2) is impossible; everything else allowed
+        z = base(seqs)
+        z[:, [1, 2]] = float("-inf")
+        return z
+
+    d2 = SidDistiller(sids["item_id"].to_list(), sids["semantic_id"].to_list(), vocab.__getitem__, ruled_out, n)
+    out2 = d2.batch_targets(torch.as_tensor([row]))
+    assert out2 is not None and torch.isfinite(out2.targets).all() and torch.allclose(out2.targets.sum(1), torch.ones(len(out2.flat_index)))
+    codes1 = sid_codes(sid[1])
+    shared = sum(1 for a, b in zip(codes1, sid_codes(sid[2])) if a == b)  # levels 1..shared of item 1 have allowed items
+    assert len(out2.flat_index) == sum(1 for lv in range(len(codes1)) if any(
+        sid_codes(sid[i])[:lv] == codes1[:lv] and i not in (1, 2) for i in range(n))) and shared >= 1
+    nothing = SidDistiller(sids["item_id"].to_list(), sids["semantic_id"].to_list(), vocab.__getitem__,
+                           lambda seqs: torch.full((sum(len(s) - 1 for s in seqs), n), float("-inf")), n)
+    assert nothing.batch_targets(torch.as_tensor([row])) is None and nothing.positions_distilled == 0
+    # fit_temperature leaves out next items the teacher rules out (no NaN, no 1e4 clamps)
+    T, nll = fit_temperature(ruled_out, [[3, 1, 5, 6], [0, 2, 7]], grid=[0.5, 1.0, 2.0])
+    assert all(np.isfinite(v) for v in nll.values()) and T in (0.5, 1.0, 2.0)
+    # the fingerprint that keeps checkpoints of another teacher from being resumed
+    w = np.arange(6, dtype=np.float32)
+    assert teacher_fingerprint(w, lam=1) == teacher_fingerprint(w.copy(), lam=1)
+    assert teacher_fingerprint(w, lam=1) != teacher_fingerprint(w, lam=2) != teacher_fingerprint(w + 1, lam=2)
+
+
+def test_distillation_is_refused_when_no_row_could_use_it(tmp_path):
+    from animind_assets.lib.llm.finetune import run_finetune
+    from animind_assets.lib.llm.sequence_data import build_next_item_dataset, item_lookup
+    from animind_assets_tests.llm.test_llm_beauty import CFG
+    from animind_assets_tests.llm_fixtures import smollm2_tokenizer, tiny_finetune_config, tiny_llama
+
+    items, inter, sids = tiny_beauty()
+    df = build_next_item_dataset(items, inter, sids, CFG).frame  # the question form: one ID per answer
+    tok = smollm2_tokenizer()
+    with pytest.raises(ValueError, match="next_id_format: sequence"):
+        run_finetune(df, item_lookup(items, sids), tiny_finetune_config(distill_weight=0.5), tmp_path / "w",
+                     special_tokens=(), base=(tiny_llama(tok), tok), teacher=FakeTeacher(items.height),
+                     teacher_items=items.height)

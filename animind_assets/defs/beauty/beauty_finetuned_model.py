@@ -69,9 +69,9 @@ def beauty_finetuned_model(
     lookup = item_lookup(beauty_items, beauty_semantic_ids, "item_id", "text")
     codebooks = (load_codebooks(store, config.quantizer_checkpoint, QUANTIZER_CKPT, context.log.info)
                  if cfg.warm_start in ("rqvae", "projection") else None)
-    teacher = None
+    teacher, teacher_fp = None, ""
     if cfg.distill_weight > 0:  # knowledge distillation from the sasrec_model (docs/beauty.md)
-        from animind_assets.lib.llm.distill import position_logits_teacher
+        from animind_assets.lib.llm.distill import position_logits_teacher, teacher_fingerprint
 
         _, data_fp = split_from_interactions(beauty_interactions, n_items=beauty_items.height)
         sasrec, _ = load_sasrec_asset(artifacts, f"{ASSET}: distill_weight={cfg.distill_weight} (the teacher; or set "
@@ -80,10 +80,11 @@ def beauty_finetuned_model(
             raise ValueError(f"{ASSET}: sasrec_model scores {sasrec.n_items} items, beauty_items has {beauty_items.height}: "
                              "rematerialize sasrec_model")
         teacher = position_logits_teacher(sasrec)
+        teacher_fp = teacher_fingerprint(*sasrec.state_dict().values(), data_fingerprint=data_fp)
         context.log.info(f"{ASSET}: distilling from sasrec_model (weight {cfg.distill_weight}, T {cfg.distill_temperature})")
     result, files, _, run_link = train_and_publish(
         context, store, mlflow, cfg, beauty_llm_prep_dataset, lookup, codebooks=codebooks, special_tokens=(),
-        teacher=teacher, teacher_items=beauty_items.height,
+        teacher=teacher, teacher_items=beauty_items.height, teacher_fingerprint=teacher_fp,
         model_dir=MODEL_DIR, work_dir=WORK_DIR, log_model=config.log_model_to_mlflow,
         tags={"base_model": cfg.base_model, "dataset": "amazon_beauty"},
     )
@@ -101,6 +102,7 @@ def beauty_finetuned_model(
             "phase2_title_to_sid_retrieval@1": m.get("phase2_title_to_sid_retrieval@1"),
             "warm_start": result.warm_start.mode if result.warm_start else "none",
             "distill_weight": cfg.distill_weight, "distill_positions": m.get("distill_positions"),
+            "distill_temperature": m.get("distill_temperature_fitted", cfg.distill_temperature),
             "materialize_seconds": round(time.perf_counter() - t0, 1), "mlflow_run": run_link,
         }),
         "model_folder": dg.MetadataValue.path(str(store.path(MODEL_DIR))),

@@ -92,9 +92,9 @@ def finetuned_model(
     cfg = config.to_lib()
     lookup = model_lookup(anime_prep, semantic_ids, llm_prep_dataset, config.lookup_scope)
     context.log.info(f"model lookup: {lookup.height} anime ({config.lookup_scope})")
-    teacher, teacher_items = None, None
+    teacher, teacher_items, teacher_fp = None, None, ""
     if cfg.distill_weight > 0:  # knowledge distillation from EASE on the training users' lists (lib/llm/distill.py)
-        from animind_assets.lib.llm.distill import ease_teacher
+        from animind_assets.lib.llm.distill import ease_teacher, teacher_fingerprint
         from animind_assets.lib.llm.evaluation import baseline_training_users
         from animind_assets.lib.retrieval.item_baselines import EASE
 
@@ -102,6 +102,7 @@ def finetuned_model(
         ease = EASE(user_interactions, users, config.distill_ease_lambda)
         teacher_items = int(max(int(ease.items.max()), int(lookup["anime_id"].max()))) + 1
         teacher = ease_teacher(ease, teacher_items)
+        teacher_fp = teacher_fingerprint(ease.items, ease.B, ease_lambda=config.distill_ease_lambda)
         context.log.info(f"distillation teacher: EASE (lambda {config.distill_ease_lambda}) on {len(users)} training users' "
                          f"lists, {len(ease.items)} items")
     codebooks = (load_codebooks(store, config.rqvae_checkpoint, ("rqvae_model", "model.pt"), context.log.info)
@@ -109,7 +110,7 @@ def finetuned_model(
     result, files, run_id, run_link = train_and_publish(
         context, store, mlflow, cfg, llm_prep_dataset, lookup, codebooks=codebooks, special_tokens=SPECIAL_TOKENS,
         model_dir=MODEL_DIR, work_dir=WORK_DIR, log_model=config.log_model_to_mlflow, tags={"base_model": cfg.base_model},
-        teacher=teacher, teacher_items=teacher_items,
+        teacher=teacher, teacher_items=teacher_items, teacher_fingerprint=teacher_fp,
     )
     elapsed = time.perf_counter() - t0
     m = result.metrics

@@ -104,10 +104,11 @@ def load_codebooks(store, path: str, default: tuple[str, ...], log) -> list | No
 
 
 def train_and_publish(context, store, mlflow, cfg, dataset, lookup, *, codebooks, special_tokens, model_dir: str,
-                      work_dir: str, log_model: bool, tags: dict, teacher=None, teacher_items: int | None = None):
+                      work_dir: str, log_model: bool, tags: dict, teacher=None, teacher_items: int | None = None,
+                      teacher_fingerprint: str = ""):
     """``run_finetune`` inside an MLflow run, then the model folder published atomically at ``model_dir``.
 
-    ``teacher`` / ``teacher_items``: the distillation teacher for ``cfg.distill_weight > 0`` (``run_finetune``).
+    ``teacher`` / ``teacher_items`` / ``teacher_fingerprint``: the distillation teacher for ``cfg.distill_weight > 0`` (``run_finetune``).
     The work folder (checkpoints, resume) stays on local disk: under the artifact store when it is local,
     else under ``data_dir()``. Returns ``(result, files, mlflow_run_id, mlflow_run_link)``.
     """
@@ -118,7 +119,7 @@ def train_and_publish(context, store, mlflow, cfg, dataset, lookup, *, codebooks
     with mlflow.start_run(context, tags=tags) as run:
         result = run_finetune(dataset, lookup, cfg, local_root / work_dir, codebooks=codebooks,
                               special_tokens=special_tokens, log=context.log.info, run=run, teacher=teacher,
-                              teacher_items=teacher_items)
+                              teacher_items=teacher_items, teacher_fingerprint=teacher_fingerprint)
         with store.atomic_dir(model_dir) as tmp:
             files = save_model_folder(result, lookup, tmp)
             if log_model:

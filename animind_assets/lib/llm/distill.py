@@ -10,12 +10,16 @@ LM's chain rule uses:
 
     q_l(c) = sum_{i : code_<l(i) = code_<l(target), code_l(i) = c} p(i)  /  sum_{i : code_<l(i) = code_<l(target)} p(i)
 
-so ``prod_l q_l(code_l(i))`` = ``p(i)`` for every item (exact, not an approximation).
+so ``prod_l q_l(code_l(i))`` = ``p(i)`` renormalised over the items that have an ID (exact, not an
+approximation; items without an ID in the lookup, or that the teacher gives ``-inf``, get no mass). A level
+where the teacher gives every item of the true prefix ``-inf`` keeps the plain one-hot target.
 
-Where it applies: an item of a completion (the answer turn) whose history is the completion's earlier
-items, i.e. task B in the **"sequence" form** (``SeqLlmDataConfig.next_id_format = "sequence"``; the ID
-sequence is the answer). The first item of a completion and the single-item answers of the question form
-keep the plain one-hot loss. At a distilled token the target becomes ``(1 - a) one_hot + a q_l`` with
+Where it applies: every ID of a completion (the answer turn) that follows another ID of the same completion
+directly (a run of adjacent IDs; any other token ends the run). With this project's datasets only task B in
+the **"sequence" form** (``next_id_format = "sequence"``; the ID sequence is the answer) writes such runs, so
+in practice it is that form; ``run_finetune`` refuses distillation on a dataset without such rows. The first
+item of a completion and the single-item answers of the question form keep the plain one-hot loss.
+The weights are computed in log space (no underflow at small temperatures). At a distilled token the target becomes ``(1 - a) one_hot + a q_l`` with
 ``a = FinetuneConfig.distill_weight`` (cross-entropy against it, over the whole vocabulary: ``q_l`` is 0
 outside the level's ID tokens); ``distill_temperature`` divides the teacher's logits.
 
@@ -51,7 +55,7 @@ def position_logits_teacher(model, pad_offset: int = 1) -> Teacher:
         rows = []
         for s in seqs:
             # the target of position t is s[t + 1]; a prefix longer than max_len is cut to its last max_len items
-            if len(s) <= max_len:
+            if len(s) - 1 <= max_len:
                 rows.append((list(s[:-1]), len(s) - 1))
             else:  # one chunk per window end; rare (completions are short): each target sees max_len items
                 for t in range(1, len(s)):
@@ -183,26 +187,36 @@ class SidDistiller:
         logits = self.teacher(seqs)
         if logits.shape != (len(targets), self.n_items):
             raise ValueError(f"teacher returned {tuple(logits.shape)} logits, expected ({len(targets)}, {self.n_items})")
-        p = torch.softmax(logits.float().cpu() / self.temperature, dim=1)  # (M, N)
+        z = logits.float().cpu() / self.temperature  # (M, N) log-weights; -inf = impossible item
         tgt_items = torch.as_tensor([t for t, _ in targets], dtype=torch.long)
         true = self.codes_tok[tgt_items]  # (M, n_lev)
         n_s = len(self.token_ids)
         flat_idx: list[torch.Tensor] = []
         soft: list[torch.Tensor] = []
-        match = torch.ones_like(p, dtype=torch.bool)
+        match = torch.ones_like(z, dtype=torch.bool)
+        distilled = torch.zeros(len(targets), dtype=torch.bool)
         for lv in range(self.codes_tok.shape[1]):
             if lv > 0:
                 match &= self.codes_tok[:, lv - 1].unsqueeze(0) == true[:, lv - 1].unsqueeze(1)
             cols = self.codes_compact[:, lv]
             ok = cols >= 0
-            w = (p * match)[:, ok]
-            q = torch.zeros((p.shape[0], n_s), dtype=torch.float32).index_add_(1, cols[ok], w)
+            # in log space, shifted by each row's largest matching logit: no underflow at small temperatures
+            zl = z.masked_fill(~match, float("-inf"))[:, ok]
+            top = zl.amax(1, keepdim=True)
+            finite = torch.isfinite(top.squeeze(1))
+            w = torch.exp(zl - top.masked_fill(~torch.isfinite(top), 0.0))  # rows without a finite logit: all 0
+            q = torch.zeros((z.shape[0], n_s), dtype=torch.float32).index_add_(1, cols[ok], w)
             q = q / q.sum(1, keepdim=True).clamp_min(1e-30)
-            rows = [m for m, (_, fl) in enumerate(targets) if lv < len(fl) and true[m, lv] >= 0]
+            # a level gets a soft target only where the teacher gives some item of the true prefix a finite logit;
+            # elsewhere the position keeps the plain one-hot loss
+            rows = [m for m, (_, fl) in enumerate(targets) if lv < len(fl) and true[m, lv] >= 0 and bool(finite[m])]
             if rows:
                 flat_idx.append(torch.as_tensor([targets[m][1][lv] for m in rows], dtype=torch.long))
                 soft.append(q[rows])
-        self.positions_distilled += len(targets)
+                distilled[rows] = True
+        self.positions_distilled += int(distilled.sum())
+        if not flat_idx:
+            return None
         return DistillBatch(torch.cat(flat_idx), torch.cat(soft), self.token_ids)
 
 
@@ -243,9 +257,11 @@ def ease_teacher(ease, n_items: int) -> Teacher:
 
 def fit_temperature(teacher: Teacher, seqs: list[list[int]], grid: Sequence[float] | None = None) -> tuple[float, dict[float, float]]:
     """The softmax temperature of ``teacher``'s logits that minimises the mean negative log-likelihood (nats) of
-    each sequence's next item given its prefix, over ``seqs`` (item ids; sequences of one item are skipped) and
-    a log-spaced ``grid`` (default 10^-3 .. 10^1, 25 values). Returns (best T, {T: NLL}). Raises ``ValueError``
-    without a sequence of two or more items."""
+    each sequence's next item given its prefix, over ``seqs`` (item ids; sequences of one item are skipped; next
+    items the teacher gives ``-inf`` are left out) and a log-spaced ``grid`` (default 10^-3 .. 10^1, 25 values).
+    Note: fitted on the sequences the student trains on (in-sample), so the temperature tends to come out low.
+    Returns (best T, {T: NLL}). Raises ``ValueError`` without a sequence of two or more items or without a next
+    item the teacher allows."""
     seqs = [list(s) for s in seqs if len(s) >= 2]
     if not seqs:
         raise ValueError("fit_temperature needs sequences of two or more items")
@@ -256,10 +272,28 @@ def fit_temperature(teacher: Teacher, seqs: list[list[int]], grid: Sequence[floa
         chunk = seqs[c : c + 16]
         logits = teacher(chunk).float()
         target = torch.as_tensor([a for s in chunk for a in s[1:]], dtype=torch.long)
+        keep = torch.isfinite(logits.gather(1, target.unsqueeze(1)).squeeze(1))  # targets the teacher rules out: skipped
+        logits, target = logits[keep], target[keep]
         for T in grid:
             lp = torch.log_softmax(logits / T, dim=1).gather(1, target.unsqueeze(1)).squeeze(1)
-            tot[T] += float(-lp.clamp_min(-1e4).sum())
+            tot[T] += float(-lp.sum())
         n += len(target)
+    if n == 0:
+        raise ValueError("fit_temperature: the teacher gives every next item of these sequences -inf")
     nll = {T: v / n for T, v in tot.items()}
     best = min(nll, key=nll.get)
     return best, nll
+
+
+def teacher_fingerprint(*arrays, **params) -> str:
+    """A short sha256 of a teacher's weights (numpy arrays or tensors, in order) and its ``params`` (JSON-able),
+    for ``run_finetune(teacher_fingerprint=...)``: checkpoints trained against another teacher are not resumed."""
+    import hashlib
+    import json
+
+    h = hashlib.sha256(json.dumps(params, sort_keys=True, default=str).encode())
+    for a in arrays:
+        a = a.detach().cpu().numpy() if isinstance(a, torch.Tensor) else np.asarray(a)
+        h.update(str((a.shape, str(a.dtype))).encode())
+        h.update(np.ascontiguousarray(a).tobytes())
+    return h.hexdigest()[:16]

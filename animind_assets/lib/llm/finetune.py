@@ -294,16 +294,23 @@ def run_finetune(
     base=None,
     teacher=None,
     teacher_items: int | None = None,
+    teacher_fingerprint: str = "",
 ) -> FinetuneResult:
     """Fine-tune on the ``llm_prep_dataset`` rows. ``lookup``: anime_id, semantic_id, title (+genres).
     ``work_dir`` holds per-phase checkpoints (a run with the same fingerprint resumes there).
     ``base`` = (model, tokenizer) to skip loading (tests). ``teacher`` (with ``cfg.distill_weight > 0``): a
     ``lib/llm/distill.Teacher`` scoring ``teacher_items`` items whose ids are the lookup's ``anime_id``
-    (knowledge distillation, ``lib/llm/distill.py``). Returns the trained model in memory. Raises
-    ``ValueError`` without train rows, or with ``distill_weight > 0`` and no teacher."""
+    (knowledge distillation, ``lib/llm/distill.py``); ``teacher_fingerprint`` names it in the work folder's
+    fingerprint, so checkpoints trained against another teacher are never resumed. Returns the trained model in
+    memory. Raises ``ValueError`` without train rows, or with ``distill_weight > 0`` and no teacher or no
+    "sequence"-form task-B training rows (nothing to distil)."""
     cfg = cfg.validate()
     if cfg.distill_weight > 0 and (teacher is None or not teacher_items):
         raise ValueError("distill_weight > 0 needs a teacher and its item count (run_finetune(teacher=..., teacher_items=...))")
+    if cfg.distill_weight > 0 and "template" in frame.columns and frame.filter(
+            (pl.col("split") == "train") & (pl.col("task") == "B") & (pl.col("template") == SEQUENCE_TEMPLATE)).height == 0:
+        raise ValueError("distill_weight > 0 distils the 'sequence' form of task B, and the dataset has no such training rows: "
+                         "set next_id_format: sequence on the prep dataset, or distill_weight: 0")
     if cfg.num_threads > 0 and not torch.cuda.is_available():
         torch.set_num_threads(cfg.num_threads)
     torch.manual_seed(cfg.seed)
@@ -351,7 +358,7 @@ def run_finetune(
     n_params = sum(p.numel() for p in model.parameters())
     method = _choose_method(cfg, n_params)
     fp = json_fingerprint({"cfg": cfg.fingerprint_dict(), "rows": frame["example_id"].to_list() if "example_id" in frame.columns else frame.height,
-                           "sids": sid_toks})
+                           "sids": sid_toks, **({"teacher": teacher_fingerprint} if cfg.distill_weight > 0 else {})})
     work = Path(work_dir) / fp
     work.mkdir(parents=True, exist_ok=True)
     log(f"work dir {work} (method {method}, {len(added)} new tokens)")
@@ -437,8 +444,8 @@ def run_finetune(
     if distiller is not None:
         metrics["distill_positions"] = float(distiller.positions_distilled)
         metrics["distill_share"] = distiller.positions_distilled / max(distiller.positions_seen, 1)
-        log(f"distillation: {distiller.positions_distilled} of {distiller.positions_seen} completion items had teacher "
-            "targets (an item after another item of the same completion)")
+        log(f"distillation: {distiller.positions_distilled} of {distiller.positions_seen} IDs in training completions (all "
+            "tasks) had teacher targets (an ID right after another ID of the same completion)")
     metrics["total_seconds"] = time.perf_counter() - t_start
     metrics["total_steps"] = float(step_offset)
     info = {

@@ -73,7 +73,7 @@ class FinetuneConfig:
     save_dtype: str = "float32"  # "float32" | "bfloat16"
     bf16: bool = False  # autocast bf16 during training (GPU / AMX CPUs)
     gradient_checkpointing: bool = False  # recompute activations in the backward pass: less memory, slower (TRL's SFTConfig turns it on by default; with frozen lower blocks it also makes the backward pass run through them)
-    distill_weight: float = 0.0  # knowledge distillation (lib/llm/distill.py): at each ID token of an item that follows another item in a completion (task B, "sequence" form) the target becomes (1 - w) one-hot + w x the teacher's next-item softmax turned into that level's code distribution; needs a teacher (run_finetune(teacher=...); beauty_finetuned_model uses sasrec_model, the anime finetuned_model has none and refuses it); 0 = off
+    distill_weight: float = 0.0  # knowledge distillation (lib/llm/distill.py): at each ID token of an item that follows another item in a completion (task B, "sequence" form) the target becomes (1 - w) one-hot + w x the teacher's next-item softmax turned into that level's code distribution; needs a teacher (run_finetune(teacher=...); beauty_finetuned_model uses sasrec_model, the anime finetuned_model EASE on the training users' lists); 0 = off
     distill_temperature: float = 1.0  # softmax temperature of the teacher's item logits (0 = fitted: the value minimising the teacher's NLL of the next item on up to 300 training sequences; for teachers whose scores are not log-probabilities, e.g. EASE)
     max_train_seconds: float = 0.0  # wall-clock budget of the training steps of both phases together, from the first step (0 = none); training stops at the first step past it, a later phase is skipped (stop_reason in the metadata)
 

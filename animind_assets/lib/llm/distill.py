@@ -120,8 +120,12 @@ class SidDistiller:
         self.token_ids = torch.as_tensor(sorted(self.level_of), dtype=torch.long)
         compact = {t: j for j, t in enumerate(self.token_ids.tolist())}
         self.codes_tok = torch.as_tensor(tok)  # (N, n_lev) token ids, -1 = no such level / no ID
-        self.codes_compact = torch.as_tensor(np.vectorize(lambda t: compact.get(int(t), -1), otypes=[np.int64])(tok)
-                                             if tok.size else tok)
+        # only the items with an ID can take mass: the level targets work on those columns of the teacher's logits
+        self.with_id = torch.as_tensor(sorted(self.item_of.values()), dtype=torch.long)
+        sub = tok[self.with_id.numpy()] if tok.size else tok
+        self.sub_tok = torch.as_tensor(sub)  # (N_id, n_lev)
+        self.sub_compact = torch.as_tensor(np.vectorize(lambda t: compact.get(int(t), -1), otypes=[np.int64])(sub)
+                                           if sub.size else sub)
         self.teacher = teacher
         self.n_items = int(n_items)
         self.temperature = float(temperature)
@@ -187,7 +191,7 @@ class SidDistiller:
         logits = self.teacher(seqs)
         if logits.shape != (len(targets), self.n_items):
             raise ValueError(f"teacher returned {tuple(logits.shape)} logits, expected ({len(targets)}, {self.n_items})")
-        z = logits.float().cpu() / self.temperature  # (M, N) log-weights; -inf = impossible item
+        z = logits.float().cpu()[:, self.with_id] / self.temperature  # (M, N_id) log-weights; -inf = impossible item
         tgt_items = torch.as_tensor([t for t, _ in targets], dtype=torch.long)
         true = self.codes_tok[tgt_items]  # (M, n_lev)
         n_s = len(self.token_ids)
@@ -197,8 +201,8 @@ class SidDistiller:
         distilled = torch.zeros(len(targets), dtype=torch.bool)
         for lv in range(self.codes_tok.shape[1]):
             if lv > 0:
-                match &= self.codes_tok[:, lv - 1].unsqueeze(0) == true[:, lv - 1].unsqueeze(1)
-            cols = self.codes_compact[:, lv]
+                match &= self.sub_tok[:, lv - 1].unsqueeze(0) == true[:, lv - 1].unsqueeze(1)
+            cols = self.sub_compact[:, lv]
             ok = cols >= 0
             # in log space, shifted by each row's largest matching logit: no underflow at small temperatures
             zl = z.masked_fill(~match, float("-inf"))[:, ok]
@@ -238,17 +242,15 @@ def ease_teacher(ease, n_items: int) -> Teacher:
     def teacher(seqs: list[list[int]]) -> torch.Tensor:
         out = []
         for s in seqs:
-            rows = torch.zeros((len(s) - 1, B.shape[0]))
-            idx = [index.get(int(a), -1) for a in s[:-1]]
-            acc = torch.zeros(B.shape[0])
-            for t, j in enumerate(idx):
-                if j >= 0:
-                    acc = acc + B[j]
-                rows[t] = acc
-            full = torch.full((len(s) - 1, n_items), float("-inf"))
-            full[:, cols] = rows
-            for t in range(len(s) - 1):
-                full[t, torch.as_tensor(s[: t + 1], dtype=torch.long)] = float("-inf")
+            n = len(s) - 1
+            idx = torch.as_tensor([index.get(int(a), -1) for a in s[:-1]], dtype=torch.long)
+            contrib = torch.zeros((n, B.shape[0]))
+            known = idx >= 0
+            contrib[known] = B[idx[known]]
+            full = torch.full((n, n_items), float("-inf"))
+            full[:, cols] = contrib.cumsum(0)  # row t: the scores of the set s[:t + 1]
+            tri = torch.tril_indices(n, n)  # (row t, j <= t): item s[j] is in row t's prefix
+            full[tri[0], torch.as_tensor(s[:-1], dtype=torch.long)[tri[1]]] = float("-inf")
             out.append(full)
         return torch.cat(out) if out else torch.zeros((0, n_items))
 

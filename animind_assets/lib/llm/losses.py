@@ -34,13 +34,16 @@ def completion_loss(model, input_ids, attention_mask, labels, num_items=None, di
     denom = num_items if num_items is not None else max(n, 1)
     if isinstance(denom, torch.Tensor):
         denom = denom.to(logits.device)
-    loss = torch.nn.functional.cross_entropy(logits, target, reduction="sum")
     if distill is not None and distill_weight > 0 and len(distill.flat_index):
+        # one log-softmax for both terms (the rows are (positions, vocabulary): the largest tensor of the step)
+        logp = torch.log_softmax(logits, dim=-1)
+        nll = -logp.gather(1, target.unsqueeze(1)).squeeze(1)
         idx = distill.flat_index.to(logits.device)
-        logp = torch.log_softmax(logits[idx], dim=-1)
-        hard = -logp.gather(1, target[idx].unsqueeze(1)).sum()
-        soft = -(distill.targets.to(logits.device) * logp[:, distill.token_ids.to(logits.device)]).sum()
-        loss = loss + distill_weight * (soft - hard)
+        cols = distill.token_ids.to(logits.device)
+        soft = -(distill.targets.to(logits.device) * logp[idx.unsqueeze(1), cols.unsqueeze(0)]).sum()  # (K, S) only
+        loss = nll.sum() + distill_weight * (soft - nll[idx].sum())
+    else:
+        loss = torch.nn.functional.cross_entropy(logits, target, reduction="sum")
     loss = loss / denom
     correct = int((logits.argmax(-1) == target).sum()) if n else 0
     return loss, n, correct

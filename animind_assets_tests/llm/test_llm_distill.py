@@ -259,3 +259,23 @@ def test_distillation_is_refused_when_no_row_could_use_it(tmp_path):
         run_finetune(df, item_lookup(items, sids), tiny_finetune_config(distill_weight=0.5), tmp_path / "w",
                      special_tokens=(), base=(tiny_llama(tok), tok), teacher=FakeTeacher(items.height),
                      teacher_items=items.height)
+
+
+def test_checkpoints_of_another_teacher_are_not_resumed(tmp_path):
+    """The resume kind of fault (../shared/cases: resumed silently with changed settings): the teacher's fingerprint
+    is part of the work folder's, so a run against another teacher starts its own checkpoints."""
+    from animind_assets.lib.llm.finetune import run_finetune
+    from animind_assets.lib.llm.sequence_data import build_next_item_dataset, item_lookup
+    from animind_assets_tests.llm_fixtures import smollm2_tokenizer, tiny_finetune_config, tiny_llama
+
+    items, inter, sids = tiny_beauty()
+    df = build_next_item_dataset(items, inter, sids, SEQ_CFG).frame
+    cfg = tiny_finetune_config(phase1_max_steps=0, phase2_max_steps=1, english_ppl=False, linking_eval_items=0,
+                               distill_weight=0.5, keep_checkpoints=True)
+    dirs = []
+    for fp in ("teacher-a", "teacher-b", "teacher-a"):
+        tok = smollm2_tokenizer()
+        run_finetune(df, item_lookup(items, sids), cfg, tmp_path / "work", special_tokens=(), base=(tiny_llama(tok), tok),
+                     teacher=FakeTeacher(items.height), teacher_items=items.height, teacher_fingerprint=fp)
+        dirs.append(sorted(p.name for p in (tmp_path / "work").iterdir()))
+    assert len(dirs[0]) == 1 and len(dirs[1]) == 2 and dirs[2] == dirs[1]  # b gets its own folder; a again reuses a's

@@ -34,6 +34,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from animind_assets.lib.common.fingerprint import array_fingerprint, json_fingerprint
+from animind_assets.lib.retrieval.seqtrain import pad_left
 from animind_assets.lib.semantic_ids.tokens import level_tokens, sid_codes
 
 # teacher(seqs) -> (M, n_items) float logits: for each sequence s (item ids, oldest first) the rows for the
@@ -52,25 +54,19 @@ def position_logits_teacher(model, pad_offset: int = 1) -> Teacher:
 
     def teacher(seqs: list[list[int]]) -> torch.Tensor:
         device = next(model.parameters()).device
-        rows = []
-        for s in seqs:
-            # the target of position t is s[t + 1]; a prefix longer than max_len is cut to its last max_len items
-            if len(s) - 1 <= max_len:
-                rows.append((list(s[:-1]), len(s) - 1))
-            else:  # one chunk per window end; rare (completions are short): each target sees max_len items
-                for t in range(1, len(s)):
-                    rows.append((list(s[max(0, t - max_len):t]), -1))
-        width = max((len(r) for r, _ in rows), default=1) or 1
-        inputs = torch.zeros((len(rows), width), dtype=torch.long)
-        valid = torch.zeros((len(rows), width), dtype=torch.bool)
-        for b, (r, n_valid) in enumerate(rows):
-            if not r:
-                continue
-            inputs[b, width - len(r):] = torch.as_tensor(r, dtype=torch.long) + pad_offset
-            if n_valid >= 0:
-                valid[b, width - len(r):] = True
-            else:  # a window: only its last position is a target row
-                valid[b, width - 1] = True
+        prefixes, windowed = [], []
+        for s in seqs:  # the target of position t is s[t + 1]
+            if len(s) - 1 <= max_len:  # one pass: every position is a target row
+                prefixes.append(s[:-1])
+                windowed.append(False)
+            else:  # rare (completions are short): one window per target, each of the last max_len items
+                prefixes += [s[max(0, t - max_len):t] for t in range(1, len(s))]
+                windowed += [True] * (len(s) - 1)
+        inputs = pad_left(prefixes, max_len, pad_offset)
+        valid = inputs > 0
+        win = torch.as_tensor(windowed, dtype=torch.bool)
+        valid[win] = False
+        valid[win, -1] = True  # a window: only its last position is a target row
         with torch.no_grad():
             return model.position_logits(inputs.to(device), valid.to(device)).float()
 
@@ -102,7 +98,6 @@ class SidDistiller:
             raise ValueError(f"distill temperature must be > 0, got {temperature}")
         codes = [sid_codes(s) for s in semantic_ids]
         n_lev = max((len(c) for c in codes), default=0)
-        tok = np.full((n_items, n_lev), -1, dtype=np.int64)
         self.item_of: dict[tuple[int, ...], int] = {}
         for item, c in zip(item_ids, codes):
             item = int(item)
@@ -112,20 +107,20 @@ class SidDistiller:
             if ids in self.item_of:
                 raise ValueError(f"items {self.item_of[ids]} and {item} share the semantic ID {''.join(level_tokens(c))}")
             self.item_of[ids] = item
-            tok[item, : len(ids)] = ids
-        self.level_of: dict[int, int] = {}
-        for ids in self.item_of:
-            for lv, t in enumerate(ids):
-                self.level_of[t] = lv
+        self.level_of = {t: lv for ids in self.item_of for lv, t in enumerate(ids)}
         self.token_ids = torch.as_tensor(sorted(self.level_of), dtype=torch.long)
         compact = {t: j for j, t in enumerate(self.token_ids.tolist())}
-        self.codes_tok = torch.as_tensor(tok)  # (N, n_lev) token ids, -1 = no such level / no ID
         # only the items with an ID can take mass: the level targets work on those columns of the teacher's logits
-        self.with_id = torch.as_tensor(sorted(self.item_of.values()), dtype=torch.long)
-        sub = tok[self.with_id.numpy()] if tok.size else tok
-        self.sub_tok = torch.as_tensor(sub)  # (N_id, n_lev)
-        self.sub_compact = torch.as_tensor(np.vectorize(lambda t: compact.get(int(t), -1), otypes=[np.int64])(sub)
-                                           if sub.size else sub)
+        ids_of = sorted((item, ids) for ids, item in self.item_of.items())
+        self.with_id = torch.as_tensor([item for item, _ in ids_of], dtype=torch.long)
+        self.row_of = {item: r for r, (item, _) in enumerate(ids_of)}
+        sub_tok = np.full((len(ids_of), n_lev), -1, dtype=np.int64)  # token ids, -1 = no such level
+        sub_compact = np.full((len(ids_of), n_lev), -1, dtype=np.int64)  # their columns among token_ids
+        for r, (_, ids) in enumerate(ids_of):
+            sub_tok[r, : len(ids)] = ids
+            sub_compact[r, : len(ids)] = [compact[t] for t in ids]
+        self.sub_tok = torch.as_tensor(sub_tok)  # (N_id, n_lev)
+        self.sub_compact = torch.as_tensor(sub_compact)
         self.teacher = teacher
         self.n_items = int(n_items)
         self.temperature = float(temperature)
@@ -176,6 +171,7 @@ class SidDistiller:
         targets: list[tuple[int, list[int]]] = []  # (target item, label positions)
         for b in range(lab.shape[0]):
             runs: list[list[tuple[int, list[int]]]] = [[]]
+            flat_row = flat_of[b].tolist()
             for item, pos in self._items_of_row(lab[b].tolist()):
                 if item < 0:
                     runs.append([])
@@ -184,7 +180,7 @@ class SidDistiller:
             for run in runs:
                 if len(run) >= 2:
                     seqs.append([it for it, _ in run])
-                    targets += [(it, [flat_of[b, p - 1].item() for p in pos]) for it, pos in run[1:]]
+                    targets += [(it, [flat_row[p - 1] for p in pos]) for it, pos in run[1:]]
             self.positions_seen += sum(len(r) for r in runs)
         if not seqs:
             return None
@@ -192,14 +188,13 @@ class SidDistiller:
         if logits.shape != (len(targets), self.n_items):
             raise ValueError(f"teacher returned {tuple(logits.shape)} logits, expected ({len(targets)}, {self.n_items})")
         z = logits.float().cpu()[:, self.with_id] / self.temperature  # (M, N_id) log-weights; -inf = impossible item
-        tgt_items = torch.as_tensor([t for t, _ in targets], dtype=torch.long)
-        true = self.codes_tok[tgt_items]  # (M, n_lev)
+        true = self.sub_tok[torch.as_tensor([self.row_of[t] for t, _ in targets], dtype=torch.long)]  # (M, n_lev)
         n_s = len(self.token_ids)
         flat_idx: list[torch.Tensor] = []
         soft: list[torch.Tensor] = []
         match = torch.ones_like(z, dtype=torch.bool)
         distilled = torch.zeros(len(targets), dtype=torch.bool)
-        for lv in range(self.codes_tok.shape[1]):
+        for lv in range(self.sub_tok.shape[1]):
             if lv > 0:
                 match &= self.sub_tok[:, lv - 1].unsqueeze(0) == true[:, lv - 1].unsqueeze(1)
             cols = self.sub_compact[:, lv]
@@ -290,12 +285,5 @@ def fit_temperature(teacher: Teacher, seqs: list[list[int]], grid: Sequence[floa
 def teacher_fingerprint(*arrays, **params) -> str:
     """A short sha256 of a teacher's weights (numpy arrays or tensors, in order) and its ``params`` (JSON-able),
     for ``run_finetune(teacher_fingerprint=...)``: checkpoints trained against another teacher are not resumed."""
-    import hashlib
-    import json
-
-    h = hashlib.sha256(json.dumps(params, sort_keys=True, default=str).encode())
-    for a in arrays:
-        a = a.detach().cpu().numpy() if isinstance(a, torch.Tensor) else np.asarray(a)
-        h.update(str((a.shape, str(a.dtype))).encode())
-        h.update(np.ascontiguousarray(a).tobytes())
-    return h.hexdigest()[:16]
+    arrs = [a.detach().cpu().numpy() if isinstance(a, torch.Tensor) else np.asarray(a) for a in arrays]
+    return json_fingerprint({"params": params, "arrays": [array_fingerprint(a) for a in arrs]})

@@ -307,8 +307,9 @@ def run_finetune(
     cfg = cfg.validate()
     if cfg.distill_weight > 0 and (teacher is None or not teacher_items):
         raise ValueError("distill_weight > 0 needs a teacher and its item count (run_finetune(teacher=..., teacher_items=...))")
-    if cfg.distill_weight > 0 and "template" in frame.columns and frame.filter(
-            (pl.col("split") == "train") & (pl.col("task") == "B") & (pl.col("template") == SEQUENCE_TEMPLATE)).height == 0:
+    seq_rows = (frame.filter((pl.col("split") == "train") & (pl.col("task") == "B") & (pl.col("template") == SEQUENCE_TEMPLATE))
+                if cfg.distill_weight > 0 and "template" in frame.columns else None)
+    if seq_rows is not None and seq_rows.height == 0:
         raise ValueError("distill_weight > 0 distils the 'sequence' form of task B, and the dataset has no such training rows: "
                          "set next_id_format: sequence on the prep dataset, or distill_weight: 0")
     if cfg.num_threads > 0 and not torch.cuda.is_available():
@@ -342,8 +343,8 @@ def run_finetune(
 
         temperature = cfg.distill_temperature
         if temperature == 0:  # fitted on the training sequences of task B (the teacher's NLL of the next item)
-            seq_rows = train.filter((pl.col("task") == "B") & (pl.col("template") == SEQUENCE_TEMPLATE))
-            seqs = [list(h) + [t] for h, t in seq_rows.select("history_anime_ids", "target_anime_id").iter_rows()]
+            seqs = [list(h) + [t] for h, t in seq_rows.select("history_anime_ids", "target_anime_id").iter_rows()] \
+                if seq_rows is not None else []
             if not seqs:
                 raise ValueError("distill_temperature 0 (fitted) needs task-B training rows of the 'sequence' form")
             pick = np.random.default_rng(cfg.seed).permutation(len(seqs))[:300]

@@ -32,10 +32,15 @@ It prints the table rows (ours), the ratio LM / popularity R@10 (target >= 3x on
 fine-tune), throughput, ``uptime`` load at start and end, the published reference rows separately, and
 the protocol. Results go to ``<out>/beauty_llm.json``.
 
-``--gpu``: device cuda, every block trained, batch 32, bf16, a 4-minute fine-tune budget, 2,000 test
-users, then ``benchmarks.finetune_mal`` at GPU scale (collaborative IDs, the sequence form with 24-item
-training rows, every block trained, batch 32, bf16); sized to finish within 10 minutes on one
-H100/H200-class GPU. Not measured yet (no GPU was available where this was written).
+``--train-sasrec``: train that SASRec first (``benchmarks.beauty --models popularity,sasrec`` on the same test
+users, budget ``--sasrec-seconds``) into ``<out>/sasrec``; its rows join the table.
+
+``--gpu``: device cuda and the best CPU recipe (D30: ``--sids sasrec``, ``--next-id-format sequence``,
+``--distill-weight 0.5``; without ``--sasrec-dir`` a SASRec is trained first on the GPU, 90 s budget), every
+block trained, batch 32, bf16, a 4-minute fine-tune budget, 20-item prompts, 2,000 test users, then
+``benchmarks.finetune_mal`` at GPU scale (collaborative IDs, the sequence form with 24-item training rows,
+every block trained, batch 32, bf16); sized to finish within 10 minutes on one H100/H200-class GPU. Not
+measured yet (no GPU was available where this was written). An explicit flag wins over each GPU default.
 """
 
 from __future__ import annotations
@@ -57,6 +62,16 @@ def load_avg() -> str:
         return subprocess.run(["uptime"], capture_output=True, text=True, timeout=5).stdout.strip()
     except Exception:  # pragma: no cover - uptime missing
         return "load " + " ".join(f"{x:.2f}" for x in os.getloadavg())
+
+
+def _given_flags(parser: argparse.ArgumentParser, argv) -> set[str]:
+    """Destinations written on the command line, also those equal to their default (parsed again without defaults)."""
+    import copy
+
+    bare = copy.deepcopy(parser)
+    for action in bare._actions:
+        action.default = argparse.SUPPRESS
+    return set(vars(bare.parse_args(argv)))
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -92,6 +107,10 @@ def parse_args(argv=None) -> argparse.Namespace:
                         "codebooks); projection = the codebooks projected into the token space (--sids sasrec/own)")
     p.add_argument("--phase1-new-rows-lr-mult", type=float, default=1.0, help="learning-rate multiplier of the new ID rows, phase 1")
     p.add_argument("--phase2-new-rows-lr-mult", type=float, default=1.0, help="the same, phase 2")
+    p.add_argument("--train-sasrec", action="store_true",
+                   help="first train a SASRec with benchmarks.beauty (--models popularity,sasrec, the same test users) into "
+                        "<out>/sasrec and use <out>/sasrec/sasrec_model as --sasrec-dir; its rows join the LM table")
+    p.add_argument("--sasrec-seconds", type=float, default=2400.0, help="with --train-sasrec: its training budget (--gpu: 90)")
     p.add_argument("--distill-weight", type=float, default=0.0,
                    help="knowledge distillation from the SASRec of --sasrec-dir (lib/llm/distill.py): weight of its "
                         "next-item softmax in the targets of the sequence form's ID tokens (0 = off)")
@@ -111,11 +130,20 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--skip-mal", action="store_true", help="with --gpu: Beauty only")
     args = p.parse_args(argv)
     if args.gpu:
+        given = _given_flags(p, argv)
         for k, v in {"train_seconds": 240.0, "batch_size": 32, "train_layers": 0, "test_users": 2000, "phase1_steps": 200,
                      "n_examples": 200000, "threads": 8, "max_history": 20, "phase2_steps": 8000,
-                     "linking_items": 30}.items():
-            if getattr(args, k) == p.get_default(k):
+                     "linking_items": 30, "sids": "sasrec", "next_id_format": "sequence", "distill_weight": 0.5,
+                     "sasrec_seconds": 90.0}.items():
+            if k not in given:
                 setattr(args, k, v)
+        if not args.sasrec_dir and (args.sids == "sasrec" or args.distill_weight > 0):
+            args.train_sasrec = True  # the best CPU recipe (D30): collaborative IDs of a SASRec that is also the teacher
+    if args.train_sasrec and args.sasrec_dir:
+        p.error("--train-sasrec writes <out>/sasrec/sasrec_model: leave --sasrec-dir out, or drop --train-sasrec")
+    if args.train_sasrec and args.data:
+        p.error("--train-sasrec trains on ../shared/data/beauty (benchmarks.beauty); with --data, train the SASRec on that "
+                "split yourself and pass --sasrec-dir")
     return args
 
 
@@ -199,6 +227,19 @@ def main(argv=None) -> int:
     load_start = load_avg()
     print(f"start: {load_start}; torch threads {torch.get_num_threads()}; cuda {torch.cuda.is_available()}")
     t_all = time.perf_counter()
+    sasrec_rows: list[dict] = []
+    if args.train_sasrec:
+        from animind_assets.benchmarks import beauty as beauty_bench
+
+        sas_out = out / "sasrec"
+        print("\n=== SASRec (the collaborative IDs' source and the distillation teacher): benchmarks.beauty", flush=True)
+        rc = beauty_bench.main(["--models", "popularity,sasrec", "--out", str(sas_out), "--test-users", str(args.test_users),
+                                "--seed", str(args.seed), "--threads", str(args.threads), "--order", args.order,
+                                "--sasrec-seconds", str(args.sasrec_seconds), *(["--gpu"] if args.gpu else [])])
+        if rc != 0 or not (sas_out / "sasrec_model").is_dir():
+            raise SystemExit(f"--train-sasrec: benchmarks.beauty returned {rc} without {sas_out / 'sasrec_model'}")
+        args.sasrec_dir = str(sas_out / "sasrec_model")
+        sasrec_rows = json.loads((sas_out / "sasrec.json").read_text(encoding="utf-8"))["rows"]
     data = load_prepared_split(folder, order=args.order)
     items, inter = data.items, data.interactions
     sids, sid_note, codebooks = load_sids(args, items, log)
@@ -262,7 +303,7 @@ def main(argv=None) -> int:
     extra = {"train s": round(ft_seconds), "steps": steps, "users/s": round(ev.summary["users_per_s"], 2)}
     lm_rows = [{**ev.lm.row(mode), **extra, "valid-ID": ev.summary["valid_id_rate"]} for mode in ("masked", "unmasked")]
     pop_rows = [ev.popularity.row(mode) for mode in ("masked", "unmasked")]
-    rows = pop_rows + lm_rows
+    rows = pop_rows + sasrec_rows + lm_rows  # SASRec rows (--train-sasrec): the same seeded test users
     pop_r10 = ev.popularity.metrics["masked"]["recall@10"]
     ratio = ev.lm.metrics["masked"]["recall@10"] / pop_r10 if pop_r10 > 0 else float("nan")  # nan: popularity hit no user
     print("\n=== Beauty, leave-one-out test (ours)")

@@ -387,6 +387,18 @@ def test_benchmark_gpu_flag_sets_gpu_scale_but_keeps_explicit_values():
     gpu = parse_args(["--gpu", "--test-users", "300"])
     assert gpu.train_seconds == 240 and gpu.batch_size == 32 and gpu.train_layers == 0 and gpu.max_history == 20
     assert gpu.test_users == 300  # an explicit value wins over the GPU-scale default
+    assert parse_args(["--gpu", "--test-users", "500"]).test_users == 500  # also one equal to the CPU default
+    # the best CPU recipe: collaborative IDs of a SASRec trained first, which is also the distillation teacher
+    assert (gpu.sids, gpu.next_id_format, gpu.distill_weight, gpu.train_sasrec) == ("sasrec", "sequence", 0.5, True)
+    assert gpu.sasrec_seconds == 90
+    given = parse_args(["--gpu", "--sasrec-dir", "/some/sasrec_model"])
+    assert not given.train_sasrec and given.sasrec_dir == "/some/sasrec_model"
+    plain = parse_args(["--gpu", "--sids", "reference", "--distill-weight", "0"])
+    assert not plain.train_sasrec and plain.sids == "reference"
+    assert not cpu.train_sasrec and cpu.sids == "reference" and cpu.distill_weight == 0
+    for bad in (["--train-sasrec", "--sasrec-dir", "/x"], ["--train-sasrec", "--data", "/my/split"]):
+        with pytest.raises(SystemExit):
+            parse_args(bad)
 
 
 def test_a_trie_without_end_token_refuses_prefix_ids():

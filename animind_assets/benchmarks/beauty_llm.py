@@ -118,6 +118,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--max-seq-length", type=int, default=192)
     p.add_argument("--train-layers", type=int, default=2, help="top blocks trained + embeddings/head (0 = all)")
+    p.add_argument("--keep-layers", type=int, default=0,
+                   help="layer pruning: keep the first N-1 blocks of the base model and its last (0 = all 30; FinetuneConfig.keep_layers)")
     p.add_argument("--test-users", type=int, default=500, help="seeded subset of test users (0 = all 22,363)")
     p.add_argument("--beams", type=int, default=20)
     p.add_argument("--masking", default="filter", choices=["filter", "trie"])
@@ -255,7 +257,7 @@ def main(argv=None) -> int:
     w2 = dict(zip("ABC", (float(x) for x in args.phase2_weights.split(","))))
     fcfg = FinetuneConfig(
         **({"base_model": args.base_model} if args.base_model else {}),
-        train_layers=args.train_layers, phase1_max_steps=args.phase1_steps, phase2_max_steps=args.phase2_steps,
+        train_layers=args.train_layers, keep_layers=args.keep_layers, phase1_max_steps=args.phase1_steps, phase2_max_steps=args.phase2_steps,
         phase1_weights=w1, phase2_weights=w2, phase1_lr=args.lr, phase2_lr=args.lr, batch_size=args.batch_size,
         max_seq_length=args.max_seq_length, num_threads=args.threads, max_train_seconds=args.train_seconds,
         english_ppl=not args.gpu, linking_eval_items=args.linking_items, eval_examples=16, bf16=args.gpu or args.bf16, lr_scheduler="constant_with_warmup",
@@ -323,7 +325,7 @@ def main(argv=None) -> int:
     print("  LC-Rec-style SFT, 1.7B base, R@10 0.0704; OneRec-style SFT, 1.7B base, R@10 0.0925 (as cited in issue 15)")
     proto = protocol(split, "test", split.subset(args.test_users, seed=args.seed))
     print(f"\nprotocol: {json.dumps(proto)}; generative masking rule '{args.masking}' ({args.beams} beams); order {args.order}; "
-          f"IDs: {sid_note}; base {fcfg.base_model}, top {args.train_layers or 'all'} blocks; prompts: last {args.max_history} "
+          f"IDs: {sid_note}; base {fcfg.base_model}{f' pruned to {args.keep_layers} blocks' if args.keep_layers else ''}, top {args.train_layers or 'all'} blocks trained; prompts: last {args.max_history} "
           f"IDs / {args.title_history} word titles; task B form {args.next_id_format}; warm start "
           f"{ws_mode}; new-row lr x{args.phase1_new_rows_lr_mult}/x{args.phase2_new_rows_lr_mult}")
     result = {"rows": rows, "ratio_r10_masked": ratio, "summary": ev.summary, "finetune_metrics": m, "args": vars(args),

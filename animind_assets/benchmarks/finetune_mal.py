@@ -156,6 +156,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--batch-size", type=int, default=8)
     ap.add_argument("--max-seq-length", type=int, default=192)
     ap.add_argument("--train-layers", type=int, default=2)
+    ap.add_argument("--keep-layers", type=int, default=0,
+                    help="layer pruning: keep the first N-1 blocks of the base model and its last (0 = all; FinetuneConfig.keep_layers)")
     ap.add_argument("--eval-examples", type=int, default=8, help="validation rows per task for the phase validation loss")
     ap.add_argument("--eval-users", type=int, default=0, help="test users evaluated (0 = all)")
     ap.add_argument("--num-beams", type=int, default=10)
@@ -257,7 +259,7 @@ def main(argv: list[str] | None = None) -> int:
                     "phase2_max_steps": args.phase2_steps,
                     "batch_size": args.batch_size,
                     "max_seq_length": args.max_seq_length,
-                    "train_layers": args.train_layers,
+                    "train_layers": args.train_layers, "keep_layers": args.keep_layers,
                     "num_threads": args.threads,
                     "bf16": args.bf16,
                     "eval_examples": args.eval_examples,

@@ -419,3 +419,45 @@ def test_a_trie_without_end_token_refuses_prefix_ids():
     ok.add((1, 2), item="a")
     ok.add((1, 3), item="b")
     assert ok.allowed((1,)) == [2, 3] and ok.is_complete((1, 3))
+
+
+def test_layer_pruning_keeps_the_first_and_the_last_blocks_and_the_model_folder_round_trips(tmp_path):
+    """keep_layers=N keeps blocks 0..N-2 and the last one (weights unchanged, KV-cache slots renumbered), the
+    fine-tune trains the pruned stack, and the saved folder loads as the same pruned model."""
+    import torch
+
+    from animind_assets.lib.llm.base_model import prune_layers
+    from animind_assets.lib.llm.finetune import run_finetune, save_model_folder
+    from animind_assets.lib.llm.infer import load_sid_model
+    from animind_assets_tests.llm_fixtures import tiny_finetune_config
+
+    tok = smollm2_tokenizer()
+    model = tiny_llama(tok, layers=4)
+    last = model.model.layers[3].mlp.down_proj.weight.detach().clone()
+    first = model.model.layers[0].self_attn.q_proj.weight.detach().clone()
+    assert prune_layers(model, 2) == [0, 3]
+    assert len(model.model.layers) == 2 and model.config.num_hidden_layers == 2
+    assert torch.equal(model.model.layers[1].mlp.down_proj.weight, last)
+    assert torch.equal(model.model.layers[0].self_attn.q_proj.weight, first)
+    assert [layer.self_attn.layer_idx for layer in model.model.layers] == [0, 1]
+    ids = tok("lip gloss", return_tensors="pt").input_ids
+    with torch.no_grad():  # cached generation indexes the cache by layer_idx: must run on the pruned stack
+        out = model.generate(ids, max_new_tokens=3, do_sample=False, use_cache=True, pad_token_id=tok.pad_token_id)
+    assert out.shape[1] == ids.shape[1] + 3
+    assert prune_layers(model, 5) == [0, 1]  # nothing to drop
+    with pytest.raises(ValueError, match="keep must be >= 1"):
+        prune_layers(model, 0)
+
+    items, inter, sids = tiny_beauty()
+    df = build_next_item_dataset(items, inter, sids, CFG).frame
+    lookup = item_lookup(items, sids)
+    cfg = tiny_finetune_config(phase1_max_steps=1, phase2_max_steps=1, english_ppl=False, linking_eval_items=0,
+                               keep_layers=3, train_layers=1)
+    res = run_finetune(df, lookup, cfg, tmp_path / "work", special_tokens=(), base=(tiny_llama(tok, layers=5), tok))
+    assert res.metrics["kept_layers"] == 3 and len(res.model.model.layers) == 3
+    save_model_folder(res, lookup, tmp_path / "model")
+    sm = load_sid_model(tmp_path / "model")
+    assert sm.model.config.num_hidden_layers == 3 and len(sm.model.model.layers) == 3
+    probe = sm.tokenizer("nail serum", return_tensors="pt").input_ids
+    with torch.no_grad():
+        assert torch.allclose(sm.model(probe).logits, res.model.eval()(probe).logits, atol=1e-5)

@@ -19,6 +19,8 @@ FINETUNE_DESCRIPTIONS: dict[str, str] = {
     "lora_alpha": 'LoRA alpha',
     "lora_dropout": 'LoRA dropout',
     "train_layers": 'full method: train only the top N transformer blocks + tied embeddings/head (0 = every block; the default keeps the shared 2-core CPU run bounded)',
+    "keep_layers": 'layer pruning: keep the first N-1 blocks of the base model and its last (0 = every block); '
+    'faster training and decoding, English suffers; train_layers counts the kept blocks',
     "phase1_max_steps": 'optimizer steps of phase 1 (linking); demo-scale default, raise on a GPU',
     "phase2_max_steps": 'optimizer steps of phase 2 (recommendation/reasoning); demo-scale default, raise on a GPU',
     "phase1_lr": 'peak learning rate of phase 1',

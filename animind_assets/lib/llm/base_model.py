@@ -98,6 +98,46 @@ def load_base(cfg: FinetuneConfig, log: LogFn = noop_log):
     return model, tok
 
 
+def prune_layers(model, keep: int, log: LogFn = noop_log):
+    """Layer pruning in place: keep the first ``keep - 1`` decoder blocks and the last one, drop the deeper
+    blocks before the last (Gromov et al. 2024, "The Unreasonable Ineffectiveness of the Deeper Layers",
+    arXiv:2403.17887, drop a contiguous run of deep blocks and keep the final one; Men et al. 2024, ShortGPT).
+
+    A shallower model trains and decodes faster (cost ~ blocks); the fine-tune re-learns what the dropped
+    blocks did for the task, and English suffers (the benchmarks report the perplexity ratio). The model's
+    config gets the new ``num_hidden_layers`` (and ``layer_types`` when present), and each kept attention
+    module its new ``layer_idx`` (the KV-cache slot), so ``save_pretrained`` / ``from_pretrained`` and
+    generation work unchanged. Returns the indices of the kept blocks in the original stack. Raises
+    ``ValueError`` when ``keep`` < 1 or the model has no ``<base>.layers`` ModuleList; ``keep`` >= the block
+    count changes nothing."""
+    import torch.nn as nn
+
+    base = getattr(model, model.base_model_prefix, None)
+    layers = getattr(base, "layers", None) if base is not None else None
+    if not isinstance(layers, nn.ModuleList):
+        raise ValueError(f"prune_layers: {type(model).__name__} has no {model.base_model_prefix}.layers block list")
+    if keep < 1:
+        raise ValueError(f"prune_layers: keep must be >= 1, got {keep}")
+    n = len(layers)
+    if keep >= n:
+        return list(range(n))
+    kept = list(range(keep - 1)) + [n - 1]
+    base.layers = nn.ModuleList([layers[i] for i in kept])
+    for new_idx, layer in enumerate(base.layers):
+        for mod in layer.modules():
+            if hasattr(mod, "layer_idx"):
+                mod.layer_idx = new_idx
+    model.config.num_hidden_layers = keep
+    if hasattr(base, "config") and base.config is not model.config:
+        base.config.num_hidden_layers = keep
+    types = getattr(model.config, "layer_types", None)
+    if isinstance(types, list) and len(types) == n:
+        model.config.layer_types = [types[i] for i in kept]
+    n_params = sum(p.numel() for p in model.parameters())
+    log(f"layer pruning: kept blocks {kept} of {n} ({n_params / 1e6:.1f}M parameters left)")
+    return kept
+
+
 # ---------------------------------------------------------------------------------------- tokens
 def add_tokens(tokenizer, new_tokens: Sequence[str]) -> list[str]:
     """Add ``new_tokens`` to the tokenizer (not normalized, matched atomically in text). Returns the

@@ -64,6 +64,7 @@ from animind_assets.lib.llm.base_model import (  # noqa: F401  (public API)
     load_base,
     load_tokenizer,
     plain_model,
+    prune_layers,
     resolve_base,
 )
 from animind_assets.lib.llm.warm_start import WarmStartStats, codebooks_from_checkpoint, warm_start_embeddings  # noqa: F401
@@ -330,6 +331,9 @@ def run_finetune(
     if cfg.replay_ratio > 0:  # the base model's own answers, before any new token exists
         replay = replay_rows(model, tok, cfg, Path(work_dir) / "replay_cache" if base is None else None, log)
         metrics["replay_rows"] = float(len(replay))
+    if cfg.keep_layers:  # after the base model's perplexity and replay answers: both are the full model's
+        prune_layers(model, cfg.keep_layers, log)
+        metrics["kept_layers"] = float(len(_decoder_layers(model)))
     sid_toks = sid_tokens_used(lookup["semantic_id"].to_list())
     added = extend_tokenizer(tok, model, sid_toks + list(special_tokens), log)
     ws = None

@@ -31,6 +31,7 @@ class FinetuneConfig:
     lora_dropout: float = 0.05
     lora_target_modules: list[str] = field(default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"])
     train_layers: int = 0  # full method: 0 = every block; N = only the top N blocks + embeddings/head
+    keep_layers: int = 0  # layer pruning (lib/llm/base_model.prune_layers; Gromov et al. 2024): 0 = every block of the base model; N = keep its first N-1 blocks and the last one (faster training and decoding; English suffers); train_layers counts the kept blocks
     phase1_max_steps: int = 16
     phase2_max_steps: int = 32
     phase1_weights: dict[str, float] = field(default_factory=lambda: {"A": 0.8, "B": 0.1, "C": 0.1})
@@ -93,6 +94,8 @@ class FinetuneConfig:
             raise ValueError("replay_ratio must be in [0, 1) and replay_ratio + general_mix_ratio < 1")
         if self.phase1_new_rows_lr_mult <= 0 or self.phase2_new_rows_lr_mult <= 0:
             raise ValueError("phase1_new_rows_lr_mult and phase2_new_rows_lr_mult must be > 0")
+        if self.keep_layers < 0 or self.train_layers < 0:
+            raise ValueError(f"keep_layers ({self.keep_layers}) and train_layers ({self.train_layers}) must be >= 0")
         if self.base_token_rows_lr_mult < 0:
             raise ValueError("base_token_rows_lr_mult must be >= 0")
         if self.general_mix_ratio > 0 and not self.general_mix_file:

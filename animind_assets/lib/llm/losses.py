@@ -118,11 +118,12 @@ def make_progress_callback(phase: str, step_offset: int, log: LogFn, run, histor
             el = time.perf_counter() - t0
             done = max(state.global_step, 1)
             eta = el / done * max(max_steps - state.global_step, 0)
-            log(
-                f"{phase}: step {state.global_step}/{max_steps} loss {logs.get('loss', float('nan')):.4f} "
-                f"acc {logs.get('mean_token_accuracy', float('nan')):.3f} ({done / max(el, 1e-9):.3f} steps/s, "
-                f"elapsed {fmt_seconds(el)}, ETA {fmt_seconds(eta)})"
-            )
+            if "loss" in logs:  # the end-of-training summary (train_loss, runtime) is reported by the caller
+                log(
+                    f"{phase}: step {state.global_step}/{max_steps} loss {logs['loss']:.4f} "
+                    f"acc {logs.get('mean_token_accuracy', float('nan')):.3f} ({done / max(el, 1e-9):.3f} steps/s, "
+                    f"elapsed {fmt_seconds(el)}, ETA {fmt_seconds(eta)})"
+                )
             if run is not None:
                 run.log_metrics({f"{phase}/{k}": v for k, v in logs.items()}, step=step)
 

@@ -198,6 +198,62 @@ def load_sids(args, items, log):
     return sids, note, codebooks
 
 
+def _finetune(args, fcfg, ds, lookup, items, codebooks, out: Path, log):
+    """The fine-tune (with the SASRec teacher when ``--distill-weight``) into ``<out>/beauty_finetuned_model``;
+    -> (folder, metrics, stop reason, warm-start mode, seconds)."""
+    from animind_assets.lib.llm.finetune import run_finetune, save_model_folder
+
+    teacher = None
+    if args.distill_weight > 0:
+        from animind_assets.lib.llm.distill import position_logits_teacher
+        from animind_assets.lib.retrieval.sasrec import load_sasrec
+
+        if not args.sasrec_dir:
+            raise SystemExit("--distill-weight needs --sasrec-dir (the teacher): python -m animind_assets.benchmarks.beauty "
+                             "--models sasrec --out DIR, then pass DIR/sasrec_model")
+        sas = load_sasrec(args.sasrec_dir)[0]
+        if sas.n_items != items.height:
+            raise SystemExit(f"--sasrec-dir {args.sasrec_dir} scores {sas.n_items} items, the split has {items.height}")
+        teacher = position_logits_teacher(sas)
+        log(f"distillation teacher: SASRec of {args.sasrec_dir} (weight {args.distill_weight}, T {args.distill_temperature})")
+    t0 = time.perf_counter()
+    ft = run_finetune(ds.frame, lookup, fcfg, out / "work", codebooks=codebooks, special_tokens=(), log=log,
+                      teacher=teacher, teacher_items=items.height)
+    ft_seconds = time.perf_counter() - t0
+    model_dir = out / "beauty_finetuned_model"
+    if model_dir.exists():
+        import shutil
+
+        shutil.rmtree(model_dir)
+    model_dir.mkdir(parents=True)
+    save_model_folder(ft, lookup, model_dir)
+    m = ft.metrics
+    log(f"fine-tune: {int(m.get('total_steps', 0))} steps in {ft_seconds:.0f}s ({ft.info['stop_reason']}); phase2 {m.get('phase2_tokens_per_s', 0):.0f} "
+        f"tokens/s; val loss {m.get('phase2_val_loss')}; English ppl ratio {m.get('english_ppl_ratio')}")
+    stop_reason = ft.info["stop_reason"]
+    ws_mode = ft.warm_start.mode if ft.warm_start else "none"
+    return model_dir, m, stop_reason, ws_mode, ft_seconds
+
+
+def _saved_folder(args, lookup, log):
+    """``--model-dir``: a trained folder whose IDs must equal those these flags build; -> (folder, its metrics,
+    stop reason, warm-start mode). SystemExit when the IDs differ (another run's flags or split)."""
+    from animind_assets.lib.llm.model_folder import read_folder_files
+
+    folder = Path(args.model_dir)
+    info, saved = read_folder_files(folder)
+    ours = dict(zip(lookup["anime_id"].to_list(), lookup["semantic_id"].to_list()))
+    theirs = dict(zip(saved["anime_id"].to_list(), saved["semantic_id"].to_list()))
+    if ours != theirs:
+        differ = sum(ours.get(k) != v for k, v in theirs.items()) + len(set(ours) - set(theirs))
+        raise SystemExit(f"--model-dir {folder}: its sid_lookup.parquet differs from the IDs these flags build ({differ} "
+                         "items): pass the flags of the run that trained it")
+    m = dict(info.get("metrics") or {})
+    log(f"--model-dir {folder}: {int(m.get('total_steps', 0))} steps trained there; evaluating only")
+    ws = info.get("warm_start") if isinstance(info.get("warm_start"), dict) else {}
+    return folder, m, f"--model-dir: trained there, {info.get('stop_reason', '?')}", str(ws.get("mode", "n/a"))
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
     from animind_assets.lib.data.amazon import beauty_dir
@@ -211,7 +267,7 @@ def main(argv=None) -> int:
 
     from animind_assets.lib.data.amazon import sequences_from_interactions
     from animind_assets.lib.data.amazon_split import load_prepared_split
-    from animind_assets.lib.llm.finetune import FinetuneConfig, run_finetune, save_model_folder
+    from animind_assets.lib.llm.finetune import FinetuneConfig
     from animind_assets.lib.llm.infer import load_sid_model
     from animind_assets.lib.llm.sequence_data import SeqLlmDataConfig, build_next_item_dataset, item_lookup
     from animind_assets.lib.llm.sequence_eval import SeqEvalConfig, evaluate_next_item_lm
@@ -265,37 +321,12 @@ def main(argv=None) -> int:
         phase2_new_rows_lr_mult=args.phase2_new_rows_lr_mult, distill_weight=args.distill_weight,
         distill_temperature=args.distill_temperature,
     )
-    teacher = None
-    if args.distill_weight > 0:
-        from animind_assets.lib.llm.distill import position_logits_teacher
-        from animind_assets.lib.retrieval.sasrec import load_sasrec
-
-        if not args.sasrec_dir:
-            raise SystemExit("--distill-weight needs --sasrec-dir (the teacher): python -m animind_assets.benchmarks.beauty "
-                             "--models sasrec --out DIR, then pass DIR/sasrec_model")
-        sas = load_sasrec(args.sasrec_dir)[0]
-        if sas.n_items != items.height:
-            raise SystemExit(f"--sasrec-dir {args.sasrec_dir} scores {sas.n_items} items, the split has {items.height}")
-        teacher = position_logits_teacher(sas)
-        log(f"distillation teacher: SASRec of {args.sasrec_dir} (weight {args.distill_weight}, T {args.distill_temperature})")
-    t0 = time.perf_counter()
-    ft = run_finetune(ds.frame, lookup, fcfg, out / "work", codebooks=codebooks, special_tokens=(), log=log,
-                      teacher=teacher, teacher_items=items.height)
-    ft_seconds = time.perf_counter() - t0
-    model_dir = out / "beauty_finetuned_model"
-    if model_dir.exists():
-        import shutil
-
-        shutil.rmtree(model_dir)
-    model_dir.mkdir(parents=True)
-    save_model_folder(ft, lookup, model_dir)
-    m = ft.metrics
-    steps = int(m.get("total_steps", 0))
-    log(f"fine-tune: {steps} steps in {ft_seconds:.0f}s ({ft.info['stop_reason']}); phase2 {m.get('phase2_tokens_per_s', 0):.0f} "
-        f"tokens/s; val loss {m.get('phase2_val_loss')}; English ppl ratio {m.get('english_ppl_ratio')}")
-    stop_reason = ft.info["stop_reason"]
-    ws_mode = ft.warm_start.mode if ft.warm_start else "none"
-    del ft
+    if args.model_dir:
+        model_dir, m, stop_reason, ws_mode = _saved_folder(args, lookup, log)
+        steps, ft_seconds = int(m.get("total_steps", 0)), 0.0
+    else:
+        model_dir, m, stop_reason, ws_mode, ft_seconds = _finetune(args, fcfg, ds, lookup, items, codebooks, out, log)
+        steps = int(m.get("total_steps", 0))
     sm = load_sid_model(model_dir, num_threads=args.threads, device="cuda" if args.gpu else "cpu")
     split = SequenceSplit.from_sequences(sequences_from_interactions(inter), n_items=items.height)
     ecfg = SeqEvalConfig(test_users=args.test_users, seed=args.seed, num_beams=args.beams, masking=args.masking,

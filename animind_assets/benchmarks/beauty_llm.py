@@ -128,6 +128,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--bf16", action="store_true",
                    help="bf16 autocast during training on CPU (fast only on CPUs with AMX / AVX512-BF16; --gpu sets it)")
+    p.add_argument("--model-dir", default="",
+                   help="evaluate this saved beauty_finetuned_model folder (e.g. <out>/beauty_finetuned_model of an earlier "
+                        "run, on more --test-users) instead of fine-tuning; the dataset flags must be that run's (its "
+                        "IDs are checked against the folder's sid_lookup.parquet)")
     p.add_argument("--gpu", action="store_true", help="GPU scale (see the module docstring), then the MAL LM benchmark")
     p.add_argument("--skip-mal", action="store_true", help="with --gpu: Beauty only")
     args = p.parse_args(argv)
@@ -143,6 +147,8 @@ def parse_args(argv=None) -> argparse.Namespace:
             args.train_sasrec = True  # the best CPU recipe (D30): collaborative IDs of a SASRec that is also the teacher
     if args.train_sasrec and args.sasrec_dir:
         p.error("--train-sasrec writes <out>/sasrec/sasrec_model: leave --sasrec-dir out, or drop --train-sasrec")
+    if args.model_dir and (args.train_sasrec or args.distill_weight > 0):
+        p.error("--model-dir evaluates a trained folder: --train-sasrec and --distill-weight do not apply")
     if args.train_sasrec and args.data:
         p.error("--train-sasrec trains on ../shared/data/beauty (benchmarks.beauty); with --data, train the SASRec on that "
                 "split yourself and pass --sasrec-dir")

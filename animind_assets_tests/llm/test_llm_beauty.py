@@ -461,3 +461,30 @@ def test_layer_pruning_keeps_the_first_and_the_last_blocks_and_the_model_folder_
     probe = sm.tokenizer("nail serum", return_tensors="pt").input_ids
     with torch.no_grad():
         assert torch.allclose(sm.model(probe).logits, res.model.eval()(probe).logits, atol=1e-5)
+
+
+def test_benchmark_model_dir_evaluates_a_saved_folder_only_with_the_same_ids(tmp_path):
+    """beauty_llm --model-dir: the saved folder is evaluated when its IDs equal those the flags build, and refused
+    (naming the folder) when they differ; it cannot be combined with training flags."""
+    import argparse
+
+    from animind_assets.benchmarks.beauty_llm import _saved_folder, parse_args
+    from animind_assets.lib.llm.finetune import run_finetune, save_model_folder
+    from animind_assets_tests.llm_fixtures import tiny_finetune_config
+
+    items, inter, sids = tiny_beauty()
+    df = build_next_item_dataset(items, inter, sids, CFG).frame
+    lookup = item_lookup(items, sids)
+    tok = smollm2_tokenizer()
+    res = run_finetune(df, lookup, tiny_finetune_config(phase1_max_steps=1, phase2_max_steps=1, english_ppl=False,
+                                                        linking_eval_items=0), tmp_path / "work", special_tokens=(),
+                       base=(tiny_llama(tok), tok))
+    save_model_folder(res, lookup, tmp_path / "model")
+    args = argparse.Namespace(model_dir=str(tmp_path / "model"))
+    folder, metrics, stop, _ = _saved_folder(args, lookup, log=lambda _m: None)
+    assert folder == tmp_path / "model" and metrics["total_steps"] == 2 and stop.startswith("--model-dir")
+    swapped = lookup.with_columns(pl.col("semantic_id").shift(1).fill_null(lookup["semantic_id"][-1]))
+    with pytest.raises(SystemExit, match="differs from the IDs"):
+        _saved_folder(args, swapped, log=lambda _m: None)
+    with pytest.raises(SystemExit):
+        parse_args(["--model-dir", str(tmp_path / "model"), "--distill-weight", "0.5"])

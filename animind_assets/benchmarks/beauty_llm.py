@@ -35,12 +35,16 @@ the protocol. Results go to ``<out>/beauty_llm.json``.
 ``--train-sasrec``: train that SASRec first (``benchmarks.beauty --models popularity,sasrec`` on the same test
 users, budget ``--sasrec-seconds``) into ``<out>/sasrec``; its rows join the table.
 
-``--gpu``: device cuda and the best CPU recipe (D30: ``--sids sasrec``, ``--next-id-format sequence``,
+``--gpu``: device cuda and the D30 recipe of the CPU runs (``--sids sasrec``, ``--next-id-format sequence``,
 ``--distill-weight 0.5``; without ``--sasrec-dir`` a SASRec is trained first on the GPU, 90 s budget), every
 block trained, batch 32, bf16, a 4-minute fine-tune budget, 20-item prompts, 2,000 test users, then
 ``benchmarks.finetune_mal`` at GPU scale (collaborative IDs, the sequence form with 24-item training rows,
-every block trained, batch 32, bf16); sized to finish within 10 minutes on one H100/H200-class GPU. Not
-measured yet (no GPU was available where this was written). An explicit flag wins over each GPU default.
+every block trained, batch 32, bf16); estimated at about 10 minutes on one H100/H200-class GPU, not measured
+(no GPU was available where this was written). An explicit flag wins over each GPU default; the distillation
+default applies only to a run that trains in the sequence form; ``--gpu --model-dir`` evaluates only (no MAL).
+
+``--model-dir DIR``: evaluate a saved ``beauty_finetuned_model`` folder (e.g. on more ``--test-users``) without
+fine-tuning; the IDs and the task-B form the flags build must be the folder's.
 """
 
 from __future__ import annotations
@@ -137,14 +141,27 @@ def parse_args(argv=None) -> argparse.Namespace:
     args = p.parse_args(argv)
     if args.gpu:
         given = _given_flags(p, argv)
-        for k, v in {"train_seconds": 240.0, "batch_size": 32, "train_layers": 0, "test_users": 2000, "phase1_steps": 200,
-                     "n_examples": 200000, "threads": 8, "max_history": 20, "phase2_steps": 8000,
-                     "linking_items": 30, "sids": "sasrec", "next_id_format": "sequence", "distill_weight": 0.5,
-                     "sasrec_seconds": 90.0}.items():
+        gpu_defaults = {"train_seconds": 240.0, "batch_size": 32, "train_layers": 0, "test_users": 2000, "phase1_steps": 200,
+                        "n_examples": 200000, "threads": 8, "max_history": 20, "phase2_steps": 8000, "linking_items": 30,
+                        "sids": "sasrec", "next_id_format": "sequence"}
+        for k, v in gpu_defaults.items():
             if k not in given:
                 setattr(args, k, v)
-        if not args.sasrec_dir and (args.sids == "sasrec" or args.distill_weight > 0):
-            args.train_sasrec = True  # the best CPU recipe (D30): collaborative IDs of a SASRec that is also the teacher
+        # the D30 recipe: distillation from a SASRec trained first (also the IDs' source), where it applies: a run that
+        # trains (not --model-dir) on the shared split (not --data) in the sequence form
+        if not args.model_dir and args.next_id_format == "sequence":
+            for k, v in {"distill_weight": 0.5, "sasrec_seconds": 90.0}.items():
+                if k not in given:
+                    setattr(args, k, v)
+        if not args.sasrec_dir and not args.model_dir and (args.sids == "sasrec" or args.distill_weight > 0):
+            if args.data:
+                p.error("--gpu with --data: pass --sasrec-dir (a SASRec trained on that split), or --sids reference "
+                        "--distill-weight 0")
+            args.train_sasrec = True
+    if args.distill_weight > 0 and args.next_id_format != "sequence":
+        p.error(f"--distill-weight {args.distill_weight:g} distils the sequence form: add --next-id-format sequence")
+    if args.keep_layers < 0 or args.train_layers < 0:
+        p.error("--keep-layers and --train-layers must be >= 0")
     if args.train_sasrec and args.sasrec_dir:
         p.error("--train-sasrec writes <out>/sasrec/sasrec_model: leave --sasrec-dir out, or drop --train-sasrec")
     if args.model_dir and (args.train_sasrec or args.distill_weight > 0):
@@ -209,9 +226,9 @@ def _finetune(args, fcfg, ds, lookup, items, codebooks, out: Path, log):
     -> (folder, metrics, stop reason, warm-start mode, seconds)."""
     from animind_assets.lib.llm.finetune import run_finetune, save_model_folder
 
-    teacher = None
+    teacher, teacher_fp = None, ""
     if args.distill_weight > 0:
-        from animind_assets.lib.llm.distill import position_logits_teacher
+        from animind_assets.lib.llm.distill import position_logits_teacher, teacher_fingerprint
         from animind_assets.lib.retrieval.sasrec import load_sasrec
 
         if not args.sasrec_dir:
@@ -221,10 +238,11 @@ def _finetune(args, fcfg, ds, lookup, items, codebooks, out: Path, log):
         if sas.n_items != items.height:
             raise SystemExit(f"--sasrec-dir {args.sasrec_dir} scores {sas.n_items} items, the split has {items.height}")
         teacher = position_logits_teacher(sas)
+        teacher_fp = teacher_fingerprint(*sas.state_dict().values())
         log(f"distillation teacher: SASRec of {args.sasrec_dir} (weight {args.distill_weight}, T {args.distill_temperature})")
     t0 = time.perf_counter()
     ft = run_finetune(ds.frame, lookup, fcfg, out / "work", codebooks=codebooks, special_tokens=(), log=log,
-                      teacher=teacher, teacher_items=items.height)
+                      teacher=teacher, teacher_items=items.height, teacher_fingerprint=teacher_fp)
     ft_seconds = time.perf_counter() - t0
     model_dir = out / "beauty_finetuned_model"
     if model_dir.exists():
@@ -254,10 +272,22 @@ def _saved_folder(args, lookup, log):
         differ = sum(ours.get(k) != v for k, v in theirs.items()) + len(set(ours) - set(theirs))
         raise SystemExit(f"--model-dir {folder}: its sid_lookup.parquet differs from the IDs these flags build ({differ} "
                          "items): pass the flags of the run that trained it")
+    trained_form = info.get("next_id_format", "question")
+    if trained_form != args.next_id_format:
+        raise SystemExit(f"--model-dir {folder}: trained on task B's {trained_form!r} form, these flags build the "
+                         f"{args.next_id_format!r} form: pass --next-id-format {trained_form}")
     m = dict(info.get("metrics") or {})
     log(f"--model-dir {folder}: {int(m.get('total_steps', 0))} steps trained there; evaluating only")
     ws = info.get("warm_start") if isinstance(info.get("warm_start"), dict) else {}
     return folder, m, f"--model-dir: trained there, {info.get('stop_reason', '?')}", str(ws.get("mode", "n/a"))
+
+
+def _report_saved_config(args, folder: Path) -> None:
+    """``--model-dir``: the trained folder's own settings replace the flags' in what is printed and saved."""
+    cfg = (json.loads((folder / "animind_llm.json").read_text(encoding="utf-8")).get("config") or {})
+    for k in ("train_layers", "keep_layers", "batch_size", "distill_weight", "distill_temperature", "bf16", "base_model"):
+        if k in cfg:
+            setattr(args, k, cfg[k])
 
 
 def main(argv=None) -> int:
@@ -329,7 +359,9 @@ def main(argv=None) -> int:
     )
     if args.model_dir:
         model_dir, m, stop_reason, ws_mode = _saved_folder(args, lookup, log)
-        steps, ft_seconds = int(m.get("total_steps", 0)), 0.0
+        steps, ft_seconds = int(m.get("total_steps", 0)), float(m.get("total_seconds", 0.0))
+        _report_saved_config(args, model_dir)
+        fcfg.base_model = args.base_model or fcfg.base_model
     else:
         model_dir, m, stop_reason, ws_mode, ft_seconds = _finetune(args, fcfg, ds, lookup, items, codebooks, out, log)
         steps = int(m.get("total_steps", 0))
@@ -368,7 +400,7 @@ def main(argv=None) -> int:
     result = {"rows": rows, "ratio_r10_masked": ratio, "summary": ev.summary, "finetune_metrics": m, "args": vars(args),
               "load_start": load_start, "load_end": load_end, "protocol": proto, "sids": sid_note, "warm_start": ws_mode}
     (out / "beauty_llm.json").write_text(json.dumps(result, indent=1, default=str), encoding="utf-8")
-    if args.gpu and not args.skip_mal:
+    if args.gpu and not args.skip_mal and not args.model_dir:
         from animind_assets.benchmarks import finetune_mal
 
         print("\n=== MAL 2020 LM benchmark at GPU scale (set completion)")

@@ -396,7 +396,13 @@ def test_benchmark_gpu_flag_sets_gpu_scale_but_keeps_explicit_values():
     plain = parse_args(["--gpu", "--sids", "reference", "--distill-weight", "0"])
     assert not plain.train_sasrec and plain.sids == "reference"
     assert not cpu.train_sasrec and cpu.sids == "reference" and cpu.distill_weight == 0
-    for bad in (["--train-sasrec", "--sasrec-dir", "/x"], ["--train-sasrec", "--data", "/my/split"]):
+    # --model-dir evaluates only: no teacher, no SASRec training; the question form gets no distillation default
+    only = parse_args(["--gpu", "--model-dir", "/some/folder", "--sasrec-dir", "/s"])
+    assert only.distill_weight == 0 and not only.train_sasrec
+    question = parse_args(["--gpu", "--next-id-format", "question"])
+    assert question.distill_weight == 0 and question.train_sasrec and question.sids == "sasrec"
+    for bad in (["--train-sasrec", "--sasrec-dir", "/x"], ["--train-sasrec", "--data", "/my/split"],
+                ["--gpu", "--data", "/my/split"], ["--distill-weight", "0.5"], ["--keep-layers", "-1"]):
         with pytest.raises(SystemExit):
             parse_args(bad)
 
@@ -480,11 +486,15 @@ def test_benchmark_model_dir_evaluates_a_saved_folder_only_with_the_same_ids(tmp
                                                         linking_eval_items=0), tmp_path / "work", special_tokens=(),
                        base=(tiny_llama(tok), tok))
     save_model_folder(res, lookup, tmp_path / "model")
-    args = argparse.Namespace(model_dir=str(tmp_path / "model"))
+    args = argparse.Namespace(model_dir=str(tmp_path / "model"), next_id_format=CFG.next_id_format)
     folder, metrics, stop, _ = _saved_folder(args, lookup, log=lambda _m: None)
     assert folder == tmp_path / "model" and metrics["total_steps"] == 2 and stop.startswith("--model-dir")
     swapped = lookup.with_columns(pl.col("semantic_id").shift(1).fill_null(lookup["semantic_id"][-1]))
     with pytest.raises(SystemExit, match="differs from the IDs"):
         _saved_folder(args, swapped, log=lambda _m: None)
+    other_form = argparse.Namespace(model_dir=str(tmp_path / "model"),
+                                    next_id_format="sequence" if args.next_id_format == "question" else "question")
+    with pytest.raises(SystemExit, match="form"):
+        _saved_folder(other_form, lookup, log=lambda _m: None)
     with pytest.raises(SystemExit):
         parse_args(["--model-dir", str(tmp_path / "model"), "--distill-weight", "0.5"])

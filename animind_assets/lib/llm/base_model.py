@@ -122,17 +122,19 @@ def prune_layers(model, keep: int, log: LogFn = noop_log):
     if keep >= n:
         return list(range(n))
     kept = list(range(keep - 1)) + [n - 1]
+    types = getattr(model.config, "layer_types", None)
+    if types is not None and len(types) != n:
+        raise ValueError(f"prune_layers: config.layer_types has {len(types)} entries for {n} blocks")
     base.layers = nn.ModuleList([layers[i] for i in kept])
     for new_idx, layer in enumerate(base.layers):
         for mod in layer.modules():
             if hasattr(mod, "layer_idx"):
                 mod.layer_idx = new_idx
-    model.config.num_hidden_layers = keep
-    if hasattr(base, "config") and base.config is not model.config:
-        base.config.num_hidden_layers = keep
-    types = getattr(model.config, "layer_types", None)
-    if isinstance(types, list) and len(types) == n:
-        model.config.layer_types = [types[i] for i in kept]
+    configs = [model.config] + ([base.config] if getattr(base, "config", None) is not None and base.config is not model.config else [])
+    for conf in configs:
+        conf.num_hidden_layers = keep
+        if types is not None:
+            conf.layer_types = [types[i] for i in kept]
     n_params = sum(p.numel() for p in model.parameters())
     log(f"layer pruning: kept blocks {kept} of {n} ({n_params / 1e6:.1f}M parameters left)")
     return kept

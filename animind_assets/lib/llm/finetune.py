@@ -331,7 +331,9 @@ def run_finetune(
     if cfg.replay_ratio > 0:  # the base model's own answers, before any new token exists
         replay = replay_rows(model, tok, cfg, Path(work_dir) / "replay_cache" if base is None else None, log)
         metrics["replay_rows"] = float(len(replay))
-    if cfg.keep_layers:  # after the base model's perplexity and replay answers: both are the full model's
+    # after the base model's perplexity and replay answers (both the full model's); method "auto" then counts the
+    # pruned model's parameters
+    if cfg.keep_layers:
         prune_layers(model, cfg.keep_layers, log)
         metrics["kept_layers"] = float(len(_decoder_layers(model)))
     sid_toks = sid_tokens_used(lookup["semantic_id"].to_list())

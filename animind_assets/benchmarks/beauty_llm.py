@@ -260,8 +260,9 @@ def _finetune(args, fcfg, ds, lookup, items, codebooks, out: Path, log):
 
 
 def _saved_folder(args, lookup, log):
-    """``--model-dir``: a trained folder whose IDs must equal those these flags build; -> (folder, its metrics,
-    stop reason, warm-start mode). SystemExit when the IDs differ (another run's flags or split)."""
+    """``--model-dir``: a trained folder whose IDs and task-B form must equal those these flags build; its own
+    settings (blocks, batch, distillation, base) replace the flags' in ``args`` for the report; -> (folder, its
+    metrics, stop reason, warm-start mode). SystemExit when the IDs or the form differ (another run's flags or split)."""
     from animind_assets.lib.llm.model_folder import read_folder_files
 
     folder = Path(args.model_dir)
@@ -276,18 +277,14 @@ def _saved_folder(args, lookup, log):
     if trained_form != args.next_id_format:
         raise SystemExit(f"--model-dir {folder}: trained on task B's {trained_form!r} form, these flags build the "
                          f"{args.next_id_format!r} form: pass --next-id-format {trained_form}")
+    cfg = info.get("config") or {}  # the folder's own settings replace the flags' in what is printed and saved
+    for k in ("train_layers", "keep_layers", "batch_size", "distill_weight", "distill_temperature", "bf16", "base_model"):
+        if k in cfg:
+            setattr(args, k, cfg[k])
     m = dict(info.get("metrics") or {})
     log(f"--model-dir {folder}: {int(m.get('total_steps', 0))} steps trained there; evaluating only")
     ws = info.get("warm_start") if isinstance(info.get("warm_start"), dict) else {}
     return folder, m, f"--model-dir: trained there, {info.get('stop_reason', '?')}", str(ws.get("mode", "n/a"))
-
-
-def _report_saved_config(args, folder: Path) -> None:
-    """``--model-dir``: the trained folder's own settings replace the flags' in what is printed and saved."""
-    cfg = (json.loads((folder / "animind_llm.json").read_text(encoding="utf-8")).get("config") or {})
-    for k in ("train_layers", "keep_layers", "batch_size", "distill_weight", "distill_temperature", "bf16", "base_model"):
-        if k in cfg:
-            setattr(args, k, cfg[k])
 
 
 def main(argv=None) -> int:
@@ -360,7 +357,6 @@ def main(argv=None) -> int:
     if args.model_dir:
         model_dir, m, stop_reason, ws_mode = _saved_folder(args, lookup, log)
         steps, ft_seconds = int(m.get("total_steps", 0)), float(m.get("total_seconds", 0.0))
-        _report_saved_config(args, model_dir)
         fcfg.base_model = args.base_model or fcfg.base_model
     else:
         model_dir, m, stop_reason, ws_mode, ft_seconds = _finetune(args, fcfg, ds, lookup, items, codebooks, out, log)

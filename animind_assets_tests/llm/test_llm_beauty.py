@@ -461,6 +461,10 @@ def test_layer_pruning_keeps_the_first_and_the_last_blocks_and_the_model_folder_
                                keep_layers=3, train_layers=1)
     res = run_finetune(df, lookup, cfg, tmp_path / "work", special_tokens=(), base=(tiny_llama(tok, layers=5), tok))
     assert res.metrics["kept_layers"] == 3 and len(res.model.model.layers) == 3
+    # the resume kind of fault (../shared/cases: resumed silently with changed settings): the kept depth is part of
+    # the work folder's fingerprint, so checkpoints of another depth are never resumed
+    assert cfg.fingerprint_dict() != tiny_finetune_config(phase1_max_steps=1, phase2_max_steps=1, english_ppl=False,
+                                                          linking_eval_items=0, train_layers=1).fingerprint_dict()
     save_model_folder(res, lookup, tmp_path / "model")
     sm = load_sid_model(tmp_path / "model")
     assert sm.model.config.num_hidden_layers == 3 and len(sm.model.model.layers) == 3

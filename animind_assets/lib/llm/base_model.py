@@ -98,6 +98,13 @@ def load_base(cfg: FinetuneConfig, log: LogFn = noop_log):
     return model, tok
 
 
+def decoder_layers(model):
+    """The decoder block list of a causal LM (``<base_model_prefix>.layers``, e.g. Llama's ``model.layers``), or
+    ``None`` when the architecture has no such list."""
+    base = getattr(model, model.base_model_prefix, None)
+    return getattr(base, "layers", None) if base is not None else None
+
+
 def prune_layers(model, keep: int, log: LogFn = noop_log):
     """Layer pruning in place: keep the first ``keep - 1`` decoder blocks and the last one, drop the deeper
     blocks before the last (Gromov et al. 2024, "The Unreasonable Ineffectiveness of the Deeper Layers",
@@ -113,7 +120,7 @@ def prune_layers(model, keep: int, log: LogFn = noop_log):
     import torch.nn as nn
 
     base = getattr(model, model.base_model_prefix, None)
-    layers = getattr(base, "layers", None) if base is not None else None
+    layers = decoder_layers(model)
     if not isinstance(layers, nn.ModuleList):
         raise ValueError(f"prune_layers: {type(model).__name__} has no {model.base_model_prefix}.layers block list")
     if keep < 1:

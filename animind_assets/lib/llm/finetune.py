@@ -59,6 +59,7 @@ from animind_assets.lib.semantic_ids.tokens import sid_tokens_used as sid_tokens
 from animind_assets.lib.llm.finetune_config import EMBEDDED_GGUF, EMBEDDED_MODEL, FinetuneConfig, LogFn, noop_log  # noqa: F401  (public API)
 from animind_assets.lib.llm.base_model import (  # noqa: F401  (public API)
     add_tokens,
+    decoder_layers,
     embedded_model_dir,
     extend_tokenizer,
     load_base,
@@ -142,7 +143,7 @@ def _apply_method(model, cfg: FinetuneConfig, method: str, log: LogFn):
         trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
         log(f"LoRA r={cfg.lora_r}: {trainable / 1e6:.2f}M trainable parameters (modules_to_save={sorted(set(to_save))})")
         return model, hooks
-    layers = _decoder_layers(model)
+    layers = decoder_layers(model)
     if cfg.train_layers and layers is not None and cfg.train_layers < len(layers):
         for p in model.parameters():
             p.requires_grad_(False)
@@ -174,11 +175,6 @@ def _module_name(model, module) -> str | None:
         if m is module:
             return name
     return None
-
-
-def _decoder_layers(model):
-    base = getattr(model, model.base_model_prefix, None)
-    return getattr(base, "layers", None) if base is not None else None
 
 
 def _run_phase(
@@ -334,8 +330,7 @@ def run_finetune(
     # after the base model's perplexity and replay answers (both the full model's); method "auto" then counts the
     # pruned model's parameters
     if cfg.keep_layers:
-        prune_layers(model, cfg.keep_layers, log)
-        metrics["kept_layers"] = float(len(_decoder_layers(model)))
+        metrics["kept_layers"] = float(len(prune_layers(model, cfg.keep_layers, log)))
     sid_toks = sid_tokens_used(lookup["semantic_id"].to_list())
     added = extend_tokenizer(tok, model, sid_toks + list(special_tokens), log)
     ws = None

@@ -119,6 +119,9 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="knowledge distillation from the SASRec of --sasrec-dir (lib/llm/distill.py): weight of its "
                         "next-item softmax in the targets of the sequence form's ID tokens (0 = off)")
     p.add_argument("--distill-temperature", type=float, default=1.0, help="softmax temperature of the teacher's logits")
+    p.add_argument("--sid-softmax", action="store_true",
+                   help="semantic-ID targets normalised over the ID tokens only (FinetuneConfig.sid_softmax; the "
+                        "evaluation's beam search scores them the same way)")
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--max-seq-length", type=int, default=192)
     p.add_argument("--train-layers", type=int, default=2, help="top blocks trained + embeddings/head (0 = all)")
@@ -278,7 +281,8 @@ def _saved_folder(args, lookup, log):
         raise SystemExit(f"--model-dir {folder}: trained on task B's {trained_form!r} form, these flags build the "
                          f"{args.next_id_format!r} form: pass --next-id-format {trained_form}")
     cfg = info.get("config") or {}  # the folder's own settings replace the flags' in what is printed and saved
-    for k in ("train_layers", "keep_layers", "batch_size", "distill_weight", "distill_temperature", "bf16", "base_model"):
+    for k in ("train_layers", "keep_layers", "batch_size", "distill_weight", "distill_temperature", "bf16", "base_model",
+              "sid_softmax"):
         if k in cfg:
             setattr(args, k, cfg[k])
     m = dict(info.get("metrics") or {})
@@ -352,7 +356,7 @@ def main(argv=None) -> int:
         english_ppl=not args.gpu, linking_eval_items=args.linking_items, eval_examples=16, bf16=args.gpu or args.bf16, lr_scheduler="constant_with_warmup",
         warmup_frac=0.02, warm_start=args.warm_start, phase1_new_rows_lr_mult=args.phase1_new_rows_lr_mult,
         phase2_new_rows_lr_mult=args.phase2_new_rows_lr_mult, distill_weight=args.distill_weight,
-        distill_temperature=args.distill_temperature,
+        distill_temperature=args.distill_temperature, sid_softmax=args.sid_softmax,
     )
     if args.model_dir:
         model_dir, m, stop_reason, ws_mode = _saved_folder(args, lookup, log)
@@ -392,7 +396,8 @@ def main(argv=None) -> int:
     print(f"\nprotocol: {json.dumps(proto)}; generative masking rule '{args.masking}' ({args.beams} beams); order {args.order}; "
           f"IDs: {sid_note}; base {fcfg.base_model}{f' pruned to {args.keep_layers} blocks' if args.keep_layers else ''}, top {args.train_layers or 'all'} blocks trained; prompts: last {args.max_history} "
           f"IDs / {args.title_history} word titles; task B form {args.next_id_format}; warm start "
-          f"{ws_mode}; new-row lr x{args.phase1_new_rows_lr_mult}/x{args.phase2_new_rows_lr_mult}")
+          f"{ws_mode}; new-row lr x{args.phase1_new_rows_lr_mult}/x{args.phase2_new_rows_lr_mult}; ID targets normalised over "
+          f"{'the ID tokens only (--sid-softmax)' if args.sid_softmax else 'the full vocabulary'}")
     result = {"rows": rows, "ratio_r10_masked": ratio, "summary": ev.summary, "finetune_metrics": m, "args": vars(args),
               "load_start": load_start, "load_end": load_end, "protocol": proto, "sids": sid_note, "warm_start": ws_mode}
     (out / "beauty_llm.json").write_text(json.dumps(result, indent=1, default=str), encoding="utf-8")

@@ -174,6 +174,8 @@ def main(argv: list[str] | None = None) -> int:
                          "'sequence' form's rows): weight of the teacher's targets (0 = off)")
     ap.add_argument("--distill-temperature", type=float, default=0.0,
                     help="softmax temperature of the EASE scores (0 = fitted by the teacher's NLL on training rows)")
+    ap.add_argument("--sid-softmax", action="store_true",
+                    help="semantic-ID targets normalised over the ID tokens only (FinetuneConfig.sid_softmax)")
     ap.add_argument("--replay-ratio", type=float, default=0.0, help="English-retention replay share (self-distilled)")
     ap.add_argument("--replay-prompts", type=int, default=0, help="shipped replay prompts used (0 = all 150)")
     ap.add_argument("--replay-max-new-tokens", type=int, default=96)
@@ -278,6 +280,7 @@ def main(argv: list[str] | None = None) -> int:
                     "distill_weight": args.distill_weight,
                     "distill_temperature": args.distill_temperature,
                     "distill_ease_lambda": args.ease_lambda,
+                    "sid_softmax": args.sid_softmax,
                 }
             },
             "recommendation_eval": {"config": {"max_users": args.eval_users, "num_beams": args.num_beams, "num_threads": args.threads,

@@ -78,6 +78,7 @@ from animind_assets.lib.llm.training_data import (  # noqa: F401
     tokenize_rows,
 )
 from animind_assets.lib.llm.losses import (  # noqa: F401
+    SidVocab,
     completion_loss,
     english_perplexity,
     make_progress_callback,
@@ -180,6 +181,7 @@ def _module_name(model, module) -> str | None:
 def _run_phase(
     phase: str, model, tokenizer, rows: list[dict], cfg: FinetuneConfig, lr: float, max_steps: int,
     out_dir: Path, step_offset: int, log: LogFn, run, history: list, extra_callbacks: Sequence = (), distiller=None,
+    sid_vocab: SidVocab | None = None,
 ) -> dict:
     import datasets
     from datasets import Dataset
@@ -232,6 +234,7 @@ def _run_phase(
     trainer.fast_loss = cfg.fast_loss
     if distiller is not None and cfg.distill_weight > 0:
         trainer.distiller, trainer.distill_weight = distiller, cfg.distill_weight
+    trainer.sid_vocab = sid_vocab
     from transformers.trainer_callback import PrinterCallback, ProgressCallback
 
     trainer.remove_callback(PrinterCallback)
@@ -333,6 +336,8 @@ def run_finetune(
         metrics["kept_layers"] = float(len(prune_layers(model, cfg.keep_layers, log)))
     sid_toks = sid_tokens_used(lookup["semantic_id"].to_list())
     added = extend_tokenizer(tok, model, sid_toks + list(special_tokens), log)
+    sid_vocab = SidVocab.of(tok.convert_tokens_to_ids(sid_toks), model.get_output_embeddings().weight.shape[0]) \
+        if cfg.sid_softmax else None
     ws = None
     if cfg.warm_start != "none":
         ws = warm_start_embeddings(
@@ -417,13 +422,13 @@ def run_finetune(
         if budget_cb is not None:
             extra.append(budget_cb)
         m = _run_phase(name, model_wrapped, tok, rows, cfg, lr, steps, work / name, step_offset, log, run, history, extra,
-                       distiller)
+                       distiller, sid_vocab)
         if budget_cb is not None and budget_cb.stopped and stop_reason == "step budget":
             stop_reason = f"time budget of {cfg.max_train_seconds:.0f}s spent in {name} at step {int(m['steps_done'])} of {steps}"
         for k, v in m.items():
             if isinstance(v, (int, float)):
                 metrics[f"{name}_{k}"] = float(v)
-        vl = validation_loss(model_wrapped, tok, val_rows, cfg.max_seq_length, cfg.use_chat_template)
+        vl = validation_loss(model_wrapped, tok, val_rows, cfg.max_seq_length, cfg.use_chat_template, sid_vocab=sid_vocab)
         if vl is not None:
             metrics[f"{name}_val_loss"] = vl
             log(f"{name}: validation completion loss {vl:.4f} on {len(val_rows)} rows")
@@ -465,6 +470,8 @@ def run_finetune(
         "list_order": list_order_of(frame.filter(pl.col("task") == "B")["prompt"].to_list()),
         **_next_id_format_info(frame),
         "new_tokens_added": len(added),
+        # ID tokens normalised among themselves (FinetuneConfig.sid_softmax): lib/llm/infer scores them the same way
+        "sid_softmax": bool(cfg.sid_softmax),
         "phase_mix": phase_counts,
         "warm_start": asdict(ws) if ws else None,
         "config": asdict(cfg),

@@ -76,6 +76,7 @@ class FinetuneConfig:
     gradient_checkpointing: bool = False  # recompute activations in the backward pass: less memory, slower (TRL's SFTConfig turns it on by default; with frozen lower blocks it also makes the backward pass run through them)
     distill_weight: float = 0.0  # knowledge distillation (lib/llm/distill.py): at each ID token of an item that follows another item in a completion (task B, "sequence" form) the target becomes (1 - w) one-hot + w x the teacher's next-item softmax turned into that level's code distribution; needs a teacher (run_finetune(teacher=...); beauty_finetuned_model uses sasrec_model, the anime finetuned_model EASE on the training users' lists); 0 = off
     distill_temperature: float = 1.0  # softmax temperature of the teacher's item logits (0 = fitted: the value minimising the teacher's NLL of the next item on up to 300 training sequences; for teachers whose scores are not log-probabilities, e.g. EASE)
+    sid_softmax: bool = False  # at answer positions whose target is a semantic-ID token, the softmax runs over the ID tokens only (the vocabulary of the trie-constrained decoder, which then normalises the same way; other positions keep the full vocabulary): the LM head's base rows leave most positions (faster steps on CPU) and get no push from ID targets (English kept); unconstrained generation then rarely writes IDs
     max_train_seconds: float = 0.0  # wall-clock budget of the training steps of both phases together, from the first step (0 = none); training stops at the first step past it, a later phase is skipped (stop_reason in the metadata)
 
     def validate(self) -> FinetuneConfig:
@@ -107,6 +108,8 @@ class FinetuneConfig:
                              f"{self.distill_temperature}")
         if self.distill_weight > 0 and not self.fast_loss:
             raise ValueError("distill_weight > 0 needs the completion-only loss (fast_loss = True)")
+        if self.sid_softmax and not self.fast_loss:
+            raise ValueError("sid_softmax needs the completion-only loss (fast_loss = True)")
         if self.max_train_seconds < 0:
             raise ValueError("max_train_seconds must be >= 0")
         if self.phase1_max_steps < 0 or self.phase2_max_steps < 0:

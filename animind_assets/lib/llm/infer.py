@@ -33,6 +33,7 @@ class SidModel:
     titles: dict[int, str] = field(default_factory=dict)
     sids: dict[int, str] = field(default_factory=dict)
     _full_tries: dict[bool, SidTrie] = field(default_factory=dict, repr=False)  # end -> trie of every ID (built once, reused)
+    _sid_index: torch.Tensor | None = field(default=None, repr=False)
 
     @property
     def eos_id(self) -> int:
@@ -45,6 +46,17 @@ class SidModel:
     @property
     def system_prompt(self) -> str:
         return self.info.get("system_prompt") or ""
+
+    @property
+    def sid_softmax(self) -> bool:
+        """True when the model was trained with ID tokens normalised among themselves (``FinetuneConfig.sid_softmax``)."""
+        return bool(self.info.get("sid_softmax", False))
+
+    def sid_index(self) -> torch.Tensor:
+        """(S,) int64: the vocabulary ids of every ID token of the lookup's IDs, sorted (built once)."""
+        if self._sid_index is None:
+            self._sid_index = torch.tensor(sorted({t for ids in self.sid_ids.values() for t in ids}), dtype=torch.long)
+        return self._sid_index
 
     def render(self, prompt: str) -> str:
         return render_prompt(self.tokenizer, self.system_prompt, prompt, self.use_chat_template)
@@ -116,11 +128,22 @@ class RankOutput:
     valid_sequences: int = 0
 
 
+def step_log_probs(sm: SidModel, logits: torch.Tensor) -> torch.Tensor:
+    """(B, V) next-token logits -> (B, V) float32 log-probabilities as the model was trained: the full-vocabulary
+    log-softmax, and for a ``sid_softmax`` model the ID tokens' entries replaced by their log-softmax among the
+    ID tokens only (``lib/llm/losses.completion_loss`` with ``sid_vocab``)."""
+    logp = torch.log_softmax(logits.float(), -1)
+    if sm.sid_softmax:
+        idx = sm.sid_index().to(logits.device)
+        logp[:, idx] = torch.log_softmax(logits[:, idx].float(), -1)
+    return logp
+
+
 @torch.no_grad()
 def trie_beam_search(sm: SidModel, prompt_text: str, trie: SidTrie, num_beams: int) -> list[tuple[tuple[int, ...], float]]:
     """Beam search over ``trie`` paths for one rendered prompt: the prompt is run once (KV cache),
-    then the cache is repeated for the beams. Scores are sums of full-vocabulary log-probabilities
-    (as in ``generate``). Returns complete trie paths (ending in EOS when the trie has an end token), best first."""
+    then the cache is repeated for the beams. Scores are sums of the tokens' log-probabilities (``step_log_probs``:
+    full-vocabulary, as in ``generate``; among the ID tokens for a ``sid_softmax`` model). Returns complete trie paths (ending in EOS when the trie has an end token), best first."""
     model = sm.model
     dev = next(model.parameters()).device
     ids = torch.tensor([prompt_ids(sm.tokenizer, prompt_text, sm.use_chat_template)], device=dev)
@@ -129,7 +152,7 @@ def trie_beam_search(sm: SidModel, prompt_text: str, trie: SidTrie, num_beams: i
     except TypeError:  # models without logits_to_keep
         out = model(input_ids=ids, use_cache=True)
     cache = out.past_key_values
-    logp = torch.log_softmax(out.logits[:, -1].float(), -1)
+    logp = step_log_probs(sm, out.logits[:, -1])
     beams: list[tuple[tuple[int, ...], float]] = [((), 0.0)]
     finished: list[tuple[tuple[int, ...], float]] = []
     L = ids.shape[1]
@@ -169,7 +192,7 @@ def trie_beam_search(sm: SidModel, prompt_text: str, trie: SidTrie, num_beams: i
         att = torch.ones((len(beams), L + step), dtype=torch.long, device=dev)
         out = model(input_ids=inp, attention_mask=att, past_key_values=cache, use_cache=True)
         cache = out.past_key_values
-        logp = torch.log_softmax(out.logits[:, -1].float(), -1)
+        logp = step_log_probs(sm, out.logits[:, -1])
     finished.sort(key=lambda x: -x[1])
     return finished[:num_beams]
 
@@ -193,10 +216,14 @@ def rank_items(
     the trie has no EOS and the score is the ID's own log-probability. ``engine="cached"``:
     ``trie_beam_search`` (prompt encoded once, then the beams share its KV cache). ``engine="hf"``:
     ``model.generate(num_beams=..., prefix_allowed_tokens_fn=trie)`` (expands the prompt per beam;
-    several times slower on CPU; no ``prefixes``). ValueError for an unknown engine, ``prefixes`` with
-    "hf" or a ``prefixes`` of another length."""
+    several times slower on CPU; no ``prefixes``; not for ``sid_softmax`` models, whose ID tokens ``generate``
+    would normalise after the trie's mask, i.e. among the allowed ones only). ValueError for an unknown engine,
+    ``prefixes`` with "hf", "hf" with a ``sid_softmax`` model or a ``prefixes`` of another length."""
     if engine not in ("cached", "hf"):
         raise ValueError(f"engine must be 'cached' or 'hf', got {engine!r}")
+    if engine == "hf" and sm.sid_softmax:
+        raise ValueError("engine 'hf' cannot score a sid_softmax model as it was trained (generate normalises after the "
+                         "trie's mask); use engine 'cached'")
     if prefixes is not None and (engine != "cached" or len(prefixes) != len(prompts)):
         raise ValueError(f"prefixes need engine 'cached' and one per prompt ({len(prefixes)} for {len(prompts)} prompts)")
     out = RankOutput(items=[])

@@ -6,6 +6,7 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import torch
 
@@ -15,38 +16,88 @@ from animind_assets.lib.llm.finetune_config import LogFn, noop_log
 from animind_assets.lib.llm.training_data import tokenize_rows
 
 # ---------------------------------------------------------------------------------------- loss
-def completion_loss(model, input_ids, attention_mask, labels, num_items=None, distill=None, distill_weight: float = 0.0):
+@dataclass(frozen=True)
+class SidVocab:
+    """The semantic-ID vocabulary of a model whose loss normalises ID tokens among themselves
+    (``FinetuneConfig.sid_softmax``). ``token_ids`` (S,) int64, sorted: every ID token (``<L1_0>`` ...) of the
+    lookup; ``column`` (V,) int64: a vocabulary id's column in ``token_ids``, -1 for any other token."""
+
+    token_ids: torch.Tensor
+    column: torch.Tensor
+
+    @classmethod
+    def of(cls, token_ids: Sequence[int], vocab_size: int) -> SidVocab:
+        """From the ID tokens' vocabulary ids (any order, duplicates allowed) and the embedding's row count.
+        Raises ValueError for an id outside ``[0, vocab_size)`` or an empty list."""
+        ids = sorted(set(int(t) for t in token_ids))
+        if not ids or ids[0] < 0 or ids[-1] >= vocab_size:
+            raise ValueError(f"semantic-ID token ids must be non-empty and in [0, {vocab_size}), got {len(ids)} ids "
+                             f"in [{ids[0] if ids else None}, {ids[-1] if ids else None}]")
+        tid = torch.tensor(ids, dtype=torch.long)
+        col = torch.full((vocab_size,), -1, dtype=torch.long)
+        col[tid] = torch.arange(len(ids))
+        return cls(tid, col)
+
+
+def completion_loss(model, input_ids, attention_mask, labels, num_items=None, distill=None, distill_weight: float = 0.0,
+                    sid_vocab: SidVocab | None = None):
     """Causal-LM loss evaluated only where ``labels != -100`` (the LM head skips prompt tokens).
 
     ``distill``: a ``lib/llm/distill.DistillBatch`` of teacher soft targets at some of those positions; there the
-    target becomes ``(1 - distill_weight) one_hot + distill_weight q`` (cross-entropy over the full vocabulary,
-    ``q`` 0 outside the ID tokens). Returns (loss, n_tokens, n_correct); the loss is summed over positions and
-    divided by ``num_items`` (the trainer's count) or the number of positions."""
+    target becomes ``(1 - distill_weight) one_hot + distill_weight q`` (``q`` 0 outside the level's ID tokens).
+    ``sid_vocab`` (``FinetuneConfig.sid_softmax``): at a position whose target is an ID token the softmax runs over
+    the ID tokens only (the LM head's rows of ``sid_vocab.token_ids``: the vocabulary of the trie-constrained
+    decoder, which then normalises the same way, ``lib/llm/infer.step_log_probs``); every other position keeps
+    the full vocabulary. Without it every position uses the full vocabulary. Returns (loss, n_tokens, n_correct);
+    the loss is summed over positions and divided by ``num_items`` (the trainer's count) or the number of
+    positions. Raises ValueError when a distilled position's target is not an ID token of ``sid_vocab``."""
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
     backbone = getattr(base, base.base_model_prefix)
     hidden = backbone(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).last_hidden_state
     h = hidden[:, :-1]
     y = labels[:, 1:]
     mask = y != -100
-    logits = base.get_output_embeddings()(h[mask]).float()
+    hs = h[mask]
     target = y[mask]
     n = int(mask.sum())
+    head = base.get_output_embeddings()
     denom = num_items if num_items is not None else max(n, 1)
     if isinstance(denom, torch.Tensor):
-        denom = denom.to(logits.device)
-    if distill is not None and distill_weight > 0 and len(distill.flat_index):
+        denom = denom.to(hs.device)
+    distilled = distill is not None and distill_weight > 0 and len(distill.flat_index)
+    if sid_vocab is None:
+        groups = [(head(hs).float(), target, torch.arange(n, device=hs.device), None)]
+    else:
+        column = sid_vocab.column.to(hs.device)[target]
+        is_sid = column >= 0
+        w = head.weight[sid_vocab.token_ids.to(hs.device)]
+        b = head.bias[sid_vocab.token_ids.to(hs.device)] if getattr(head, "bias", None) is not None else None
+        groups = [(torch.nn.functional.linear(hs[is_sid], w, b).float(), column[is_sid], is_sid.nonzero().squeeze(1), sid_vocab)]
+        if not bool(is_sid.all()):
+            groups.append((head(hs[~is_sid]).float(), target[~is_sid], (~is_sid).nonzero().squeeze(1), None))
+    loss = hs.float().sum() * 0.0  # keeps the graph when a batch has no completion token
+    correct = 0
+    for logits, tgt, where, vocab in groups:
+        if not len(tgt):
+            continue
+        correct += int((logits.argmax(-1) == tgt).sum())
+        if not (distilled and (vocab is not None or sid_vocab is None)):
+            loss = loss + torch.nn.functional.cross_entropy(logits, tgt, reduction="sum")
+            continue
         # one log-softmax for both terms (the rows are (positions, vocabulary): the largest tensor of the step)
         logp = torch.log_softmax(logits, dim=-1)
-        nll = -logp.gather(1, target.unsqueeze(1)).squeeze(1)
-        idx = distill.flat_index.to(logits.device)
-        cols = distill.token_ids.to(logits.device)
-        soft = -(distill.targets.to(logits.device) * logp[idx.unsqueeze(1), cols.unsqueeze(0)]).sum()  # (K, S) only
-        loss = nll.sum() + distill_weight * (soft - nll[idx].sum())
-    else:
-        loss = torch.nn.functional.cross_entropy(logits, target, reduction="sum")
-    loss = loss / denom
-    correct = int((logits.argmax(-1) == target).sum()) if n else 0
-    return loss, n, correct
+        nll = -logp.gather(1, tgt.unsqueeze(1)).squeeze(1)
+        idx = distill.flat_index.to(hs.device)
+        cols = distill.token_ids.to(hs.device)
+        if vocab is not None:  # flattened completion positions -> rows of this group; vocabulary ids -> its columns
+            rank = torch.full((n,), -1, dtype=torch.long, device=hs.device)
+            rank[where] = torch.arange(len(where), device=hs.device)
+            idx, cols = rank[idx], vocab.column.to(hs.device)[cols]
+            if bool((idx < 0).any()) or bool((cols < 0).any()):
+                raise ValueError("distilled positions must have semantic-ID targets and ID-token soft targets (sid_vocab)")
+        soft = -(distill.targets.to(hs.device) * logp[idx.unsqueeze(1), cols.unsqueeze(0)]).sum()  # (K, S) only
+        loss = loss + nll.sum() + distill_weight * (soft - nll[idx].sum())
+    return loss / denom, n, correct
 
 
 def make_trainer_class():
@@ -56,6 +107,7 @@ def make_trainer_class():
         fast_loss = True
         distiller = None  # lib/llm/distill.SidDistiller (FinetuneConfig.distill_weight > 0)
         distill_weight = 0.0
+        sid_vocab = None  # SidVocab (FinetuneConfig.sid_softmax)
 
         def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
             if not self.fast_loss or return_outputs:
@@ -66,7 +118,7 @@ def make_trainer_class():
             device_type = inputs["input_ids"].device.type
             with torch.autocast(device_type, dtype=torch.bfloat16, enabled=bool(self.args.bf16)):
                 loss, n, correct = completion_loss(model, inputs["input_ids"], inputs.get("attention_mask"), inputs["labels"],
-                                                   num_items_in_batch, distill, self.distill_weight)
+                                                   num_items_in_batch, distill, self.distill_weight, self.sid_vocab)
             mode = "train" if model.training else "eval"
             if n:
                 self._metrics[mode]["mean_token_accuracy"].append(correct / n)
@@ -153,7 +205,10 @@ def english_perplexity(model, tokenizer, texts: Sequence[str] | None = None, max
 
 
 @torch.no_grad()
-def validation_loss(model, tokenizer, rows: list[dict], max_len: int, use_chat_template: bool, batch_size: int = 8) -> float | None:
+def validation_loss(model, tokenizer, rows: list[dict], max_len: int, use_chat_template: bool, batch_size: int = 8,
+                    sid_vocab: SidVocab | None = None) -> float | None:
+    """Mean completion loss (nats per answer token, hard labels) of ``rows``; ``sid_vocab`` as in ``completion_loss``
+    (a model trained with ``FinetuneConfig.sid_softmax`` is validated the way it was trained). None without rows."""
     enc, _ = tokenize_rows(tokenizer, rows, max_len, use_chat_template)
     if not enc["input_ids"]:
         return None
@@ -171,7 +226,8 @@ def validation_loss(model, tokenizer, rows: list[dict], max_len: int, use_chat_t
             ids[i, : len(x)] = torch.tensor(x)
             att[i, : len(x)] = 1
             lab[i, : len(x)] = torch.tensor([t if mm else -100 for t, mm in zip(x, m)])
-        loss, n, _ = completion_loss(model, ids.to(model.device), att.to(model.device), lab.to(model.device), None)
+        loss, n, _ = completion_loss(model, ids.to(model.device), att.to(model.device), lab.to(model.device), None,
+                                     sid_vocab=sid_vocab)
         tot += float(loss) * n
         ntok += n
     if was_training:

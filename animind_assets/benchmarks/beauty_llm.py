@@ -93,6 +93,12 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="task B: 'question' (history IDs in the prompt, one target per row) or 'sequence' (the ID sequence "
                         "is the answer, every item a target given its prefix)")
     p.add_argument("--sequence-window", type=int, default=0, help="'sequence' form: items per training row (0 = max_history + 1)")
+    p.add_argument("--system-prompt", default=None, help="system message of every row (default: SeqLlmDataConfig's)")
+    p.add_argument("--sequence-instruction", default="",
+                   help="'sequence' form: the fixed task-B prompt ('' = SeqLlmDataConfig's default sentence)")
+    p.add_argument("--no-chat-template", action="store_true",
+                   help="render prompts as plain '### Question: / ### Answer:' text (FinetuneConfig.use_chat_template false; "
+                        "SmolLM2's template adds its own system prompt when the system message is empty)")
     p.add_argument("--cache-dir", default=str(Path(tempfile.gettempdir()) / "animind_bench"))
     p.add_argument("--n-examples", type=int, default=60000, help="training rows generated (A+B+C, before dedup)")
     p.add_argument("--max-history", type=int, default=10, help="items shown as IDs in a next-ID prompt (--gpu: 20, as TIGER)")
@@ -262,11 +268,16 @@ def _finetune(args, fcfg, ds, lookup, items, codebooks, out: Path, log):
     return model_dir, m, stop_reason, ws_mode, ft_seconds
 
 
-def _saved_folder(args, lookup, log):
-    """``--model-dir``: a trained folder whose IDs and task-B form must equal those these flags build; its own
-    settings (blocks, batch, distillation, base) replace the flags' in ``args`` for the report; -> (folder, its
-    metrics, stop reason, warm-start mode). SystemExit when the IDs or the form differ (another run's flags or split)."""
+def _saved_folder(args, lookup, log, dcfg: SeqLlmDataConfig | None = None):
+    """``--model-dir``: a trained folder whose IDs, task-B form and prompts (system message, chat template, the
+    sequence form's instruction; ``dcfg`` = the data config the flags build) must equal those these flags build; its
+    own settings (blocks, batch, distillation, base) replace the flags' in ``args`` for the report; -> (folder, its
+    metrics, stop reason, warm-start mode). SystemExit when any of them differs (another run's flags or split)."""
     from animind_assets.lib.llm.model_folder import read_folder_files
+    from animind_assets.lib.llm.sequence_data import SeqLlmDataConfig, sequence_prompt
+
+    dcfg = dcfg or SeqLlmDataConfig(next_id_format=args.next_id_format)
+    system_prompt = dcfg.system_prompt
 
     folder = Path(args.model_dir)
     info, saved = read_folder_files(folder)
@@ -280,6 +291,12 @@ def _saved_folder(args, lookup, log):
     if trained_form != args.next_id_format:
         raise SystemExit(f"--model-dir {folder}: trained on task B's {trained_form!r} form, these flags build the "
                          f"{args.next_id_format!r} form: pass --next-id-format {trained_form}")
+    ours_prompt = {"use_chat_template": not getattr(args, "no_chat_template", False), "system_prompt": system_prompt,
+                   **({"sequence_prompt": sequence_prompt(dcfg)} if trained_form == "sequence" else {})}
+    theirs_prompt = {k: info.get(k, True if k == "use_chat_template" else "") for k in ours_prompt}
+    if ours_prompt != theirs_prompt:
+        raise SystemExit(f"--model-dir {folder}: trained with prompts {theirs_prompt}, these flags build {ours_prompt}: "
+                         "pass --system-prompt / --sequence-instruction / --no-chat-template as that run did")
     cfg = info.get("config") or {}  # the folder's own settings replace the flags' in what is printed and saved
     for k in ("train_layers", "keep_layers", "batch_size", "distill_weight", "distill_temperature", "bf16", "base_model",
               "sid_softmax"):
@@ -340,7 +357,9 @@ def main(argv=None) -> int:
     sids, sid_note, codebooks = load_sids(args, items, log)
     log(f"Beauty: {items.height} items, {inter.height} interactions, {inter['user_id'].n_unique()} users; {sid_note}")
     dcfg = SeqLlmDataConfig(n_examples=args.n_examples, max_history=args.max_history, title_history=args.title_history,
-                            next_id_format=args.next_id_format, sequence_window=args.sequence_window)
+                            next_id_format=args.next_id_format, sequence_window=args.sequence_window,
+                            sequence_instruction=args.sequence_instruction,
+                            **({"system_prompt": args.system_prompt} if args.system_prompt is not None else {}))
     t0 = time.perf_counter()
     ds = build_next_item_dataset(items, inter, sids, dcfg, log=log)
     log(f"dataset: {ds.frame.height} rows in {time.perf_counter() - t0:.0f}s; counts {ds.summary['counts']}; "
@@ -356,10 +375,10 @@ def main(argv=None) -> int:
         english_ppl=not args.gpu, linking_eval_items=args.linking_items, eval_examples=16, bf16=args.gpu or args.bf16, lr_scheduler="constant_with_warmup",
         warmup_frac=0.02, warm_start=args.warm_start, phase1_new_rows_lr_mult=args.phase1_new_rows_lr_mult,
         phase2_new_rows_lr_mult=args.phase2_new_rows_lr_mult, distill_weight=args.distill_weight,
-        distill_temperature=args.distill_temperature, sid_softmax=args.sid_softmax,
+        distill_temperature=args.distill_temperature, sid_softmax=args.sid_softmax, use_chat_template=not args.no_chat_template,
     )
     if args.model_dir:
-        model_dir, m, stop_reason, ws_mode = _saved_folder(args, lookup, log)
+        model_dir, m, stop_reason, ws_mode = _saved_folder(args, lookup, log, dcfg)
         steps, ft_seconds = int(m.get("total_steps", 0)), float(m.get("total_seconds", 0.0))
         fcfg.base_model = args.base_model or fcfg.base_model
     else:

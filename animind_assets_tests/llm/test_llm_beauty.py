@@ -502,3 +502,22 @@ def test_benchmark_model_dir_evaluates_a_saved_folder_only_with_the_same_ids(tmp
         _saved_folder(other_form, lookup, log=lambda _m: None)
     with pytest.raises(SystemExit):
         parse_args(["--model-dir", str(tmp_path / "model"), "--distill-weight", "0.5"])
+    # prompts: another system message or no chat template would render other prompts than the folder was trained on
+    with pytest.raises(SystemExit, match="prompts"):
+        _saved_folder(args, lookup, log=lambda _m: None, dcfg=SeqLlmDataConfig(system_prompt="Recommender."))
+    plain = argparse.Namespace(**{**vars(args), "no_chat_template": True})
+    with pytest.raises(SystemExit, match="--no-chat-template"):
+        _saved_folder(plain, lookup, log=lambda _m: None)
+
+
+def test_a_short_sequence_instruction_reaches_every_row_and_only_the_sequence_form():
+    """sequence_instruction replaces the fixed task-B prompt of the "sequence" form (train and held-out rows) and is
+    refused for the question form, where it would be ignored."""
+    items, inter, sids = tiny_beauty()
+    cfg = SeqLlmDataConfig(**{**SEQ_CFG.__dict__, "sequence_instruction": "IDs:", "system_prompt": ""})
+    df = build_next_item_dataset(items, inter, sids, cfg).frame
+    b = df.filter(pl.col("task") == "B")
+    assert set(b["prompt"].to_list()) == {"IDs:"} and set(df["system"].to_list()) == {""}
+    assert sequence_prompt(cfg) == "IDs:" and sequence_prompt(SEQ_CFG).startswith("Write a user's")
+    with pytest.raises(ValueError, match="sequence_instruction"):
+        SeqLlmDataConfig(sequence_instruction="IDs:").validate()

@@ -80,6 +80,7 @@ class SeqLlmDataConfig:
     next_question: str = "Which item will the user buy next?"  # question of the B/C prompts
     system_prompt: str = DEFAULT_SEQ_SYSTEM_PROMPT
     next_id_format: str = "question"  # task B: "question" (history IDs in the prompt, 1 target per row) | "sequence" (the ID sequence is the answer, every item a target given its prefix)
+    sequence_instruction: str = ""  # "sequence" only: the fixed task-B prompt ("" = "Write a user's {history_noun} as semantic IDs, oldest first."); a short one (with a short system prompt and no chat template) leaves more of each row to the IDs
     sequence_window: int = 0  # "sequence" only: items per training row (0 = max_history + 1, the context the evaluation shows); consecutive rows of a user share one item
 
     def validate(self) -> SeqLlmDataConfig:
@@ -97,6 +98,8 @@ class SeqLlmDataConfig:
             raise ValueError(f"next_id_format must be one of {list(NEXT_ID_FORMATS)}, got {self.next_id_format!r}")
         if self.sequence_window < 0 or self.sequence_window == 1:
             raise ValueError(f"sequence_window must be 0 (max_history + 1) or >= 2, got {self.sequence_window}")
+        if self.sequence_instruction and self.next_id_format != "sequence":
+            raise ValueError("sequence_instruction only applies to next_id_format 'sequence'")
         if self.sequence_window and self.next_id_format != "sequence":
             raise ValueError(f"sequence_window ({self.sequence_window}) only applies to next_id_format 'sequence'")
         return self
@@ -133,8 +136,9 @@ def title_next_id_prompt(titles: Sequence[str], cfg: SeqLlmDataConfig) -> str:
 
 
 def sequence_prompt(cfg: SeqLlmDataConfig) -> str:
-    """Task-B prompt of the "sequence" form: the same text for every row; the IDs follow in the answer turn."""
-    return f"Write a user's {cfg.history_noun} as semantic IDs, oldest first."
+    """Task-B prompt of the "sequence" form: the same text for every row (``cfg.sequence_instruction``, or the
+    default sentence when it is empty); the IDs follow in the answer turn."""
+    return cfg.sequence_instruction or f"Write a user's {cfg.history_noun} as semantic IDs, oldest first."
 
 
 # ------------------------------------------------------------------------------------------ inputs

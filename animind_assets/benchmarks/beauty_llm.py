@@ -167,6 +167,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                 p.error("--gpu with --data: pass --sasrec-dir (a SASRec trained on that split), or --sids reference "
                         "--distill-weight 0")
             args.train_sasrec = True
+    if args.sequence_instruction and args.next_id_format != "sequence":
+        p.error("--sequence-instruction is the sequence form's prompt: add --next-id-format sequence")
     if args.distill_weight > 0 and args.next_id_format != "sequence":
         p.error(f"--distill-weight {args.distill_weight:g} distils the sequence form: add --next-id-format sequence")
     if args.keep_layers < 0 or args.train_layers < 0:
@@ -298,10 +300,10 @@ def _saved_folder(args, lookup, log, dcfg: SeqLlmDataConfig | None = None):
         raise SystemExit(f"--model-dir {folder}: trained with prompts {theirs_prompt}, these flags build {ours_prompt}: "
                          "pass --system-prompt / --sequence-instruction / --no-chat-template as that run did")
     cfg = info.get("config") or {}  # the folder's own settings replace the flags' in what is printed and saved
-    for k in ("train_layers", "keep_layers", "batch_size", "distill_weight", "distill_temperature", "bf16", "base_model",
-              "sid_softmax"):
+    for k in ("train_layers", "keep_layers", "batch_size", "distill_weight", "distill_temperature", "bf16", "base_model"):
         if k in cfg:
             setattr(args, k, cfg[k])
+    args.sid_softmax = bool(info.get("sid_softmax", False))  # how the folder scores IDs (older folders: full vocabulary)
     m = dict(info.get("metrics") or {})
     log(f"--model-dir {folder}: {int(m.get('total_steps', 0))} steps trained there; evaluating only")
     ws = info.get("warm_start") if isinstance(info.get("warm_start"), dict) else {}

@@ -506,8 +506,10 @@ def test_benchmark_model_dir_evaluates_a_saved_folder_only_with_the_same_ids(tmp
     with pytest.raises(SystemExit, match="prompts"):
         _saved_folder(args, lookup, log=lambda _m: None, dcfg=SeqLlmDataConfig(system_prompt="Recommender."))
     plain = argparse.Namespace(**{**vars(args), "no_chat_template": True})
-    with pytest.raises(SystemExit, match="--no-chat-template"):
+    with pytest.raises(SystemExit, match="'use_chat_template': True"):
         _saved_folder(plain, lookup, log=lambda _m: None)
+    with pytest.raises(SystemExit):  # a sequence-form instruction the flags would not build
+        parse_args(["--sequence-instruction", "IDs:", "--next-id-format", "question"])
 
 
 def test_a_short_sequence_instruction_reaches_every_row_and_only_the_sequence_form():

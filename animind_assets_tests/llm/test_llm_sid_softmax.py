@@ -139,25 +139,58 @@ def tiny_lm_folder(tmp_path_factory):
 
 def test_a_sid_softmax_folder_ranks_with_the_cached_engine_and_refuses_generate(tiny_lm_folder):
     from animind_assets.lib.llm.infer import rank_items, trie_beam_search
+    from animind_assets.lib.llm.model_folder import prompt_ids
+    from animind_assets.lib.semantic_ids.tokens import sid_tokens_used
 
     sm, res = tiny_lm_folder
     assert all(torch.isfinite(torch.as_tensor(h["loss"])) for h in res.history if "loss" in h)
     assert res.metrics["phase2_val_loss"] > 0
+    # the ID vocabulary of inference is the one training normalised over (saved in the folder)
+    V = sm.model.get_output_embeddings().weight.shape[0]
+    trained = SidVocab.of(sm.tokenizer.convert_tokens_to_ids(sid_tokens_used(sm.lookup["semantic_id"].to_list())), V)
+    assert torch.equal(sm.sid_index(), trained.token_ids) and sm.info["sid_softmax_tokens"]
     prompt = "Recommend the next item."
     out = rank_items(sm, [prompt], k=5, num_beams=8)
-    assert len(out.items[0]) == 5 and out.valid_sequences == out.sequences
-    # the beam scores are sums of ID-normalised log-probabilities: the best item's score is its probability's log
-    trie = sm.trie()
-    best = trie_beam_search(sm, sm.render(prompt), trie, 8)[0]
-    assert best[1] <= 0
+    assert len(out.items[0]) == 5
+    # the best path's beam score = the sum of its tokens' ID-only log-probabilities (a manual forward pass)
+    text = sm.render(prompt)
+    path, score = trie_beam_search(sm, text, sm.trie(), 8)[0]
+    ids = prompt_ids(sm.tokenizer, text, sm.use_chat_template)
+    with torch.no_grad():
+        logits = sm.model(input_ids=torch.tensor([ids + list(path)])).logits[0, len(ids) - 1 : -1].float()
+    idx = sm.sid_index()
+    want = 0.0
+    for row, t in zip(logits, path):
+        lp = torch.log_softmax(row[idx], -1)[int((idx == t).nonzero())] if bool((idx == t).any()) else torch.log_softmax(row, -1)[t]
+        want += float(lp)
+    assert score == pytest.approx(want, abs=1e-3)
+    sm.info["sid_softmax"] = False  # scored with the full vocabulary instead: another score for the same path
+    try:
+        full = dict(trie_beam_search(sm, text, sm.trie(), 8))
+        assert path not in full or abs(full[path] - score) > 1e-3
+    finally:
+        sm.info["sid_softmax"] = True
     with pytest.raises(ValueError, match="engine 'hf'"):
         rank_items(sm, [prompt], k=5, num_beams=8, engine="hf")
     with pytest.raises(ValueError, match="fast_loss"):
         tiny_finetune_config(sid_softmax=True, fast_loss=False).validate()
 
 
-def test_the_sid_softmax_knob_is_in_the_work_fingerprint():
+def test_the_sid_softmax_knob_and_the_system_prompt_are_in_the_work_fingerprint(tmp_path):
+    from animind_assets.lib.llm.finetune import run_finetune
+    from animind_assets.lib.llm.sequence_data import SeqLlmDataConfig, build_next_item_dataset, item_lookup
+
     a = tiny_finetune_config().fingerprint_dict()
     b = tiny_finetune_config(sid_softmax=True).fingerprint_dict()
     assert a != b and b["sid_softmax"] is True
-    assert CFG.next_id_format == "question"  # the folder test above uses the sequence form explicitly
+    # two datasets that differ only by their system message never share (resume) a work folder
+    items, inter, sids = tiny_beauty()
+    lookup = item_lookup(items, sids)
+    tok = smollm2_tokenizer()
+    cfg = tiny_finetune_config(phase1_max_steps=0, phase2_max_steps=1, english_ppl=False, linking_eval_items=0)
+    works = []
+    for system in ("You recommend.", "Recommender."):
+        df = build_next_item_dataset(items, inter, sids, SeqLlmDataConfig(**{**CFG.__dict__, "system_prompt": system})).frame
+        res = run_finetune(df, lookup, cfg, tmp_path, special_tokens=(), base=(tiny_llama(tok), tok))
+        works.append(res.info["work_fingerprint"])
+    assert works[0] != works[1]

@@ -49,9 +49,6 @@ FINETUNE_DESCRIPTIONS: dict[str, str] = {
     "replay_ratio": "English-retention replay: share of each phase drawn from the base model's own answers to the "
     "shipped general prompts (self-distillation, no downloads)",
     "replay_max_new_tokens": "length cap of each self-distilled replay answer",
-    "sid_softmax": "semantic-ID targets normalised over the ID tokens only (the constrained decoder's vocabulary; "
-    "recommend and the evaluations score them the same way): faster CPU steps, English kept; unconstrained "
-    "generation then rarely writes IDs",
 }
 
 

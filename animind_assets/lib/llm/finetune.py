@@ -365,6 +365,7 @@ def run_finetune(
     n_params = sum(p.numel() for p in model.parameters())
     method = _choose_method(cfg, n_params)
     fp = json_fingerprint({"cfg": cfg.fingerprint_dict(), "rows": frame["example_id"].to_list() if "example_id" in frame.columns else frame.height,
+                           "system": sorted(set(frame["system"].to_list())) if "system" in frame.columns else [],
                            "sids": sid_toks, **({"teacher": teacher_fingerprint} if cfg.distill_weight > 0 else {})})
     work = Path(work_dir) / fp
     work.mkdir(parents=True, exist_ok=True)
@@ -472,6 +473,7 @@ def run_finetune(
         "new_tokens_added": len(added),
         # ID tokens normalised among themselves (FinetuneConfig.sid_softmax): lib/llm/infer scores them the same way
         "sid_softmax": bool(cfg.sid_softmax),
+        "sid_softmax_tokens": sid_toks if cfg.sid_softmax else [],  # the ID vocabulary of that softmax (inference reuses it)
         "phase_mix": phase_counts,
         "warm_start": asdict(ws) if ws else None,
         "config": asdict(cfg),
@@ -541,6 +543,8 @@ def _linking_after_phase(model, tok, lookup: pl.DataFrame, frame: pl.DataFrame, 
                 "completion": pl.Utf8},
     ).unique("prompt", keep="first", maintain_order=True)
     info = {"use_chat_template": cfg.use_chat_template, "system_prompt": frame["system"][0] if frame.height else "",
+            "sid_softmax": bool(cfg.sid_softmax),
+            "sid_softmax_tokens": sid_tokens_used(lookup["semantic_id"].to_list()),
             "sid_levels": max((lv for lv, _ in find_level_tokens("".join(lookup["semantic_id"].head(50).to_list()))), default=4)}
     was_training = model.training
     model.eval()

@@ -17,7 +17,8 @@ from pathlib import Path
 import polars as pl
 import torch
 
-from animind_assets.lib.llm.model_folder import prompt_ids, read_folder_files, recommend_prompt, render_prompt, sequence_prefix, sid_token_ids
+from animind_assets.lib.llm.model_folder import (prompt_ids, read_folder_files, recommend_prompt, render_prompt, sequence_prefix,
+                                                 sid_token_ids, token_ids)
 from animind_assets.lib.semantic_ids.tokens import LIKED, leading_sid
 from animind_assets.lib.semantic_ids.trie import SidTrie
 
@@ -53,9 +54,12 @@ class SidModel:
         return bool(self.info.get("sid_softmax", False))
 
     def sid_index(self) -> torch.Tensor:
-        """(S,) int64: the vocabulary ids of every ID token of the lookup's IDs, sorted (built once)."""
+        """(S,) int64, sorted (built once): the ID vocabulary the ``sid_softmax`` loss used (``info['sid_softmax_tokens']``,
+        so a lookup filtered at inference does not change the normaliser), else every ID token of the lookup's IDs."""
         if self._sid_index is None:
-            self._sid_index = torch.tensor(sorted({t for ids in self.sid_ids.values() for t in ids}), dtype=torch.long)
+            toks = self.info.get("sid_softmax_tokens") or []
+            ids = (token_ids(self.tokenizer, toks) if toks else [t for v in self.sid_ids.values() for t in v])
+            self._sid_index = torch.tensor(sorted(set(ids)), dtype=torch.long)
         return self._sid_index
 
     def render(self, prompt: str) -> str:
@@ -216,14 +220,14 @@ def rank_items(
     the trie has no EOS and the score is the ID's own log-probability. ``engine="cached"``:
     ``trie_beam_search`` (prompt encoded once, then the beams share its KV cache). ``engine="hf"``:
     ``model.generate(num_beams=..., prefix_allowed_tokens_fn=trie)`` (expands the prompt per beam;
-    several times slower on CPU; no ``prefixes``; not for ``sid_softmax`` models, whose ID tokens ``generate``
-    would normalise after the trie's mask, i.e. among the allowed ones only). ValueError for an unknown engine,
+    several times slower on CPU; no ``prefixes``; not for ``sid_softmax`` models: ``generate`` scores with a
+    full-vocabulary log-softmax, not the ID-only one they were trained with). ValueError for an unknown engine,
     ``prefixes`` with "hf", "hf" with a ``sid_softmax`` model or a ``prefixes`` of another length."""
     if engine not in ("cached", "hf"):
         raise ValueError(f"engine must be 'cached' or 'hf', got {engine!r}")
     if engine == "hf" and sm.sid_softmax:
-        raise ValueError("engine 'hf' cannot score a sid_softmax model as it was trained (generate normalises after the "
-                         "trie's mask); use engine 'cached'")
+        raise ValueError("engine 'hf' cannot score a sid_softmax model as it was trained (generate scores with a "
+                         "full-vocabulary log-softmax, not the ID-only one); use engine 'cached'")
     if prefixes is not None and (engine != "cached" or len(prefixes) != len(prompts)):
         raise ValueError(f"prefixes need engine 'cached' and one per prompt ({len(prefixes)} for {len(prompts)} prompts)")
     out = RankOutput(items=[])

@@ -75,10 +75,12 @@ def completion_loss(model, input_ids, attention_mask, labels, num_items=None, di
         groups = [(torch.nn.functional.linear(hs[is_sid], w, b).float(), column[is_sid], is_sid.nonzero().squeeze(1), sid_vocab)]
         if not bool(is_sid.all()):
             groups.append((head(hs[~is_sid]).float(), target[~is_sid], (~is_sid).nonzero().squeeze(1), None))
-    loss = hs.float().sum() * 0.0  # keeps the graph when a batch has no completion token
+    loss = hs.sum().float() * 0.0  # keeps the graph when a batch has no completion token
     correct = 0
     for logits, tgt, where, vocab in groups:
         if not len(tgt):
+            if distilled and vocab is not None:
+                raise ValueError("distilled positions must have semantic-ID targets and ID-token soft targets (sid_vocab)")
             continue
         correct += int((logits.argmax(-1) == tgt).sum())
         if not (distilled and (vocab is not None or sid_vocab is None)):

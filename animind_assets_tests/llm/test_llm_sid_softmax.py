@@ -183,7 +183,8 @@ def test_the_sid_softmax_knob_and_the_system_prompt_are_in_the_work_fingerprint(
     a = tiny_finetune_config().fingerprint_dict()
     b = tiny_finetune_config(sid_softmax=True).fingerprint_dict()
     assert a != b and b["sid_softmax"] is True
-    # two datasets that differ only by their system message never share (resume) a work folder
+    # the resume kind of fault (../shared/cases: resumed silently with changed settings): two datasets that differ
+    # only by their system message never share (resume) a work folder
     items, inter, sids = tiny_beauty()
     lookup = item_lookup(items, sids)
     tok = smollm2_tokenizer()

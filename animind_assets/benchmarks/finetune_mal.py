@@ -176,6 +176,8 @@ def main(argv: list[str] | None = None) -> int:
                     help="softmax temperature of the EASE scores (0 = fitted by the teacher's NLL on training rows)")
     ap.add_argument("--sid-softmax", action="store_true",
                     help="semantic-ID targets normalised over the ID tokens only (FinetuneConfig.sid_softmax)")
+    ap.add_argument("--lr-decay-frac", type=float, default=0.0,
+                    help="the learning rate falls linearly to 0 over the last fraction of --train-seconds (FinetuneConfig.lr_decay_frac)")
     ap.add_argument("--replay-ratio", type=float, default=0.0, help="English-retention replay share (self-distilled)")
     ap.add_argument("--replay-prompts", type=int, default=0, help="shipped replay prompts used (0 = all 150)")
     ap.add_argument("--replay-max-new-tokens", type=int, default=96)
@@ -281,6 +283,7 @@ def main(argv: list[str] | None = None) -> int:
                     "distill_temperature": args.distill_temperature,
                     "distill_ease_lambda": args.ease_lambda,
                     "sid_softmax": args.sid_softmax,
+                    "lr_decay_frac": args.lr_decay_frac,
                 }
             },
             "recommendation_eval": {"config": {"max_users": args.eval_users, "num_beams": args.num_beams, "num_threads": args.threads,

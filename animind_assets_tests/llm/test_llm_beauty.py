@@ -523,3 +523,54 @@ def test_a_short_sequence_instruction_reaches_every_row_and_only_the_sequence_fo
     assert sequence_prompt(cfg) == "IDs:" and sequence_prompt(SEQ_CFG).startswith("Write a user's")
     with pytest.raises(ValueError, match="sequence_instruction"):
         SeqLlmDataConfig(sequence_instruction="IDs:").validate()
+
+
+def test_time_decay_callback_scales_the_scheduler_lr_linearly_to_zero_without_compounding():
+    import time
+    from types import SimpleNamespace
+
+    import torch
+
+    from animind_assets.lib.llm.losses import time_decay_lr_callback
+
+    p = torch.nn.Parameter(torch.zeros(2))
+    opt = torch.optim.SGD([{"params": [p]}, {"params": [torch.nn.Parameter(torch.zeros(1))], "lr": 0.5}], lr=1.0)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0)
+    state = SimpleNamespace(global_step=0)
+    now = time.perf_counter()
+    far = time_decay_lr_callback(now + 1000.0, 100.0)
+    far.on_step_begin(None, state, None, optimizer=opt, lr_scheduler=sched)
+    assert [g["lr"] for g in opt.param_groups] == [1.0, 0.5] and far.factor == 1.0
+    mid = time_decay_lr_callback(now + 50.0, 100.0)  # half of the decay window left
+    for _ in range(3):  # called again without a scheduler step: the factor applies to the scheduler's value, once
+        mid.on_step_begin(None, state, None, optimizer=opt, lr_scheduler=sched)
+    assert 0.45 < mid.factor <= 0.5
+    assert opt.param_groups[0]["lr"] == pytest.approx(mid.factor) and opt.param_groups[1]["lr"] == pytest.approx(0.5 * mid.factor)
+    past = time_decay_lr_callback(now - 1.0, 100.0)
+    past.on_step_begin(None, state, None, optimizer=opt, lr_scheduler=sched)
+    assert past.factor == 0.0 and opt.param_groups[0]["lr"] == 0.0
+    with pytest.raises(ValueError, match="decay_seconds"):
+        time_decay_lr_callback(now, 0.0)
+
+
+def test_lr_decay_frac_needs_a_wall_clock_budget_and_decays_in_a_real_run(tmp_path):
+    from animind_assets.lib.llm.finetune import run_finetune
+    from animind_assets.lib.llm.finetune_config import FinetuneConfig
+    from animind_assets_tests.llm_fixtures import tiny_finetune_config
+
+    with pytest.raises(ValueError, match="max_train_seconds"):
+        FinetuneConfig(lr_decay_frac=0.2).validate()
+    with pytest.raises(ValueError, match="lr_decay_frac"):
+        FinetuneConfig(lr_decay_frac=1.5, max_train_seconds=60).validate()
+    items, inter, sids = tiny_beauty()
+    df = build_next_item_dataset(items, inter, sids, CFG).frame
+    tok = smollm2_tokenizer()
+    logs: list[str] = []
+    # a budget far longer than the run with a decay window of all of it: every step already runs at a factor < 1
+    cfg = tiny_finetune_config(phase1_max_steps=2, phase2_max_steps=2, english_ppl=False, linking_eval_items=0,
+                               max_train_seconds=600, lr_decay_frac=1.0)
+    res = run_finetune(df, item_lookup(items, sids), cfg, tmp_path / "work", special_tokens=(), base=(tiny_llama(tok), tok),
+                       log=logs.append)
+    assert res.info["stop_reason"] == "step budget" and res.metrics["total_steps"] == 4
+    assert sum("learning rate decays linearly to 0" in m for m in logs) == 2  # once per phase
+    assert "lr_decay_frac" in cfg.fingerprint_dict()

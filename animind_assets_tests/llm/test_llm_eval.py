@@ -248,3 +248,28 @@ def test_sequence_form_set_completion_is_scored_as_trained_in_eval_and_recommend
     mixed = pl.concat([frame, question_rows])
     with pytest.raises(ValueError, match="mix task-B forms"):
         evaluate_recommender(sm, mixed, inter, EvalConfig(max_users=2, num_beams=10, unconstrained_users=0, title_items=0))
+
+
+def test_batched_trie_beam_search_matches_one_prompt_at_a_time(tiny):
+    """Prompts of different lengths (left padding, own position ids), tries and beam counts of their own in one
+    batch give the same paths and scores as each prompt alone; mismatched lengths are refused."""
+    from animind_assets.lib.llm.infer import trie_beam_search, trie_beam_search_batch
+    from animind_assets.lib.llm.model_folder import prompt_ids
+
+    sm, frame, _ = tiny
+    texts = [sm.render(p) for p in frame.filter(pl.col("is_heldout"))["prompt"].to_list()[:3]]
+    texts.append(sm.render("a much longer prompt " * 6 + frame["prompt"][0]))
+    lens = {len(prompt_ids(sm.tokenizer, t, sm.use_chat_template)) for t in texts}
+    assert len(lens) > 1  # padding is exercised
+    tries = [sm.trie(), sm.trie(exclude=list(sm.sid_ids)[:3]), sm.trie(), sm.trie(end=False)]
+    beams = [6, 4, 1, 5]
+    batched = trie_beam_search_batch(sm, texts, tries, beams)
+    for text, trie, k, got in zip(texts, tries, beams, batched):
+        alone = trie_beam_search(sm, text, trie, k)
+        assert len(got) == len(alone) == k
+        assert [t for t, _ in got] == [t for t, _ in alone]
+        assert max(abs(a - b) for (_, a), (_, b) in zip(got, alone)) < 1e-4
+        assert all(trie.is_complete(t) for t, _ in got)
+    assert trie_beam_search_batch(sm, [], [], 3) == []
+    with pytest.raises(ValueError, match="as many tries"):
+        trie_beam_search_batch(sm, texts, tries[:2], 4)

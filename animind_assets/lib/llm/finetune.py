@@ -84,6 +84,7 @@ from animind_assets.lib.llm.losses import (  # noqa: F401
     make_progress_callback,
     make_trainer_class,
     new_rows_lr_callback,
+    time_decay_lr_callback,
     validation_loss,
 )
 
@@ -422,6 +423,8 @@ def run_finetune(
         budget_cb = time_budget_callback(deadline, name, log) if deadline is not None else None
         if budget_cb is not None:
             extra.append(budget_cb)
+            if cfg.lr_decay_frac > 0:
+                extra.append(time_decay_lr_callback(deadline, cfg.lr_decay_frac * cfg.max_train_seconds, log))
         m = _run_phase(name, model_wrapped, tok, rows, cfg, lr, steps, work / name, step_offset, log, run, history, extra,
                        distiller, sid_vocab)
         if budget_cb is not None and budget_cb.stopped and stop_reason == "step budget":

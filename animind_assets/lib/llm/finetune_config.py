@@ -78,6 +78,7 @@ class FinetuneConfig:
     distill_temperature: float = 1.0  # softmax temperature of the teacher's item logits (0 = fitted: the value minimising the teacher's NLL of the next item on up to 300 training sequences; for teachers whose scores are not log-probabilities, e.g. EASE)
     sid_softmax: bool = False  # at answer positions whose target is a semantic-ID token, the softmax runs over the ID tokens only (the vocabulary of the trie-constrained decoder, which then scores them the same way; other positions keep the full vocabulary). Measured on Beauty: ~5 % faster steps, no better ranking, English perplexity much worse (the ID rows are no longer pushed below the base tokens); unconstrained generation then rarely writes IDs; mean_token_accuracy and the validation loss are then ID-only, not comparable with runs without it
     max_train_seconds: float = 0.0  # wall-clock budget of the training steps of both phases together, from the first step (0 = none); training stops at the first step past it, a later phase is skipped (stop_reason in the metadata)
+    lr_decay_frac: float = 0.0  # warmup-stable-decay over wall-clock time (Hu et al. 2024, MiniCPM; Hägele et al. 2024): the learning rate falls linearly to 0 over the last fraction of max_train_seconds, on top of lr_scheduler (use 'constant_with_warmup'); needs max_train_seconds > 0; 0 = off
 
     def validate(self) -> FinetuneConfig:
         if self.method not in ("auto", "full", "lora"):
@@ -112,6 +113,10 @@ class FinetuneConfig:
             raise ValueError("sid_softmax needs the completion-only loss (fast_loss = True)")
         if self.max_train_seconds < 0:
             raise ValueError("max_train_seconds must be >= 0")
+        if not 0.0 <= self.lr_decay_frac <= 1.0:
+            raise ValueError(f"lr_decay_frac must be in [0, 1], got {self.lr_decay_frac}")
+        if self.lr_decay_frac > 0 and self.max_train_seconds <= 0:
+            raise ValueError("lr_decay_frac > 0 decays over the wall-clock budget: set max_train_seconds > 0")
         if self.phase1_max_steps < 0 or self.phase2_max_steps < 0:
             raise ValueError("max_steps must be >= 0")
         return self

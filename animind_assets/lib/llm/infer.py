@@ -145,60 +145,98 @@ def step_log_probs(sm: SidModel, logits: torch.Tensor) -> torch.Tensor:
 
 @torch.no_grad()
 def trie_beam_search(sm: SidModel, prompt_text: str, trie: SidTrie, num_beams: int) -> list[tuple[tuple[int, ...], float]]:
-    """Beam search over ``trie`` paths for one rendered prompt: the prompt is run once (KV cache),
-    then the cache is repeated for the beams. Scores are sums of the tokens' log-probabilities (``step_log_probs``:
-    full-vocabulary, as in ``generate``; among the ID tokens for a ``sid_softmax`` model). Returns complete trie paths (ending in EOS when the trie has an end token), best first."""
+    """Beam search over ``trie`` paths for one rendered prompt (``trie_beam_search_batch`` with one prompt).
+    Returns complete trie paths with their scores (sum of the tokens' log-probabilities), best first."""
+    return trie_beam_search_batch(sm, [prompt_text], [trie], num_beams)[0]
+
+
+@torch.no_grad()
+def trie_beam_search_batch(sm: SidModel, prompt_texts: Sequence[str], tries: Sequence[SidTrie],
+                           num_beams: int | Sequence[int]) -> list[list[tuple[tuple[int, ...], float]]]:
+    """Beam search over trie paths for several rendered prompts at once; prompt i searches ``tries[i]`` with
+    ``num_beams`` (or ``num_beams[i]``) beams.
+
+    The prompts are left-padded into one (B, L) batch with their own position ids (0..len-1, so each row sees
+    exactly the positions it would alone) and run once; their KV cache is then copied for the beams, and every
+    decoding step runs the live beams of all prompts as one batch (rows = sum of live beams). Batching amortises
+    the weight reads of a decoding step over all rows, which is what bounds a small-batch step on a CPU.
+    Scores are sums of the tokens' log-probabilities (``step_log_probs``: full-vocabulary, as in ``generate``;
+    among the ID tokens for a ``sid_softmax`` model). A prompt stops once its best live beam scores below its
+    ``num_beams``-th finished path (log-probabilities only fall as a path grows).
+
+    Returns, per prompt, complete trie paths (token-id tuples, ending in EOS when the trie has an end token)
+    with their float scores, best first, at most ``num_beams``. ValueError when ``tries`` (or a per-prompt
+    ``num_beams``) has another length than ``prompt_texts``."""
+    n = len(prompt_texts)
+    beams_per = [int(num_beams)] * n if isinstance(num_beams, int) else [int(b) for b in num_beams]
+    if len(tries) != n or len(beams_per) != n:
+        raise ValueError(f"{n} prompts need as many tries and beam counts (got {len(tries)} and {len(beams_per)})")
+    if n == 0:
+        return []
     model = sm.model
     dev = next(model.parameters()).device
-    ids = torch.tensor([prompt_ids(sm.tokenizer, prompt_text, sm.use_chat_template)], device=dev)
+    ids = [prompt_ids(sm.tokenizer, t, sm.use_chat_template) for t in prompt_texts]
+    lens = [len(x) for x in ids]
+    L = max(lens)
+    pad = sm.tokenizer.pad_token_id if sm.tokenizer.pad_token_id is not None else sm.eos_id
+    inp = torch.full((n, L), int(pad), dtype=torch.long)
+    att = torch.zeros((n, L), dtype=torch.long)
+    for i, x in enumerate(ids):  # left padding: every prompt ends at the same position
+        inp[i, L - len(x):] = torch.tensor(x)
+        att[i, L - len(x):] = 1
+    pos = (att.cumsum(-1) - 1).clamp(min=0)
+    inp, att, pos = inp.to(dev), att.to(dev), pos.to(dev)
     try:
-        out = model(input_ids=ids, use_cache=True, logits_to_keep=1)
+        out = model(input_ids=inp, attention_mask=att, position_ids=pos, use_cache=True, logits_to_keep=1)
     except TypeError:  # models without logits_to_keep
-        out = model(input_ids=ids, use_cache=True)
+        out = model(input_ids=inp, attention_mask=att, position_ids=pos, use_cache=True)
     cache = out.past_key_values
-    logp = step_log_probs(sm, out.logits[:, -1])
-    beams: list[tuple[tuple[int, ...], float]] = [((), 0.0)]
-    finished: list[tuple[tuple[int, ...], float]] = []
-    L = ids.shape[1]
+    logp = step_log_probs(sm, out.logits[:, -1]).cpu()
+    # live rows of the batch: (prompt, tokens, score); row r of logp belongs to rows[r]
+    rows: list[tuple[int, tuple[int, ...], float]] = [(i, (), 0.0) for i in range(n)]
+    finished: list[list[tuple[tuple[int, ...], float]]] = [[] for _ in range(n)]
     step = 0
-    while beams:
-        cand: list[tuple[float, int, tuple[int, ...]]] = []
-        for i, (toks, score) in enumerate(beams):
-            allowed = trie.allowed(toks)
+    while rows:
+        by_prompt: dict[int, list[tuple[float, int, tuple[int, ...]]]] = {}
+        for r, (i, toks, score) in enumerate(rows):
+            allowed = tries[i].allowed(toks)
             if not allowed:
                 continue
-            lp = logp[i, allowed].tolist()
-            cand.extend((score + v, i, toks + (t,)) for t, v in zip(allowed, lp))
-        if not cand:
+            lp = logp[r, allowed].tolist()
+            by_prompt.setdefault(i, []).extend((score + v, r, toks + (t,)) for t, v in zip(allowed, lp))
+        new_rows: list[tuple[int, tuple[int, ...], float]] = []
+        parents: list[int] = []
+        for i in sorted(by_prompt):
+            cand = sorted(by_prompt[i], key=lambda c: -c[0])[: beams_per[i]]
+            keep = []
+            for score, r, toks in cand:
+                if tries[i].is_complete(toks):
+                    finished[i].append((toks, score))
+                else:
+                    keep.append((score, r, toks))
+            k = beams_per[i]
+            if len(finished[i]) >= k and (not keep or keep[0][0] < sorted((sc for _, sc in finished[i]), reverse=True)[k - 1]):
+                continue
+            for score, r, toks in keep:
+                new_rows.append((i, toks, score))
+                parents.append(r)
+        if not new_rows:
             break
-        cand.sort(key=lambda c: -c[0])
-        cand = cand[:num_beams]
-        keep = []
-        for score, i, toks in cand:
-            if trie.is_complete(toks):
-                finished.append((toks, score))
-            else:
-                keep.append((score, i, toks))
-        # log-probs only fall as a sequence grows: stop once the best live beam is below the
-        # num_beams-th best finished one (finished holds (tokens, score); sequences end at any depth)
-        if len(finished) >= num_beams and (not keep or keep[0][0] < sorted((sc for _, sc in finished), reverse=True)[num_beams - 1]):
-            break
-        if not keep:
-            break
-        idx = torch.tensor([i for _, i, _ in keep], device=dev)
-        if step == 0:
-            cache.batch_repeat_interleave(len(keep))
-        else:
-            cache.reorder_cache(idx)
-        beams = [(toks, score) for score, _, toks in keep]
+        idx = torch.tensor(parents, device=dev)  # at step 0 the rows are the prompts themselves
+        cache.reorder_cache(idx)
+        att = torch.cat([att[idx], torch.ones((len(parents), 1), dtype=torch.long, device=dev)], dim=-1)
+        rows = new_rows
         step += 1
-        inp = torch.tensor([[toks[-1]] for toks, _ in beams], device=dev)
-        att = torch.ones((len(beams), L + step), dtype=torch.long, device=dev)
-        out = model(input_ids=inp, attention_mask=att, past_key_values=cache, use_cache=True)
+        inp = torch.tensor([[toks[-1]] for _, toks, _ in rows], device=dev)
+        pos = torch.tensor([[lens[i] + step - 1] for i, _, _ in rows], device=dev)
+        out = model(input_ids=inp, attention_mask=att, position_ids=pos, past_key_values=cache, use_cache=True)
         cache = out.past_key_values
-        logp = step_log_probs(sm, out.logits[:, -1])
-    finished.sort(key=lambda x: -x[1])
-    return finished[:num_beams]
+        logp = step_log_probs(sm, out.logits[:, -1]).cpu()
+    res = []
+    for i in range(n):
+        finished[i].sort(key=lambda x: -x[1])
+        res.append(finished[i][: beams_per[i]])
+    return res
 
 
 @torch.no_grad()
@@ -218,7 +256,8 @@ def rank_items(
     ``prefixes[i]``: answer-turn text placed after rendered prompt i before decoding (the history's IDs of
     the "sequence" form, ``sequence_data.sequence_prefix``); the answer then continues after the ID, so
     the trie has no EOS and the score is the ID's own log-probability. ``engine="cached"``:
-    ``trie_beam_search`` (prompt encoded once, then the beams share its KV cache). ``engine="hf"``:
+    ``trie_beam_search_batch`` on ``batch_size`` prompts at a time (each prompt encoded once, its beams share its KV
+    cache, and every decoding step runs the live beams of all the batch's prompts together). ``engine="hf"``:
     ``model.generate(num_beams=..., prefix_allowed_tokens_fn=trie)`` (expands the prompt per beam;
     several times slower on CPU; no ``prefixes``; not for ``sid_softmax`` models: ``generate`` scores with a
     full-vocabulary log-softmax, not the ID-only one they were trained with). ValueError for an unknown engine,
@@ -237,8 +276,8 @@ def rank_items(
         tries = [sm.trie(exclude[s + i] if exclude is not None else (), end=end) for i in range(len(chunk))]
         if engine == "cached":
             pre = list(prefixes[s : s + batch_size]) if prefixes is not None else [""] * len(chunk)
-            results = [trie_beam_search(sm, sm.render(p) + x, t, max(1, min(num_beams, len(t))))
-                       for p, x, t in zip(chunk, pre, tries)]
+            results = trie_beam_search_batch(sm, [sm.render(p) + x for p, x in zip(chunk, pre)], tries,
+                                             [max(1, min(num_beams, len(t))) for t in tries])
         else:
             results = _hf_beam_search(sm, chunk, tries, num_beams)
         for trie, res in zip(tries, results):

@@ -160,6 +160,37 @@ def new_rows_lr_callback(model, row_ids: Sequence[int], mult: float, log: LogFn 
     return _CB()
 
 
+def time_decay_lr_callback(deadline: float, decay_seconds: float, log: LogFn = noop_log):
+    """TrainerCallback for a warmup-stable-decay schedule over wall-clock time (WSD: Hu et al. 2024, "MiniCPM";
+    Hägele et al. 2024, "Scaling Laws and Compute-Optimal Training Beyond Fixed Training Durations"): before each
+    optimizer step, every parameter group's learning rate becomes the scheduler's value x
+    ``clip((deadline - now) / decay_seconds, 0, 1)``, so it falls linearly to 0 over the last ``decay_seconds``
+    seconds before ``deadline`` (a ``time.perf_counter()`` value). Meant for a step count the budget, not
+    ``max_steps``, decides (``FinetuneConfig.lr_decay_frac``). Not cumulative: the factor multiplies the
+    scheduler's ``get_last_lr()``, which the scheduler resets each step. ``.factor``: the last factor applied.
+    ValueError when ``decay_seconds`` <= 0."""
+    from transformers import TrainerCallback
+
+    if decay_seconds <= 0:
+        raise ValueError(f"decay_seconds must be > 0, got {decay_seconds}")
+
+    class _CB(TrainerCallback):
+        factor = 1.0
+
+        def on_step_begin(self, args, state, control, optimizer=None, lr_scheduler=None, **kw):
+            if optimizer is None or lr_scheduler is None:
+                return
+            f = min(1.0, max(0.0, (deadline - time.perf_counter()) / decay_seconds))
+            if f < 1.0 <= self.factor:
+                log(f"learning rate decays linearly to 0 over the last {fmt_seconds(decay_seconds)} of the budget "
+                    f"(from step {state.global_step})")
+            for g, lr in zip(optimizer.param_groups, lr_scheduler.get_last_lr()):
+                g["lr"] = lr * f
+            self.factor = f
+
+    return _CB()
+
+
 def make_progress_callback(phase: str, step_offset: int, log: LogFn, run, history: list, t0: float, max_steps: int):
     """TrainerCallback forwarding logs to ``log`` and an MLflow run (metrics prefixed by phase)."""
     from transformers import TrainerCallback

@@ -176,6 +176,8 @@ def parse_args(argv=None) -> argparse.Namespace:
         p.error(f"--distill-weight {args.distill_weight:g} distils the sequence form: add --next-id-format sequence")
     if args.keep_layers < 0 or args.train_layers < 0:
         p.error("--keep-layers and --train-layers must be >= 0")
+    if args.lr_decay_frac and args.train_seconds <= 0:
+        p.error("--lr-decay-frac decays over the wall-clock budget: set --train-seconds > 0")
     if args.train_sasrec and args.sasrec_dir:
         p.error("--train-sasrec writes <out>/sasrec/sasrec_model: leave --sasrec-dir out, or drop --train-sasrec")
     if args.model_dir and (args.train_sasrec or args.distill_weight > 0):

@@ -177,7 +177,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--sid-softmax", action="store_true",
                     help="semantic-ID targets normalised over the ID tokens only (FinetuneConfig.sid_softmax)")
     ap.add_argument("--lr-decay-frac", type=float, default=0.0,
-                    help="the learning rate falls linearly to 0 over the last fraction of --train-seconds (FinetuneConfig.lr_decay_frac)")
+                    help="warmup-stable-decay: the learning rate is constant after warm-up (lr_scheduler constant_with_warmup instead of "
+                         "cosine over the steps) and falls linearly to 0 over the last fraction of --train-seconds "
+                         "(FinetuneConfig.lr_decay_frac; needs --train-seconds)")
     ap.add_argument("--replay-ratio", type=float, default=0.0, help="English-retention replay share (self-distilled)")
     ap.add_argument("--replay-prompts", type=int, default=0, help="shipped replay prompts used (0 = all 150)")
     ap.add_argument("--replay-max-new-tokens", type=int, default=96)
@@ -196,6 +198,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--baselines-only", action="store_true",
                     help="build the dataset and print the baseline table on all test users (no LM)")
     args = ap.parse_args(argv)
+    if args.lr_decay_frac and args.train_seconds <= 0:
+        ap.error("--lr-decay-frac decays over the wall-clock budget: add --train-seconds")
 
     db = shared_data() / "mal2020" / "anilist.sqlite"
     if not db.exists():
@@ -284,6 +288,8 @@ def main(argv: list[str] | None = None) -> int:
                     "distill_ease_lambda": args.ease_lambda,
                     "sid_softmax": args.sid_softmax,
                     "lr_decay_frac": args.lr_decay_frac,
+                    # with the decay: constant after warm-up, then linear to 0 (warmup-stable-decay), as beauty_llm
+                    **({"lr_scheduler": "constant_with_warmup"} if args.lr_decay_frac > 0 else {}),
                 }
             },
             "recommendation_eval": {"config": {"max_users": args.eval_users, "num_beams": args.num_beams, "num_threads": args.threads,

@@ -572,5 +572,25 @@ def test_lr_decay_frac_needs_a_wall_clock_budget_and_decays_in_a_real_run(tmp_pa
     res = run_finetune(df, item_lookup(items, sids), cfg, tmp_path / "work", special_tokens=(), base=(tiny_llama(tok), tok),
                        log=logs.append)
     assert res.info["stop_reason"] == "step budget" and res.metrics["total_steps"] == 4
-    assert sum("learning rate decays linearly to 0" in m for m in logs) == 2  # once per phase
+    assert sum("falling linearly to 0 at the end of the budget" in m for m in logs) == 2  # once per phase
+    assert 0.9 < res.metrics["phase2_lr_decay_factor_end"] < 1.0
+    # the step budget ended training long before the decay window's end: said so
+    assert any("still at x" in m and "was not reached" in m for m in logs)
+    # the logged learning rate is the one applied (scheduler x factor), with the factor beside it
+    logged = [h for h in res.history if "lr_decay_factor" in h]
+    assert logged and all(0.9 < h["lr_decay_factor"] < 1.0 for h in logged)
+    assert all(h["learning_rate"] < cfg.phase1_lr for h in logged)
     assert "lr_decay_frac" in cfg.fingerprint_dict()
+    with pytest.raises(ValueError, match="LambdaLR"):
+        FinetuneConfig(lr_decay_frac=0.2, max_train_seconds=60, lr_scheduler="reduce_lr_on_plateau").validate()
+
+
+def test_lr_decay_flags_need_a_wall_clock_budget():
+    from animind_assets.benchmarks import finetune_mal
+    from animind_assets.benchmarks.beauty_llm import parse_args
+
+    assert parse_args(["--lr-decay-frac", "0.25"]).lr_decay_frac == 0.25  # the default 30-minute budget
+    with pytest.raises(SystemExit):
+        parse_args(["--lr-decay-frac", "0.25", "--train-seconds", "0"])
+    with pytest.raises(SystemExit):
+        finetune_mal.main(["--lr-decay-frac", "0.25"])  # no --train-seconds: refused before any data is read

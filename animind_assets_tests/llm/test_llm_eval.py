@@ -273,3 +273,12 @@ def test_batched_trie_beam_search_matches_one_prompt_at_a_time(tiny):
     assert trie_beam_search_batch(sm, [], [], 3) == []
     with pytest.raises(ValueError, match="as many tries"):
         trie_beam_search_batch(sm, texts, tries[:2], 4)
+    with pytest.raises(ValueError, match=">= 1"):
+        trie_beam_search_batch(sm, texts[:2], tries[:2], [3, 0])
+    # an empty trie in the middle of a batch gives no paths and leaves its neighbours as they are alone
+    from animind_assets.lib.semantic_ids.trie import SidTrie
+
+    mixed = trie_beam_search_batch(sm, texts[:3], [tries[0], SidTrie(end_token_id=sm.eos_id), tries[2]], np.int64(4))
+    assert mixed[1] == []
+    for got, text, trie in ((mixed[0], texts[0], tries[0]), (mixed[2], texts[2], tries[2])):
+        assert [t for t, _ in got] == [t for t, _ in trie_beam_search(sm, text, trie, 4)]

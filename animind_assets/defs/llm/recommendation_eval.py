@@ -32,7 +32,7 @@ RecommendationEvalConfig = derive_config(
     name="RecommendationEvalConfig",
     asset="recommendation_eval",
     extra={
-        "engine": (str, Field("cached", description="'cached' (prompt KV cache shared by the beams) | 'hf' (generate)")),
+        "engine": (str, Field("cached", description="'cached' (each prompt encoded once, its KV cache copied to its beams; batched) | 'hf' (generate)")),
         "model_dir": (str, Field("", description="model folder; '' = <artifacts>/finetuned_model")),
         "num_threads": (int, Field(2, description="torch CPU threads")),
     },

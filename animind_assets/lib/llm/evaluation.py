@@ -50,7 +50,7 @@ class EvalConfig:
     ks: list[int] = field(default_factory=lambda: [1, 5, 10])
     num_beams: int = 10
     max_users: int = 100  # test users evaluated (0 = all), a seeded sample
-    batch_size: int = 8  # prompts per batched beam search (lib/llm/infer.trie_beam_search_batch; 8 was fastest on a CPU)
+    batch_size: int = 8  # prompts per batched beam search (lib/llm/infer.trie_beam_search_batch; of 1, 8 and 32 on Beauty, 8 was fastest on a CPU)
     exclude_seen: bool = True
     unconstrained_users: int = 20  # users for the unconstrained valid-ID reference (0 = off)
     title_items: int = 30  # task-A items for SID->title accuracy (0 = off)

@@ -230,7 +230,8 @@ def _run_phase(
         args=args,
         train_dataset=ds,
         processing_class=tokenizer,
-        callbacks=[make_progress_callback(phase, step_offset, log, run, history, t0, max_steps), *extra_callbacks],
+        # extra callbacks first: the lr decay rewrites the logs the progress callback forwards
+        callbacks=[*extra_callbacks, make_progress_callback(phase, step_offset, log, run, history, t0, max_steps)],
     )
     trainer.fast_loss = cfg.fast_loss
     if distiller is not None and cfg.distill_weight > 0:
@@ -423,12 +424,19 @@ def run_finetune(
         budget_cb = time_budget_callback(deadline, name, log) if deadline is not None else None
         if budget_cb is not None:
             extra.append(budget_cb)
-            if cfg.lr_decay_frac > 0:
-                extra.append(time_decay_lr_callback(deadline, cfg.lr_decay_frac * cfg.max_train_seconds, log))
+        decay_cb = None
+        if budget_cb is not None and cfg.lr_decay_frac > 0:
+            decay_cb = time_decay_lr_callback(deadline, cfg.lr_decay_frac * cfg.max_train_seconds, log)
+            extra.append(decay_cb)
         m = _run_phase(name, model_wrapped, tok, rows, cfg, lr, steps, work / name, step_offset, log, run, history, extra,
                        distiller, sid_vocab)
         if budget_cb is not None and budget_cb.stopped and stop_reason == "step budget":
             stop_reason = f"time budget of {cfg.max_train_seconds:.0f}s spent in {name} at step {int(m['steps_done'])} of {steps}"
+        if decay_cb is not None:
+            m["lr_decay_factor_end"] = float(decay_cb.factor)
+            if not budget_cb.stopped and decay_cb.factor > 0.05 and i == 1:  # the last phase
+                log(f"{name}: the step budget ended training with the learning rate still at x{decay_cb.factor:.2f} of the "
+                    f"schedule: lr_decay_frac decays over the wall-clock budget (max_train_seconds), which was not reached")
         for k, v in m.items():
             if isinstance(v, (int, float)):
                 metrics[f"{name}_{k}"] = float(v)

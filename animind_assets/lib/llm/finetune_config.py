@@ -117,6 +117,8 @@ class FinetuneConfig:
             raise ValueError(f"lr_decay_frac must be in [0, 1], got {self.lr_decay_frac}")
         if self.lr_decay_frac > 0 and self.max_train_seconds <= 0:
             raise ValueError("lr_decay_frac > 0 decays over the wall-clock budget: set max_train_seconds > 0")
+        if self.lr_decay_frac > 0 and self.lr_scheduler in ("reduce_lr_on_plateau", "greedy"):
+            raise ValueError(f"lr_decay_frac multiplies a LambdaLR schedule's rate; lr_scheduler {self.lr_scheduler!r} is not one")
         if self.phase1_max_steps < 0 or self.phase2_max_steps < 0:
             raise ValueError("max_steps must be >= 0")
         return self

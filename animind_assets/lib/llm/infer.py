@@ -9,6 +9,7 @@ This module never imports Dagster.
 
 from __future__ import annotations
 
+import numbers
 import os
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
@@ -165,12 +166,17 @@ def trie_beam_search_batch(sm: SidModel, prompt_texts: Sequence[str], tries: Seq
     ``num_beams``-th finished path (log-probabilities only fall as a path grows).
 
     Returns, per prompt, complete trie paths (token-id tuples, ending in EOS when the trie has an end token)
-    with their float scores, best first, at most ``num_beams``. ValueError when ``tries`` (or a per-prompt
-    ``num_beams``) has another length than ``prompt_texts``."""
+    with their float scores, best first, at most ``num_beams`` (none for an empty trie). ValueError when ``tries``
+    (or a per-prompt ``num_beams``) has another length than ``prompt_texts``, or a beam count is below 1.
+
+    Memory: the KV cache holds about ``sum(beams) x (longest prompt + depth) x kv_bytes_per_token(sm)`` bytes, and a
+    reorder step copies it (peak about twice that): callers bound it through the number of prompts per call."""
     n = len(prompt_texts)
-    beams_per = [int(num_beams)] * n if isinstance(num_beams, int) else [int(b) for b in num_beams]
+    beams_per = [int(num_beams)] * n if isinstance(num_beams, numbers.Integral) else [int(b) for b in num_beams]
     if len(tries) != n or len(beams_per) != n:
         raise ValueError(f"{n} prompts need as many tries and beam counts (got {len(tries)} and {len(beams_per)})")
+    if any(b < 1 for b in beams_per):
+        raise ValueError(f"num_beams must be >= 1, got {min(beams_per)}")
     if n == 0:
         return []
     model = sm.model
@@ -256,8 +262,8 @@ def rank_items(
     ``prefixes[i]``: answer-turn text placed after rendered prompt i before decoding (the history's IDs of
     the "sequence" form, ``sequence_data.sequence_prefix``); the answer then continues after the ID, so
     the trie has no EOS and the score is the ID's own log-probability. ``engine="cached"``:
-    ``trie_beam_search_batch`` on ``batch_size`` prompts at a time (each prompt encoded once, its beams share its KV
-    cache, and every decoding step runs the live beams of all the batch's prompts together). ``engine="hf"``:
+    ``trie_beam_search_batch`` on ``batch_size`` prompts at a time (each prompt encoded once, its KV cache copied to
+    its beams, and every decoding step runs the live beams of all the batch's prompts together). ``engine="hf"``:
     ``model.generate(num_beams=..., prefix_allowed_tokens_fn=trie)`` (expands the prompt per beam;
     several times slower on CPU; no ``prefixes``; not for ``sid_softmax`` models: ``generate`` scores with a
     full-vocabulary log-softmax, not the ID-only one they were trained with). ValueError for an unknown engine,

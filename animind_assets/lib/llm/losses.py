@@ -167,8 +167,10 @@ def time_decay_lr_callback(deadline: float, decay_seconds: float, log: LogFn = n
     ``clip((deadline - now) / decay_seconds, 0, 1)``, so it falls linearly to 0 over the last ``decay_seconds``
     seconds before ``deadline`` (a ``time.perf_counter()`` value). Meant for a step count the budget, not
     ``max_steps``, decides (``FinetuneConfig.lr_decay_frac``). Not cumulative: the factor multiplies the
-    scheduler's ``get_last_lr()``, which the scheduler resets each step. ``.factor``: the last factor applied.
-    ValueError when ``decay_seconds`` <= 0."""
+    scheduler's ``get_last_lr()``, which a ``LambdaLR`` schedule (every HF schedule but ``reduce_lr_on_plateau``)
+    rebuilds each step. The Trainer's logged ``learning_rate`` is multiplied by the factor too and
+    ``lr_decay_factor`` is added to the logs (list this callback before the one that forwards logs).
+    ``.factor``: the last factor applied (1.0 before the first step). ValueError when ``decay_seconds`` <= 0."""
     from transformers import TrainerCallback
 
     if decay_seconds <= 0:
@@ -182,11 +184,16 @@ def time_decay_lr_callback(deadline: float, decay_seconds: float, log: LogFn = n
                 return
             f = min(1.0, max(0.0, (deadline - time.perf_counter()) / decay_seconds))
             if f < 1.0 <= self.factor:
-                log(f"learning rate decays linearly to 0 over the last {fmt_seconds(decay_seconds)} of the budget "
-                    f"(from step {state.global_step})")
+                log(f"learning rate at x{f:.2f} of the schedule from step {state.global_step} of this phase, falling "
+                    f"linearly to 0 at the end of the budget (decay window {fmt_seconds(decay_seconds)})")
             for g, lr in zip(optimizer.param_groups, lr_scheduler.get_last_lr()):
                 g["lr"] = lr * f
             self.factor = f
+
+        def on_log(self, args, state, control, logs=None, **kw):
+            if logs is not None and "learning_rate" in logs:
+                logs["learning_rate"] = float(logs["learning_rate"]) * self.factor
+                logs["lr_decay_factor"] = self.factor
 
     return _CB()
 

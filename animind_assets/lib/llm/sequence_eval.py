@@ -49,8 +49,8 @@ class SeqEvalConfig:
     num_beams: int = 20  # beams of the constrained search (>= 10; items returned per user)
     masking: str = "filter"  # 'filter' (one search, masked = list minus history items, as TIGER) | 'trie' (history left out of the trie)
     n_boot: int = 1000  # bootstrap resamples of the 95% intervals (0 = none)
-    batch_size: int = 8  # prompts per batched beam search (lib/llm/infer.trie_beam_search_batch; 8 was fastest on a CPU, 32 slower)
-    engine: str = "cached"  # 'cached' (prompt KV cache shared by the beams) | 'hf' (generate)
+    batch_size: int = 8  # prompts per batched beam search (lib/llm/infer.trie_beam_search_batch; of 1, 8 and 32, 8 was fastest on a CPU)
+    engine: str = "cached"  # 'cached' (each prompt encoded once, its KV cache copied to its beams; batched) | 'hf' (generate)
     unconstrained_users: int = 20  # users for the unconstrained greedy valid-ID reference (0 = off)
     linking_items: int = 30  # training items per direction for ID <-> text accuracy (0 = off)
 

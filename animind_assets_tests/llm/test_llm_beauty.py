@@ -568,7 +568,7 @@ def test_lr_decay_frac_needs_a_wall_clock_budget_and_decays_in_a_real_run(tmp_pa
     logs: list[str] = []
     # a budget far longer than the run with a decay window of all of it: every step already runs at a factor < 1
     cfg = tiny_finetune_config(phase1_max_steps=2, phase2_max_steps=2, english_ppl=False, linking_eval_items=0,
-                               max_train_seconds=600, lr_decay_frac=1.0)
+                               max_train_seconds=600, lr_decay_frac=1.0, lr_scheduler="constant", warmup_frac=0.0)
     res = run_finetune(df, item_lookup(items, sids), cfg, tmp_path / "work", special_tokens=(), base=(tiny_llama(tok), tok),
                        log=logs.append)
     assert res.info["stop_reason"] == "step budget" and res.metrics["total_steps"] == 4
@@ -580,6 +580,10 @@ def test_lr_decay_frac_needs_a_wall_clock_budget_and_decays_in_a_real_run(tmp_pa
     logged = [h for h in res.history if "lr_decay_factor" in h]
     assert logged and all(0.9 < h["lr_decay_factor"] < 1.0 for h in logged)
     assert all(h["learning_rate"] < cfg.phase1_lr for h in logged)
+    # a constant schedule: the logged rate is exactly the phase's rate x the factor applied at that step
+    for h in logged:
+        lr = cfg.phase1_lr if h["phase"] == "phase1" else cfg.phase2_lr
+        assert h["learning_rate"] == pytest.approx(lr * h["lr_decay_factor"], rel=1e-9)
     assert "lr_decay_frac" in cfg.fingerprint_dict()
     with pytest.raises(ValueError, match="LambdaLR"):
         FinetuneConfig(lr_decay_frac=0.2, max_train_seconds=60, lr_scheduler="reduce_lr_on_plateau").validate()
@@ -594,3 +598,22 @@ def test_lr_decay_flags_need_a_wall_clock_budget():
         parse_args(["--lr-decay-frac", "0.25", "--train-seconds", "0"])
     with pytest.raises(SystemExit):
         finetune_mal.main(["--lr-decay-frac", "0.25"])  # no --train-seconds: refused before any data is read
+
+
+def test_a_changed_lr_decay_frac_never_resumes_the_old_work_folder(tmp_path):
+    """The shared-case kind "resume with a changed lr: resumes silently": two runs that differ only by
+    lr_decay_frac get different work folders (the knob is in the work fingerprint), so neither resumes the other."""
+    from animind_assets.lib.llm.finetune import run_finetune
+    from animind_assets_tests.llm_fixtures import tiny_finetune_config
+
+    items, inter, sids = tiny_beauty()
+    df = build_next_item_dataset(items, inter, sids, CFG).frame
+    tok = smollm2_tokenizer()
+    works = []
+    for frac in (0.0, 0.25):
+        cfg = tiny_finetune_config(phase1_max_steps=0, phase2_max_steps=1, english_ppl=False, linking_eval_items=0,
+                                   max_train_seconds=600, lr_decay_frac=frac)
+        res = run_finetune(df, item_lookup(items, sids), cfg, tmp_path, special_tokens=(), base=(tiny_llama(tok), tok))
+        works.append(res.info["work_fingerprint"])
+    assert works[0] != works[1]
+

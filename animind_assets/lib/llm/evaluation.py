@@ -43,6 +43,7 @@ from animind_assets.lib.common.progress import Progress
 from animind_assets.lib.semantic_ids.trie import SidTrie
 
 LogFn = Callable[[str], None]
+LINKING_BATCH = 8  # prompts per batched beam search of the linking check (as EvalConfig.batch_size)
 
 
 @dataclass
@@ -145,8 +146,8 @@ def linking_accuracy(
         fuzzy = [difflib.SequenceMatcher(None, _norm(a), _norm(g)).ratio() for a, g in zip(answers, gold)]
         trie = title_trie(sm)
         best = []
-        for s in range(0, len(prompts), 8):
-            chunk = [sm.render(p) for p in prompts[s : s + 8]]
+        for s in range(0, len(prompts), LINKING_BATCH):
+            chunk = [sm.render(p) for p in prompts[s : s + LINKING_BATCH]]
             for res in trie_beam_search_batch(sm, chunk, [trie] * len(chunk), max(1, min(num_beams, len(trie)))):
                 best.append(trie.item(res[0][0]) if res else None)
         out["sid_to_title_exact"] = float(np.mean([_norm(a) == _norm(g) for a, g in zip(answers, gold)]))
@@ -161,7 +162,7 @@ def linking_accuracy(
         prompts = to_sid["prompt"].to_list()
         gold_ids = [int(a) for a in to_sid["target_anime_id"].to_list()]
         answers = generate_text(sm, prompts, max_new_tokens=int(sm.info.get("sid_levels", 4) or 4) + 2)
-        ranked = rank_items(sm, prompts, k=1, num_beams=num_beams, batch_size=8)
+        ranked = rank_items(sm, prompts, k=1, num_beams=num_beams, batch_size=LINKING_BATCH)
         out["title_to_sid_exact"] = float(np.mean([parse_sid(a) == sm.sids[g] for a, g in zip(answers, gold_ids)]))
         out["title_to_sid_retrieval@1"] = float(np.mean([bool(r) and r[0][0] == g for r, g in zip(ranked.items, gold_ids)]))
         out["title_to_sid_items"] = len(gold_ids)

@@ -144,6 +144,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--bf16", action="store_true",
                    help="bf16 autocast during training on CPU (fast only on CPUs with AMX / AVX512-BF16; --gpu sets it)")
+    p.add_argument("--eval-dtype", default="float32", choices=["float32", "bfloat16"],
+                   help="weights' dtype for the beam search (lib/llm/infer.load_sid_model): bfloat16 is faster on AMX CPUs "
+                        "and GPUs; near-tied items may change places, so the dtype is printed with the protocol")
     p.add_argument("--model-dir", default="",
                    help="evaluate this saved beauty_finetuned_model folder (e.g. <out>/beauty_finetuned_model of an earlier "
                         "run, on more --test-users) instead of fine-tuning; the dataset flags must be that run's (its "
@@ -392,7 +395,7 @@ def main(argv=None) -> int:
     else:
         model_dir, m, stop_reason, ws_mode, ft_seconds = _finetune(args, fcfg, ds, lookup, items, codebooks, out, log)
         steps = int(m.get("total_steps", 0))
-    sm = load_sid_model(model_dir, num_threads=args.threads, device="cuda" if args.gpu else "cpu")
+    sm = load_sid_model(model_dir, num_threads=args.threads, device="cuda" if args.gpu else "cpu", dtype=args.eval_dtype)
     split = SequenceSplit.from_sequences(sequences_from_interactions(inter), n_items=items.height)
     ecfg = SeqEvalConfig(test_users=args.test_users, seed=args.seed, num_beams=args.beams, masking=args.masking,
                          n_boot=args.n_boot, linking_items=args.linking_items)
@@ -421,7 +424,7 @@ def main(argv=None) -> int:
     print("  LC-Rec-style SFT, 1.7B base, R@10 0.0704; OneRec-style SFT, 1.7B base, R@10 0.0925 (as cited in issue 15)")
     proto = protocol(split, "test", split.subset(args.test_users, seed=args.seed))
     print(f"\nprotocol: {json.dumps(proto)}; generative masking rule '{args.masking}' ({args.beams} beams); order {args.order}; "
-          f"IDs: {sid_note}; base {fcfg.base_model}{f' pruned to {args.keep_layers} blocks' if args.keep_layers else ''}, top {args.train_layers or 'all'} blocks trained; prompts: last {args.max_history} "
+          f"IDs: {sid_note}; evaluated in {args.eval_dtype}; base {fcfg.base_model}{f' pruned to {args.keep_layers} blocks' if args.keep_layers else ''}, top {args.train_layers or 'all'} blocks trained; prompts: last {args.max_history} "
           f"IDs / {args.title_history} word titles; task B form {args.next_id_format}; warm start "
           f"{ws_mode}; new-row lr x{args.phase1_new_rows_lr_mult}/x{args.phase2_new_rows_lr_mult}; lr constant after warm-up"
           f"{f', linear decay to 0 over the last {args.lr_decay_frac:.0%} of the budget' if args.lr_decay_frac else ''}; ID targets normalised over "

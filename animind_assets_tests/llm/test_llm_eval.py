@@ -282,3 +282,27 @@ def test_batched_trie_beam_search_matches_one_prompt_at_a_time(tiny):
     assert mixed[1] == []
     for got, text, trie in ((mixed[0], texts[0], tries[0]), (mixed[2], texts[2], tries[2])):
         assert [t for t, _ in got] == [t for t, _ in trie_beam_search(sm, text, trie, 4)]
+
+
+def test_bfloat16_inference_loads_bf16_weights_and_ranks_like_float32(tmp_path):
+    """``load_sid_model(dtype="bfloat16")`` holds every weight in bf16, the beam search still returns valid,
+    distinct, score-ordered items whose scores stay close to float32's; an unknown dtype is refused by name."""
+    import torch
+
+    folder = build_tiny_model_folder(tmp_path)[0]
+    f32, bf = load_sid_model(folder, num_threads=1), load_sid_model(folder, num_threads=1, dtype="bfloat16")
+    assert {p.dtype for p in bf.model.parameters()} == {torch.bfloat16}
+    assert {p.dtype for p in f32.model.parameters()} == {torch.float32}
+    prompts = ["user history: nothing yet", "another prompt about anime"]
+    a, b = rank_items(f32, prompts, k=5, num_beams=8), rank_items(bf, prompts, k=5, num_beams=8)
+    assert b.valid_sequences == b.sequences > 0
+    for x, y in zip(a.items, b.items):
+        ids = [i for i, _ in y]
+        assert len(ids) == len(set(ids)) == 5 and set(ids) <= set(bf.sid_ids)
+        assert [s for _, s in y] == sorted((s for _, s in y), reverse=True)
+        top = {i: s for i, s in x}
+        shared = [i for i in ids if i in top]
+        assert shared  # the two dtypes agree on at least one of the top 5
+        assert max(abs(top[i] - dict(y)[i]) for i in shared) < 0.5  # bf16 rounding, not another model
+    with pytest.raises(ValueError, match="dtype must be one of"):
+        load_sid_model(folder, dtype="float16")

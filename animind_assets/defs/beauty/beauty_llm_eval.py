@@ -10,6 +10,7 @@ The rows use ``beauty_eval``'s columns; they are also written to
 """
 
 import time
+from typing import Literal
 
 import dagster as dg
 import polars as pl
@@ -43,8 +44,9 @@ BeautyLlmEvalConfig = derive_config(
         "model_dir": (str, Field("", description="model folder; '' = <artifacts>/beauty_finetuned_model")),
         "num_threads": (int, Field(2, description="torch CPU threads (0 = leave as is)")),
         "device": (str, Field("auto", description="auto | cpu | cuda")),
-        "dtype": (str, Field("float32", description="weights' dtype for the beam search: float32 (the reference) | "
-                                                  "bfloat16 (faster on AMX CPUs and GPUs; near-tied items may change places)")),
+        "dtype": (Literal["float32", "bfloat16"], Field("float32", description="weights' dtype for the whole evaluation "
+                  "(search, linking, unconstrained check): float32 (the reference) | bfloat16 (faster on AMX CPUs and GPUs; "
+                  "near-tied items may change places)")),
     },
 )
 

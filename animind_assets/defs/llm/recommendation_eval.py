@@ -9,6 +9,7 @@ goes to DuckDB + a Parquet export; per-user predictions to
 """
 
 import time
+from typing import Literal
 
 import dagster as dg
 import polars as pl
@@ -35,8 +36,9 @@ RecommendationEvalConfig = derive_config(
         "engine": (str, Field("cached", description="'cached' (each prompt encoded once, its KV cache copied to its beams; batched) | 'hf' (generate)")),
         "model_dir": (str, Field("", description="model folder; '' = <artifacts>/finetuned_model")),
         "num_threads": (int, Field(2, description="torch CPU threads")),
-        "dtype": (str, Field("float32", description="weights' dtype for the beam search: float32 (the reference) | "
-                                                  "bfloat16 (faster on AMX CPUs and GPUs; near-tied items may change places)")),
+        "dtype": (Literal["float32", "bfloat16"], Field("float32", description="weights' dtype for the whole evaluation "
+                  "(search, linking, unconstrained check): float32 (the reference) | bfloat16 (faster on AMX CPUs and GPUs; "
+                  "near-tied items may change places)")),
     },
     descriptions={
         "ks": 'cut-offs K of Hit@K / NDCG@K',

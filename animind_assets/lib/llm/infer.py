@@ -382,14 +382,17 @@ def context_length(sm: SidModel) -> int:
 
 
 def kv_bytes_per_token(sm: SidModel) -> int:
-    """Bytes of KV cache one token takes in one beam (2 x layers x kv_heads x head_dim x 4 bytes, fp32)."""
+    """Bytes of KV cache one token takes in one beam (2 x layers x kv_heads x head_dim x the weights' element size:
+    4 bytes in float32, 2 in bfloat16)."""
     cfg = getattr(sm.model, "config", None)
     layers = int(getattr(cfg, "num_hidden_layers", 0) or getattr(cfg, "n_layer", 0) or 1)
     hidden = int(getattr(cfg, "hidden_size", 0) or getattr(cfg, "n_embd", 0) or 1024)
     heads = int(getattr(cfg, "num_attention_heads", 0) or getattr(cfg, "n_head", 0) or 1)
     kv_heads = int(getattr(cfg, "num_key_value_heads", 0) or heads)
     head_dim = int(getattr(cfg, "head_dim", 0) or hidden // max(1, heads))
-    return 2 * layers * kv_heads * head_dim * 4
+    params = getattr(sm.model, "parameters", None)
+    elem = next(params()).element_size() if callable(params) else 4
+    return 2 * layers * kv_heads * head_dim * elem
 
 
 @dataclass

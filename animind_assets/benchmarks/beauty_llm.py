@@ -79,6 +79,8 @@ def _given_flags(parser: argparse.ArgumentParser, argv) -> set[str]:
 
 
 def parse_args(argv=None) -> argparse.Namespace:
+    from animind_assets.lib.llm.infer import INFERENCE_DTYPE_HELP, INFERENCE_DTYPES
+
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", default=str(Path(tempfile.gettempdir()) / "animind_beauty_llm"))
     p.add_argument("--data", default="", help="prepared split folder ('' = ../shared/data/beauty)")
@@ -144,9 +146,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--bf16", action="store_true",
                    help="bf16 autocast during training on CPU (fast only on CPUs with AMX / AVX512-BF16; --gpu sets it)")
-    p.add_argument("--eval-dtype", default="float32", choices=["float32", "bfloat16"],
-                   help="weights' dtype for the beam search (lib/llm/infer.load_sid_model): bfloat16 is faster on AMX CPUs "
-                        "and GPUs; near-tied items may change places, so the dtype is printed with the protocol")
+    p.add_argument("--eval-dtype", default="float32", choices=list(INFERENCE_DTYPES),
+                   help=f"{INFERENCE_DTYPE_HELP}; printed with the protocol (lib/llm/infer.load_sid_model)")
     p.add_argument("--model-dir", default="",
                    help="evaluate this saved beauty_finetuned_model folder (e.g. <out>/beauty_finetuned_model of an earlier "
                         "run, on more --test-users) instead of fine-tuning; the dataset flags must be that run's (its "

@@ -10,7 +10,6 @@ The rows use ``beauty_eval``'s columns; they are also written to
 """
 
 import time
-from typing import Literal
 
 import dagster as dg
 import polars as pl
@@ -20,7 +19,7 @@ from pydantic import Field
 from animind_assets.defs.beauty.shared import GROUP, split_from_interactions
 from animind_assets.gpu import GPU_OP_TAGS, GPU_POOL
 from animind_assets.launchpad import derive_config
-from animind_assets.lib.llm.infer import load_sid_model
+from animind_assets.lib.llm.infer import INFERENCE_DTYPE_HELP, InferenceDtype, load_sid_model
 from animind_assets.lib.llm.sequence_eval import SeqEvalConfig, evaluate_next_item_lm
 from animind_assets.lib.retrieval.evaluation import METRICS, protocol
 from animind_assets.meta import markdown_table, scalar_metadata, table_metadata
@@ -44,9 +43,7 @@ BeautyLlmEvalConfig = derive_config(
         "model_dir": (str, Field("", description="model folder; '' = <artifacts>/beauty_finetuned_model")),
         "num_threads": (int, Field(2, description="torch CPU threads (0 = leave as is)")),
         "device": (str, Field("auto", description="auto | cpu | cuda")),
-        "dtype": (Literal["float32", "bfloat16"], Field("float32", description="weights' dtype for the whole evaluation "
-                  "(search, linking, unconstrained check): float32 (the reference) | bfloat16 (faster on AMX CPUs and GPUs; "
-                  "near-tied items may change places)")),
+        "dtype": (InferenceDtype, Field("float32", description=INFERENCE_DTYPE_HELP)),
     },
 )
 

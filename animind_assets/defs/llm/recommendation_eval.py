@@ -9,7 +9,6 @@ goes to DuckDB + a Parquet export; per-user predictions to
 """
 
 import time
-from typing import Literal
 
 import dagster as dg
 import polars as pl
@@ -19,7 +18,7 @@ from pydantic import Field
 from animind_assets.defs.llm.shared import MODEL_DIR
 from animind_assets.gpu import GPU_OP_TAGS, GPU_POOL
 from animind_assets.lib.llm.evaluation import EvalConfig, evaluate_recommender, metrics_frame
-from animind_assets.lib.llm.infer import load_sid_model
+from animind_assets.lib.llm.infer import INFERENCE_DTYPE_HELP, InferenceDtype, load_sid_model
 from animind_assets.meta import bar_plot, markdown_table, scalar_metadata, table_metadata
 from animind_assets.resources import ArtifactStoreResource, MlflowResource, ParquetExports
 
@@ -36,9 +35,7 @@ RecommendationEvalConfig = derive_config(
         "engine": (str, Field("cached", description="'cached' (each prompt encoded once, its KV cache copied to its beams; batched) | 'hf' (generate)")),
         "model_dir": (str, Field("", description="model folder; '' = <artifacts>/finetuned_model")),
         "num_threads": (int, Field(2, description="torch CPU threads")),
-        "dtype": (Literal["float32", "bfloat16"], Field("float32", description="weights' dtype for the whole evaluation "
-                  "(search, linking, unconstrained check): float32 (the reference) | bfloat16 (faster on AMX CPUs and GPUs; "
-                  "near-tied items may change places)")),
+        "dtype": (InferenceDtype, Field("float32", description=INFERENCE_DTYPE_HELP)),
     },
     descriptions={
         "ks": 'cut-offs K of Hit@K / NDCG@K',

@@ -14,6 +14,7 @@ import os
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Literal
 
 import polars as pl
 import torch
@@ -94,7 +95,11 @@ def make_sid_model(model, tokenizer, lookup: pl.DataFrame, info: dict) -> SidMod
     return sm
 
 
+#: the weights' dtypes ``load_sid_model`` accepts (the one list: the launchpad ``dtype`` fields and ``--eval-dtype`` use it)
+InferenceDtype = Literal["float32", "bfloat16"]
 INFERENCE_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+INFERENCE_DTYPE_HELP = ("weights' dtype for the whole evaluation (search, linking, unconstrained check): float32 (the "
+                        "reference) | bfloat16 (faster on AMX CPUs and GPUs; near-tied items may change places)")
 
 
 def load_sid_model(folder: str | os.PathLike, num_threads: int = 0, device: str = "", dtype: str = "float32") -> SidModel:

@@ -29,6 +29,10 @@ Steps (every figure is printed):
    temperature fitted by the teacher's NLL unless ``--distill-temperature`` is given; "sequence" form rows).
 4. ``python -m animind_assets.recommend`` on the produced model.
 
+Shorter rows: ``--system-prompt '' --no-chat-template`` (the launchpad fields ``llm_prep_dataset.system_prompt``
+and ``finetuned_model.use_chat_template``) leave each row's fixed sentence and its IDs; ``--lr`` is
+``finetuned_model.phase2_lr``. ``build_run_config`` maps every flag to its launchpad field.
+
 The CPU is shared: timings vary with the other processes on the machine (the load average is printed).
 """
 
@@ -138,7 +142,58 @@ def build_semantic_ids(cat, artifacts_root: Path, mode: str, epochs: int, cache_
     return sids, note
 
 
-def main(argv: list[str] | None = None) -> int:
+def build_run_config(args: argparse.Namespace) -> dict:
+    """Dagster run config (``{"ops": {asset: {"config": ...}}}``) of ``llm_prep_dataset``, ``finetuned_model`` and
+    ``recommendation_eval`` for the parsed command line ``args`` (every flag maps to one launchpad field)."""
+    return {
+        "ops": {
+            "llm_prep_dataset": {"config": {"n_examples": args.n_examples, "max_history": args.max_history,
+                                            "c_max_liked": args.c_max_liked, "list_end_prob": args.list_end_prob,
+                                            "holdout": args.holdout, "next_id_format": args.next_id_format,
+                                            "sequence_window": args.sequence_window,
+                                            **({"system_prompt": args.system_prompt} if args.system_prompt is not None else {}),
+                                            **({"seed": args.seed} if args.seed is not None else {})}},
+            "finetuned_model": {
+                "config": {
+                    "phase1_max_steps": args.phase1_steps,
+                    "phase2_max_steps": args.phase2_steps,
+                    "batch_size": args.batch_size,
+                    "max_seq_length": args.max_seq_length,
+                    "train_layers": args.train_layers, "keep_layers": args.keep_layers,
+                    "num_threads": args.threads,
+                    "bf16": args.bf16,
+                    "eval_examples": args.eval_examples,
+                    **({"seed": args.seed} if args.seed is not None else {}),
+                    "phase2_weights": dict(zip("ABC", (float(x) for x in args.phase2_weights.split(",")))),
+                    "phase1_weights": dict(zip("ABC", (float(x) for x in args.phase1_weights.split(",")))),
+                    "phase1_lr": args.phase1_lr,
+                    "phase2_lr": args.lr,
+                    "use_chat_template": not args.no_chat_template,
+                    "phase1_new_rows_lr_mult": args.phase1_new_rows_lr_mult,
+                    "phase2_new_rows_lr_mult": args.phase2_new_rows_lr_mult,
+                    "warm_start": args.warm_start,
+                    "max_train_seconds": args.train_seconds,
+                    "replay_ratio": args.replay_ratio,
+                    "replay_prompts": args.replay_prompts,
+                    "replay_max_new_tokens": args.replay_max_new_tokens,
+                    "linking_eval_items": args.linking_items,
+                    "distill_weight": args.distill_weight,
+                    "distill_temperature": args.distill_temperature,
+                    "distill_ease_lambda": args.ease_lambda,
+                    "sid_softmax": args.sid_softmax,
+                    "lr_decay_frac": args.lr_decay_frac,
+                    # with the decay: constant after warm-up, then linear to 0 (warmup-stable-decay), as beauty_llm
+                    **({"lr_scheduler": "constant_with_warmup"} if args.lr_decay_frac > 0 else {}),
+                }
+            },
+            "recommendation_eval": {"config": {"max_users": args.eval_users, "num_beams": args.num_beams, "num_threads": args.threads,
+                                               "ease_lambda": args.ease_lambda, "title_items": args.linking_items}},
+        }
+    }
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The command line of this benchmark (``main`` parses it; ``build_run_config`` maps it to launchpad fields)."""
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", default=str(Path(tempfile.gettempdir()) / "animind_finetune_mal"))
     ap.add_argument("--sids", choices=["rqvae", "rqvae-minilm", "collab", "random"], default="rqvae",
@@ -185,6 +240,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--replay-max-new-tokens", type=int, default=96)
     ap.add_argument("--phase1-weights", default="0.8,0.1,0.1", help="phase 1 task shares A,B,C")
     ap.add_argument("--phase1-lr", type=float, default=1e-3)
+    ap.add_argument("--lr", type=float, default=1e-3, help="phase-2 peak learning rate (FinetuneConfig.phase2_lr)")
+    ap.add_argument("--system-prompt", default=None, help="system message of every row (default: LlmDataConfig's; '' = none)")
+    ap.add_argument("--no-chat-template", action="store_true",
+                    help="render prompts as plain '### Question: / ### Answer:' text (FinetuneConfig.use_chat_template "
+                         "false); with --system-prompt '' the rows' tokens go to the IDs, not to the template")
     ap.add_argument("--phase1-new-rows-lr-mult", type=float, default=1.0)
     ap.add_argument("--phase2-new-rows-lr-mult", type=float, default=1.0)
     ap.add_argument("--next-id-format", choices=["question", "sequence"], default="question",
@@ -197,6 +257,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--ease-lambda", type=float, default=500.0)
     ap.add_argument("--baselines-only", action="store_true",
                     help="build the dataset and print the baseline table on all test users (no LM)")
+    return ap
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = build_parser()
     args = ap.parse_args(argv)
     if args.lr_decay_frac and args.train_seconds <= 0:
         ap.error("--lr-decay-frac decays over the wall-clock budget: add --train-seconds")
@@ -254,48 +319,7 @@ def main(argv: list[str] | None = None) -> int:
     stubs = [anime_prep_stub, user_interactions_stub, semantic_ids_stub, rqvae_stub]
     dg.materialize(stubs, resources=resources, selection=["anime_prep", "user_interactions", "semantic_ids"])
     ours = [llm_prep_dataset, finetuned_model, recommendation_eval]
-    run_config = {
-        "ops": {
-            "llm_prep_dataset": {"config": {"n_examples": args.n_examples, "max_history": args.max_history,
-                                            "c_max_liked": args.c_max_liked, "list_end_prob": args.list_end_prob,
-                                            "holdout": args.holdout, "next_id_format": args.next_id_format,
-                                            "sequence_window": args.sequence_window,
-                                            **({"seed": args.seed} if args.seed is not None else {})}},
-            "finetuned_model": {
-                "config": {
-                    "phase1_max_steps": args.phase1_steps,
-                    "phase2_max_steps": args.phase2_steps,
-                    "batch_size": args.batch_size,
-                    "max_seq_length": args.max_seq_length,
-                    "train_layers": args.train_layers, "keep_layers": args.keep_layers,
-                    "num_threads": args.threads,
-                    "bf16": args.bf16,
-                    "eval_examples": args.eval_examples,
-                    **({"seed": args.seed} if args.seed is not None else {}),
-                    "phase2_weights": dict(zip("ABC", (float(x) for x in args.phase2_weights.split(",")))),
-                    "phase1_weights": dict(zip("ABC", (float(x) for x in args.phase1_weights.split(",")))),
-                    "phase1_lr": args.phase1_lr,
-                    "phase1_new_rows_lr_mult": args.phase1_new_rows_lr_mult,
-                    "phase2_new_rows_lr_mult": args.phase2_new_rows_lr_mult,
-                    "warm_start": args.warm_start,
-                    "max_train_seconds": args.train_seconds,
-                    "replay_ratio": args.replay_ratio,
-                    "replay_prompts": args.replay_prompts,
-                    "replay_max_new_tokens": args.replay_max_new_tokens,
-                    "linking_eval_items": args.linking_items,
-                    "distill_weight": args.distill_weight,
-                    "distill_temperature": args.distill_temperature,
-                    "distill_ease_lambda": args.ease_lambda,
-                    "sid_softmax": args.sid_softmax,
-                    "lr_decay_frac": args.lr_decay_frac,
-                    # with the decay: constant after warm-up, then linear to 0 (warmup-stable-decay), as beauty_llm
-                    **({"lr_scheduler": "constant_with_warmup"} if args.lr_decay_frac > 0 else {}),
-                }
-            },
-            "recommendation_eval": {"config": {"max_users": args.eval_users, "num_beams": args.num_beams, "num_threads": args.threads,
-                                               "ease_lambda": args.ease_lambda, "title_items": args.linking_items}},
-        }
-    }
+    run_config = build_run_config(args)
     timings = {}
     if args.baselines_only:
         return _baselines_only(args, stubs, ours, resources, run_config)

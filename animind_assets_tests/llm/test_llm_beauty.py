@@ -600,6 +600,34 @@ def test_lr_decay_flags_need_a_wall_clock_budget():
         finetune_mal.main(["--lr-decay-frac", "0.25"])  # no --train-seconds: refused before any data is read
 
 
+def test_finetune_mal_flags_reach_the_launchpad_config_the_assets_accept():
+    """``benchmarks.finetune_mal``'s command line becomes run config the project's own assets validate: the
+    short-prompt flags (``--system-prompt '' --no-chat-template``) and ``--lr`` land in their launchpad fields,
+    the defaults keep the chat template and the default system prompt, and a misspelt field would be refused."""
+    import dagster as dg
+
+    from animind_assets.benchmarks import finetune_mal
+    from animind_assets.definitions import defs as project
+    from animind_assets.lib.llm.data import LlmDataConfig
+    from animind_assets.lib.llm.finetune_config import FinetuneConfig
+
+    job = dg.Definitions.merge(project, dg.Definitions(jobs=[dg.define_asset_job(
+        "bench_mal", selection=["llm_prep_dataset", "finetuned_model", "recommendation_eval"])])).resolve_job_def("bench_mal")
+    short = finetune_mal.build_run_config(finetune_mal.build_parser().parse_args(
+        ["--system-prompt", "", "--no-chat-template", "--lr", "2e-3"]))
+    ops = dg.validate_run_config(job, short)["ops"]
+    assert ops["llm_prep_dataset"]["config"]["system_prompt"] == ""
+    assert ops["finetuned_model"]["config"]["use_chat_template"] is False
+    assert ops["finetuned_model"]["config"]["phase2_lr"] == 2e-3
+    default = dg.validate_run_config(job, finetune_mal.build_run_config(finetune_mal.build_parser().parse_args([])))["ops"]
+    assert default["llm_prep_dataset"]["config"]["system_prompt"] == LlmDataConfig().system_prompt != ""
+    assert default["finetuned_model"]["config"]["use_chat_template"] is True
+    assert default["finetuned_model"]["config"]["phase2_lr"] == FinetuneConfig().phase2_lr
+    short["ops"]["finetuned_model"]["config"]["phase2_lrr"] = 1.0
+    with pytest.raises(dg.DagsterInvalidConfigError, match="phase2_lrr"):
+        dg.validate_run_config(job, short)
+
+
 def test_a_changed_lr_decay_frac_never_resumes_the_old_work_folder(tmp_path):
     """The shared-case kind "resume with a changed lr: resumes silently": two runs that differ only by
     lr_decay_frac get different work folders (the knob is in the work fingerprint), so neither resumes the other."""

@@ -28,7 +28,7 @@ FINETUNE_DESCRIPTIONS: dict[str, str] = {
     "warmup_frac": "warm-up share of each phase's steps",
     "lr_scheduler": 'transformers lr scheduler name',
     "weight_decay": 'AdamW weight decay',
-    "batch_size": 'examples per device step',
+    "batch_size": 'examples per device step (on a 2-core CPU within a 30-minute budget batch 8 beat 32: the figure follows the number of updates; docs/beauty.md)',
     "grad_accum": 'gradient accumulation steps',
     "max_seq_length": 'longer examples are skipped (counted)',
     "general_mix_file": 'local JSONL of general instructions ({prompt, completion} or {messages})',

@@ -194,6 +194,8 @@ def build_run_config(args: argparse.Namespace) -> dict:
 
 def build_parser() -> argparse.ArgumentParser:
     """The command line of this benchmark (``main`` parses it; ``build_run_config`` maps it to launchpad fields)."""
+    from animind_assets.lib.llm.finetune_config import FinetuneConfig
+
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", default=str(Path(tempfile.gettempdir()) / "animind_finetune_mal"))
     ap.add_argument("--sids", choices=["rqvae", "rqvae-minilm", "collab", "random"], default="rqvae",
@@ -239,8 +241,8 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--replay-prompts", type=int, default=0, help="shipped replay prompts used (0 = all 150)")
     ap.add_argument("--replay-max-new-tokens", type=int, default=96)
     ap.add_argument("--phase1-weights", default="0.8,0.1,0.1", help="phase 1 task shares A,B,C")
-    ap.add_argument("--phase1-lr", type=float, default=1e-3)
-    ap.add_argument("--lr", type=float, default=1e-3, help="phase-2 peak learning rate (FinetuneConfig.phase2_lr)")
+    ap.add_argument("--phase1-lr", type=float, default=FinetuneConfig.phase1_lr)
+    ap.add_argument("--lr", type=float, default=FinetuneConfig.phase2_lr, help="phase-2 peak learning rate (FinetuneConfig.phase2_lr)")
     ap.add_argument("--system-prompt", default=None, help="system message of every row (default: LlmDataConfig's; '' = none)")
     ap.add_argument("--no-chat-template", action="store_true",
                     help="render prompts as plain '### Question: / ### Answer:' text (FinetuneConfig.use_chat_template "

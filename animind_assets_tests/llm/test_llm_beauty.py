@@ -628,6 +628,26 @@ def test_finetune_mal_flags_reach_the_launchpad_config_the_assets_accept():
         dg.validate_run_config(job, short)
 
 
+@pytest.mark.parametrize("argv, field", [(["--lr", "2e-3"], "phase2_lr"), (["--batch-size", "32"], "batch_size"),
+                                         (["--no-chat-template"], "use_chat_template")])
+def test_finetune_mal_lr_batch_and_template_flags_never_resume_the_old_work_folder(argv, field):
+    """The shared-case kind "resume with a changed seed / lr / batch size: resumes silently", for the knobs
+    ``benchmarks.finetune_mal`` passes: each flag changes its ``FinetuneConfig`` field and therefore the work
+    fingerprint (``cfg.fingerprint_dict()`` is hashed into the work folder's name by ``run_finetune``), so a run
+    with the new value starts a new folder instead of resuming the old one."""
+    from animind_assets.benchmarks import finetune_mal
+    from animind_assets.lib.llm.finetune_config import FinetuneConfig
+
+    def config(args):
+        given = finetune_mal.build_run_config(finetune_mal.build_parser().parse_args(args))["ops"]["finetuned_model"]["config"]
+        return FinetuneConfig(**{k: v for k, v in given.items() if k in FinetuneConfig.__dataclass_fields__})
+
+    before, after = config([]), config(argv)
+    assert getattr(before, field) != getattr(after, field)
+    assert before.fingerprint_dict()[field] != after.fingerprint_dict()[field]
+    assert {k for k in before.fingerprint_dict() if before.fingerprint_dict()[k] != after.fingerprint_dict()[k]} == {field}
+
+
 def test_a_changed_lr_decay_frac_never_resumes_the_old_work_folder(tmp_path):
     """The shared-case kind "resume with a changed lr: resumes silently": two runs that differ only by
     lr_decay_frac get different work folders (the knob is in the work fingerprint), so neither resumes the other."""

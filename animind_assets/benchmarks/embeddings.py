@@ -47,6 +47,8 @@ from pathlib import Path
 
 import numpy as np
 
+from animind_assets.lib.common.device import cpu_info  # noqa: F401  (the figure lines carry the CPU)
+
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "true")
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
@@ -85,26 +87,6 @@ def variant_changes(spec: str) -> dict:
     if m.group(3):
         changes["max_batch_tokens"] = int(m.group(3))
     return changes
-
-
-def cpu_info() -> dict:
-    """CPU model name, logical CPUs and the vector extensions that matter for inference kernels."""
-    model, flags = "unknown", set()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            key, _, val = line.partition(":")
-            key = key.strip()
-            if key == "model name" and model == "unknown":
-                model = val.strip()
-            elif key == "flags" and not flags:
-                flags = set(val.split())
-    except OSError:
-        pass
-    wanted = [("AVX2", "avx2"), ("FMA", "fma"), ("AVX-512F", "avx512f"), ("AVX512-VNNI", "avx512_vnni"),
-              ("AVX-VNNI", "avx_vnni"), ("AVX512-BF16", "avx512_bf16"), ("AMX-INT8", "amx_int8"), ("AMX-BF16", "amx_bf16")]
-    have = [name for name, flag in wanted if flag in flags]
-    return {"model": model, "cpus": os.cpu_count(), "extensions": have,
-            "missing": [name for name, flag in wanted if flag not in flags]}
 
 
 def load_now() -> float:

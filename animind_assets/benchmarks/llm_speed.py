@@ -17,7 +17,7 @@ Fine-tune variants (each adds one change to the one before):
 4. ``+top 2 blocks``: ``train_layers=2`` (no backward pass through the 28 frozen blocks; the setting of
    the LM benchmarks; ``finetuned_model``'s demo preset trains the top 4).
 5. ``+bf16 autocast``: ``bf16=True`` (the benchmarks' ``--bf16``): matrix products in bfloat16, weights and
-   loss in float32. Fast only where the CPU has AMX-BF16 / AVX512-BF16 (printed first); elsewhere bf16 is
+   loss in float32. Fast only where the CPU has AMX-BF16 (printed first); elsewhere bf16 is
    emulated and slower.
 6. variant 5 with ``gradient_checkpointing=True``: TRL's ``SFTConfig`` default, which every fine-tune used
    until 1 Dec 2026 (the project now passes ``FinetuneConfig.gradient_checkpointing``, default off). With the
@@ -80,7 +80,7 @@ def main(argv: list[str] | None = None) -> int:
     from animind_assets.benchmarks.llm_linking import load_demo
     from animind_assets.lib.llm.data import LlmDataConfig, build_llm_dataset, sid_lookup_frame
     from animind_assets.lib.llm.finetune import FinetuneConfig, codebooks_from_checkpoint, run_finetune
-    from animind_assets.benchmarks.embeddings import cpu_info
+    from animind_assets.lib.common.device import cpu_info
     from animind_assets.lib.llm.infer import make_sid_model, rank_items
 
     out = Path(args.out).resolve()

@@ -65,6 +65,26 @@ def test_one_resolve_device_everywhere():
                 fn("cuda:0")
 
 
+def test_bf16_on_a_cpu_without_amx_warns_and_the_cpu_is_read_from_cpuinfo(tmp_path):
+    from animind_assets.lib.common.device import cpu_bf16_warning, cpu_info
+
+    def write(flags: str) -> Path:
+        path = tmp_path / f"cpuinfo_{len(flags)}"
+        path.write_text(f"processor\t: 0\nmodel name\t: Test Xeon\nflags\t\t: fpu {flags}\n\nprocessor\t: 1\n"
+                        f"model name\t: Test Xeon\nflags\t\t: fpu {flags}\n")
+        return path
+
+    no_amx = cpu_info(write("avx2 fma avx512f avx512_bf16"))
+    amx = cpu_info(write("avx2 fma avx512f avx512_bf16 amx_bf16 amx_int8"))
+    assert no_amx["model"] == "Test Xeon" and "AVX512-BF16" in no_amx["extensions"] and "AMX-BF16" in no_amx["missing"]
+    assert "AMX-BF16" in amx["extensions"] and "AMX-INT8" in amx["extensions"]
+    warning = cpu_bf16_warning(True, "cpu", no_amx)
+    assert warning and "without AMX-BF16" in warning and "Test Xeon" in warning
+    assert cpu_bf16_warning(True, "cpu", amx) is None and cpu_bf16_warning(False, "cpu", no_amx) is None
+    assert cpu_info(tmp_path / "missing")["model"] == "unknown"  # not Linux: no warning on a guess
+    assert cpu_bf16_warning(True, "cpu", cpu_info(tmp_path / "missing")) is None
+
+
 # ------------------------------------------------------------------- A/11: planted pickles never run
 class _Planted:
     """A pickle payload that creates a file when unpickled (what an attacker would plant)."""

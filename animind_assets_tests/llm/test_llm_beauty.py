@@ -5,10 +5,12 @@ protocol, and the Beauty chain beauty_llm_prep_dataset -> beauty_finetuned_model
 from __future__ import annotations
 
 import os
+import re
 from pathlib import Path
 
 import numpy as np
 import polars as pl
+
 import pytest
 
 from animind_assets.lib.llm.sequence_data import (
@@ -551,6 +553,31 @@ def test_time_decay_callback_scales_the_scheduler_lr_linearly_to_zero_without_co
     assert past.factor == 0.0 and opt.param_groups[0]["lr"] == 0.0
     with pytest.raises(ValueError, match="decay_seconds"):
         time_decay_lr_callback(now, 0.0)
+
+
+def test_progress_eta_is_the_time_left_in_the_budget_when_the_budget_ends_training_first():
+    import time
+    from types import SimpleNamespace
+
+    from transformers import TrainerCallback  # noqa: F401  (imported before the clock starts)
+
+    from animind_assets.lib.llm.losses import make_progress_callback
+
+    lines, history = [], []
+    t0 = time.perf_counter() - 1000.0  # 10 steps in 1,000 s: the 4,990 steps left take ~138.6 hours at that rate
+    state = SimpleNamespace(global_step=10)
+
+    def log_once(max_steps, deadline=None):
+        cb = make_progress_callback("phase2", 0, lines.append, None, history, t0, max_steps, deadline)
+        cb.on_log(None, state, None, logs={"loss": 1.0})
+
+    log_once(5000)
+    log_once(5000, deadline=time.perf_counter() + 1200.0)
+    log_once(20, deadline=time.perf_counter() + 3600.0)  # 10 steps left (~17 minutes) end before the hour of budget
+    assert "step 10/5000" in lines[0] and "ETA 138h3" in lines[0] and "budget" not in lines[0]
+    assert re.search(r"ETA (19m5\ds|20m00s) \(time budget\)\)$", lines[1]), lines[1]
+    assert "ETA 16m4" in lines[2] and "budget" not in lines[2], lines[2]
+    assert len(history) == 3
 
 
 def test_lr_decay_frac_needs_a_wall_clock_budget_and_decays_in_a_real_run(tmp_path):

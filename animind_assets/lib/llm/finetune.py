@@ -44,6 +44,7 @@ import numpy as np
 import polars as pl
 import torch
 
+from animind_assets.lib.common.device import cpu_bf16_warning
 from animind_assets.lib.common.fingerprint import json_fingerprint
 from animind_assets.lib.llm.model_folder import prompt_ids, render_prompt  # noqa: F401  (public API)
 from animind_assets.lib.llm.model_folder import (
@@ -182,7 +183,7 @@ def _module_name(model, module) -> str | None:
 def _run_phase(
     phase: str, model, tokenizer, rows: list[dict], cfg: FinetuneConfig, lr: float, max_steps: int,
     out_dir: Path, step_offset: int, log: LogFn, run, history: list, extra_callbacks: Sequence = (), distiller=None,
-    sid_vocab: SidVocab | None = None,
+    sid_vocab: SidVocab | None = None, deadline: float | None = None,
 ) -> dict:
     import datasets
     from datasets import Dataset
@@ -231,7 +232,7 @@ def _run_phase(
         train_dataset=ds,
         processing_class=tokenizer,
         # extra callbacks first: the lr decay rewrites the logs the progress callback forwards
-        callbacks=[*extra_callbacks, make_progress_callback(phase, step_offset, log, run, history, t0, max_steps)],
+        callbacks=[*extra_callbacks, make_progress_callback(phase, step_offset, log, run, history, t0, max_steps, deadline)],
     )
     trainer.fast_loss = cfg.fast_loss
     if distiller is not None and cfg.distill_weight > 0:
@@ -317,6 +318,9 @@ def run_finetune(
     if cfg.num_threads > 0 and not torch.cuda.is_available():
         torch.set_num_threads(cfg.num_threads)
     torch.manual_seed(cfg.seed)
+    bf16_warning = cpu_bf16_warning(cfg.bf16)
+    if bf16_warning:
+        log(f"warning: {bf16_warning}")
     t_start = time.perf_counter()
     train = frame.filter(pl.col("split") == "train")
     val = frame.filter(pl.col("split") == "validation")
@@ -429,7 +433,7 @@ def run_finetune(
             decay_cb = time_decay_lr_callback(deadline, cfg.lr_decay_frac * cfg.max_train_seconds, log)
             extra.append(decay_cb)
         m = _run_phase(name, model_wrapped, tok, rows, cfg, lr, steps, work / name, step_offset, log, run, history, extra,
-                       distiller, sid_vocab)
+                       distiller, sid_vocab, deadline)
         if budget_cb is not None and budget_cb.stopped and stop_reason == "step budget":
             stop_reason = f"time budget of {cfg.max_train_seconds:.0f}s spent in {name} at step {int(m['steps_done'])} of {steps}"
         if decay_cb is not None:

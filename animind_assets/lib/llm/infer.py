@@ -106,7 +106,7 @@ def load_sid_model(folder: str | os.PathLike, num_threads: int = 0, device: str 
     """Load a ``finetuned_model`` folder (model, tokenizer, ``sid_lookup.parquet``, ``animind_llm.json``).
 
     ``dtype``: the weights' dtype for inference, "float32" (default; the reference for every reported figure) or
-    "bfloat16" (about half the memory, and faster on CPUs with AMX / AVX512-BF16 and on GPUs; beam scores differ in
+    "bfloat16" (about half the memory, and faster on CPUs with AMX-BF16 and on GPUs; beam scores differ in
     the last digits, so a few near-tied items change places; ``step_log_probs`` still normalises in float32).
     ValueError for another dtype."""
     from transformers import AutoModelForCausalLM, AutoTokenizer

@@ -116,7 +116,7 @@ def make_trainer_class():
                 return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
             distill = self.distiller.batch_targets(inputs["labels"]) if self.distiller is not None and model.training else None
             # bf16: the fast path calls the backbone directly, past the autocast wrapper accelerate puts on
-            # model.forward, so it opens its own autocast (CPU with AMX / AVX512-BF16, or CUDA)
+            # model.forward, so it opens its own autocast (CPU with AMX-BF16, or CUDA)
             device_type = inputs["input_ids"].device.type
             with torch.autocast(device_type, dtype=torch.bfloat16, enabled=bool(self.args.bf16)):
                 loss, n, correct = completion_loss(model, inputs["input_ids"], inputs.get("attention_mask"), inputs["labels"],
@@ -198,8 +198,13 @@ def time_decay_lr_callback(deadline: float, decay_seconds: float, log: LogFn = n
     return _CB()
 
 
-def make_progress_callback(phase: str, step_offset: int, log: LogFn, run, history: list, t0: float, max_steps: int):
-    """TrainerCallback forwarding logs to ``log`` and an MLflow run (metrics prefixed by phase)."""
+def make_progress_callback(phase: str, step_offset: int, log: LogFn, run, history: list, t0: float, max_steps: int,
+                           deadline: float | None = None):
+    """TrainerCallback forwarding logs to ``log`` and an MLflow run (metrics prefixed by phase).
+
+    Each log line gives the step, loss, token accuracy, steps/s, elapsed time and an ETA: the time the remaining
+    steps take at the rate so far or, with ``deadline`` (a ``time.perf_counter()`` value: the wall-clock budget
+    ``max_train_seconds``), the time left in the budget when that ends training first (marked "budget")."""
     from transformers import TrainerCallback
 
     class _CB(TrainerCallback):
@@ -210,11 +215,14 @@ def make_progress_callback(phase: str, step_offset: int, log: LogFn, run, histor
             el = time.perf_counter() - t0
             done = max(state.global_step, 1)
             eta = el / done * max(max_steps - state.global_step, 0)
+            budget = deadline is not None and deadline - time.perf_counter() < eta
+            if budget:
+                eta = max(deadline - time.perf_counter(), 0.0)
             if "loss" in logs:  # the end-of-training summary (train_loss, runtime) is reported by the caller
                 log(
                     f"{phase}: step {state.global_step}/{max_steps} loss {logs['loss']:.4f} "
                     f"acc {logs.get('mean_token_accuracy', float('nan')):.3f} ({done / max(el, 1e-9):.3f} steps/s, "
-                    f"elapsed {fmt_seconds(el)}, ETA {fmt_seconds(eta)})"
+                    f"elapsed {fmt_seconds(el)}, ETA {fmt_seconds(eta)}{' (time budget)' if budget else ''})"
                 )
             if run is not None:
                 run.log_metrics({f"{phase}/{k}": v for k, v in logs.items()}, step=step)

@@ -47,7 +47,7 @@ from pathlib import Path
 
 import numpy as np
 
-from animind_assets.lib.common.device import cpu_info  # noqa: F401  (the figure lines carry the CPU)
+from animind_assets.lib.common.device import cpu_info
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "true")

@@ -10,7 +10,6 @@ from pathlib import Path
 
 import numpy as np
 import polars as pl
-
 import pytest
 
 from animind_assets.lib.llm.sequence_data import (

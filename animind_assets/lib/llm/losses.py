@@ -215,9 +215,9 @@ def make_progress_callback(phase: str, step_offset: int, log: LogFn, run, histor
             el = time.perf_counter() - t0
             done = max(state.global_step, 1)
             eta = el / done * max(max_steps - state.global_step, 0)
-            budget = deadline is not None and deadline - time.perf_counter() < eta
-            if budget:
-                eta = max(deadline - time.perf_counter(), 0.0)
+            left = None if deadline is None else max(deadline - time.perf_counter(), 0.0)
+            budget = left is not None and left < eta
+            eta = left if budget else eta
             if "loss" in logs:  # the end-of-training summary (train_loss, runtime) is reported by the caller
                 log(
                     f"{phase}: step {state.global_step}/{max_steps} loss {logs['loss']:.4f} "

@@ -136,6 +136,23 @@ def cyclic_codec(n_items: int = 60) -> SidCodec:
     return SidCodec.from_mapping({i: [i // 12, (i // 3) % 4, i % 3] for i in range(n_items)})
 
 
+def test_bf16_training_on_a_cpu_without_amx_logs_a_warning(monkeypatch):
+    """TigerConfig.bf16 on a CPU without AMX-BF16 trains (autocast) and says it is slower there; float32 says nothing."""
+    import animind_assets.lib.common.device as device_mod
+
+    monkeypatch.setattr(device_mod, "cpu_info", lambda *a, **k: {
+        "model": "Test Xeon", "cpus": 2, "extensions": ["AVX2", "AVX512-BF16"], "missing": ["AMX-BF16"]})
+    split = leave_one_out(cyclic_sequences(n_users=20), max_history=5)
+    for bf16 in (True, False):
+        lines: list[str] = []
+        cfg = TigerConfig(**TINY, batch_size=16, epochs=1, max_steps=2, val_users=5, val_beams=10, patience=0, bf16=bf16)
+        result = train_tiger(split, cyclic_codec(), cfg, log=lines.append)
+        assert result.steps == 2
+        warnings = [line for line in lines if line.startswith("warning: tiger: bf16 autocast on a CPU without AMX-BF16")]
+        assert len(warnings) == (1 if bf16 else 0), lines
+        assert not bf16 or "Test Xeon" in warnings[0]
+
+
 @pytest.mark.slow
 def test_train_learns_checkpoints_and_resumes(tmp_path):
     split = leave_one_out(cyclic_sequences(), max_history=5)

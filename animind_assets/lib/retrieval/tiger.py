@@ -39,6 +39,7 @@ import torch
 from animind_assets.lib.common.progress import Progress, fmt_seconds
 from animind_assets.lib.common.schedules import progress_after_warmup, warmup_cosine
 from animind_assets.lib.common.checkpoint import load_payload, save_payload
+from animind_assets.lib.common.device import cpu_bf16_warning
 from animind_assets.lib.common.device import resolve_device  # noqa: F401  (the one device rule; re-exported)
 from animind_assets.lib.common.storage import atomic_dir, local_copy
 from animind_assets.lib.retrieval.reporting import (  # noqa: F401  (public API of the TIGER module)
@@ -271,6 +272,9 @@ def train_tiger(
     eval_every = cfg.eval_every_steps or steps_per_epoch
 
     device = resolve_device(cfg.device)
+    bf16_warning = cpu_bf16_warning(cfg.bf16, device)
+    if bf16_warning:
+        log(f"warning: tiger: {bf16_warning}")
     model = build_model(codec, cfg).to(device)
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     clock: dict[str, float] = {}  # "t0" once training starts: the budget share for lr_schedule="cosine_time"

@@ -3,6 +3,7 @@
     python -m animind_assets.benchmarks.finetune_mal                       # defaults (bounded, 2 shared cores)
     python -m animind_assets.benchmarks.finetune_mal --phase1-steps 4 --phase2-steps 4 --eval-users 20   # smoke
     python -m animind_assets.benchmarks.finetune_mal --baselines-only       # protocol + baselines, no LM (minutes)
+    python -m animind_assets.benchmarks.finetune_mal --out DIR <DIR's flags> --eval-only --num-beams 20   # re-evaluate
 
 Protocol (``--holdout``): ``random`` (default) = set completion, no time order: each test user's
 held-out item is a seeded random item of the list (MAL 2020 has no timestamps); ``last`` = the last
@@ -32,6 +33,11 @@ Steps (every figure is printed):
 Shorter rows: ``--system-prompt '' --no-chat-template`` (the launchpad fields ``llm_prep_dataset.system_prompt``
 and ``finetuned_model.use_chat_template``) leave each row's fixed sentence and its IDs; ``--lr`` is
 ``finetuned_model.phase2_lr``. ``build_run_config`` maps every flag to its launchpad field.
+
+``--eval-only``: materialize only ``recommendation_eval`` in ``--out``, against the ``llm_prep_dataset`` and
+``finetuned_model`` a finished run of the same command left there (e.g. with another ``--num-beams`` or
+``--eval-users``); refused when the folder has no such run or when the semantic IDs this command builds differ
+from the ones stored there.
 
 The CPU is shared: timings vary with the other processes on the machine (the load average is printed).
 """
@@ -259,6 +265,8 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--ease-lambda", type=float, default=500.0)
     ap.add_argument("--baselines-only", action="store_true",
                     help="build the dataset and print the baseline table on all test users (no LM)")
+    ap.add_argument("--eval-only", action="store_true",
+                    help="re-run only recommendation_eval on the dataset and model a finished run left in --out")
     return ap
 
 
@@ -285,8 +293,17 @@ def main(argv: list[str] | None = None) -> int:
     cat, inter, has_ts = load_mal(db)
     print(f"MAL: {cat.height} anime (adult excluded), {inter.height} interactions, {inter['user_id'].n_unique()} users, "
           f"has timestamps {has_ts} ({time.perf_counter() - t0:.1f}s)")
+    stored = stored_tables(out / "animind.duckdb", ["semantic_ids", "llm_prep_dataset"]) if args.eval_only else {}
+    model_card = out / "artifacts" / "finetuned_model" / "animind_llm.json"
+    if args.eval_only and (len(stored) < 2 or not model_card.exists()):
+        print(f"--eval-only: {out} holds no finished run (tables in animind.duckdb: {sorted(stored) or 'none'}; "
+              f"{model_card} {'present' if model_card.exists() else 'missing'}); run the command without --eval-only first",
+              file=sys.stderr)
+        return 2
     sids, sid_note = build_semantic_ids(cat, out / "artifacts", args.sids, args.quantizer_epochs, Path(args.cache_dir),
                                         args.quantizer_preset, inter=inter, seed=args.seed)
+    if args.eval_only:
+        require_same_semantic_ids(stored["semantic_ids"], sids, out / "animind.duckdb")
 
     import dagster as dg
     import polars as pl
@@ -327,6 +344,8 @@ def main(argv: list[str] | None = None) -> int:
         return _baselines_only(args, stubs, ours, resources, run_config)
     for asset in ours:
         name = asset.key.path[-1]
+        if args.eval_only and name != "recommendation_eval":
+            continue
         t0 = time.perf_counter()
         res = dg.materialize([*stubs, *ours], resources=resources, selection=[name],
                              run_config={"ops": {name: run_config["ops"][name]}})
@@ -364,7 +383,7 @@ def main(argv: list[str] | None = None) -> int:
         sys.stdout.flush()
     print(f"\nsemantic IDs: {sid_note}")
     print(f"fine-tune (two phases, {args.phase1_steps}+{args.phase2_steps} steps, batch {args.batch_size}): "
-          f"{timings['finetuned_model'] / 60:.1f} min; eval {timings['recommendation_eval'] / 60:.1f} min; "
+          f"{timings.get('finetuned_model', 0.0) / 60:.1f} min{' (--eval-only: not run)' if args.eval_only else ''}; eval {timings['recommendation_eval'] / 60:.1f} min; "
           f"total {(time.perf_counter() - t_all) / 60:.1f} min")
     cmd = [sys.executable, "-m", "animind_assets.recommend", "--artifacts", str(out / "artifacts"),
            "--history", "Cowboy Bebop", "Trigun", "-k", "10"]
@@ -374,6 +393,38 @@ def main(argv: list[str] | None = None) -> int:
     print(r.stdout + r.stderr)
     print(f"(recommend CLI: {time.perf_counter() - t0:.1f}s, exit {r.returncode})")
     return 0
+
+
+def stored_tables(database: Path, names: list[str]) -> dict[str, pl.DataFrame]:
+    """The tables of ``names`` that the DuckDB file ``database`` holds in schema ``main`` (missing ones, or a missing
+    file, are left out). Used by ``--eval-only`` to find what an earlier run left."""
+    import duckdb
+
+    if not Path(database).exists():
+        return {}
+    con = duckdb.connect(str(database), read_only=True)
+    try:
+        have = {r[0] for r in con.execute("select table_name from information_schema.tables where table_schema = 'main'").fetchall()}
+        return {n: pl.from_arrow(con.execute(f'select * from main."{n}"').arrow()) for n in names if n in have}
+    finally:
+        con.close()
+
+
+def require_same_semantic_ids(stored: pl.DataFrame, built: pl.DataFrame, where: Path) -> None:
+    """Raise ``ValueError`` unless ``built`` (the semantic IDs this command just built) equals ``stored`` (the
+    ``semantic_ids`` table of an earlier run in ``where``) row for row on ``anime_id`` and ``semantic_id``: a model
+    is never evaluated against IDs it was not trained with. The message names the first differing anime."""
+    cols = ["anime_id", "semantic_id"]
+    a, b = stored.select(cols).sort("anime_id"), built.select(cols).sort("anime_id")
+    if a.equals(b):
+        return
+    joined = a.join(b, on="anime_id", how="full", suffix="_built", coalesce=True)
+    diff = joined.filter(pl.col("semantic_id").ne_missing(pl.col("semantic_id_built"))).sort("anime_id")
+    first = diff.row(0, named=True) if diff.height else {}
+    raise ValueError(
+        f"--eval-only: the semantic IDs built now differ from table main.semantic_ids of {where} for {diff.height} anime "
+        f"(first: anime_id {first.get('anime_id')}: stored {first.get('semantic_id')!r}, built {first.get('semantic_id_built')!r}); "
+        "pass the flags of the run that wrote the folder (--sids, --seed, --quantizer-*)")
 
 
 def _baselines_only(args, stubs, ours, resources, run_config) -> int:

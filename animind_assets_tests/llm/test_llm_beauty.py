@@ -626,6 +626,42 @@ def test_lr_decay_flags_need_a_wall_clock_budget():
         finetune_mal.main(["--lr-decay-frac", "0.25"])  # no --train-seconds: refused before any data is read
 
 
+def test_finetune_mal_eval_only_needs_a_finished_run_and_the_same_semantic_ids(tmp_path, monkeypatch):
+    """``finetune_mal --eval-only`` refuses a folder without a finished run, and a model is never evaluated against
+    semantic IDs other than the ones stored by the run that trained it (the first differing anime is named)."""
+    import duckdb
+
+    from animind_assets.benchmarks import finetune_mal
+
+    db = tmp_path / "animind.duckdb"
+    assert finetune_mal.stored_tables(db, ["semantic_ids"]) == {}  # no file: nothing stored
+    sids = pl.DataFrame({"anime_id": [1, 2, 3], "semantic_id": ["<L1_0><L2_0>", "<L1_0><L2_1>", "<L1_1><L2_0>"]})
+    con = duckdb.connect(str(db))
+    con.register("s", sids.to_arrow())
+    con.execute("create table main.semantic_ids as select * from s")
+    con.close()
+    stored = finetune_mal.stored_tables(db, ["semantic_ids", "llm_prep_dataset"])
+    assert list(stored) == ["semantic_ids"] and stored["semantic_ids"].equals(sids)
+
+    finetune_mal.require_same_semantic_ids(stored["semantic_ids"], sids.reverse(), db)  # row order does not matter
+    changed = sids.with_columns(pl.when(pl.col("anime_id") == 2).then(pl.lit("<L1_9><L2_9>"))
+                                .otherwise(pl.col("semantic_id")).alias("semantic_id"))
+    with pytest.raises(ValueError, match=r"1 anime \(first: anime_id 2: stored '<L1_0><L2_1>', built '<L1_9><L2_9>'\)"):
+        finetune_mal.require_same_semantic_ids(stored["semantic_ids"], changed, db)
+    with pytest.raises(ValueError, match="anime_id 3"):
+        finetune_mal.require_same_semantic_ids(stored["semantic_ids"], sids.head(2), db)
+
+    # a folder with only some of the run's tables and no model is refused before anything is built
+    monkeypatch.setattr(finetune_mal, "shared_data", lambda: tmp_path / "shared")
+    mal = tmp_path / "shared" / "mal2020"
+    mal.mkdir(parents=True)
+    (mal / "anilist.sqlite").touch()
+    monkeypatch.setattr(finetune_mal, "load_mal", lambda path: (pl.DataFrame(), pl.DataFrame({"user_id": [1]}), False))
+    built = []
+    monkeypatch.setattr(finetune_mal, "build_semantic_ids", lambda *a, **k: built.append(1))
+    assert finetune_mal.main(["--out", str(tmp_path), "--eval-only"]) == 2 and not built
+
+
 def test_finetune_mal_flags_reach_the_launchpad_config_the_assets_accept():
     """``benchmarks.finetune_mal``'s command line becomes run config the project's own assets validate: the
     short-prompt flags (``--system-prompt '' --no-chat-template``) and ``--lr`` land in their launchpad fields,

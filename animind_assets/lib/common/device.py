@@ -95,9 +95,10 @@ def cpu_info(cpuinfo: str | os.PathLike = "/proc/cpuinfo") -> dict:
 def cpu_bf16_warning(bf16: bool, device: Any = "auto", info: dict | None = None) -> str | None:
     """A warning when bf16 autocast is asked for on a CPU without AMX-BF16 (else ``None``).
 
-    Measured with ``benchmarks.llm_speed --variants 4,5`` (2 Dec 2026, 2 threads): on a Xeon without AMX-BF16
-    (AVX512-BF16 only) the fine-tune ran at 0.61x the tokens/s of float32; on Xeons with AMX-BF16 it is the faster
-    setting. ``info`` defaults to ``cpu_info()``; a CUDA ``device`` never warns."""
+    Measured on a Xeon without AMX-BF16 (AVX512-BF16 only), 2 threads, 2 Dec 2026: the LM fine-tune ran at 0.61x the
+    tokens/s of float32 (``benchmarks.llm_speed --variants 4,5``) and TIGER's training at 0.81-0.88x its steps/s
+    (``benchmarks.tiger_speed``); on Xeons with AMX-BF16 bf16 is the faster setting. ``info`` defaults to
+    ``cpu_info()``; a CUDA ``device`` never warns."""
     if not bf16 or resolve_device(device).type == "cuda":
         return None
     info = info if info is not None else cpu_info()
@@ -105,4 +106,5 @@ def cpu_bf16_warning(bf16: bool, device: Any = "auto", info: dict | None = None)
         return None
     return (f"bf16 autocast on a CPU without AMX-BF16 ({info['model']}; extensions: "
             f"{', '.join(info['extensions']) or '-'}): bf16 is emulated or partly vectorised here and measured slower "
-            f"than float32 (0.61x the fine-tune tokens/s on a Xeon with AVX512-BF16 only); leave bf16 off on this machine")
+            f"than float32 (on a Xeon with AVX512-BF16 only: 0.61x the LM fine-tune's tokens/s, 0.81-0.88x TIGER's steps/s); "
+            "leave bf16 off on this machine")

@@ -36,8 +36,8 @@ and ``finetuned_model.use_chat_template``) leave each row's fixed sentence and i
 
 ``--eval-only``: materialize only ``recommendation_eval`` in ``--out``, against the ``llm_prep_dataset`` and
 ``finetuned_model`` a finished run of the same command left there (e.g. with another ``--num-beams`` or
-``--eval-users``); refused when the folder has no such run or when the semantic IDs this command builds differ
-from the ones stored there.
+``--eval-users``). Only the evaluation's flags apply; the dataset and fine-tune are the stored run's. Refused when
+the folder has no such run or when the semantic IDs this command builds differ from the ones stored there.
 
 The CPU is shared: timings vary with the other processes on the machine (the load average is printed).
 """
@@ -266,7 +266,8 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--baselines-only", action="store_true",
                     help="build the dataset and print the baseline table on all test users (no LM)")
     ap.add_argument("--eval-only", action="store_true",
-                    help="re-run only recommendation_eval on the dataset and model a finished run left in --out")
+                    help="re-run only recommendation_eval on the dataset and model a finished run left in --out "
+                         "(only the evaluation's flags apply: --num-beams, --eval-users, --linking-items)")
     return ap
 
 

@@ -39,8 +39,7 @@ import torch
 from animind_assets.lib.common.progress import Progress, fmt_seconds
 from animind_assets.lib.common.schedules import progress_after_warmup, warmup_cosine
 from animind_assets.lib.common.checkpoint import load_payload, save_payload
-from animind_assets.lib.common.device import cpu_bf16_warning
-from animind_assets.lib.common.device import resolve_device  # noqa: F401  (the one device rule; re-exported)
+from animind_assets.lib.common.device import cpu_bf16_warning, resolve_device  # noqa: F401  (resolve_device: the one device rule; re-exported)
 from animind_assets.lib.common.storage import atomic_dir, local_copy
 from animind_assets.lib.retrieval.reporting import (  # noqa: F401  (public API of the TIGER module)
     REPORT_METRICS,

@@ -280,3 +280,25 @@ def test_cosine_time_schedule_follows_the_budget_share():
     assert lr_factor(20, cfg, 100, 0.25) == lr_factor(5000, cfg, 100, 0.25)
     with pytest.raises(ValueError, match="max_train_seconds"):
         TigerConfig(lr_schedule="cosine_time").validate()
+
+
+def test_tiger_speed_benchmark_prints_float32_and_bf16_rows_of_each_preset(capsys):
+    """``benchmarks.tiger_speed`` trains the same synthetic batches in both dtypes and prints one row each."""
+    from animind_assets.benchmarks import tiger_speed
+
+    assert tiger_speed.main(["--presets", "cpu", "--steps", "1", "--warmup", "0", "--batch-size", "4",
+                             "--history", "2", "--threads", "1"]) == 0
+    out = capsys.readouterr().out
+    rows = [line for line in out.splitlines() if line.startswith("| cpu |")]
+    assert [r.split("|")[2].strip() for r in rows] == ["float32", "bf16 autocast"], out
+    assert rows[0].split("|")[5].strip() == "1.00x" and "load before:" in out and "extensions:" in out
+    with pytest.raises(ValueError, match="at least one step"):
+        tiger_speed.time_steps(tiger_speed_preset(), False, steps=0, warmup=0, batch_size=2, history=2)
+    with pytest.raises(SystemExit):
+        tiger_speed.main(["--presets", "nope"])
+
+
+def tiger_speed_preset() -> dict:
+    from animind_assets.benchmarks.tiger_beauty import PRESETS
+
+    return PRESETS["cpu"]

@@ -46,6 +46,7 @@ The CPU is shared: timings vary with the other processes on the machine (the loa
 
 import argparse
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -301,10 +302,16 @@ def main(argv: list[str] | None = None) -> int:
               f"{model_card} {'present' if model_card.exists() else 'missing'}); run the command without --eval-only first",
               file=sys.stderr)
         return 2
-    sids, sid_note = build_semantic_ids(cat, out / "artifacts", args.sids, args.quantizer_epochs, Path(args.cache_dir),
-                                        args.quantizer_preset, inter=inter, seed=args.seed)
-    if args.eval_only:
-        require_same_semantic_ids(stored["semantic_ids"], sids, out / "animind.duckdb")
+    # --eval-only builds the IDs in a scratch folder: a refused run never overwrites the stored run's quantizer checkpoint
+    sid_root = Path(tempfile.mkdtemp(prefix="animind-eval-only-")) if args.eval_only else out / "artifacts"
+    try:
+        sids, sid_note = build_semantic_ids(cat, sid_root, args.sids, args.quantizer_epochs, Path(args.cache_dir),
+                                            args.quantizer_preset, inter=inter, seed=args.seed)
+        if args.eval_only:
+            require_same_semantic_ids(stored["semantic_ids"], sids, out / "animind.duckdb")
+    finally:
+        if args.eval_only:
+            shutil.rmtree(sid_root, ignore_errors=True)
 
     import dagster as dg
     import polars as pl

@@ -661,6 +661,31 @@ def test_finetune_mal_eval_only_needs_a_finished_run_and_the_same_semantic_ids(t
     monkeypatch.setattr(finetune_mal, "build_semantic_ids", lambda *a, **k: built.append(1))
     assert finetune_mal.main(["--out", str(tmp_path), "--eval-only"]) == 2 and not built
 
+    # a finished run is there, but the IDs built now differ: refused, and the stored run's quantizer checkpoint is
+    # never overwritten (the IDs are built in a scratch folder, removed afterwards)
+    con = duckdb.connect(str(db))
+    con.execute("create table main.llm_prep_dataset as select 1 as x")
+    con.close()
+    card = tmp_path / "artifacts" / "finetuned_model" / "animind_llm.json"
+    card.parent.mkdir(parents=True)
+    card.write_text("{}")
+    ckpt = tmp_path / "artifacts" / "rqvae_model" / "model.pt"
+    ckpt.parent.mkdir(parents=True)
+    ckpt.write_bytes(b"the stored run's quantizer")
+    roots = []
+
+    def build(cat, root, *a, **k):
+        roots.append(Path(root))
+        (Path(root) / "rqvae_model").mkdir(parents=True, exist_ok=True)
+        (Path(root) / "rqvae_model" / "model.pt").write_bytes(b"another quantizer")
+        return changed, "note"
+
+    monkeypatch.setattr(finetune_mal, "build_semantic_ids", build)
+    with pytest.raises(ValueError, match="anime_id 2"):
+        finetune_mal.main(["--out", str(tmp_path), "--eval-only"])
+    assert ckpt.read_bytes() == b"the stored run's quantizer"
+    assert roots and roots[0] != tmp_path / "artifacts" and not roots[0].exists()
+
 
 def test_finetune_mal_flags_reach_the_launchpad_config_the_assets_accept():
     """``benchmarks.finetune_mal``'s command line becomes run config the project's own assets validate: the

@@ -7,8 +7,9 @@ Each preset's model (``benchmarks.tiger_beauty.PRESETS``, built by ``lib.retriev
 **same seeded synthetic batches** once per dtype, one after the other in this process, so the ratio is comparable;
 absolute figures depend on the machine's load (``uptime`` printed before and after). A batch is shaped like
 TIGER's Beauty rows: ``--batch-size`` users, an encoder input of ``--history`` items x 4 ID tokens, a decoder
-target of 4 ID tokens + EOS, vocabulary 4 x 256 codes + specials. A step = forward, backward, grad clip 1.0,
-AdamW step, exactly as ``train_tiger``. ``--warmup`` steps per variant are run first and not timed.
+target of 4 ID tokens + EOS, vocabulary 4 x 256 codes + specials. A step is ``lib.retrieval.tiger.train_step``
+(forward, backward, grad clip 1.0, AdamW), the step ``train_tiger`` runs. ``--warmup`` steps per variant are run
+first and not timed.
 
 bf16 autocast is fast on CPUs with AMX-BF16 (the line ``cpu:`` shows the extensions) or on CUDA; on a CPU
 with AVX512-BF16 only, the LM fine-tune measured 0.61x float32 (docs/benchmarks/2026-11-30-llm-speed.md,
@@ -40,7 +41,7 @@ def time_steps(preset: dict, bf16: bool, *, steps: int, warmup: int, batch_size:
     timed steps, the ``warmup`` steps before them excluded). Raises ``ValueError`` when ``steps < 1``."""
     import torch
 
-    from animind_assets.lib.retrieval.tiger import TigerConfig, build_model
+    from animind_assets.lib.retrieval.tiger import TigerConfig, build_model, train_step
 
     if steps < 1:
         raise ValueError(f"steps={steps}: time at least one step")
@@ -64,13 +65,7 @@ def time_steps(preset: dict, bf16: bool, *, steps: int, warmup: int, batch_size:
     dev = torch.device(device)
 
     def step(i: int) -> None:
-        batch = {k: v.to(dev) for k, v in batches[i % len(batches)].items()}
-        with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=bf16):
-            loss = model(**batch).loss
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
-        opt.zero_grad(set_to_none=True)
+        train_step(model, {k: v.to(dev) for k, v in batches[i % len(batches)].items()}, opt, dev, bf16, cfg.grad_clip)
 
     for i in range(warmup):
         step(i)

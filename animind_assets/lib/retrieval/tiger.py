@@ -231,6 +231,22 @@ def _exists(path: str | None) -> bool:
     return as_path(path).exists()
 
 
+def train_step(model, batch: Mapping[str, torch.Tensor], opt: torch.optim.Optimizer, device: torch.device,
+               bf16: bool = False, grad_clip: float = 1.0) -> torch.Tensor:
+    """One teacher-forced TIGER update: forward (bf16 autocast when ``bf16``), backward, gradient clipping to
+    ``grad_clip`` (0 = off), ``opt.step()``, gradients cleared. ``batch`` = ``encode_batch`` tensors on ``device``
+    (``input_ids`` / ``attention_mask`` (B, L) int64, ``labels`` (B, T) int64). Returns the detached scalar loss.
+    The learning-rate schedule is the caller's."""
+    with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
+        loss = model(**batch).loss
+    loss.backward()
+    if grad_clip > 0:
+        torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
+    opt.step()
+    opt.zero_grad(set_to_none=True)
+    return loss.detach()
+
+
 def train_tiger(
     split: LooSplit,
     codec: SidCodec,
@@ -378,15 +394,9 @@ def train_tiger(
         batches = epoch_batches(lengths, cfg.batch_size, state["epoch"], cfg.seed, cfg.length_buckets)
         for b in range(state["batch_in_epoch"], len(batches)):
             batch = {k: v.to(device) for k, v in encode_batch(codec, train, batches[b]).items()}
-            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.bf16):
-                loss = model(**batch).loss
-            loss.backward()
-            if cfg.grad_clip > 0:
-                torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
-            opt.step()
+            loss = train_step(model, batch, opt, device, cfg.bf16, cfg.grad_clip)
             sched.step()
-            opt.zero_grad(set_to_none=True)
-            running += float(loss.detach())
+            running += float(loss)
             running_n += 1
             state["step"] += 1
             state["batch_in_epoch"] = b + 1

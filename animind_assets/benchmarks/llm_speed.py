@@ -22,6 +22,10 @@ Fine-tune variants (each adds one change to the one before):
 6. variant 5 with ``gradient_checkpointing=True``: TRL's ``SFTConfig`` default, which every fine-tune used
    until 1 Dec 2026 (the project now passes ``FinetuneConfig.gradient_checkpointing``, default off). With the
    lower blocks frozen it recomputes and back-propagates through all of them. Not in the default list.
+7. variant 5 with ``bf16_frozen_weights=False``: autocast casts the float32 weights of the 28 frozen blocks to
+   bfloat16 at every step (its cast cache keeps only tensors that require grad). Variant 5 holds them in
+   bfloat16 while a phase trains (``lib/llm/finetune.FrozenLinearsInBf16``; the same products). Not in the
+   default list: run ``--variants 5,7``.
 
 Tokens/s counts the tokens of the training examples (prompt + completion, no padding) per second of
 training steps. Beam search: the fine-tuned model of the last variant ranks the top 10 for ``--users``
@@ -52,6 +56,8 @@ VARIANTS = [
     ("+ bf16 autocast (--bf16)", dict(train_layers=2, fast_loss=True, group_by_length=True, bf16=True)),
     ("5 with gradient checkpointing (TRL's SFTConfig default; on before 1 Dec)",
      dict(train_layers=2, fast_loss=True, group_by_length=True, bf16=True, gradient_checkpointing=True)),
+    ("5 with the frozen blocks re-cast to bf16 by autocast at every step (before 2 Dec 2026, evening)",
+     dict(train_layers=2, fast_loss=True, group_by_length=True, bf16=True, bf16_frozen_weights=False)),
 ]
 
 

@@ -423,3 +423,56 @@ def test_gradient_checkpointing_only_when_asked(tmp_path, data, checkpointing):
                                linking_eval_items=0, gradient_checkpointing=checkpointing)
     res = ft.run_finetune(frame, lookup, cfg, tmp_path / "gc", base=(model, tok))
     assert res.model.is_gradient_checkpointing is checkpointing
+
+
+def test_frozen_linears_in_bf16_give_autocasts_products_and_restore_the_float32_weights():
+    """``FrozenLinearsInBf16`` (``bf16_frozen_weights``): under bf16 autocast, a model whose frozen linear layers
+    are held in bfloat16 computes the same loss and the same gradients of the trainable block as autocast's per-call
+    cast of float32 weights; trainable layers are not touched, and on exit every frozen weight is the original
+    float32 tensor, bit for bit."""
+    tok = smollm2_tokenizer()
+    model = tiny_llama(tok, layers=3)
+    for p in model.parameters():
+        p.requires_grad_(False)
+    for p in model.model.layers[-1].parameters():
+        p.requires_grad_(True)
+    frozen = model.model.layers[0].self_attn.q_proj
+    before = frozen.weight.detach().clone()
+    ids = torch.randint(0, 500, (2, 12))
+
+    def loss_and_grads():
+        model.zero_grad(set_to_none=True)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            loss = model(input_ids=ids, labels=ids).loss
+        loss.backward()
+        return loss.detach(), [p.grad.clone() for p in model.model.layers[-1].parameters()]
+
+    ref_loss, ref_grads = loss_and_grads()
+    ctx = ft.FrozenLinearsInBf16(model)
+    assert ctx.converted == 2 * 7  # q, k, v, o, gate, up, down of the two frozen blocks; not the head tied to the embedding
+    with ctx:
+        assert frozen.weight.dtype == torch.bfloat16
+        assert model.model.layers[-1].mlp.up_proj.weight.dtype == torch.float32  # trainable: untouched
+        loss, grads = loss_and_grads()
+    assert torch.equal(loss, ref_loss)
+    assert all(torch.equal(a, b) for a, b in zip(grads, ref_grads))
+    assert frozen.weight.dtype == torch.float32 and torch.equal(frozen.weight, before)
+
+
+@pytest.mark.parametrize("held", [True, False])
+def test_bf16_fine_tune_with_frozen_blocks_holds_them_in_bf16_only_while_training(tmp_path, data, held):
+    """With ``bf16`` and ``train_layers``, a training step sees the frozen blocks' weights in bfloat16 (unless
+    ``bf16_frozen_weights=False``); the returned model has them in float32 again, equal to the base weights."""
+    _, _, frame, lookup = data
+    tok = smollm2_tokenizer()
+    model = tiny_llama(tok)
+    base_w = model.model.layers[0].mlp.down_proj.weight.detach().clone()
+    seen: list[torch.dtype] = []
+    model.model.layers[0].mlp.down_proj.register_forward_pre_hook(
+        lambda m, _i: seen.append(m.weight.dtype) if m.training else None)
+    cfg = tiny_finetune_config(phase1_max_steps=1, phase2_max_steps=1, english_ppl=False, warm_start="mean",
+                               linking_eval_items=0, bf16=True, train_layers=1, bf16_frozen_weights=held)
+    res = ft.run_finetune(frame, lookup, cfg, tmp_path / "held", base=(model, tok))
+    assert seen and set(seen) == {torch.bfloat16 if held else torch.float32}
+    w = res.model.model.layers[0].mlp.down_proj.weight
+    assert w.dtype == torch.float32 and torch.equal(w, base_w)

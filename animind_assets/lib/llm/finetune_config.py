@@ -73,6 +73,7 @@ class FinetuneConfig:
     ppl_max_tokens: int = 256
     save_dtype: str = "float32"  # "float32" | "bfloat16"
     bf16: bool = False  # autocast bf16 during training (GPU / AMX-BF16 CPUs; slower than float32 without AMX, logged as a warning)
+    bf16_frozen_weights: bool = True  # with bf16: frozen linear layers held in bfloat16 while training (the same products as autocast's per-step cast, without re-casting them every step)
     gradient_checkpointing: bool = False  # recompute activations in the backward pass: less memory, slower (TRL's SFTConfig turns it on by default; with frozen lower blocks it also makes the backward pass run through them)
     distill_weight: float = 0.0  # knowledge distillation (lib/llm/distill.py): at each ID token of an item that follows another item in a completion (task B, "sequence" form) the target becomes (1 - w) one-hot + w x the teacher's next-item softmax turned into that level's code distribution; needs a teacher (run_finetune(teacher=...); beauty_finetuned_model uses sasrec_model, the anime finetuned_model EASE on the training users' lists); 0 = off
     distill_temperature: float = 1.0  # softmax temperature of the teacher's item logits (0 = fitted: the value minimising the teacher's NLL of the next item on up to 300 training sequences; for teachers whose scores are not log-probabilities, e.g. EASE)

@@ -180,11 +180,12 @@ class FrozenLinearsInBf16:
     original float32 tensors are put back, bit for bit.
 
     Autocast casts a float32 weight to bfloat16 at every call (its cast cache keeps only leaf tensors that
-    require grad), so a fine-tune with frozen blocks re-casts all of them at every step (``aten::copy_`` was
-    18 % of a CPU step of ``benchmarks.llm_speed``'s variant 5). Casting once gives the same bfloat16 operands
+    require grad), so a fine-tune with frozen blocks re-casts all of them at every step (``aten::copy_``, weight
+    and activation casts together, was 18 % of a 1-thread CPU step of ``benchmarks.llm_speed``'s variant 5; on 2
+    threads the steps/s gain was within run-to-run noise, variant 7). Casting once gives the same bfloat16 operands
     (round to nearest even either way), so the matrix products are unchanged. Trainable layers, norms and
-    embeddings (and a head tied to them) are untouched. ``.converted``: number of modules cast; ``.bytes_saved_per_step`` (int): bytes
-    of float32 weights autocast no longer reads per forward. Only use it inside ``torch.autocast(...,
+    embeddings (and a head tied to them) are untouched. ``.converted``: number of modules cast;
+    ``.bytes_saved_per_step`` (int): bytes of float32 weights autocast no longer reads per forward. Only use it inside ``torch.autocast(...,
     dtype=torch.bfloat16)``: outside autocast a float32 input meets a bfloat16 weight (RuntimeError)."""
 
     def __init__(self, model):
@@ -194,8 +195,14 @@ class FrozenLinearsInBf16:
                         and not m.weight.requires_grad and m.weight.dtype == torch.float32
                         and m.weight.data_ptr() not in shared and (m.bias is None or not m.bias.requires_grad)]
         self._saved: list[tuple] = []
-        self.converted = len(self.modules)
-        self.bytes_saved_per_step = int(sum(m.weight.numel() * 4 for m in self.modules))
+
+    @property
+    def converted(self) -> int:
+        return len(self.modules)
+
+    @property
+    def bytes_saved_per_step(self) -> int:
+        return int(sum(m.weight.numel() * 4 for m in self.modules))
 
     def __enter__(self):
         for m in self.modules:
@@ -473,11 +480,11 @@ def run_finetune(
         if budget_cb is not None and cfg.lr_decay_frac > 0:
             decay_cb = time_decay_lr_callback(deadline, cfg.lr_decay_frac * cfg.max_train_seconds, log)
             extra.append(decay_cb)
-        frozen_bf16 = FrozenLinearsInBf16(model_wrapped) if cfg.bf16 and cfg.bf16_frozen_weights else contextlib.nullcontext()
-        if isinstance(frozen_bf16, FrozenLinearsInBf16) and frozen_bf16.converted:
+        frozen_bf16 = FrozenLinearsInBf16(model_wrapped) if cfg.bf16 and cfg.bf16_frozen_weights else None
+        if frozen_bf16 is not None and frozen_bf16.converted:
             log(f"{name}: {frozen_bf16.converted} frozen linear layers held in bfloat16 while training (autocast would "
                 f"re-cast {frozen_bf16.bytes_saved_per_step / 2**20:.0f} MiB of float32 weights at every step)")
-        with frozen_bf16:
+        with frozen_bf16 or contextlib.nullcontext():
             m = _run_phase(name, model_wrapped, tok, rows, cfg, lr, steps, work / name, step_offset, log, run, history,
                            extra, distiller, sid_vocab, deadline)
         if budget_cb is not None and budget_cb.stopped and stop_reason == "step budget":

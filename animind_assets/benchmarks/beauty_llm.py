@@ -130,6 +130,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--sid-softmax", action="store_true",
                    help="semantic-ID targets normalised over the ID tokens only (FinetuneConfig.sid_softmax; the "
                         "evaluation's beam search scores them the same way)")
+    p.add_argument("--freeze-base-token-rows", action="store_true",
+                   help="only the new ID-token rows of the tied embedding/head train, the base vocabulary's stay "
+                        "(FinetuneConfig.train_base_token_rows false; with the top blocks trained the new rows are their own "
+                        "parameter: no dense gradient or optimizer state for the ~49k base rows)")
     p.add_argument("--lr-decay-frac", type=float, default=0.0,
                    help="the learning rate falls linearly to 0 over the last fraction of --train-seconds (warmup-stable-decay "
                         "over time; FinetuneConfig.lr_decay_frac; 0 = constant after warm-up)")
@@ -387,7 +391,7 @@ def main(argv=None) -> int:
         warmup_frac=0.02, warm_start=args.warm_start, phase1_new_rows_lr_mult=args.phase1_new_rows_lr_mult,
         phase2_new_rows_lr_mult=args.phase2_new_rows_lr_mult, distill_weight=args.distill_weight,
         distill_temperature=args.distill_temperature, sid_softmax=args.sid_softmax, use_chat_template=not args.no_chat_template,
-        lr_decay_frac=args.lr_decay_frac,
+        lr_decay_frac=args.lr_decay_frac, train_base_token_rows=not args.freeze_base_token_rows,
     )
     if args.model_dir:
         model_dir, m, stop_reason, ws_mode = _saved_folder(args, lookup, log, dcfg)
@@ -429,7 +433,8 @@ def main(argv=None) -> int:
           f"IDs / {args.title_history} word titles; task B form {args.next_id_format}; warm start "
           f"{ws_mode}; new-row lr x{args.phase1_new_rows_lr_mult}/x{args.phase2_new_rows_lr_mult}; lr constant after warm-up"
           f"{f', linear decay to 0 over the last {args.lr_decay_frac:.0%} of the budget' if args.lr_decay_frac else ''}; ID targets normalised over "
-          f"{'the ID tokens only (--sid-softmax)' if args.sid_softmax else 'the full vocabulary'}")
+          f"{'the ID tokens only (--sid-softmax)' if args.sid_softmax else 'the full vocabulary'}; base vocabulary rows "
+          f"{'frozen (--freeze-base-token-rows)' if args.freeze_base_token_rows else 'trained'}")
     result = {"rows": rows, "ratio_r10_masked": ratio, "summary": ev.summary, "finetune_metrics": m, "args": vars(args),
               "load_start": load_start, "load_end": load_end, "protocol": proto, "sids": sid_note, "warm_start": ws_mode}
     (out / "beauty_llm.json").write_text(json.dumps(result, indent=1, default=str), encoding="utf-8")

@@ -26,6 +26,10 @@ Fine-tune variants (each adds one change to the one before):
    bfloat16 at every step (its cast cache keeps only tensors that require grad). Variant 5 holds them in
    bfloat16 while a phase trains (``lib/llm/finetune.FrozenLinearsInBf16``; the same products). Not in the
    default list: run ``--variants 5,7``.
+8. variant 5 with ``train_base_token_rows=False`` (the benchmarks' ``--freeze-base-token-rows``): only the new
+   ID-token rows of the tied embedding/head train, as their own parameter
+   (``lib/llm/new_token_rows.NewTokenRowsOnly``): no (V, d) gradient, clipping or AdamW update of the ~49k base rows
+   at every step. Not the same training (the base rows stay); not in the default list: run ``--variants 5,8``.
 
 Tokens/s counts the tokens of the training examples (prompt + completion, no padding) per second of
 training steps. Beam search: the fine-tuned model of the last variant ranks the top 10 for ``--users``
@@ -58,6 +62,8 @@ VARIANTS = [
      dict(train_layers=2, fast_loss=True, group_by_length=True, bf16=True, gradient_checkpointing=True)),
     ("5 with the frozen blocks re-cast to bf16 by autocast at every step (before 2 Dec 2026, evening)",
      dict(train_layers=2, fast_loss=True, group_by_length=True, bf16=True, bf16_frozen_weights=False)),
+    ("5 with the base vocabulary's rows frozen (train_base_token_rows=False: the new rows are their own parameter)",
+     dict(train_layers=2, fast_loss=True, group_by_length=True, bf16=True, train_base_token_rows=False)),
 ]
 
 
@@ -70,7 +76,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--steps", type=int, default=12, help="training steps per variant")
     ap.add_argument("--batch-size", type=int, default=8)
     ap.add_argument("--beams", type=int, default=20)
-    ap.add_argument("--variants", default="1,2,3,4,5", help="comma list of variant numbers (1-6) to run")
+    ap.add_argument("--variants", default="1,2,3,4,5", help="comma list of variant numbers (1-8) to run")
     ap.add_argument("--profile", action="store_true", help="print a torch.profiler table of 3 training steps of --profile-variant")
     ap.add_argument("--profile-variant", type=int, default=4, choices=range(1, len(VARIANTS) + 1),
                     help="variant profiled with --profile (4 = the benchmarks' float32 setting, 5 = bf16)")

@@ -476,3 +476,75 @@ def test_bf16_fine_tune_with_frozen_blocks_holds_them_in_bf16_only_while_trainin
     assert seen and set(seen) == {torch.bfloat16 if held else torch.float32}
     w = res.model.model.layers[0].mlp.down_proj.weight
     assert w.dtype == torch.float32 and torch.equal(w, base_w)
+
+
+@pytest.mark.parametrize("sid_softmax", [False, True])
+def test_new_token_rows_as_their_own_parameter_train_like_the_masked_gradient(tmp_path, data, monkeypatch, sid_softmax):
+    """``train_base_token_rows=False`` with the top blocks trained: the new rows become their own parameter
+    (``NewTokenRowsOnly``: no dense (V, d) gradient or optimizer state for the base vocabulary). The result equals
+    the masked-gradient form (forced here) after two phases with a new-row learning-rate multiplier; the base rows
+    are bit-identical to the base model's; the returned model has no extra parameter and a trainable tied weight."""
+    from animind_assets.lib.llm import new_token_rows as ntr
+
+    _, _, frame, lookup = data
+
+    def run(tag: str):
+        tok = smollm2_tokenizer()
+        model = tiny_llama(tok)
+        n_base = model.get_input_embeddings().weight.shape[0]
+        w_base = model.get_input_embeddings().weight.detach()[:n_base].clone()
+        seen = []
+        model.model.norm.register_forward_pre_hook(
+            lambda m, _i: seen.append(ntr.split_of(model) is not None) if m.training else None)
+        cfg = tiny_finetune_config(phase1_max_steps=2, phase2_max_steps=2, english_ppl=False, linking_eval_items=0,
+                                   train_layers=1, train_base_token_rows=False, warm_start="mean",
+                                   phase2_new_rows_lr_mult=3.0, sid_softmax=sid_softmax)
+        logs: list[str] = []
+        res = ft.run_finetune(frame, lookup, cfg, tmp_path / tag, base=(model, tok), log=logs.append)
+        emb = res.model.get_input_embeddings()
+        assert ntr.ROWS_ATTR not in dict(emb.named_parameters(recurse=False)) and ntr.split_of(res.model) is None
+        assert emb.weight.requires_grad and res.model.get_output_embeddings().weight is emb.weight
+        assert torch.equal(emb.weight.detach()[:n_base], w_base)
+        return emb.weight.detach()[n_base:].clone(), res.model.model.layers[-1].mlp.up_proj.weight.detach().clone(), seen, logs
+
+    rows, block, seen, logs = run("split")
+    assert seen and all(seen) and any(ntr.ROWS_ATTR in line for line in logs)
+    monkeypatch.setattr(ft, "why_not_applicable", lambda *a, **k: "forced for the test")
+    rows_ref, block_ref, seen_ref, logs_ref = run("masked")
+    assert seen_ref and not any(seen_ref) and any("zeroed gradient" in line for line in logs_ref)
+    torch.testing.assert_close(rows, rows_ref, atol=2e-5, rtol=1e-4)
+    torch.testing.assert_close(block, block_ref, atol=2e-5, rtol=1e-4)
+
+
+def test_head_logits_and_rows_of_a_split_head_differentiate_only_into_the_new_rows():
+    """``head_logits`` / ``head_rows`` with an active ``NewTokenRowsOnly``: the same values as the tied head, a
+    gradient only in the (N, d) parameter, base and new ids mixed; ``row_matrices`` points at the parameter;
+    ``n_base`` outside [1, V) is refused; on exit the weight holds the parameter's last values."""
+    from animind_assets.lib.llm import new_token_rows as ntr
+
+    tok = smollm2_tokenizer()
+    model = tiny_llama(tok)
+    v, d = model.get_input_embeddings().weight.shape
+    n_base = v - 5
+    head = model.get_output_embeddings()
+    hs = torch.randn(3, d)
+    ids = torch.tensor([1, v - 1, n_base, n_base - 1])
+    ref_logits, ref_rows = head(hs).detach(), head.weight[ids].detach()
+    with pytest.raises(ValueError, match="n_base"):
+        ntr.NewTokenRowsOnly(model, v)
+    with ntr.NewTokenRowsOnly(model, n_base) as split:
+        assert not model.get_input_embeddings().weight.requires_grad
+        logits = ntr.head_logits(head, hs)
+        rows = ntr.head_rows(head, ids)
+        torch.testing.assert_close(logits, ref_logits)
+        assert torch.equal(rows, ref_rows)
+        (logits.sum() + rows.sum()).backward()
+        assert split.rows.grad is not None and split.rows.grad.shape == (5, d) and split.rows.grad.abs().sum() > 0
+        (mat, idx), = ntr.row_matrices(model, torch.tensor([0, n_base + 2]))
+        assert mat is split.rows and idx.tolist() == [2]
+        with torch.no_grad():
+            split.rows.add_(1.0)
+        last = split.rows.detach().clone()
+    w = model.get_input_embeddings().weight
+    assert w.requires_grad and torch.equal(w.detach()[n_base:], last) and ntr.split_of(model) is None
+    assert ntr.ROWS_ATTR not in dict(model.get_input_embeddings().named_parameters(recurse=False))

@@ -70,6 +70,7 @@ from animind_assets.lib.llm.base_model import (  # noqa: F401  (public API)
     prune_layers,
     resolve_base,
 )
+from animind_assets.lib.llm.new_token_rows import NewTokenRowsOnly, why_not_applicable
 from animind_assets.lib.llm.warm_start import WarmStartStats, codebooks_from_checkpoint, warm_start_embeddings  # noqa: F401
 from animind_assets.lib.llm.training_data import (  # noqa: F401
     encode_example,
@@ -440,6 +441,7 @@ def run_finetune(
     phase_counts = {}
     hooks: list = []
     model_wrapped = None
+    split_rows = False  # FinetuneConfig.train_base_token_rows false, through NewTokenRowsOnly
     for i, (name, steps, weights, lr) in enumerate(
         [("phase1", cfg.phase1_max_steps, cfg.phase1_weights, cfg.phase1_lr),
          ("phase2", cfg.phase2_max_steps, cfg.phase2_weights, cfg.phase2_lr)]
@@ -461,8 +463,16 @@ def run_finetune(
             continue
         if model_wrapped is None:
             model_wrapped, hooks = _apply_method(model, cfg, method, log)
-            if not cfg.train_base_token_rows:  # zero gradient: exact with Adam and no weight decay
-                hooks += freeze_base_rows(model_wrapped, n_base_rows, log)
+            if not cfg.train_base_token_rows:
+                # the new rows as their own parameter (no dense gradient / optimizer state for the base vocabulary);
+                # else a zeroed gradient (the same updates with weight decay 0)
+                why = "LoRA" if method == "lora" else why_not_applicable(model_wrapped, detached_input=bool(hooks))
+                if why is None and cfg.fast_loss:
+                    split_rows = True
+                else:
+                    log(f"base vocabulary rows frozen by a zeroed gradient ({why or 'fast_loss is off'})")
+                    hooks += freeze_base_rows(model_wrapped, n_base_rows, log)
+        split = NewTokenRowsOnly(model_wrapped, n_base_rows, torch.bfloat16 if cfg.bf16 else None, log) if split_rows else None
         extra = []
         new_mult = cfg.phase1_new_rows_lr_mult if name == "phase1" else cfg.phase2_new_rows_lr_mult
         if new_mult != 1.0:
@@ -480,11 +490,13 @@ def run_finetune(
         if budget_cb is not None and cfg.lr_decay_frac > 0:
             decay_cb = time_decay_lr_callback(deadline, cfg.lr_decay_frac * cfg.max_train_seconds, log)
             extra.append(decay_cb)
+        if split is not None:
+            extra.append(split.callback())  # last: after the new-row learning-rate rescaling
         frozen_bf16 = FrozenLinearsInBf16(model_wrapped) if cfg.bf16 and cfg.bf16_frozen_weights else None
         if frozen_bf16 is not None and frozen_bf16.converted:
             log(f"{name}: {frozen_bf16.converted} frozen linear layers held in bfloat16 while training (autocast would "
                 f"re-cast {frozen_bf16.bytes_saved_per_step / 2**20:.0f} MiB of float32 weights at every step)")
-        with frozen_bf16 or contextlib.nullcontext():
+        with split or contextlib.nullcontext(), frozen_bf16 or contextlib.nullcontext():
             m = _run_phase(name, model_wrapped, tok, rows, cfg, lr, steps, work / name, step_offset, log, run, history,
                            extra, distiller, sid_vocab, deadline)
         if budget_cb is not None and budget_cb.stopped and stop_reason == "step budget":

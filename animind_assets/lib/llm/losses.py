@@ -13,6 +13,7 @@ import torch
 from animind_assets.lib.common.progress import fmt_seconds
 from animind_assets.lib.semantic_ids.tokens import sid_tokens_used as sid_tokens_used
 from animind_assets.lib.llm.finetune_config import LogFn, noop_log
+from animind_assets.lib.llm.new_token_rows import head_logits, head_rows, split_of
 from animind_assets.lib.llm.training_data import tokenize_rows
 
 # ---------------------------------------------------------------------------------------- loss
@@ -52,6 +53,9 @@ def completion_loss(model, input_ids, attention_mask, labels, num_items=None, di
     the loss is summed over positions and divided by ``num_items`` (the trainer's count) or the number of
     positions. Raises ValueError when a distilled position's target is not an ID token of ``sid_vocab``."""
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    split = split_of(base)
+    if split is not None:  # NewTokenRowsOnly: the input embedding reads the tied weight, kept current
+        split.sync()
     backbone = getattr(base, base.base_model_prefix)
     hidden = backbone(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).last_hidden_state
     h = hidden[:, :-1]
@@ -66,15 +70,15 @@ def completion_loss(model, input_ids, attention_mask, labels, num_items=None, di
         denom = denom.to(hs.device)
     distilled = distill is not None and distill_weight > 0 and len(distill.flat_index)
     if sid_vocab is None:
-        groups = [(head(hs).float(), target, torch.arange(n, device=hs.device), None)]
+        groups = [(head_logits(head, hs).float(), target, torch.arange(n, device=hs.device), None)]
     else:
         column = sid_vocab.column.to(hs.device)[target]
         is_sid = column >= 0
-        w = head.weight[sid_vocab.token_ids.to(hs.device)]
+        w = head_rows(head, sid_vocab.token_ids.to(hs.device))
         b = head.bias[sid_vocab.token_ids.to(hs.device)] if getattr(head, "bias", None) is not None else None
         groups = [(torch.nn.functional.linear(hs[is_sid], w, b).float(), column[is_sid], is_sid.nonzero().squeeze(1), sid_vocab)]
         if not bool(is_sid.all()):
-            groups.append((head(hs[~is_sid]).float(), target[~is_sid], (~is_sid).nonzero().squeeze(1), None))
+            groups.append((head_logits(head, hs[~is_sid]).float(), target[~is_sid], (~is_sid).nonzero().squeeze(1), None))
     loss = hs.sum().float() * 0.0  # keeps the graph when a batch has no completion token
     correct = 0
     for logits, tgt, where, vocab in groups:
@@ -133,29 +137,31 @@ def new_rows_lr_callback(model, row_ids: Sequence[int], mult: float, log: LogFn 
     """TrainerCallback giving the embedding (and untied head) rows ``row_ids`` an effective learning
     rate ``mult`` x the phase's: the rows are snapshotted before each optimizer step and their update
     is scaled after it (``w = w0 + mult * (w1 - w0)``; exact for any optimizer, unlike a gradient
-    scale, which Adam normalises away). Returns None when the rows cannot be reached (logged)."""
+    scale, which Adam normalises away). The matrices are looked up at every step (``new_token_rows.row_matrices``:
+    while ``NewTokenRowsOnly`` is active the new rows live in its parameter). Returns None when the rows cannot be
+    reached (logged)."""
     from transformers import TrainerCallback
 
+    from animind_assets.lib.llm.new_token_rows import row_matrices
+
     try:
-        mats = [model.get_input_embeddings().weight]
-        head = model.get_output_embeddings()
-        if head is not None and head.weight.data_ptr() != mats[0].data_ptr():
-            mats.append(head.weight)
+        device = model.get_input_embeddings().weight.device
+        model.get_output_embeddings()
     except AttributeError as exc:
         log(f"new-row learning-rate multiplier skipped: embeddings not reachable ({exc})")
         return None
-    idx = torch.as_tensor(list(row_ids), dtype=torch.long, device=mats[0].device)
+    idx = torch.as_tensor(list(row_ids), dtype=torch.long, device=device)
 
     class _CB(TrainerCallback):
-        before: list[torch.Tensor] = []
+        before: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []
 
         def on_step_begin(self, args, state, control, **kw):
-            self.before = [m.detach()[idx].clone() for m in mats]
+            self.before = [(m, i, m.detach()[i].clone()) for m, i in row_matrices(model, idx)]
 
         def on_step_end(self, args, state, control, **kw):
             with torch.no_grad():
-                for m, b in zip(mats, self.before):
-                    m[idx] = b + mult * (m[idx] - b)
+                for m, i, b in self.before:
+                    m[i] = b + mult * (m[i] - b)
 
     return _CB()
 

@@ -51,7 +51,7 @@ class FinetuneConfig:
     replay_ratio: float = 0.0
     replay_prompts: int = 0  # shipped prompts used (0 = all)
     replay_max_new_tokens: int = 96
-    train_base_token_rows: bool = True  # False: the base vocabulary's rows of the embedding/head get no gradient (only the new ID-token rows learn; keeps English closer to the base model; exact with weight_decay 0)
+    train_base_token_rows: bool = True  # False: the base vocabulary's rows of the embedding/head get no gradient (only the new ID-token rows learn; keeps English closer to the base model; with the top train_layers blocks trained the new rows are their own parameter, lib/llm/new_token_rows.py)
     base_token_rows_lr_mult: float = 1.0  # both phases: learning-rate multiplier of the base vocabulary's rows of the embedding/head (e.g. 0.1: they move slowly; 0 ~ frozen; ignored when train_base_token_rows is false)
     phase1_new_rows_lr_mult: float = 1.0  # phase 1: learning-rate multiplier of the new token rows (SID + special)
     phase2_new_rows_lr_mult: float = 1.0  # phase 2: the same for the recommendation phase (the ID rows are its output classes)

@@ -201,7 +201,11 @@ def test_general_mix_file(tmp_path, data):
 
 
 @pytest.mark.slow
-def test_two_phase_finetune_resume_and_english_ppl(tmp_path, data):
+@pytest.mark.parametrize("train_rows", [True, False])
+def test_two_phase_finetune_resume_and_english_ppl(tmp_path, data, train_rows):
+    """Two phases with checkpoints, metrics to a run, resume from both phases' checkpoints, the saved folder; with
+    ``train_base_token_rows=False`` (``NewTokenRowsOnly``: the new rows are their own parameter in the checkpoints)
+    too, and the saved model has no extra tensor."""
     _, _, frame, lookup = data
     tok = smollm2_tokenizer()
     model = tiny_llama(tok)
@@ -218,7 +222,7 @@ def test_two_phase_finetune_resume_and_english_ppl(tmp_path, data):
             self.metrics.append((step, dict(m)))
 
     run = Run()
-    cfg = tiny_finetune_config(keep_checkpoints=True, train_layers=1)
+    cfg = tiny_finetune_config(keep_checkpoints=True, train_layers=1, train_base_token_rows=train_rows)
     res = ft.run_finetune(frame, lookup, cfg, tmp_path / "work", codebooks=make_codebooks(), log=logs.append, run=run, base=(model, tok))
     m = res.metrics
     assert np.isfinite(m["english_ppl_before"]) and np.isfinite(m["english_ppl_after"]) and m["english_ppl_ratio"] > 0
@@ -237,6 +241,10 @@ def test_two_phase_finetune_resume_and_english_ppl(tmp_path, data):
     out.mkdir()
     files = ft.save_model_folder(res, lookup, out)
     assert {"config.json", "model.safetensors", "tokenizer.json", "sid_lookup.parquet", "animind_llm.json"} <= set(files)
+    from safetensors import safe_open
+
+    with safe_open(str(out / "model.safetensors"), "pt") as f:
+        assert not any("animind" in k for k in f.keys())
 
 
 @pytest.mark.slow

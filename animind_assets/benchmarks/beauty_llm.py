@@ -3,6 +3,7 @@
     python -m animind_assets.benchmarks.beauty_llm                          # CPU: 30-minute fine-tune budget, 500 test users
     python -m animind_assets.benchmarks.beauty_llm --train-seconds 300 --test-users 200   # a short CPU run
     python -m animind_assets.benchmarks.beauty_llm --gpu                    # GPU scale: Beauty, then the MAL LM benchmark
+    python -m animind_assets.benchmarks.beauty_llm --cpu-recipe --test-users 0   # the best CPU recipe (Z1), all test users
 
 What it runs (the library functions the assets ``beauty_llm_prep_dataset`` -> ``beauty_finetuned_model``
 -> ``beauty_llm_eval`` call):
@@ -43,6 +44,13 @@ every block trained, batch 32, bf16); estimated at about 10 minutes on one H100/
 (no GPU was available where this was written). An explicit flag wins over each GPU default; the distillation
 default applies only to a run that trains in the sequence form; ``--gpu --model-dir`` evaluates only (no MAL).
 
+``--cpu-recipe``: the best CPU recipe measured (Z1 in ``docs/beauty.md``, 3.31x popularity's R@10 on 2,000 test
+users): collaborative IDs of a SASRec trained first (``--train-sasrec``, unless ``--sasrec-dir``), the sequence form
+with 20-item rows and 9-token prompts (no system prompt, instruction ``IDs:``, no chat template), 30 phase-1 steps,
+phase-2 mix 0.1/0.8/0.1, lr 2e-3 falling to 0 over the last 25 % of the 30-minute budget, distillation from the
+SASRec at 0.8, the base vocabulary's rows frozen, 2 threads, bf16 autocast where the CPU has AMX-BF16, the search in
+bf16. An explicit flag wins over each of these.
+
 ``--model-dir DIR``: evaluate a saved ``beauty_finetuned_model`` folder (e.g. on more ``--test-users``) without
 fine-tuning; the IDs and the task-B form the flags build must be the folder's.
 """
@@ -66,6 +74,15 @@ def load_avg() -> str:
         return subprocess.run(["uptime"], capture_output=True, text=True, timeout=5).stdout.strip()
     except Exception:  # pragma: no cover - uptime missing
         return "load " + " ".join(f"{x:.2f}" for x in os.getloadavg())
+
+
+# Z1 (docs/beauty.md, 3 Dec 2026): R@10 3.31x popularity on 2,000 test users after a 30-minute fine-tune on 2 CPU threads
+CPU_RECIPE = {
+    "sids": "sasrec", "next_id_format": "sequence", "max_history": 20, "phase1_steps": 30, "phase2_steps": 8000,
+    "phase2_weights": "0.1,0.8,0.1", "lr": 2e-3, "lr_decay_frac": 0.25, "distill_weight": 0.8, "threads": 2,
+    "system_prompt": "", "sequence_instruction": "IDs:", "no_chat_template": True, "freeze_base_token_rows": True,
+    "eval_dtype": "bfloat16", "train_seconds": 1800.0,
+}
 
 
 def _given_flags(parser: argparse.ArgumentParser, argv) -> set[str]:
@@ -158,7 +175,24 @@ def parse_args(argv=None) -> argparse.Namespace:
                         "IDs are checked against the folder's sid_lookup.parquet)")
     p.add_argument("--gpu", action="store_true", help="GPU scale (see the module docstring), then the MAL LM benchmark")
     p.add_argument("--skip-mal", action="store_true", help="with --gpu: Beauty only")
+    p.add_argument("--cpu-recipe", action="store_true",
+                   help="the best CPU recipe measured (Z1, docs/beauty.md; see the module docstring); explicit flags win")
     args = p.parse_args(argv)
+    if args.cpu_recipe:
+        if args.gpu:
+            p.error("--cpu-recipe and --gpu are two recipes: pick one")
+        given = _given_flags(p, argv)
+        for k, v in CPU_RECIPE.items():
+            if k not in given:
+                setattr(args, k, v)
+        if "bf16" not in given:  # bf16 autocast pays only with AMX-BF16 (0.61x float32 with AVX512-BF16 alone)
+            from animind_assets.lib.common.device import cpu_info
+
+            args.bf16 = "AMX-BF16" in cpu_info()["extensions"]
+        if not args.sasrec_dir and not args.model_dir:
+            args.train_sasrec = True
+        if args.model_dir and "distill_weight" not in given:
+            args.distill_weight = 0.0  # evaluation only: nothing is distilled
     if args.gpu:
         given = _given_flags(p, argv)
         gpu_defaults = {"train_seconds": 240.0, "batch_size": 32, "train_layers": 0, "test_users": 2000, "phase1_steps": 200,

@@ -408,6 +408,29 @@ def test_benchmark_gpu_flag_sets_gpu_scale_but_keeps_explicit_values():
             parse_args(bad)
 
 
+def test_benchmark_cpu_recipe_sets_z1s_flags_but_keeps_explicit_values(monkeypatch):
+    """``--cpu-recipe``: Z1's recipe (base rows frozen, distillation 0.8 from a SASRec trained first, 9-token
+    prompts, ...); bf16 follows the CPU's AMX-BF16; explicit flags win; with ``--model-dir`` nothing is trained or
+    distilled; ``--gpu`` with it is refused."""
+    from animind_assets.benchmarks import beauty_llm
+    from animind_assets.lib.common import device
+
+    monkeypatch.setattr(device, "cpu_info", lambda *a, **k: {"model": "x", "cpus": 2, "extensions": ["AMX-BF16"], "missing": []})
+    r = beauty_llm.parse_args(["--cpu-recipe", "--test-users", "0"])
+    assert r.freeze_base_token_rows and r.train_sasrec and r.bf16 and r.no_chat_template and r.test_users == 0
+    assert (r.sids, r.next_id_format, r.distill_weight, r.lr, r.lr_decay_frac, r.threads) == ("sasrec", "sequence", 0.8, 2e-3, 0.25, 2)
+    assert (r.system_prompt, r.sequence_instruction, r.max_history, r.eval_dtype) == ("", "IDs:", 20, "bfloat16")
+    assert not beauty_llm.parse_args([]).freeze_base_token_rows  # the plain default is unchanged
+    mine = beauty_llm.parse_args(["--cpu-recipe", "--lr", "1e-3", "--sasrec-dir", "/s", "--threads", "1"])
+    assert mine.lr == 1e-3 and mine.threads == 1 and not mine.train_sasrec and mine.lr_decay_frac == 0.25
+    monkeypatch.setattr(device, "cpu_info", lambda *a, **k: {"model": "x", "cpus": 2, "extensions": [], "missing": ["AMX-BF16"]})
+    assert not beauty_llm.parse_args(["--cpu-recipe"]).bf16
+    only = beauty_llm.parse_args(["--cpu-recipe", "--model-dir", "/some/folder", "--sasrec-dir", "/s"])
+    assert only.distill_weight == 0 and not only.train_sasrec
+    with pytest.raises(SystemExit):
+        beauty_llm.parse_args(["--cpu-recipe", "--gpu"])
+
+
 def test_a_trie_without_end_token_refuses_prefix_ids():
     """Without EOS a decoded path ends at the first complete ID, so an ID that is a prefix of another would hide
     the longer one: refused in either order of insertion; with an end token both stay reachable."""

@@ -13,7 +13,7 @@ import torch
 from animind_assets.lib.common.progress import fmt_seconds
 from animind_assets.lib.semantic_ids.tokens import sid_tokens_used as sid_tokens_used
 from animind_assets.lib.llm.finetune_config import LogFn, noop_log
-from animind_assets.lib.llm.new_token_rows import head_logits, head_rows, split_of
+from animind_assets.lib.llm.new_token_rows import head_logits, head_rows
 from animind_assets.lib.llm.training_data import tokenize_rows
 
 # ---------------------------------------------------------------------------------------- loss
@@ -53,9 +53,6 @@ def completion_loss(model, input_ids, attention_mask, labels, num_items=None, di
     the loss is summed over positions and divided by ``num_items`` (the trainer's count) or the number of
     positions. Raises ValueError when a distilled position's target is not an ID token of ``sid_vocab``."""
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
-    split = split_of(base)
-    if split is not None:  # NewTokenRowsOnly: the input embedding reads the tied weight, kept current
-        split.sync()
     backbone = getattr(base, base.base_model_prefix)
     hidden = backbone(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).last_hidden_state
     h = hidden[:, :-1]

@@ -56,7 +56,7 @@ class NewTokenRowsOnly:
       the base rows. ``base_dtype`` (e.g. ``torch.bfloat16`` under bf16 autocast) keeps a cast copy of the frozen rows
       for those products, cast once per phase instead of by autocast at every step.
     * The input embedding keeps reading the tied weight; :meth:`sync` copies the parameter into its rows. It runs
-      before every loss (``completion_loss``), after every optimizer step (:meth:`callback`, listed after any callback
+      after every optimizer step (:meth:`callback`, listed after any callback
       that rescales the rows' update) and on exit, so the weight the Trainer checkpoints and the caller saves is
       current. Only valid when the embedding's output is detached (see :func:`why_not_applicable`).
 

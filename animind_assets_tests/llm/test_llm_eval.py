@@ -48,6 +48,39 @@ def test_cached_beam_search_matches_hf_generate(tiny):
         assert all(abs(s - t) < 1e-3 for (_, s), (_, t) in zip(x, y))
 
 
+def test_beam_search_passes_the_kv_cache_by_the_models_own_keyword(tiny):
+    """transformers 5.x renamed ``past_key_values`` to ``cache`` (the old name is removed in 5.40): the search reads the
+    keyword off the model's forward (a PEFT wrapper unwrapped), so no deprecation warning and no silently dropped cache."""
+    import inspect
+    import warnings
+
+    from animind_assets.lib.llm.infer import cache_keyword
+
+    class Old:
+        def forward(self, input_ids=None, past_key_values=None, **kwargs): ...
+
+    class New:
+        def forward(self, input_ids=None, cache=None, **kwargs): ...
+
+    class Peft:
+        def __init__(self, base):
+            self.base = base
+
+        def get_base_model(self):
+            return self.base
+
+    assert [cache_keyword(m) for m in (Old(), New(), Peft(Old()), Peft(New()))] == ["past_key_values", "cache"] * 2
+    sm, frame, _ = tiny
+    installed = inspect.signature(type(sm.model).forward).parameters
+    assert cache_keyword(sm.model) == ("cache" if "cache" in installed else "past_key_values")
+    prompts = frame.filter(pl.col("is_heldout"))["prompt"].to_list()[:2]
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        out = rank_items(sm, prompts, k=4, num_beams=4, engine="cached")
+    assert out.valid_sequences == out.sequences > 0
+    assert not [w for w in caught if "past_key_values" in str(w.message)]
+
+
 def test_trie_rejects_invalid_prefixes(tiny):
     sm, _, _ = tiny
     trie = sm.trie()

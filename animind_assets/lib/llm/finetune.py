@@ -229,6 +229,16 @@ def _module_name(model, module) -> str | None:
     return None
 
 
+def checkpointing_keyword(args_class) -> str:
+    """The ``TrainingArguments`` field that turns activation recomputation on: ``activation_checkpointing`` where
+    transformers has renamed it (5.x; ``gradient_checkpointing`` is a deprecated alias removed in v6), else
+    ``gradient_checkpointing``. ``args_class``: TRL's ``SFTConfig`` or any ``TrainingArguments`` dataclass."""
+    import dataclasses
+
+    names = {f.name for f in dataclasses.fields(args_class)}
+    return "activation_checkpointing" if "activation_checkpointing" in names else "gradient_checkpointing"
+
+
 def _run_phase(
     phase: str, model, tokenizer, rows: list[dict], cfg: FinetuneConfig, lr: float, max_steps: int,
     out_dir: Path, step_offset: int, log: LogFn, run, history: list, extra_callbacks: Sequence = (), distiller=None,
@@ -268,7 +278,8 @@ def _run_phase(
         dataloader_num_workers=0,
         use_cpu=not use_cuda,
         bf16=cfg.bf16,
-        gradient_checkpointing=cfg.gradient_checkpointing,  # explicit: TRL's SFTConfig defaults to True
+        # explicit (TRL's SFTConfig defaulted to True), by the installed name (transformers 5.x: activation_checkpointing)
+        **{checkpointing_keyword(SFTConfig): cfg.gradient_checkpointing},
         disable_tqdm=True,
         remove_unused_columns=True,
         train_sampling_strategy="group_by_length" if cfg.group_by_length else "random",

@@ -9,6 +9,7 @@ This module never imports Dagster.
 
 from __future__ import annotations
 
+import inspect
 import numbers
 import os
 from collections.abc import Iterable, Sequence
@@ -168,6 +169,27 @@ def trie_beam_search(sm: SidModel, prompt_text: str, trie: SidTrie, num_beams: i
     return trie_beam_search_batch(sm, [prompt_text], [trie], num_beams)[0]
 
 
+def cache_keyword(model) -> str:
+    """The keyword ``model.forward`` takes the KV cache by: ``"cache"`` where transformers has renamed it (5.x,
+    where ``past_key_values`` is deprecated and goes away in 5.40), else ``"past_key_values"``.
+
+    Read from the signature of the underlying transformers model's ``forward`` (a PEFT wrapper is unwrapped):
+    passing the new name to an older model would be swallowed by its ``**kwargs`` and the cache silently ignored.
+    """
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    try:
+        params = inspect.signature(type(base).forward).parameters
+    except (TypeError, ValueError):  # pragma: no cover - a forward without a readable signature
+        return "past_key_values"
+    return "cache" if "cache" in params else "past_key_values"
+
+
+def output_cache(out):
+    """The KV cache of a forward output: ``out.cache`` (transformers 5.x) or ``out.past_key_values`` (older)."""
+    cache = getattr(out, "cache", None)
+    return cache if cache is not None else out.past_key_values
+
+
 @torch.no_grad()
 def trie_beam_search_batch(sm: SidModel, prompt_texts: Sequence[str], tries: Sequence[SidTrie],
                            num_beams: int | Sequence[int]) -> list[list[tuple[tuple[int, ...], float]]]:
@@ -206,7 +228,8 @@ def trie_beam_search_batch(sm: SidModel, prompt_texts: Sequence[str], tries: Seq
         out = model(input_ids=inp, attention_mask=att, position_ids=pos, use_cache=True, logits_to_keep=1)
     except TypeError:  # models without logits_to_keep
         out = model(input_ids=inp, attention_mask=att, position_ids=pos, use_cache=True)
-    cache = out.past_key_values
+    cache_kw = cache_keyword(model)
+    cache = output_cache(out)
     logp = step_log_probs(sm, out.logits[:, -1]).cpu()
     # live rows of the batch: (prompt, tokens, score); row r of logp belongs to rows[r]
     rows: list[tuple[int, tuple[int, ...], float]] = [(i, (), 0.0) for i in range(n)]
@@ -245,8 +268,8 @@ def trie_beam_search_batch(sm: SidModel, prompt_texts: Sequence[str], tries: Seq
         step += 1
         inp = torch.tensor([[toks[-1]] for _, toks, _ in rows], device=dev)
         pos = torch.tensor([[lens[i] + step - 1] for i, _, _ in rows], device=dev)
-        out = model(input_ids=inp, attention_mask=att, position_ids=pos, past_key_values=cache, use_cache=True)
-        cache = out.past_key_values
+        out = model(input_ids=inp, attention_mask=att, position_ids=pos, use_cache=True, **{cache_kw: cache})
+        cache = output_cache(out)
         logp = step_log_probs(sm, out.logits[:, -1]).cpu()
     res = []
     for i in range(n):

@@ -18,7 +18,8 @@
    (``FutureWarning``, ``DeprecationWarning``, ``UserWarning`` ... raised while the run executes). The
    warnings are not lost: they are counted, written to a file, and the summary line says how many and
    where (``--verbose`` prints them as they come). ERROR-level log records and exceptions are never
-   hidden: a failing step still prints its error line.
+   hidden: a failing step still prints its error line. The LM benchmark commands use the same through
+   ``quiet_command`` (warnings file ``<out>/library-warnings.txt``, ``--verbose`` to print).
 """
 
 from __future__ import annotations
@@ -180,3 +181,32 @@ class LibraryChatter:
 
     def __exit__(self, *exc) -> None:
         self.stop()
+
+
+@contextlib.contextmanager
+def quiet_command(verbose: bool, warnings_file: Path) -> Iterator[LibraryChatter]:
+    """``LibraryChatter`` around a benchmark command (``python -m animind_assets.benchmarks.beauty_llm``, ...), as
+    ``animind demo`` does: the command's own progress and result lines print; the libraries' progress bars
+    ("Loading weights"), INFO/WARNING log lines and Python warnings are held back. On exit the held warnings are
+    written to ``warnings_file`` and one line names it and their count. ``verbose=True`` changes nothing.
+    Nested use (a command calling another command's ``main``) is safe: the inner block leaves the outer one active.
+    """
+    chatter = LibraryChatter(verbose=verbose)
+    outer = _ACTIVE[-1] if _ACTIVE else None
+    if outer is not None and not verbose:
+        yield outer
+        return
+    chatter.start()
+    _ACTIVE.append(chatter)
+    try:
+        yield chatter
+    finally:
+        _ACTIVE.remove(chatter)
+        chatter.stop()
+        path = chatter.write(warnings_file)
+        if path is not None:
+            print(f"{len(chatter.hidden)} library warning(s) held back: {path} (--verbose prints them as they come)",
+                  flush=True)
+
+
+_ACTIVE: list[LibraryChatter] = []

@@ -175,6 +175,9 @@ def parse_args(argv=None) -> argparse.Namespace:
                         "IDs are checked against the folder's sid_lookup.parquet)")
     p.add_argument("--gpu", action="store_true", help="GPU scale (see the module docstring), then the MAL LM benchmark")
     p.add_argument("--skip-mal", action="store_true", help="with --gpu: Beauty only")
+    p.add_argument("--verbose", action="store_true",
+                   help="also print the libraries' progress bars, log lines and warnings (held back by default and "
+                        "written to <out>/library-warnings.txt)")
     p.add_argument("--cpu-recipe", action="store_true",
                    help="the best CPU recipe measured (Z1, docs/beauty.md; see the module docstring); explicit flags win")
     args = p.parse_args(argv)
@@ -359,6 +362,13 @@ def _saved_folder(args, lookup, log, dcfg: SeqLlmDataConfig | None = None):
 
 def main(argv=None) -> int:
     args = parse_args(argv)
+    from animind_assets.quiet import quiet_command
+
+    with quiet_command(args.verbose, Path(args.out) / "library-warnings.txt"):
+        return _run(args)
+
+
+def _run(args: argparse.Namespace) -> int:
     from animind_assets.lib.data.amazon import beauty_dir
 
     folder = Path(args.data) if args.data else beauty_dir()
@@ -479,7 +489,7 @@ def main(argv=None) -> int:
         finetune_mal.main(["--out", str(out / "mal"), "--sids", "collab", "--next-id-format", "sequence",
                            "--sequence-window", "24", "--phase1-steps", "150", "--phase2-steps", "1200",
                            "--batch-size", "32", "--train-layers", "0", "--eval-users", "0", "--threads", "8", "--bf16",
-                           "--linking-items", "30"])
+                           "--linking-items", "30", *(["--verbose"] if args.verbose else [])])
     return 0
 
 

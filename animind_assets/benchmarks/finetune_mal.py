@@ -226,6 +226,9 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--eval-users", type=int, default=0, help="test users evaluated (0 = all)")
     ap.add_argument("--num-beams", type=int, default=10)
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--verbose", action="store_true",
+                    help="also print the libraries' progress bars, log lines and warnings (held back by default and "
+                         "written to <out>/library-warnings.txt)")
     ap.add_argument("--bf16", action="store_true",
                     help="bf16 autocast during training (fast on CPUs with AMX-BF16 and on GPUs; 0.61x float32 measured with AVX512-BF16 alone)")
     ap.add_argument("--seed", type=int, default=None, help="seed of the dataset (user split, sampling) and the fine-tune "
@@ -278,6 +281,13 @@ def main(argv: list[str] | None = None) -> int:
     if args.lr_decay_frac and args.train_seconds <= 0:
         ap.error("--lr-decay-frac decays over the wall-clock budget: add --train-seconds")
 
+    from animind_assets.quiet import quiet_command
+
+    with quiet_command(args.verbose, Path(args.out) / "library-warnings.txt"):
+        return _run(args)
+
+
+def _run(args: argparse.Namespace) -> int:
     db = shared_data() / "mal2020" / "anilist.sqlite"
     if not db.exists():
         print(f"../shared/data/mal2020/anilist.sqlite not found: {db}")

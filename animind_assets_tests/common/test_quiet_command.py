@@ -1,0 +1,42 @@
+"""``quiet_command``: benchmark commands hold the libraries' chatter back, as ``animind demo`` does."""
+
+from __future__ import annotations
+
+import logging
+import warnings
+
+import pytest
+
+from animind_assets.quiet import quiet_command
+
+
+def test_library_warnings_and_logs_are_held_back_and_written(tmp_path, capsys):
+    target = tmp_path / "out" / "library-warnings.txt"
+    with quiet_command(False, target):
+        print("result line")
+        warnings.warn("`past_key_values` is deprecated", FutureWarning, stacklevel=1)
+        logging.getLogger("transformers").warning("chatter from transformers")
+        with quiet_command(False, tmp_path / "inner.txt"):  # a command calling another command's main
+            warnings.warn("inner warning", UserWarning, stacklevel=1)
+    out, err = capsys.readouterr()
+    assert "result line" in out
+    assert "deprecated" not in err and "chatter from transformers" not in err and "inner warning" not in err
+    assert "2 library warning(s) held back" in out and str(target) in out
+    text = target.read_text(encoding="utf-8")
+    assert "past_key_values" in text and "inner warning" in text
+    assert not (tmp_path / "inner.txt").exists()  # the outer block owns the file
+    assert logging.getLogger("transformers").level == logging.NOTSET  # restored on exit
+
+
+def test_verbose_leaves_warnings_alone_and_writes_nothing(tmp_path):
+    target = tmp_path / "library-warnings.txt"
+    with pytest.warns(FutureWarning, match="shown as it comes"), quiet_command(True, target):
+        warnings.warn("shown as it comes", FutureWarning, stacklevel=1)
+    assert not target.exists()
+
+
+def test_no_warnings_no_file_no_line(tmp_path, capsys):
+    target = tmp_path / "library-warnings.txt"
+    with quiet_command(False, target):
+        print("only this")
+    assert capsys.readouterr().out.strip() == "only this" and not target.exists()

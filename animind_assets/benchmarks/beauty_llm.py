@@ -61,6 +61,7 @@ import argparse
 import json
 import os
 import subprocess
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -181,10 +182,20 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--cpu-recipe", action="store_true",
                    help="the best CPU recipe measured (Z1, docs/beauty.md; see the module docstring); explicit flags win")
     args = p.parse_args(argv)
+    if args.beams < 10:
+        p.error(f"--beams {args.beams}: Recall@10 / NDCG@10 read the top 10 of the beams, so at least 10")
+    if args.test_users < 0 or args.threads < 1:
+        p.error("--test-users must be >= 0 (0 = all test users) and --threads >= 1")
     if args.cpu_recipe:
         if args.gpu:
             p.error("--cpu-recipe and --gpu are two recipes: pick one")
         given = _given_flags(p, argv)
+        if args.next_id_format == "question" and "next_id_format" in given:
+            p.error("--cpu-recipe is a sequence-form recipe (its prompts, distillation and rows): drop "
+                    "--next-id-format question, or use the plain flags without --cpu-recipe")
+        if args.data and not args.sasrec_dir and not args.model_dir:
+            p.error("--cpu-recipe with --data: its IDs and teacher come from a SASRec trained on that split; train one "
+                    "(benchmarks.beauty --data ...) and pass --sasrec-dir")
         for k, v in CPU_RECIPE.items():
             if k not in given:
                 setattr(args, k, v)
@@ -230,6 +241,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     if args.train_sasrec and args.data:
         p.error("--train-sasrec trains on ../shared/data/beauty (benchmarks.beauty); with --data, train the SASRec on that "
                 "split yourself and pass --sasrec-dir")
+    if args.sids == "sasrec" and not args.sasrec_dir and not args.train_sasrec:
+        recipe = " (set by --cpu-recipe)" if args.cpu_recipe else " (set by --gpu)" if args.gpu else ""
+        p.error(f"--sids sasrec{recipe} builds the IDs from a SASRec's item embeddings: pass --sasrec-dir (with "
+                "--model-dir: the SASRec that run used, e.g. <its out>/sasrec/sasrec_model)")
     return args
 
 
@@ -373,8 +388,9 @@ def _run(args: argparse.Namespace) -> int:
 
     folder = Path(args.data) if args.data else beauty_dir()
     if not (folder / "inter.json").exists():
-        print(f"prepared Beauty split not found: {folder} (see ../shared/data/beauty/README.md)")
-        return 0
+        print(f"prepared Beauty split not found: {folder / 'inter.json'} (see ../shared/data/beauty/README.md; "
+              "--data or $ANIMIND_SHARED_DATA point elsewhere): nothing measured", file=sys.stderr)
+        return 2
     import polars as pl
     import torch
 

@@ -280,6 +280,10 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     if args.lr_decay_frac and args.train_seconds <= 0:
         ap.error("--lr-decay-frac decays over the wall-clock budget: add --train-seconds")
+    if args.eval_users < 0 or args.threads < 1:
+        ap.error("--eval-users must be >= 0 (0 = all test users) and --threads >= 1")
+    if args.num_beams < 10:
+        ap.error(f"--num-beams {args.num_beams}: Hit@10 / NDCG@10 read the top 10 of the beams, so at least 10")
 
     from animind_assets.quiet import quiet_command
 
@@ -290,8 +294,9 @@ def main(argv: list[str] | None = None) -> int:
 def _run(args: argparse.Namespace) -> int:
     db = shared_data() / "mal2020" / "anilist.sqlite"
     if not db.exists():
-        print(f"../shared/data/mal2020/anilist.sqlite not found: {db}")
-        return 0
+        print(f"../shared/data/mal2020/anilist.sqlite not found: {db} ($ANIMIND_SHARED_DATA points elsewhere?): "
+              "nothing measured", file=sys.stderr)
+        return 2
     import torch
 
     torch.set_num_threads(args.threads)

@@ -431,6 +431,38 @@ def test_benchmark_cpu_recipe_sets_z1s_flags_but_keeps_explicit_values(monkeypat
         beauty_llm.parse_args(["--cpu-recipe", "--gpu"])
 
 
+@pytest.mark.parametrize("argv,says", [
+    (["--beams", "5"], "at least 10"),
+    (["--test-users", "-1"], "--test-users must be >= 0"),
+    (["--cpu-recipe", "--model-dir", "/f"], "set by --cpu-recipe"),  # the recipe's IDs need the SASRec that made them
+    (["--gpu", "--model-dir", "/f"], "set by --gpu"),
+    (["--sids", "sasrec"], "pass --sasrec-dir"),
+    (["--cpu-recipe", "--next-id-format", "question", "--sasrec-dir", "/s"], "sequence-form recipe"),
+    (["--cpu-recipe", "--data", "/my/split"], "--cpu-recipe with --data"),
+])
+def test_benchmark_refuses_flag_combinations_before_any_work(argv, says, capsys):
+    """Combinations that could only fail after the dataset build or the whole fine-tune (the top-10 metrics with
+    fewer beams, recipe IDs without their SASRec, ...) stop at parsing with one line naming the flag to pass."""
+    from animind_assets.benchmarks import beauty_llm
+
+    with pytest.raises(SystemExit) as exc:
+        beauty_llm.parse_args(argv)
+    assert exc.value.code == 2 and says in capsys.readouterr().err
+
+
+def test_benchmarks_without_their_data_measure_nothing_and_exit_non_zero(tmp_path, monkeypatch, capsys):
+    from animind_assets.benchmarks import beauty_llm, finetune_mal
+
+    assert beauty_llm.main(["--data", str(tmp_path / "none"), "--out", str(tmp_path / "o")]) == 2
+    assert "prepared Beauty split not found" in capsys.readouterr().err
+    monkeypatch.setenv("ANIMIND_SHARED_DATA", str(tmp_path / "none"))
+    assert finetune_mal.main(["--out", str(tmp_path / "m")]) == 2
+    assert "anilist.sqlite not found" in capsys.readouterr().err
+    for bad in (["--num-beams", "5"], ["--eval-users", "-1"], ["--threads", "0"]):
+        with pytest.raises(SystemExit):
+            finetune_mal.main(bad)
+
+
 def test_a_trie_without_end_token_refuses_prefix_ids():
     """Without EOS a decoded path ends at the first complete ID, so an ID that is a prefix of another would hide
     the longer one: refused in either order of insertion; with an end token both stay reachable."""

@@ -368,3 +368,27 @@ def test_sequence_window_sets_items_per_training_row_and_leaves_heldout_rows_alo
         LlmDataConfig(sequence_window=5).validate()
     with pytest.raises(ValueError, match="sequence_window"):
         LlmDataConfig(next_id_format="sequence", sequence_window=1).validate()
+
+
+def test_model_lookup_held_out_labels_name_nothing():
+    """``model_lookup(scope='dataset')``: the model (and so the evaluation's trie) can name the anime of training
+    targets/completions and of every row's history; an anime that appears only as a held-out label stays out (else
+    it would be a candidate only because it is the answer, a candidate set no baseline gets)."""
+    from animind_assets.lib.llm.data import model_lookup
+
+    prep = pl.DataFrame({"anime_id": [1, 2, 3, 4, 5], "name": ["a", "b", "c", "d", "e"]})
+    sids = pl.DataFrame({"anime_id": [1, 2, 3, 4, 5], "semantic_id": [f"<L1_{i}><L2_0>" for i in range(1, 6)]})
+    ds = pl.DataFrame({
+        "target_anime_id": [1, 4, 5],
+        "history_anime_ids": [[2], [3], [2]],
+        "prompt": ["<L1_2><L2_0>", "<L1_3><L2_0>", "<L1_2><L2_0>"],
+        "completion": ["<L1_1><L2_0>", "<L1_4><L2_0>", "<L1_5><L2_0>"],
+        "is_heldout": [False, True, True],
+    })
+    # 1: training target; 2, 3: histories (3 only in a held-out user's history: input, so nameable);
+    # 4, 5: held-out labels only
+    assert model_lookup(prep, sids, ds, "dataset")["anime_id"].to_list() == [1, 2, 3]
+    assert model_lookup(prep, sids, ds.with_columns(pl.lit(False).alias("is_heldout")), "dataset")["anime_id"].to_list() == [1, 2, 3, 4, 5]
+    assert model_lookup(prep, sids, ds, "all").height == 5
+    with pytest.raises(ValueError, match="lookup_scope"):
+        model_lookup(prep, sids, ds, "train")

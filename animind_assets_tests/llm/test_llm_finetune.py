@@ -418,6 +418,17 @@ def test_bf16_autocast_trains_on_cpu_and_saves_float32(tmp_path, data):
     w = res.model.get_input_embeddings().weight
     assert w.dtype == torch.float32 and torch.isfinite(w).all()
     assert res.metrics["phase2_steps_done"] == 2 and w.shape[0] > n_base
+    # after training the model computes in float32 again in this process (Accelerate's autocast wrapper removed):
+    # the English perplexity, linking and an in-process evaluation see what the saved folder reloaded computes
+    assert "_original_forward" not in vars(res.model)
+    seen.clear()
+    res.model.train()
+    ids = torch.tensor([tok("hello world").input_ids])
+    with torch.no_grad():
+        got = res.model(input_ids=ids).logits
+        plain = type(res.model).forward(res.model, input_ids=ids).logits
+    res.model.eval()
+    assert seen == [torch.float32, torch.float32] and torch.equal(got, plain)
 
 
 @pytest.mark.parametrize("checkpointing", [False, True])
@@ -433,9 +444,10 @@ def test_gradient_checkpointing_only_when_asked(tmp_path, data, checkpointing):
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         res = ft.run_finetune(frame, lookup, cfg, tmp_path / "gc", base=(model, tok))
-    assert res.model.is_gradient_checkpointing is checkpointing
+    flag = "is_activation_checkpointing" if hasattr(type(res.model), "is_activation_checkpointing") else "is_gradient_checkpointing"
+    assert getattr(res.model, flag) is checkpointing
     # passed by the installed name (transformers 5.x renamed it activation_checkpointing; the alias goes in v6)
-    assert not [w for w in caught if "`gradient_checkpointing` is deprecated" in str(w.message)]
+    assert not [w for w in caught if "gradient_checkpointing` is deprecated" in str(w.message)]
 
     class Old:  # a TrainingArguments without the new field
         gradient_checkpointing: bool = False
@@ -568,3 +580,30 @@ def test_head_logits_and_rows_of_a_split_head_differentiate_only_into_the_new_ro
     w = model.get_input_embeddings().weight
     assert w.requires_grad and torch.equal(w.detach()[n_base:], last) and ntr.split_of(model) is None
     assert ntr.ROWS_ATTR not in dict(model.get_input_embeddings().named_parameters(recurse=False))
+
+
+def test_time_budget_counts_training_not_the_evaluation_between_phases(tmp_path, data, monkeypatch):
+    """``max_train_seconds`` is training time: the validation loss / linking accuracy after phase 1 (here made to take
+    12 s, more than the whole 10 s budget) move the deadline on, so phase 2 still trains its steps; before, the
+    evaluation ate the budget and phase 2 stopped at its first step."""
+    import time as _time
+
+    _, _, frame, lookup = data
+    tok = smollm2_tokenizer()
+    model = tiny_llama(tok)
+    real = ft.validation_loss
+    calls = []
+
+    def slow_validation_loss(*a, **k):
+        calls.append(1)
+        if len(calls) == 1:
+            _time.sleep(12.0)
+        return real(*a, **k)
+
+    monkeypatch.setattr(ft, "validation_loss", slow_validation_loss)
+    cfg = tiny_finetune_config(phase1_max_steps=1, phase2_max_steps=3, english_ppl=False, warm_start="mean",
+                               linking_eval_items=0, max_train_seconds=10.0)
+    res = ft.run_finetune(frame, lookup, cfg, tmp_path / "budget", base=(model, tok))
+    assert res.metrics["phase1_eval_seconds"] >= 12.0
+    assert res.metrics["phase2_steps_done"] == 3 and res.info["stop_reason"] == "step budget"
+

@@ -20,10 +20,10 @@ import polars as pl
 from pydantic import Field
 
 from animind_assets.gpu import GPU_OP_TAGS, GPU_POOL
-from animind_assets.lib.llm.data import sid_lookup_frame
+from animind_assets.lib.llm.data import model_lookup
 from animind_assets.lib.llm.finetune import FinetuneConfig
 from animind_assets.meta import lines_plot, markdown_table, scalar_metadata
-from animind_assets.lib.semantic_ids.tokens import SID_PATTERN, SPECIAL_TOKENS
+from animind_assets.lib.semantic_ids.tokens import SPECIAL_TOKENS
 from animind_assets.resources import ArtifactStoreResource, MlflowResource
 
 from animind_assets.defs.llm.shared import (
@@ -45,20 +45,6 @@ FinetunedModelConfig = derive_config(
     },
     descriptions=FINETUNE_DESCRIPTIONS,
 )
-
-
-def model_lookup(anime_prep: pl.DataFrame, semantic_ids: pl.DataFrame, dataset: pl.DataFrame | None, scope: str = "dataset") -> pl.DataFrame:
-    """The anime the model can name: every anime with an ID, or those used by the dataset rows."""
-    lookup = sid_lookup_frame(anime_prep, semantic_ids)
-    if scope == "all" or dataset is None:
-        return lookup
-    if scope != "dataset":
-        raise ValueError(f"lookup_scope must be 'dataset' or 'all', got {scope!r}")
-    used = set(dataset["target_anime_id"].drop_nulls().to_list())
-    used |= set(dataset["history_anime_ids"].explode().drop_nulls().to_list())
-    sids = set(dataset["completion"].str.extract_all(SID_PATTERN).explode().drop_nulls().to_list())
-    sids |= set(dataset["prompt"].str.extract_all(SID_PATTERN).explode().drop_nulls().to_list())
-    return lookup.filter(pl.col("anime_id").is_in(list(used)) | pl.col("semantic_id").is_in(list(sids)))
 
 
 def _device() -> str:

@@ -62,7 +62,7 @@ from animind_assets.lib.llm.model_folder import (
     watch_item,
 )
 from animind_assets.lib.common.progress import Progress
-from animind_assets.lib.semantic_ids.tokens import DISLIKED, DROPPED, LIKED, WATCH
+from animind_assets.lib.semantic_ids.tokens import DISLIKED, DROPPED, LIKED, SID_PATTERN, WATCH
 from animind_assets.lib.semantic_ids.tokens import SPECIAL_TOKENS as _SPECIAL_TOKENS
 from animind_assets.lib.llm.dataset_schema import OUTPUT_SCHEMA, SPLITS, TASKS  # noqa: F401  (public API)
 from animind_assets.lib.llm.dataset_report import (  # noqa: F401  (public API)
@@ -242,6 +242,27 @@ def sid_lookup_frame(anime_prep: pl.DataFrame, semantic_ids: pl.DataFrame) -> pl
     sid_cols = ["anime_id", "semantic_id"] + (["codes"] if "codes" in semantic_ids.columns else [])
     drop = [c for c in prep.columns if c in sid_cols and c != "anime_id"]
     return semantic_ids.select(sid_cols).join(prep.drop(drop), on="anime_id", how="inner").sort("anime_id")
+
+
+def model_lookup(anime_prep: pl.DataFrame, semantic_ids: pl.DataFrame, dataset: pl.DataFrame | None, scope: str = "dataset") -> pl.DataFrame:
+    """The anime the model can name (its lookup, so the evaluation's trie): every anime with an ID (``scope='all'``)
+    or those the dataset shows it (``'dataset'``): the targets and completions of the training rows, and the items
+    of every row's prompt/history (a held-out user's history is input the model is given).
+
+    The targets of the held-out rows (``is_heldout``: validation/test labels) add nothing: an anime that only
+    appears as a held-out label would otherwise become nameable because it is the answer, a candidate set no
+    baseline gets. ValueError for another ``scope``."""
+    lookup = sid_lookup_frame(anime_prep, semantic_ids)
+    if scope == "all" or dataset is None:
+        return lookup
+    if scope != "dataset":
+        raise ValueError(f"lookup_scope must be 'dataset' or 'all', got {scope!r}")
+    train = dataset.filter(~pl.col("is_heldout")) if "is_heldout" in dataset.columns else dataset
+    used = set(train["target_anime_id"].drop_nulls().to_list())
+    used |= set(dataset["history_anime_ids"].explode().drop_nulls().to_list())
+    sids = set(train["completion"].str.extract_all(SID_PATTERN).explode().drop_nulls().to_list())
+    sids |= set(dataset["prompt"].str.extract_all(SID_PATTERN).explode().drop_nulls().to_list())
+    return lookup.filter(pl.col("anime_id").is_in(list(used)) | pl.col("semantic_id").is_in(list(sids)))
 
 
 def _order_interactions(inter: pl.DataFrame, temporal: bool) -> pl.DataFrame:

@@ -308,7 +308,14 @@ def _run_phase(
         if ckpts:
             resume = str(ckpts[-1])
             log(f"{phase}: resuming from {resume}")
-    out = trainer.train(resume_from_checkpoint=resume)
+    try:
+        out = trainer.train(resume_from_checkpoint=resume)
+    finally:
+        # Accelerate wraps ``model.forward`` in bf16 autocast (+ float32 outputs) for mixed precision and leaves the
+        # wrapper on the model: restore the plain forward, so what runs next in this process (the next phase, the
+        # validation loss, linking, English perplexity, an in-process evaluation) computes in the weights' dtype,
+        # as the saved folder reloaded does.
+        trainer.accelerator.unwrap_model(trainer.model, keep_fp32_wrapper=False)
     secs = time.perf_counter() - t0
     steps_done = int(trainer.state.global_step)
     m = dict(out.metrics)
@@ -493,6 +500,7 @@ def run_finetune(
             cb = new_rows_lr_callback(model_wrapped, range(0, n_base_rows), cfg.base_token_rows_lr_mult, log)
             extra += [cb] if cb is not None else []
         if cfg.max_train_seconds > 0 and deadline is None:  # the budget counts training time, from the first step
+            # (each phase's validation loss / linking accuracy afterwards extends it: see below)
             deadline = time.perf_counter() + cfg.max_train_seconds
         budget_cb = time_budget_callback(deadline, name, log) if deadline is not None else None
         if budget_cb is not None:
@@ -520,6 +528,7 @@ def run_finetune(
         for k, v in m.items():
             if isinstance(v, (int, float)):
                 metrics[f"{name}_{k}"] = float(v)
+        t_eval = time.perf_counter()
         vl = validation_loss(model_wrapped, tok, val_rows, cfg.max_seq_length, cfg.use_chat_template, sid_vocab=sid_vocab)
         if vl is not None:
             metrics[f"{name}_val_loss"] = vl
@@ -527,6 +536,10 @@ def run_finetune(
         if cfg.linking_eval_items > 0 and linking_rows:
             for k, v in _linking_after_phase(model_wrapped, tok, lookup, frame, cfg, linking_rows, log).items():
                 metrics[f"{name}_{k}"] = v
+        if deadline is not None:  # the budget is training time: the evaluation after a phase moves the deadline on
+            eval_secs = time.perf_counter() - t_eval
+            deadline += eval_secs
+            metrics[f"{name}_eval_seconds"] = eval_secs
         if run is not None:
             run.log_metrics({k: v for k, v in metrics.items() if k.startswith(name)}, step=step_offset + steps)
         step_offset += int(m.get("steps_done", steps))

@@ -12,6 +12,7 @@ from animind_assets.quiet import quiet_command
 
 def test_library_warnings_and_logs_are_held_back_and_written(tmp_path, capsys):
     target = tmp_path / "out" / "library-warnings.txt"
+    before = logging.getLogger("transformers").level
     with quiet_command(False, target):
         print("result line")
         warnings.warn("`past_key_values` is deprecated", FutureWarning, stacklevel=1)
@@ -25,7 +26,7 @@ def test_library_warnings_and_logs_are_held_back_and_written(tmp_path, capsys):
     text = target.read_text(encoding="utf-8")
     assert "past_key_values" in text and "inner warning" in text
     assert not (tmp_path / "inner.txt").exists()  # the outer block owns the file
-    assert logging.getLogger("transformers").level == logging.NOTSET  # restored on exit
+    assert logging.getLogger("transformers").level == before  # restored on exit
 
 
 def test_verbose_leaves_warnings_alone_and_writes_nothing(tmp_path):

@@ -391,6 +391,14 @@ def _run(args: argparse.Namespace) -> int:
         print(f"prepared Beauty split not found: {folder / 'inter.json'} (see ../shared/data/beauty/README.md; "
               "--data or $ANIMIND_SHARED_DATA point elsewhere): nothing measured", file=sys.stderr)
         return 2
+    if args.model_dir:  # before the dataset build: a wrong folder fails in a second, not after minutes of work
+        from animind_assets.lib.llm.model_folder import read_folder_files
+
+        try:
+            read_folder_files(args.model_dir)
+        except (FileNotFoundError, ValueError) as exc:
+            print(f"--model-dir {args.model_dir}: {exc}", file=sys.stderr)
+            return 2
     import polars as pl
     import torch
 
@@ -474,7 +482,9 @@ def _run(args: argparse.Namespace) -> int:
     ratio = ev.lm.metrics["masked"]["recall@10"] / pop_r10 if pop_r10 > 0 else float("nan")  # nan: popularity hit no user
     print("\n=== Beauty, leave-one-out test (ours)")
     print(format_table(rows, extra_cols=("users", "train s", "steps", "valid-ID")))
-    print(f"\nLM / popularity R@10 (masked): {ratio:.2f}x (target >= 3x on CPU within a 30-minute fine-tune)")
+    print(f"\nLM / popularity R@10 (masked): "
+          f"{f'{ratio:.2f}x' if pop_r10 > 0 else 'n/a (popularity hit none of these users)'} "
+          "(target >= 3x on CPU within a 30-minute fine-tune)")
     print(f"valid-ID rate (constrained) {ev.summary['valid_id_rate']:.4f}; unconstrained greedy "
           f"{ev.summary.get('unconstrained_valid_id_rate')}; ID->words retrieval@1 {ev.summary.get('sid_to_title_retrieval@1')}; "
           f"words->ID retrieval@1 {ev.summary.get('title_to_sid_retrieval@1')}")

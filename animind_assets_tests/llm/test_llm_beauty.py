@@ -455,6 +455,11 @@ def test_benchmarks_without_their_data_measure_nothing_and_exit_non_zero(tmp_pat
 
     assert beauty_llm.main(["--data", str(tmp_path / "none"), "--out", str(tmp_path / "o")]) == 2
     assert "prepared Beauty split not found" in capsys.readouterr().err
+    from animind_assets.lib.data.amazon import beauty_dir
+
+    if (beauty_dir() / "inter.json").exists():  # a wrong --model-dir fails before the dataset is built
+        assert beauty_llm.main(["--model-dir", str(tmp_path / "nofolder"), "--out", str(tmp_path / "o")]) == 2
+        assert "--model-dir" in capsys.readouterr().err
     monkeypatch.setenv("ANIMIND_SHARED_DATA", str(tmp_path / "none"))
     assert finetune_mal.main(["--out", str(tmp_path / "m")]) == 2
     assert "anilist.sqlite not found" in capsys.readouterr().err

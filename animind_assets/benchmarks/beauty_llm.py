@@ -66,6 +66,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from animind_assets.lib.llm.finetune_config import task_weights_from_text
+
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
@@ -182,6 +184,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--cpu-recipe", action="store_true",
                    help="the best CPU recipe measured (Z1, docs/beauty.md; see the module docstring); explicit flags win")
     args = p.parse_args(argv)
+    for flag, text in (("--phase1-weights", args.phase1_weights), ("--phase2-weights", args.phase2_weights)):
+        try:
+            task_weights_from_text(text, flag)
+        except ValueError as exc:
+            p.error(str(exc))
     if args.beams < 10:
         p.error(f"--beams {args.beams}: Recall@10 / NDCG@10 read the top 10 of the beams, so at least 10")
     if args.test_users < 0 or args.threads < 1:
@@ -448,8 +455,8 @@ def _run(args: argparse.Namespace) -> int:
     log(f"dataset: {ds.frame.height} rows in {time.perf_counter() - t0:.0f}s; counts {ds.summary['counts']}; "
         f"leakage {ds.summary['leakage']}")
     lookup = item_lookup(items, sids)
-    w1 = dict(zip("ABC", (float(x) for x in args.phase1_weights.split(","))))
-    w2 = dict(zip("ABC", (float(x) for x in args.phase2_weights.split(","))))
+    w1 = task_weights_from_text(args.phase1_weights, "--phase1-weights")
+    w2 = task_weights_from_text(args.phase2_weights, "--phase2-weights")
     fcfg = FinetuneConfig(
         **({"base_model": args.base_model} if args.base_model else {}),
         train_layers=args.train_layers, keep_layers=args.keep_layers, phase1_max_steps=args.phase1_steps, phase2_max_steps=args.phase2_steps,

@@ -46,6 +46,7 @@ The CPU is shared: timings vary with the other processes on the machine (the loa
 
 import argparse
 import os
+import shlex
 import shutil
 import subprocess
 import sys
@@ -54,6 +55,8 @@ import time
 from pathlib import Path
 
 import polars as pl
+
+from animind_assets.lib.llm.finetune_config import task_weights_from_text
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -171,8 +174,8 @@ def build_run_config(args: argparse.Namespace) -> dict:
                     "bf16": args.bf16,
                     "eval_examples": args.eval_examples,
                     **({"seed": args.seed} if args.seed is not None else {}),
-                    "phase2_weights": dict(zip("ABC", (float(x) for x in args.phase2_weights.split(",")))),
-                    "phase1_weights": dict(zip("ABC", (float(x) for x in args.phase1_weights.split(",")))),
+                    "phase2_weights": task_weights_from_text(args.phase2_weights, "--phase2-weights"),
+                    "phase1_weights": task_weights_from_text(args.phase1_weights, "--phase1-weights"),
                     "phase1_lr": args.phase1_lr,
                     "phase2_lr": args.lr,
                     "use_chat_template": not args.no_chat_template,
@@ -282,6 +285,11 @@ def main(argv: list[str] | None = None) -> int:
         ap.error("--lr-decay-frac decays over the wall-clock budget: add --train-seconds")
     if args.eval_users < 0 or args.threads < 1:
         ap.error("--eval-users must be >= 0 (0 = all test users) and --threads >= 1")
+    for flag, text in (("--phase1-weights", args.phase1_weights), ("--phase2-weights", args.phase2_weights)):
+        try:
+            task_weights_from_text(text, flag)
+        except ValueError as exc:
+            ap.error(str(exc))
     if args.num_beams < 10:
         ap.error(f"--num-beams {args.num_beams}: Hit@10 / NDCG@10 read the top 10 of the beams, so at least 10")
 
@@ -301,7 +309,8 @@ def _run(args: argparse.Namespace) -> int:
 
     torch.set_num_threads(args.threads)
     out = Path(args.out).resolve()
-    out.mkdir(parents=True, exist_ok=True)
+    if not args.eval_only:  # --eval-only reads a finished run: a missing folder is refused below, not created
+        out.mkdir(parents=True, exist_ok=True)
     os.environ["ANIMIND_DATA_DIR"] = str(out)
     t_all = time.perf_counter()
     print(f"load average at start: {os.getloadavg()}; torch threads {torch.get_num_threads()}; cuda {torch.cuda.is_available()}")
@@ -410,7 +419,7 @@ def _run(args: argparse.Namespace) -> int:
           f"total {(time.perf_counter() - t_all) / 60:.1f} min")
     cmd = [sys.executable, "-m", "animind_assets.recommend", "--artifacts", str(out / "artifacts"),
            "--history", "Cowboy Bebop", "Trigun", "-k", "10"]
-    print("\n$ " + " ".join(cmd[1:]))
+    print("\n$ python " + shlex.join(cmd[1:]))
     t0 = time.perf_counter()
     r = subprocess.run(cmd, capture_output=True, text=True, cwd=PROJECT_ROOT)
     print(r.stdout + r.stderr)

@@ -439,6 +439,8 @@ def test_benchmark_cpu_recipe_sets_z1s_flags_but_keeps_explicit_values(monkeypat
     (["--sids", "sasrec"], "pass --sasrec-dir"),
     (["--cpu-recipe", "--next-id-format", "question", "--sasrec-dir", "/s"], "sequence-form recipe"),
     (["--cpu-recipe", "--data", "/my/split"], "--cpu-recipe with --data"),
+    (["--phase2-weights", "0.2,0.8"], "three comma-separated shares"),  # used to drop task C silently
+    (["--phase1-weights", "1,-1,1"], "--phase1-weights"),
 ])
 def test_benchmark_refuses_flag_combinations_before_any_work(argv, says, capsys):
     """Combinations that could only fail after the dataset build or the whole fine-tune (the top-10 metrics with
@@ -463,9 +465,13 @@ def test_benchmarks_without_their_data_measure_nothing_and_exit_non_zero(tmp_pat
     monkeypatch.setenv("ANIMIND_SHARED_DATA", str(tmp_path / "none"))
     assert finetune_mal.main(["--out", str(tmp_path / "m")]) == 2
     assert "anilist.sqlite not found" in capsys.readouterr().err
-    for bad in (["--num-beams", "5"], ["--eval-users", "-1"], ["--threads", "0"]):
+    for bad in (["--num-beams", "5"], ["--eval-users", "-1"], ["--threads", "0"], ["--phase2-weights", "0,0,0"],
+                ["--phase1-weights", "a,b,c"]):
         with pytest.raises(SystemExit):
             finetune_mal.main(bad)
+    from animind_assets.lib.llm.finetune_config import task_weights_from_text
+
+    assert task_weights_from_text("0.1, 0.8,0.1") == {"A": 0.1, "B": 0.8, "C": 0.1}
 
 
 def test_a_trie_without_end_token_refuses_prefix_ids():
@@ -720,6 +726,7 @@ def test_finetune_mal_eval_only_needs_a_finished_run_and_the_same_semantic_ids(t
     built = []
     monkeypatch.setattr(finetune_mal, "build_semantic_ids", lambda *a, **k: built.append(1))
     assert finetune_mal.main(["--out", str(tmp_path), "--eval-only"]) == 2 and not built
+    assert finetune_mal.main(["--out", str(tmp_path / "typo"), "--eval-only"]) == 2 and not (tmp_path / "typo").exists()
 
     # a finished run is there, but the IDs built now differ: refused, and the stored run's quantizer checkpoint is
     # never overwritten (the IDs are built in a scratch folder, removed afterwards)

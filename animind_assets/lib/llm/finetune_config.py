@@ -14,6 +14,20 @@ EMBEDDED_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 WARM_START_MODES = ("rqvae", "projection", "centroid", "mean", "none")
 
 
+def task_weights_from_text(text: str, flag: str = "--phase2-weights") -> dict[str, float]:
+    """``"0.1,0.8,0.1"`` -> ``{"A": 0.1, "B": 0.8, "C": 0.1}``: the task shares of a phase (``phase1_weights`` /
+    ``phase2_weights``) as the benchmark commands take them. ValueError naming ``flag`` unless the text is exactly three
+    comma-separated non-negative numbers with a positive sum (a shorter list used to drop the missing tasks silently)."""
+    parts = [x.strip() for x in str(text).split(",")]
+    try:
+        values = [float(x) for x in parts]
+    except ValueError:
+        values = []
+    if len(values) != 3 or len(parts) != 3 or min(values) < 0 or sum(values) <= 0:
+        raise ValueError(f"{flag} {text!r}: three comma-separated shares of the tasks A,B,C (>= 0, not all 0), e.g. 0.1,0.8,0.1")
+    return dict(zip("ABC", values))
+
+
 def noop_log(_: str) -> None:
     return None
 

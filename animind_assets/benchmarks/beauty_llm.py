@@ -66,7 +66,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from animind_assets.lib.llm.finetune_config import task_weights_from_text
+from animind_assets.lib.llm.finetune_config import task_weight_flags_error, task_weights_from_text
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -184,11 +184,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--cpu-recipe", action="store_true",
                    help="the best CPU recipe measured (Z1, docs/beauty.md; see the module docstring); explicit flags win")
     args = p.parse_args(argv)
-    for flag, text in (("--phase1-weights", args.phase1_weights), ("--phase2-weights", args.phase2_weights)):
-        try:
-            task_weights_from_text(text, flag)
-        except ValueError as exc:
-            p.error(str(exc))
+    weights_error = task_weight_flags_error(args.phase1_weights, args.phase2_weights)
+    if weights_error:
+        p.error(weights_error)
     if args.beams < 10:
         p.error(f"--beams {args.beams}: Recall@10 / NDCG@10 read the top 10 of the beams, so at least 10")
     if args.test_users < 0 or args.threads < 1:

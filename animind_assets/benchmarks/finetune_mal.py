@@ -56,7 +56,7 @@ from pathlib import Path
 
 import polars as pl
 
-from animind_assets.lib.llm.finetune_config import task_weights_from_text
+from animind_assets.lib.llm.finetune_config import task_weight_flags_error, task_weights_from_text
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -285,11 +285,9 @@ def main(argv: list[str] | None = None) -> int:
         ap.error("--lr-decay-frac decays over the wall-clock budget: add --train-seconds")
     if args.eval_users < 0 or args.threads < 1:
         ap.error("--eval-users must be >= 0 (0 = all test users) and --threads >= 1")
-    for flag, text in (("--phase1-weights", args.phase1_weights), ("--phase2-weights", args.phase2_weights)):
-        try:
-            task_weights_from_text(text, flag)
-        except ValueError as exc:
-            ap.error(str(exc))
+    weights_error = task_weight_flags_error(args.phase1_weights, args.phase2_weights)
+    if weights_error:
+        ap.error(weights_error)
     if args.num_beams < 10:
         ap.error(f"--num-beams {args.num_beams}: Hit@10 / NDCG@10 read the top 10 of the beams, so at least 10")
 

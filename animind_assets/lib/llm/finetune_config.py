@@ -28,6 +28,17 @@ def task_weights_from_text(text: str, flag: str = "--phase2-weights") -> dict[st
     return dict(zip("ABC", values))
 
 
+def task_weight_flags_error(phase1: str, phase2: str) -> str | None:
+    """The message of ``task_weights_from_text`` for the first bad one of ``--phase1-weights`` / ``--phase2-weights``
+    (None when both are good): what a command's argument parser reports."""
+    for flag, text in (("--phase1-weights", phase1), ("--phase2-weights", phase2)):
+        try:
+            task_weights_from_text(text, flag)
+        except ValueError as exc:
+            return str(exc)
+    return None
+
+
 def noop_log(_: str) -> None:
     return None
 

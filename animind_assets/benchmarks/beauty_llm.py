@@ -38,7 +38,8 @@ users, budget ``--sasrec-seconds``) into ``<out>/sasrec``; its rows join the tab
 
 ``--gpu``: device cuda and the D30 recipe of the CPU runs (``--sids sasrec``, ``--next-id-format sequence``,
 ``--distill-weight 0.5``; without ``--sasrec-dir`` a SASRec is trained first on the GPU, 90 s budget), every
-block trained, batch 32, bf16, a 4-minute fine-tune budget, 20-item prompts, 2,000 test users, then
+block trained, batch 32, bf16, a 4-minute fine-tune budget, 20-item prompts, 2,000 test users, no English
+perplexity (the MAL part measures it), then
 ``benchmarks.finetune_mal`` at GPU scale (collaborative IDs, the sequence form with 24-item training rows,
 every block trained, batch 32, bf16); estimated at about 10 minutes on one H100/H200-class GPU, not measured
 (no GPU was available where this was written). An explicit flag wins over each GPU default; the distillation

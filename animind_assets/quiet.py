@@ -191,12 +191,10 @@ def quiet_command(verbose: bool, warnings_file: Path) -> Iterator[LibraryChatter
     written to ``warnings_file`` and one line names it and their count. ``verbose=True`` changes nothing.
     Nested use (a command calling another command's ``main``) is safe: the inner block leaves the outer one active.
     """
-    chatter = LibraryChatter(verbose=verbose)
-    outer = _ACTIVE[-1] if _ACTIVE else None
-    if outer is not None and not verbose:
-        yield outer
+    if _ACTIVE and not verbose:
+        yield _ACTIVE[-1]
         return
-    chatter.start()
+    chatter = LibraryChatter(verbose=verbose).start()
     _ACTIVE.append(chatter)
     try:
         yield chatter
@@ -210,3 +208,7 @@ def quiet_command(verbose: bool, warnings_file: Path) -> Iterator[LibraryChatter
 
 
 _ACTIVE: list[LibraryChatter] = []
+
+#: ``--verbose`` of the commands that use ``quiet_command``.
+VERBOSE_HELP = ("also print the libraries' progress bars, log lines and warnings (held back by default and written to "
+                "<out>/library-warnings.txt)")

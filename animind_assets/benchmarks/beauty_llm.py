@@ -68,6 +68,7 @@ import time
 from pathlib import Path
 
 from animind_assets.lib.llm.finetune_config import task_weight_flags_error, task_weights_from_text
+from animind_assets.quiet import VERBOSE_HELP
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -179,9 +180,7 @@ def parse_args(argv=None) -> argparse.Namespace:
                         "IDs are checked against the folder's sid_lookup.parquet)")
     p.add_argument("--gpu", action="store_true", help="GPU scale (see the module docstring), then the MAL LM benchmark")
     p.add_argument("--skip-mal", action="store_true", help="with --gpu: Beauty only")
-    p.add_argument("--verbose", action="store_true",
-                   help="also print the libraries' progress bars, log lines and warnings (held back by default and "
-                        "written to <out>/library-warnings.txt)")
+    p.add_argument("--verbose", action="store_true", help=VERBOSE_HELP)
     p.add_argument("--cpu-recipe", action="store_true",
                    help="the best CPU recipe measured (Z1, docs/beauty.md; see the module docstring); explicit flags win")
     args = p.parse_args(argv)

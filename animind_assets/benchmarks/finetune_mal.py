@@ -57,6 +57,7 @@ from pathlib import Path
 import polars as pl
 
 from animind_assets.lib.llm.finetune_config import task_weight_flags_error, task_weights_from_text
+from animind_assets.quiet import VERBOSE_HELP
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -229,9 +230,7 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--eval-users", type=int, default=0, help="test users evaluated (0 = all)")
     ap.add_argument("--num-beams", type=int, default=10)
     ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--verbose", action="store_true",
-                    help="also print the libraries' progress bars, log lines and warnings (held back by default and "
-                         "written to <out>/library-warnings.txt)")
+    ap.add_argument("--verbose", action="store_true", help=VERBOSE_HELP)
     ap.add_argument("--bf16", action="store_true",
                     help="bf16 autocast during training (fast on CPUs with AMX-BF16 and on GPUs; 0.61x float32 measured with AVX512-BF16 alone)")
     ap.add_argument("--seed", type=int, default=None, help="seed of the dataset (user split, sampling) and the fine-tune "

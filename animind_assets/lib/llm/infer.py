@@ -9,6 +9,7 @@ This module never imports Dagster.
 
 from __future__ import annotations
 
+import functools
 import inspect
 import numbers
 import os
@@ -177,8 +178,14 @@ def cache_keyword(model) -> str:
     passing the new name to an older model would be swallowed by its ``**kwargs`` and the cache silently ignored.
     """
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    return _cache_keyword_of(type(base))
+
+
+@functools.lru_cache(maxsize=None)
+def _cache_keyword_of(model_class: type) -> str:
+    """``cache_keyword`` per model class, read once (the search asks at every batch)."""
     try:
-        params = inspect.signature(type(base).forward).parameters
+        params = inspect.signature(model_class.forward).parameters
     except (TypeError, ValueError):  # pragma: no cover - a forward without a readable signature
         return "past_key_values"
     return "cache" if "cache" in params else "past_key_values"

@@ -151,12 +151,6 @@ class StepProgress:
             self._line(f"[{self.done}/{self.total}] {step}: " + "; ".join(parts))
 
 
-def _silence_dagster_events(verbose: bool) -> dict:
-    """Run config keeping Dagster's console logger silent (CRITICAL) unless ``verbose`` (then DEBUG, every event)."""
-    level = "DEBUG" if verbose else "CRITICAL"  # failures: one [animind] line; tracebacks with --verbose or in the UI
-    return {"loggers": {"console": {"config": {"log_level": level}}}}
-
-
 def _live_writer(stream=None) -> Callable[[str], Any] | None:
     """On a terminal: a writer that shows a provisional line, replaced by the next line printed."""
     stream = stream or sys.stdout
@@ -209,7 +203,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 
 def _demo(args: argparse.Namespace, chatter) -> int:
-    from animind_assets.quiet import silence_known_warnings
+    from animind_assets.quiet import dagster_console_run_config, silence_known_warnings
 
     home = _ensure_dagster_home()
     silence_known_warnings()
@@ -229,7 +223,7 @@ def _demo(args: argparse.Namespace, chatter) -> int:
     sources = [a for a in defs.assets or [] if isinstance(a, dg.SourceAsset) and a.is_observable]
     if sources:
         t_obs = time.perf_counter()
-        obs = observe(sources, instance=instance, resources=defs.resources, run_config=_silence_dagster_events(args.verbose))
+        obs = observe(sources, instance=instance, resources=defs.resources, run_config=dagster_console_run_config(args.verbose))
         versions = [
             f"{e.asset_key.to_user_string()} {e.event_specific_data.asset_observation.data_version or '-'}"
             for e in obs.all_events
@@ -251,7 +245,7 @@ def _demo(args: argparse.Namespace, chatter) -> int:
     job = defs.resolve_implicit_global_asset_job_def()
     from dagster._core.execution.api import create_execution_plan
 
-    plan = create_execution_plan(job.get_subset(asset_selection=set(materializable)), run_config=_silence_dagster_events(args.verbose))
+    plan = create_execution_plan(job.get_subset(asset_selection=set(materializable)), run_config=dagster_console_run_config(args.verbose))
     total = len(plan.step_keys_to_execute)
     print(
         f"[animind] materializing {len(materializable)} assets ({total} steps incl. checks) into DAGSTER_HOME={home}"
@@ -268,7 +262,7 @@ def _demo(args: argparse.Namespace, chatter) -> int:
                 asset_selection=materializable,
                 raise_on_error=False,
                 run_id=run_id,
-                run_config=_silence_dagster_events(args.verbose),
+                run_config=dagster_console_run_config(args.verbose),
                 tags={"animind/trigger": "cli-demo"},
             )
         except BaseException as exc:  # noqa: BLE001 - re-raised in the main thread

@@ -67,6 +67,13 @@ def known_warnings_silenced() -> Iterator[None]:
         yield
 
 
+def dagster_console_run_config(verbose: bool) -> dict:
+    """Run config (``{"loggers": ...}``) that keeps Dagster's console logger silent (CRITICAL) unless ``verbose``
+    (then DEBUG: every event). Used by ``animind demo`` and the benchmark commands that call ``dg.materialize``,
+    so Dagster's event lines do not interleave with their tables; a failing step still raises."""
+    return {"loggers": {"console": {"config": {"log_level": "DEBUG" if verbose else "CRITICAL"}}}}
+
+
 #: Environment read by the libraries when they start their progress bars / loggers. ``setdefault``: a
 #: value the user exported wins.
 QUIET_ENV = {

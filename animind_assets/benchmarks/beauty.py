@@ -387,7 +387,7 @@ def main(argv=None) -> int:
 
     import torch
 
-    from animind_assets.lib.retrieval.evaluation import PUBLISHED_BEAUTY, SequenceSplit, format_table, protocol
+    from animind_assets.lib.retrieval.evaluation import PUBLISHED_BEAUTY, SequenceSplit, format_table, protocol, subset_note
 
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         print("--device cuda but no CUDA device is available", file=sys.stderr)
@@ -404,7 +404,7 @@ def main(argv=None) -> int:
     sequences = sequences_from_interactions(data.interactions)
     split = SequenceSplit.from_sequences(sequences, n_items=data.items.height)
     rows = split.subset(args.test_users, seed=args.seed)
-    print(f"split: {split.stats()}; order: {data.order}", flush=True)
+    print(f"split: {split.stats()}; order: {data.order}; {subset_note(args.test_users, len(split))}", flush=True)
     t_all = time.perf_counter()
     results: dict[str, dict] = {}
     for name in models:

@@ -156,6 +156,10 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="only the new ID-token rows of the tied embedding/head train, the base vocabulary's stay "
                         "(FinetuneConfig.train_base_token_rows false; with the top blocks trained the new rows are their own "
                         "parameter: no dense gradient or optimizer state for the ~49k base rows)")
+    p.add_argument("--replay-ratio", type=float, default=0.0,
+                   help="English-retention replay share of each phase's rows: answers the base model writes itself for the "
+                        "shipped general prompts (FinetuneConfig.replay_ratio; 0 = off)")
+    p.add_argument("--replay-prompts", type=int, default=0, help="shipped replay prompts used (0 = all 150)")
     p.add_argument("--lr-decay-frac", type=float, default=0.0,
                    help="the learning rate falls linearly to 0 over the last fraction of --train-seconds (warmup-stable-decay "
                         "over time; FinetuneConfig.lr_decay_frac; 0 = constant after warm-up)")
@@ -370,7 +374,8 @@ def _saved_folder(args, lookup, log, dcfg: SeqLlmDataConfig | None = None):
         raise SystemExit(f"--model-dir {folder}: trained with prompts {theirs_prompt}, these flags build {ours_prompt}: "
                          "pass --system-prompt / --sequence-instruction / --no-chat-template as that run did")
     cfg = info.get("config") or {}  # the folder's own settings replace the flags' in what is printed and saved
-    for k in ("train_layers", "keep_layers", "batch_size", "distill_weight", "distill_temperature", "bf16", "base_model"):
+    for k in ("train_layers", "keep_layers", "batch_size", "distill_weight", "distill_temperature", "bf16", "base_model",
+              "replay_ratio"):
         if k in cfg:
             setattr(args, k, cfg[k])
     args.sid_softmax = bool(info.get("sid_softmax", False))  # how the folder scores IDs (older folders: full vocabulary)
@@ -378,6 +383,27 @@ def _saved_folder(args, lookup, log, dcfg: SeqLlmDataConfig | None = None):
     log(f"--model-dir {folder}: {int(m.get('total_steps', 0))} steps trained there; evaluating only")
     ws = info.get("warm_start") if isinstance(info.get("warm_start"), dict) else {}
     return folder, m, f"--model-dir: trained there, {info.get('stop_reason', '?')}", str(ws.get("mode", "n/a"))
+
+
+def build_finetune_config(args: argparse.Namespace):
+    """The ``FinetuneConfig`` (``lib/llm/finetune_config.py``) of the parsed command line ``args``: every fine-tune flag
+    maps to one field (the same fields the asset ``beauty_finetuned_model`` shows in the launchpad)."""
+    from animind_assets.lib.llm.finetune import FinetuneConfig
+
+    w1 = task_weights_from_text(args.phase1_weights, "--phase1-weights")
+    w2 = task_weights_from_text(args.phase2_weights, "--phase2-weights")
+    return FinetuneConfig(
+        **({"base_model": args.base_model} if args.base_model else {}),
+        train_layers=args.train_layers, keep_layers=args.keep_layers, phase1_max_steps=args.phase1_steps, phase2_max_steps=args.phase2_steps,
+        phase1_weights=w1, phase2_weights=w2, phase1_lr=args.lr, phase2_lr=args.lr, batch_size=args.batch_size,
+        max_seq_length=args.max_seq_length, num_threads=args.threads, max_train_seconds=args.train_seconds,
+        english_ppl=not args.gpu, linking_eval_items=args.linking_items, eval_examples=16, bf16=args.gpu or args.bf16, lr_scheduler="constant_with_warmup",
+        warmup_frac=0.02, warm_start=args.warm_start, phase1_new_rows_lr_mult=args.phase1_new_rows_lr_mult,
+        phase2_new_rows_lr_mult=args.phase2_new_rows_lr_mult, distill_weight=args.distill_weight,
+        distill_temperature=args.distill_temperature, sid_softmax=args.sid_softmax, use_chat_template=not args.no_chat_template,
+        lr_decay_frac=args.lr_decay_frac, train_base_token_rows=not args.freeze_base_token_rows,
+        replay_ratio=args.replay_ratio, replay_prompts=args.replay_prompts,
+    )
 
 
 def main(argv=None) -> int:
@@ -409,11 +435,10 @@ def _run(args: argparse.Namespace) -> int:
 
     from animind_assets.lib.data.amazon import sequences_from_interactions
     from animind_assets.lib.data.amazon_split import load_prepared_split
-    from animind_assets.lib.llm.finetune import FinetuneConfig
     from animind_assets.lib.llm.infer import load_sid_model
     from animind_assets.lib.llm.sequence_data import SeqLlmDataConfig, build_next_item_dataset, item_lookup
     from animind_assets.lib.llm.sequence_eval import SeqEvalConfig, evaluate_next_item_lm
-    from animind_assets.lib.retrieval.evaluation import PUBLISHED_BEAUTY, SequenceSplit, format_table, protocol
+    from animind_assets.lib.retrieval.evaluation import PUBLISHED_BEAUTY, SequenceSplit, format_table, protocol, subset_note
 
     def log(msg: str) -> None:
         print(f"[{time.strftime('%H:%M:%S')}] {msg}", flush=True)
@@ -444,6 +469,7 @@ def _run(args: argparse.Namespace) -> int:
     items, inter = data.items, data.interactions
     sids, sid_note, codebooks = load_sids(args, items, log)
     log(f"Beauty: {items.height} items, {inter.height} interactions, {inter['user_id'].n_unique()} users; {sid_note}")
+    log(subset_note(args.test_users, inter["user_id"].n_unique()))
     dcfg = SeqLlmDataConfig(n_examples=args.n_examples, max_history=args.max_history, title_history=args.title_history,
                             next_id_format=args.next_id_format, sequence_window=args.sequence_window,
                             sequence_instruction=args.sequence_instruction,
@@ -453,19 +479,7 @@ def _run(args: argparse.Namespace) -> int:
     log(f"dataset: {ds.frame.height} rows in {time.perf_counter() - t0:.0f}s; counts {ds.summary['counts']}; "
         f"leakage {ds.summary['leakage']}")
     lookup = item_lookup(items, sids)
-    w1 = task_weights_from_text(args.phase1_weights, "--phase1-weights")
-    w2 = task_weights_from_text(args.phase2_weights, "--phase2-weights")
-    fcfg = FinetuneConfig(
-        **({"base_model": args.base_model} if args.base_model else {}),
-        train_layers=args.train_layers, keep_layers=args.keep_layers, phase1_max_steps=args.phase1_steps, phase2_max_steps=args.phase2_steps,
-        phase1_weights=w1, phase2_weights=w2, phase1_lr=args.lr, phase2_lr=args.lr, batch_size=args.batch_size,
-        max_seq_length=args.max_seq_length, num_threads=args.threads, max_train_seconds=args.train_seconds,
-        english_ppl=not args.gpu, linking_eval_items=args.linking_items, eval_examples=16, bf16=args.gpu or args.bf16, lr_scheduler="constant_with_warmup",
-        warmup_frac=0.02, warm_start=args.warm_start, phase1_new_rows_lr_mult=args.phase1_new_rows_lr_mult,
-        phase2_new_rows_lr_mult=args.phase2_new_rows_lr_mult, distill_weight=args.distill_weight,
-        distill_temperature=args.distill_temperature, sid_softmax=args.sid_softmax, use_chat_template=not args.no_chat_template,
-        lr_decay_frac=args.lr_decay_frac, train_base_token_rows=not args.freeze_base_token_rows,
-    )
+    fcfg = build_finetune_config(args)
     if args.model_dir:
         model_dir, m, stop_reason, ws_mode = _saved_folder(args, lookup, log, dcfg)
         steps, ft_seconds = int(m.get("total_steps", 0)), float(m.get("total_seconds", 0.0))
@@ -509,7 +523,8 @@ def _run(args: argparse.Namespace) -> int:
           f"{ws_mode}; new-row lr x{args.phase1_new_rows_lr_mult}/x{args.phase2_new_rows_lr_mult}; lr constant after warm-up"
           f"{f', linear decay to 0 over the last {args.lr_decay_frac:.0%} of the budget' if args.lr_decay_frac else ''}; ID targets normalised over "
           f"{'the ID tokens only (--sid-softmax)' if args.sid_softmax else 'the full vocabulary'}; base vocabulary rows "
-          f"{'frozen (--freeze-base-token-rows)' if args.freeze_base_token_rows else 'trained'}")
+          f"{'frozen (--freeze-base-token-rows)' if args.freeze_base_token_rows else 'trained'}; English replay "
+          f"{f'{args.replay_ratio:g} of the rows' if args.replay_ratio else 'off'}")
     result = {"rows": rows, "ratio_r10_masked": ratio, "summary": ev.summary, "finetune_metrics": m, "args": vars(args),
               "load_start": load_start, "load_end": load_end, "protocol": proto, "sids": sid_note, "warm_start": ws_mode}
     (out / "beauty_llm.json").write_text(json.dumps(result, indent=1, default=str), encoding="utf-8")

@@ -45,6 +45,7 @@ The CPU is shared: timings vary with the other processes on the machine (the loa
 
 
 import argparse
+import json
 import os
 import shlex
 import shutil
@@ -57,7 +58,7 @@ from pathlib import Path
 import polars as pl
 
 from animind_assets.lib.llm.finetune_config import task_weight_flags_error, task_weights_from_text
-from animind_assets.quiet import VERBOSE_HELP
+from animind_assets.quiet import VERBOSE_HELP, dagster_console_run_config
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -187,6 +188,7 @@ def build_run_config(args: argparse.Namespace) -> dict:
                     "replay_ratio": args.replay_ratio,
                     "replay_prompts": args.replay_prompts,
                     "replay_max_new_tokens": args.replay_max_new_tokens,
+                    "train_base_token_rows": not args.freeze_base_token_rows,
                     "linking_eval_items": args.linking_items,
                     "distill_weight": args.distill_weight,
                     "distill_temperature": args.distill_temperature,
@@ -252,6 +254,9 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--replay-ratio", type=float, default=0.0, help="English-retention replay share (self-distilled)")
     ap.add_argument("--replay-prompts", type=int, default=0, help="shipped replay prompts used (0 = all 150)")
     ap.add_argument("--replay-max-new-tokens", type=int, default=96)
+    ap.add_argument("--freeze-base-token-rows", action="store_true",
+                    help="only the new ID-token rows of the tied embedding/head train, the base vocabulary's stay "
+                         "(FinetuneConfig.train_base_token_rows false)")
     ap.add_argument("--phase1-weights", default="0.8,0.1,0.1", help="phase 1 task shares A,B,C")
     ap.add_argument("--phase1-lr", type=float, default=FinetuneConfig.phase1_lr)
     ap.add_argument("--lr", type=float, default=FinetuneConfig.phase2_lr, help="phase-2 peak learning rate (FinetuneConfig.phase2_lr)")
@@ -294,6 +299,23 @@ def main(argv: list[str] | None = None) -> int:
 
     with quiet_command(args.verbose, Path(args.out) / "library-warnings.txt"):
         return _run(args)
+
+
+def finetune_line(args: argparse.Namespace, seconds: float, model_card: Path) -> str:
+    """The closing line's fine-tune part. With ``--eval-only`` the steps, batch and stop reason are the stored run's,
+    read from its model card ``model_card`` (``animind_llm.json``: ``metrics.phase{1,2}_steps_done``,
+    ``config.batch_size``), not the current flags (which did not train anything)."""
+    if not args.eval_only:
+        return (f"fine-tune (two phases, {args.phase1_steps}+{args.phase2_steps} steps at most, batch {args.batch_size}): "
+                f"{seconds / 60:.1f} min")
+    try:
+        info = json.loads(model_card.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:
+        return f"fine-tune: not run (--eval-only; the stored run's model card {model_card} is unreadable: {exc})"
+    m, cfg = info.get("metrics") or {}, info.get("config") or {}
+    steps = "+".join(str(int(m[k])) for k in ("phase1_steps_done", "phase2_steps_done") if k in m) or "?"
+    return (f"fine-tune: not run (--eval-only); the stored run trained {steps} steps at batch {cfg.get('batch_size', '?')} "
+            f"({info.get('stop_reason', 'stop reason not recorded')})")
 
 
 def _run(args: argparse.Namespace) -> int:
@@ -365,7 +387,9 @@ def _run(args: argparse.Namespace) -> int:
         "mlflow": MlflowResource(tracking_uri=f"sqlite:///{out / 'mlflow.db'}", artifact_location=str(out / "mlartifacts")),
     }
     stubs = [anime_prep_stub, user_interactions_stub, semantic_ids_stub, rqvae_stub]
-    dg.materialize(stubs, resources=resources, selection=["anime_prep", "user_interactions", "semantic_ids"])
+    quiet_events = dagster_console_run_config(args.verbose)  # Dagster's event lines only with --verbose
+    dg.materialize(stubs, resources=resources, selection=["anime_prep", "user_interactions", "semantic_ids"],
+                   run_config=quiet_events)
     ours = [llm_prep_dataset, finetuned_model, recommendation_eval]
     run_config = build_run_config(args)
     timings = {}
@@ -377,7 +401,7 @@ def _run(args: argparse.Namespace) -> int:
             continue
         t0 = time.perf_counter()
         res = dg.materialize([*stubs, *ours], resources=resources, selection=[name],
-                             run_config={"ops": {name: run_config["ops"][name]}})
+                             run_config={**quiet_events, "ops": {name: run_config["ops"][name]}})
         timings[name] = time.perf_counter() - t0
         mats = res.asset_materializations_for_node(name)
         md = mats[0].metadata if mats else {}
@@ -411,9 +435,8 @@ def _run(args: argparse.Namespace) -> int:
             print(f"  examples: {md['examples'].value}")
         sys.stdout.flush()
     print(f"\nsemantic IDs: {sid_note}")
-    print(f"fine-tune (two phases, {args.phase1_steps}+{args.phase2_steps} steps, batch {args.batch_size}): "
-          f"{timings.get('finetuned_model', 0.0) / 60:.1f} min{' (--eval-only: not run)' if args.eval_only else ''}; eval {timings['recommendation_eval'] / 60:.1f} min; "
-          f"total {(time.perf_counter() - t_all) / 60:.1f} min")
+    print(f"{finetune_line(args, timings.get('finetuned_model', 0.0), model_card)}; "
+          f"eval {timings['recommendation_eval'] / 60:.1f} min; total {(time.perf_counter() - t_all) / 60:.1f} min")
     cmd = [sys.executable, "-m", "animind_assets.recommend", "--artifacts", str(out / "artifacts"),
            "--history", "Cowboy Bebop", "Trigun", "-k", "10"]
     print("\n$ python " + shlex.join(cmd[1:]))
@@ -470,7 +493,8 @@ def _baselines_only(args, stubs, ours, resources, run_config) -> int:
 
     t0 = time.perf_counter()
     res = dg.materialize([*stubs, *ours], resources=resources, selection=["llm_prep_dataset"],
-                         run_config={"ops": {"llm_prep_dataset": run_config["ops"]["llm_prep_dataset"]}})
+                         run_config={**dagster_console_run_config(args.verbose),
+                                     "ops": {"llm_prep_dataset": run_config["ops"]["llm_prep_dataset"]}})
     md = res.asset_materializations_for_node("llm_prep_dataset")[0].metadata
     s = md["summary"].value
     print(f"\n=== llm_prep_dataset: {time.perf_counter() - t0:.0f}s; users by split {s['users_by_split']}; leakage {s['leakage']}")

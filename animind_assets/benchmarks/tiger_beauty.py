@@ -27,6 +27,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from animind_assets.quiet import dagster_console_run_config
+
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
@@ -61,6 +63,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--data-dir", default="", help="scratch data folder (default: a new temp folder)")
     p.add_argument("--mlflow", action="store_true", help="track runs in <data-dir>/mlflow.db")
     p.add_argument("--upstream-only", action="store_true", help="stop after beauty_semantic_ids")
+    p.add_argument("--verbose", action="store_true", help="print Dagster's event lines (DEBUG) between the stage lines")
     return p.parse_args(argv)
 
 
@@ -112,7 +115,8 @@ def main(argv=None) -> int:
     def run(name: str, selection, run_config: dict, partition_key: str | None = None) -> None:
         t0 = time.perf_counter()
         res = dg.materialize(all_assets, selection=selection, resources=resources, instance=instance,
-                             run_config={"ops": run_config}, partition_key=partition_key, raise_on_error=True)
+                             run_config={**dagster_console_run_config(args.verbose), "ops": run_config},
+                             partition_key=partition_key, raise_on_error=True)
         timings[name] = time.perf_counter() - t0
         print(f"[{time.strftime('%H:%M:%S')}] {name}: {'ok' if res.success else 'FAILED'} in {timings[name]:.0f}s", flush=True)
 

@@ -41,3 +41,23 @@ def test_no_warnings_no_file_no_line(tmp_path, capsys):
     with quiet_command(False, target):
         print("only this")
     assert capsys.readouterr().out.strip() == "only this" and not target.exists()
+
+
+def test_dagster_event_lines_only_with_verbose(capfd):
+    """``dagster_console_run_config``: an in-process ``dg.materialize`` (as ``benchmarks.finetune_mal`` and
+    ``benchmarks.tiger_beauty`` run the assets) prints none of Dagster's DEBUG event lines unless verbose."""
+    import dagster as dg
+
+    from animind_assets.quiet import dagster_console_run_config
+
+    @dg.asset
+    def tiny() -> int:
+        return 1
+
+    capfd.readouterr()
+    assert dg.materialize([tiny], run_config=dagster_console_run_config(False)).success
+    quiet = "".join(capfd.readouterr())
+    assert dg.materialize([tiny], run_config=dagster_console_run_config(True)).success
+    loud = "".join(capfd.readouterr())
+    assert "STEP_START" not in quiet and "RUN_SUCCESS" not in quiet
+    assert "STEP_START" in loud or "RUN_SUCCESS" in loud

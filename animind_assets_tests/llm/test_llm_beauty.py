@@ -4,6 +4,7 @@ protocol, and the Beauty chain beauty_llm_prep_dataset -> beauty_finetuned_model
 
 from __future__ import annotations
 
+import json
 import os
 import re
 from pathlib import Path
@@ -431,6 +432,22 @@ def test_benchmark_cpu_recipe_sets_z1s_flags_but_keeps_explicit_values(monkeypat
         beauty_llm.parse_args(["--cpu-recipe", "--gpu"])
 
 
+def test_benchmark_fine_tune_flags_reach_the_finetune_config(monkeypatch):
+    """``beauty_llm``'s flags become ``FinetuneConfig`` fields: the recipe's frozen base rows, task shares and decay,
+    and the English replay mix (``--replay-ratio``, off unless given)."""
+    from animind_assets.benchmarks import beauty_llm
+    from animind_assets.lib.common import device
+
+    monkeypatch.setattr(device, "cpu_info", lambda *a, **k: {"model": "x", "cpus": 2, "extensions": ["AMX-BF16"], "missing": []})
+    cfg = beauty_llm.build_finetune_config(beauty_llm.parse_args(
+        ["--cpu-recipe", "--sasrec-dir", "/s", "--phase2-weights", "0.05,0.9,0.05", "--replay-ratio", "0.2", "--replay-prompts", "40"]))
+    assert cfg.train_base_token_rows is False and cfg.lr_decay_frac == 0.25 and cfg.distill_weight == 0.8
+    assert dict(cfg.phase2_weights) == {"A": 0.05, "B": 0.9, "C": 0.05} and cfg.max_train_seconds == 1800.0
+    assert (cfg.replay_ratio, cfg.replay_prompts) == (0.2, 40)
+    plain = beauty_llm.build_finetune_config(beauty_llm.parse_args([]))
+    assert plain.replay_ratio == 0.0 and plain.train_base_token_rows is True
+
+
 @pytest.mark.parametrize("argv,says", [
     (["--beams", "5"], "at least 10"),
     (["--test-users", "-1"], "--test-users must be >= 0"),
@@ -754,6 +771,22 @@ def test_finetune_mal_eval_only_needs_a_finished_run_and_the_same_semantic_ids(t
     assert roots and roots[0] != tmp_path / "artifacts" and not roots[0].exists()
 
 
+def test_finetune_mal_eval_only_reports_the_stored_runs_steps_not_the_flags(tmp_path):
+    """The closing line of ``--eval-only`` gives the steps, batch and stop reason of the stored run's model card;
+    without ``--eval-only`` it gives the flags' step caps."""
+    from animind_assets.benchmarks import finetune_mal
+
+    card = tmp_path / "animind_llm.json"
+    card.write_text(json.dumps({"metrics": {"phase1_steps_done": 30.0, "phase2_steps_done": 1873.0},
+                                "config": {"batch_size": 8}, "stop_reason": "time budget spent"}))
+    ev = finetune_mal.build_parser().parse_args(["--out", str(tmp_path), "--eval-only", "--phase2-steps", "5"])
+    line = finetune_mal.finetune_line(ev, 0.0, card)
+    assert "30+1873 steps at batch 8 (time budget spent)" in line and "5" not in line.split("trained")[0]
+    fresh = finetune_mal.build_parser().parse_args(["--out", str(tmp_path), "--phase1-steps", "4", "--phase2-steps", "5"])
+    assert "4+5 steps at most" in finetune_mal.finetune_line(fresh, 120.0, card)
+    assert "unreadable" in finetune_mal.finetune_line(ev, 0.0, tmp_path / "missing.json")
+
+
 def test_finetune_mal_flags_reach_the_launchpad_config_the_assets_accept():
     """``benchmarks.finetune_mal``'s command line becomes run config the project's own assets validate: the
     short-prompt flags (``--system-prompt '' --no-chat-template``) and ``--lr`` land in their launchpad fields,
@@ -768,8 +801,9 @@ def test_finetune_mal_flags_reach_the_launchpad_config_the_assets_accept():
     job = dg.Definitions.merge(project, dg.Definitions(jobs=[dg.define_asset_job(
         "bench_mal", selection=["llm_prep_dataset", "finetuned_model", "recommendation_eval"])])).resolve_job_def("bench_mal")
     short = finetune_mal.build_run_config(finetune_mal.build_parser().parse_args(
-        ["--system-prompt", "", "--no-chat-template", "--lr", "2e-3"]))
+        ["--system-prompt", "", "--no-chat-template", "--lr", "2e-3", "--freeze-base-token-rows"]))
     ops = dg.validate_run_config(job, short)["ops"]
+    assert ops["finetuned_model"]["config"]["train_base_token_rows"] is False
     assert ops["llm_prep_dataset"]["config"]["system_prompt"] == ""
     assert ops["finetuned_model"]["config"]["use_chat_template"] is False
     assert ops["finetuned_model"]["config"]["phase2_lr"] == 2e-3
@@ -777,6 +811,7 @@ def test_finetune_mal_flags_reach_the_launchpad_config_the_assets_accept():
     assert default["llm_prep_dataset"]["config"]["system_prompt"] == LlmDataConfig().system_prompt != ""
     assert default["finetuned_model"]["config"]["use_chat_template"] is True
     assert default["finetuned_model"]["config"]["phase2_lr"] == FinetuneConfig().phase2_lr
+    assert default["finetuned_model"]["config"]["train_base_token_rows"] is True
     short["ops"]["finetuned_model"]["config"]["phase2_lrr"] = 1.0
     with pytest.raises(dg.DagsterInvalidConfigError, match="phase2_lrr"):
         dg.validate_run_config(job, short)

@@ -18,6 +18,7 @@ from animind_assets.lib.retrieval.evaluation import (
     metrics_from_ranks,
     popularity_counts,
     popularity_scorer,
+    subset_note,
     target_ranks,
 )
 from animind_assets.lib.retrieval.pq import PQConfig, product_quantize
@@ -70,6 +71,18 @@ def test_split_holds_out_last_two_items_and_skips_short_users():
     assert [h.tolist() for h in split.histories("test")] == [[7, 8], [1, 2, 3]]
     with pytest.raises(ValueError, match="item id 12 >= n_items 10"):
         SequenceSplit.from_sequences({0: [1, 2, 12]}, n_items=10)
+
+
+def test_subset_of_test_users_is_seeded_and_says_when_it_means_all():
+    split = tiny_split(n_users=50)
+    n = len(split)
+    a, b = split.subset(10, seed=3), split.subset(10, seed=3)
+    assert a.tolist() == b.tolist() and len(set(a.tolist())) == 10 and a.tolist() == sorted(a.tolist())
+    assert split.subset(10, seed=4).tolist() != a.tolist()
+    assert split.subset(0).tolist() == split.subset(n + 5).tolist() == list(range(n))
+    assert subset_note(0, n) == f"test users: all {n}"
+    assert subset_note(10, n) == f"test users: a seeded subset of 10 of {n}"
+    assert subset_note(n + 5, n).startswith(f"test users: all {n} (--test-users {n + 5} asks for")
 
 
 def test_no_leakage_of_validation_or_test_items_into_training():

@@ -137,6 +137,16 @@ class SequenceSplit:
         return np.sort(np.random.default_rng(seed).choice(len(self), n, replace=False))
 
 
+def subset_note(requested: int, available: int) -> str:
+    """One line saying which users a ``--test-users requested`` subset of ``available`` users evaluates (the rule of
+    :meth:`SequenceSplit.subset`): all of them for 0, and also, said plainly, when more are asked for than exist."""
+    if requested <= 0:
+        return f"test users: all {available:,}"
+    if requested >= available:
+        return f"test users: all {available:,} (--test-users {requested:,} asks for at least as many as there are)"
+    return f"test users: a seeded subset of {requested:,} of {available:,}"
+
+
 # ------------------------------------------------------------------------------------------ ranks
 def target_ranks(scores: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     """0-based rank of each target in a full ranking.

@@ -160,6 +160,10 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="English-retention replay share of each phase's rows: answers the base model writes itself for the "
                         "shipped general prompts (FinetuneConfig.replay_ratio; 0 = off)")
     p.add_argument("--replay-prompts", type=int, default=0, help="shipped replay prompts used (0 = all 150)")
+    p.add_argument("--row-sampling", default="passes", choices=["passes", "replacement"],
+                   help="training rows: 'passes' (each task's rows in seeded random passes, none repeats before its pool is "
+                        "used up) or 'replacement' (drawn with replacement, the rule of every run before 3 Dec 2026, Z1's "
+                        "included); FinetuneConfig.row_sampling")
     p.add_argument("--lr-decay-frac", type=float, default=0.0,
                    help="the learning rate falls linearly to 0 over the last fraction of --train-seconds (warmup-stable-decay "
                         "over time; FinetuneConfig.lr_decay_frac; 0 = constant after warm-up)")
@@ -375,7 +379,7 @@ def _saved_folder(args, lookup, log, dcfg: SeqLlmDataConfig | None = None):
                          "pass --system-prompt / --sequence-instruction / --no-chat-template as that run did")
     cfg = info.get("config") or {}  # the folder's own settings replace the flags' in what is printed and saved
     for k in ("train_layers", "keep_layers", "batch_size", "distill_weight", "distill_temperature", "bf16", "base_model",
-              "replay_ratio"):
+              "replay_ratio", "row_sampling"):
         if k in cfg:
             setattr(args, k, cfg[k])
     args.sid_softmax = bool(info.get("sid_softmax", False))  # how the folder scores IDs (older folders: full vocabulary)
@@ -402,7 +406,7 @@ def build_finetune_config(args: argparse.Namespace):
         phase2_new_rows_lr_mult=args.phase2_new_rows_lr_mult, distill_weight=args.distill_weight,
         distill_temperature=args.distill_temperature, sid_softmax=args.sid_softmax, use_chat_template=not args.no_chat_template,
         lr_decay_frac=args.lr_decay_frac, train_base_token_rows=not args.freeze_base_token_rows,
-        replay_ratio=args.replay_ratio, replay_prompts=args.replay_prompts,
+        replay_ratio=args.replay_ratio, replay_prompts=args.replay_prompts, row_sampling=args.row_sampling,
     )
 
 
@@ -524,7 +528,8 @@ def _run(args: argparse.Namespace) -> int:
           f"{f', linear decay to 0 over the last {args.lr_decay_frac:.0%} of the budget' if args.lr_decay_frac else ''}; ID targets normalised over "
           f"{'the ID tokens only (--sid-softmax)' if args.sid_softmax else 'the full vocabulary'}; base vocabulary rows "
           f"{'frozen (--freeze-base-token-rows)' if args.freeze_base_token_rows else 'trained'}; English replay "
-          f"{f'{args.replay_ratio:g} of the rows' if args.replay_ratio else 'off'}")
+          f"{f'{args.replay_ratio:g} of the rows' if args.replay_ratio else 'off'}; training rows drawn "
+          f"{'in passes (no repeat before a pool is used up)' if args.row_sampling == 'passes' else 'with replacement'}")
     result = {"rows": rows, "ratio_r10_masked": ratio, "summary": ev.summary, "finetune_metrics": m, "args": vars(args),
               "load_start": load_start, "load_end": load_end, "protocol": proto, "sids": sid_note, "warm_start": ws_mode}
     (out / "beauty_llm.json").write_text(json.dumps(result, indent=1, default=str), encoding="utf-8")

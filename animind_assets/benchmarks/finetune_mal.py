@@ -189,6 +189,7 @@ def build_run_config(args: argparse.Namespace) -> dict:
                     "replay_prompts": args.replay_prompts,
                     "replay_max_new_tokens": args.replay_max_new_tokens,
                     "train_base_token_rows": not args.freeze_base_token_rows,
+                    "row_sampling": args.row_sampling,
                     "linking_eval_items": args.linking_items,
                     "distill_weight": args.distill_weight,
                     "distill_temperature": args.distill_temperature,
@@ -254,6 +255,9 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--replay-ratio", type=float, default=0.0, help="English-retention replay share (self-distilled)")
     ap.add_argument("--replay-prompts", type=int, default=0, help="shipped replay prompts used (0 = all 150)")
     ap.add_argument("--replay-max-new-tokens", type=int, default=96)
+    ap.add_argument("--row-sampling", default="passes", choices=["passes", "replacement"],
+                    help="training rows in seeded passes (no repeat before a pool is used up) or drawn with replacement "
+                         "(every run before 3 Dec 2026); FinetuneConfig.row_sampling")
     ap.add_argument("--freeze-base-token-rows", action="store_true",
                     help="only the new ID-token rows of the tied embedding/head train, the base vocabulary's stay "
                          "(FinetuneConfig.train_base_token_rows false)")

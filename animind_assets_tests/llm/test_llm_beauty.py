@@ -443,9 +443,9 @@ def test_benchmark_fine_tune_flags_reach_the_finetune_config(monkeypatch):
         ["--cpu-recipe", "--sasrec-dir", "/s", "--phase2-weights", "0.05,0.9,0.05", "--replay-ratio", "0.2", "--replay-prompts", "40"]))
     assert cfg.train_base_token_rows is False and cfg.lr_decay_frac == 0.25 and cfg.distill_weight == 0.8
     assert dict(cfg.phase2_weights) == {"A": 0.05, "B": 0.9, "C": 0.05} and cfg.max_train_seconds == 1800.0
-    assert (cfg.replay_ratio, cfg.replay_prompts) == (0.2, 40)
-    plain = beauty_llm.build_finetune_config(beauty_llm.parse_args([]))
-    assert plain.replay_ratio == 0.0 and plain.train_base_token_rows is True
+    assert (cfg.replay_ratio, cfg.replay_prompts, cfg.row_sampling) == (0.2, 40, "passes")
+    plain = beauty_llm.build_finetune_config(beauty_llm.parse_args(["--row-sampling", "replacement"]))
+    assert plain.replay_ratio == 0.0 and plain.train_base_token_rows is True and plain.row_sampling == "replacement"
 
 
 @pytest.mark.parametrize("argv,says", [
@@ -804,6 +804,7 @@ def test_finetune_mal_flags_reach_the_launchpad_config_the_assets_accept():
         ["--system-prompt", "", "--no-chat-template", "--lr", "2e-3", "--freeze-base-token-rows"]))
     ops = dg.validate_run_config(job, short)["ops"]
     assert ops["finetuned_model"]["config"]["train_base_token_rows"] is False
+    assert ops["finetuned_model"]["config"]["row_sampling"] == "passes"
     assert ops["llm_prep_dataset"]["config"]["system_prompt"] == ""
     assert ops["finetuned_model"]["config"]["use_chat_template"] is False
     assert ops["finetuned_model"]["config"]["phase2_lr"] == 2e-3

@@ -184,6 +184,52 @@ def test_phase_rows_follow_weights(data):
     assert counts2["B"] > counts2["A"] > 0 and counts2["C"] == 0
 
 
+def _key(r: dict) -> tuple:
+    return (r.get("system"), r["prompt"], r["completion"])
+
+
+def test_phase_rows_in_passes_repeat_no_row_before_its_pool_is_used_up(data):
+    """``row_sampling="passes"``: each task's rows come in seeded random passes, so the first pool-size rows of a
+    task are distinct (with replacement about a third of them would repeat), every row appears before any appears
+    twice, general rows are interleaved, and the same seed gives the same rows; "replacement" keeps the old draws."""
+    _, _, frame, _ = data
+    train = frame.filter(pl.col("split") == "train")
+    pool_b = train.filter(pl.col("task") == "B").height
+    rows, counts = ft.phase_rows(train, {"A": 0.3, "B": 0.7, "C": 0.0}, 3 * pool_b, seed=1)
+    b = [_key(r) for r in rows if r["task"] == "B"]
+    assert counts["B"] == len(b) > 2 * pool_b
+    assert len(set(b[:pool_b])) == pool_b  # one full pass: every B row once
+    assert len(set(b[pool_b : 2 * pool_b])) == pool_b and set(b[:pool_b]) == set(b[pool_b : 2 * pool_b])
+    assert b[:pool_b] != b[pool_b : 2 * pool_b]  # each pass is a new permutation
+    again, _ = ft.phase_rows(train, {"A": 0.3, "B": 0.7, "C": 0.0}, 3 * pool_b, seed=1)
+    assert [_key(r) for r in again] == [_key(r) for r in rows]
+    old, _ = ft.phase_rows(train, {"A": 0.3, "B": 0.7, "C": 0.0}, 3 * pool_b, seed=1, sampling="replacement")
+    old_b = [_key(r) for r in old if r["task"] == "B"]
+    assert len(set(old_b[:pool_b])) < pool_b  # with replacement, repeats come before the pool is used up
+    general = [{"system": None, "prompt": f"q{i}", "completion": "a"} for i in range(7)]
+    mixed, c = ft.phase_rows(train, {"A": 1.0}, 40, 0, general, 0.25)
+    g_pos = [i for i, r in enumerate(mixed) if r["prompt"].startswith("q") and r.get("task") is None]
+    assert c["general"] == len(g_pos) == 10 and g_pos[-1] - g_pos[0] > 10  # spread, not appended at the end
+    assert len({mixed[i]["prompt"] for i in g_pos[:7]}) == 7
+    with pytest.raises(ValueError, match="sampling"):
+        ft.phase_rows(train, {"A": 1.0}, 4, 0, sampling="shuffled")
+
+
+def test_length_grouped_order_pads_little_and_keeps_rows_in_their_window():
+    from animind_assets.lib.llm.training_data import length_grouped_order
+
+    rng = np.random.default_rng(0)
+    lengths = rng.integers(5, 200, size=1000).tolist()
+    order = length_grouped_order(lengths, batch_size=8, seed=3, window_batches=5)
+    assert sorted(order) == list(range(1000)) and order == length_grouped_order(lengths, 8, 3, 5)
+    for start in range(0, 1000, 40):  # every window of 5 batches holds exactly its own rows
+        assert set(order[start : start + 40]) == set(range(start, min(start + 40, 1000)))
+    pad = lambda o: sum(max(lengths[i] for i in o[k : k + 8]) * len(o[k : k + 8]) for k in range(0, len(o), 8))  # noqa: E731
+    assert pad(order) < 0.8 * pad(list(range(1000)))  # the length sort inside windows removes most of the padding
+    with pytest.raises(ValueError):
+        length_grouped_order(lengths, batch_size=0, seed=0)
+
+
 def test_general_mix_file(tmp_path, data):
     _, _, frame, _ = data
     p = tmp_path / "general.jsonl"
@@ -607,3 +653,38 @@ def test_time_budget_counts_training_not_the_evaluation_between_phases(tmp_path,
     assert res.metrics["phase1_eval_seconds"] >= 12.0
     assert res.metrics["phase2_steps_done"] == 3 and res.info["stop_reason"] == "step budget"
 
+
+
+@pytest.mark.parametrize("sampling", ["passes", "replacement"])
+def test_the_trainer_sees_each_row_once_per_pass_with_passes(tmp_path, data, monkeypatch, sampling):
+    """With ``row_sampling="passes"`` the Trainer keeps ``phase_rows``' order (a sequential sampler over the
+    length-grouped windows): the phase-2 batches of one pass over the B rows hold every B row once. With
+    "replacement" (the Trainer's own shuffle over rows drawn with replacement) rows repeat within that span."""
+    _, _, frame, lookup = data
+    n_b = frame.filter((pl.col("split") == "train") & (pl.col("task") == "B")).height
+    steps = n_b // 4
+    seen: list[tuple] = []
+    make = ft.make_trainer_class
+
+    def recording():
+        base = make()
+
+        class Recording(base):
+            def training_step(self, model, inputs, *a, **k):
+                if self.args.max_steps == steps:  # phase 2
+                    for ids, mask in zip(inputs["input_ids"].tolist(), inputs["attention_mask"].tolist()):
+                        seen.append(tuple(i for i, m in zip(ids, mask) if m))
+                return super().training_step(model, inputs, *a, **k)
+
+        return Recording
+
+    monkeypatch.setattr(ft, "make_trainer_class", recording)
+    tok = smollm2_tokenizer()
+    cfg = tiny_finetune_config(phase1_max_steps=1, phase2_max_steps=steps, english_ppl=False, warm_start="mean",
+                               linking_eval_items=0, phase2_weights={"A": 0.0, "B": 1.0, "C": 0.0}, row_sampling=sampling)
+    ft.run_finetune(frame, lookup, cfg, tmp_path / sampling, base=(tiny_llama(tok), tok))
+    assert len(seen) == steps * 4 and steps >= 5
+    if sampling == "passes":
+        assert len(set(seen)) == len(seen)
+    else:
+        assert len(set(seen)) < len(seen)

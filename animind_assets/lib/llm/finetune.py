@@ -75,6 +75,7 @@ from animind_assets.lib.llm.warm_start import WarmStartStats, codebooks_from_che
 from animind_assets.lib.llm.training_data import (  # noqa: F401
     encode_example,
     load_general_mix,
+    length_grouped_order,
     phase_rows,
     replay_rows,
     self_distill_rows,
@@ -255,6 +256,10 @@ def _run_phase(
         log(f"{phase}: {dropped} of {len(rows)} examples longer than max_seq_length={cfg.max_seq_length} were skipped")
     if not enc["input_ids"]:
         raise ValueError(f"{phase}: every example is longer than max_seq_length={cfg.max_seq_length}")
+    in_order = cfg.row_sampling == "passes"  # the rows' order is the training order (phase_rows' passes)
+    if in_order and cfg.group_by_length:
+        order = length_grouped_order([len(x) for x in enc["input_ids"]], cfg.batch_size * cfg.grad_accum, cfg.seed)
+        enc = {k: [v[i] for i in order] for k, v in enc.items()}
     ds = Dataset.from_dict(enc)
     use_cuda = torch.cuda.is_available()
     args = SFTConfig(
@@ -282,7 +287,7 @@ def _run_phase(
         **{checkpointing_keyword(SFTConfig): cfg.gradient_checkpointing},
         disable_tqdm=True,
         remove_unused_columns=True,
-        train_sampling_strategy="group_by_length" if cfg.group_by_length else "random",
+        train_sampling_strategy="sequential" if in_order else "group_by_length" if cfg.group_by_length else "random",
     )
     Trainer = make_trainer_class()
     t0 = time.perf_counter()
@@ -466,7 +471,7 @@ def run_finetune(
     ):
         pool = _phase1_pool(train, cfg, log) if i == 0 else train
         rows, counts = phase_rows(pool, weights, max(steps, 1) * per_step, cfg.seed + i, general, cfg.general_mix_ratio,
-                                  replay, cfg.replay_ratio)
+                                  replay, cfg.replay_ratio, sampling=cfg.row_sampling)
         if i == 0:
             linking_rows = [r for r in rows if r.get("task") == "A" and r.get("template") in ("sid_to_title", "title_to_sid")]
         phase_counts[name] = counts

@@ -12,6 +12,7 @@ LogFn = Callable[[str], None]
 EMBEDDED_MODEL = "embedded:smollm2-135m-instruct"
 EMBEDDED_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 WARM_START_MODES = ("rqvae", "projection", "centroid", "mean", "none")
+ROW_SAMPLING_MODES = ("passes", "replacement")  # FinetuneConfig.row_sampling (training_data.phase_rows)
 
 
 def task_weights_from_text(text: str, flag: str = "--phase2-weights") -> dict[str, float]:
@@ -88,6 +89,7 @@ class FinetuneConfig:
     use_chat_template: bool = True
     fast_loss: bool = True  # LM head only at completion positions
     group_by_length: bool = True  # batches of similar length (less padding); False = plain random order
+    row_sampling: str = "passes"  # "passes": each task's rows are drawn in seeded random passes (no row repeats before its task's pool is used up; the Trainer keeps that order, length-grouped within windows of 50 batches); "replacement": drawn with replacement and shuffled by the Trainer (before 3 Dec 2026: a run stopped by the time budget after k rows of a pool of N had seen only ~N(1-exp(-k/N)) distinct ones)
     num_threads: int = 2
     seed: int = 42
     save_steps: int = 0  # 0 = one checkpoint at the end of each phase
@@ -145,6 +147,8 @@ class FinetuneConfig:
             raise ValueError("lr_decay_frac > 0 decays over the wall-clock budget: set max_train_seconds > 0")
         if self.lr_decay_frac > 0 and self.lr_scheduler in ("reduce_lr_on_plateau", "greedy"):
             raise ValueError(f"lr_decay_frac multiplies a LambdaLR schedule's rate; lr_scheduler {self.lr_scheduler!r} is not one")
+        if self.row_sampling not in ROW_SAMPLING_MODES:
+            raise ValueError(f"row_sampling must be one of {'|'.join(ROW_SAMPLING_MODES)}, got {self.row_sampling!r}")
         if self.phase1_max_steps < 0 or self.phase2_max_steps < 0:
             raise ValueError("max_steps must be >= 0")
         return self

@@ -133,12 +133,25 @@ def replay_rows(model, tokenizer, cfg: FinetuneConfig, cache_dir: Path | None, l
 
 def phase_rows(
     train: pl.DataFrame, weights: dict[str, float], n: int, seed: int, general: list[dict] | None = None,
-    general_ratio: float = 0.0, replay: list[dict] | None = None, replay_ratio: float = 0.0,
+    general_ratio: float = 0.0, replay: list[dict] | None = None, replay_ratio: float = 0.0, sampling: str = "passes",
 ) -> tuple[list[dict], dict[str, int]]:
-    """``n`` training rows drawn (with replacement, seeded): ``round(n * general_ratio)`` from
-    ``general``, ``round(n * replay_ratio)`` from ``replay`` (self-distilled rows), the rest from
-    the tasks by ``weights``. Rows are dicts with system, prompt, completion (task rows also task,
-    template, target_anime_id). Returns (rows in seeded random order, counts per source)."""
+    """``n`` training rows, seeded: ``round(n * general_ratio)`` from ``general``, ``round(n * replay_ratio)`` from
+    ``replay`` (self-distilled rows), the rest from the tasks A/B/C of ``train`` by ``weights``. Rows are dicts with
+    system, prompt, completion (task rows also task, template, target_anime_id). Returns (rows, counts per source).
+
+    ``sampling`` (``FinetuneConfig.row_sampling``):
+
+    * ``"passes"``: the source of each position is drawn at random (tasks by weight, general/replay at random
+      positions); each source's rows come in seeded random passes over its pool (a permutation, then a new one when
+      it is used up). So the first ``k`` rows of a source are distinct while ``k`` is at most its pool size, and a
+      fine-tune stopped early (time budget) has seen as many distinct rows as it has rows. The returned order is
+      the training order (the Trainer must keep it: ``length_grouped_order`` + a sequential sampler).
+    * ``"replacement"``: every row drawn with replacement, then one global shuffle (the rule before 3 Dec 2026; k
+      draws from a pool of N hold about N(1 - exp(-k/N)) distinct rows).
+
+    Raises ValueError when no task has rows and weight > 0, or for an unknown ``sampling``."""
+    if sampling not in ("passes", "replacement"):
+        raise ValueError(f"sampling must be 'passes' or 'replacement', got {sampling!r}")
     rng = np.random.default_rng(seed)
     cols = [c for c in ("system", "prompt", "completion", "task", "template", "target_anime_id") if c in train.columns]
     pools = {t: train.filter(pl.col("task") == t).select(cols).to_dicts() for t in ("A", "B", "C")}
@@ -149,16 +162,64 @@ def phase_rows(
     n_gen = int(round(n * general_ratio)) if general else 0
     n_rep = int(round(n * replay_ratio)) if replay else 0
     tasks = rng.choice(["A", "B", "C"], size=n - n_gen - n_rep, p=[w[t] / tot for t in ("A", "B", "C")])
-    rows, counts = [], {"A": 0, "B": 0, "C": 0, "general": n_gen, "replay": n_rep}
-    for t in tasks.tolist():
-        rows.append(pools[t][int(rng.integers(0, len(pools[t])))])
-        counts[t] += 1
-    for _ in range(n_gen):
-        rows.append(general[int(rng.integers(0, len(general)))])
-    for _ in range(n_rep):
-        rows.append(replay[int(rng.integers(0, len(replay)))])
-    order = rng.permutation(len(rows))
-    return [rows[i] for i in order], counts
+    counts = {"A": 0, "B": 0, "C": 0, "general": n_gen, "replay": n_rep}
+    if sampling == "replacement":
+        rows = []
+        for t in tasks.tolist():
+            rows.append(pools[t][int(rng.integers(0, len(pools[t])))])
+            counts[t] += 1
+        for _ in range(n_gen):
+            rows.append(general[int(rng.integers(0, len(general)))])
+        for _ in range(n_rep):
+            rows.append(replay[int(rng.integers(0, len(replay)))])
+        order = rng.permutation(len(rows))
+        return [rows[i] for i in order], counts
+    sources = tasks.tolist() + ["general"] * n_gen + ["replay"] * n_rep
+    if n_gen + n_rep:  # general / replay rows at random positions among the task rows
+        sources = [sources[i] for i in rng.permutation(len(sources))]
+    all_pools = {**pools, "general": general or [], "replay": replay or []}
+    passes = {src: _PassOrder(len(all_pools[src]), rng) for src in all_pools if all_pools[src]}
+    rows = []
+    for src in sources:
+        rows.append(all_pools[src][passes[src].next()])
+        if src in ("A", "B", "C"):
+            counts[src] += 1
+    return rows, counts
+
+
+class _PassOrder:
+    """Indices 0..n-1 in seeded random passes: a permutation, then a fresh one when it is used up."""
+
+    def __init__(self, n: int, rng: np.random.Generator):
+        self.n, self.rng, self.order, self.pos = n, rng, np.empty(0, dtype=np.int64), 0
+
+    def next(self) -> int:
+        if self.pos >= len(self.order):
+            self.order, self.pos = self.rng.permutation(self.n), 0
+        self.pos += 1
+        return int(self.order[self.pos - 1])
+
+
+def length_grouped_order(lengths: Sequence[int], batch_size: int, seed: int, window_batches: int = 50) -> list[int]:
+    """A training order of rows ``0..len(lengths)-1`` that keeps their sequence at the scale of windows and pads little:
+    consecutive windows of ``window_batches * batch_size`` rows; inside a window the rows are sorted by length
+    (``lengths``: tokens per row, int) and cut into batches, and the batches are shuffled (seeded). Rows never move to
+    another window, so a row order of passes (``phase_rows(sampling="passes")``) keeps its no-repeat property up to one
+    window. The per-window sort follows ``transformers``' length-grouped sampler (mega-batches of 50 batches), without
+    its global shuffle. Raises ValueError when ``batch_size`` or ``window_batches`` is < 1."""
+    if batch_size < 1 or window_batches < 1:
+        raise ValueError(f"batch_size ({batch_size}) and window_batches ({window_batches}) must be >= 1")
+    rng = np.random.default_rng(seed)
+    lengths = np.asarray(lengths, dtype=np.int64)
+    size = batch_size * window_batches
+    order: list[int] = []
+    for start in range(0, len(lengths), size):
+        idx = np.arange(start, min(start + size, len(lengths)))
+        idx = idx[np.argsort(-lengths[idx], kind="stable")]
+        batches = [idx[i : i + batch_size] for i in range(0, len(idx), batch_size)]
+        for b in rng.permutation(len(batches)).tolist():
+            order.extend(batches[b].tolist())
+    return order
 
 
 def tokenize_rows(tokenizer, rows: list[dict], max_len: int, use_chat_template: bool) -> tuple[dict[str, list], int]:

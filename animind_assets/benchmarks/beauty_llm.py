@@ -389,6 +389,23 @@ def _saved_folder(args, lookup, log, dcfg: SeqLlmDataConfig | None = None):
     return folder, m, f"--model-dir: trained there, {info.get('stop_reason', '?')}", str(ws.get("mode", "n/a"))
 
 
+def ranks_frame(ev, split):
+    """Per-user 0-based target ranks of an evaluation (``SeqEvalOutput`` ``ev`` on ``SequenceSplit`` ``split``), one row
+    per evaluated user: ``user_row`` (int64, the row in ``split``; ``split.subset(n, seed)`` selects the seeded
+    subsets), ``user_id``, ``lm_masked``, ``lm_unmasked``, ``popularity_masked``, ``popularity_unmasked`` (int64; a
+    hit at K is rank < K). Saved as ``<out>/ranks.parquet`` so two runs can be compared user by user, or on a
+    subset of the users evaluated."""
+    import polars as pl
+
+    row_of = {int(u): i for i, u in enumerate(split.users.tolist())}
+    ids = [int(u) for u in ev.lm.users.tolist()]
+    return pl.DataFrame({
+        "user_row": [row_of[u] for u in ids], "user_id": ids,
+        **{f"lm_{m}": ev.lm.ranks[m].astype("int64") for m in ("masked", "unmasked")},
+        **{f"popularity_{m}": ev.popularity.ranks[m].astype("int64") for m in ("masked", "unmasked")},
+    })
+
+
 def build_finetune_config(args: argparse.Namespace):
     """The ``FinetuneConfig`` (``lib/llm/finetune_config.py``) of the parsed command line ``args``: every fine-tune flag
     maps to one field (the same fields the asset ``beauty_finetuned_model`` shows in the launchpad)."""
@@ -533,6 +550,8 @@ def _run(args: argparse.Namespace) -> int:
     result = {"rows": rows, "ratio_r10_masked": ratio, "summary": ev.summary, "finetune_metrics": m, "args": vars(args),
               "load_start": load_start, "load_end": load_end, "protocol": proto, "sids": sid_note, "warm_start": ws_mode}
     (out / "beauty_llm.json").write_text(json.dumps(result, indent=1, default=str), encoding="utf-8")
+    ranks_frame(ev, split).write_parquet(out / "ranks.parquet")
+    print(f"per-user ranks: {out / 'ranks.parquet'} (paired comparisons, subsets: ranks_frame)")
     if args.gpu and not args.skip_mal and not args.model_dir:
         from animind_assets.benchmarks import finetune_mal
 

@@ -432,6 +432,24 @@ def test_benchmark_cpu_recipe_sets_z1s_flags_but_keeps_explicit_values(monkeypat
         beauty_llm.parse_args(["--cpu-recipe", "--gpu"])
 
 
+def test_benchmark_ranks_frame_maps_users_to_their_split_rows():
+    """``beauty_llm.ranks_frame``: one row per evaluated user, with the row in the split that ``subset`` selects by."""
+    from types import SimpleNamespace
+
+    from animind_assets.benchmarks.beauty_llm import ranks_frame
+    from animind_assets.lib.retrieval.evaluation import SequenceSplit
+
+    split = SequenceSplit.from_sequences({7: [0, 1, 2, 3], 3: [1, 2, 3], 9: [3, 2, 1, 0]}, n_items=5)
+    rows = np.array([0, 2])  # users 3 and 9
+
+    def res(a, b):
+        return SimpleNamespace(users=split.users[rows], ranks={"masked": np.array(a), "unmasked": np.array(b)})
+
+    f = ranks_frame(SimpleNamespace(lm=res([0, 12], [1, 13]), popularity=res([4, 5], [6, 7])), split)
+    assert f["user_row"].to_list() == [0, 2] and f["user_id"].to_list() == [3, 9]
+    assert f["lm_masked"].to_list() == [0, 12] and f["popularity_unmasked"].to_list() == [6, 7]
+
+
 def test_benchmark_fine_tune_flags_reach_the_finetune_config(monkeypatch):
     """``beauty_llm``'s flags become ``FinetuneConfig`` fields: the recipe's frozen base rows, task shares and decay,
     and the English replay mix (``--replay-ratio``, off unless given)."""

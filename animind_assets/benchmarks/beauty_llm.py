@@ -86,7 +86,7 @@ CPU_RECIPE = {
     "sids": "sasrec", "next_id_format": "sequence", "max_history": 20, "phase1_steps": 30, "phase2_steps": 8000,
     "phase2_weights": "0.1,0.8,0.1", "lr": 2e-3, "lr_decay_frac": 0.25, "distill_weight": 0.8, "threads": 2,
     "system_prompt": "", "sequence_instruction": "IDs:", "no_chat_template": True, "freeze_base_token_rows": True,
-    "eval_dtype": "bfloat16", "train_seconds": 1800.0,
+    "eval_dtype": "bfloat16", "train_seconds": 1800.0, "row_sampling": "replacement",
 }
 
 
@@ -254,6 +254,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     if args.train_sasrec and args.data:
         p.error("--train-sasrec trains on ../shared/data/beauty (benchmarks.beauty); with --data, train the SASRec on that "
                 "split yourself and pass --sasrec-dir")
+    try:  # FinetuneConfig's own checks (e.g. --replay-ratio in [0, 1)) before any data is read
+        build_finetune_config(args).validate()
+    except ValueError as exc:
+        p.error(f"fine-tune flags: {exc}")
     if args.sids == "sasrec" and not args.sasrec_dir and not args.train_sasrec:
         recipe = " (set by --cpu-recipe)" if args.cpu_recipe else " (set by --gpu)" if args.gpu else ""
         p.error(f"--sids sasrec{recipe} builds the IDs from a SASRec's item embeddings: pass --sasrec-dir (with "
@@ -382,6 +386,9 @@ def _saved_folder(args, lookup, log, dcfg: SeqLlmDataConfig | None = None):
               "replay_ratio", "row_sampling"):
         if k in cfg:
             setattr(args, k, cfg[k])
+    if cfg:  # folders from before these fields: rows drawn with replacement, base rows as the folder's config says
+        args.row_sampling = cfg.get("row_sampling", "replacement")
+        args.freeze_base_token_rows = not cfg.get("train_base_token_rows", True)
     args.sid_softmax = bool(info.get("sid_softmax", False))  # how the folder scores IDs (older folders: full vocabulary)
     m = dict(info.get("metrics") or {})
     log(f"--model-dir {folder}: {int(m.get('total_steps', 0))} steps trained there; evaluating only")
@@ -393,7 +400,8 @@ def ranks_frame(ev, split):
     """Per-user 0-based target ranks of an evaluation (``SeqEvalOutput`` ``ev`` on ``SequenceSplit`` ``split``), one row
     per evaluated user: ``user_row`` (int64, the row in ``split``; ``split.subset(n, seed)`` selects the seeded
     subsets), ``user_id``, ``lm_masked``, ``lm_unmasked``, ``popularity_masked``, ``popularity_unmasked`` (int64; a
-    hit at K is rank < K). Saved as ``<out>/ranks.parquet`` so two runs can be compared user by user, or on a
+    hit at K is rank < K; the LM's ranks come from its beam list, where a target outside the list has rank 10,
+    the largest K reported; popularity's are exact full-catalog ranks). Saved as ``<out>/ranks.parquet`` so two runs can be compared user by user, or on a
     subset of the users evaluated."""
     import polars as pl
 
@@ -409,7 +417,7 @@ def ranks_frame(ev, split):
 def build_finetune_config(args: argparse.Namespace):
     """The ``FinetuneConfig`` (``lib/llm/finetune_config.py``) of the parsed command line ``args``: every fine-tune flag
     maps to one field (the same fields the asset ``beauty_finetuned_model`` shows in the launchpad)."""
-    from animind_assets.lib.llm.finetune import FinetuneConfig
+    from animind_assets.lib.llm.finetune_config import FinetuneConfig
 
     w1 = task_weights_from_text(args.phase1_weights, "--phase1-weights")
     w2 = task_weights_from_text(args.phase2_weights, "--phase2-weights")
@@ -490,7 +498,8 @@ def _run(args: argparse.Namespace) -> int:
     items, inter = data.items, data.interactions
     sids, sid_note, codebooks = load_sids(args, items, log)
     log(f"Beauty: {items.height} items, {inter.height} interactions, {inter['user_id'].n_unique()} users; {sid_note}")
-    log(subset_note(args.test_users, inter["user_id"].n_unique()))
+    split = SequenceSplit.from_sequences(sequences_from_interactions(inter), n_items=items.height)
+    log(subset_note(args.test_users, len(split)))
     dcfg = SeqLlmDataConfig(n_examples=args.n_examples, max_history=args.max_history, title_history=args.title_history,
                             next_id_format=args.next_id_format, sequence_window=args.sequence_window,
                             sequence_instruction=args.sequence_instruction,
@@ -509,7 +518,6 @@ def _run(args: argparse.Namespace) -> int:
         model_dir, m, stop_reason, ws_mode, ft_seconds = _finetune(args, fcfg, ds, lookup, items, codebooks, out, log)
         steps = int(m.get("total_steps", 0))
     sm = load_sid_model(model_dir, num_threads=args.threads, device="cuda" if args.gpu else "cpu", dtype=args.eval_dtype)
-    split = SequenceSplit.from_sequences(sequences_from_interactions(inter), n_items=items.height)
     ecfg = SeqEvalConfig(test_users=args.test_users, seed=args.seed, num_beams=args.beams, masking=args.masking,
                          n_boot=args.n_boot, linking_items=args.linking_items)
     ev = evaluate_next_item_lm(sm, ds.frame, split, ecfg, log=log)

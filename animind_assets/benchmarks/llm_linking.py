@@ -61,6 +61,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--replay-prompts", type=int, default=0, help="shipped replay prompts used (0 = all 150)")
     ap.add_argument("--replay-max-new-tokens", type=int, default=96)
     ap.add_argument("--train-layers", type=int, default=2)
+    ap.add_argument("--row-sampling", default="passes", choices=["passes", "replacement"],
+                    help="FinetuneConfig.row_sampling: training rows in seeded passes, or drawn with replacement (every "
+                         "run before 3 Dec 2026, the measurements in docs/ included)")
     ap.add_argument("--freeze-base-token-rows", action="store_true",
                     help="FinetuneConfig.train_base_token_rows=False: only the new ID-token rows of the embedding/head learn")
     ap.add_argument("--base-token-rows-lr-mult", type=float, default=1.0,
@@ -97,7 +100,7 @@ def main(argv: list[str] | None = None) -> int:
         phase1_max_steps=args.phase1_steps, phase2_max_steps=args.phase2_steps, phase1_lr=args.phase1_lr,
         phase1_new_rows_lr_mult=args.phase1_new_rows_lr_mult, phase1_weights=dict(zip("ABC", w1)),
         phase1_templates=[t for t in args.phase1_templates.split(",") if t], phase1_items=args.phase1_items,
-        replay_ratio=args.replay_ratio, replay_prompts=args.replay_prompts,
+        replay_ratio=args.replay_ratio, replay_prompts=args.replay_prompts, row_sampling=args.row_sampling,
         replay_max_new_tokens=args.replay_max_new_tokens, train_layers=args.train_layers, batch_size=args.batch_size,
         train_base_token_rows=not args.freeze_base_token_rows, base_token_rows_lr_mult=args.base_token_rows_lr_mult,
         linking_eval_items=args.linking_items, num_threads=args.threads, seed=args.seed, eval_examples=8,
@@ -111,7 +114,7 @@ def main(argv: list[str] | None = None) -> int:
         "new_rows_lr_mult": args.phase1_new_rows_lr_mult, "phase1_weights": args.phase1_weights,
         "phase1_templates": args.phase1_templates or "all", "phase1_items": args.phase1_items or "all",
         "replay_ratio": args.replay_ratio, "replay_prompts": args.replay_prompts or "all",
-        "replay_max_new_tokens": args.replay_max_new_tokens, "base_token_rows": "frozen" if args.freeze_base_token_rows else f"trained, lr x{args.base_token_rows_lr_mult:g}",
+        "replay_max_new_tokens": args.replay_max_new_tokens, "row_sampling": args.row_sampling, "base_token_rows": "frozen" if args.freeze_base_token_rows else f"trained, lr x{args.base_token_rows_lr_mult:g}",
         **{k: round(v, 4) for k, v in m.items() if any(s in k for s in ("title", "english_ppl", "tokens_per_s", "val_loss", "_items"))},
         "total_min": round(m["total_seconds"] / 60, 1),
     }

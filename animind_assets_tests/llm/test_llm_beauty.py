@@ -461,7 +461,9 @@ def test_benchmark_fine_tune_flags_reach_the_finetune_config(monkeypatch):
         ["--cpu-recipe", "--sasrec-dir", "/s", "--phase2-weights", "0.05,0.9,0.05", "--replay-ratio", "0.2", "--replay-prompts", "40"]))
     assert cfg.train_base_token_rows is False and cfg.lr_decay_frac == 0.25 and cfg.distill_weight == 0.8
     assert dict(cfg.phase2_weights) == {"A": 0.05, "B": 0.9, "C": 0.05} and cfg.max_train_seconds == 1800.0
-    assert (cfg.replay_ratio, cfg.replay_prompts, cfg.row_sampling) == (0.2, 40, "passes")
+    assert (cfg.replay_ratio, cfg.replay_prompts) == (0.2, 40)
+    assert cfg.row_sampling == "replacement"  # --cpu-recipe is Z1 as measured (its rows were drawn with replacement)
+    assert beauty_llm.build_finetune_config(beauty_llm.parse_args([])).row_sampling == "passes"
     plain = beauty_llm.build_finetune_config(beauty_llm.parse_args(["--row-sampling", "replacement"]))
     assert plain.replay_ratio == 0.0 and plain.train_base_token_rows is True and plain.row_sampling == "replacement"
 
@@ -476,6 +478,7 @@ def test_benchmark_fine_tune_flags_reach_the_finetune_config(monkeypatch):
     (["--cpu-recipe", "--data", "/my/split"], "--cpu-recipe with --data"),
     (["--phase2-weights", "0.2,0.8"], "three comma-separated shares"),  # used to drop task C silently
     (["--phase1-weights", "1,-1,1"], "--phase1-weights"),
+    (["--replay-ratio", "1.5"], "replay_ratio must be in"),  # FinetuneConfig's check, before the data is read
 ])
 def test_benchmark_refuses_flag_combinations_before_any_work(argv, says, capsys):
     """Combinations that could only fail after the dataset build or the whole fine-tune (the top-10 metrics with

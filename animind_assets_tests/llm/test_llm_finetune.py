@@ -655,16 +655,25 @@ def test_time_budget_counts_training_not_the_evaluation_between_phases(tmp_path,
 
 
 
-@pytest.mark.parametrize("sampling", ["passes", "replacement"])
-def test_the_trainer_sees_each_row_once_per_pass_with_passes(tmp_path, data, monkeypatch, sampling):
-    """With ``row_sampling="passes"`` the Trainer keeps ``phase_rows``' order (a sequential sampler over the
-    length-grouped windows): the phase-2 batches of one pass over the B rows hold every B row once. With
-    "replacement" (the Trainer's own shuffle over rows drawn with replacement) rows repeat within that span."""
+@pytest.mark.parametrize("sampling, group_by_length", [("passes", True), ("passes", False), ("replacement", True)])
+def test_the_trainer_consumes_the_passes_in_their_order(tmp_path, data, monkeypatch, sampling, group_by_length):
+    """With ``row_sampling="passes"`` the Trainer consumes the phase's rows exactly in the order ``_run_phase`` built
+    (sequential sampler; also with gradient accumulation and without length grouping), so one pass over the B rows
+    holds every B row once. With "replacement" (the Trainer's own shuffle over rows drawn with replacement) rows
+    repeat within that span."""
+    import datasets
+
     _, _, frame, lookup = data
     n_b = frame.filter((pl.col("split") == "train") & (pl.col("task") == "B")).height
     steps = n_b // 4
     seen: list[tuple] = []
+    built: list[list[tuple]] = []
     make = ft.make_trainer_class
+    from_dict = datasets.Dataset.from_dict.__func__
+
+    def recording_from_dict(cls, mapping, *a, **k):
+        built.append([tuple(x) for x in mapping["input_ids"]])
+        return from_dict(cls, mapping, *a, **k)
 
     def recording():
         base = make()
@@ -679,12 +688,15 @@ def test_the_trainer_sees_each_row_once_per_pass_with_passes(tmp_path, data, mon
         return Recording
 
     monkeypatch.setattr(ft, "make_trainer_class", recording)
+    monkeypatch.setattr(datasets.Dataset, "from_dict", classmethod(recording_from_dict))
     tok = smollm2_tokenizer()
     cfg = tiny_finetune_config(phase1_max_steps=1, phase2_max_steps=steps, english_ppl=False, warm_start="mean",
-                               linking_eval_items=0, phase2_weights={"A": 0.0, "B": 1.0, "C": 0.0}, row_sampling=sampling)
+                               linking_eval_items=0, phase2_weights={"A": 0.0, "B": 1.0, "C": 0.0}, row_sampling=sampling,
+                               batch_size=2, grad_accum=2, group_by_length=group_by_length)
     ft.run_finetune(frame, lookup, cfg, tmp_path / sampling, base=(tiny_llama(tok), tok))
     assert len(seen) == steps * 4 and steps >= 5
     if sampling == "passes":
+        assert seen == built[-1][: len(seen)]  # the built order, untouched by the Trainer
         assert len(set(seen)) == len(seen)
     else:
         assert len(set(seen)) < len(seen)

@@ -252,8 +252,9 @@ def _run_phase(
     datasets.disable_progress_bars()
 
     enc, dropped = tokenize_rows(tokenizer, rows, cfg.max_seq_length, cfg.use_chat_template)
-    if dropped:
-        log(f"{phase}: {dropped} of {len(rows)} examples longer than max_seq_length={cfg.max_seq_length} were skipped")
+    if dropped:  # drawn, then skipped: the Trainer fills the last steps from the start of the phase's rows again
+        log(f"{phase}: {dropped} of {len(rows)} examples longer than max_seq_length={cfg.max_seq_length} were skipped"
+            f"{' (the last steps reuse the first rows of the phase)' if cfg.row_sampling == 'passes' else ''}")
     if not enc["input_ids"]:
         raise ValueError(f"{phase}: every example is longer than max_seq_length={cfg.max_seq_length}")
     in_order = cfg.row_sampling == "passes"  # the rows' order is the training order (phase_rows' passes)

@@ -68,7 +68,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from animind_assets.lib.llm.finetune_config import task_weight_flags_error, task_weights_from_text
+from animind_assets.lib.llm.finetune_config import add_row_sampling_flag, task_weight_flags_error, task_weights_from_text
 from animind_assets.quiet import VERBOSE_HELP
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -161,10 +161,7 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="English-retention replay share of each phase's rows: answers the base model writes itself for the "
                         "shipped general prompts (FinetuneConfig.replay_ratio; 0 = off)")
     p.add_argument("--replay-prompts", type=int, default=0, help="shipped replay prompts used (0 = all 150)")
-    p.add_argument("--row-sampling", default="passes", choices=["passes", "replacement"],
-                   help="training rows: 'passes' (each task's rows in seeded random passes, none repeats before its pool is "
-                        "used up) or 'replacement' (drawn with replacement, the rule of every run before 3 Dec 2026, Z1's "
-                        "included); FinetuneConfig.row_sampling")
+    add_row_sampling_flag(p)
     p.add_argument("--lr-decay-frac", type=float, default=0.0,
                    help="the learning rate falls linearly to 0 over the last fraction of --train-seconds (warmup-stable-decay "
                         "over time; FinetuneConfig.lr_decay_frac; 0 = constant after warm-up)")

@@ -57,7 +57,7 @@ from pathlib import Path
 
 import polars as pl
 
-from animind_assets.lib.llm.finetune_config import task_weight_flags_error, task_weights_from_text
+from animind_assets.lib.llm.finetune_config import add_row_sampling_flag, task_weight_flags_error, task_weights_from_text
 from animind_assets.quiet import VERBOSE_HELP, dagster_console_run_config
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -255,9 +255,7 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--replay-ratio", type=float, default=0.0, help="English-retention replay share (self-distilled)")
     ap.add_argument("--replay-prompts", type=int, default=0, help="shipped replay prompts used (0 = all 150)")
     ap.add_argument("--replay-max-new-tokens", type=int, default=96)
-    ap.add_argument("--row-sampling", default="passes", choices=["passes", "replacement"],
-                    help="training rows in seeded passes (no repeat before a pool is used up) or drawn with replacement "
-                         "(every run before 3 Dec 2026); FinetuneConfig.row_sampling")
+    add_row_sampling_flag(ap)
     ap.add_argument("--freeze-base-token-rows", action="store_true",
                     help="only the new ID-token rows of the tied embedding/head train, the base vocabulary's stay "
                          "(FinetuneConfig.train_base_token_rows false)")

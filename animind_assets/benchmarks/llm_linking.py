@@ -27,6 +27,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from animind_assets.lib.llm.finetune_config import add_row_sampling_flag
+
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
@@ -61,9 +63,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--replay-prompts", type=int, default=0, help="shipped replay prompts used (0 = all 150)")
     ap.add_argument("--replay-max-new-tokens", type=int, default=96)
     ap.add_argument("--train-layers", type=int, default=2)
-    ap.add_argument("--row-sampling", default="passes", choices=["passes", "replacement"],
-                    help="FinetuneConfig.row_sampling: training rows in seeded passes, or drawn with replacement (every "
-                         "run before 3 Dec 2026, the measurements in docs/ included)")
+    add_row_sampling_flag(ap)
     ap.add_argument("--freeze-base-token-rows", action="store_true",
                     help="FinetuneConfig.train_base_token_rows=False: only the new ID-token rows of the embedding/head learn")
     ap.add_argument("--base-token-rows-lr-mult", type=float, default=1.0,

@@ -840,7 +840,9 @@ def test_finetune_mal_flags_reach_the_launchpad_config_the_assets_accept():
 
 
 @pytest.mark.parametrize("argv, field", [(["--lr", "2e-3"], "phase2_lr"), (["--batch-size", "32"], "batch_size"),
-                                         (["--no-chat-template"], "use_chat_template")])
+                                         (["--no-chat-template"], "use_chat_template"),
+                                         (["--row-sampling", "replacement"], "row_sampling"),
+                                         (["--freeze-base-token-rows"], "train_base_token_rows")])
 def test_finetune_mal_lr_batch_and_template_flags_never_resume_the_old_work_folder(argv, field):
     """The shared-case kind "resume with a changed seed / lr / batch size: resumes silently", for the knobs
     ``benchmarks.finetune_mal`` passes: each flag changes its ``FinetuneConfig`` field and therefore the work

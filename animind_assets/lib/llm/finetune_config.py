@@ -15,6 +15,14 @@ WARM_START_MODES = ("rqvae", "projection", "centroid", "mean", "none")
 ROW_SAMPLING_MODES = ("passes", "replacement")  # FinetuneConfig.row_sampling (training_data.phase_rows)
 
 
+def add_row_sampling_flag(parser) -> None:
+    """``--row-sampling`` (``FinetuneConfig.row_sampling``) on an ``argparse`` parser of an LM benchmark command."""
+    parser.add_argument("--row-sampling", default="passes", choices=list(ROW_SAMPLING_MODES),
+                        help="training rows: 'passes' (each task's rows in seeded random passes, none repeats before its "
+                             "pool is used up) or 'replacement' (drawn with replacement: every run before 3 Dec 2026, the "
+                             "measurements in docs/ included); FinetuneConfig.row_sampling")
+
+
 def task_weights_from_text(text: str, flag: str = "--phase2-weights") -> dict[str, float]:
     """``"0.1,0.8,0.1"`` -> ``{"A": 0.1, "B": 0.8, "C": 0.1}``: the task shares of a phase (``phase1_weights`` /
     ``phase2_weights``) as the benchmark commands take them. ValueError naming ``flag`` unless the text is exactly three

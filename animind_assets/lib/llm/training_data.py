@@ -19,7 +19,7 @@ from animind_assets.lib.llm.model_folder import (
 )
 from animind_assets.lib.common.progress import fmt_seconds
 from animind_assets.lib.semantic_ids.tokens import sid_tokens_used as sid_tokens_used
-from animind_assets.lib.llm.finetune_config import FinetuneConfig, LogFn, noop_log
+from animind_assets.lib.llm.finetune_config import ROW_SAMPLING_MODES, FinetuneConfig, LogFn, noop_log
 
 # ---------------------------------------------------------------------------------------- prompts
 def encode_example(tokenizer, system, prompt, completion, use_chat_template=True, prefix: str = "") -> tuple[list[int], list[int]]:
@@ -150,8 +150,8 @@ def phase_rows(
       draws from a pool of N hold about N(1 - exp(-k/N)) distinct rows).
 
     Raises ValueError when no task has rows and weight > 0, or for an unknown ``sampling``."""
-    if sampling not in ("passes", "replacement"):
-        raise ValueError(f"sampling must be 'passes' or 'replacement', got {sampling!r}")
+    if sampling not in ROW_SAMPLING_MODES:
+        raise ValueError(f"sampling must be one of {'|'.join(ROW_SAMPLING_MODES)}, got {sampling!r}")
     rng = np.random.default_rng(seed)
     cols = [c for c in ("system", "prompt", "completion", "task", "template", "target_anime_id") if c in train.columns]
     pools = {t: train.filter(pl.col("task") == t).select(cols).to_dicts() for t in ("A", "B", "C")}

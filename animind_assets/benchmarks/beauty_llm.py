@@ -55,6 +55,16 @@ passes, measured as Z3 on 2,000 users only). An explicit flag wins over each of 
 
 ``--model-dir DIR``: evaluate a saved ``beauty_finetuned_model`` folder (e.g. on more ``--test-users``) without
 fine-tuning; the IDs and the task-B form the flags build must be the folder's.
+
+``--shard I/N`` (with ``--model-dir``): evaluate only shard I (0-based) of N of the seeded test users
+(``evaluation.shard_rows``: every N-th user), one ``--out`` per shard, on as many processes or machines as there are
+shards; then ``--merge-ranks OUT0 OUT1 ...`` checks that the shards are one evaluation (same folder, users, seed,
+beams, masking, dtype; each shard once, every seeded user once) and prints the table of all of them, with the same
+means and bootstrap intervals an unsharded run reports (``sequence_eval.merge_shard_ranks``)::
+
+    python -m animind_assets.benchmarks.beauty_llm --cpu-recipe --model-dir M --test-users 0 --threads 1 --shard 0/2 --out /tmp/s0 &
+    python -m animind_assets.benchmarks.beauty_llm --cpu-recipe --model-dir M --test-users 0 --threads 1 --shard 1/2 --out /tmp/s1
+    wait; python -m animind_assets.benchmarks.beauty_llm --merge-ranks /tmp/s0 /tmp/s1 --out /tmp/all
 """
 
 from __future__ import annotations
@@ -89,6 +99,17 @@ CPU_RECIPE = {
     "system_prompt": "", "sequence_instruction": "IDs:", "no_chat_template": True, "freeze_base_token_rows": True,
     "eval_dtype": "bfloat16", "train_seconds": 1800.0, "row_sampling": "replacement",
 }
+
+
+def _shard_arg(text: str) -> tuple[int, int]:
+    """``--shard I/N`` -> (I, N), 0 <= I < N (argparse type)."""
+    try:
+        i, n = (int(x) for x in text.split("/"))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r}: expected I/N, e.g. 0/2") from None
+    if n < 1 or not 0 <= i < n:
+        raise argparse.ArgumentTypeError(f"{text!r}: need N >= 1 and 0 <= I < N")
+    return i, n
 
 
 def _given_flags(parser: argparse.ArgumentParser, argv) -> set[str]:
@@ -184,12 +205,26 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="evaluate this saved beauty_finetuned_model folder (e.g. <out>/beauty_finetuned_model of an earlier "
                         "run, on more --test-users) instead of fine-tuning; the dataset flags must be that run's (its "
                         "IDs are checked against the folder's sid_lookup.parquet)")
+    p.add_argument("--shard", type=_shard_arg, default=(0, 1), metavar="I/N",
+                   help="with --model-dir: evaluate only shard I (0-based) of N of the seeded test users (every N-th), "
+                        "e.g. one process per core; merge the shards' --out folders with --merge-ranks")
+    p.add_argument("--merge-ranks", nargs="+", default=[], metavar="OUT",
+                   help="merge the --out folders of the --shard I/N runs of one evaluation into one table (written to "
+                        "--out); nothing is trained or searched")
     p.add_argument("--gpu", action="store_true", help="GPU scale (see the module docstring), then the MAL LM benchmark")
     p.add_argument("--skip-mal", action="store_true", help="with --gpu: Beauty only")
     p.add_argument("--verbose", action="store_true", help=VERBOSE_HELP)
     p.add_argument("--cpu-recipe", action="store_true",
                    help="the best CPU recipe measured (Z1, docs/beauty.md; see the module docstring); explicit flags win")
     args = p.parse_args(argv)
+    args.shard, args.num_shards = args.shard
+    if args.merge_ranks:
+        if args.num_shards > 1 or args.model_dir or args.gpu or args.cpu_recipe:
+            p.error("--merge-ranks only reads the shards' folders: leave out --shard, --model-dir, --gpu and --cpu-recipe")
+        return args
+    if args.num_shards > 1 and not args.model_dir:
+        p.error(f"--shard {args.shard}/{args.num_shards} evaluates a saved model: add --model-dir (each shard would "
+                "otherwise fine-tune a model of its own)")
     weights_error = task_weight_flags_error(args.phase1_weights, args.phase2_weights)
     if weights_error:
         p.error(weights_error)
@@ -437,8 +472,79 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     from animind_assets.quiet import quiet_command
 
+    if args.merge_ranks:
+        return merge_main(args)
     with quiet_command(args.verbose, Path(args.out) / "library-warnings.txt"):
         return _run(args)
+
+
+#: what every shard of one evaluation must share (its beauty_llm.json "args"); the shard index is what differs
+SHARD_KEYS = ("model_dir", "test_users", "seed", "beams", "masking", "eval_dtype", "num_shards", "data", "order", "sids",
+              "next_id_format")
+
+
+def merge_main(args: argparse.Namespace) -> int:
+    """``--merge-ranks``: read ``beauty_llm.json`` + ``ranks.parquet`` of each shard folder, check they are the shards
+    of one evaluation (``SHARD_KEYS`` equal, shard indices exactly ``0..N-1``, users exactly the seeded subset:
+    ``merge_shard_ranks``), print the table of all users and write ``<out>/ranks.parquet`` + ``<out>/beauty_llm.json``.
+    Returns 2 with a message naming the folder for a missing, mismatched or doubled shard."""
+    import polars as pl
+
+    from animind_assets.lib.llm.sequence_eval import merge_shard_ranks, results_from_ranks
+    from animind_assets.lib.retrieval.evaluation import format_table
+
+    runs = []
+    for d in args.merge_ranks:
+        d = Path(d)
+        try:
+            meta = json.loads((d / "beauty_llm.json").read_text(encoding="utf-8"))
+            runs.append((d, meta, pl.read_parquet(d / "ranks.parquet")))
+        except (OSError, ValueError) as exc:
+            print(f"--merge-ranks {d}: not a finished beauty_llm --shard run ({exc})", file=sys.stderr)
+            return 2
+    first = runs[0][1]["args"]
+    for d, meta, _ in runs[1:]:
+        theirs = meta["args"]
+        diff = [f"{k}: {theirs.get(k)!r} vs {first.get(k)!r}" for k in SHARD_KEYS if theirs.get(k) != first.get(k)]
+        if diff:
+            print(f"--merge-ranks {d}: not a shard of the same evaluation as {runs[0][0]} (differs in "
+                  f"{', '.join(diff)})", file=sys.stderr)
+            return 2
+    n = int(first.get("num_shards", 1))
+    got = sorted(int(meta["args"].get("shard", 0)) for _, meta, _ in runs)
+    if got != list(range(n)):
+        print(f"--merge-ranks: shards {got} given, an evaluation in {n} shards needs each of 0..{n - 1} once", file=sys.stderr)
+        return 2
+    total = int(runs[0][1]["protocol"]["users_total"])
+    try:
+        merged = merge_shard_ranks([f for _, _, f in runs], total, int(first["test_users"]), int(first["seed"]))
+    except ValueError as exc:
+        print(f"--merge-ranks: {exc}", file=sys.stderr)
+        return 2
+    lm, pop = results_from_ranks(merged, n_boot=int(first.get("n_boot", 1000)), seed=int(first["seed"]))
+    gen_s = sum(float(meta["summary"].get("generation_seconds", 0.0)) for _, meta, _ in runs)
+    steps = runs[0][1]["rows"][-1].get("steps")
+    valid = min(float(meta["summary"].get("valid_id_rate", 0.0)) for _, meta, _ in runs)
+    lm_rows = [{**lm.row(mode), "steps": steps, "valid-ID": valid} for mode in ("masked", "unmasked")]
+    rows = [pop.row(mode) for mode in ("masked", "unmasked")] + lm_rows
+    pop_r10 = pop.metrics["masked"]["recall@10"]
+    ratio = lm.metrics["masked"]["recall@10"] / pop_r10 if pop_r10 > 0 else float("nan")
+    print(f"=== Beauty, leave-one-out test (ours): {n} shards of {first['model_dir']} merged, {len(merged):,} of {total:,} test users")
+    print(format_table(rows, extra_cols=("users", "steps", "valid-ID")))
+    print(f"\nLM / popularity R@10 (masked): {f'{ratio:.2f}x' if pop_r10 > 0 else 'n/a (popularity hit none of these users)'} "
+          "(target >= 3x on CPU within a 30-minute fine-tune)")
+    print(f"search: {gen_s / 60:.1f} process-minutes over the shards; load at the shards' ends: "
+          + "; ".join(str(meta.get("load_end")) for _, meta, _ in runs))
+    print(f"protocol: {json.dumps(runs[0][1]['protocol'] | {'users_evaluated': len(merged)})}")
+    out = Path(args.out).resolve()
+    out.mkdir(parents=True, exist_ok=True)
+    merged.write_parquet(out / "ranks.parquet")
+    result = {"rows": rows, "ratio_r10_masked": ratio, "shards": [str(d) for d, _, _ in runs], "args": first | {"shard": 0, "num_shards": 1},
+              "protocol": runs[0][1]["protocol"] | {"users_evaluated": len(merged)},
+              "summary": {"generation_seconds": gen_s, "valid_id_rate": valid, "users": len(merged)}}
+    (out / "beauty_llm.json").write_text(json.dumps(result, indent=1, default=str), encoding="utf-8")
+    print(f"merged ranks: {out / 'ranks.parquet'}")
+    return 0
 
 
 def _run(args: argparse.Namespace) -> int:
@@ -465,7 +571,7 @@ def _run(args: argparse.Namespace) -> int:
     from animind_assets.lib.llm.infer import load_sid_model
     from animind_assets.lib.llm.sequence_data import SeqLlmDataConfig, build_next_item_dataset, item_lookup
     from animind_assets.lib.llm.sequence_eval import SeqEvalConfig, evaluate_next_item_lm
-    from animind_assets.lib.retrieval.evaluation import PUBLISHED_BEAUTY, SequenceSplit, format_table, protocol, subset_note
+    from animind_assets.lib.retrieval.evaluation import PUBLISHED_BEAUTY, SequenceSplit, format_table, protocol, shard_rows, subset_note
 
     def log(msg: str) -> None:
         print(f"[{time.strftime('%H:%M:%S')}] {msg}", flush=True)
@@ -517,7 +623,10 @@ def _run(args: argparse.Namespace) -> int:
         steps = int(m.get("total_steps", 0))
     sm = load_sid_model(model_dir, num_threads=args.threads, device="cuda" if args.gpu else "cpu", dtype=args.eval_dtype)
     ecfg = SeqEvalConfig(test_users=args.test_users, seed=args.seed, num_beams=args.beams, masking=args.masking,
-                         n_boot=args.n_boot, linking_items=args.linking_items)
+                         n_boot=args.n_boot, linking_items=args.linking_items, shard=args.shard, num_shards=args.num_shards)
+    if args.num_shards > 1:
+        log(f"shard {args.shard} of {args.num_shards}: every {args.num_shards}th of these users from position {args.shard} "
+            "(merge the shards with --merge-ranks)")
     ev = evaluate_next_item_lm(sm, ds.frame, split, ecfg, log=log)
     load_end = load_avg()
     extra = {"train s": round(ft_seconds), "steps": steps, "users/s": round(ev.summary["users_per_s"], 2)}
@@ -543,7 +652,7 @@ def _run(args: argparse.Namespace) -> int:
     print("\n=== published reference rows (NOT measured here; other code, machines, masking rules)")
     print(format_table([{"model": k, "masking": "as published", **v} for k, v in PUBLISHED_BEAUTY.items()], with_ci=False))
     print("  LC-Rec-style SFT, 1.7B base, R@10 0.0704; OneRec-style SFT, 1.7B base, R@10 0.0925 (as cited in issue 15)")
-    proto = protocol(split, "test", split.subset(args.test_users, seed=args.seed))
+    proto = protocol(split, "test", shard_rows(split.subset(args.test_users, seed=args.seed), args.shard, args.num_shards))
     print(f"\nprotocol: {json.dumps(proto)}; generative masking rule '{args.masking}' ({args.beams} beams); order {args.order}; "
           f"IDs: {sid_note}; evaluated in {args.eval_dtype}; base {fcfg.base_model}{f' pruned to {args.keep_layers} blocks' if args.keep_layers else ''}, top {args.train_layers or 'all'} blocks trained; prompts: last {args.max_history} "
           f"IDs / {args.title_history} word titles; task B form {args.next_id_format}; warm start "

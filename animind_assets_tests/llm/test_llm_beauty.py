@@ -878,3 +878,80 @@ def test_a_changed_lr_decay_frac_never_resumes_the_old_work_folder(tmp_path):
         works.append(res.info["work_fingerprint"])
     assert works[0] != works[1]
 
+
+
+def test_sharded_evaluation_merges_to_the_unsharded_one(tiny_lm):
+    """Shards (SeqEvalConfig.shard/num_shards) are disjoint, cover the seeded users, and their ranks merged
+    (merge_shard_ranks + results_from_ranks) give exactly the unsharded evaluation's means and intervals."""
+    from types import SimpleNamespace
+
+    from animind_assets.benchmarks.beauty_llm import ranks_frame
+    from animind_assets.lib.llm.sequence_eval import SeqEvalConfig, evaluate_next_item_lm, merge_shard_ranks, results_from_ranks
+
+    sm, items, inter, sids = tiny_lm
+    df = build_next_item_dataset(items, inter, sids, CFG).frame
+    split = SequenceSplit.from_sequences(_seqs(inter), n_items=items.height)
+    base = dict(test_users=9, seed=3, num_beams=12, n_boot=50, unconstrained_users=0, linking_items=0)
+    whole = evaluate_next_item_lm(sm, df, split, SeqEvalConfig(**base))
+    parts = [evaluate_next_item_lm(sm, df, split, SeqEvalConfig(**base, shard=i, num_shards=2)) for i in (0, 1)]
+    assert [len(p.lm.users) for p in parts] == [5, 4] and parts[1].summary["shard"] == 1
+    assert not set(parts[0].lm.users.tolist()) & set(parts[1].lm.users.tolist())
+    frames = [ranks_frame(SimpleNamespace(lm=p.lm, popularity=p.popularity), split) for p in parts]
+    merged = merge_shard_ranks(frames, len(split), 9, 3)
+    lm, pop = results_from_ranks(merged, n_boot=50, seed=3)
+    assert lm.users.tolist() == whole.lm.users.tolist()
+    assert lm.metrics == whole.lm.metrics and lm.ci == whole.lm.ci and pop.metrics == whole.popularity.metrics
+    with pytest.raises(ValueError, match="more than one shard"):
+        merge_shard_ranks([frames[0], frames[0], frames[1]], len(split), 9, 3)
+    with pytest.raises(ValueError, match="missing"):
+        merge_shard_ranks(frames[:1], len(split), 9, 3)
+    with pytest.raises(ValueError, match="not in it"):  # the shards of another seed's users
+        merge_shard_ranks(frames, len(split), 9, 4)
+    with pytest.raises(ValueError, match="0 <= shard < num_shards"):
+        SeqEvalConfig(shard=2, num_shards=2).validate()
+
+
+def _shard_folder(path, shard, n, rows, model_dir="/m", lm=0):
+    """A fake finished ``beauty_llm --shard`` folder: beauty_llm.json + ranks.parquet for ``rows`` of 10 users."""
+    import json
+
+    path.mkdir(parents=True)
+    args = {"model_dir": model_dir, "test_users": 0, "seed": 0, "beams": 20, "masking": "filter", "eval_dtype": "bfloat16",
+            "num_shards": n, "shard": shard, "data": "", "order": "inter_json", "sids": "sasrec", "next_id_format": "sequence"}
+    meta = {"args": args, "protocol": {"users_total": 10, "users_evaluated": len(rows)}, "load_end": "load 1.0",
+            "summary": {"generation_seconds": 60.0, "valid_id_rate": 1.0}, "rows": [{"steps": 1846}]}
+    (path / "beauty_llm.json").write_text(json.dumps(meta))
+    pl.DataFrame({"user_row": rows, "user_id": [100 + r for r in rows], "lm_masked": [lm] * len(rows),
+                  "lm_unmasked": [lm + 1] * len(rows), "popularity_masked": [20] * len(rows),
+                  "popularity_unmasked": [20] * len(rows)}).write_parquet(path / "ranks.parquet")
+    return path
+
+
+def test_benchmark_merge_ranks_checks_the_shards_and_prints_one_table(tmp_path, capsys):
+    """beauty_llm --merge-ranks: the shards of one evaluation give one table over every user; a shard of another
+    model, a missing or doubled shard, or a shard run without --model-dir is refused with exit code 2 / at parsing."""
+    import json
+
+    from animind_assets.benchmarks import beauty_llm
+
+    a = _shard_folder(tmp_path / "a", 0, 2, [0, 2, 4, 6, 8])
+    b = _shard_folder(tmp_path / "b", 1, 2, [1, 3, 5, 7, 9], lm=12)
+    assert beauty_llm.main(["--merge-ranks", str(a), str(b), "--out", str(tmp_path / "all")]) == 0
+    out = capsys.readouterr().out
+    assert "2 shards of /m merged, 10 of 10 test users" in out and "LM / popularity R@10 (masked): " in out
+    res = json.loads((tmp_path / "all" / "beauty_llm.json").read_text())
+    lm_masked = [r for r in res["rows"] if r["model"].startswith("semantic-ID") and r["masking"] == "masked"][0]
+    assert lm_masked["recall@10"] == 0.5 and lm_masked["users"] == 10  # shard a hits at rank 0, shard b misses
+    assert pl.read_parquet(tmp_path / "all" / "ranks.parquet")["user_row"].to_list() == list(range(10))
+    other = _shard_folder(tmp_path / "c", 1, 2, [1, 3, 5, 7, 9], model_dir="/other")
+    assert beauty_llm.main(["--merge-ranks", str(a), str(other), "--out", str(tmp_path / "x")]) == 2
+    assert "model_dir: '/other' vs '/m'" in capsys.readouterr().err
+    assert beauty_llm.main(["--merge-ranks", str(a), "--out", str(tmp_path / "x")]) == 2
+    assert "needs each of 0..1 once" in capsys.readouterr().err
+    assert beauty_llm.main(["--merge-ranks", str(a), str(tmp_path / "none"), "--out", str(tmp_path / "x")]) == 2
+    assert "not a finished beauty_llm --shard run" in capsys.readouterr().err
+    for argv, says in ((["--shard", "0/2"], "add --model-dir"), (["--shard", "2/2", "--model-dir", "/m"], "0 <= I < N"),
+                       (["--merge-ranks", str(a), "--shard", "0/2"], "only reads the shards' folders")):
+        with pytest.raises(SystemExit):
+            beauty_llm.parse_args(argv)
+        assert says in capsys.readouterr().err

@@ -35,7 +35,16 @@ import polars as pl
 from animind_assets.lib.common.progress import Progress
 from animind_assets.lib.llm.infer import SidModel, generate_text, parse_sid, rank_items
 from animind_assets.lib.llm.sequence_data import SEQUENCE_TEMPLATE, sequence_prefix
-from animind_assets.lib.retrieval.evaluation import EvalResult, SequenceSplit, evaluate_rankings, evaluate_scorer, popularity_scorer
+from animind_assets.lib.retrieval.evaluation import (
+    EvalResult,
+    SequenceSplit,
+    evaluate_rankings,
+    evaluate_scorer,
+    popularity_scorer,
+    result_from_ranks,
+    shard_rows,
+    subset_rows,
+)
 
 LogFn = Callable[[str], None]
 LM_LABEL = "semantic-ID LM (LC-Rec-style SFT)"
@@ -53,8 +62,11 @@ class SeqEvalConfig:
     engine: str = "cached"  # 'cached' (each prompt encoded once, its KV cache copied to its beams; batched) | 'hf' (generate)
     unconstrained_users: int = 20  # users for the unconstrained greedy valid-ID reference (0 = off)
     linking_items: int = 30  # training items per direction for ID <-> text accuracy (0 = off)
+    shard: int = 0  # with num_shards > 1: evaluate only shard `shard` (0-based) of the seeded users (rows[shard::num_shards])
+    num_shards: int = 1  # split the users over this many processes or machines; merge their ranks with merge_shard_ranks
 
     def validate(self) -> SeqEvalConfig:
+        shard_rows(np.arange(0), self.shard, self.num_shards)  # ValueError for a shard outside 0..num_shards-1
         if self.num_beams < 10:
             raise ValueError(f"num_beams ({self.num_beams}) must be >= 10 for Recall@10")
         if self.masking not in ("filter", "trie"):
@@ -118,7 +130,7 @@ def evaluate_next_item_lm(
     cfg = (cfg or SeqEvalConfig()).validate()
     log = log or (lambda _m: None)
     t0 = time.perf_counter()
-    rows = split.subset(cfg.test_users, seed=cfg.seed)
+    rows = shard_rows(split.subset(cfg.test_users, seed=cfg.seed), cfg.shard, cfg.num_shards)
     prompts, prefixes = heldout_prompts(dataset, split, rows, sids=sm.sids)
     if prefixes is not None and cfg.engine != "cached":
         raise ValueError(f"engine {cfg.engine!r} cannot evaluate the 'sequence' form of task B: use engine 'cached'")
@@ -162,6 +174,8 @@ def evaluate_next_item_lm(
         "catalog_in_model": len(known),
         "masking_rule": cfg.masking,
         "num_beams": cfg.num_beams,
+        "shard": cfg.shard,
+        "num_shards": cfg.num_shards,
         "generation_seconds": gen_seconds,
         "users_per_s": extra["users_per_s"],
         "valid_id_rate": extra["valid_id_rate"],
@@ -186,3 +200,44 @@ def evaluate_next_item_lm(
     log(f"LM R@10 masked {lm.metrics['masked']['recall@10']:.4f} vs popularity {pop.metrics['masked']['recall@10']:.4f} "
         f"on {len(rows)} users; valid-ID rate {extra['valid_id_rate']:.4f}; {extra['users_per_s']:.2f} users/s")
     return SeqEvalOutput(lm=lm, popularity=pop, predictions=preds, summary=summary)
+
+
+RANK_COLUMNS = ("lm_masked", "lm_unmasked", "popularity_masked", "popularity_unmasked")
+
+
+def merge_shard_ranks(frames: list[pl.DataFrame], total_users: int, test_users: int, seed: int) -> pl.DataFrame:
+    """One frame of per-user ranks from the shards of one evaluation (each a ``ranks.parquet`` of
+    ``benchmarks.beauty_llm``: ``user_row``, ``user_id`` and the int64 ``RANK_COLUMNS``), sorted by ``user_row``.
+
+    The union must be exactly the seeded users ``subset_rows(total_users, test_users, seed)``, each once: ValueError
+    naming the first duplicate, missing or foreign user rows otherwise (so a lost or doubled shard cannot pass as a
+    smaller or weighted evaluation)."""
+    if not frames:
+        raise ValueError("no shard ranks to merge")
+    need = {"user_row", "user_id", *RANK_COLUMNS}
+    for i, f in enumerate(frames):
+        if need - set(f.columns):
+            raise ValueError(f"shard frame {i}: missing columns {sorted(need - set(f.columns))}")
+    merged = pl.concat([f.select(["user_row", "user_id", *RANK_COLUMNS]) for f in frames], how="vertical").sort("user_row")
+    rows = merged["user_row"].to_numpy()
+    dup = np.unique(rows[1:][rows[1:] == rows[:-1]])
+    if len(dup):
+        raise ValueError(f"{len(dup)} user rows appear in more than one shard (first: {dup[:5].tolist()})")
+    want = subset_rows(total_users, test_users, seed)
+    missing, foreign = np.setdiff1d(want, rows), np.setdiff1d(rows, want)
+    if len(missing) or len(foreign):
+        raise ValueError(f"the shards cover {len(rows):,} user rows, the seeded subset has {len(want):,} "
+                         f"(test_users {test_users}, seed {seed}, of {total_users:,}): {len(missing):,} missing "
+                         f"(first: {missing[:5].tolist()}), {len(foreign):,} not in it (first: {foreign[:5].tolist()})")
+    return merged
+
+
+def results_from_ranks(merged: pl.DataFrame, n_boot: int = 1000, seed: int = 0) -> tuple[EvalResult, EvalResult]:
+    """(LM, popularity) ``EvalResult`` of a frame of per-user ranks (``merge_shard_ranks``), with the same means and
+    seeded bootstrap intervals an unsharded evaluation of those users reports."""
+    users = merged["user_id"].to_numpy()
+    lm = result_from_ranks(LM_LABEL, "test", users, {m: merged[f"lm_{m}"].to_numpy() for m in ("masked", "unmasked")},
+                           n_boot=n_boot, seed=seed)
+    pop = result_from_ranks(POPULARITY_LABEL, "test", users,
+                            {m: merged[f"popularity_{m}"].to_numpy() for m in ("masked", "unmasked")}, n_boot=n_boot, seed=seed)
+    return lm, pop

@@ -131,10 +131,27 @@ class SequenceSplit:
         }
 
     def subset(self, n: int, seed: int = 0) -> np.ndarray:
-        """A fixed, sorted random subset of ``n`` user rows (all rows when ``n <= 0`` or ``n >= len``)."""
-        if n <= 0 or n >= len(self):
-            return np.arange(len(self))
-        return np.sort(np.random.default_rng(seed).choice(len(self), n, replace=False))
+        """A fixed, sorted random subset of ``n`` user rows (all rows when ``n <= 0`` or ``n >= len``):
+        ``subset_rows(len(self), n, seed)``."""
+        return subset_rows(len(self), n, seed)
+
+
+def subset_rows(total: int, n: int, seed: int = 0) -> np.ndarray:
+    """The seeded user subset of every evaluation here: (n,) int64 sorted row indices in ``0..total-1``, drawn without
+    replacement by ``numpy.random.default_rng(seed)``; all ``total`` rows when ``n <= 0`` or ``n >= total``. It
+    needs only the number of users, so shards and merged shards (``shard_rows``) name the same users without the data."""
+    if n <= 0 or n >= total:
+        return np.arange(total, dtype=np.int64)
+    return np.sort(np.random.default_rng(seed).choice(total, n, replace=False)).astype(np.int64)
+
+
+def shard_rows(rows: np.ndarray, shard: int, num_shards: int) -> np.ndarray:
+    """Shard ``shard`` of ``num_shards`` (0-based) of the user rows ``rows``: every ``num_shards``-th row from position
+    ``shard`` (``rows[shard::num_shards]``), so the shards are disjoint, cover ``rows`` exactly, and each gets users from
+    the whole range (similar history lengths, so similar run times). ValueError unless ``0 <= shard < num_shards``."""
+    if num_shards < 1 or not 0 <= shard < num_shards:
+        raise ValueError(f"shard {shard} of {num_shards}: need num_shards >= 1 and 0 <= shard < num_shards")
+    return np.asarray(rows, dtype=np.int64)[shard::num_shards]
 
 
 def subset_note(requested: int, available: int) -> str:
@@ -245,11 +262,25 @@ def protocol(split: SequenceSplit, stage: str, rows: np.ndarray) -> dict[str, An
     }
 
 
-def _finish(model: str, stage: str, split: SequenceSplit, rows: np.ndarray, ranks: dict[str, np.ndarray], t0: float,
-            ks: Sequence[int], n_boot: int, seed: int, extra: dict) -> EvalResult:
+def result_from_ranks(model: str, stage: str, users: np.ndarray, ranks: Mapping[str, np.ndarray], ks: Sequence[int] = KS,
+                      n_boot: int = 1000, seed: int = 0, seconds: float = 0.0, extra: Mapping[str, Any] | None = None) -> EvalResult:
+    """An ``EvalResult`` from per-user 0-based target ranks already computed (``ranks[mode]`` (U,) int64 for ``users``
+    (U,) int64): the means of ``metrics_from_ranks`` and the intervals of ``bootstrap_ci`` (seeded by ``seed``), as every
+    evaluation here reports them. Used to merge the ranks of shards evaluated apart. ValueError if a mode's ranks do not
+    have one entry per user."""
+    users = np.asarray(users, dtype=np.int64)
+    ranks = {m: np.asarray(r, dtype=np.int64) for m, r in ranks.items()}
+    for m, r in ranks.items():
+        if r.shape != users.shape:
+            raise ValueError(f"mode {m!r}: {r.shape[0]} ranks for {users.shape[0]} users")
     metrics = {m: metrics_from_ranks(r, ks) for m, r in ranks.items()}
     ci = {m: bootstrap_ci(r, ks, n_boot=n_boot, seed=seed) for m, r in ranks.items()}
-    return EvalResult(model, stage, split.users[rows], ranks, metrics, ci, time.perf_counter() - t0, extra)
+    return EvalResult(model, stage, users, ranks, metrics, ci, seconds, dict(extra or {}))
+
+
+def _finish(model: str, stage: str, split: SequenceSplit, rows: np.ndarray, ranks: dict[str, np.ndarray], t0: float,
+            ks: Sequence[int], n_boot: int, seed: int, extra: dict) -> EvalResult:
+    return result_from_ranks(model, stage, split.users[rows], ranks, ks, n_boot, seed, time.perf_counter() - t0, extra)
 
 
 @torch.no_grad()

@@ -50,8 +50,13 @@ default applies only to a run that trains in the sequence form; ``--gpu --model-
 with 20-item rows and 9-token prompts (no system prompt, instruction ``IDs:``, no chat template), 30 phase-1 steps,
 phase-2 mix 0.1/0.8/0.1, lr 2e-3 falling to 0 over the last 25 % of the 30-minute budget, distillation from the
 SASRec at 0.8, the base vocabulary's rows frozen, 2 threads, bf16 autocast where the CPU has AMX-BF16, the search in
-bf16, training rows drawn with replacement as in Z1 (``--row-sampling replacement``; the library's default is rows in
-passes, measured as Z3 on 2,000 users only). An explicit flag wins over each of these.
+bf16 in 2 processes of 1 thread each (``--eval-processes 2``), training rows drawn with replacement as in Z1
+(``--row-sampling replacement``; the library's default is rows in passes, measured as Z3 on 2,000 users only). An
+explicit flag wins over each of these.
+
+``--eval-processes N`` (CPU): the search runs in N spawned processes of ``--threads / N`` threads each, merged into
+one table (``sequence_eval.evaluate_saved_model_in_processes``); on a 2-core CPU two 1-thread processes searched
+about twice as many users/s as one 2-thread process.
 
 ``--model-dir DIR``: evaluate a saved ``beauty_finetuned_model`` folder (e.g. on more ``--test-users``) without
 fine-tuning; the IDs and the task-B form the flags build must be the folder's.
@@ -97,7 +102,7 @@ CPU_RECIPE = {
     "sids": "sasrec", "next_id_format": "sequence", "max_history": 20, "phase1_steps": 30, "phase2_steps": 8000,
     "phase2_weights": "0.1,0.8,0.1", "lr": 2e-3, "lr_decay_frac": 0.25, "distill_weight": 0.8, "threads": 2,
     "system_prompt": "", "sequence_instruction": "IDs:", "no_chat_template": True, "freeze_base_token_rows": True,
-    "eval_dtype": "bfloat16", "train_seconds": 1800.0, "row_sampling": "replacement",
+    "eval_dtype": "bfloat16", "train_seconds": 1800.0, "row_sampling": "replacement", "eval_processes": 2,
 }
 
 
@@ -208,6 +213,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--shard", type=_shard_arg, default=(0, 1), metavar="I/N",
                    help="with --model-dir: evaluate only shard I (0-based) of N of the seeded test users (every N-th), "
                         "e.g. one process per core; merge the shards' --out folders with --merge-ranks")
+    p.add_argument("--eval-processes", type=int, default=1,
+                   help="CPU: search the test users in this many spawned processes of --threads / N threads each, merged "
+                        "into one table (sequence_eval.evaluate_saved_model_in_processes; --cpu-recipe: 2)")
     p.add_argument("--merge-ranks", nargs="+", default=[], metavar="OUT",
                    help="merge the --out folders of the --shard I/N runs of one evaluation into one table (written to "
                         "--out); nothing is trained or searched")
@@ -222,6 +230,8 @@ def parse_args(argv=None) -> argparse.Namespace:
         if args.num_shards > 1 or args.model_dir or args.gpu or args.cpu_recipe:
             p.error("--merge-ranks only reads the shards' folders: leave out --shard, --model-dir, --gpu and --cpu-recipe")
         return args
+    if args.eval_processes < 1:
+        p.error("--eval-processes must be >= 1")
     if args.num_shards > 1 and not args.model_dir:
         p.error(f"--shard {args.shard}/{args.num_shards} evaluates a saved model: add --model-dir (each shard would "
                 "otherwise fine-tune a model of its own)")
@@ -276,6 +286,10 @@ def parse_args(argv=None) -> argparse.Namespace:
         p.error("--sequence-instruction is the sequence form's prompt: add --next-id-format sequence")
     if args.distill_weight > 0 and args.next_id_format != "sequence":
         p.error(f"--distill-weight {args.distill_weight:g} distils the sequence form: add --next-id-format sequence")
+    if args.num_shards > 1 and args.eval_processes > 1:
+        if "eval_processes" in _given_flags(p, argv):
+            p.error("--shard runs one shard in this process: leave out --eval-processes (or run more shards)")
+        args.eval_processes = 1  # the recipe's 2 processes would shard the shard
     if args.keep_layers < 0 or args.train_layers < 0:
         p.error("--keep-layers and --train-layers must be >= 0")
     if args.lr_decay_frac and args.train_seconds <= 0:
@@ -570,7 +584,7 @@ def _run(args: argparse.Namespace) -> int:
     from animind_assets.lib.data.amazon_split import load_prepared_split
     from animind_assets.lib.llm.infer import load_sid_model
     from animind_assets.lib.llm.sequence_data import SeqLlmDataConfig, build_next_item_dataset, item_lookup
-    from animind_assets.lib.llm.sequence_eval import SeqEvalConfig, evaluate_next_item_lm
+    from animind_assets.lib.llm.sequence_eval import SeqEvalConfig, evaluate_next_item_lm, evaluate_saved_model_in_processes
     from animind_assets.lib.retrieval.evaluation import PUBLISHED_BEAUTY, SequenceSplit, format_table, protocol, shard_rows, subset_note
 
     def log(msg: str) -> None:
@@ -621,13 +635,18 @@ def _run(args: argparse.Namespace) -> int:
     else:
         model_dir, m, stop_reason, ws_mode, ft_seconds = _finetune(args, fcfg, ds, lookup, items, codebooks, out, log)
         steps = int(m.get("total_steps", 0))
-    sm = load_sid_model(model_dir, num_threads=args.threads, device="cuda" if args.gpu else "cpu", dtype=args.eval_dtype)
     ecfg = SeqEvalConfig(test_users=args.test_users, seed=args.seed, num_beams=args.beams, masking=args.masking,
                          n_boot=args.n_boot, linking_items=args.linking_items, shard=args.shard, num_shards=args.num_shards)
     if args.num_shards > 1:
         log(f"shard {args.shard} of {args.num_shards}: every {args.num_shards}th of these users from position {args.shard} "
             "(merge the shards with --merge-ranks)")
-    ev = evaluate_next_item_lm(sm, ds.frame, split, ecfg, log=log)
+    if args.eval_processes > 1 and not args.gpu and args.num_shards == 1:
+        # fresh processes of one thread each: on this 2-core CPU twice the users/s of one 2-thread search (docs/beauty.md)
+        ev = evaluate_saved_model_in_processes(str(model_dir), ds.frame, split, ecfg, args.eval_processes,
+                                               threads=max(1, args.threads // args.eval_processes), dtype=args.eval_dtype, log=log)
+    else:
+        sm = load_sid_model(model_dir, num_threads=args.threads, device="cuda" if args.gpu else "cpu", dtype=args.eval_dtype)
+        ev = evaluate_next_item_lm(sm, ds.frame, split, ecfg, log=log)
     load_end = load_avg()
     extra = {"train s": round(ft_seconds), "steps": steps, "users/s": round(ev.summary["users_per_s"], 2)}
     lm_rows = [{**ev.lm.row(mode), **extra, "valid-ID": ev.summary["valid_id_rate"]} for mode in ("masked", "unmasked")]
@@ -645,7 +664,7 @@ def _run(args: argparse.Namespace) -> int:
           f"words->ID retrieval@1 {ev.summary.get('title_to_sid_retrieval@1')}")
     print(f"fine-tune: {steps} steps x batch {args.batch_size} in {ft_seconds / 60:.1f} min ({stop_reason}; "
           f"phase2 {m.get('phase2_tokens_per_s', 0):.0f} tokens/s); eval {ev.summary['generation_seconds'] / 60:.1f} min "
-          f"({ev.summary['users_per_s']:.2f} users/s); total {(time.perf_counter() - t_all) / 60:.1f} min")
+          f"({ev.summary['users_per_s']:.2f} users/s, {ev.summary.get('processes', 1)} process(es)); total {(time.perf_counter() - t_all) / 60:.1f} min")
     print(f"task B form {args.next_id_format}: {ds.summary['b_targets_per_row']} next-item targets per training row; "
           f"{ds.summary['counts']['B']['train']} B training rows")
     print(f"load at start: {load_start}\nload at end:   {load_end}")

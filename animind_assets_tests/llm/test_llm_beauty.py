@@ -950,8 +950,55 @@ def test_benchmark_merge_ranks_checks_the_shards_and_prints_one_table(tmp_path, 
     assert "needs each of 0..1 once" in capsys.readouterr().err
     assert beauty_llm.main(["--merge-ranks", str(a), str(tmp_path / "none"), "--out", str(tmp_path / "x")]) == 2
     assert "not a finished beauty_llm --shard run" in capsys.readouterr().err
+    recipe_shard = beauty_llm.parse_args(["--cpu-recipe", "--model-dir", "/m", "--sasrec-dir", "/s", "--shard", "1/2"])
+    assert beauty_llm.parse_args(["--cpu-recipe", "--sasrec-dir", "/s"]).eval_processes == 2
+    assert recipe_shard.eval_processes == 1 and (recipe_shard.shard, recipe_shard.num_shards) == (1, 2)
     for argv, says in ((["--shard", "0/2"], "add --model-dir"), (["--shard", "2/2", "--model-dir", "/m"], "0 <= I < N"),
+                       (["--shard", "0/2", "--model-dir", "/m", "--eval-processes", "2"], "leave out --eval-processes"),
                        (["--merge-ranks", str(a), "--shard", "0/2"], "only reads the shards' folders")):
         with pytest.raises(SystemExit):
             beauty_llm.parse_args(argv)
         assert says in capsys.readouterr().err
+
+
+def test_search_in_processes_gives_the_one_process_table(tmp_path):
+    """evaluate_saved_model_in_processes (beauty_llm --eval-processes, beauty_llm_eval's `processes`): spawned
+    processes over shards of the users give the users, ranks, means and intervals of one process, and predictions in
+    the same user order; the linking and unconstrained checks run once (first shard)."""
+    import torch
+
+    from animind_assets.defs.beauty.beauty_llm_eval import BeautyLlmEvalConfig
+    from animind_assets.lib.llm.finetune import run_finetune, save_model_folder
+    from animind_assets.lib.llm.infer import load_sid_model
+    from animind_assets.lib.llm.sequence_eval import SeqEvalConfig, evaluate_next_item_lm, evaluate_saved_model_in_processes
+    from animind_assets_tests.llm_fixtures import tiny_finetune_config
+
+    items, inter, sids = tiny_beauty()
+    df = build_next_item_dataset(items, inter, sids, CFG).frame
+    lookup = item_lookup(items, sids)
+    tok = smollm2_tokenizer()
+    res = run_finetune(df, lookup, tiny_finetune_config(phase1_max_steps=1, phase2_max_steps=1, english_ppl=False,
+                                                        linking_eval_items=0), tmp_path / "work", special_tokens=(),
+                       base=(tiny_llama(tok), tok))
+    save_model_folder(res, lookup, tmp_path / "model")
+    split = SequenceSplit.from_sequences(_seqs(inter), n_items=items.height)
+    cfg = SeqEvalConfig(test_users=9, seed=3, num_beams=12, n_boot=50, unconstrained_users=2, linking_items=2)
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)  # as each spawned process: the same float sums, so the same near-tied beams
+    try:
+        one = evaluate_next_item_lm(load_sid_model(tmp_path / "model", num_threads=1), df, split, cfg)
+    finally:
+        torch.set_num_threads(before)
+    two = evaluate_saved_model_in_processes(str(tmp_path / "model"), df, split, cfg, processes=2, threads=1)
+    assert two.lm.users.tolist() == one.lm.users.tolist()
+    for mode in ("masked", "unmasked"):
+        assert two.lm.ranks[mode].tolist() == one.lm.ranks[mode].tolist()
+    assert two.lm.metrics == one.lm.metrics and two.lm.ci == one.lm.ci and two.popularity.metrics == one.popularity.metrics
+    assert two.predictions["user_id"].to_list() == one.predictions["user_id"].to_list()
+    assert two.predictions["ranked_items"].to_list() == one.predictions["ranked_items"].to_list()
+    assert two.summary["processes"] == 2 and two.summary["users"] == 9 and two.summary["valid_id_rate"] == 1.0
+    assert "unconstrained_valid_id_rate" in two.summary and "sid_to_title_retrieval@1" in two.summary
+    with pytest.raises(ValueError, match="processes must be >= 1"):
+        evaluate_saved_model_in_processes(str(tmp_path / "model"), df, split, cfg, processes=0)
+    fields = BeautyLlmEvalConfig.model_fields
+    assert "processes" in fields and "shard" not in fields and "num_shards" not in fields

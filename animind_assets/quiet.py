@@ -119,6 +119,7 @@ class LibraryChatter:
         self._previous_show = None
         self._levels: dict[str, int] = {}
         self._active = False
+        self._tqdm_init = None  # tqdm.std.tqdm.__init__ before start() silenced bars of an already imported tqdm
 
     def start(self) -> LibraryChatter:
         if self.verbose or self._active:
@@ -149,6 +150,20 @@ class LibraryChatter:
                 hf_logging.disable_progress_bar()
             except Exception:  # noqa: BLE001 - a missing switch only means more output
                 pass
+        if "tqdm" in sys.modules and self._tqdm_init is None:
+            # tqdm reads TQDM_DISABLE when it is imported: a command that imported it before start() (e.g. through
+            # transformers while parsing its flags) would still draw bars, such as GGUF's "Converting and de-quantizing"
+            import tqdm.std
+
+            original = tqdm.std.tqdm.__init__
+
+            def quiet_init(bar, *args, **kwargs):
+                if len(args) < 10:  # `disable` is the 11th positional parameter of tqdm()
+                    kwargs["disable"] = True
+                original(bar, *args, **kwargs)
+
+            self._tqdm_init = original
+            tqdm.std.tqdm.__init__ = quiet_init
         if "datasets" in sys.modules:
             try:
                 import datasets
@@ -172,6 +187,11 @@ class LibraryChatter:
             warnings.showwarning = self._previous_show
         for name, level in self._levels.items():
             logging.getLogger(name).setLevel(level)
+        if self._tqdm_init is not None:
+            import tqdm.std
+
+            tqdm.std.tqdm.__init__ = self._tqdm_init
+            self._tqdm_init = None
         self._active = False
 
     def write(self, path: Path) -> Path | None:

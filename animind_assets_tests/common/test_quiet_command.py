@@ -61,3 +61,24 @@ def test_dagster_event_lines_only_with_verbose(capfd):
     loud = "".join(capfd.readouterr())
     assert "STEP_START" not in quiet and "RUN_SUCCESS" not in quiet
     assert "STEP_START" in loud or "RUN_SUCCESS" in loud
+
+
+def test_bars_of_a_tqdm_imported_before_the_command_are_silenced_then_restored(tmp_path):
+    """tqdm reads TQDM_DISABLE only at import: a tqdm already imported (here, by pytest's plugins or this line)
+    still draws no bar inside quiet_command (the GGUF "Converting and de-quantizing" bar once did), and draws again
+    after it; with verbose it is left alone."""
+    import io
+
+    import tqdm.auto
+
+    def bar_text() -> str:
+        buf = io.StringIO()
+        for _ in tqdm.auto.tqdm(range(3), desc="Converting", file=buf, disable=False):
+            pass
+        return buf.getvalue()
+
+    with quiet_command(False, tmp_path / "w.txt"):
+        assert bar_text() == ""
+    assert "Converting" in bar_text()
+    with quiet_command(True, tmp_path / "w.txt"):
+        assert "Converting" in bar_text()

@@ -638,12 +638,14 @@ def _run(args: argparse.Namespace) -> int:
     ecfg = SeqEvalConfig(test_users=args.test_users, seed=args.seed, num_beams=args.beams, masking=args.masking,
                          n_boot=args.n_boot, linking_items=args.linking_items, shard=args.shard, num_shards=args.num_shards)
     if args.num_shards > 1:
-        log(f"shard {args.shard} of {args.num_shards}: every {args.num_shards}th of these users from position {args.shard} "
+        n, i = args.num_shards, args.shard
+        log(f"shard {i} of {n}: the seeded users at positions {i}, {i + n}, {i + 2 * n}, ... of their sorted list "
             "(merge the shards with --merge-ranks)")
     if args.eval_processes > 1 and not args.gpu and args.num_shards == 1:
         # fresh processes of one thread each: on this 2-core CPU twice the users/s of one 2-thread search (docs/beauty.md)
         ev = evaluate_saved_model_in_processes(str(model_dir), ds.frame, split, ecfg, args.eval_processes,
-                                               threads=max(1, args.threads // args.eval_processes), dtype=args.eval_dtype, log=log)
+                                               threads=max(1, args.threads // args.eval_processes), dtype=args.eval_dtype, log=log,
+                                               quiet=not args.verbose)
     else:
         sm = load_sid_model(model_dir, num_threads=args.threads, device="cuda" if args.gpu else "cpu", dtype=args.eval_dtype)
         ev = evaluate_next_item_lm(sm, ds.frame, split, ecfg, log=log)

@@ -255,6 +255,10 @@ def _shard_worker(job: dict) -> dict:
     def log(msg: str) -> None:
         print(f"[{time.strftime('%H:%M:%S')}] {tag}: {msg}", flush=True)
 
+    if job["quiet"]:  # the parent's quiet command holds warnings back; a spawned process starts with the defaults
+        import warnings
+
+        warnings.simplefilter("ignore")
     torch.set_num_threads(job["threads"])
     sm = load_sid_model(job["model_dir"], num_threads=job["threads"], device="cpu", dtype=job["dtype"])
     out = evaluate_next_item_lm(sm, job["dataset"], job["split"], job["cfg"], log=log if job["log"] else None)
@@ -264,14 +268,16 @@ def _shard_worker(job: dict) -> dict:
 
 def evaluate_saved_model_in_processes(model_dir: str, dataset: pl.DataFrame, split: SequenceSplit, cfg: SeqEvalConfig,
                                       processes: int, threads: int = 1, dtype: str = "float32",
-                                      log: LogFn | None = None) -> SeqEvalOutput:
+                                      log: LogFn | None = None, quiet: bool = False) -> SeqEvalOutput:
     """``evaluate_next_item_lm`` of the saved ``finetuned_model`` folder ``model_dir`` on CPU, split over
     ``processes`` spawned processes of ``threads`` torch threads each (shard k = every ``processes``-th seeded user
     from position k, ``shard_rows``), merged with ``merge_shard_ranks``: the same users, means and bootstrap
     intervals as one process would report (a one-thread matmul can round differently from a two-thread one, so a few
     near-tied beams may change places). On a 2-core CPU two 1-thread processes searched 2.7 users/s each against
     2.6-2.8 users/s for one 2-thread process (``docs/beauty.md``). The unconstrained check and the linking accuracy
-    run in the first shard only. ``summary['users_per_s']`` is users over the wall time of the search.
+    run in the first shard only. ``summary['users_per_s']`` is users over the wall time of the search. Each process
+    prints its progress lines ("shard k/N: ...") to stdout; ``quiet`` ignores Python warnings there (the libraries'
+    bars and log levels follow the environment the parent set, e.g. ``quiet_command``'s).
     ValueError for ``processes < 1`` or a sharded ``cfg``; a failed shard raises its error here."""
     from concurrent.futures import ProcessPoolExecutor
     from dataclasses import replace
@@ -283,7 +289,7 @@ def evaluate_saved_model_in_processes(model_dir: str, dataset: pl.DataFrame, spl
     log = log or (lambda _m: None)
     t0 = time.perf_counter()
     jobs = [{"model_dir": str(model_dir), "dataset": dataset, "split": split, "threads": threads, "dtype": dtype,
-             "log": True, "cfg": replace(cfg, shard=k, num_shards=processes,
+             "log": True, "quiet": quiet, "cfg": replace(cfg, shard=k, num_shards=processes,
                                          unconstrained_users=cfg.unconstrained_users if k == 0 else 0,
                                          linking_items=cfg.linking_items if k == 0 else 0)} for k in range(processes)]
     log(f"LM constrained beam search in {processes} processes x {threads} thread(s)")

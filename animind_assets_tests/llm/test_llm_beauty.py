@@ -578,12 +578,9 @@ def test_layer_pruning_keeps_the_first_and_the_last_blocks_and_the_model_folder_
         assert torch.allclose(sm.model(probe).logits, res.model.eval()(probe).logits, atol=1e-5)
 
 
-def test_benchmark_model_dir_evaluates_a_saved_folder_only_with_the_same_ids(tmp_path):
-    """beauty_llm --model-dir: the saved folder is evaluated when its IDs equal those the flags build, and refused
-    (naming the folder) when they differ; it cannot be combined with training flags."""
-    import argparse
-
-    from animind_assets.benchmarks.beauty_llm import _saved_folder, parse_args
+def _saved_tiny_model(tmp_path):
+    """The tiny split fine-tuned for one step per phase and saved to ``tmp_path / "model"``: (items, inter, sids,
+    dataset frame, lookup)."""
     from animind_assets.lib.llm.finetune import run_finetune, save_model_folder
     from animind_assets_tests.llm_fixtures import tiny_finetune_config
 
@@ -595,6 +592,17 @@ def test_benchmark_model_dir_evaluates_a_saved_folder_only_with_the_same_ids(tmp
                                                         linking_eval_items=0), tmp_path / "work", special_tokens=(),
                        base=(tiny_llama(tok), tok))
     save_model_folder(res, lookup, tmp_path / "model")
+    return items, inter, sids, df, lookup
+
+
+def test_benchmark_model_dir_evaluates_a_saved_folder_only_with_the_same_ids(tmp_path):
+    """beauty_llm --model-dir: the saved folder is evaluated when its IDs equal those the flags build, and refused
+    (naming the folder) when they differ; it cannot be combined with training flags."""
+    import argparse
+
+    from animind_assets.benchmarks.beauty_llm import _saved_folder, parse_args
+
+    items, inter, sids, df, lookup = _saved_tiny_model(tmp_path)
     args = argparse.Namespace(model_dir=str(tmp_path / "model"), next_id_format=CFG.next_id_format)
     folder, metrics, stop, _ = _saved_folder(args, lookup, log=lambda _m: None)
     assert folder == tmp_path / "model" and metrics["total_steps"] == 2 and stop.startswith("--model-dir")
@@ -968,19 +976,10 @@ def test_search_in_processes_gives_the_one_process_table(tmp_path):
     import torch
 
     from animind_assets.defs.beauty.beauty_llm_eval import BeautyLlmEvalConfig
-    from animind_assets.lib.llm.finetune import run_finetune, save_model_folder
     from animind_assets.lib.llm.infer import load_sid_model
     from animind_assets.lib.llm.sequence_eval import SeqEvalConfig, evaluate_next_item_lm, evaluate_saved_model_in_processes
-    from animind_assets_tests.llm_fixtures import tiny_finetune_config
 
-    items, inter, sids = tiny_beauty()
-    df = build_next_item_dataset(items, inter, sids, CFG).frame
-    lookup = item_lookup(items, sids)
-    tok = smollm2_tokenizer()
-    res = run_finetune(df, lookup, tiny_finetune_config(phase1_max_steps=1, phase2_max_steps=1, english_ppl=False,
-                                                        linking_eval_items=0), tmp_path / "work", special_tokens=(),
-                       base=(tiny_llama(tok), tok))
-    save_model_folder(res, lookup, tmp_path / "model")
+    items, inter, sids, df, lookup = _saved_tiny_model(tmp_path)
     split = SequenceSplit.from_sequences(_seqs(inter), n_items=items.height)
     cfg = SeqEvalConfig(test_users=9, seed=3, num_beams=12, n_boot=50, unconstrained_users=2, linking_items=2)
     before = torch.get_num_threads()

@@ -636,7 +636,7 @@ def _run(args: argparse.Namespace) -> int:
         model_dir, m, stop_reason, ws_mode, ft_seconds = _finetune(args, fcfg, ds, lookup, items, codebooks, out, log)
         steps = int(m.get("total_steps", 0))
     ecfg = SeqEvalConfig(test_users=args.test_users, seed=args.seed, num_beams=args.beams, masking=args.masking,
-                         n_boot=args.n_boot, linking_items=args.linking_items, shard=args.shard, num_shards=args.num_shards)
+                         n_boot=args.n_boot, linking_items=args.linking_items)
     if args.num_shards > 1:
         n, i = args.num_shards, args.shard
         log(f"shard {i} of {n}: the seeded users at positions {i}, {i + n}, {i + 2 * n}, ... of their sorted list "
@@ -648,7 +648,7 @@ def _run(args: argparse.Namespace) -> int:
                                                quiet=not args.verbose)
     else:
         sm = load_sid_model(model_dir, num_threads=args.threads, device="cuda" if args.gpu else "cpu", dtype=args.eval_dtype)
-        ev = evaluate_next_item_lm(sm, ds.frame, split, ecfg, log=log)
+        ev = evaluate_next_item_lm(sm, ds.frame, split, ecfg, log=log, shard=args.shard, num_shards=args.num_shards)
     load_end = load_avg()
     extra = {"train s": round(ft_seconds), "steps": steps, "users/s": round(ev.summary["users_per_s"], 2)}
     lm_rows = [{**ev.lm.row(mode), **extra, "valid-ID": ev.summary["valid_id_rate"]} for mode in ("masked", "unmasked")]

@@ -889,7 +889,7 @@ def test_a_changed_lr_decay_frac_never_resumes_the_old_work_folder(tmp_path):
 
 
 def test_sharded_evaluation_merges_to_the_unsharded_one(tiny_lm):
-    """Shards (SeqEvalConfig.shard/num_shards) are disjoint, cover the seeded users, and their ranks merged
+    """Shards (evaluate_next_item_lm's shard/num_shards) are disjoint, cover the seeded users, and their ranks merged
     (merge_shard_ranks + results_from_ranks) give exactly the unsharded evaluation's means and intervals."""
     from types import SimpleNamespace
 
@@ -901,7 +901,7 @@ def test_sharded_evaluation_merges_to_the_unsharded_one(tiny_lm):
     split = SequenceSplit.from_sequences(_seqs(inter), n_items=items.height)
     base = dict(test_users=9, seed=3, num_beams=12, n_boot=50, unconstrained_users=0, linking_items=0)
     whole = evaluate_next_item_lm(sm, df, split, SeqEvalConfig(**base))
-    parts = [evaluate_next_item_lm(sm, df, split, SeqEvalConfig(**base, shard=i, num_shards=2)) for i in (0, 1)]
+    parts = [evaluate_next_item_lm(sm, df, split, SeqEvalConfig(**base), shard=i, num_shards=2) for i in (0, 1)]
     assert [len(p.lm.users) for p in parts] == [5, 4] and parts[1].summary["shard"] == 1
     assert not set(parts[0].lm.users.tolist()) & set(parts[1].lm.users.tolist())
     frames = [ranks_frame(SimpleNamespace(lm=p.lm, popularity=p.popularity), split) for p in parts]
@@ -916,7 +916,7 @@ def test_sharded_evaluation_merges_to_the_unsharded_one(tiny_lm):
     with pytest.raises(ValueError, match="not in it"):  # the shards of another seed's users
         merge_shard_ranks(frames, len(split), 9, 4)
     with pytest.raises(ValueError, match="0 <= shard < num_shards"):
-        SeqEvalConfig(shard=2, num_shards=2).validate()
+        evaluate_next_item_lm(sm, df, split, SeqEvalConfig(**base), shard=2, num_shards=2)
 
 
 def _shard_folder(path, shard, n, rows, model_dir="/m", lm=0):
@@ -1000,4 +1000,4 @@ def test_search_in_processes_gives_the_one_process_table(tmp_path):
     with pytest.raises(ValueError, match="processes must be >= 1"):
         evaluate_saved_model_in_processes(str(tmp_path / "model"), df, split, cfg, processes=0)
     fields = BeautyLlmEvalConfig.model_fields
-    assert "processes" in fields and "shard" not in fields and "num_shards" not in fields
+    assert "processes" in fields and "shard" not in fields

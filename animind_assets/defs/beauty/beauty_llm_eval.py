@@ -40,7 +40,6 @@ BeautyLlmEvalConfig = derive_config(
     SeqEvalConfig,
     name="BeautyLlmEvalConfig",
     asset=ASSET,
-    exclude=("shard", "num_shards"),  # an asset evaluates every seeded user; `processes` splits them inside one run
     extra={
         "model_dir": (str, Field("", description="model folder; '' = <artifacts>/beauty_finetuned_model")),
         "num_threads": (int, Field(2, description="torch CPU threads (0 = leave as is)")),

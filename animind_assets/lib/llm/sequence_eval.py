@@ -62,11 +62,8 @@ class SeqEvalConfig:
     engine: str = "cached"  # 'cached' (each prompt encoded once, its KV cache copied to its beams; batched) | 'hf' (generate)
     unconstrained_users: int = 20  # users for the unconstrained greedy valid-ID reference (0 = off)
     linking_items: int = 30  # training items per direction for ID <-> text accuracy (0 = off)
-    shard: int = 0  # with num_shards > 1: evaluate only shard `shard` (0-based) of the seeded users (rows[shard::num_shards])
-    num_shards: int = 1  # split the users over this many processes or machines; merge their ranks with merge_shard_ranks
 
     def validate(self) -> SeqEvalConfig:
-        shard_rows(np.arange(0), self.shard, self.num_shards)  # ValueError for a shard outside 0..num_shards-1
         if self.num_beams < 10:
             raise ValueError(f"num_beams ({self.num_beams}) must be >= 10 for Recall@10")
         if self.masking not in ("filter", "trie"):
@@ -123,14 +120,20 @@ def evaluate_next_item_lm(
     split: SequenceSplit,
     cfg: SeqEvalConfig | None = None,
     log: LogFn | None = None,
+    shard: int = 0,
+    num_shards: int = 1,
 ) -> SeqEvalOutput:
     """LM and popularity on the same user rows of ``split`` (see module docstring). ``sm`` must be
     able to name every item of the split (the lookup covers ``0..n_items-1`` items with IDs); a
-    target without an ID counts as a miss and is counted in ``targets_without_sid``."""
+    target without an ID counts as a miss and is counted in ``targets_without_sid``.
+
+    ``num_shards > 1``: only shard ``shard`` (0-based) of the seeded users, ``shard_rows`` (every ``num_shards``-th
+    from position ``shard``), for one evaluation split over processes or machines; merge the shards' ranks with
+    ``merge_shard_ranks``. ValueError for a shard outside ``0..num_shards-1``."""
     cfg = (cfg or SeqEvalConfig()).validate()
     log = log or (lambda _m: None)
     t0 = time.perf_counter()
-    rows = shard_rows(split.subset(cfg.test_users, seed=cfg.seed), cfg.shard, cfg.num_shards)
+    rows = shard_rows(split.subset(cfg.test_users, seed=cfg.seed), shard, num_shards)
     prompts, prefixes = heldout_prompts(dataset, split, rows, sids=sm.sids)
     if prefixes is not None and cfg.engine != "cached":
         raise ValueError(f"engine {cfg.engine!r} cannot evaluate the 'sequence' form of task B: use engine 'cached'")
@@ -174,8 +177,8 @@ def evaluate_next_item_lm(
         "catalog_in_model": len(known),
         "masking_rule": cfg.masking,
         "num_beams": cfg.num_beams,
-        "shard": cfg.shard,
-        "num_shards": cfg.num_shards,
+        "shard": shard,
+        "num_shards": num_shards,
         "generation_seconds": gen_seconds,
         "users_per_s": extra["users_per_s"],
         "valid_id_rate": extra["valid_id_rate"],
@@ -250,7 +253,7 @@ def _shard_worker(job: dict) -> dict:
 
     from animind_assets.lib.llm.infer import load_sid_model
 
-    tag = f"shard {job['cfg'].shard + 1}/{job['cfg'].num_shards}"
+    tag = f"shard {job['shard'] + 1}/{job['num_shards']}"
 
     def log(msg: str) -> None:
         print(f"[{time.strftime('%H:%M:%S')}] {tag}: {msg}", flush=True)
@@ -261,7 +264,8 @@ def _shard_worker(job: dict) -> dict:
         warnings.simplefilter("ignore")
     torch.set_num_threads(job["threads"])
     sm = load_sid_model(job["model_dir"], num_threads=job["threads"], device="cpu", dtype=job["dtype"])
-    out = evaluate_next_item_lm(sm, job["dataset"], job["split"], job["cfg"], log=log if job["log"] else None)
+    out = evaluate_next_item_lm(sm, job["dataset"], job["split"], job["cfg"], log=log, shard=job["shard"],
+                                num_shards=job["num_shards"])
     return {"users": out.lm.users, "lm": out.lm.ranks, "popularity": out.popularity.ranks, "extra": out.lm.extra,
             "predictions": out.predictions, "summary": out.summary}
 
@@ -278,18 +282,18 @@ def evaluate_saved_model_in_processes(model_dir: str, dataset: pl.DataFrame, spl
     run in the first shard only. ``summary['users_per_s']`` is users over the wall time of the search. Each process
     prints its progress lines ("shard k/N: ...") to stdout; ``quiet`` ignores Python warnings there (the libraries'
     bars and log levels follow the environment the parent set, e.g. ``quiet_command``'s).
-    ValueError for ``processes < 1`` or a sharded ``cfg``; a failed shard raises its error here."""
+    ValueError for ``processes < 1``; a failed shard raises its error here."""
     from concurrent.futures import ProcessPoolExecutor
     from dataclasses import replace
     import multiprocessing as mp
 
     cfg = cfg.validate()
-    if processes < 1 or cfg.num_shards != 1:
-        raise ValueError(f"processes must be >= 1 and cfg unsharded, got {processes} processes, num_shards {cfg.num_shards}")
+    if processes < 1:
+        raise ValueError(f"processes must be >= 1, got {processes}")
     log = log or (lambda _m: None)
     t0 = time.perf_counter()
     jobs = [{"model_dir": str(model_dir), "dataset": dataset, "split": split, "threads": threads, "dtype": dtype,
-             "log": True, "quiet": quiet, "cfg": replace(cfg, shard=k, num_shards=processes,
+             "quiet": quiet, "shard": k, "num_shards": processes, "cfg": replace(cfg,
                                          unconstrained_users=cfg.unconstrained_users if k == 0 else 0,
                                          linking_items=cfg.linking_items if k == 0 else 0)} for k in range(processes)]
     log(f"LM constrained beam search in {processes} processes x {threads} thread(s)")

@@ -443,24 +443,6 @@ def _saved_folder(args, lookup, log, dcfg: SeqLlmDataConfig | None = None):
     return folder, m, f"--model-dir: trained there, {info.get('stop_reason', '?')}", str(ws.get("mode", "n/a"))
 
 
-def ranks_frame(ev, split):
-    """Per-user 0-based target ranks of an evaluation (``SeqEvalOutput`` ``ev`` on ``SequenceSplit`` ``split``), one row
-    per evaluated user: ``user_row`` (int64, the row in ``split``; ``split.subset(n, seed)`` selects the seeded
-    subsets), ``user_id``, ``lm_masked``, ``lm_unmasked``, ``popularity_masked``, ``popularity_unmasked`` (int64; a
-    hit at K is rank < K; the LM's ranks come from its beam list, where a target outside the list has rank 10,
-    the largest K reported; popularity's are exact full-catalog ranks). Saved as ``<out>/ranks.parquet`` so two runs can be compared user by user, or on a
-    subset of the users evaluated."""
-    import polars as pl
-
-    row_of = {int(u): i for i, u in enumerate(split.users.tolist())}
-    ids = [int(u) for u in ev.lm.users.tolist()]
-    return pl.DataFrame({
-        "user_row": [row_of[u] for u in ids], "user_id": ids,
-        **{f"lm_{m}": ev.lm.ranks[m].astype("int64") for m in ("masked", "unmasked")},
-        **{f"popularity_{m}": ev.popularity.ranks[m].astype("int64") for m in ("masked", "unmasked")},
-    })
-
-
 def build_finetune_config(args: argparse.Namespace):
     """The ``FinetuneConfig`` (``lib/llm/finetune_config.py``) of the parsed command line ``args``: every fine-tune flag
     maps to one field (the same fields the asset ``beauty_finetuned_model`` shows in the launchpad)."""
@@ -584,7 +566,12 @@ def _run(args: argparse.Namespace) -> int:
     from animind_assets.lib.data.amazon_split import load_prepared_split
     from animind_assets.lib.llm.infer import load_sid_model
     from animind_assets.lib.llm.sequence_data import SeqLlmDataConfig, build_next_item_dataset, item_lookup
-    from animind_assets.lib.llm.sequence_eval import SeqEvalConfig, evaluate_next_item_lm, evaluate_saved_model_in_processes
+    from animind_assets.lib.llm.sequence_eval import (
+        SeqEvalConfig,
+        evaluate_next_item_lm,
+        evaluate_saved_model_in_processes,
+        ranks_frame,
+    )
     from animind_assets.lib.retrieval.evaluation import PUBLISHED_BEAUTY, SequenceSplit, format_table, protocol, shard_rows, subset_note
 
     def log(msg: str) -> None:
@@ -641,7 +628,7 @@ def _run(args: argparse.Namespace) -> int:
         n, i = args.num_shards, args.shard
         log(f"shard {i} of {n}: the seeded users at positions {i}, {i + n}, {i + 2 * n}, ... of their sorted list "
             "(merge the shards with --merge-ranks)")
-    if args.eval_processes > 1 and not args.gpu and args.num_shards == 1:
+    if args.eval_processes > 1 and not args.gpu:  # parse_args sets 1 with --shard
         # fresh processes of one thread each: on this 2-core CPU twice the users/s of one 2-thread search (docs/beauty.md)
         ev = evaluate_saved_model_in_processes(str(model_dir), ds.frame, split, ecfg, args.eval_processes,
                                                threads=max(1, args.threads // args.eval_processes), dtype=args.eval_dtype, log=log,

@@ -433,10 +433,10 @@ def test_benchmark_cpu_recipe_sets_z1s_flags_but_keeps_explicit_values(monkeypat
 
 
 def test_benchmark_ranks_frame_maps_users_to_their_split_rows():
-    """``beauty_llm.ranks_frame``: one row per evaluated user, with the row in the split that ``subset`` selects by."""
+    """``sequence_eval.ranks_frame`` (``beauty_llm``'s ``<out>/ranks.parquet``): one row per evaluated user, with the row in the split that ``subset`` selects by."""
     from types import SimpleNamespace
 
-    from animind_assets.benchmarks.beauty_llm import ranks_frame
+    from animind_assets.lib.llm.sequence_eval import ranks_frame
     from animind_assets.lib.retrieval.evaluation import SequenceSplit
 
     split = SequenceSplit.from_sequences({7: [0, 1, 2, 3], 3: [1, 2, 3], 9: [3, 2, 1, 0]}, n_items=5)
@@ -893,7 +893,7 @@ def test_sharded_evaluation_merges_to_the_unsharded_one(tiny_lm):
     (merge_shard_ranks + results_from_ranks) give exactly the unsharded evaluation's means and intervals."""
     from types import SimpleNamespace
 
-    from animind_assets.benchmarks.beauty_llm import ranks_frame
+    from animind_assets.lib.llm.sequence_eval import ranks_frame
     from animind_assets.lib.llm.sequence_eval import SeqEvalConfig, evaluate_next_item_lm, merge_shard_ranks, results_from_ranks
 
     sm, items, inter, sids = tiny_lm

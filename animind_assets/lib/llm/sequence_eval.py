@@ -208,6 +208,22 @@ def evaluate_next_item_lm(
 RANK_COLUMNS = ("lm_masked", "lm_unmasked", "popularity_masked", "popularity_unmasked")
 
 
+def ranks_frame(ev, split):
+    """Per-user 0-based target ranks of an evaluation (``SeqEvalOutput`` ``ev`` on ``SequenceSplit`` ``split``), one row
+    per evaluated user: ``user_row`` (int64, the row in ``split``; ``split.subset(n, seed)`` selects the seeded
+    subsets), ``user_id``, ``lm_masked``, ``lm_unmasked``, ``popularity_masked``, ``popularity_unmasked`` (int64; a
+    hit at K is rank < K; the LM's ranks come from its beam list, where a target outside the list has rank 10,
+    the largest K reported; popularity's are exact full-catalog ranks). ``benchmarks.beauty_llm`` saves it as ``<out>/ranks.parquet`` so two runs can be compared user by user, or on a
+    subset of the users evaluated."""
+    row_of = {int(u): i for i, u in enumerate(split.users.tolist())}
+    ids = [int(u) for u in ev.lm.users.tolist()]
+    return pl.DataFrame({
+        "user_row": [row_of[u] for u in ids], "user_id": ids,
+        **{f"lm_{m}": ev.lm.ranks[m].astype("int64") for m in ("masked", "unmasked")},
+        **{f"popularity_{m}": ev.popularity.ranks[m].astype("int64") for m in ("masked", "unmasked")},
+    })
+
+
 def merge_shard_ranks(frames: list[pl.DataFrame], total_users: int, test_users: int, seed: int) -> pl.DataFrame:
     """One frame of per-user ranks from the shards of one evaluation (each a ``ranks.parquet`` of
     ``benchmarks.beauty_llm``: ``user_row``, ``user_id`` and the int64 ``RANK_COLUMNS``), sorted by ``user_row``.
@@ -266,8 +282,8 @@ def _shard_worker(job: dict) -> dict:
     sm = load_sid_model(job["model_dir"], num_threads=job["threads"], device="cpu", dtype=job["dtype"])
     out = evaluate_next_item_lm(sm, job["dataset"], job["split"], job["cfg"], log=log, shard=job["shard"],
                                 num_shards=job["num_shards"])
-    return {"users": out.lm.users, "lm": out.lm.ranks, "popularity": out.popularity.ranks, "extra": out.lm.extra,
-            "predictions": out.predictions, "summary": out.summary}
+    return {"ranks": ranks_frame(out, job["split"]), "extra": out.lm.extra, "predictions": out.predictions,
+            "summary": out.summary}
 
 
 def evaluate_saved_model_in_processes(model_dir: str, dataset: pl.DataFrame, split: SequenceSplit, cfg: SeqEvalConfig,
@@ -300,11 +316,7 @@ def evaluate_saved_model_in_processes(model_dir: str, dataset: pl.DataFrame, spl
     with ProcessPoolExecutor(max_workers=processes, mp_context=mp.get_context("spawn")) as pool:
         parts = list(pool.map(_shard_worker, jobs))
     wall = time.perf_counter() - t0
-    row_of = {int(u): i for i, u in enumerate(split.users.tolist())}
-    frames = [pl.DataFrame({"user_row": [row_of[int(u)] for u in p["users"].tolist()], "user_id": p["users"].astype("int64"),
-                            **{f"lm_{m}": p["lm"][m] for m in ("masked", "unmasked")},
-                            **{f"popularity_{m}": p["popularity"][m] for m in ("masked", "unmasked")}}) for p in parts]
-    merged = merge_shard_ranks(frames, len(split), cfg.test_users, cfg.seed)
+    merged = merge_shard_ranks([p["ranks"] for p in parts], len(split), cfg.test_users, cfg.seed)
     lm, pop = results_from_ranks(merged, n_boot=cfg.n_boot, seed=cfg.seed)
     seqs = [p["summary"]["users"] for p in parts]
     valid = sum(p["extra"]["valid_id_rate"] * n for p, n in zip(parts, seqs)) / max(sum(seqs), 1)

@@ -191,6 +191,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--lr-decay-frac", type=float, default=0.0,
                    help="the learning rate falls linearly to 0 over the last fraction of --train-seconds (warmup-stable-decay "
                         "over time; FinetuneConfig.lr_decay_frac; 0 = constant after warm-up)")
+    p.add_argument("--compile-blocks", action="store_true",
+                   help="torch.compile each decoder block while a phase trains (FinetuneConfig.compile_blocks; ~1 min of "
+                        "compilation inside --train-seconds, needs a C++ compiler)")
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--max-seq-length", type=int, default=192)
     p.add_argument("--train-layers", type=int, default=2, help="top blocks trained + embeddings/head (0 = all)")
@@ -461,6 +464,7 @@ def build_finetune_config(args: argparse.Namespace):
         distill_temperature=args.distill_temperature, sid_softmax=args.sid_softmax, use_chat_template=not args.no_chat_template,
         lr_decay_frac=args.lr_decay_frac, train_base_token_rows=not args.freeze_base_token_rows,
         replay_ratio=args.replay_ratio, replay_prompts=args.replay_prompts, row_sampling=args.row_sampling,
+        compile_blocks=args.compile_blocks,
     )
 
 

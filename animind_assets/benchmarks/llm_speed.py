@@ -30,6 +30,12 @@ Fine-tune variants (each adds one change to the one before):
    ID-token rows of the tied embedding/head train, as their own parameter
    (``lib/llm/new_token_rows.NewTokenRowsOnly``): no (V, d) gradient, clipping or AdamW update of the ~49k base rows
    at every step. Not the same training (the base rows stay); not in the default list: run ``--variants 5,8``.
+9. variant 8 with ``frozen_blocks_no_grad=False``: the 28 frozen blocks run with autograd's normal mode, as before
+   3 Dec 2026 (since then they run under ``torch.no_grad`` while a phase trains; the same updates,
+   ``lib/llm/block_speed.FrozenBlocksNoGrad``). Not in the default list: run ``--variants 9,8``.
+10. variant 8 with ``compile_blocks=True`` (the benchmarks' ``--compile-blocks``): every decoder block compiled
+   with ``torch.compile(dynamic=True)`` while a phase trains (``lib/llm/block_speed.CompiledBlocks``); its
+   first steps include the compilation, so use ``--steps`` of 40 or more. Not in the default list.
 
 Tokens/s counts the tokens of the training examples (prompt + completion, no padding) per second of
 training steps. Beam search: the fine-tuned model of the last variant ranks the top 10 for ``--users``
@@ -64,6 +70,12 @@ VARIANTS = [
      dict(train_layers=2, fast_loss=True, group_by_length=True, bf16=True, bf16_frozen_weights=False)),
     ("5 with the base vocabulary's rows frozen (train_base_token_rows=False: the new rows are their own parameter)",
      dict(train_layers=2, fast_loss=True, group_by_length=True, bf16=True, train_base_token_rows=False)),
+    ("8 with autograd's normal mode in the frozen blocks (frozen_blocks_no_grad=False: before 3 Dec 2026)",
+     dict(train_layers=2, fast_loss=True, group_by_length=True, bf16=True, train_base_token_rows=False,
+          frozen_blocks_no_grad=False)),
+    ("8 with every decoder block compiled (compile_blocks=True: torch.compile, dynamic shapes)",
+     dict(train_layers=2, fast_loss=True, group_by_length=True, bf16=True, train_base_token_rows=False,
+          compile_blocks=True)),
 ]
 
 

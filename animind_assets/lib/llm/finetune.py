@@ -70,6 +70,7 @@ from animind_assets.lib.llm.base_model import (  # noqa: F401  (public API)
     prune_layers,
     resolve_base,
 )
+from animind_assets.lib.llm.block_speed import CompiledBlocks, FrozenBlocksNoGrad
 from animind_assets.lib.llm.new_token_rows import NewTokenRowsOnly, why_not_applicable
 from animind_assets.lib.llm.warm_start import WarmStartStats, codebooks_from_checkpoint, warm_start_embeddings  # noqa: F401
 from animind_assets.lib.llm.training_data import (  # noqa: F401
@@ -521,7 +522,14 @@ def run_finetune(
         if frozen_bf16 is not None and frozen_bf16.converted:
             log(f"{name}: {frozen_bf16.converted} frozen linear layers held in bfloat16 while training (autocast would "
                 f"re-cast {frozen_bf16.bytes_saved_per_step / 2**20:.0f} MiB of float32 weights at every step)")
-        with split or contextlib.nullcontext(), frozen_bf16 or contextlib.nullcontext():
+        no_grad_blocks = FrozenBlocksNoGrad(model_wrapped, detached_input=bool(hooks)) if cfg.frozen_blocks_no_grad else None
+        if no_grad_blocks is not None and no_grad_blocks.blocks:
+            log(f"{name}: the {no_grad_blocks.blocks} frozen blocks below the trained ones run without autograd (torch.no_grad)")
+        compiled = CompiledBlocks(model_wrapped, "cuda" if torch.cuda.is_available() else "cpu") if cfg.compile_blocks else None
+        if compiled is not None:
+            log(f"{name}: {compiled.blocks} decoder blocks compiled (torch.compile, dynamic shapes); the first steps compile them")
+        with split or contextlib.nullcontext(), frozen_bf16 or contextlib.nullcontext(), \
+                no_grad_blocks or contextlib.nullcontext(), compiled or contextlib.nullcontext():
             m = _run_phase(name, model_wrapped, tok, rows, cfg, lr, steps, work / name, step_offset, log, run, history,
                            extra, distiller, sid_vocab, deadline)
         if budget_cb is not None and budget_cb.stopped and stop_reason == "step budget":

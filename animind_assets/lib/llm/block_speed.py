@@ -7,7 +7,8 @@
   1.59 -> 1.83 steps/s in a throwaway probe, 3 Dec 2026).
 * :class:`CompiledBlocks`: every decoder block's forward is compiled with ``torch.compile(dynamic=True)``
   (TorchInductor; fuses the norms, rotary embeddings, SiLU-gating and residual adds between the matrix products).
-  The first steps pay the compilation (~40-60 s on 2 CPU threads for SmolLM2's 30 blocks); it counts in
+  The first steps pay the compilation (~70 s on 2 CPU threads for SmolLM2's 30 blocks the first time; TorchInductor
+  caches it in /tmp/torchinductor_<user>); it counts in
   ``max_train_seconds``. Needs a C++ compiler for Inductor's CPU backend.
 
 Neither changes what is trained or saved: on exit each block's forward is the plain one again (the validation

@@ -45,8 +45,9 @@ every block trained, batch 32, bf16); estimated at about 10 minutes on one H100/
 (no GPU was available where this was written). An explicit flag wins over each GPU default; the distillation
 default applies only to a run that trains in the sequence form; ``--gpu --model-dir`` evaluates only (no MAL).
 
-``--cpu-recipe``: the best CPU recipe measured (C1 in ``docs/beauty.md``: 2.97x popularity's R@10 on all
-22,363 test users; Z1, the same without compiled blocks: 2.85x): collaborative IDs of a SASRec trained first (``--train-sasrec``, unless ``--sasrec-dir``), the sequence form
+``--cpu-recipe``: the best CPU recipe measured (``docs/beauty.md``: C2, 3.26x popularity's R@10 on all 22,363 test
+users with 5,139 steps in the 30 minutes; C1, the same flags on a host that ran half the steps, 2.97x; Z1, without
+compiled blocks: 2.85x): collaborative IDs of a SASRec trained first (``--train-sasrec``, unless ``--sasrec-dir``), the sequence form
 with 20-item rows and 9-token prompts (no system prompt, instruction ``IDs:``, no chat template), 30 phase-1 steps,
 phase-2 mix 0.1/0.8/0.1, lr 2e-3 falling to 0 over the last 25 % of the 30-minute budget, distillation from the
 SASRec at 0.8, the base vocabulary's rows frozen, the decoder blocks compiled while training (``--compile-blocks``;
@@ -98,8 +99,9 @@ def load_avg() -> str:
         return "load " + " ".join(f"{x:.2f}" for x in os.getloadavg())
 
 
-# C1 (docs/beauty.md, 3 Dec 2026, session 26): R@10 2.97x popularity on all test users after a 30-minute fine-tune on 2 CPU
-# threads = Z1's recipe (2.85x) with the decoder blocks compiled (1.35x the steps)
+# C1/C2 (docs/beauty.md, 3 Dec 2026, sessions 26-27): R@10 2.97x (2,570 steps) / 3.26x (5,139 steps, a faster host)
+# popularity on all test users after a 30-minute fine-tune on 2 CPU threads = Z1's recipe (2.85x) with the decoder
+# blocks compiled (1.35x the steps on the same host)
 CPU_RECIPE = {
     "sids": "sasrec", "next_id_format": "sequence", "max_history": 20, "phase1_steps": 30, "phase2_steps": 8000,
     "phase2_weights": "0.1,0.8,0.1", "lr": 2e-3, "lr_decay_frac": 0.25, "distill_weight": 0.8, "threads": 2,

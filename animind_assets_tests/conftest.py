@@ -29,7 +29,7 @@ def shared_data() -> Path:
 def mal2020_dir() -> Path:
     d = shared_data() / "mal2020"
     if not (d / "anilist.sqlite").exists():
-        pytest.skip(f"../shared/data/mal2020 not found at {d}: shared MAL 2020 data absent, skipping")
+        pytest.skip(f"../shared/data/mal2020 not found at {d}: shared MAL 2020 data absent (set ANIMIND_SHARED_DATA), skipping")
     return d
 
 
@@ -43,7 +43,7 @@ def shared_cases() -> Path:
 def cases_dir() -> Path:
     d = shared_cases()
     if not (d / "README.md").exists():
-        pytest.skip(f"../shared/cases not found at {d}: shared bad-input cases absent, skipping")
+        pytest.skip(f"../shared/cases not found at {d}: shared bad-input cases absent (set ANIMIND_SHARED_CASES), skipping")
     return d
 
 
@@ -51,7 +51,7 @@ def cases_dir() -> Path:
 def beauty_dir() -> Path:
     d = shared_data() / "beauty"
     if not (d / "inter.json").exists():
-        pytest.skip(f"../shared/data/beauty not found at {d}: shared Amazon Beauty data absent, skipping")
+        pytest.skip(f"../shared/data/beauty not found at {d}: shared Amazon Beauty data absent (set ANIMIND_SHARED_DATA), skipping")
     return d
 
 

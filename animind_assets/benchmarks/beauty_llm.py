@@ -111,6 +111,15 @@ CPU_RECIPE = {
 }
 
 
+def _fmt(value, spec: str) -> str:
+    """``format(value, spec)`` for a number; ``-`` where the metric was not measured (None)."""
+    return "-" if value is None else format(float(value), spec)
+
+
+class _HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
+    """The module docstring as written, and every flag's default after its help."""
+
+
 def _shard_arg(text: str) -> tuple[int, int]:
     """``--shard I/N`` -> (I, N), 0 <= I < N (argparse type)."""
     try:
@@ -135,10 +144,12 @@ def _given_flags(parser: argparse.ArgumentParser, argv) -> set[str]:
 def parse_args(argv=None) -> argparse.Namespace:
     from animind_assets.lib.llm.infer import INFERENCE_DTYPE_HELP, INFERENCE_DTYPES
 
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--out", default=str(Path(tempfile.gettempdir()) / "animind_beauty_llm"))
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=_HelpFormatter)
+    p.add_argument("--out", default=str(Path(tempfile.gettempdir()) / "animind_beauty_llm"),
+                   help="results folder: beauty_llm.json, ranks.parquet, the model folder")
     p.add_argument("--data", default="", help="prepared split folder ('' = ../shared/data/beauty)")
-    p.add_argument("--order", default="inter_json", choices=["inter_json", "user_sequence"])
+    p.add_argument("--order", default="inter_json", choices=["inter_json", "user_sequence"],
+                   help="sequence order: inter.json (tiger-cf, chronological) or user_sequence.txt")
     p.add_argument("--sids", default="reference", choices=["reference", "own", "sasrec"],
                    help="reference: tiger-cf index_rqkmeans.json; own: project quantizer on MiniLM vectors of the item words; "
                         "sasrec: collaborative IDs, RQ-KMeans 3x256 of the item embeddings of --sasrec-dir (as TIGER's "
@@ -155,19 +166,20 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--no-chat-template", action="store_true",
                    help="render prompts as plain '### Question: / ### Answer:' text (FinetuneConfig.use_chat_template false; "
                         "SmolLM2's template adds its own system prompt when the system message is empty)")
-    p.add_argument("--cache-dir", default=str(Path(tempfile.gettempdir()) / "animind_bench"))
+    p.add_argument("--cache-dir", default=str(Path(tempfile.gettempdir()) / "animind_bench"),
+                   help="cache of the item-word embeddings (--sids own)")
     p.add_argument("--n-examples", type=int, default=60000, help="training rows generated (A+B+C, before dedup)")
     p.add_argument("--max-history", type=int, default=10, help="items shown as IDs in a next-ID prompt (--gpu: 20, as TIGER)")
     p.add_argument("--title-history", type=int, default=5, help="items shown as words in a word-history prompt")
     p.add_argument("--base-model", default="", help="'' = the embedded SmolLM2-135M-Instruct")
     p.add_argument("--train-seconds", type=float, default=1800.0, help="wall-clock budget of the whole fine-tune")
-    p.add_argument("--phase1-steps", type=int, default=60)
+    p.add_argument("--phase1-steps", type=int, default=60, help="steps of phase 1 (ID <-> item words linking)")
     p.add_argument("--phase2-steps", type=int, default=3000, help="upper bound (rows for it are drawn and tokenized up "
                    "front); the time budget usually stops first")
     p.add_argument("--linking-items", type=int, default=10, help="items per direction for ID <-> words accuracy (0 = off)")
-    p.add_argument("--phase1-weights", default="0.8,0.1,0.1")
-    p.add_argument("--phase2-weights", default="0.1,0.7,0.2")
-    p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--phase1-weights", default="0.8,0.1,0.1", help="phase-1 task mix A,B,C (ID<->words, next ID, words history)")
+    p.add_argument("--phase2-weights", default="0.1,0.7,0.2", help="phase-2 task mix A,B,C")
+    p.add_argument("--lr", type=float, default=1e-3, help="peak learning rate (AdamW)")
     p.add_argument("--warm-start", default="rqvae", choices=["rqvae", "projection", "centroid", "mean", "none"],
                    help="new ID rows: rqvae = ridge from the codebooks to the item words (title centroids without "
                         "codebooks); projection = the codebooks projected into the token space (--sids sasrec/own)")
@@ -176,7 +188,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--train-sasrec", action="store_true",
                    help="first train a SASRec with benchmarks.beauty (--models popularity,sasrec, the same test users) into "
                         "<out>/sasrec and use <out>/sasrec/sasrec_model as --sasrec-dir; its rows join the LM table")
-    p.add_argument("--sasrec-seconds", type=float, default=2400.0, help="with --train-sasrec: its training budget (--gpu: 90)")
+    p.add_argument("--sasrec-seconds", type=float, default=2400.0,
+                   help="with --train-sasrec: its training budget; early stopping on validation NDCG@10 usually ends it first "
+                        "(5-9 min on 2 CPU threads, 3 Dec 2026) (--gpu: 90)")
     p.add_argument("--distill-weight", type=float, default=0.0,
                    help="knowledge distillation from the SASRec of --sasrec-dir (lib/llm/distill.py): weight of its "
                         "next-item softmax in the targets of the sequence form's ID tokens (0 = off)")
@@ -199,17 +213,18 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--compile-blocks", action="store_true",
                    help="torch.compile each decoder block while a phase trains (FinetuneConfig.compile_blocks; ~1 min of "
                         "compilation inside --train-seconds, needs a C++ compiler)")
-    p.add_argument("--batch-size", type=int, default=8)
-    p.add_argument("--max-seq-length", type=int, default=192)
+    p.add_argument("--batch-size", type=int, default=8, help="training rows per step")
+    p.add_argument("--max-seq-length", type=int, default=192, help="tokens per training row (longer rows are skipped, counted)")
     p.add_argument("--train-layers", type=int, default=2, help="top blocks trained + embeddings/head (0 = all)")
     p.add_argument("--keep-layers", type=int, default=0,
                    help="layer pruning: keep the first N-1 blocks of the base model and its last (0 = all 30; FinetuneConfig.keep_layers)")
     p.add_argument("--test-users", type=int, default=500, help="seeded subset of test users (0 = all 22,363)")
-    p.add_argument("--beams", type=int, default=20)
-    p.add_argument("--masking", default="filter", choices=["filter", "trie"])
-    p.add_argument("--n-boot", type=int, default=1000)
+    p.add_argument("--beams", type=int, default=20, help="beam width of the constrained search (>= 10: the top 10 are read from it)")
+    p.add_argument("--masking", default="filter", choices=["filter", "trie"],
+                   help="history items: filter = dropped from the beam list (TIGER's rule); trie = never generated")
+    p.add_argument("--n-boot", type=int, default=1000, help="bootstrap resamples of the 95%% intervals")
     p.add_argument("--seed", type=int, default=0, help="user subset / bootstrap seed (as benchmarks.beauty)")
-    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--threads", type=int, default=2, help="torch CPU threads (split over --eval-processes in the search)")
     p.add_argument("--bf16", action="store_true",
                    help="bf16 autocast during training on CPU (fast only on CPUs with AMX-BF16, 0.61x float32 measured with AVX512-BF16 alone; --gpu sets it)")
     p.add_argument("--eval-dtype", default="float32", choices=list(INFERENCE_DTYPES),
@@ -401,7 +416,7 @@ def _finetune(args, fcfg, ds, lookup, items, codebooks, out: Path, log):
     save_model_folder(ft, lookup, model_dir)
     m = ft.metrics
     log(f"fine-tune: {int(m.get('total_steps', 0))} steps in {ft_seconds:.0f}s ({ft.info['stop_reason']}); phase2 {m.get('phase2_tokens_per_s', 0):.0f} "
-        f"tokens/s; val loss {m.get('phase2_val_loss')}; English ppl ratio {m.get('english_ppl_ratio')}")
+        f"tokens/s; val loss {_fmt(m.get('phase2_val_loss'), '.3f')}; English ppl ratio {_fmt(m.get('english_ppl_ratio'), '.2f')}")
     stop_reason = ft.info["stop_reason"]
     ws_mode = ft.warm_start.mode if ft.warm_start else "none"
     return model_dir, m, stop_reason, ws_mode, ft_seconds
@@ -492,7 +507,8 @@ def merge_main(args: argparse.Namespace) -> int:
     """``--merge-ranks``: read ``beauty_llm.json`` + ``ranks.parquet`` of each shard folder, check they are the shards
     of one evaluation (``SHARD_KEYS`` equal, shard indices exactly ``0..N-1``, users exactly the seeded subset:
     ``merge_shard_ranks``), print the table of all users and write ``<out>/ranks.parquet`` + ``<out>/beauty_llm.json``.
-    Returns 2 with a message naming the folder for a missing, mismatched or doubled shard."""
+    Returns 2 with a message naming the folder for a missing, mismatched or doubled shard, or for the folder of a run
+    that fine-tuned (not a ``--model-dir`` shard)."""
     import polars as pl
 
     from animind_assets.lib.llm.sequence_eval import merge_shard_ranks, results_from_ranks
@@ -506,6 +522,10 @@ def merge_main(args: argparse.Namespace) -> int:
             runs.append((d, meta, pl.read_parquet(d / "ranks.parquet")))
         except (OSError, ValueError) as exc:
             print(f"--merge-ranks {d}: not a finished beauty_llm --shard run ({exc})", file=sys.stderr)
+            return 2
+        if not meta.get("args", {}).get("model_dir"):
+            print(f"--merge-ranks {d}: not a --model-dir --shard run (a run that fine-tuned has its whole table in "
+                  f"{d / 'beauty_llm.json'} already; shards come from --model-dir M --shard I/N)", file=sys.stderr)
             return 2
     first = runs[0][1]["args"]
     for d, meta, _ in runs[1:]:

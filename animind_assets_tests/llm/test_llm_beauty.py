@@ -937,7 +937,7 @@ def _shard_folder(path, shard, n, rows, model_dir="/m", lm=0):
 
 def test_benchmark_merge_ranks_checks_the_shards_and_prints_one_table(tmp_path, capsys):
     """beauty_llm --merge-ranks: the shards of one evaluation give one table over every user; a shard of another
-    model, a missing or doubled shard, or a shard run without --model-dir is refused with exit code 2 / at parsing."""
+    model, a missing or doubled shard, the folder of a run that fine-tuned, or a shard run without --model-dir is refused with exit code 2 / at parsing."""
     import json
 
     from animind_assets.benchmarks import beauty_llm
@@ -958,6 +958,9 @@ def test_benchmark_merge_ranks_checks_the_shards_and_prints_one_table(tmp_path, 
     assert "needs each of 0..1 once" in capsys.readouterr().err
     assert beauty_llm.main(["--merge-ranks", str(a), str(tmp_path / "none"), "--out", str(tmp_path / "x")]) == 2
     assert "not a finished beauty_llm --shard run" in capsys.readouterr().err
+    trained = _shard_folder(tmp_path / "t", 0, 1, list(range(10)), model_dir=None)  # a run that fine-tuned, not a shard
+    assert beauty_llm.main(["--merge-ranks", str(trained), "--out", str(tmp_path / "x")]) == 2
+    assert "not a --model-dir --shard run" in capsys.readouterr().err
     recipe_shard = beauty_llm.parse_args(["--cpu-recipe", "--model-dir", "/m", "--sasrec-dir", "/s", "--shard", "1/2"])
     assert beauty_llm.parse_args(["--cpu-recipe", "--sasrec-dir", "/s"]).eval_processes == 2
     assert recipe_shard.eval_processes == 1 and (recipe_shard.shard, recipe_shard.num_shards) == (1, 2)

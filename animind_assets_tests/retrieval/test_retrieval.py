@@ -759,3 +759,25 @@ def test_rqkmeans_ids_of_item_vectors_are_unique_and_follow_the_clusters():
     bad[7, 3] = np.nan
     with pytest.raises(ValueError, match="row 7"):
         rqkmeans_ids(bad, levels=2, codebook_size=4)
+
+
+def test_training_progress_eta_is_the_budget_left_when_the_time_budget_ends_first(monkeypatch):
+    """``Progress(budget_s=...)`` (SASRec/RPG/TIGER training under ``max_train_seconds``): the ETA is the sooner of the
+    steps left at the current rate and the budget left, marked ``(time budget)`` when the budget ends first."""
+    from animind_assets.lib.common import progress as progress_mod
+
+    now = [1000.0]
+    monkeypatch.setattr(progress_mod.time, "perf_counter", lambda: now[0])
+    lines: list[str] = []
+    p = progress_mod.Progress("sasrec-ce train", total=35000, unit="steps", log=lines.append, every_s=0, budget_s=60)
+    now[0] += 10.0
+    p.update(100)  # 10 steps/s: 3,490 s of steps left, 50 s of budget left
+    assert lines[-1].endswith("ETA 50.0s (time budget)")
+    unbounded = progress_mod.Progress("x", total=35000, unit="steps", log=lines.append, every_s=0)
+    now[0] += 10.0
+    unbounded.update(100)
+    assert lines[-1].endswith("ETA 58m10s")
+    short = progress_mod.Progress("y", total=200, unit="steps", log=lines.append, every_s=0, budget_s=600)
+    now[0] += 10.0
+    short.update(100)  # the steps end before the budget: the plain ETA
+    assert lines[-1].endswith("ETA 10.0s")

@@ -29,6 +29,10 @@ class Progress:
     """Counts work done and logs ``label: done/total (pct) rate/s, elapsed, ETA`` at most every
     ``every_s`` seconds (and always at the end).
 
+    ``budget_s`` (seconds from construction; None or 0 = none): a wall-clock budget that stops the work early. The
+    ETA is then the sooner of "the remaining units at the current rate" and "the budget left", marked
+    ``(time budget)`` when the budget ends first.
+
     >>> p = Progress("embed", total=10, unit="texts", log=print, every_s=0)
     >>> p.update(10)  # doctest: +ELLIPSIS
     embed: 10/10 texts (100.0%) ...
@@ -41,12 +45,14 @@ class Progress:
         unit: str = "items",
         log: LogFn | None = None,
         every_s: float = 5.0,
+        budget_s: float | None = None,
     ) -> None:
         self.label = label
         self.total = total
         self.unit = unit
         self.log = log or _noop
         self.every_s = every_s
+        self.budget_s = budget_s if budget_s and budget_s > 0 else None
         self.done = 0
         self.start = time.perf_counter()
         self._last = self.start - every_s - 1.0 if every_s > 0 else self.start
@@ -66,6 +72,10 @@ class Progress:
             pct = 100.0 * self.done / self.total
             eta = (self.total - self.done) / rate if rate > 0 else float("nan")
             eta_s = fmt_seconds(eta) if eta == eta else "?"
+            if self.budget_s is not None:
+                left = max(0.0, self.budget_s - self.elapsed)
+                if not eta == eta or left < eta:
+                    eta_s = f"{fmt_seconds(left)} (time budget)"
             msg = (
                 f"{self.label}: {self.done}/{self.total} {self.unit} ({pct:.1f}%) "
                 f"{rate:,.1f} {self.unit}/s, elapsed {fmt_seconds(self.elapsed)}, ETA {eta_s}"

@@ -222,7 +222,8 @@ def train_sequence_model(
     t0 = time.perf_counter()
     train_time = 0.0
     positions_done = 0
-    progress = Progress(f"{name} train", total=cfg.epochs * steps_per_epoch, unit="steps", log=log, every_s=60.0)
+    progress = Progress(f"{name} train", total=cfg.epochs * steps_per_epoch, unit="steps", log=log, every_s=60.0,
+                        budget_s=cfg.max_train_seconds)
     scorer = make_scorer(model, cfg.max_len, device)
     model.train()
     while epoch < cfg.epochs:

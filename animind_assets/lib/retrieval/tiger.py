@@ -332,7 +332,8 @@ def train_tiger(
     clock["t0"] = t_start
     stop_reason = ""
     running, running_n = 0.0, 0
-    progress = Progress("tiger train", total=total_steps, unit="steps", log=log, every_s=30.0)
+    progress = Progress("tiger train", total=total_steps, unit="steps", log=log, every_s=30.0,
+                        budget_s=cfg.max_train_seconds - state["train_seconds"] if cfg.max_train_seconds else None)
     progress.done = state["step"]
 
     def do_eval() -> bool:

@@ -3,7 +3,7 @@
     python -m animind_assets.benchmarks.beauty_llm                          # CPU: 30-minute fine-tune budget, 500 test users
     python -m animind_assets.benchmarks.beauty_llm --train-seconds 300 --test-users 200   # a short CPU run
     python -m animind_assets.benchmarks.beauty_llm --gpu                    # GPU scale: Beauty, then the MAL LM benchmark
-    python -m animind_assets.benchmarks.beauty_llm --cpu-recipe --test-users 0   # the best CPU recipe (C1), all test users
+    python -m animind_assets.benchmarks.beauty_llm --cpu-recipe --test-users 0   # the best CPU recipe (C1-C3), all test users
 
 What it runs (the library functions the assets ``beauty_llm_prep_dataset`` -> ``beauty_finetuned_model``
 -> ``beauty_llm_eval`` call):
@@ -246,7 +246,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--skip-mal", action="store_true", help="with --gpu: Beauty only")
     p.add_argument("--verbose", action="store_true", help=VERBOSE_HELP)
     p.add_argument("--cpu-recipe", action="store_true",
-                   help="the best CPU recipe measured (C1, docs/beauty.md; see the module docstring); explicit flags win")
+                   help="the best CPU recipe measured (C1-C3, docs/beauty.md; see the module docstring); explicit flags win")
     args = p.parse_args(argv)
     args.shard, args.num_shards = args.shard
     if args.merge_ranks:

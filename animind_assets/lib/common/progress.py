@@ -25,6 +25,25 @@ def fmt_seconds(seconds: float) -> str:
     return f"{hours}h{minutes:02d}m"
 
 
+def eta_text(done: float, total: float, elapsed_s: float, budget_left_s: float | None = None) -> str:
+    """The ETA of a job ``done`` of ``total`` units after ``elapsed_s`` seconds, as text (``fmt_seconds``; ``?`` before
+    any unit is done): the remaining units at the rate so far or, with ``budget_left_s`` (seconds left of a wall-clock
+    budget that stops the job early), the budget left when that ends the job first, marked ``(time budget)``.
+
+    >>> eta_text(10, 100, 10.0)
+    '1m30s'
+    >>> eta_text(10, 100, 10.0, budget_left_s=30.0)
+    '30.0s (time budget)'
+    """
+    rate = done / elapsed_s if elapsed_s > 0 else 0.0
+    eta = (total - done) / rate if rate > 0 else float("nan")
+    if budget_left_s is not None:
+        left = max(0.0, budget_left_s)
+        if not eta == eta or left < eta:
+            return f"{fmt_seconds(left)} (time budget)"
+    return fmt_seconds(eta) if eta == eta else "?"
+
+
 class Progress:
     """Counts work done and logs ``label: done/total (pct) rate/s, elapsed, ETA`` at most every
     ``every_s`` seconds (and always at the end).
@@ -70,12 +89,9 @@ class Progress:
         rate = self.rate
         if self.total:
             pct = 100.0 * self.done / self.total
-            eta = (self.total - self.done) / rate if rate > 0 else float("nan")
-            eta_s = fmt_seconds(eta) if eta == eta else "?"
-            if self.budget_s is not None:
-                left = max(0.0, self.budget_s - self.elapsed)
-                if not eta == eta or left < eta:
-                    eta_s = f"{fmt_seconds(left)} (time budget)"
+            elapsed = self.elapsed
+            left = None if self.budget_s is None else self.budget_s - elapsed
+            eta_s = eta_text(self.done, self.total, elapsed, left)
             msg = (
                 f"{self.label}: {self.done}/{self.total} {self.unit} ({pct:.1f}%) "
                 f"{rate:,.1f} {self.unit}/s, elapsed {fmt_seconds(self.elapsed)}, ETA {eta_s}"

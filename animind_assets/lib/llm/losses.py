@@ -10,7 +10,7 @@ from dataclasses import dataclass
 
 import torch
 
-from animind_assets.lib.common.progress import fmt_seconds
+from animind_assets.lib.common.progress import eta_text, fmt_seconds
 from animind_assets.lib.semantic_ids.tokens import sid_tokens_used as sid_tokens_used
 from animind_assets.lib.llm.finetune_config import LogFn, noop_log
 from animind_assets.lib.llm.new_token_rows import head_logits, head_rows
@@ -217,15 +217,12 @@ def make_progress_callback(phase: str, step_offset: int, log: LogFn, run, histor
             history.append({"phase": phase, "step": step, **logs})
             el = time.perf_counter() - t0
             done = max(state.global_step, 1)
-            eta = el / done * max(max_steps - state.global_step, 0)
-            left = None if deadline is None else max(deadline - time.perf_counter(), 0.0)
-            budget = left is not None and left < eta
-            eta = left if budget else eta
+            left = None if deadline is None else deadline - time.perf_counter()
             if "loss" in logs:  # the end-of-training summary (train_loss, runtime) is reported by the caller
                 log(
                     f"{phase}: step {state.global_step}/{max_steps} loss {logs['loss']:.4f} "
                     f"acc {logs.get('mean_token_accuracy', float('nan')):.3f} ({done / max(el, 1e-9):.3f} steps/s, "
-                    f"elapsed {fmt_seconds(el)}, ETA {fmt_seconds(eta)}{' (time budget)' if budget else ''})"
+                    f"elapsed {fmt_seconds(el)}, ETA {eta_text(done, max(max_steps, done), el, left)})"
                 )
             if run is not None:
                 run.log_metrics({f"{phase}/{k}": v for k, v in logs.items()}, step=step)

@@ -223,7 +223,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--masking", default="filter", choices=["filter", "trie"],
                    help="history items: filter = dropped from the beam list (TIGER's rule); trie = never generated")
     p.add_argument("--n-boot", type=int, default=1000, help="bootstrap resamples of the 95%% intervals")
-    p.add_argument("--seed", type=int, default=0, help="user subset / bootstrap seed (as benchmarks.beauty)")
+    p.add_argument("--seed", type=int, default=0,
+                   help="user subset / bootstrap seed (as benchmarks.beauty); also seeds the RQ-KMeans of --sids sasrec and "
+                        "the SASRec of --train-sasrec")
+    p.add_argument("--finetune-seed", type=int, default=42,
+                   help="seed of the fine-tune (FinetuneConfig.seed: row draws, data order, new-row init); apart from --seed "
+                        "so that a run can repeat the same IDs and teacher with another fine-tune")
     p.add_argument("--threads", type=int, default=2, help="torch CPU threads (split over --eval-processes in the search)")
     p.add_argument("--bf16", action="store_true",
                    help="bf16 autocast during training on CPU (fast only on CPUs with AMX-BF16, 0.61x float32 measured with AVX512-BF16 alone; --gpu sets it)")
@@ -484,7 +489,7 @@ def build_finetune_config(args: argparse.Namespace):
         distill_temperature=args.distill_temperature, sid_softmax=args.sid_softmax, use_chat_template=not args.no_chat_template,
         lr_decay_frac=args.lr_decay_frac, train_base_token_rows=not args.freeze_base_token_rows,
         replay_ratio=args.replay_ratio, replay_prompts=args.replay_prompts, row_sampling=args.row_sampling,
-        compile_blocks=args.compile_blocks,
+        compile_blocks=args.compile_blocks, seed=args.finetune_seed,
     )
 
 

@@ -466,6 +466,9 @@ def test_benchmark_fine_tune_flags_reach_the_finetune_config(monkeypatch):
     assert beauty_llm.build_finetune_config(beauty_llm.parse_args([])).row_sampling == "passes"
     plain = beauty_llm.build_finetune_config(beauty_llm.parse_args(["--row-sampling", "replacement"]))
     assert plain.replay_ratio == 0.0 and plain.train_base_token_rows is True and plain.row_sampling == "replacement"
+    # --seed (users, RQ-KMeans, SASRec) leaves the fine-tune's seed alone; --finetune-seed sets it
+    assert cfg.seed == 42 and beauty_llm.build_finetune_config(beauty_llm.parse_args(["--seed", "1"])).seed == 42
+    assert beauty_llm.build_finetune_config(beauty_llm.parse_args(["--seed", "1", "--finetune-seed", "43"])).seed == 43
 
 
 @pytest.mark.parametrize("argv,says", [

@@ -298,10 +298,11 @@ def evaluate_saved_model_in_processes(model_dir: str, dataset: pl.DataFrame, spl
     run in the first shard only. ``summary['users_per_s']`` is users over the wall time of the search. Each process
     prints its progress lines ("shard k/N: ...") to stdout; ``quiet`` ignores Python warnings there (the libraries'
     bars and log levels follow the environment the parent set, e.g. ``quiet_command``'s).
-    ValueError for ``processes < 1``; a failed shard raises its error here."""
-    from concurrent.futures import ProcessPoolExecutor
+    ValueError for ``processes < 1``; a failed shard raises its error here. The workers end with this process, even
+    when it is killed mid-search (``lib/common/workers.process_pool``)."""
     from dataclasses import replace
-    import multiprocessing as mp
+
+    from animind_assets.lib.common.workers import process_pool
 
     cfg = cfg.validate()
     if processes < 1:
@@ -313,7 +314,7 @@ def evaluate_saved_model_in_processes(model_dir: str, dataset: pl.DataFrame, spl
                                          unconstrained_users=cfg.unconstrained_users if k == 0 else 0,
                                          linking_items=cfg.linking_items if k == 0 else 0)} for k in range(processes)]
     log(f"LM constrained beam search in {processes} processes x {threads} thread(s)")
-    with ProcessPoolExecutor(max_workers=processes, mp_context=mp.get_context("spawn")) as pool:
+    with process_pool(processes) as pool:  # workers that exit when this process does, however it ends
         parts = list(pool.map(_shard_worker, jobs))
     wall = time.perf_counter() - t0
     merged = merge_shard_ranks([p["ranks"] for p in parts], len(split), cfg.test_users, cfg.seed)

@@ -194,7 +194,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--distill-weight", type=float, default=0.0,
                    help="knowledge distillation from the SASRec of --sasrec-dir (lib/llm/distill.py): weight of its "
                         "next-item softmax in the targets of the sequence form's ID tokens (0 = off)")
-    p.add_argument("--distill-temperature", type=float, default=1.0, help="softmax temperature of the teacher's logits")
+    p.add_argument("--distill-temperature", type=float, default=1.0,
+                   help="softmax temperature of the teacher's logits (0 = fitted by the teacher's NLL, where: "
+                        "--distill-temperature-fit)")
+    p.add_argument("--distill-temperature-fit", default="train", choices=["train", "validation"],
+                   help="with --distill-temperature 0: fit it on task-B training sequences (in-sample) or on the held-out "
+                        "validation item of each validation user (FinetuneConfig.distill_temperature_fit)")
     p.add_argument("--sid-softmax", action="store_true",
                    help="semantic-ID targets normalised over the ID tokens only (FinetuneConfig.sid_softmax; the "
                         "evaluation's beam search scores them the same way)")
@@ -486,7 +491,7 @@ def build_finetune_config(args: argparse.Namespace):
         english_ppl=not args.gpu, linking_eval_items=args.linking_items, eval_examples=16, bf16=args.gpu or args.bf16, lr_scheduler="constant_with_warmup",
         warmup_frac=0.02, warm_start=args.warm_start, phase1_new_rows_lr_mult=args.phase1_new_rows_lr_mult,
         phase2_new_rows_lr_mult=args.phase2_new_rows_lr_mult, distill_weight=args.distill_weight,
-        distill_temperature=args.distill_temperature, sid_softmax=args.sid_softmax, use_chat_template=not args.no_chat_template,
+        distill_temperature=args.distill_temperature, distill_temperature_fit=args.distill_temperature_fit, sid_softmax=args.sid_softmax, use_chat_template=not args.no_chat_template,
         lr_decay_frac=args.lr_decay_frac, train_base_token_rows=not args.freeze_base_token_rows,
         replay_ratio=args.replay_ratio, replay_prompts=args.replay_prompts, row_sampling=args.row_sampling,
         compile_blocks=args.compile_blocks, seed=args.finetune_seed,

@@ -279,3 +279,50 @@ def test_checkpoints_of_another_teacher_are_not_resumed(tmp_path):
                      teacher=FakeTeacher(items.height), teacher_items=items.height, teacher_fingerprint=fp)
         dirs.append(sorted(p.name for p in (tmp_path / "work").iterdir()))
     assert len(dirs[0]) == 1 and len(dirs[1]) == 2 and dirs[2] == dirs[1]  # b gets its own folder; a again reuses a's
+
+
+def test_the_temperature_fitted_on_held_out_items_scores_only_each_sequences_last_item():
+    from animind_assets.lib.llm.distill import fit_temperature
+
+    # logits = 4 x log p at every position; the earlier items of each sequence are always item 0 (a teacher that
+    # memorised its training positions looks sharp there), only the last item is drawn from p
+    p = torch.tensor([0.5, 0.25, 0.15, 0.1])
+    scaled = lambda seqs: torch.log(p).mul(4.0).repeat(sum(len(s) - 1 for s in seqs), 1)  # noqa: E731
+    g = torch.Generator().manual_seed(0)
+    last = torch.multinomial(p, 400, replacement=True, generator=g).tolist()
+    seqs = [[0, 0, 0, 0, x] for x in last]
+    grid = [1.0, 2.0, 4.0, 8.0]
+    t_all, _ = fit_temperature(scaled, seqs, grid=grid)
+    t_last, nll = fit_temperature(scaled, seqs, grid=grid, last_only=True)
+    assert t_last == 4.0 and nll[4.0] < nll[2.0] and nll[4.0] < nll[8.0]
+    assert t_all == 1.0  # in-sample, the three item-0 positions per sequence pull it to the sharpest grid value
+
+
+def test_finetune_fits_the_temperature_on_the_validation_items_when_asked(tmp_path):
+    from animind_assets.lib.llm.finetune import run_finetune
+    from animind_assets.lib.llm.sequence_data import build_next_item_dataset, item_lookup
+    from animind_assets_tests.llm_fixtures import smollm2_tokenizer, tiny_finetune_config, tiny_llama
+
+    items, inter, sids = tiny_beauty()
+    df = build_next_item_dataset(items, inter, sids, SEQ_CFG).frame
+    lookup = item_lookup(items, sids)
+    val = df.filter((pl.col("split") == "validation") & (pl.col("task") == "B"))
+    want = {tuple(h) + (t,) for h, t in val.select("history_anime_ids", "target_anime_id").iter_rows() if len(h)}
+    assert want
+    with pytest.raises(ValueError, match="distill_temperature_fit"):
+        tiny_finetune_config(distill_weight=0.5, distill_temperature=0.0, distill_temperature_fit="test").validate()
+    tok = smollm2_tokenizer()
+    for fit in ("validation", "train"):
+        teacher = FakeTeacher(items.height)
+        cfg = tiny_finetune_config(phase1_max_steps=1, phase2_max_steps=1, english_ppl=False, linking_eval_items=0,
+                                   phase2_weights={"A": 0.0, "B": 1.0, "C": 0.0}, distill_weight=0.5,
+                                   distill_temperature=0.0, distill_temperature_fit=fit)
+        res = run_finetune(df, lookup, cfg, tmp_path / fit, special_tokens=(), base=(tiny_llama(tok), tok),
+                           teacher=teacher, teacher_items=items.height)
+        fitted_on = {tuple(s) for s in teacher.calls[0]}  # the first calls fit the temperature, before any step
+        assert res.metrics["distill_temperature_fitted"] > 0
+        if fit == "validation":
+            assert fitted_on <= want and want <= {tuple(s) for call in teacher.calls for s in call}
+            assert "distill_teacher_nll_t1" in res.metrics
+        else:  # in-sample: training sequences only, never a held-out item
+            assert not fitted_on & want

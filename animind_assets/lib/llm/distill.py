@@ -252,11 +252,16 @@ def ease_teacher(ease, n_items: int) -> Teacher:
     return teacher
 
 
-def fit_temperature(teacher: Teacher, seqs: list[list[int]], grid: Sequence[float] | None = None) -> tuple[float, dict[float, float]]:
+def fit_temperature(teacher: Teacher, seqs: list[list[int]], grid: Sequence[float] | None = None,
+                    last_only: bool = False) -> tuple[float, dict[float, float]]:
     """The softmax temperature of ``teacher``'s logits that minimises the mean negative log-likelihood (nats) of
     each sequence's next item given its prefix, over ``seqs`` (item ids; sequences of one item are skipped; next
     items the teacher gives ``-inf`` are left out) and a log-spaced ``grid`` (default 10^-3 .. 10^1, 25 values).
     Note: fitted on the sequences the student trains on (in-sample), so the temperature tends to come out low.
+    ``last_only``: only the last item of each sequence is scored (given all the items before it): for held-out
+    rows, e.g. each user's validation item after its history, whose earlier positions are training positions;
+    the fit then calibrates the teacher on items it never trained on (Guo et al., "On Calibration of Modern Neural
+    Networks", ICML 2017: temperature scaling fitted on a validation set).
     Returns (best T, {T: NLL}). Raises ``ValueError`` without a sequence of two or more items or without a next
     item the teacher allows."""
     seqs = [list(s) for s in seqs if len(s) >= 2]
@@ -269,6 +274,9 @@ def fit_temperature(teacher: Teacher, seqs: list[list[int]], grid: Sequence[floa
         chunk = seqs[c : c + 16]
         logits = teacher(chunk).float()
         target = torch.as_tensor([a for s in chunk for a in s[1:]], dtype=torch.long)
+        if last_only:  # the teacher's rows are the sequences' positions in order: keep each sequence's last one
+            ends = torch.as_tensor(np.cumsum([len(s) - 1 for s in chunk]) - 1, dtype=torch.long)
+            logits, target = logits[ends], target[ends]
         keep = torch.isfinite(logits.gather(1, target.unsqueeze(1)).squeeze(1))  # targets the teacher rules out: skipped
         logits, target = logits[keep], target[keep]
         for T in grid:

@@ -311,6 +311,8 @@ def test_finetune_fits_the_temperature_on_the_validation_items_when_asked(tmp_pa
     assert want
     with pytest.raises(ValueError, match="distill_temperature_fit"):
         tiny_finetune_config(distill_weight=0.5, distill_temperature=0.0, distill_temperature_fit="test").validate()
+    with pytest.raises(ValueError, match="set distill_temperature 0"):  # a fit that would be silently ignored
+        tiny_finetune_config(distill_weight=0.5, distill_temperature=1.0, distill_temperature_fit="validation").validate()
     tok = smollm2_tokenizer()
     for fit in ("validation", "train"):
         teacher = FakeTeacher(items.height)

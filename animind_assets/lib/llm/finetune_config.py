@@ -148,6 +148,9 @@ class FinetuneConfig:
                              f"{self.distill_temperature}")
         if self.distill_temperature_fit not in ("train", "validation"):
             raise ValueError(f"distill_temperature_fit must be train|validation, got {self.distill_temperature_fit!r}")
+        if self.distill_temperature_fit == "validation" and self.distill_temperature != 0:
+            raise ValueError(f"distill_temperature_fit 'validation' fits the temperature: set distill_temperature 0 (got "
+                             f"{self.distill_temperature}), or distill_temperature_fit 'train' to keep {self.distill_temperature}")
         if self.distill_weight > 0 and not self.fast_loss:
             raise ValueError("distill_weight > 0 needs the completion-only loss (fast_loss = True)")
         if self.sid_softmax and not self.fast_loss:

@@ -412,7 +412,9 @@ def _finetune(args, fcfg, ds, lookup, items, codebooks, out: Path, log):
             raise SystemExit(f"--sasrec-dir {args.sasrec_dir} scores {sas.n_items} items, the split has {items.height}")
         teacher = position_logits_teacher(sas)
         teacher_fp = teacher_fingerprint(*sas.state_dict().values())
-        log(f"distillation teacher: SASRec of {args.sasrec_dir} (weight {args.distill_weight}, T {args.distill_temperature})")
+        t_text = (f"T {args.distill_temperature:g}" if args.distill_temperature else
+                  f"T fitted on the {args.distill_temperature_fit} rows")
+        log(f"distillation teacher: SASRec of {args.sasrec_dir} (weight {args.distill_weight}, {t_text})")
     t0 = time.perf_counter()
     ft = run_finetune(ds.frame, lookup, fcfg, out / "work", codebooks=codebooks, special_tokens=(), log=log,
                       teacher=teacher, teacher_items=items.height, teacher_fingerprint=teacher_fp)

@@ -193,6 +193,7 @@ def build_run_config(args: argparse.Namespace) -> dict:
                     "linking_eval_items": args.linking_items,
                     "distill_weight": args.distill_weight,
                     "distill_temperature": args.distill_temperature,
+                    "distill_temperature_fit": args.distill_temperature_fit,
                     "distill_ease_lambda": args.ease_lambda,
                     "sid_softmax": args.sid_softmax,
                     "lr_decay_frac": args.lr_decay_frac,
@@ -245,7 +246,11 @@ def build_parser() -> argparse.ArgumentParser:
                     help="knowledge distillation from EASE on the training users' lists (lib/llm/distill.py; the "
                          "'sequence' form's rows): weight of the teacher's targets (0 = off)")
     ap.add_argument("--distill-temperature", type=float, default=0.0,
-                    help="softmax temperature of the EASE scores (0 = fitted by the teacher's NLL on training rows)")
+                    help="softmax temperature of the EASE scores (0 = fitted by the teacher's NLL, where: "
+                         "--distill-temperature-fit)")
+    ap.add_argument("--distill-temperature-fit", default="train", choices=["train", "validation"],
+                    help="with --distill-temperature 0: fit it on training rows (in-sample) or on each validation user's "
+                         "held-out item (FinetuneConfig.distill_temperature_fit)")
     ap.add_argument("--sid-softmax", action="store_true",
                     help="semantic-ID targets normalised over the ID tokens only (FinetuneConfig.sid_softmax)")
     ap.add_argument("--lr-decay-frac", type=float, default=0.0,

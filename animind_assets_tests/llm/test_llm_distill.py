@@ -282,7 +282,7 @@ def test_checkpoints_of_another_teacher_are_not_resumed(tmp_path):
 
 
 def test_the_temperature_fitted_on_held_out_items_scores_only_each_sequences_last_item():
-    from animind_assets.lib.llm.distill import fit_temperature
+    from animind_assets.lib.llm.distill import HELDOUT_TEMPERATURE_GRID, fit_temperature
 
     # logits = 4 x log p at every position; the earlier items of each sequence are always item 0 (a teacher that
     # memorised its training positions looks sharp there), only the last item is drawn from p
@@ -296,6 +296,9 @@ def test_the_temperature_fitted_on_held_out_items_scores_only_each_sequences_las
     t_last, nll = fit_temperature(scaled, seqs, grid=grid, last_only=True)
     assert t_last == 4.0 and nll[4.0] < nll[2.0] and nll[4.0] < nll[8.0]
     assert t_all == 1.0  # in-sample, the three item-0 positions per sequence pull it to the sharpest grid value
+    # the held-out grid of run_finetune reaches EASE-like scales (logits = log p / 40: T = 1/40) and T 1 is scored
+    t_ease, nll = fit_temperature(lambda seqs: scaled(seqs) / 160.0, seqs, grid=HELDOUT_TEMPERATURE_GRID, last_only=True)
+    assert t_ease == pytest.approx(0.025, rel=0.1) and 1.0 in nll
 
 
 def test_finetune_fits_the_temperature_on_the_validation_items_when_asked(tmp_path):
@@ -325,6 +328,6 @@ def test_finetune_fits_the_temperature_on_the_validation_items_when_asked(tmp_pa
         assert res.metrics["distill_temperature_fitted"] > 0
         if fit == "validation":
             assert fitted_on <= want and want <= {tuple(s) for call in teacher.calls for s in call}
-            assert "distill_teacher_nll_t1" in res.metrics
+            assert res.metrics["distill_teacher_nll_heldout_t1"] >= res.metrics["distill_teacher_nll_heldout"]
         else:  # in-sample: training sequences only, never a held-out item
             assert not fitted_on & want

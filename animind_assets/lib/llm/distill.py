@@ -252,22 +252,28 @@ def ease_teacher(ease, n_items: int) -> Teacher:
     return teacher
 
 
+# the grid of the held-out fit (FinetuneConfig.distill_temperature_fit "validation"): 1e-3 .. 10 in steps of 10^(1/24) ~ 1.1x,
+# wide enough for EASE scores (best T ~ 0.01-0.03) and SASRec logits (best T ~ 1.6-2.0 on Beauty)
+HELDOUT_TEMPERATURE_GRID = tuple(float(x) for x in np.logspace(-3, 1, 97))
+
+
 def fit_temperature(teacher: Teacher, seqs: list[list[int]], grid: Sequence[float] | None = None,
                     last_only: bool = False) -> tuple[float, dict[float, float]]:
     """The softmax temperature of ``teacher``'s logits that minimises the mean negative log-likelihood (nats) of
     each sequence's next item given its prefix, over ``seqs`` (item ids; sequences of one item are skipped; next
     items the teacher gives ``-inf`` are left out) and a log-spaced ``grid`` (default 10^-3 .. 10^1, 25 values).
-    Note: fitted on the sequences the student trains on (in-sample), so the temperature tends to come out low.
-    ``last_only``: only the last item of each sequence is scored (given all the items before it): for held-out
-    rows, e.g. each user's validation item after its history, whose earlier positions are training positions;
-    the fit then calibrates the teacher on items it never trained on (Guo et al., "On Calibration of Modern Neural
-    Networks", ICML 2017: temperature scaling fitted on a validation set).
+    Every next item of a sequence is scored by default: fitted on the sequences the student trains on (in-sample),
+    the temperature tends to come out low. ``last_only``: only the last item of each sequence is scored (given all
+    the items before it): for held-out rows, e.g. each user's validation item after its history, whose earlier
+    positions are training positions; the fit then calibrates the teacher on items it never trained on (Guo et al.,
+    "On Calibration of Modern Neural Networks", ICML 2017: temperature scaling fitted on a validation set).
+    T = 1 is always evaluated (added to the grid), so ``nll[1.0]`` is the teacher's NLL as it is.
     Returns (best T, {T: NLL}). Raises ``ValueError`` without a sequence of two or more items or without a next
-    item the teacher allows."""
+    item the teacher allows. A best T on the grid's edge is a bound, not a fit: widen the grid."""
     seqs = [list(s) for s in seqs if len(s) >= 2]
     if not seqs:
         raise ValueError("fit_temperature needs sequences of two or more items")
-    grid = [float(x) for x in (list(grid) if grid is not None else np.logspace(-3, 1, 25))]
+    grid = sorted({float(x) for x in (list(grid) if grid is not None else np.logspace(-3, 1, 25))} | {1.0})
     tot = dict.fromkeys(grid, 0.0)
     n = 0
     for c in range(0, len(seqs), 16):  # in chunks: a chunk's logits are (positions, n_items)

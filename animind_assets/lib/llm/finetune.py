@@ -425,24 +425,28 @@ def run_finetune(
         )
     distiller = None
     if cfg.distill_weight > 0:
-        from animind_assets.lib.llm.distill import SidDistiller, fit_temperature
+        from animind_assets.lib.llm.distill import HELDOUT_TEMPERATURE_GRID, SidDistiller, fit_temperature
 
         temperature = cfg.distill_temperature
         if temperature == 0 and cfg.distill_temperature_fit == "validation":
             # fitted on the held-out task-B validation rows: the teacher's NLL of each user's validation item given its
             # history (calibration on items neither the teacher nor the student trains on)
-            held = (frame.filter((pl.col("split") == "validation") & (pl.col("task") == "B"))
-                    if "template" in frame.columns else frame.clear())
+            held = frame.filter((pl.col("split") == "validation") & (pl.col("task") == "B"))
             seqs = [list(h) + [t] for h, t in held.select("history_anime_ids", "target_anime_id").iter_rows() if len(h)]
             if not seqs:
-                raise ValueError("distill_temperature_fit 'validation' needs task-B validation rows with a history "
-                                 "(SeqLlmDataConfig.validation_users > 0), or distill_temperature_fit: train")
-            temperature, nll = fit_temperature(teacher, seqs, grid=np.logspace(-1, 1, 49), last_only=True)
+                raise ValueError("distill_temperature_fit 'validation' needs rows with split 'validation', task 'B' and a "
+                                 "non-empty history_anime_ids (the prep datasets write one per validation user), or "
+                                 "distill_temperature_fit: train")
+            temperature, nll = fit_temperature(teacher, seqs, grid=HELDOUT_TEMPERATURE_GRID, last_only=True)
             metrics["distill_temperature_fitted"] = temperature
-            metrics["distill_teacher_nll"] = nll[temperature]
-            metrics["distill_teacher_nll_t1"] = nll[1.0]
+            metrics["distill_teacher_nll_heldout"] = nll[temperature]
+            metrics["distill_teacher_nll_heldout_t1"] = nll[1.0]
             log(f"distillation: temperature {temperature:.4g} fitted on {len(seqs)} held-out validation items (teacher "
                 f"NLL {nll[temperature]:.3f} nats; {nll[1.0]:.3f} at T 1)")
+            if len(seqs) < 100 or temperature in (min(nll), max(nll)):
+                log(f"WARNING: distillation temperature fitted on {len(seqs)} held-out items"
+                    + (f", at the edge of the grid {min(nll):g}..{max(nll):g} (a bound, not a fit)"
+                       if temperature in (min(nll), max(nll)) else " (few: the fit is noisy)"))
         elif temperature == 0:  # fitted on the training sequences of task B (the teacher's NLL of the next item)
             seqs = [list(h) + [t] for h, t in seq_rows.select("history_anime_ids", "target_anime_id").iter_rows()] \
                 if seq_rows is not None else []

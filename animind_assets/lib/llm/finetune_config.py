@@ -113,8 +113,8 @@ class FinetuneConfig:
     compile_blocks: bool = False  # torch.compile(dynamic=True) each decoder block while a phase trains (TorchInductor fuses the elementwise ops between the matrix products; the first steps pay ~0.5-1.5 min of compilation inside max_train_seconds; needs a C++ compiler on CPU; lib/llm/block_speed.py)
     gradient_checkpointing: bool = False  # recompute activations in the backward pass: less memory, slower (TRL's SFTConfig turns it on by default; with frozen lower blocks it also makes the backward pass run through them)
     distill_weight: float = 0.0  # knowledge distillation (lib/llm/distill.py): at each ID token of an item that follows another item in a completion (task B, "sequence" form) the target becomes (1 - w) one-hot + w x the teacher's next-item softmax turned into that level's code distribution; needs a teacher (run_finetune(teacher=...); beauty_finetuned_model uses sasrec_model, the anime finetuned_model EASE on the training users' lists); 0 = off
-    distill_temperature: float = 1.0  # softmax temperature of the teacher's item logits (0 = fitted: the value minimising the teacher's NLL of the next item on up to 300 training sequences; for teachers whose scores are not log-probabilities, e.g. EASE; where: distill_temperature_fit)
-    distill_temperature_fit: str = "train"  # with distill_temperature 0, where the temperature is fitted: "train" = every next item of up to 300 task-B training sequences (in-sample: the teacher was trained on them, so an overfitted teacher looks sharp and the temperature comes out low); "validation" = the held-out task-B validation rows (one per user, only the held-out item, which neither the teacher's training positions nor the student's contain; a finer grid 0.1..10, factor ~1.1): temperature scaling on held-out data, Guo et al. ICML 2017
+    distill_temperature: float = 1.0  # softmax temperature of the teacher's item logits (0 = fitted: the value minimising the teacher's NLL of the next item, on the rows distill_temperature_fit names; needed for teachers whose scores are not log-probabilities, e.g. EASE)
+    distill_temperature_fit: str = "train"  # with distill_temperature 0, where the temperature is fitted: "train" = every next item of up to 300 task-B training sequences (in-sample: the teacher was trained on them, so an overfitted teacher looks sharp and the temperature comes out low); "validation" = the held-out task-B validation rows (one per validation user, only the held-out item: in no training position of the teacher or the student, though a teacher early-stopped on validation was selected with it; grid 0.001..10 in steps of ~1.1x): temperature scaling on held-out data, Guo et al. ICML 2017
     sid_softmax: bool = False  # at answer positions whose target is a semantic-ID token, the softmax runs over the ID tokens only (the vocabulary of the trie-constrained decoder, which then scores them the same way; other positions keep the full vocabulary). Measured on Beauty: ~5 % faster steps, no better ranking, English perplexity much worse (the ID rows are no longer pushed below the base tokens); unconstrained generation then rarely writes IDs; mean_token_accuracy and the validation loss are then ID-only, not comparable with runs without it
     max_train_seconds: float = 0.0  # wall-clock budget of the training steps of both phases together, from the first step (0 = none; the validation loss / linking accuracy after a phase do not count: the deadline moves on by their time); training stops at the first step past it, a later phase is skipped (stop_reason in the metadata)
     lr_decay_frac: float = 0.0  # warmup-stable-decay over wall-clock time (Hu et al. 2024, MiniCPM; Hägele et al. 2024): the learning rate falls linearly to 0 over the last fraction of max_train_seconds, on top of lr_scheduler (use 'constant_with_warmup'); needs max_train_seconds > 0; 0 = off
@@ -148,7 +148,7 @@ class FinetuneConfig:
                              f"{self.distill_temperature}")
         if self.distill_temperature_fit not in ("train", "validation"):
             raise ValueError(f"distill_temperature_fit must be train|validation, got {self.distill_temperature_fit!r}")
-        if self.distill_temperature_fit == "validation" and self.distill_temperature != 0:
+        if self.distill_weight > 0 and self.distill_temperature_fit == "validation" and self.distill_temperature != 0:
             raise ValueError(f"distill_temperature_fit 'validation' fits the temperature: set distill_temperature 0 (got "
                              f"{self.distill_temperature}), or distill_temperature_fit 'train' to keep {self.distill_temperature}")
         if self.distill_weight > 0 and not self.fast_loss:
@@ -171,6 +171,8 @@ class FinetuneConfig:
 
     def fingerprint_dict(self) -> dict:
         d = asdict(self)
+        if self.distill_temperature_fit == "train":  # the default, as before the field existed: same fingerprint
+            d.pop("distill_temperature_fit")
         for k in ("resume", "keep_checkpoints", "num_threads", "english_ppl", "ppl_max_tokens", "save_dtype", "eval_examples",
                   "linking_eval_items", "max_train_seconds"):
             d.pop(k, None)

@@ -85,7 +85,9 @@ import tempfile
 import time
 from pathlib import Path
 
-from animind_assets.lib.llm.finetune_config import add_row_sampling_flag, task_weight_flags_error, task_weights_from_text
+from animind_assets.lib.llm.finetune_config import (
+    add_distill_temperature_flags, add_row_sampling_flag, task_weight_flags_error, task_weights_from_text,
+)
 from animind_assets.quiet import VERBOSE_HELP
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -194,12 +196,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--distill-weight", type=float, default=0.0,
                    help="knowledge distillation from the SASRec of --sasrec-dir (lib/llm/distill.py): weight of its "
                         "next-item softmax in the targets of the sequence form's ID tokens (0 = off)")
-    p.add_argument("--distill-temperature", type=float, default=1.0,
-                   help="softmax temperature of the teacher's logits (0 = fitted by the teacher's NLL, where: "
-                        "--distill-temperature-fit)")
-    p.add_argument("--distill-temperature-fit", default="train", choices=["train", "validation"],
-                   help="with --distill-temperature 0: fit it on task-B training sequences (in-sample) or on the held-out "
-                        "validation item of each validation user (FinetuneConfig.distill_temperature_fit)")
+    add_distill_temperature_flags(p, 1.0, "the teacher's logits")
     p.add_argument("--sid-softmax", action="store_true",
                    help="semantic-ID targets normalised over the ID tokens only (FinetuneConfig.sid_softmax; the "
                         "evaluation's beam search scores them the same way)")

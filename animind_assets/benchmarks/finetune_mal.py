@@ -57,7 +57,9 @@ from pathlib import Path
 
 import polars as pl
 
-from animind_assets.lib.llm.finetune_config import add_row_sampling_flag, task_weight_flags_error, task_weights_from_text
+from animind_assets.lib.llm.finetune_config import (
+    add_distill_temperature_flags, add_row_sampling_flag, task_weight_flags_error, task_weights_from_text,
+)
 from animind_assets.quiet import VERBOSE_HELP, dagster_console_run_config
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -245,12 +247,7 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--distill-weight", type=float, default=0.0,
                     help="knowledge distillation from EASE on the training users' lists (lib/llm/distill.py; the "
                          "'sequence' form's rows): weight of the teacher's targets (0 = off)")
-    ap.add_argument("--distill-temperature", type=float, default=0.0,
-                    help="softmax temperature of the EASE scores (0 = fitted by the teacher's NLL, where: "
-                         "--distill-temperature-fit)")
-    ap.add_argument("--distill-temperature-fit", default="train", choices=["train", "validation"],
-                    help="with --distill-temperature 0: fit it on training rows (in-sample) or on each validation user's "
-                         "held-out item (FinetuneConfig.distill_temperature_fit)")
+    add_distill_temperature_flags(ap, 0.0, "the EASE scores")
     ap.add_argument("--sid-softmax", action="store_true",
                     help="semantic-ID targets normalised over the ID tokens only (FinetuneConfig.sid_softmax)")
     ap.add_argument("--lr-decay-frac", type=float, default=0.0,

@@ -13,6 +13,7 @@ EMBEDDED_MODEL = "embedded:smollm2-135m-instruct"
 EMBEDDED_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 WARM_START_MODES = ("rqvae", "projection", "centroid", "mean", "none")
 ROW_SAMPLING_MODES = ("passes", "replacement")  # FinetuneConfig.row_sampling (training_data.phase_rows)
+DISTILL_TEMPERATURE_FITS = ("train", "validation")  # FinetuneConfig.distill_temperature_fit (finetune.run_finetune)
 
 
 def add_row_sampling_flag(parser) -> None:
@@ -21,6 +22,18 @@ def add_row_sampling_flag(parser) -> None:
                         help="training rows: 'passes' (each task's rows in seeded random passes, none repeats before its "
                              "pool is used up) or 'replacement' (drawn with replacement: every run before 3 Dec 2026, the "
                              "measurements in docs/ included); FinetuneConfig.row_sampling")
+
+
+def add_distill_temperature_flags(parser, default: float, teacher: str) -> None:
+    """``--distill-temperature`` (default ``default``) and ``--distill-temperature-fit`` (``FinetuneConfig.
+    distill_temperature`` / ``distill_temperature_fit``) on an ``argparse`` parser of an LM benchmark command;
+    ``teacher`` names the teacher's scores in the help text."""
+    parser.add_argument("--distill-temperature", type=float, default=default,
+                        help=f"softmax temperature of {teacher} (0 = fitted by the teacher's NLL, on the rows "
+                             "--distill-temperature-fit names)")
+    parser.add_argument("--distill-temperature-fit", default="train", choices=list(DISTILL_TEMPERATURE_FITS),
+                        help="with --distill-temperature 0: fit it on task-B training sequences (in-sample) or on the "
+                             "held-out item of each validation user (FinetuneConfig.distill_temperature_fit)")
 
 
 def task_weights_from_text(text: str, flag: str = "--phase2-weights") -> dict[str, float]:
@@ -146,7 +159,7 @@ class FinetuneConfig:
         if not 0.0 <= self.distill_weight <= 1.0 or self.distill_temperature < 0:
             raise ValueError(f"distill_weight must be in [0, 1] and distill_temperature >= 0 (0 = fitted), got {self.distill_weight}, "
                              f"{self.distill_temperature}")
-        if self.distill_temperature_fit not in ("train", "validation"):
+        if self.distill_temperature_fit not in DISTILL_TEMPERATURE_FITS:
             raise ValueError(f"distill_temperature_fit must be train|validation, got {self.distill_temperature_fit!r}")
         if self.distill_weight > 0 and self.distill_temperature_fit == "validation" and self.distill_temperature != 0:
             raise ValueError(f"distill_temperature_fit 'validation' fits the temperature: set distill_temperature 0 (got "

@@ -132,7 +132,8 @@ def finetuned_model(
                 "phase2_title_to_sid_retrieval@1": m.get("phase2_title_to_sid_retrieval@1"),
                 "warm_start": (result.warm_start.mode if result.warm_start else "none"),
                 "distill_weight": cfg.distill_weight,
-                "distill_temperature": m.get("distill_temperature_fitted", cfg.distill_temperature), "distill_temperature_fit": (cfg.distill_temperature_fit if cfg.distill_temperature == 0 else "fixed"),
+                "distill_temperature": m.get("distill_temperature_fitted", cfg.distill_temperature),
+                "distill_temperature_fit": cfg.distill_temperature_fit if cfg.distill_temperature == 0 else "fixed",
                 "distill_positions": m.get("distill_positions"),
                 "materialize_seconds": round(elapsed, 1),
             }

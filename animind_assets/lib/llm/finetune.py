@@ -443,10 +443,11 @@ def run_finetune(
             metrics["distill_teacher_nll_heldout_t1"] = nll[1.0]
             log(f"distillation: temperature {temperature:.4g} fitted on {len(seqs)} held-out validation items (teacher "
                 f"NLL {nll[temperature]:.3f} nats; {nll[1.0]:.3f} at T 1)")
-            if len(seqs) < 100 or temperature in (min(nll), max(nll)):
-                log(f"WARNING: distillation temperature fitted on {len(seqs)} held-out items"
-                    + (f", at the edge of the grid {min(nll):g}..{max(nll):g} (a bound, not a fit)"
-                       if temperature in (min(nll), max(nll)) else " (few: the fit is noisy)"))
+            lo, hi = min(nll), max(nll)
+            if temperature in (lo, hi):
+                log(f"WARNING: distillation temperature {temperature:g} at the edge of the grid {lo:g}..{hi:g}: a bound, not a fit")
+            elif len(seqs) < 100:
+                log(f"WARNING: distillation temperature fitted on only {len(seqs)} held-out items: the fit is noisy")
         elif temperature == 0:  # fitted on the training sequences of task B (the teacher's NLL of the next item)
             seqs = [list(h) + [t] for h, t in seq_rows.select("history_anime_ids", "target_anime_id").iter_rows()] \
                 if seq_rows is not None else []

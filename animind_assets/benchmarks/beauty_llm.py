@@ -193,6 +193,13 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--sasrec-seconds", type=float, default=2400.0,
                    help="with --train-sasrec: its training budget; early stopping on validation NDCG@10 usually ends it first "
                         "(5-9 min on 2 CPU threads, 3 Dec 2026) (--gpu: 90)")
+    p.add_argument("--teacher-ensemble", type=int, default=1,
+                   help="with --train-sasrec and --distill-weight: train this many SASRecs (seeds --seed, --seed + 1, ...; the "
+                        "extra ones into <out>/sasrec_seed<S>) and distil from the mean of their next-item probabilities "
+                        "(lib/llm/distill.ensemble_teacher); the IDs still come from the first")
+    p.add_argument("--teacher-sasrec-dir", action="append", default=[], metavar="DIR",
+                   help="with --sasrec-dir and --distill-weight: one more saved SASRec (repeatable) whose next-item "
+                        "probabilities are averaged with --sasrec-dir's into the teacher; the IDs still come from --sasrec-dir")
     p.add_argument("--distill-weight", type=float, default=0.0,
                    help="knowledge distillation from the SASRec of --sasrec-dir (lib/llm/distill.py): weight of its "
                         "next-item softmax in the targets of the sequence form's ID tokens (0 = off)")
@@ -324,6 +331,15 @@ def parse_args(argv=None) -> argparse.Namespace:
         p.error("--keep-layers and --train-layers must be >= 0")
     if args.lr_decay_frac and args.train_seconds <= 0:
         p.error("--lr-decay-frac decays over the wall-clock budget: set --train-seconds > 0")
+    if args.teacher_ensemble < 1:
+        p.error("--teacher-ensemble must be >= 1 (1 = one SASRec)")
+    if args.teacher_ensemble > 1 and not args.train_sasrec:
+        p.error("--teacher-ensemble trains the extra SASRecs with --train-sasrec; with --sasrec-dir pass each extra "
+                "one as --teacher-sasrec-dir")
+    if args.teacher_sasrec_dir and args.train_sasrec:
+        p.error("--teacher-sasrec-dir adds saved SASRecs to --sasrec-dir's; with --train-sasrec use --teacher-ensemble")
+    if (args.teacher_ensemble > 1 or args.teacher_sasrec_dir) and args.distill_weight <= 0:
+        p.error("--teacher-ensemble / --teacher-sasrec-dir build the distillation teacher: set --distill-weight > 0")
     if args.train_sasrec and args.sasrec_dir:
         p.error("--train-sasrec writes <out>/sasrec/sasrec_model: leave --sasrec-dir out, or drop --train-sasrec")
     if args.model_dir and (args.train_sasrec or args.distill_weight > 0):
@@ -398,20 +414,28 @@ def _finetune(args, fcfg, ds, lookup, items, codebooks, out: Path, log):
 
     teacher, teacher_fp = None, ""
     if args.distill_weight > 0:
-        from animind_assets.lib.llm.distill import position_logits_teacher, teacher_fingerprint
+        from animind_assets.lib.llm.distill import ensemble_teacher, position_logits_teacher, teacher_fingerprint
         from animind_assets.lib.retrieval.sasrec import load_sasrec
 
         if not args.sasrec_dir:
             raise SystemExit("--distill-weight needs --sasrec-dir (the teacher): python -m animind_assets.benchmarks.beauty "
                              "--models sasrec --out DIR, then pass DIR/sasrec_model")
-        sas = load_sasrec(args.sasrec_dir)[0]
-        if sas.n_items != items.height:
-            raise SystemExit(f"--sasrec-dir {args.sasrec_dir} scores {sas.n_items} items, the split has {items.height}")
-        teacher = position_logits_teacher(sas)
-        teacher_fp = teacher_fingerprint(*sas.state_dict().values())
+        dirs = [args.sasrec_dir, *args.teacher_sasrec_dir]
+        members = []
+        for d in dirs:
+            sas = load_sasrec(d)[0]
+            if sas.n_items != items.height:
+                raise SystemExit(f"SASRec {d} scores {sas.n_items} items, the split has {items.height}")
+            members.append(sas)
+        teacher = ensemble_teacher([position_logits_teacher(sas) for sas in members])
+        weights = [v for sas in members for v in sas.state_dict().values()]
+        teacher_fp = (teacher_fingerprint(*weights) if len(members) == 1 else
+                      teacher_fingerprint(*weights, ensemble="mean_probability", members=len(members)))
         t_text = (f"T {args.distill_temperature:g}" if args.distill_temperature else
                   f"T fitted on the {args.distill_temperature_fit} rows")
-        log(f"distillation teacher: SASRec of {args.sasrec_dir} (weight {args.distill_weight}, {t_text})")
+        what = (f"SASRec of {dirs[0]}" if len(dirs) == 1 else
+                f"the mean next-item probabilities of {len(dirs)} SASRecs ({', '.join(dirs)})")
+        log(f"distillation teacher: {what} (weight {args.distill_weight}, {t_text})")
     t0 = time.perf_counter()
     ft = run_finetune(ds.frame, lookup, fcfg, out / "work", codebooks=codebooks, special_tokens=(), log=log,
                       teacher=teacher, teacher_items=items.height, teacher_fingerprint=teacher_fp)
@@ -637,6 +661,16 @@ def _run(args: argparse.Namespace) -> int:
             raise SystemExit(f"--train-sasrec: benchmarks.beauty returned {rc} without {sas_out / 'sasrec_model'}")
         args.sasrec_dir = str(sas_out / "sasrec_model")
         sasrec_rows = json.loads((sas_out / "sasrec.json").read_text(encoding="utf-8"))["rows"]
+        for k in range(1, args.teacher_ensemble):  # --teacher-ensemble: the other members, seeds --seed + k
+            member_out = out / f"sasrec_seed{args.seed + k}"
+            print(f"\n=== SASRec, teacher member {k + 1} of {args.teacher_ensemble} (seed {args.seed + k}): benchmarks.beauty",
+                  flush=True)
+            rc = beauty_bench.main(["--models", "sasrec", "--out", str(member_out), "--test-users", str(args.test_users),
+                                    "--seed", str(args.seed + k), "--threads", str(args.threads), "--order", args.order,
+                                    "--sasrec-seconds", str(args.sasrec_seconds), *(["--gpu"] if args.gpu else [])])
+            if rc != 0 or not (member_out / "sasrec_model").is_dir():
+                raise SystemExit(f"--teacher-ensemble: benchmarks.beauty returned {rc} without {member_out / 'sasrec_model'}")
+            args.teacher_sasrec_dir.append(str(member_out / "sasrec_model"))
     data = load_prepared_split(folder, order=args.order)
     items, inter = data.items, data.interactions
     sids, sid_note, codebooks = load_sids(args, items, log)

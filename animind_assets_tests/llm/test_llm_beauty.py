@@ -430,6 +430,8 @@ def test_benchmark_cpu_recipe_sets_z1s_flags_but_keeps_explicit_values(monkeypat
     assert only.distill_weight == 0 and not only.train_sasrec
     with pytest.raises(SystemExit):
         beauty_llm.parse_args(["--cpu-recipe", "--gpu"])
+    ens = beauty_llm.parse_args(["--cpu-recipe", "--sasrec-dir", "/s", "--teacher-sasrec-dir", "/t", "--teacher-sasrec-dir", "/u"])
+    assert ens.teacher_sasrec_dir == ["/t", "/u"] and ens.distill_weight == 0.8
 
 
 def test_benchmark_ranks_frame_maps_users_to_their_split_rows():
@@ -482,6 +484,10 @@ def test_benchmark_fine_tune_flags_reach_the_finetune_config(monkeypatch):
     (["--phase2-weights", "0.2,0.8"], "three comma-separated shares"),  # used to drop task C silently
     (["--phase1-weights", "1,-1,1"], "--phase1-weights"),
     (["--replay-ratio", "1.5"], "replay_ratio must be in"),  # FinetuneConfig's check, before the data is read
+    (["--teacher-ensemble", "0"], "--teacher-ensemble must be >= 1"),
+    (["--cpu-recipe", "--sasrec-dir", "/s", "--teacher-ensemble", "2"], "pass each extra one as --teacher-sasrec-dir"),
+    (["--cpu-recipe", "--teacher-sasrec-dir", "/t"], "with --train-sasrec use --teacher-ensemble"),
+    (["--cpu-recipe", "--sasrec-dir", "/s", "--teacher-sasrec-dir", "/t", "--distill-weight", "0"], "set --distill-weight > 0"),
 ])
 def test_benchmark_refuses_flag_combinations_before_any_work(argv, says, capsys):
     """Combinations that could only fail after the dataset build or the whole fine-tune (the top-10 metrics with

@@ -9,7 +9,7 @@ import polars as pl
 import pytest
 import torch
 
-from animind_assets.lib.llm.distill import SidDistiller, position_logits_teacher
+from animind_assets.lib.llm.distill import SidDistiller, ensemble_teacher, position_logits_teacher
 from animind_assets.lib.semantic_ids.tokens import level_tokens, sid_codes
 from animind_assets_tests.llm.test_llm_beauty import SEQ_CFG, tiny_beauty
 
@@ -109,6 +109,44 @@ def test_position_logits_teacher_scores_every_prefix_as_the_sasrec_does():
     assert got.shape == (2 + 5, 12)
     assert torch.allclose(got[:2], short, atol=1e-5) and torch.allclose(got[2:], torch.stack(long), atol=1e-5)
     assert not torch.allclose(got[0], got[1])
+
+
+def test_ensemble_teacher_averages_the_members_probabilities():
+    """Two teachers' next-item distributions averaged (not their logits): an item only one member likes keeps
+    half its mass; an item both rule out stays -inf; one member is passed through; shapes must agree."""
+    a = torch.tensor([[4.0, -4.0, float("-inf"), 0.0], [0.0, 1.0, 2.0, float("-inf")]])
+    b = torch.tensor([[-4.0, 4.0, float("-inf"), 0.0], [2.0, 1.0, 0.0, float("-inf")]])
+    ens = ensemble_teacher([lambda seqs: a, lambda seqs: b])
+    got = ens([[0, 1, 2]])
+    want = 0.5 * (torch.softmax(a, 1) + torch.softmax(b, 1))
+    assert torch.allclose(torch.softmax(got, 1), want, atol=1e-6)  # a proper distribution, the mean one
+    assert torch.allclose(got.exp().sum(1), torch.ones(2), atol=1e-6)  # already log-probabilities
+    assert torch.isinf(got[0, 2]) and torch.isinf(got[1, 3])
+    # the mean of logits would tie items 0, 1 and 3 of row 0 (all 0.0): the probability mean keeps 0 and 1 likely
+    assert got[0, 0] > got[0, 3] + 1.0
+    single = lambda seqs: a  # noqa: E731
+    assert ensemble_teacher([single]) is single
+    with pytest.raises(ValueError, match="at least one"):
+        ensemble_teacher([])
+    with pytest.raises(ValueError, match="different shapes"):
+        ensemble_teacher([lambda seqs: a, lambda seqs: a[:1]])([[0, 1]])
+
+
+def test_ensemble_of_sasrecs_is_what_the_distiller_uses():
+    """With two real SASRecs the ensemble's code-level targets equal those of the averaged item distribution."""
+    from animind_assets.lib.retrieval.sasrec import SASRec, SASRecConfig
+
+    cfg = SASRecConfig(hidden=16, blocks=1, heads=1, dropout=0.0)
+    cfg.train.max_len = 4
+    models = []
+    for seed in (0, 1):
+        torch.manual_seed(seed)
+        models.append(SASRec(12, cfg))
+    seqs = [[3, 5, 7], [1, 2, 3, 4, 5, 6]]
+    members = [position_logits_teacher(m)(seqs) for m in models]
+    got = ensemble_teacher([position_logits_teacher(m) for m in models])(seqs)
+    want = torch.stack([torch.softmax(x, 1) for x in members]).mean(0)
+    assert got.shape == (7, 12) and torch.allclose(got.exp(), want, atol=1e-6)
 
 
 def test_completion_loss_mixes_the_soft_targets_as_documented():

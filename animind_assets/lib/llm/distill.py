@@ -73,6 +73,34 @@ def position_logits_teacher(model, pad_offset: int = 1) -> Teacher:
     return teacher
 
 
+def ensemble_teacher(teachers: Sequence[Teacher]) -> Teacher:
+    """A :data:`Teacher` that is the **mean of the next-item probabilities** of ``teachers`` (an ensemble of K
+    teachers scoring the same items, e.g. SASRecs trained with different seeds): it returns
+    ``log(1/K sum_k softmax(logits_k))`` (M, n_items) float32, log-probabilities, which the distiller and
+    :func:`fit_temperature` treat as logits (a temperature T then sharpens or flattens the averaged distribution).
+    Averaging the members' softened outputs is the usual multi-teacher target (Hinton et al. 2015, section 2 on
+    ensembles; You et al., "Learning from Multiple Teacher Networks", KDD 2017); the mean of probabilities, unlike
+    the mean of logits, keeps an item that any member finds likely. An item every member gives ``-inf`` stays
+    ``-inf``. One teacher is returned as it is (its logits, not log-softmaxed: the same softmax). Raises
+    ``ValueError`` without teachers, or (when called) when the members' outputs differ in shape."""
+    teachers = list(teachers)
+    if not teachers:
+        raise ValueError("ensemble_teacher needs at least one teacher")
+    if len(teachers) == 1:
+        return teachers[0]
+    log_k = float(np.log(len(teachers)))
+
+    def teacher(seqs: list[list[int]]) -> torch.Tensor:
+        outs = [t(seqs).float() for t in teachers]
+        shapes = {tuple(o.shape) for o in outs}
+        if len(shapes) != 1:
+            raise ValueError(f"ensemble_teacher: the members score different shapes {sorted(shapes)} (same items and "
+                             "positions needed)")
+        return torch.logsumexp(torch.stack([torch.log_softmax(o, dim=1) for o in outs]), dim=0) - log_k
+
+    return teacher
+
+
 @dataclass
 class DistillBatch:
     """Soft targets of one training batch. ``flat_index`` (K,) int64: positions in the flattened

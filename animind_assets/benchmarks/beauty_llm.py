@@ -34,7 +34,10 @@ fine-tune), throughput, ``uptime`` load at start and end, the published referenc
 the protocol. Results go to ``<out>/beauty_llm.json``.
 
 ``--train-sasrec``: train that SASRec first (``benchmarks.beauty --models popularity,sasrec`` on the same test
-users, budget ``--sasrec-seconds``) into ``<out>/sasrec``; its rows join the table.
+users, budget ``--sasrec-seconds``) into ``<out>/sasrec``; its rows join the table. ``--teacher-ensemble N``
+(with it): N SASRecs (seeds ``--seed`` .. ``--seed + N - 1``, the extra ones in ``<out>/sasrec_seed<S>``) and a
+distillation teacher that is the mean of their next-item probabilities (``distill.ensemble_teacher``); the IDs still
+come from the first. With saved SASRecs: ``--sasrec-dir A --teacher-sasrec-dir B [--teacher-sasrec-dir C ...]``.
 
 ``--gpu``: device cuda and the D30 recipe of the CPU runs (``--sids sasrec``, ``--next-id-format sequence``,
 ``--distill-weight 0.5``; without ``--sasrec-dir`` a SASRec is trained first on the GPU, 90 s budget), every
@@ -455,6 +458,20 @@ def _finetune(args, fcfg, ds, lookup, items, codebooks, out: Path, log):
     return model_dir, m, stop_reason, ws_mode, ft_seconds
 
 
+def _train_sasrec(args, sas_out: Path, seed: int, models: str) -> str:
+    """``--train-sasrec`` / ``--teacher-ensemble``: ``benchmarks.beauty --models <models>`` with this run's test users,
+    threads, order, budget and device and ``seed``, into ``sas_out``; -> the saved model's folder
+    (``<sas_out>/sasrec_model``). SystemExit when it fails or saves no model."""
+    from animind_assets.benchmarks import beauty as beauty_bench
+
+    rc = beauty_bench.main(["--models", models, "--out", str(sas_out), "--test-users", str(args.test_users),
+                            "--seed", str(seed), "--threads", str(args.threads), "--order", args.order,
+                            "--sasrec-seconds", str(args.sasrec_seconds), *(["--gpu"] if args.gpu else [])])
+    if rc != 0 or not (sas_out / "sasrec_model").is_dir():
+        raise SystemExit(f"SASRec (seed {seed}): benchmarks.beauty returned {rc} without {sas_out / 'sasrec_model'}")
+    return str(sas_out / "sasrec_model")
+
+
 def _saved_folder(args, lookup, log, dcfg: SeqLlmDataConfig | None = None):
     """``--model-dir``: a trained folder whose IDs, task-B form and prompts (system message, chat template, the
     sequence form's instruction; ``dcfg`` = the data config the flags build) must equal those these flags build; its
@@ -650,27 +667,13 @@ def _run(args: argparse.Namespace) -> int:
     t_all = time.perf_counter()
     sasrec_rows: list[dict] = []
     if args.train_sasrec:
-        from animind_assets.benchmarks import beauty as beauty_bench
-
-        sas_out = out / "sasrec"
         print("\n=== SASRec (the collaborative IDs' source and the distillation teacher): benchmarks.beauty", flush=True)
-        rc = beauty_bench.main(["--models", "popularity,sasrec", "--out", str(sas_out), "--test-users", str(args.test_users),
-                                "--seed", str(args.seed), "--threads", str(args.threads), "--order", args.order,
-                                "--sasrec-seconds", str(args.sasrec_seconds), *(["--gpu"] if args.gpu else [])])
-        if rc != 0 or not (sas_out / "sasrec_model").is_dir():
-            raise SystemExit(f"--train-sasrec: benchmarks.beauty returned {rc} without {sas_out / 'sasrec_model'}")
-        args.sasrec_dir = str(sas_out / "sasrec_model")
-        sasrec_rows = json.loads((sas_out / "sasrec.json").read_text(encoding="utf-8"))["rows"]
+        args.sasrec_dir = _train_sasrec(args, out / "sasrec", args.seed, "popularity,sasrec")
+        sasrec_rows = json.loads((out / "sasrec" / "sasrec.json").read_text(encoding="utf-8"))["rows"]
         for k in range(1, args.teacher_ensemble):  # --teacher-ensemble: the other members, seeds --seed + k
-            member_out = out / f"sasrec_seed{args.seed + k}"
-            print(f"\n=== SASRec, teacher member {k + 1} of {args.teacher_ensemble} (seed {args.seed + k}): benchmarks.beauty",
-                  flush=True)
-            rc = beauty_bench.main(["--models", "sasrec", "--out", str(member_out), "--test-users", str(args.test_users),
-                                    "--seed", str(args.seed + k), "--threads", str(args.threads), "--order", args.order,
-                                    "--sasrec-seconds", str(args.sasrec_seconds), *(["--gpu"] if args.gpu else [])])
-            if rc != 0 or not (member_out / "sasrec_model").is_dir():
-                raise SystemExit(f"--teacher-ensemble: benchmarks.beauty returned {rc} without {member_out / 'sasrec_model'}")
-            args.teacher_sasrec_dir.append(str(member_out / "sasrec_model"))
+            seed = args.seed + k
+            print(f"\n=== SASRec, teacher member {k + 1} of {args.teacher_ensemble} (seed {seed}): benchmarks.beauty", flush=True)
+            args.teacher_sasrec_dir.append(_train_sasrec(args, out / f"sasrec_seed{seed}", seed, "sasrec"))
     data = load_prepared_split(folder, order=args.order)
     items, inter = data.items, data.interactions
     sids, sid_note, codebooks = load_sids(args, items, log)

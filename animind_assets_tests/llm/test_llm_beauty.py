@@ -434,6 +434,30 @@ def test_benchmark_cpu_recipe_sets_z1s_flags_but_keeps_explicit_values(monkeypat
     assert ens.teacher_sasrec_dir == ["/t", "/u"] and ens.distill_weight == 0.8
 
 
+def test_benchmark_trains_each_teacher_member_with_its_own_seed(tmp_path, monkeypatch):
+    """``--teacher-ensemble``'s members: benchmarks.beauty runs with seeds --seed + k into their own folders, with the
+    run's users, threads and budget; a member that fails or saves no model stops the run, naming its seed."""
+    from animind_assets.benchmarks import beauty as beauty_bench
+    from animind_assets.benchmarks import beauty_llm
+
+    calls = []
+
+    def fake_main(argv):
+        calls.append(argv)
+        (tmp_path / argv[argv.index("--out") + 1].split("/")[-1] / "sasrec_model").mkdir(parents=True)
+        return 0
+
+    monkeypatch.setattr(beauty_bench, "main", fake_main)
+    args = beauty_llm.parse_args(["--cpu-recipe", "--teacher-ensemble", "3", "--seed", "5", "--sasrec-seconds", "60"])
+    dirs = [beauty_llm._train_sasrec(args, tmp_path / f"sasrec_seed{s}", s, "sasrec") for s in (6, 7)]
+    assert dirs == [str(tmp_path / "sasrec_seed6" / "sasrec_model"), str(tmp_path / "sasrec_seed7" / "sasrec_model")]
+    assert [c[c.index("--seed") + 1] for c in calls] == ["6", "7"]
+    assert all(c[c.index("--sasrec-seconds") + 1] == "60.0" and c[c.index("--threads") + 1] == "2" for c in calls)
+    monkeypatch.setattr(beauty_bench, "main", lambda argv: 1)
+    with pytest.raises(SystemExit, match="seed 8"):
+        beauty_llm._train_sasrec(args, tmp_path / "sasrec_seed8", 8, "sasrec")
+
+
 def test_benchmark_ranks_frame_maps_users_to_their_split_rows():
     """``sequence_eval.ranks_frame`` (``beauty_llm``'s ``<out>/ranks.parquet``): one row per evaluated user, with the row in the split that ``subset`` selects by."""
     from types import SimpleNamespace

@@ -21,8 +21,8 @@ What it runs (the library functions the assets ``beauty_llm_prep_dataset`` -> ``
    its prefix; ``lib/llm/sequence_data.py``).
 3. ``run_finetune`` on the embedded SmolLM2-135M-Instruct (two SFT phases), stopped by the wall-clock
    budget ``--train-seconds`` (default 1800 = the issue's 30 minutes; the model at the stop is evaluated).
-   ``--distill-weight W`` (with ``--sasrec-dir``): knowledge distillation from that SASRec
-   (``lib/llm/distill.py``): at the ID tokens of every item after the first of a "sequence"-form answer, the
+   ``--distill-weight W`` (with ``--sasrec-dir``): knowledge distillation from that SASRec, or from the mean
+   of several (``--teacher-ensemble`` / ``--teacher-sasrec-dir``, below) (``lib/llm/distill.py``): at the ID tokens of every item after the first of a "sequence"-form answer, the
    target is ``(1 - W)`` one-hot + ``W`` x the SASRec's next-item softmax as that level's code distribution.
 4. ``evaluate_next_item_lm`` on a seeded subset of test users (``--test-users``, the subset
    ``benchmarks.beauty --test-users`` draws): full-catalog beam search constrained to the trie of
@@ -49,7 +49,9 @@ every block trained, batch 32, bf16); estimated at about 10 minutes on one H100/
 default applies only to a run that trains in the sequence form; ``--gpu --model-dir`` evaluates only (no MAL).
 
 ``--cpu-recipe``: the best CPU recipe measured (``docs/beauty.md``: C2, 3.26x popularity's R@10 on all 22,363 test
-users with 5,139 steps in the 30 minutes, its replication C3 with ``--seed 1`` 2.81x; C1, the same flags on a host that ran half the steps, 2.97x; Z1, without
+users with 5,139 steps in the 30 minutes, its SASRec trained apart with ``benchmarks.beauty``'s default seed 42 and
+RQ-KMeans seed 0; the one command with ``--seed 1`` (C3: SASRec and RQ-KMeans seed 1) 2.81x; C1, the same flags on
+a host that ran half the steps, 2.97x; Z1, without
 compiled blocks: 2.85x): collaborative IDs of a SASRec trained first (``--train-sasrec``, unless ``--sasrec-dir``), the sequence form
 with 20-item rows and 9-token prompts (no system prompt, instruction ``IDs:``, no chat template), 30 phase-1 steps,
 phase-2 mix 0.1/0.8/0.1, lr 2e-3 falling to 0 over the last 25 % of the 30-minute budget, distillation from the
@@ -198,14 +200,16 @@ def parse_args(argv=None) -> argparse.Namespace:
                         "(5-9 min on 2 CPU threads, 3 Dec 2026) (--gpu: 90)")
     p.add_argument("--teacher-ensemble", type=int, default=1,
                    help="with --train-sasrec and --distill-weight: train this many SASRecs (seeds --seed, --seed + 1, ...; the "
-                        "extra ones into <out>/sasrec_seed<S>) and distil from the mean of their next-item probabilities "
+                        "extra ones into <out>/sasrec_seed<S>; N x the SASRec time, each member early-stopped on "
+                        "its own seed's validation users) and distil from the mean of their next-item probabilities "
                         "(lib/llm/distill.ensemble_teacher); the IDs still come from the first")
     p.add_argument("--teacher-sasrec-dir", action="append", default=[], metavar="DIR",
                    help="with --sasrec-dir and --distill-weight: one more saved SASRec (repeatable) whose next-item "
                         "probabilities are averaged with --sasrec-dir's into the teacher; the IDs still come from --sasrec-dir")
     p.add_argument("--distill-weight", type=float, default=0.0,
-                   help="knowledge distillation from the SASRec of --sasrec-dir (lib/llm/distill.py): weight of its "
-                        "next-item softmax in the targets of the sequence form's ID tokens (0 = off)")
+                   help="knowledge distillation from the SASRec of --sasrec-dir, or the mean of several with "
+                        "--teacher-ensemble / --teacher-sasrec-dir (lib/llm/distill.py): weight of its next-item "
+                        "softmax in the targets of the sequence form's ID tokens (0 = off)")
     add_distill_temperature_flags(p, 1.0, "the teacher's logits")
     p.add_argument("--sid-softmax", action="store_true",
                    help="semantic-ID targets normalised over the ID tokens only (FinetuneConfig.sid_softmax; the "
@@ -336,13 +340,29 @@ def parse_args(argv=None) -> argparse.Namespace:
         p.error("--lr-decay-frac decays over the wall-clock budget: set --train-seconds > 0")
     if args.teacher_ensemble < 1:
         p.error("--teacher-ensemble must be >= 1 (1 = one SASRec)")
+    extra_teachers = args.teacher_ensemble > 1 or bool(args.teacher_sasrec_dir)
+    trained_by = " (set by --cpu-recipe without --sasrec-dir)" if args.cpu_recipe else " (set by --gpu)" if args.gpu else ""
+    if extra_teachers and args.model_dir:
+        p.error("--model-dir evaluates a trained folder: --teacher-ensemble / --teacher-sasrec-dir build a fine-tune's "
+                "teacher and do not apply")
+    if extra_teachers and args.distill_weight <= 0:
+        p.error("--teacher-ensemble / --teacher-sasrec-dir build the distillation teacher: "
+                + ("set --distill-weight > 0" if args.next_id_format == "sequence" else
+                   "it distils the sequence form: add --next-id-format sequence and --distill-weight > 0"))
     if args.teacher_ensemble > 1 and not args.train_sasrec:
-        p.error("--teacher-ensemble trains the extra SASRecs with --train-sasrec; with --sasrec-dir pass each extra "
-                "one as --teacher-sasrec-dir")
+        p.error("--teacher-ensemble trains the extra SASRecs beside the one --train-sasrec trains; with --sasrec-dir "
+                "pass each extra saved one as --teacher-sasrec-dir")
     if args.teacher_sasrec_dir and args.train_sasrec:
-        p.error("--teacher-sasrec-dir adds saved SASRecs to --sasrec-dir's; with --train-sasrec use --teacher-ensemble")
-    if (args.teacher_ensemble > 1 or args.teacher_sasrec_dir) and args.distill_weight <= 0:
-        p.error("--teacher-ensemble / --teacher-sasrec-dir build the distillation teacher: set --distill-weight > 0")
+        p.error(f"--teacher-sasrec-dir adds saved SASRecs to --sasrec-dir's, but this run trains its own "
+                f"(--train-sasrec{trained_by}): pass --sasrec-dir too, or use --teacher-ensemble N instead")
+    if args.teacher_sasrec_dir and not args.sasrec_dir:
+        p.error("--teacher-sasrec-dir adds saved SASRecs to --sasrec-dir's: pass --sasrec-dir too")
+    if args.teacher_sasrec_dir:
+        resolved = [Path(d).resolve() for d in [args.sasrec_dir, *args.teacher_sasrec_dir]]
+        twice = sorted({str(d) for d in resolved if resolved.count(d) > 1})
+        if twice:
+            p.error(f"the teacher would count the same SASRec twice ({', '.join(twice)}): pass each folder once "
+                    "(--sasrec-dir and every --teacher-sasrec-dir)")
     if args.train_sasrec and args.sasrec_dir:
         p.error("--train-sasrec writes <out>/sasrec/sasrec_model: leave --sasrec-dir out, or drop --train-sasrec")
     if args.model_dir and (args.train_sasrec or args.distill_weight > 0):
@@ -456,6 +476,18 @@ def _finetune(args, fcfg, ds, lookup, items, codebooks, out: Path, log):
     stop_reason = ft.info["stop_reason"]
     ws_mode = ft.warm_start.mode if ft.warm_start else "none"
     return model_dir, m, stop_reason, ws_mode, ft_seconds
+
+
+def _train_teacher_members(args, out: Path) -> list[str]:
+    """``--teacher-ensemble N``: train the N - 1 extra SASRecs, seeds ``--seed + 1`` .. ``--seed + N - 1``, each into
+    ``out/sasrec_seed<S>`` with :func:`_train_sasrec`; -> their saved models' folders, in seed order (none for N = 1).
+    Raises ``SystemExit`` as :func:`_train_sasrec` does."""
+    dirs = []
+    for k in range(1, args.teacher_ensemble):
+        seed = args.seed + k
+        print(f"\n=== SASRec, teacher member {k + 1} of {args.teacher_ensemble} (seed {seed}): benchmarks.beauty", flush=True)
+        dirs.append(_train_sasrec(args, out / f"sasrec_seed{seed}", seed, "sasrec"))
+    return dirs
 
 
 def _train_sasrec(args, sas_out: Path, seed: int, models: str) -> str:
@@ -670,10 +702,7 @@ def _run(args: argparse.Namespace) -> int:
         print("\n=== SASRec (the collaborative IDs' source and the distillation teacher): benchmarks.beauty", flush=True)
         args.sasrec_dir = _train_sasrec(args, out / "sasrec", args.seed, "popularity,sasrec")
         sasrec_rows = json.loads((out / "sasrec" / "sasrec.json").read_text(encoding="utf-8"))["rows"]
-        for k in range(1, args.teacher_ensemble):  # --teacher-ensemble: the other members, seeds --seed + k
-            seed = args.seed + k
-            print(f"\n=== SASRec, teacher member {k + 1} of {args.teacher_ensemble} (seed {seed}): benchmarks.beauty", flush=True)
-            args.teacher_sasrec_dir.append(_train_sasrec(args, out / f"sasrec_seed{seed}", seed, "sasrec"))
+        args.teacher_sasrec_dir += _train_teacher_members(args, out)
     data = load_prepared_split(folder, order=args.order)
     items, inter = data.items, data.interactions
     sids, sid_note, codebooks = load_sids(args, items, log)

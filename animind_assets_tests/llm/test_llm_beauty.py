@@ -449,9 +449,11 @@ def test_benchmark_trains_each_teacher_member_with_its_own_seed(tmp_path, monkey
 
     monkeypatch.setattr(beauty_bench, "main", fake_main)
     args = beauty_llm.parse_args(["--cpu-recipe", "--teacher-ensemble", "3", "--seed", "5", "--sasrec-seconds", "60"])
-    dirs = [beauty_llm._train_sasrec(args, tmp_path / f"sasrec_seed{s}", s, "sasrec") for s in (6, 7)]
+    assert beauty_llm._train_teacher_members(beauty_llm.parse_args(["--cpu-recipe"]), tmp_path) == []
+    dirs = beauty_llm._train_teacher_members(args, tmp_path)
     assert dirs == [str(tmp_path / "sasrec_seed6" / "sasrec_model"), str(tmp_path / "sasrec_seed7" / "sasrec_model")]
     assert [c[c.index("--seed") + 1] for c in calls] == ["6", "7"]
+    assert all(c[c.index("--models") + 1] == "sasrec" for c in calls)  # the members' popularity rows: not needed
     assert all(c[c.index("--sasrec-seconds") + 1] == "60.0" and c[c.index("--threads") + 1] == "2" for c in calls)
     monkeypatch.setattr(beauty_bench, "main", lambda argv: 1)
     with pytest.raises(SystemExit, match="seed 8"):
@@ -509,8 +511,13 @@ def test_benchmark_fine_tune_flags_reach_the_finetune_config(monkeypatch):
     (["--phase1-weights", "1,-1,1"], "--phase1-weights"),
     (["--replay-ratio", "1.5"], "replay_ratio must be in"),  # FinetuneConfig's check, before the data is read
     (["--teacher-ensemble", "0"], "--teacher-ensemble must be >= 1"),
-    (["--cpu-recipe", "--sasrec-dir", "/s", "--teacher-ensemble", "2"], "pass each extra one as --teacher-sasrec-dir"),
-    (["--cpu-recipe", "--teacher-sasrec-dir", "/t"], "with --train-sasrec use --teacher-ensemble"),
+    (["--cpu-recipe", "--sasrec-dir", "/s", "--teacher-ensemble", "2"], "pass each extra saved one as --teacher-sasrec-dir"),
+    (["--cpu-recipe", "--teacher-sasrec-dir", "/t"], "trains its own (--train-sasrec (set by --cpu-recipe"),
+    (["--next-id-format", "sequence", "--distill-weight", "0.5", "--teacher-sasrec-dir", "/t"], "pass --sasrec-dir too"),
+    (["--cpu-recipe", "--sasrec-dir", "/s", "--teacher-sasrec-dir", "/s/"], "the same SASRec twice"),
+    (["--cpu-recipe", "--sasrec-dir", "/s", "--teacher-sasrec-dir", "/t", "--teacher-sasrec-dir", "/t"], "twice (/t)"),
+    (["--cpu-recipe", "--model-dir", "/f", "--sasrec-dir", "/s", "--teacher-ensemble", "2"], "--model-dir evaluates"),
+    (["--gpu", "--next-id-format", "question", "--teacher-ensemble", "2"], "add --next-id-format sequence"),
     (["--cpu-recipe", "--sasrec-dir", "/s", "--teacher-sasrec-dir", "/t", "--distill-weight", "0"], "set --distill-weight > 0"),
 ])
 def test_benchmark_refuses_flag_combinations_before_any_work(argv, says, capsys):

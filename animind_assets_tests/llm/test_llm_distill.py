@@ -124,6 +124,14 @@ def test_ensemble_teacher_averages_the_members_probabilities():
     assert torch.isinf(got[0, 2]) and torch.isinf(got[1, 3])
     # the mean of logits would tie items 0, 1 and 3 of row 0 (all 0.0): the probability mean keeps 0 and 1 likely
     assert got[0, 0] > got[0, 3] + 1.0
+    # a member that scores nothing at a position (an all -inf row) is left out of that row's mean, not NaN
+    c = b.clone()
+    c[1] = float("-inf")
+    got = ensemble_teacher([lambda seqs: a, lambda seqs: c])([[0, 1, 2]])
+    assert torch.allclose(torch.softmax(got[1], 0), torch.softmax(a[1], 0), atol=1e-6)
+    assert torch.allclose(torch.softmax(got[0], 0), want[0], atol=1e-6)
+    nothing = torch.full_like(a, float("-inf"))
+    assert torch.isneginf(ensemble_teacher([lambda seqs: nothing, lambda seqs: nothing])([[0, 1]])).all()
     single = lambda seqs: a  # noqa: E731
     assert ensemble_teacher([single]) is single
     with pytest.raises(ValueError, match="at least one"):
@@ -132,8 +140,9 @@ def test_ensemble_teacher_averages_the_members_probabilities():
         ensemble_teacher([lambda seqs: a, lambda seqs: a[:1]])([[0, 1]])
 
 
-def test_ensemble_of_sasrecs_is_what_the_distiller_uses():
-    """With two real SASRecs the ensemble's code-level targets equal those of the averaged item distribution."""
+def test_ensemble_of_two_sasrecs_scores_the_mean_of_their_item_distributions():
+    """Two real SASRecs through ``position_logits_teacher`` (one row per target position, windowed rows included):
+    the ensemble's rows are the log of their averaged next-item distributions."""
     from animind_assets.lib.retrieval.sasrec import SASRec, SASRecConfig
 
     cfg = SASRecConfig(hidden=16, blocks=1, heads=1, dropout=0.0)

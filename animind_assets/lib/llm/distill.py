@@ -77,18 +77,21 @@ def ensemble_teacher(teachers: Sequence[Teacher]) -> Teacher:
     """A :data:`Teacher` that is the **mean of the next-item probabilities** of ``teachers`` (an ensemble of K
     teachers scoring the same items, e.g. SASRecs trained with different seeds): it returns
     ``log(1/K sum_k softmax(logits_k))`` (M, n_items) float32, log-probabilities, which the distiller and
-    :func:`fit_temperature` treat as logits (a temperature T then sharpens or flattens the averaged distribution).
-    Averaging the members' softened outputs is the usual multi-teacher target (Hinton et al. 2015, section 2 on
-    ensembles; You et al., "Learning from Multiple Teacher Networks", KDD 2017); the mean of probabilities, unlike
-    the mean of logits, keeps an item that any member finds likely. An item every member gives ``-inf`` stays
-    ``-inf``. One teacher is returned as it is (its logits, not log-softmaxed: the same softmax). Raises
-    ``ValueError`` without teachers, or (when called) when the members' outputs differ in shape."""
+    :func:`fit_temperature` treat as logits. The arithmetic mean of the members' predictive distributions as the
+    soft target is the ensemble case of Hinton et al. 2015, "Distilling the Knowledge in a Neural Network",
+    section 1 (also You et al., "Learning from Multiple Teacher Networks", KDD 2017); the mean of probabilities,
+    unlike the mean of logits, keeps an item that any member finds likely. A temperature T is applied to the
+    mixture (``softmax(log p / T)``), which equals Hinton's mean of the members' softened outputs only at T = 1 (the
+    recipe's T). An item every member gives ``-inf`` stays ``-inf``; a member whose whole row is ``-inf`` (it
+    scores nothing at that position) is left out of that row's mean, and a row no member scores stays all ``-inf``
+    (the distiller skips non-finite rows). One teacher is returned as it is (its own logits and dtype, not
+    log-softmaxed: the same softmax). The members' outputs must be on one device. Raises ``ValueError`` without
+    teachers, or (when called) when the members' outputs differ in shape."""
     teachers = list(teachers)
     if not teachers:
         raise ValueError("ensemble_teacher needs at least one teacher")
     if len(teachers) == 1:
         return teachers[0]
-    log_k = float(np.log(len(teachers)))
 
     def teacher(seqs: list[list[int]]) -> torch.Tensor:
         outs = [t(seqs).float() for t in teachers]
@@ -96,7 +99,11 @@ def ensemble_teacher(teachers: Sequence[Teacher]) -> Teacher:
         if len(shapes) != 1:
             raise ValueError(f"ensemble_teacher: the members score different shapes {sorted(shapes)} (same items and "
                              "positions needed)")
-        return torch.logsumexp(torch.stack([torch.log_softmax(o, dim=1) for o in outs]), dim=0) - log_k
+        logp = torch.stack([torch.log_softmax(o, dim=1) for o in outs])  # (K, M, n_items); an all -inf row: NaN
+        scored = torch.isfinite(torch.stack([o.amax(dim=1) for o in outs]))  # (K, M): the member scores that row
+        logp = torch.where(scored[:, :, None], logp, logp.new_tensor(float("-inf")))
+        n_members = scored.sum(dim=0).clamp(min=1).to(logp.dtype)  # (M,) members in each row's mean
+        return torch.logsumexp(logp, dim=0) - torch.log(n_members)[:, None]
 
     return teacher
 

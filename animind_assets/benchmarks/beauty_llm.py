@@ -48,9 +48,10 @@ every block trained, batch 32, bf16); estimated at about 10 minutes on one H100/
 (no GPU was available where this was written). An explicit flag wins over each GPU default; the distillation
 default applies only to a run that trains in the sequence form; ``--gpu --model-dir`` evaluates only (no MAL).
 
-``--cpu-recipe``: the best CPU recipe measured (``docs/beauty.md``: C2, 3.26x popularity's R@10 on all 22,363 test
-users with 5,139 steps in the 30 minutes, its SASRec trained apart with ``benchmarks.beauty``'s default seed 42 and
-RQ-KMeans seed 0; the one command with ``--seed 1`` (C3: SASRec and RQ-KMeans seed 1) 2.81x; C1, the same flags on
+``--cpu-recipe``: the best CPU recipe measured (``docs/beauty.md``: the one command at its default ``--seed 0``, X1,
+2.94x popularity's R@10 on all 22,363 test users with 4,734 steps in the 30 minutes; C2, 3.26x with 5,139 steps,
+its SASRec trained apart with ``benchmarks.beauty``'s default seed 42 and RQ-KMeans seed 0; the one command with
+``--seed 1`` (C3: SASRec and RQ-KMeans seed 1) 2.81x; C1, the same flags on
 a host that ran half the steps, 2.97x; Z1, without
 compiled blocks: 2.85x): collaborative IDs of a SASRec trained first (``--train-sasrec``, unless ``--sasrec-dir``), the sequence form
 with 20-item rows and 9-token prompts (no system prompt, instruction ``IDs:``, no chat template), 30 phase-1 steps,
@@ -106,7 +107,7 @@ def load_avg() -> str:
         return "load " + " ".join(f"{x:.2f}" for x in os.getloadavg())
 
 
-# C1/C2/C3 (docs/beauty.md, 3 Dec 2026, sessions 26-27): R@10 2.97x (2,570 steps) / 3.26x and 2.81x (~5,000 steps, a faster host)
+# C1/C2/C3/X1 (docs/beauty.md, 3-4 Dec 2026, sessions 26-31): R@10 2.97x (2,570 steps) / 3.26x, 2.81x, 2.94x (~5,000 steps, a faster host)
 # popularity on all test users after a 30-minute fine-tune on 2 CPU threads = Z1's recipe (2.85x) with the decoder
 # blocks compiled (1.35x the steps on the same host)
 CPU_RECIPE = {

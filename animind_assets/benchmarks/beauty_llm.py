@@ -438,23 +438,11 @@ def _finetune(args, fcfg, ds, lookup, items, codebooks, out: Path, log):
 
     teacher, teacher_fp = None, ""
     if args.distill_weight > 0:
-        from animind_assets.lib.llm.distill import ensemble_teacher, position_logits_teacher, teacher_fingerprint
-        from animind_assets.lib.retrieval.sasrec import load_sasrec
-
         if not args.sasrec_dir:
             raise SystemExit("--distill-weight needs --sasrec-dir (the teacher): python -m animind_assets.benchmarks.beauty "
                              "--models sasrec --out DIR, then pass DIR/sasrec_model")
         dirs = [args.sasrec_dir, *args.teacher_sasrec_dir]
-        members = []
-        for d in dirs:
-            sas = load_sasrec(d)[0]
-            if sas.n_items != items.height:
-                raise SystemExit(f"SASRec {d} scores {sas.n_items} items, the split has {items.height}")
-            members.append(sas)
-        teacher = ensemble_teacher([position_logits_teacher(sas) for sas in members])
-        weights = [v for sas in members for v in sas.state_dict().values()]
-        teacher_fp = (teacher_fingerprint(*weights) if len(members) == 1 else
-                      teacher_fingerprint(*weights, ensemble="mean_probability", members=len(members)))
+        teacher, teacher_fp = sasrec_teacher(dirs, items.height)
         t_text = (f"T {args.distill_temperature:g}" if args.distill_temperature else
                   f"T fitted on the {args.distill_temperature_fit} rows")
         what = (f"SASRec of {dirs[0]}" if len(dirs) == 1 else
@@ -477,6 +465,29 @@ def _finetune(args, fcfg, ds, lookup, items, codebooks, out: Path, log):
     stop_reason = ft.info["stop_reason"]
     ws_mode = ft.warm_start.mode if ft.warm_start else "none"
     return model_dir, m, stop_reason, ws_mode, ft_seconds
+
+
+def sasrec_teacher(dirs: list[str], n_items: int):
+    """The distillation teacher of saved SASRec folders ``dirs`` (``benchmarks.beauty``'s ``sasrec_model``): one
+    SASRec's ``position_logits_teacher``, or for several the mean of their next-item probabilities
+    (``distill.ensemble_teacher``); -> ``(teacher, fingerprint)``. The fingerprint (``run_finetune``'s
+    ``teacher_fingerprint``: checkpoints of another teacher are not resumed) covers every member's weights, and is
+    the one-SASRec fingerprint of earlier runs for one folder; for several it does not depend on their order (the
+    mean does not). Raises ``SystemExit`` naming the folder when a SASRec scores other than ``n_items`` items."""
+    from animind_assets.lib.llm.distill import ensemble_teacher, position_logits_teacher, teacher_fingerprint
+    from animind_assets.lib.retrieval.sasrec import load_sasrec
+
+    members = []
+    for d in dirs:
+        sas = load_sasrec(d)[0]
+        if sas.n_items != n_items:
+            raise SystemExit(f"SASRec {d} scores {sas.n_items} items, the split has {n_items}")
+        members.append(sas)
+    teacher = ensemble_teacher([position_logits_teacher(sas) for sas in members])
+    if len(members) == 1:
+        return teacher, teacher_fingerprint(*members[0].state_dict().values())
+    each = sorted(teacher_fingerprint(*sas.state_dict().values()) for sas in members)
+    return teacher, teacher_fingerprint(ensemble="mean_probability", members=each)
 
 
 def _train_teacher_members(args, out: Path) -> list[str]:

@@ -460,6 +460,36 @@ def test_benchmark_trains_each_teacher_member_with_its_own_seed(tmp_path, monkey
         beauty_llm._train_sasrec(args, tmp_path / "sasrec_seed8", 8, "sasrec")
 
 
+def test_benchmark_teacher_of_saved_sasrecs_and_its_fingerprint(tmp_path):
+    """``beauty_llm.sasrec_teacher``: one folder gives that SASRec's logits and the one-SASRec fingerprint of earlier
+    runs (their checkpoints still resume); two give the mean of their probabilities and a fingerprint of both that
+    does not depend on their order; a SASRec of another catalog size stops the run, naming its folder."""
+    import torch
+
+    from animind_assets.benchmarks.beauty_llm import sasrec_teacher
+    from animind_assets.lib.llm.distill import position_logits_teacher, teacher_fingerprint
+    from animind_assets.lib.retrieval.sasrec import SASRec, SASRecConfig, load_sasrec, save_sasrec
+
+    cfg = SASRecConfig(hidden=16, blocks=1, heads=1, dropout=0.0)
+    cfg.train.max_len = 4
+    dirs = []
+    for seed, n in ((0, 12), (1, 12), (2, 9)):
+        torch.manual_seed(seed)
+        dirs.append(save_sasrec(SASRec(n, cfg), str(tmp_path / f"s{seed}")))
+    seqs = [[3, 5, 7], [1, 2, 3, 4, 5, 6]]
+    one, fp_one = sasrec_teacher(dirs[:1], 12)
+    m0, m1 = load_sasrec(dirs[0])[0], load_sasrec(dirs[1])[0]
+    assert fp_one == teacher_fingerprint(*m0.state_dict().values())
+    assert torch.allclose(one(seqs), position_logits_teacher(m0)(seqs))
+    two, fp_two = sasrec_teacher(dirs[:2], 12)
+    want = (torch.softmax(position_logits_teacher(m0)(seqs), 1) + torch.softmax(position_logits_teacher(m1)(seqs), 1)) / 2
+    assert torch.allclose(two(seqs).exp(), want, atol=1e-6)
+    assert fp_two != fp_one and fp_two == sasrec_teacher(dirs[1::-1], 12)[1]
+    assert fp_two != sasrec_teacher([dirs[0], dirs[0]], 12)[1]  # not a set: the same SASRec twice is another teacher
+    with pytest.raises(SystemExit, match="s2.* scores 9 items, the split has 12"):
+        sasrec_teacher([dirs[0], dirs[2]], 12)
+
+
 def test_benchmark_ranks_frame_maps_users_to_their_split_rows():
     """``sequence_eval.ranks_frame`` (``beauty_llm``'s ``<out>/ranks.parquet``): one row per evaluated user, with the row in the split that ``subset`` selects by."""
     from types import SimpleNamespace

@@ -22,8 +22,9 @@ What it runs (the library functions the assets ``beauty_llm_prep_dataset`` -> ``
 3. ``run_finetune`` on the embedded SmolLM2-135M-Instruct (two SFT phases), stopped by the wall-clock
    budget ``--train-seconds`` (default 1800 = the issue's 30 minutes; the model at the stop is evaluated).
    ``--distill-weight W`` (with ``--sasrec-dir``): knowledge distillation from that SASRec, or from the mean
-   of several (``--teacher-ensemble`` / ``--teacher-sasrec-dir``, below) (``lib/llm/distill.py``): at the ID tokens of every item after the first of a "sequence"-form answer, the
-   target is ``(1 - W)`` one-hot + ``W`` x the SASRec's next-item softmax as that level's code distribution.
+   of several (``--teacher-ensemble`` / ``--teacher-sasrec-dir``, below) (``lib/llm/distill.py``): at the ID
+   tokens of every item after the first of a "sequence"-form answer, the target is ``(1 - W)`` one-hot + ``W`` x
+   the SASRec's next-item softmax as that level's code distribution.
 4. ``evaluate_next_item_lm`` on a seeded subset of test users (``--test-users``, the subset
    ``benchmarks.beauty --test-users`` draws): full-catalog beam search constrained to the trie of
    valid IDs, Recall/NDCG@5/10 masked and unmasked with 95% bootstrap intervals, popularity on the
@@ -52,8 +53,7 @@ default applies only to a run that trains in the sequence form; ``--gpu --model-
 2.94x popularity's R@10 on all 22,363 test users with 4,734 steps in the 30 minutes; C2, 3.26x with 5,139 steps,
 its SASRec trained apart with ``benchmarks.beauty``'s default seed 42 and RQ-KMeans seed 0; the one command with
 ``--seed 1`` (C3: SASRec and RQ-KMeans seed 1) 2.81x; C1, the same flags on
-a host that ran half the steps, 2.97x; Z1, without
-compiled blocks: 2.85x): collaborative IDs of a SASRec trained first (``--train-sasrec``, unless ``--sasrec-dir``), the sequence form
+a host that ran half the steps, 2.97x; Z1, without compiled blocks: 2.85x): collaborative IDs of a SASRec trained first (``--train-sasrec``, unless ``--sasrec-dir``), the sequence form
 with 20-item rows and 9-token prompts (no system prompt, instruction ``IDs:``, no chat template), 30 phase-1 steps,
 phase-2 mix 0.1/0.8/0.1, lr 2e-3 falling to 0 over the last 25 % of the 30-minute budget, distillation from the
 SASRec at 0.8, the base vocabulary's rows frozen, the decoder blocks compiled while training (``--compile-blocks``;
@@ -468,13 +468,11 @@ def _finetune(args, fcfg, ds, lookup, items, codebooks, out: Path, log):
 
 
 def sasrec_teacher(dirs: list[str], n_items: int):
-    """The distillation teacher of saved SASRec folders ``dirs`` (``benchmarks.beauty``'s ``sasrec_model``): one
-    SASRec's ``position_logits_teacher``, or for several the mean of their next-item probabilities
-    (``distill.ensemble_teacher``); -> ``(teacher, fingerprint)``. The fingerprint (``run_finetune``'s
-    ``teacher_fingerprint``: checkpoints of another teacher are not resumed) covers every member's weights, and is
-    the one-SASRec fingerprint of earlier runs for one folder; for several it does not depend on their order (the
-    mean does not). Raises ``SystemExit`` naming the folder when a SASRec scores other than ``n_items`` items."""
-    from animind_assets.lib.llm.distill import ensemble_teacher, position_logits_teacher, teacher_fingerprint
+    """The distillation teacher of saved SASRec folders ``dirs`` (``benchmarks.beauty``'s ``sasrec_model``), with
+    its fingerprint: ``distill.model_teacher`` of the loaded models (one SASRec's logits, or the mean of several's
+    next-item probabilities; for one folder the fingerprint of earlier runs, for several an order-free one).
+    Raises ``SystemExit`` naming the folder when a SASRec scores other than ``n_items`` items."""
+    from animind_assets.lib.llm.distill import model_teacher
     from animind_assets.lib.retrieval.sasrec import load_sasrec
 
     members = []
@@ -483,11 +481,7 @@ def sasrec_teacher(dirs: list[str], n_items: int):
         if sas.n_items != n_items:
             raise SystemExit(f"SASRec {d} scores {sas.n_items} items, the split has {n_items}")
         members.append(sas)
-    teacher = ensemble_teacher([position_logits_teacher(sas) for sas in members])
-    if len(members) == 1:
-        return teacher, teacher_fingerprint(*members[0].state_dict().values())
-    each = sorted(teacher_fingerprint(*sas.state_dict().values()) for sas in members)
-    return teacher, teacher_fingerprint(ensemble="mean_probability", members=each)
+    return model_teacher(members)
 
 
 def _train_teacher_members(args, out: Path) -> list[str]:

@@ -156,6 +156,10 @@ def test_ensemble_of_two_sasrecs_scores_the_mean_of_their_item_distributions():
     got = ensemble_teacher([position_logits_teacher(m) for m in models])(seqs)
     want = torch.stack([torch.softmax(x, 1) for x in members]).mean(0)
     assert got.shape == (7, 12) and torch.allclose(got.exp(), want, atol=1e-6)
+    from animind_assets.lib.llm.distill import model_teacher
+
+    with pytest.raises(ValueError, match="at least one model"):
+        model_teacher([])
 
 
 def test_completion_loss_mixes_the_soft_targets_as_documented():

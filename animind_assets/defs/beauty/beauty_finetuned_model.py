@@ -71,7 +71,7 @@ def beauty_finetuned_model(
                  if cfg.warm_start in ("rqvae", "projection") else None)
     teacher, teacher_fp = None, ""
     if cfg.distill_weight > 0:  # knowledge distillation from the sasrec_model (docs/beauty.md)
-        from animind_assets.lib.llm.distill import position_logits_teacher, teacher_fingerprint
+        from animind_assets.lib.llm.distill import model_teacher
 
         _, data_fp = split_from_interactions(beauty_interactions, n_items=beauty_items.height)
         sasrec, _ = load_sasrec_asset(artifacts, f"{ASSET}: distill_weight={cfg.distill_weight} (the teacher; or set "
@@ -79,8 +79,7 @@ def beauty_finetuned_model(
         if sasrec.n_items != beauty_items.height:
             raise ValueError(f"{ASSET}: sasrec_model scores {sasrec.n_items} items, beauty_items has {beauty_items.height}: "
                              "rematerialize sasrec_model")
-        teacher = position_logits_teacher(sasrec)
-        teacher_fp = teacher_fingerprint(*sasrec.state_dict().values(), data_fingerprint=data_fp)
+        teacher, teacher_fp = model_teacher([sasrec], data_fingerprint=data_fp)
         context.log.info(f"{ASSET}: distilling from sasrec_model (weight {cfg.distill_weight}, T {cfg.distill_temperature})")
     result, files, _, run_link = train_and_publish(
         context, store, mlflow, cfg, beauty_llm_prep_dataset, lookup, codebooks=codebooks, special_tokens=(),

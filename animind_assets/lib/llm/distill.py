@@ -108,6 +108,23 @@ def ensemble_teacher(teachers: Sequence[Teacher]) -> Teacher:
     return teacher
 
 
+def model_teacher(models: Sequence, **params) -> tuple[Teacher, str]:
+    """The distillation teacher of one or several loaded next-item models (``SASRec``s scoring the same catalog)
+    and its fingerprint for ``run_finetune(teacher_fingerprint=...)``: one model gives its
+    :func:`position_logits_teacher` and ``teacher_fingerprint(weights, **params)``; several give
+    :func:`ensemble_teacher` of theirs (the mean of their next-item probabilities) and a fingerprint of every
+    member's weights that does not depend on their order (the mean does not) plus ``params`` (JSON-able, e.g. the
+    training data's fingerprint). Raises ``ValueError`` without models."""
+    models = list(models)
+    if not models:
+        raise ValueError("model_teacher needs at least one model")
+    teacher = ensemble_teacher([position_logits_teacher(m) for m in models])
+    if len(models) == 1:
+        return teacher, teacher_fingerprint(*models[0].state_dict().values(), **params)
+    each = sorted(teacher_fingerprint(*m.state_dict().values()) for m in models)
+    return teacher, teacher_fingerprint(ensemble="mean_probability", members=each, **params)
+
+
 @dataclass
 class DistillBatch:
     """Soft targets of one training batch. ``flat_index`` (K,) int64: positions in the flattened

@@ -64,6 +64,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--sasrec-lr", type=float, default=3e-3)
     p.add_argument("--sasrec-batch", type=int, default=128)
     p.add_argument("--sasrec-patience", type=int, default=5)
+    p.add_argument("--sasrec-early-stop", default="ndcg@10", choices=["ndcg@10", "nll"],
+                   help="SASRec's early-stopping metric on the validation users: masked NDCG@10 (default) or the held-out "
+                        "items' NLL under its softmax (lower; for a SASRec used as a distillation teacher)")
     p.add_argument("--sasrec-init", default="", help="continue from a saved sasrec_model folder (a second budget leg)")
     # RPG
     p.add_argument("--rpg-seconds", type=float, default=2400.0, help="RPG training budget (0 = none)")
@@ -147,7 +150,7 @@ def run_model(name: str, split, rows, args, data, out: Path, log, previous: dict
 
         tcfg = SeqTrainConfig(
             max_len=50, batch_size=args.sasrec_batch * (2 if args.gpu else 1), lr=args.sasrec_lr, epochs=200,
-            patience=args.sasrec_patience, val_users=args.val_users, max_train_seconds=args.sasrec_seconds,
+            patience=args.sasrec_patience, early_stop_metric=args.sasrec_early_stop, val_users=args.val_users, max_train_seconds=args.sasrec_seconds,
             seed=args.seed, num_threads=args.threads, device=args.device,
         )
         cfg = SASRecConfig(hidden=64, blocks=2, heads=1, dropout=0.5, loss=args.sasrec_loss, train=tcfg)

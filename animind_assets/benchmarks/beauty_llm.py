@@ -199,6 +199,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--sasrec-seconds", type=float, default=2400.0,
                    help="with --train-sasrec: its training budget; early stopping on validation NDCG@10 usually ends it first "
                         "(5-9 min on 2 CPU threads, 3 Dec 2026) (--gpu: 90)")
+    p.add_argument("--sasrec-early-stop", default="ndcg@10", choices=["ndcg@10", "nll"],
+                   help="with --train-sasrec: the SASRec's early-stopping metric on its validation users (benchmarks.beauty "
+                        "--sasrec-early-stop): masked NDCG@10, or the held-out items' NLL under its softmax (the "
+                        "distribution the LM is distilled from)")
     p.add_argument("--teacher-ensemble", type=int, default=1,
                    help="with --train-sasrec and --distill-weight: train this many SASRecs (seeds --seed, --seed + 1, ...; the "
                         "extra ones into <out>/sasrec_seed<S>; N x the SASRec time, each member early-stopped on "
@@ -504,7 +508,8 @@ def _train_sasrec(args, sas_out: Path, seed: int, models: str) -> str:
 
     rc = beauty_bench.main(["--models", models, "--out", str(sas_out), "--test-users", str(args.test_users),
                             "--seed", str(seed), "--threads", str(args.threads), "--order", args.order,
-                            "--sasrec-seconds", str(args.sasrec_seconds), *(["--gpu"] if args.gpu else [])])
+                            "--sasrec-seconds", str(args.sasrec_seconds), "--sasrec-early-stop", args.sasrec_early_stop,
+                            *(["--gpu"] if args.gpu else [])])
     if rc != 0 or not (sas_out / "sasrec_model").is_dir():
         raise SystemExit(f"SASRec (seed {seed}): benchmarks.beauty returned {rc} without {sas_out / 'sasrec_model'}")
     return str(sas_out / "sasrec_model")

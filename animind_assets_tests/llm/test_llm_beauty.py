@@ -448,13 +448,16 @@ def test_benchmark_trains_each_teacher_member_with_its_own_seed(tmp_path, monkey
         return 0
 
     monkeypatch.setattr(beauty_bench, "main", fake_main)
-    args = beauty_llm.parse_args(["--cpu-recipe", "--teacher-ensemble", "3", "--seed", "5", "--sasrec-seconds", "60"])
+    args = beauty_llm.parse_args(["--cpu-recipe", "--teacher-ensemble", "3", "--seed", "5", "--sasrec-seconds", "60",
+                                  "--sasrec-early-stop", "nll"])
     assert beauty_llm._train_teacher_members(beauty_llm.parse_args(["--cpu-recipe"]), tmp_path) == []
     dirs = beauty_llm._train_teacher_members(args, tmp_path)
     assert dirs == [str(tmp_path / "sasrec_seed6" / "sasrec_model"), str(tmp_path / "sasrec_seed7" / "sasrec_model")]
     assert [c[c.index("--seed") + 1] for c in calls] == ["6", "7"]
     assert all(c[c.index("--models") + 1] == "sasrec" for c in calls)  # the members' popularity rows: not needed
     assert all(c[c.index("--sasrec-seconds") + 1] == "60.0" and c[c.index("--threads") + 1] == "2" for c in calls)
+    assert all(c[c.index("--sasrec-early-stop") + 1] == "nll" for c in calls)
+    assert beauty_bench.parse_args(calls[0]).sasrec_early_stop == "nll"  # a flag benchmarks.beauty takes
     monkeypatch.setattr(beauty_bench, "main", lambda argv: 1)
     with pytest.raises(SystemExit, match="seed 8"):
         beauty_llm._train_sasrec(args, tmp_path / "sasrec_seed8", 8, "sasrec")

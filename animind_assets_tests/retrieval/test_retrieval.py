@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from animind_assets.lib.retrieval.evaluation import (
+    heldout_nll,
     SequenceSplit,
     bootstrap_ci,
     evaluate_rankings,
@@ -217,6 +218,51 @@ def test_sasrec_training_learns_the_cycle_and_round_trips(tmp_path):
     loaded, _ = load_sasrec(str(tmp_path / "m"))
     inp = pad_left(split.histories("test")[:5], 8)
     assert torch.allclose(loaded.score(inp), res.model.score(inp), atol=1e-5)
+
+
+def test_heldout_nll_is_the_cross_entropy_of_the_held_out_item_under_the_full_softmax():
+    split = tiny_split()
+    rows = np.array([0, 3, 5, 8])
+    items = torch.arange(split.n_items, dtype=torch.float32)
+
+    def scorer(histories):  # any fixed function of the history
+        return torch.stack([3.0 * torch.sin(0.37 * float(h.sum()) + 1.3 * items) for h in histories])
+
+    hist = split.histories("valid")
+    want = float(torch.nn.functional.cross_entropy(scorer([hist[r] for r in rows]),
+                                                   torch.as_tensor(split.targets("valid")[rows])))
+    assert heldout_nll(scorer, split, "valid", rows, batch_size=3) == pytest.approx(want, rel=1e-6)
+    # seen items are not masked: a history item's score counts in the normaliser
+    assert heldout_nll(lambda h: np.zeros((len(h), split.n_items)), split, "test", rows) == pytest.approx(math.log(split.n_items))
+    with pytest.raises(ValueError, match="no user rows"):
+        heldout_nll(scorer, split, "valid", np.array([], dtype=np.int64))
+    with pytest.raises(ValueError, match="NaN"):
+        heldout_nll(lambda h: torch.full((len(h), split.n_items), float("nan")), split, "valid", rows)
+
+
+def test_early_stopping_on_validation_nll_keeps_the_epoch_of_the_lowest_nll():
+    split = tiny_split()
+    cfg = SASRecConfig(hidden=32, blocks=1, heads=1, dropout=0.0,
+                       train=train_cfg(epochs=12, lr=1e-2, patience=3, early_stop_metric="nll"))
+    logs = []
+    res = train_sasrec(split, cfg, log=logs.append)
+    nll = [h["val_nll"] for h in res.history]
+    assert all(np.isfinite(nll)) and res.best["val_nll"] == min(nll)
+    assert res.history[-1]["best_val_nll"] == min(nll)
+    # the restored weights are the best epoch's: their NLL on the same users is the recorded minimum
+    from animind_assets.lib.retrieval.seqtrain import make_scorer
+
+    rows = split.subset(0, seed=cfg.train.seed + 1)
+    assert heldout_nll(make_scorer(res.model, 8), split, "valid", rows) == pytest.approx(res.best["val_nll"], rel=1e-5)
+    if res.stop_reason.startswith("early stopping"):
+        assert "no val NLL gain in 3" in res.stop_reason
+        assert len(nll) - 1 - int(np.argmin(nll)) == 3
+    assert any("NLL" in line for line in logs)
+    # the default keeps NDCG@10 and computes no NLL
+    plain = train_sasrec(split, SASRecConfig(hidden=32, blocks=1, heads=1, dropout=0.0, train=train_cfg(epochs=2)))
+    assert "val_nll" not in plain.history[0] and "best_val_ndcg@10" in plain.history[0]
+    with pytest.raises(ValueError, match="early_stop_metric"):
+        train_cfg(early_stop_metric="recall").validate()
 
 
 def tiny_codes(n_items: int, m: int = 4, k: int = 8, seed: int = 0) -> np.ndarray:
@@ -638,7 +684,7 @@ def test_beauty_sequence_assets_train_and_eval_in_process(tmp_path, animind_env)
             "beauty_interactions": {"config": src},
             "beauty_embeddings": {"config": {"batch_size": 32}},
             "beauty_pq_codes": {"config": {"n_codebooks": 4, "codebook_size": 8, "pca_dim": 16, "num_threads": 1}},
-            "sasrec_model": {"config": {**seq, "hidden": 32, "dropout": 0.0, "lr": 1e-2}},
+            "sasrec_model": {"config": {**seq, "hidden": 32, "dropout": 0.0, "lr": 1e-2, "early_stop_metric": "nll"}},
             "rpg_model": {"config": {**seq, "hidden": 32, "heads": 2, "d_ff": 64, "emb_dropout": 0.0, "attn_dropout": 0.0,
                                      "temperature": 0.1, "lr": 1e-2, "warmup_steps": 0,
                                      "item_loss_weight": 1.0, "item_negatives": 0, "distill_weight": 0.5}},
@@ -663,6 +709,7 @@ def test_beauty_sequence_assets_train_and_eval_in_process(tmp_path, animind_env)
     assert "comparison_plot_masked" in md and "protocol" in md
     md = res.asset_materializations_for_node("sasrec_model")[0].metadata
     assert md["epochs"].value == 10 and "validation_curve" in md
+    assert md["early_stop_metric"].value == "nll" and md["best_val_nll"].value > 0 and "val_nll" in md["history"].value
     assert res.asset_materializations_for_node("rpg_model")[0].metadata["distill_weight"].value == 0.5  # taught by sasrec_model
 
     # TIGER on collaborative IDs: RQ-KMeans of this sasrec_model's item embeddings, then one more eval row

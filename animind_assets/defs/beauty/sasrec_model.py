@@ -3,7 +3,7 @@
 Thin layer over ``animind_assets.lib.retrieval.sasrec``: full softmax cross-entropy over all items by
 default (``loss='bce'`` = the original 1-negative variant), 2 blocks, 50 positions, dropout 0.5, every
 prefix of ``seq[:-2]`` as a training target, early stopping on validation NDCG@10 (seen items
-masked). The model folder ``<artifacts>/sasrec_model/model/`` (``weights.pt`` + ``config.json`` +
+masked) or, with ``train.early_stop_metric: nll``, on the validation items' NLL (for a teacher). The model folder ``<artifacts>/sasrec_model/model/`` (``weights.pt`` + ``config.json`` +
 ``extra.json``) is written atomically and read by ``beauty_eval``.
 """
 
@@ -42,7 +42,8 @@ SasrecModelConfig = derive_config(
     pool=GPU_POOL,
     op_tags=GPU_OP_TAGS,
     kinds={"pytorch"},
-    description="SASRec (full-softmax CE by default) on the Beauty leave-one-out split; early-stopped on val NDCG@10.",
+    description="SASRec (full-softmax CE by default) on the Beauty leave-one-out split; early-stopped on val NDCG@10 "
+                "(or on val NLL: train.early_stop_metric).",
 )
 def sasrec_model(
     context: dg.AssetExecutionContext,
@@ -64,6 +65,7 @@ def sasrec_model(
             "stop_reason": res.stop_reason, "train_seconds": round(res.train_seconds, 1),
             "examples_per_s": round(res.positions_per_s, 1), "best_epoch": int(res.best.get("epoch", 0)),
             "best_val_ndcg@10": res.best.get("val_ndcg@10"), "best_val_recall@10": res.best.get("val_recall@10"),
+            "best_val_nll": res.best.get("val_nll"), "early_stop_metric": cfg.train.early_stop_metric,
             "val_users": res.extra["val_users"], "model_dir": dest, "data_fingerprint": data_fp,
             "materialize_seconds": round(time.perf_counter() - t0, 1),
         }),

@@ -79,15 +79,20 @@ def curve_metadata(history: list, title: str) -> dict:
 
     if not history:
         return {}
-    cols = ["epoch", "train_loss", "val_recall@10", "val_ndcg@10", "positions_per_s", "elapsed_s"]
+    with_nll = "val_nll" in history[0]  # early_stop_metric="nll"
+    cols = ["epoch", "train_loss", "val_recall@10", "val_ndcg@10", *(["val_nll"] if with_nll else []), "positions_per_s",
+            "elapsed_s"]
     md = {"history": dg.MetadataValue.md(markdown_table(pl.DataFrame(history).select(cols), max_rows=40))}
     if len(history) > 1:
         md["validation_curve"] = image_md(lines_png({"val Recall@10": [h["val_recall@10"] for h in history],
                                                      "val NDCG@10": [h["val_ndcg@10"] for h in history]},
                                                     f"{title}: validation (seen items masked)", xlabel="validation", ylabel="metric"),
                                           "Validation")
-        md["loss_curve"] = image_md(lines_png({"train loss": [h["train_loss"] for h in history]}, f"{title}: train loss",
-                                              xlabel="validation"), "Loss")
+        losses = {"train loss": [h["train_loss"] for h in history]}
+        if with_nll:
+            losses["val NLL (held-out item)"] = [h["val_nll"] for h in history]
+        md["loss_curve"] = image_md(lines_png(losses, f"{title}: train loss" + (" and validation NLL" if with_nll else ""),
+                                              xlabel="validation", ylabel="nats"), "Loss")
     return md
 
 

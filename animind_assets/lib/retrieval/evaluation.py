@@ -183,6 +183,30 @@ def target_ranks(scores: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     return (higher + tied_before).long()
 
 
+def heldout_nll(scorer: ScoreFn, split: SequenceSplit, stage: str, rows: np.ndarray, batch_size: int = 512) -> float:
+    """Mean negative log-likelihood (nats) of the held-out item of ``stage`` ('valid' or 'test') for the user
+    rows ``rows`` ((n,) int64), under a softmax of the scorer's scores over **all** items (seen items are not
+    masked: this is the model's own next-item distribution, what a cross-entropy-trained model such as
+    SASRec minimises and what distillation passes on). ``scorer``: ``histories -> (B, n_items)`` float
+    logits. A lower value means a better calibrated, less overconfident next-item model on held-out data
+    (the criterion of temperature scaling, Guo et al., ICML 2017). Raises ``ValueError`` for empty ``rows``
+    or NaN scores; an item scored ``-inf`` that is the held-out one gives ``inf``."""
+    rows = np.asarray(rows, dtype=np.int64)
+    if rows.size == 0:
+        raise ValueError("heldout_nll: no user rows")
+    hist = split.histories(stage)
+    tgt = split.targets(stage)
+    total = 0.0
+    for i in range(0, len(rows), batch_size):
+        r = rows[i:i + batch_size]
+        scores = torch.as_tensor(scorer([hist[j] for j in r])).float()
+        if torch.isnan(scores).any():
+            raise ValueError("NaN in model scores")
+        t = torch.as_tensor(tgt[r], dtype=torch.long, device=scores.device)
+        total += float((torch.logsumexp(scores, 1) - scores.gather(1, t.view(-1, 1)).squeeze(1)).sum())
+    return total / len(rows)
+
+
 def metrics_from_ranks(ranks: np.ndarray, ks: Sequence[int] = KS) -> dict[str, float]:
     """Mean Recall@K / NDCG@K from 0-based target ranks (one relevant item per user)."""
     ranks = np.asarray(ranks, dtype=np.int64)

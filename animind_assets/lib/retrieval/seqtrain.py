@@ -11,8 +11,10 @@ Every model is a ``NextItemModel`` (``torch.nn.Module``) working on **item token
 
 Training data: per user, ``seq[:-2]`` (never the validation or test item): inputs ``seq[:-3]``,
 targets ``seq[1:-2]``, both cut to the last ``max_len`` positions. Early stopping on **validation
-NDCG@10 with seen items masked** (``evaluation.evaluate_scorer`` on a fixed, seeded user subset); the
-best weights are restored at the end. Speed is reported as training targets (positions) per second.
+NDCG@10 with seen items masked** (``evaluation.evaluate_scorer`` on a fixed, seeded user subset), or with
+``early_stop_metric="nll"`` on the validation items' negative log-likelihood under the model's softmax
+(``evaluation.heldout_nll``; for a model used as a distillation teacher); the best weights are restored at
+the end. Speed is reported as training targets (positions) per second.
 """
 
 from __future__ import annotations
@@ -32,9 +34,10 @@ import torch
 from animind_assets.lib.common.progress import Progress, fmt_seconds
 from animind_assets.lib.common.schedules import progress_after_warmup, warmup_cosine
 from animind_assets.lib.common.storage import atomic_dir, local_copy
-from animind_assets.lib.retrieval.evaluation import SequenceSplit, evaluate_scorer
+from animind_assets.lib.retrieval.evaluation import SequenceSplit, evaluate_scorer, heldout_nll
 
 LogFn = Callable[[str], None]
+EARLY_STOP_METRICS = ("ndcg@10", "nll")
 
 
 def _noop(_: str) -> None:
@@ -62,7 +65,8 @@ class SeqTrainConfig:
     grad_clip: float = 0.0  # 0 = off
     epochs: int = 200  # maximum epochs
     eval_every: int = 1  # epochs between validations
-    patience: int = 10  # validations without val NDCG@10 gain before stopping; 0 = off
+    patience: int = 10  # validations without gain of early_stop_metric before stopping; 0 = off
+    early_stop_metric: str = "ndcg@10"  # ndcg@10 (masked, higher is better) | nll (validation item NLL, lower is better)
     val_users: int = 0  # validation users (fixed seeded subset); 0 = all
     max_train_seconds: float = 0.0  # wall-clock budget (checked after each validation and step); 0 = none
     length_buckets: int = 20  # batches per sorted-by-length bucket (less padding); 0 = plain shuffle
@@ -77,6 +81,8 @@ class SeqTrainConfig:
                 raise ValueError(f"SeqTrainConfig.{name} must be >= 1, got {getattr(self, name)}")
         if self.lr <= 0:
             raise ValueError(f"SeqTrainConfig.lr must be > 0, got {self.lr}")
+        if self.early_stop_metric not in EARLY_STOP_METRICS:
+            raise ValueError(f"SeqTrainConfig.early_stop_metric must be one of {EARLY_STOP_METRICS}, got {self.early_stop_metric!r}")
         if self.lr_schedule not in ("constant", "cosine"):
             raise ValueError(f"SeqTrainConfig.lr_schedule must be 'constant' or 'cosine', got {self.lr_schedule!r}")
         return self
@@ -193,8 +199,10 @@ def train_sequence_model(
     on_eval: Callable[[dict[str, float]], None] | None = None,
 ) -> SeqTrainResult:
     """Train ``model`` (a ``NextItemModel``) on every prefix of the training sequences with Adam,
-    validate every ``eval_every`` epochs (masked NDCG@10 on ``val_users`` users), stop after
-    ``patience`` validations without gain, ``epochs`` or ``max_train_seconds``; restore the best weights.
+    validate every ``eval_every`` epochs (masked NDCG@10 on ``val_users`` users; with
+    ``early_stop_metric="nll"`` also the validation items' NLL in nats, ``history[i]["val_nll"]``), stop after
+    ``patience`` validations without gain of ``early_stop_metric``, ``epochs`` or ``max_train_seconds``; restore
+    the best weights (by that metric).
     Raises ``ValueError`` when no user has two training items or the loss becomes non-finite."""
     log = log or _noop
     cfg.validate()
@@ -217,7 +225,9 @@ def train_sequence_model(
         f"{n_params:,} parameters, validation on {len(val_rows)} users, device {device}")
 
     history: list[dict[str, float]] = []
-    best_metric, best_state, best_rec, bad = -1.0, None, {}, 0
+    by_nll = cfg.early_stop_metric == "nll"
+    key = "val_nll" if by_nll else "val_ndcg@10"
+    best_metric, best_state, best_rec, bad = (math.inf if by_nll else -1.0), None, {}, 0
     step, epoch, stop_reason = 0, 0, ""
     t0 = time.perf_counter()
     train_time = 0.0
@@ -255,21 +265,24 @@ def train_sequence_model(
             rec = {"epoch": float(epoch), "step": float(step), "train_loss": running / max(1, n_run),
                    **{f"val_{k}": v for k, v in m.items()}, "elapsed_s": time.perf_counter() - t0,
                    "positions_per_s": positions_done / max(1e-9, train_time)}
-            improved = rec["val_ndcg@10"] > best_metric
+            if by_nll:
+                rec["val_nll"] = heldout_nll(scorer, split, "valid", val_rows, cfg.eval_batch_size)
+            improved = rec[key] < best_metric if by_nll else rec[key] > best_metric
             if improved:
-                best_metric, best_rec, bad = rec["val_ndcg@10"], dict(rec), 0
+                best_metric, best_rec, bad = rec[key], dict(rec), 0
                 best_state = copy.deepcopy({k: v.detach().cpu() for k, v in model.state_dict().items()})
             else:
                 bad += 1
-            rec["best_val_ndcg@10"] = best_metric
+            rec["best_" + key] = best_metric
             history.append(rec)
+            nll = f" NLL {rec['val_nll']:.4f}" if by_nll else ""
             log(f"{name} epoch {epoch}: loss {rec['train_loss']:.4f}, val R@10 {rec['val_recall@10']:.4f} "
-                f"N@10 {rec['val_ndcg@10']:.4f} (best {best_metric:.4f} @ epoch {int(best_rec['epoch'])}), "
+                f"N@10 {rec['val_ndcg@10']:.4f}{nll} (best {key[4:]} {best_metric:.4f} @ epoch {int(best_rec['epoch'])}), "
                 f"{rec['positions_per_s']:,.0f} positions/s, elapsed {fmt_seconds(rec['elapsed_s'])}")
             if on_eval:
                 on_eval(rec)
             if cfg.patience and bad >= cfg.patience:
-                stop_reason = f"early stopping: no val NDCG@10 gain in {cfg.patience} validations"
+                stop_reason = f"early stopping: no val {'NLL' if by_nll else 'NDCG@10'} gain in {cfg.patience} validations"
                 break
         if cfg.max_train_seconds and time.perf_counter() - t0 >= cfg.max_train_seconds:
             stop_reason = f"time budget {cfg.max_train_seconds:.0f}s reached"
@@ -281,7 +294,7 @@ def train_sequence_model(
     model.eval()
     total = time.perf_counter() - t0
     log(f"{name}: stopped ({stop_reason}) after {epoch} epochs / {step} steps in {fmt_seconds(total)}; "
-        f"best val N@10 {best_metric:.4f} @ epoch {int(best_rec.get('epoch', 0))}")
+        f"best val {key[4:]} {best_metric:.4f} @ epoch {int(best_rec.get('epoch', 0))}")
     return SeqTrainResult(model, history, best_rec, stop_reason, epoch, step, total,
                           positions_done / max(1e-9, train_time),
                           {"train_sequences": len(inputs), "positions_per_epoch": n_positions, "val_users": len(val_rows),

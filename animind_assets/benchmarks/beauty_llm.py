@@ -234,6 +234,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--compile-blocks", action="store_true",
                    help="torch.compile each decoder block while a phase trains (FinetuneConfig.compile_blocks; ~1 min of "
                         "compilation inside --train-seconds, needs a C++ compiler)")
+    p.add_argument("--id-input-rows", action="store_true",
+                   help="each new ID token also gets a trained input-side row added at the first trained block "
+                        "(FinetuneConfig.id_input_rows; needs --train-layers > 0)")
     p.add_argument("--batch-size", type=int, default=8, help="training rows per step")
     p.add_argument("--max-seq-length", type=int, default=192, help="tokens per training row (longer rows are skipped, counted)")
     p.add_argument("--train-layers", type=int, default=2, help="top blocks trained + embeddings/head (0 = all)")
@@ -546,7 +549,7 @@ def _saved_folder(args, lookup, log, dcfg: SeqLlmDataConfig | None = None):
                          "pass --system-prompt / --sequence-instruction / --no-chat-template as that run did")
     cfg = info.get("config") or {}  # the folder's own settings replace the flags' in what is printed and saved
     for k in ("train_layers", "keep_layers", "batch_size", "distill_weight", "distill_temperature", "bf16", "base_model",
-              "replay_ratio", "row_sampling"):
+              "replay_ratio", "row_sampling", "id_input_rows"):
         if k in cfg:
             setattr(args, k, cfg[k])
     if cfg:  # folders from before these fields: rows drawn with replacement, base rows as the folder's config says
@@ -577,7 +580,7 @@ def build_finetune_config(args: argparse.Namespace):
         distill_temperature=args.distill_temperature, distill_temperature_fit=args.distill_temperature_fit, sid_softmax=args.sid_softmax, use_chat_template=not args.no_chat_template,
         lr_decay_frac=args.lr_decay_frac, train_base_token_rows=not args.freeze_base_token_rows,
         replay_ratio=args.replay_ratio, replay_prompts=args.replay_prompts, row_sampling=args.row_sampling,
-        compile_blocks=args.compile_blocks, seed=args.finetune_seed,
+        compile_blocks=args.compile_blocks, id_input_rows=args.id_input_rows, seed=args.finetune_seed,
     )
 
 
@@ -777,7 +780,7 @@ def _run(args: argparse.Namespace) -> int:
     print("  LC-Rec-style SFT, 1.7B base, R@10 0.0704; OneRec-style SFT, 1.7B base, R@10 0.0925 (as cited in issue 15)")
     proto = protocol(split, "test", shard_rows(split.subset(args.test_users, seed=args.seed), args.shard, args.num_shards))
     print(f"\nprotocol: {json.dumps(proto)}; generative masking rule '{args.masking}' ({args.beams} beams); order {args.order}; "
-          f"IDs: {sid_note}; evaluated in {args.eval_dtype}; base {fcfg.base_model}{f' pruned to {args.keep_layers} blocks' if args.keep_layers else ''}, top {args.train_layers or 'all'} blocks trained; prompts: last {args.max_history} "
+          f"IDs: {sid_note}; evaluated in {args.eval_dtype}; base {fcfg.base_model}{f' pruned to {args.keep_layers} blocks' if args.keep_layers else ''}, top {args.train_layers or 'all'} blocks trained{' + input-side ID rows' if args.id_input_rows else ''}; prompts: last {args.max_history} "
           f"IDs / {args.title_history} word titles; task B form {args.next_id_format}; warm start "
           f"{ws_mode}; new-row lr x{args.phase1_new_rows_lr_mult}/x{args.phase2_new_rows_lr_mult}; lr constant after warm-up"
           f"{f', linear decay to 0 over the last {args.lr_decay_frac:.0%} of the budget' if args.lr_decay_frac else ''}; ID targets normalised over "

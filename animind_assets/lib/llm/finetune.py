@@ -72,6 +72,7 @@ from animind_assets.lib.llm.base_model import (  # noqa: F401  (public API)
 )
 from animind_assets.lib.llm.block_speed import CompiledBlocks, FrozenBlocksNoGrad
 from animind_assets.lib.llm.new_token_rows import NewTokenRowsOnly, why_not_applicable
+from animind_assets.lib.llm.id_input_rows import IdInputRows, attached
 from animind_assets.lib.llm.warm_start import WarmStartStats, codebooks_from_checkpoint, warm_start_embeddings  # noqa: F401
 from animind_assets.lib.llm.training_data import (  # noqa: F401
     encode_example,
@@ -487,6 +488,7 @@ def run_finetune(
     hooks: list = []
     model_wrapped = None
     split_rows = False  # FinetuneConfig.train_base_token_rows false, through NewTokenRowsOnly
+    id_rows: IdInputRows | None = None  # FinetuneConfig.id_input_rows
     for i, (name, steps, weights, lr) in enumerate(
         [("phase1", cfg.phase1_max_steps, cfg.phase1_weights, cfg.phase1_lr),
          ("phase2", cfg.phase2_max_steps, cfg.phase2_weights, cfg.phase2_lr)]
@@ -517,6 +519,15 @@ def run_finetune(
                 else:
                     log(f"base vocabulary rows frozen by a zeroed gradient ({why or 'fast_loss is off'})")
                     hooks += freeze_base_rows(model_wrapped, n_base_rows, log)
+            if cfg.id_input_rows:
+                blocks = decoder_layers(model_wrapped)
+                if not hooks or blocks is None:
+                    raise ValueError(f"id_input_rows needs frozen blocks below the trained ones: train_layers "
+                                     f"({cfg.train_layers}) must be below the model's block count "
+                                     f"({len(blocks) if blocks is not None else 'none'}) and the method full")
+                id_rows = IdInputRows(model_wrapped, n_base_rows, len(blocks) - cfg.train_layers)
+                log(f"input-side rows for the {id_rows.n_new} new tokens, added at block {id_rows.layer} (the first "
+                    "trained one), zero at the start")
         split = NewTokenRowsOnly(model_wrapped, n_base_rows, torch.bfloat16 if cfg.bf16 else None, log) if split_rows else None
         extra = []
         new_mult = cfg.phase1_new_rows_lr_mult if name == "phase1" else cfg.phase2_new_rows_lr_mult
@@ -549,7 +560,8 @@ def run_finetune(
         if compiled is not None:
             log(f"{name}: {compiled.blocks} decoder blocks compiled (torch.compile, dynamic shapes); the first steps compile them")
         with split or contextlib.nullcontext(), frozen_bf16 or contextlib.nullcontext(), \
-                no_grad_blocks or contextlib.nullcontext(), compiled or contextlib.nullcontext():
+                no_grad_blocks or contextlib.nullcontext(), compiled or contextlib.nullcontext(), \
+                id_rows.training() if id_rows is not None else contextlib.nullcontext():
             m = _run_phase(name, model_wrapped, tok, rows, cfg, lr, steps, work / name, step_offset, log, run, history,
                            extra, distiller, sid_vocab, deadline)
         if budget_cb is not None and budget_cb.stopped and stop_reason == "step budget":
@@ -592,6 +604,8 @@ def run_finetune(
         metrics["distill_share"] = distiller.positions_distilled / max(distiller.positions_seen, 1)
         log(f"distillation: {distiller.positions_distilled} of {distiller.positions_seen} IDs in training completions (all "
             "tasks) had teacher targets (an ID right after another ID of the same completion)")
+    if id_rows is not None:
+        metrics.update(id_rows.norms())
     metrics["total_seconds"] = time.perf_counter() - t_start
     metrics["total_steps"] = float(step_offset)
     info = {
@@ -614,6 +628,8 @@ def run_finetune(
         "sid_softmax_tokens": sid_toks if cfg.sid_softmax else [],  # the ID vocabulary of that softmax (inference reuses it)
         "phase_mix": phase_counts,
         "warm_start": asdict(ws) if ws else None,
+        # input-side ID rows (FinetuneConfig.id_input_rows), saved beside the model; lib/llm/infer attaches them again
+        **({"id_input_rows": id_rows.info()} if id_rows is not None else {}),
         "config": asdict(cfg),
         "metrics": metrics,
         "work_fingerprint": fp,
@@ -711,6 +727,11 @@ def save_model_folder(result: FinetuneResult, lookup: pl.DataFrame, dest: str | 
         model = model.to(torch.bfloat16)
     model.save_pretrained(dest, safe_serialization=True)
     result.tokenizer.save_pretrained(dest)
+    id_rows = attached(result.model)
+    if (id_rows is not None) != ("id_input_rows" in result.info):
+        raise ValueError("save_model_folder: the model's input-side ID rows and the info's 'id_input_rows' entry disagree")
+    if id_rows is not None:
+        id_rows.save(dest)
     write_folder_files(dest, lookup, result.info, result.history)
     return sorted(p.name for p in dest.iterdir())
 

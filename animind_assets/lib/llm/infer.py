@@ -21,6 +21,7 @@ from typing import Literal
 import polars as pl
 import torch
 
+from animind_assets.lib.llm.id_input_rows import INFO_KEY as ID_INPUT_KEY, attach_saved
 from animind_assets.lib.llm.model_folder import (prompt_ids, read_folder_files, recommend_prompt, render_prompt, sequence_prefix,
                                                  sid_token_ids, token_ids)
 from animind_assets.lib.semantic_ids.tokens import LIKED, leading_sid
@@ -110,7 +111,9 @@ def load_sid_model(folder: str | os.PathLike, num_threads: int = 0, device: str 
     ``dtype``: the weights' dtype for inference, "float32" (default; the reference for every reported figure) or
     "bfloat16" (about half the memory, and faster on CPUs with AMX-BF16 and on GPUs; beam scores differ in
     the last digits, so a few near-tied items change places; ``step_log_probs`` still normalises in float32).
-    ValueError for another dtype."""
+    A folder trained with ``FinetuneConfig.id_input_rows`` gets its input-side ID rows attached again
+    (``lib/llm/id_input_rows.py``). ValueError for another dtype; FileNotFoundError when the info lists ID input
+    rows whose file is missing."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     if dtype not in INFERENCE_DTYPES:
@@ -127,6 +130,8 @@ def load_sid_model(folder: str | os.PathLike, num_threads: int = 0, device: str 
     dev = resolve_device(device or "auto")
     model = AutoModelForCausalLM.from_pretrained(folder, dtype=INFERENCE_DTYPES[dtype]).to(dev)
     model.eval()
+    if isinstance(info.get(ID_INPUT_KEY), dict):  # input-side ID rows of a fine-tune with FinetuneConfig.id_input_rows
+        attach_saved(model, folder, info[ID_INPUT_KEY])
     return make_sid_model(model, tok, lookup, info)
 
 

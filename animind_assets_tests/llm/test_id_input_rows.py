@@ -13,21 +13,13 @@ from animind_assets.lib.llm import id_input_rows as iir
 from animind_assets.lib.llm.data import LlmDataConfig, build_llm_dataset, sid_lookup_frame
 from animind_assets.lib.llm.finetune_config import FinetuneConfig
 from animind_assets.lib.llm.infer import cache_keyword, load_sid_model
-from animind_assets_tests.llm_fixtures import (
-    make_catalog,
-    make_interactions,
-    make_semantic_ids,
-    smollm2_tokenizer,
-    tiny_finetune_config,
-    tiny_llama,
-)
+from animind_assets_tests import llm_fixtures as fx
 
 N_BASE = 400  # the tiny tests' "base vocabulary": ids >= N_BASE play the new ID tokens
 
 
 def _model(layers: int = 3):
-    tok = smollm2_tokenizer()
-    model = tiny_llama(tok, layers=layers)
+    model = fx.tiny_llama(fx.smollm2_tokenizer(), layers=layers)
     model.eval()
     return model
 
@@ -99,16 +91,13 @@ def test_bad_arguments_raise():
 
 
 def test_fine_tune_trains_saves_and_reloads_the_rows(tmp_path):
-    cat = make_catalog()
-    sids = make_semantic_ids(cat)
-    frame = build_llm_dataset(cat, make_interactions(), sids,
-                              LlmDataConfig(n_examples=120, validation_user_frac=0.2, test_user_frac=0.2)).frame
-    lookup = sid_lookup_frame(cat, sids)
-    tok = smollm2_tokenizer()
-    n_base = len(tok)
-    cfg = tiny_finetune_config(phase1_max_steps=2, phase2_max_steps=2, english_ppl=False, warm_start="mean",
+    cat, tok = fx.make_catalog(), fx.smollm2_tokenizer()
+    sids, n_base = fx.make_semantic_ids(cat), len(tok)
+    data_cfg = LlmDataConfig(n_examples=120, validation_user_frac=0.2, test_user_frac=0.2)
+    frame, lookup = build_llm_dataset(cat, fx.make_interactions(), sids, data_cfg).frame, sid_lookup_frame(cat, sids)
+    cfg = fx.tiny_finetune_config(phase1_max_steps=2, phase2_max_steps=2, english_ppl=False, warm_start="mean",
                                linking_eval_items=0, train_layers=1, id_input_rows=True)
-    res = ft.run_finetune(frame, lookup, cfg, tmp_path / "run", base=(tiny_llama(tok, layers=3), tok))
+    res = ft.run_finetune(frame, lookup, cfg, tmp_path / "run", base=(fx.tiny_llama(tok, layers=3), tok))
     entry = res.info["id_input_rows"]
     assert entry["layer"] == 2 and entry["n_base"] == n_base and entry["rows"] == len(tok) - n_base
     att = iir.attached(res.model)

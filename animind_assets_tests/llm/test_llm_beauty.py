@@ -416,11 +416,15 @@ def test_benchmark_cpu_recipe_sets_z1s_flags_but_keeps_explicit_values(monkeypat
     from animind_assets.benchmarks import beauty_llm
     from animind_assets.lib.common import device
 
+    build_cfg = beauty_llm.build_finetune_config
     monkeypatch.setattr(device, "cpu_info", lambda *a, **k: {"model": "x", "cpus": 2, "extensions": ["AMX-BF16"], "missing": []})
     r = beauty_llm.parse_args(["--cpu-recipe", "--test-users", "0"])
     assert r.freeze_base_token_rows and r.train_sasrec and r.bf16 and r.no_chat_template and r.test_users == 0
     assert (r.sids, r.next_id_format, r.distill_weight, r.lr, r.lr_decay_frac, r.threads) == ("sasrec", "sequence", 0.8, 2e-3, 0.25, 2)
     assert (r.system_prompt, r.sequence_instruction, r.max_history, r.eval_dtype) == ("", "IDs:", 20, "bfloat16")
+    assert r.train_layers == 4 and r.id_input_rows and build_cfg(r).id_input_rows and build_cfg(r).train_layers == 4
+    off = beauty_llm.parse_args(["--cpu-recipe", "--no-id-input-rows", "--train-layers", "2"])
+    assert not off.id_input_rows and off.train_layers == 2 and not beauty_llm.parse_args([]).id_input_rows
     assert not beauty_llm.parse_args([]).freeze_base_token_rows  # the plain default is unchanged
     mine = beauty_llm.parse_args(["--cpu-recipe", "--lr", "1e-3", "--sasrec-dir", "/s", "--threads", "1"])
     assert mine.lr == 1e-3 and mine.threads == 1 and not mine.train_sasrec and mine.lr_decay_frac == 0.25

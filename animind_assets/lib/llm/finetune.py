@@ -72,7 +72,7 @@ from animind_assets.lib.llm.base_model import (  # noqa: F401  (public API)
 )
 from animind_assets.lib.llm.block_speed import CompiledBlocks, FrozenBlocksNoGrad
 from animind_assets.lib.llm.new_token_rows import NewTokenRowsOnly, why_not_applicable
-from animind_assets.lib.llm.id_input_rows import IdInputRows, attached
+from animind_assets.lib.llm.id_input_rows import INFO_KEY as ID_INPUT_KEY, IdInputRows, attached
 from animind_assets.lib.llm.warm_start import WarmStartStats, codebooks_from_checkpoint, warm_start_embeddings  # noqa: F401
 from animind_assets.lib.llm.training_data import (  # noqa: F401
     encode_example,
@@ -629,7 +629,7 @@ def run_finetune(
         "phase_mix": phase_counts,
         "warm_start": asdict(ws) if ws else None,
         # input-side ID rows (FinetuneConfig.id_input_rows), saved beside the model; lib/llm/infer attaches them again
-        **({"id_input_rows": id_rows.info()} if id_rows is not None else {}),
+        **({ID_INPUT_KEY: id_rows.info()} if id_rows is not None else {}),
         "config": asdict(cfg),
         "metrics": metrics,
         "work_fingerprint": fp,
@@ -728,8 +728,8 @@ def save_model_folder(result: FinetuneResult, lookup: pl.DataFrame, dest: str | 
     model.save_pretrained(dest, safe_serialization=True)
     result.tokenizer.save_pretrained(dest)
     id_rows = attached(result.model)
-    if (id_rows is not None) != ("id_input_rows" in result.info):
-        raise ValueError("save_model_folder: the model's input-side ID rows and the info's 'id_input_rows' entry disagree")
+    if (id_rows is not None) != (ID_INPUT_KEY in result.info):
+        raise ValueError(f"save_model_folder: the model's input-side ID rows and the info's {ID_INPUT_KEY!r} entry disagree")
     if id_rows is not None:
         id_rows.save(dest)
     write_folder_files(dest, lookup, result.info, result.history)

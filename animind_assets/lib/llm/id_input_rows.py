@@ -22,6 +22,7 @@ lookup) adds nothing. This module never imports Dagster.
 
 from __future__ import annotations
 
+import contextlib
 import os
 from pathlib import Path
 
@@ -91,22 +92,15 @@ class IdInputRows:
             return (hs, *args[1:]), kwargs
         return args, {**kwargs, "hidden_states": hs}
 
+    @contextlib.contextmanager
     def training(self):
         """Context manager: the rows are the input embedding's parameter ``PARAM_ATTR`` while a phase trains (the
         Trainer's optimizer, gradient clipping and checkpoints see them); removed on exit."""
-        holder = self
-
-        class _Ctx:
-            def __enter__(self):
-                holder.emb.register_parameter(PARAM_ATTR, holder.rows)
-                return holder
-
-            def __exit__(self, *exc):
-                if PARAM_ATTR in holder.emb._parameters:
-                    del holder.emb._parameters[PARAM_ATTR]
-                return False
-
-        return _Ctx()
+        self.emb.register_parameter(PARAM_ATTR, self.rows)
+        try:
+            yield self
+        finally:
+            self.emb._parameters.pop(PARAM_ATTR, None)
 
     def info(self) -> dict:
         """The ``animind_llm.json`` entry (``INFO_KEY``) describing the saved rows."""

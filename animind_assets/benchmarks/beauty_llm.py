@@ -49,10 +49,11 @@ every block trained, batch 32, bf16); estimated at about 10 minutes on one H100/
 (no GPU was available where this was written). An explicit flag wins over each GPU default; the distillation
 default applies only to a run that trains in the sequence form; ``--gpu --model-dir`` evaluates only (no MAL).
 
-``--cpu-recipe``: the best CPU recipe measured (``docs/beauty.md``: on the default ``--seed 0``'s SASRec, I2, 3.03x
-popularity's R@10 on all 22,363 test users with 4,342 steps in the 30 minutes, the top 4 blocks trained with
-input-side ID rows (``--train-layers 4 --id-input-rows``, added to the recipe after it; measured once, not yet as
-the plain one command); before them X1, the one command at its default seed, 2.94x with 4,734 steps; C2, 3.26x with 5,139 steps,
+``--cpu-recipe``: the best CPU recipe measured (``docs/beauty.md``: the plain one command
+``--cpu-recipe --test-users 0`` at its default ``--seed 0``, P (session 35), 3.03x popularity's R@10 on all 22,363
+test users (0.0540, 13 hits over the 3x line) with 4,598 steps in the 30 minutes; I2, the same flags on the same
+SASRec, 3.03x with 4,342 steps; since session 34 the top 4 blocks are trained with input-side ID rows
+(``--train-layers 4 --id-input-rows``); before them X1, the one command at its default seed, 2.94x with 4,734 steps; C2, 3.26x with 5,139 steps,
 its SASRec trained apart with ``benchmarks.beauty``'s default seed 42 and RQ-KMeans seed 0; the one command with
 ``--seed 1`` (C3: SASRec and RQ-KMeans seed 1) 2.81x; C1, the same flags on
 a host that ran half the steps, 2.97x; Z1, without compiled blocks: 2.85x): collaborative IDs of a SASRec trained first (``--train-sasrec``, unless ``--sasrec-dir``), the sequence form
@@ -112,7 +113,8 @@ def load_avg() -> str:
 
 # C1/C2/C3/X1 (docs/beauty.md, 3-4 Dec 2026, sessions 26-31): R@10 2.97x (2,570 steps) / 3.26x, 2.81x, 2.94x (~5,000 steps, a faster host)
 # popularity on all test users after a 30-minute fine-tune on 2 CPU threads = Z1's recipe (2.85x) with the decoder
-# blocks compiled (1.35x the steps on the same host)
+# blocks compiled (1.35x the steps on the same host); with the top 4 blocks + input-side ID rows (sessions 34-35):
+# I2 3.03x, P (the plain one command) 3.03x
 CPU_RECIPE = {
     "sids": "sasrec", "next_id_format": "sequence", "max_history": 20, "phase1_steps": 30, "phase2_steps": 8000,
     "phase2_weights": "0.1,0.8,0.1", "lr": 2e-3, "lr_decay_frac": 0.25, "distill_weight": 0.8, "threads": 2,

@@ -3,7 +3,7 @@
     python -m animind_assets.benchmarks.beauty_llm                          # CPU: 30-minute fine-tune budget, 500 test users
     python -m animind_assets.benchmarks.beauty_llm --train-seconds 300 --test-users 200   # a short CPU run
     python -m animind_assets.benchmarks.beauty_llm --gpu                    # GPU scale: Beauty, then the MAL LM benchmark
-    python -m animind_assets.benchmarks.beauty_llm --cpu-recipe --test-users 0   # the best CPU recipe (C1-C3), all test users
+    python -m animind_assets.benchmarks.beauty_llm --cpu-recipe --test-users 0   # the best CPU recipe (P, docs/beauty.md), all test users
 
 What it runs (the library functions the assets ``beauty_llm_prep_dataset`` -> ``beauty_finetuned_model``
 -> ``beauty_llm_eval`` call):
@@ -280,7 +280,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--skip-mal", action="store_true", help="with --gpu: Beauty only")
     p.add_argument("--verbose", action="store_true", help=VERBOSE_HELP)
     p.add_argument("--cpu-recipe", action="store_true",
-                   help="the best CPU recipe measured (C1-C3, docs/beauty.md; see the module docstring); explicit flags win")
+                   help="the best CPU recipe measured (P: 3.03x popularity, docs/beauty.md; see the module docstring); explicit flags win")
     args = p.parse_args(argv)
     args.shard, args.num_shards = args.shard
     if args.merge_ranks:
@@ -383,6 +383,14 @@ def parse_args(argv=None) -> argparse.Namespace:
     if args.train_sasrec and args.data:
         p.error("--train-sasrec trains on ../shared/data/beauty (benchmarks.beauty); with --data, train the SASRec on that "
                 "split yourself and pass --sasrec-dir")
+    if args.id_input_rows and not args.model_dir and (args.train_layers == 0 or 0 < args.keep_layers <= args.train_layers):
+        given = _given_flags(p, argv)
+        def _src(k):
+            return "" if k in given else " (set by --cpu-recipe)" if args.cpu_recipe else " (set by --gpu)" if args.gpu else ""
+        limit = f"--keep-layers {args.keep_layers}{_src('keep_layers')}" if args.keep_layers else "the base's block count"
+        p.error(f"--id-input-rows{_src('id_input_rows')} adds rows below the trained blocks, so --train-layers "
+                f"{args.train_layers}{_src('train_layers')} must be > 0 and below {limit}: pass --no-id-input-rows, "
+                "or --train-layers N (N > 0)" + (" below --keep-layers" if args.keep_layers else ""))
     try:  # FinetuneConfig's own checks (e.g. --replay-ratio in [0, 1)) before any data is read
         build_finetune_config(args).validate()
     except ValueError as exc:
@@ -528,6 +536,7 @@ def _saved_folder(args, lookup, log, dcfg: SeqLlmDataConfig | None = None):
     sequence form's instruction; ``dcfg`` = the data config the flags build) must equal those these flags build; its
     own settings (blocks, batch, distillation, base) replace the flags' in ``args`` for the report; -> (folder, its
     metrics, stop reason, warm-start mode). SystemExit when any of them differs (another run's flags or split)."""
+    from animind_assets.lib.llm.id_input_rows import load_rows, saved_entry
     from animind_assets.lib.llm.model_folder import read_folder_files
     from animind_assets.lib.llm.sequence_data import SeqLlmDataConfig, sequence_prompt
 
@@ -554,9 +563,16 @@ def _saved_folder(args, lookup, log, dcfg: SeqLlmDataConfig | None = None):
                          "pass --system-prompt / --sequence-instruction / --no-chat-template as that run did")
     cfg = info.get("config") or {}  # the folder's own settings replace the flags' in what is printed and saved
     for k in ("train_layers", "keep_layers", "batch_size", "distill_weight", "distill_temperature", "bf16", "base_model",
-              "replay_ratio", "row_sampling", "id_input_rows"):
+              "replay_ratio", "row_sampling"):
         if k in cfg:
             setattr(args, k, cfg[k])
+    try:  # input-side ID rows: what the folder holds (not a recipe's flag), checked before any search starts
+        entry = saved_entry(folder, info)
+        if entry is not None:
+            load_rows(folder, entry)
+    except (OSError, ValueError) as exc:
+        raise SystemExit(f"--model-dir {folder}: {exc}") from exc
+    args.id_input_rows = entry is not None
     if cfg:  # folders from before these fields: rows drawn with replacement, base rows as the folder's config says
         args.row_sampling = cfg.get("row_sampling", "replacement")
         args.freeze_base_token_rows = not cfg.get("train_base_token_rows", True)
@@ -595,6 +611,16 @@ def main(argv=None) -> int:
 
     if args.merge_ranks:
         return merge_main(args)
+    if args.train_layers and not args.keep_layers and not args.model_dir:  # before the SASRec and the data (minutes)
+        from animind_assets.lib.llm.base_model import block_count
+        from animind_assets.lib.llm.finetune_config import EMBEDDED_MODEL
+
+        n = block_count(args.base_model or EMBEDDED_MODEL)  # the GGUF header / config.json; None for a hub id
+        if n is not None and args.train_layers >= n and args.id_input_rows:
+            print(f"--train-layers {args.train_layers}: the base model has {n} blocks, and --id-input-rows needs "
+                  f"frozen blocks below the trained ones: pass --train-layers below {n}, or --no-id-input-rows",
+                  file=sys.stderr)
+            return 2
     with quiet_command(args.verbose, Path(args.out) / "library-warnings.txt"):
         return _run(args)
 

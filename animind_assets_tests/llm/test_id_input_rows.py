@@ -120,3 +120,34 @@ def test_fine_tune_trains_saves_and_reloads_the_rows(tmp_path):
         load_sid_model(folder)
     info = json.loads((folder / "animind_llm.json").read_text())
     assert info["config"]["id_input_rows"] is True
+    # an incomplete or edited animind_llm.json never loads the model without its rows silently
+    with pytest.raises(ValueError, match="animind_llm.json: config.id_input_rows is true but there is no"):
+        iir.saved_entry(folder, {k: v for k, v in info.items() if k != iir.INFO_KEY})
+    with pytest.raises(ValueError, match="must be an object"):
+        iir.saved_entry(folder, {**info, iir.INFO_KEY: True})
+    with pytest.raises(ValueError, match="lacks integer field.* rows, dim"):
+        iir.saved_entry(folder, {**info, iir.INFO_KEY: {"layer": 2, "n_base": n_base}})
+    assert iir.saved_entry(folder, {"config": {}}) is None  # a folder from before the field: no rows
+    (folder / iir.FILE).write_bytes(b"\x00\x01")  # corrupt
+    with pytest.raises(ValueError, match=r"id_input_rows\.safetensors: not a readable safetensors file"):
+        load_sid_model(folder)
+    from safetensors.torch import save_file
+
+    save_file({"other": torch.zeros(2, 2)}, str(folder / iir.FILE))
+    with pytest.raises(ValueError, match="no tensor 'rows'"):
+        iir.load_rows(folder, entry)
+
+
+def test_rows_need_frozen_blocks_even_with_the_base_rows_frozen(tmp_path):
+    """Every block trained: refused although freezing the base vocabulary's rows adds hooks of its own."""
+    cat, tok = fx.make_catalog(), fx.smollm2_tokenizer()
+    sids = fx.make_semantic_ids(cat)
+    data_cfg = LlmDataConfig(n_examples=60, validation_user_frac=0.2, test_user_frac=0.2)
+    frame, lookup = build_llm_dataset(cat, fx.make_interactions(), sids, data_cfg).frame, sid_lookup_frame(cat, sids)
+    cfg = fx.tiny_finetune_config(phase1_max_steps=1, phase2_max_steps=1, english_ppl=False, warm_start="mean",
+                                  linking_eval_items=0, train_layers=3, id_input_rows=True,
+                                  train_base_token_rows=False)
+    with pytest.raises(ValueError, match=r"train_layers \(3\) must be below the model's block count \(3\)"):
+        ft.run_finetune(frame, lookup, cfg, tmp_path / "run", base=(fx.tiny_llama(tok, layers=3), tok))
+    with pytest.raises(ValueError, match="below keep_layers"):
+        FinetuneConfig(id_input_rows=True, train_layers=4, keep_layers=4).validate()

@@ -326,8 +326,10 @@ def test_beauty_llm_chain(animind_env, tmp_path, next_id_format):
         "beauty_finetuned_model": {"config": {"base_model": str(base), "phase1_max_steps": 1, "phase2_max_steps": 1, "batch_size": 4,
                                               "max_seq_length": 256, "eval_examples": 2, "train_layers": 0, "num_threads": 1,
                                               "english_ppl": False, "linking_eval_items": 2,
-                                              # the sequence form distils from the materialized sasrec_model
-                                              **({"distill_weight": 0.5, "phase2_weights": {"A": 0.0, "B": 1.0, "C": 0.0}}
+                                              # the sequence form distils from the materialized sasrec_model and,
+                                              # as --cpu-recipe, trains the top block with input-side ID rows
+                                              **({"distill_weight": 0.5, "phase2_weights": {"A": 0.0, "B": 1.0, "C": 0.0},
+                                                  "train_layers": 1, "id_input_rows": True}
                                                  if next_id_format == "sequence" else {})}},
         "sasrec_model": {"config": {"hidden": 16, "epochs": 1, "max_len": 10}},
         "beauty_llm_eval": {"config": {"test_users": 8, "seed": 0, "num_beams": 10, "n_boot": 20, "unconstrained_users": 1,
@@ -348,6 +350,9 @@ def test_beauty_llm_chain(animind_env, tmp_path, next_id_format):
     ft_md = result.asset_materializations_for_node("beauty_finetuned_model")[0].metadata
     if next_id_format == "sequence":  # every B row is a sequence of >= 2 items: teacher targets were used
         assert ft_md["distill_weight"].value == 0.5 and ft_md["distill_positions"].value > 0
+        # the rows are saved beside the model and beauty_llm_eval (load_sid_model) attached them again
+        assert (artifacts / "beauty_finetuned_model" / "id_input_rows.safetensors").is_file()
+        assert ft_md["id_input_rows_norm_mean"].value > 0
     else:
         assert ft_md["distill_weight"].value == 0.0 and "distill_positions" not in ft_md
     ev = result.output_for_node("beauty_llm_eval")
@@ -556,6 +561,10 @@ def test_benchmark_fine_tune_flags_reach_the_finetune_config(monkeypatch):
     (["--cpu-recipe", "--model-dir", "/f", "--sasrec-dir", "/s", "--teacher-ensemble", "2"], "--model-dir evaluates"),
     (["--gpu", "--next-id-format", "question", "--teacher-ensemble", "2"], "add --next-id-format sequence"),
     (["--cpu-recipe", "--sasrec-dir", "/s", "--teacher-sasrec-dir", "/t", "--distill-weight", "0"], "set --distill-weight > 0"),
+    # input-side ID rows need frozen blocks below the trained ones; the message names the preset that set each value
+    (["--cpu-recipe", "--sasrec-dir", "/s", "--train-layers", "0"], "--id-input-rows (set by --cpu-recipe)"),
+    (["--cpu-recipe", "--sasrec-dir", "/s", "--keep-layers", "4"], "below --keep-layers 4: pass --no-id-input-rows"),
+    (["--gpu", "--sasrec-dir", "/s", "--id-input-rows"], "--train-layers 0 (set by --gpu)"),
 ])
 def test_benchmark_refuses_flag_combinations_before_any_work(argv, says, capsys):
     """Combinations that could only fail after the dataset build or the whole fine-tune (the top-10 metrics with
@@ -569,6 +578,11 @@ def test_benchmark_refuses_flag_combinations_before_any_work(argv, says, capsys)
 
 def test_benchmarks_without_their_data_measure_nothing_and_exit_non_zero(tmp_path, monkeypatch, capsys):
     from animind_assets.benchmarks import beauty_llm, finetune_mal
+
+    # every block of the embedded base (30) trained leaves no block below for the input-side rows: refused before the
+    # SASRec, the data or the base model are touched
+    assert beauty_llm.main(["--id-input-rows", "--train-layers", "30", "--out", str(tmp_path / "o")]) == 2
+    assert "the base model has 30 blocks" in capsys.readouterr().err
 
     assert beauty_llm.main(["--data", str(tmp_path / "none"), "--out", str(tmp_path / "o")]) == 2
     assert "prepared Beauty split not found" in capsys.readouterr().err
@@ -683,6 +697,17 @@ def test_benchmark_model_dir_evaluates_a_saved_folder_only_with_the_same_ids(tmp
     args = argparse.Namespace(model_dir=str(tmp_path / "model"), next_id_format=CFG.next_id_format)
     folder, metrics, stop, _ = _saved_folder(args, lookup, log=lambda _m: None)
     assert folder == tmp_path / "model" and metrics["total_steps"] == 2 and stop.startswith("--model-dir")
+    # what is reported about input-side ID rows comes from the folder, not from a recipe's flag
+    recipe = argparse.Namespace(**{**vars(args), "id_input_rows": True})
+    _saved_folder(recipe, lookup, log=lambda _m: None)
+    assert recipe.id_input_rows is False
+    info_path = tmp_path / "model" / "animind_llm.json"
+    info = json.loads(info_path.read_text())
+    info_path.write_text(json.dumps({**info, "id_input_rows": {"file": "id_input_rows.safetensors", "layer": 1,
+                                                                "n_base": 10, "rows": 3, "dim": 4}}))
+    with pytest.raises(SystemExit, match="model: .*id_input_rows.safetensors: animind_llm.json lists"):
+        _saved_folder(recipe, lookup, log=lambda _m: None)  # before any search process starts
+    info_path.write_text(json.dumps(info))
     swapped = lookup.with_columns(pl.col("semantic_id").shift(1).fill_null(lookup["semantic_id"][-1]))
     with pytest.raises(SystemExit, match="differs from the IDs"):
         _saved_folder(args, swapped, log=lambda _m: None)

@@ -22,6 +22,7 @@ from animind_assets.defs.llm.shared import FINETUNE_DESCRIPTIONS, load_codebooks
 from animind_assets.gpu import GPU_OP_TAGS, GPU_POOL
 from animind_assets.launchpad import derive_config
 from animind_assets.lib.llm.finetune import FinetuneConfig
+from animind_assets.lib.llm.id_input_rows import INFO_KEY as ID_INPUT_KEY
 from animind_assets.lib.llm.sequence_data import item_lookup
 from animind_assets.meta import lines_plot, scalar_metadata
 from animind_assets.resources import ArtifactStoreResource, MlflowResource
@@ -101,6 +102,9 @@ def beauty_finetuned_model(
             "phase2_title_to_sid_retrieval@1": m.get("phase2_title_to_sid_retrieval@1"),
             "warm_start": result.warm_start.mode if result.warm_start else "none",
             "distill_weight": cfg.distill_weight, "distill_positions": m.get("distill_positions"),
+            # input-side ID rows (FinetuneConfig.id_input_rows): the block they enter at and their mean L2 norm
+            "id_input_rows_layer": (info.get(ID_INPUT_KEY) or {}).get("layer"),
+            "id_input_rows_norm_mean": m.get("id_input_rows_norm_mean"),
             "distill_temperature": m.get("distill_temperature_fitted", cfg.distill_temperature),
             "distill_temperature_fit": cfg.distill_temperature_fit if cfg.distill_temperature == 0 else "fixed",
             "materialize_seconds": round(time.perf_counter() - t0, 1), "mlflow_run": run_link,

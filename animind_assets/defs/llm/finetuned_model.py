@@ -22,6 +22,7 @@ from pydantic import Field
 from animind_assets.gpu import GPU_OP_TAGS, GPU_POOL
 from animind_assets.lib.llm.data import model_lookup
 from animind_assets.lib.llm.finetune import FinetuneConfig
+from animind_assets.lib.llm.id_input_rows import INFO_KEY as ID_INPUT_KEY
 from animind_assets.meta import lines_plot, markdown_table, scalar_metadata
 from animind_assets.lib.semantic_ids.tokens import SPECIAL_TOKENS
 from animind_assets.resources import ArtifactStoreResource, MlflowResource
@@ -135,6 +136,9 @@ def finetuned_model(
                 "distill_temperature": m.get("distill_temperature_fitted", cfg.distill_temperature),
                 "distill_temperature_fit": cfg.distill_temperature_fit if cfg.distill_temperature == 0 else "fixed",
                 "distill_positions": m.get("distill_positions"),
+                # input-side ID rows (FinetuneConfig.id_input_rows): the block they enter at and their mean L2 norm
+                "id_input_rows_layer": (info.get(ID_INPUT_KEY) or {}).get("layer"),
+                "id_input_rows_norm_mean": m.get("id_input_rows_norm_mean"),
                 "materialize_seconds": round(elapsed, 1),
             }
         ),

@@ -521,7 +521,8 @@ def run_finetune(
                     hooks += freeze_base_rows(model_wrapped, n_base_rows, log)
             if cfg.id_input_rows:
                 blocks = decoder_layers(model_wrapped)
-                if not hooks or blocks is None:
+                # the check is on the blocks, not on ``hooks`` (freeze_base_rows adds hooks with every block trained)
+                if method == "lora" or blocks is None or not 0 < cfg.train_layers < len(blocks):
                     raise ValueError(f"id_input_rows needs frozen blocks below the trained ones: train_layers "
                                      f"({cfg.train_layers}) must be below the model's block count "
                                      f"({len(blocks) if blocks is not None else 'none'}) and the method full")

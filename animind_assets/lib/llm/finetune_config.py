@@ -124,7 +124,7 @@ class FinetuneConfig:
     bf16_frozen_weights: bool = True  # with bf16: frozen linear layers held in bfloat16 while training (the same products as autocast's per-step cast, without re-casting them every step)
     frozen_blocks_no_grad: bool = True  # top-train_layers fine-tune: the frozen blocks below the trained ones run under torch.no_grad while a phase trains (no gradient can reach them: the same updates, less autograd bookkeeping; lib/llm/block_speed.py); false = autograd's normal mode, as before 3 Dec 2026
     compile_blocks: bool = False  # torch.compile(dynamic=True) each decoder block while a phase trains (TorchInductor fuses the elementwise ops between the matrix products; the first steps pay ~0.5-1.5 min of compilation inside max_train_seconds; needs a C++ compiler on CPU; lib/llm/block_speed.py)
-    id_input_rows: bool = False  # top-train_layers fine-tune: each new ID token also gets an input-side row (zero at the start, trained) added to the hidden state entering the first trained block, since the detached embedding lets the ID rows learn only as output classes (lib/llm/id_input_rows.py; saved as id_input_rows.safetensors in the model folder); needs train_layers > 0 and the full method
+    id_input_rows: bool = False  # top-train_layers fine-tune: each new ID token also gets an input-side row (zero at the start, trained) added to the hidden state entering the first trained block, since the detached embedding lets the ID rows learn only as output classes (lib/llm/id_input_rows.py; saved as id_input_rows.safetensors in the model folder); needs frozen blocks below the trained ones (0 < train_layers < the block count, keep_layers when pruning) and the full method
     gradient_checkpointing: bool = False  # recompute activations in the backward pass: less memory, slower (TRL's SFTConfig turns it on by default; with frozen lower blocks it also makes the backward pass run through them)
     distill_weight: float = 0.0  # knowledge distillation (lib/llm/distill.py): at each ID token of an item that follows another item in a completion (task B, "sequence" form) the target becomes (1 - w) one-hot + w x the teacher's next-item softmax turned into that level's code distribution; needs a teacher (run_finetune(teacher=...); beauty_finetuned_model uses sasrec_model, the anime finetuned_model EASE on the training users' lists); 0 = off
     distill_temperature: float = 1.0  # softmax temperature of the teacher's item logits (0 = fitted: the value minimising the teacher's NLL of the next item, on the rows distill_temperature_fit names; needed for teachers whose scores are not log-probabilities, e.g. EASE)
@@ -154,6 +154,9 @@ class FinetuneConfig:
                              "every block trained the input rows get their gradient already")
         if self.keep_layers < 0 or self.train_layers < 0:
             raise ValueError(f"keep_layers ({self.keep_layers}) and train_layers ({self.train_layers}) must be >= 0")
+        if self.id_input_rows and 0 < self.keep_layers <= self.train_layers:
+            raise ValueError(f"id_input_rows needs frozen blocks below the trained ones: train_layers "
+                             f"({self.train_layers}) must be below keep_layers ({self.keep_layers})")
         if self.base_token_rows_lr_mult < 0:
             raise ValueError("base_token_rows_lr_mult must be >= 0")
         if self.general_mix_ratio > 0 and not self.general_mix_file:

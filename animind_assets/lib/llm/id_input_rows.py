@@ -136,15 +136,46 @@ def attached(model) -> IdInputRows | None:
     return getattr(model, ATTACHED_ATTR, None)
 
 
+ENTRY_FIELDS = ("layer", "n_base", "rows", "dim")  # the INFO_KEY entry's required fields (plus optional "file")
+
+
+def saved_entry(folder: str | os.PathLike, info: dict) -> dict | None:
+    """The ``INFO_KEY`` entry of a model folder's ``animind_llm.json`` (``info``, already parsed), checked; None for a
+    folder trained without input-side rows (no entry, and ``config.id_input_rows`` false or absent, as in folders
+    from before the field). Raises ValueError naming the folder's ``animind_llm.json`` when the config says
+    ``id_input_rows`` but no entry lists the rows (loading without them would change every logit silently), or when
+    the entry is not a dict with integer fields ``layer``, ``n_base``, ``rows`` and ``dim``."""
+    where = Path(folder) / "animind_llm.json"
+    entry = info.get(INFO_KEY)
+    if entry is None:
+        if (info.get("config") or {}).get(INFO_KEY):
+            raise ValueError(f"{where}: config.{INFO_KEY} is true but there is no {INFO_KEY!r} entry naming the saved "
+                             "rows: the folder is incomplete (copy it again from the run that trained it)")
+        return None
+    if not isinstance(entry, dict):
+        raise ValueError(f"{where}: {INFO_KEY!r} must be an object {{file, {', '.join(ENTRY_FIELDS)}}}, got {entry!r}")
+    missing = [k for k in ENTRY_FIELDS if not isinstance(entry.get(k), int) or isinstance(entry.get(k), bool)]
+    if missing:
+        raise ValueError(f"{where}: {INFO_KEY!r} entry lacks integer field(s) {', '.join(missing)}: got {entry!r}")
+    return entry
+
+
 def load_rows(folder: str | os.PathLike, entry: dict) -> torch.Tensor:
-    """The (N, d) float32 rows of a model folder's ``INFO_KEY`` entry (safetensors: no code runs on load).
-    Raises FileNotFoundError naming the file when it is missing, ValueError when its shape is not the entry's."""
+    """The (N, d) float32 rows of a model folder's ``INFO_KEY`` entry (checked by :func:`saved_entry`; safetensors:
+    no code runs on load). Raises FileNotFoundError naming the file when it is missing, ValueError naming it when it
+    is not a readable safetensors file, holds no ``rows`` tensor, or its shape is not the entry's."""
     from safetensors.torch import load_file
 
     path = Path(folder) / entry.get("file", FILE)
     if not path.is_file():
         raise FileNotFoundError(f"{path}: animind_llm.json lists {INFO_KEY} but the file is missing")
-    rows = load_file(str(path))["rows"]
+    try:
+        tensors = load_file(str(path))
+    except Exception as exc:  # safetensors raises its own SafetensorError (header, truncation) without the path
+        raise ValueError(f"{path}: not a readable safetensors file ({type(exc).__name__}: {exc})") from exc
+    if "rows" not in tensors:
+        raise ValueError(f"{path}: no tensor 'rows' (found {sorted(tensors)})")
+    rows = tensors["rows"]
     want = (int(entry["rows"]), int(entry["dim"]))
     if tuple(rows.shape) != want:
         raise ValueError(f"{path}: rows of shape {tuple(rows.shape)}, animind_llm.json says {want}")

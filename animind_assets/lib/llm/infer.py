@@ -21,7 +21,7 @@ from typing import Literal
 import polars as pl
 import torch
 
-from animind_assets.lib.llm.id_input_rows import INFO_KEY as ID_INPUT_KEY, attach_saved
+from animind_assets.lib.llm.id_input_rows import attach_saved, saved_entry
 from animind_assets.lib.llm.model_folder import (prompt_ids, read_folder_files, recommend_prompt, render_prompt, sequence_prefix,
                                                  sid_token_ids, token_ids)
 from animind_assets.lib.semantic_ids.tokens import LIKED, leading_sid
@@ -112,8 +112,9 @@ def load_sid_model(folder: str | os.PathLike, num_threads: int = 0, device: str 
     "bfloat16" (about half the memory, and faster on CPUs with AMX-BF16 and on GPUs; beam scores differ in
     the last digits, so a few near-tied items change places; ``step_log_probs`` still normalises in float32).
     A folder trained with ``FinetuneConfig.id_input_rows`` gets its input-side ID rows attached again
-    (``lib/llm/id_input_rows.py``). ValueError for another dtype; FileNotFoundError when the info lists ID input
-    rows whose file is missing."""
+    (``lib/llm/id_input_rows.py``). ValueError for another dtype, and (naming the file) for an ``animind_llm.json``
+    whose config says ``id_input_rows`` without a usable entry or a rows file that is unreadable or of another shape;
+    FileNotFoundError when the info lists ID input rows whose file is missing."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     if dtype not in INFERENCE_DTYPES:
@@ -130,8 +131,9 @@ def load_sid_model(folder: str | os.PathLike, num_threads: int = 0, device: str 
     dev = resolve_device(device or "auto")
     model = AutoModelForCausalLM.from_pretrained(folder, dtype=INFERENCE_DTYPES[dtype]).to(dev)
     model.eval()
-    if isinstance(info.get(ID_INPUT_KEY), dict):  # input-side ID rows of a fine-tune with FinetuneConfig.id_input_rows
-        attach_saved(model, folder, info[ID_INPUT_KEY])
+    entry = saved_entry(folder, info)  # input-side ID rows of a fine-tune with FinetuneConfig.id_input_rows
+    if entry is not None:
+        attach_saved(model, folder, entry)
     return make_sid_model(model, tok, lookup, info)
 
 

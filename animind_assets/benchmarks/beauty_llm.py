@@ -241,7 +241,7 @@ def parse_args(argv=None) -> argparse.Namespace:
                         "compilation inside --train-seconds, needs a C++ compiler)")
     p.add_argument("--id-input-rows", action=argparse.BooleanOptionalAction, default=False,
                    help="each new ID token also gets a trained input-side row added at the first trained block "
-                        "(FinetuneConfig.id_input_rows; needs --train-layers > 0; set by --cpu-recipe)")
+                        "(FinetuneConfig.id_input_rows; needs 0 < --train-layers < the block count; set by --cpu-recipe)")
     p.add_argument("--batch-size", type=int, default=8, help="training rows per step")
     p.add_argument("--max-seq-length", type=int, default=192, help="tokens per training row (longer rows are skipped, counted)")
     p.add_argument("--train-layers", type=int, default=2, help="top blocks trained + embeddings/head (0 = all)")
@@ -383,14 +383,30 @@ def parse_args(argv=None) -> argparse.Namespace:
     if args.train_sasrec and args.data:
         p.error("--train-sasrec trains on ../shared/data/beauty (benchmarks.beauty); with --data, train the SASRec on that "
                 "split yourself and pass --sasrec-dir")
-    if args.id_input_rows and not args.model_dir and (args.train_layers == 0 or 0 < args.keep_layers <= args.train_layers):
+    if args.id_input_rows and not args.model_dir:  # rows need frozen blocks below the trained ones: refused before
+        # the SASRec, the data and the base model (minutes) rather than at the fine-tune's start
         given = _given_flags(p, argv)
+
         def _src(k):
             return "" if k in given else " (set by --cpu-recipe)" if args.cpu_recipe else " (set by --gpu)" if args.gpu else ""
-        limit = f"--keep-layers {args.keep_layers}{_src('keep_layers')}" if args.keep_layers else "the base's block count"
-        p.error(f"--id-input-rows{_src('id_input_rows')} adds rows below the trained blocks, so --train-layers "
-                f"{args.train_layers}{_src('train_layers')} must be > 0 and below {limit}: pass --no-id-input-rows, "
-                "or --train-layers N (N > 0)" + (" below --keep-layers" if args.keep_layers else ""))
+        limit, blocks = None, None
+        if args.train_layers > 0:
+            from animind_assets.lib.llm.base_model import block_count
+            from animind_assets.lib.llm.finetune_config import EMBEDDED_MODEL
+
+            try:  # the GGUF header / a local config.json (no weights loaded); None for a hub id
+                blocks = block_count(args.base_model or EMBEDDED_MODEL)
+            except (OSError, ValueError):
+                blocks = None  # a missing base fails later with its own message
+        if 0 < args.keep_layers and (blocks is None or args.keep_layers < blocks):
+            limit = (args.keep_layers, f"--keep-layers {args.keep_layers}{_src('keep_layers')}")
+        elif blocks is not None:
+            limit = (blocks, f"the base model's {blocks} blocks")
+        if args.train_layers == 0 or (limit is not None and args.train_layers >= limit[0]):
+            p.error(f"--id-input-rows{_src('id_input_rows')} adds rows below the trained blocks, so --train-layers "
+                    f"{args.train_layers}{_src('train_layers')} must be > 0 and below "
+                    f"{limit[1] if limit else 'the block count'}: pass --no-id-input-rows, or --train-layers N "
+                    f"with 0 < N < {limit[0] if limit else 'the block count'}")
     try:  # FinetuneConfig's own checks (e.g. --replay-ratio in [0, 1)) before any data is read
         build_finetune_config(args).validate()
     except ValueError as exc:
@@ -536,7 +552,7 @@ def _saved_folder(args, lookup, log, dcfg: SeqLlmDataConfig | None = None):
     sequence form's instruction; ``dcfg`` = the data config the flags build) must equal those these flags build; its
     own settings (blocks, batch, distillation, base) replace the flags' in ``args`` for the report; -> (folder, its
     metrics, stop reason, warm-start mode). SystemExit when any of them differs (another run's flags or split)."""
-    from animind_assets.lib.llm.id_input_rows import load_rows, saved_entry
+    from animind_assets.lib.llm.id_input_rows import check_saved, saved_entry
     from animind_assets.lib.llm.model_folder import read_folder_files
     from animind_assets.lib.llm.sequence_data import SeqLlmDataConfig, sequence_prompt
 
@@ -569,7 +585,7 @@ def _saved_folder(args, lookup, log, dcfg: SeqLlmDataConfig | None = None):
     try:  # input-side ID rows: what the folder holds (not a recipe's flag), checked before any search starts
         entry = saved_entry(folder, info)
         if entry is not None:
-            load_rows(folder, entry)
+            check_saved(folder, entry)
     except (OSError, ValueError) as exc:
         raise SystemExit(f"--model-dir {folder}: {exc}") from exc
     args.id_input_rows = entry is not None
@@ -611,16 +627,6 @@ def main(argv=None) -> int:
 
     if args.merge_ranks:
         return merge_main(args)
-    if args.train_layers and not args.keep_layers and not args.model_dir:  # before the SASRec and the data (minutes)
-        from animind_assets.lib.llm.base_model import block_count
-        from animind_assets.lib.llm.finetune_config import EMBEDDED_MODEL
-
-        n = block_count(args.base_model or EMBEDDED_MODEL)  # the GGUF header / config.json; None for a hub id
-        if n is not None and args.train_layers >= n and args.id_input_rows:
-            print(f"--train-layers {args.train_layers}: the base model has {n} blocks, and --id-input-rows needs "
-                  f"frozen blocks below the trained ones: pass --train-layers below {n}, or --no-id-input-rows",
-                  file=sys.stderr)
-            return 2
     with quiet_command(args.verbose, Path(args.out) / "library-warnings.txt"):
         return _run(args)
 

@@ -121,8 +121,17 @@ def test_fine_tune_trains_saves_and_reloads_the_rows(tmp_path):
     info = json.loads((folder / "animind_llm.json").read_text())
     assert info["config"]["id_input_rows"] is True
     # an incomplete or edited animind_llm.json never loads the model without its rows silently
+    info_path = folder / "animind_llm.json"
+    info_path.write_text(json.dumps({k: v for k, v in info.items() if k != iir.INFO_KEY}))
     with pytest.raises(ValueError, match="animind_llm.json: config.id_input_rows is true but there is no"):
-        iir.saved_entry(folder, {k: v for k, v in info.items() if k != iir.INFO_KEY})
+        load_sid_model(folder)
+    att.save(folder)  # the file again (unlinked above): an entry that does not fit the loaded model
+    info_path.write_text(json.dumps({**info, iir.INFO_KEY: {**entry, "layer": 7}}))
+    with pytest.raises(ValueError, match=r"animind_llm.json: id_input_rows: layer must be in \[0, 3\)"):
+        load_sid_model(folder)
+    info_path.write_text(json.dumps(info))
+    with pytest.raises(ValueError, match="file must be a file name inside the folder"):
+        iir.saved_entry(folder, {**info, iir.INFO_KEY: {**entry, "file": "../other/rows.safetensors"}})
     with pytest.raises(ValueError, match="must be an object"):
         iir.saved_entry(folder, {**info, iir.INFO_KEY: True})
     with pytest.raises(ValueError, match="lacks integer field.* rows, dim"):

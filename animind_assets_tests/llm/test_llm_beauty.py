@@ -565,6 +565,10 @@ def test_benchmark_fine_tune_flags_reach_the_finetune_config(monkeypatch):
     (["--cpu-recipe", "--sasrec-dir", "/s", "--train-layers", "0"], "--id-input-rows (set by --cpu-recipe)"),
     (["--cpu-recipe", "--sasrec-dir", "/s", "--keep-layers", "4"], "below --keep-layers 4: pass --no-id-input-rows"),
     (["--gpu", "--sasrec-dir", "/s", "--id-input-rows"], "--train-layers 0 (set by --gpu)"),
+    # every block of the embedded base (30, read from its GGUF header) trained: no block below for the rows
+    (["--cpu-recipe", "--sasrec-dir", "/s", "--train-layers", "30"], "(set by --cpu-recipe) adds rows below the trained "
+     "blocks, so --train-layers 30 must be > 0 and below the base model's 30 blocks"),
+    (["--cpu-recipe", "--sasrec-dir", "/s", "--train-layers", "30", "--keep-layers", "31"], "base model's 30 blocks"),
 ])
 def test_benchmark_refuses_flag_combinations_before_any_work(argv, says, capsys):
     """Combinations that could only fail after the dataset build or the whole fine-tune (the top-10 metrics with
@@ -579,10 +583,6 @@ def test_benchmark_refuses_flag_combinations_before_any_work(argv, says, capsys)
 def test_benchmarks_without_their_data_measure_nothing_and_exit_non_zero(tmp_path, monkeypatch, capsys):
     from animind_assets.benchmarks import beauty_llm, finetune_mal
 
-    # every block of the embedded base (30) trained leaves no block below for the input-side rows: refused before the
-    # SASRec, the data or the base model are touched
-    assert beauty_llm.main(["--id-input-rows", "--train-layers", "30", "--out", str(tmp_path / "o")]) == 2
-    assert "the base model has 30 blocks" in capsys.readouterr().err
 
     assert beauty_llm.main(["--data", str(tmp_path / "none"), "--out", str(tmp_path / "o")]) == 2
     assert "prepared Beauty split not found" in capsys.readouterr().err
@@ -707,6 +707,13 @@ def test_benchmark_model_dir_evaluates_a_saved_folder_only_with_the_same_ids(tmp
                                                                 "n_base": 10, "rows": 3, "dim": 4}}))
     with pytest.raises(SystemExit, match="model: .*id_input_rows.safetensors: animind_llm.json lists"):
         _saved_folder(recipe, lookup, log=lambda _m: None)  # before any search process starts
+    import torch
+    from safetensors.torch import save_file
+
+    save_file({"rows": torch.zeros(3, 4)}, str(tmp_path / "model" / "id_input_rows.safetensors"))
+    with pytest.raises(SystemExit, match=r"n_base 10 \+ rows 3 != vocab_size"):  # an entry that fits no model
+        _saved_folder(recipe, lookup, log=lambda _m: None)
+    (tmp_path / "model" / "id_input_rows.safetensors").unlink()
     info_path.write_text(json.dumps(info))
     swapped = lookup.with_columns(pl.col("semantic_id").shift(1).fill_null(lookup["semantic_id"][-1]))
     with pytest.raises(SystemExit, match="differs from the IDs"):

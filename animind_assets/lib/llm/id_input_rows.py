@@ -23,6 +23,7 @@ lookup) adds nothing. This module never imports Dagster.
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 from pathlib import Path
 
@@ -148,7 +149,7 @@ def saved_entry(folder: str | os.PathLike, info: dict) -> dict | None:
     where = Path(folder) / "animind_llm.json"
     entry = info.get(INFO_KEY)
     if entry is None:
-        if (info.get("config") or {}).get(INFO_KEY):
+        if (info.get("config") or {}).get(INFO_KEY) is True:
             raise ValueError(f"{where}: config.{INFO_KEY} is true but there is no {INFO_KEY!r} entry naming the saved "
                              "rows: the folder is incomplete (copy it again from the run that trained it)")
         return None
@@ -157,7 +158,28 @@ def saved_entry(folder: str | os.PathLike, info: dict) -> dict | None:
     missing = [k for k in ENTRY_FIELDS if not isinstance(entry.get(k), int) or isinstance(entry.get(k), bool)]
     if missing:
         raise ValueError(f"{where}: {INFO_KEY!r} entry lacks integer field(s) {', '.join(missing)}: got {entry!r}")
+    name = entry.get("file", FILE)
+    if not isinstance(name, str) or not name or Path(name).name != name or name in (".", ".."):
+        raise ValueError(f"{where}: {INFO_KEY!r} entry's file must be a file name inside the folder, got {name!r}")
     return entry
+
+
+def check_saved(folder: str | os.PathLike, entry: dict) -> None:
+    """Check a folder's saved rows without loading the model: the file as :func:`load_rows`, and the entry against
+    the folder's ``config.json`` (``n_base + rows`` = ``vocab_size``, ``0 <= layer < num_hidden_layers``). Raises
+    FileNotFoundError / ValueError naming the file that disagrees."""
+    load_rows(folder, entry)
+    conf_path = Path(folder) / "config.json"
+    if not conf_path.is_file():
+        return
+    conf = json.loads(conf_path.read_text(encoding="utf-8"))
+    vocab, blocks = conf.get("vocab_size"), conf.get("num_hidden_layers")
+    if isinstance(vocab, int) and entry["n_base"] + entry["rows"] != vocab:
+        raise ValueError(f"{Path(folder) / 'animind_llm.json'}: {INFO_KEY} n_base {entry['n_base']} + rows "
+                         f"{entry['rows']} != vocab_size {vocab} of {conf_path}")
+    if isinstance(blocks, int) and not 0 <= entry["layer"] < blocks:
+        raise ValueError(f"{Path(folder) / 'animind_llm.json'}: {INFO_KEY} layer {entry['layer']} is not a block of "
+                         f"{conf_path} ({blocks} blocks)")
 
 
 def load_rows(folder: str | os.PathLike, entry: dict) -> torch.Tensor:
@@ -187,6 +209,9 @@ def attach_saved(model, folder: str | os.PathLike, entry: dict) -> IdInputRows:
     gradient). Raises as :func:`load_rows` and :class:`IdInputRows`."""
     w = model.get_input_embeddings().weight
     rows = load_rows(folder, entry).to(device=w.device, dtype=w.dtype)
-    att = IdInputRows(model, int(entry["n_base"]), int(entry["layer"]), rows)
+    try:
+        att = IdInputRows(model, int(entry["n_base"]), int(entry["layer"]), rows)
+    except ValueError as exc:  # the entry does not fit the loaded model: name the folder's file
+        raise ValueError(f"{Path(folder) / 'animind_llm.json'}: {exc}") from exc
     att.rows.requires_grad_(False)
     return att

@@ -299,10 +299,13 @@ def parse_args(argv=None) -> argparse.Namespace:
         p.error(f"--beams {args.beams}: Recall@10 / NDCG@10 read the top 10 of the beams, so at least 10")
     if args.test_users < 0 or args.threads < 1:
         p.error("--test-users must be >= 0 (0 = all test users) and --threads >= 1")
+    given = _given_flags(p, argv)  # what the command line wrote (a preset fills only the rest)
+
+    def _preset(k):  # " (set by <preset>)" for a value a preset filled in, for error messages
+        return "" if k in given else " (set by --cpu-recipe)" if args.cpu_recipe else " (set by --gpu)" if args.gpu else ""
     if args.cpu_recipe:
         if args.gpu:
             p.error("--cpu-recipe and --gpu are two recipes: pick one")
-        given = _given_flags(p, argv)
         if args.next_id_format == "question" and "next_id_format" in given:
             p.error("--cpu-recipe is a sequence-form recipe (its prompts, distillation and rows): drop "
                     "--next-id-format question, or use the plain flags without --cpu-recipe")
@@ -321,7 +324,6 @@ def parse_args(argv=None) -> argparse.Namespace:
         if args.model_dir and "distill_weight" not in given:
             args.distill_weight = 0.0  # evaluation only: nothing is distilled
     if args.gpu:
-        given = _given_flags(p, argv)
         gpu_defaults = {"train_seconds": 240.0, "batch_size": 32, "train_layers": 0, "test_users": 2000, "phase1_steps": 200,
                         "n_examples": 200000, "threads": 8, "max_history": 20, "phase2_steps": 8000, "linking_items": 30,
                         "sids": "sasrec", "next_id_format": "sequence"}
@@ -385,28 +387,18 @@ def parse_args(argv=None) -> argparse.Namespace:
                 "split yourself and pass --sasrec-dir")
     if args.id_input_rows and not args.model_dir:  # rows need frozen blocks below the trained ones: refused before
         # the SASRec, the data and the base model (minutes) rather than at the fine-tune's start
-        given = _given_flags(p, argv)
+        from animind_assets.lib.llm.base_model import block_count
+        from animind_assets.lib.llm.finetune_config import EMBEDDED_MODEL, blocks_after_pruning
 
-        def _src(k):
-            return "" if k in given else " (set by --cpu-recipe)" if args.cpu_recipe else " (set by --gpu)" if args.gpu else ""
-        limit, blocks = None, None
-        if args.train_layers > 0:
-            from animind_assets.lib.llm.base_model import block_count
-            from animind_assets.lib.llm.finetune_config import EMBEDDED_MODEL
-
-            try:  # the GGUF header / a local config.json (no weights loaded); None for a hub id
-                blocks = block_count(args.base_model or EMBEDDED_MODEL)
-            except (OSError, ValueError):
-                blocks = None  # a missing base fails later with its own message
-        if 0 < args.keep_layers and (blocks is None or args.keep_layers < blocks):
-            limit = (args.keep_layers, f"--keep-layers {args.keep_layers}{_src('keep_layers')}")
-        elif blocks is not None:
-            limit = (blocks, f"the base model's {blocks} blocks")
-        if args.train_layers == 0 or (limit is not None and args.train_layers >= limit[0]):
-            p.error(f"--id-input-rows{_src('id_input_rows')} adds rows below the trained blocks, so --train-layers "
-                    f"{args.train_layers}{_src('train_layers')} must be > 0 and below "
-                    f"{limit[1] if limit else 'the block count'}: pass --no-id-input-rows, or --train-layers N "
-                    f"with 0 < N < {limit[0] if limit else 'the block count'}")
+        # the base's config (GGUF header / config.json, no weights; None for a hub id not in the local cache)
+        blocks = block_count(args.base_model or EMBEDDED_MODEL) if args.train_layers > 0 else None
+        n = blocks_after_pruning(args.keep_layers, blocks)
+        limit = ("the block count" if n is None else f"the base model's {n} blocks" if n == blocks
+                 else f"--keep-layers {n}{_preset('keep_layers')}")
+        if args.train_layers == 0 or (n is not None and args.train_layers >= n):
+            p.error(f"--id-input-rows{_preset('id_input_rows')} adds rows below the trained blocks, so --train-layers "
+                    f"{args.train_layers}{_preset('train_layers')} must be > 0 and below {limit}: pass "
+                    f"--no-id-input-rows, or --train-layers N with 0 < N < {'the block count' if n is None else n}")
     try:  # FinetuneConfig's own checks (e.g. --replay-ratio in [0, 1)) before any data is read
         build_finetune_config(args).validate()
     except ValueError as exc:

@@ -4,7 +4,6 @@ hub download at run time unless configured), and tokenizer extension with semant
 from __future__ import annotations
 
 import importlib.util
-import json
 import os
 import time
 from collections.abc import Sequence
@@ -42,27 +41,19 @@ def resolve_base(base_model: str, gguf_file: str = "") -> tuple[str, str | None]
 
 
 def block_count(base_model: str, gguf_file: str = "") -> int | None:
-    """The number of decoder blocks of a base model read from its files without loading weights: a GGUF file's
-    ``<architecture>.block_count`` (memory-mapped header) or a local folder's ``config.json`` ``num_hidden_layers``;
-    None for a hub id (nothing is downloaded) or a file without that field. Raises FileNotFoundError as
-    :func:`resolve_base` for a missing embedded model."""
-    path, gguf = resolve_base(base_model, gguf_file)
-    if gguf:
-        f = Path(path) / gguf
-        if not f.is_file():
-            return None
-        from gguf import GGUFReader
+    """The number of decoder blocks (``num_hidden_layers``) of a base model from its config alone (transformers'
+    ``AutoConfig``: a GGUF file's header or a ``config.json``; no weights loaded, nothing downloaded:
+    ``local_files_only``); None when no local config can be read (e.g. a hub id not in the local cache, or a
+    missing embedded model: loading it fails later with its own message)."""
+    from transformers import AutoConfig
 
-        fields = GGUFReader(str(f)).fields
-        arch = fields.get("general.architecture")
-        name = bytes(arch.parts[arch.data[0]]).decode() if arch is not None else "llama"
-        field = fields.get(f"{name}.block_count")
-        return int(field.parts[field.data[0]][0]) if field is not None else None
-    conf = Path(path) / "config.json"
-    if conf.is_file():
-        n = json.loads(conf.read_text(encoding="utf-8")).get("num_hidden_layers")
-        return int(n) if n is not None else None
-    return None
+    try:
+        path, gguf = resolve_base(base_model, gguf_file)
+        conf = AutoConfig.from_pretrained(path, local_files_only=True, **({"gguf_file": gguf} if gguf else {}))
+    except (OSError, ValueError):
+        return None
+    n = getattr(conf, "num_hidden_layers", None)
+    return int(n) if n is not None else None
 
 
 def _hf_kwargs(revision: str) -> dict:

@@ -66,6 +66,15 @@ def noop_log(_: str) -> None:
 
 
 # ---------------------------------------------------------------------------------------- config
+def blocks_after_pruning(keep_layers: int, base_blocks: int | None) -> int | None:
+    """Decoder blocks a fine-tune runs on (``FinetuneConfig.keep_layers`` applied as ``base_model.prune_layers``
+    does): ``keep_layers`` when it prunes (``0 < keep_layers < base_blocks``, or any ``keep_layers > 0`` when
+    ``base_blocks`` is None = unknown), else ``base_blocks`` (None when unknown)."""
+    if keep_layers > 0 and (base_blocks is None or keep_layers < base_blocks):
+        return keep_layers
+    return base_blocks
+
+
 @dataclass
 class FinetuneConfig:
     base_model: str = EMBEDDED_MODEL  # embedded GGUF | HF model id | local folder
@@ -154,7 +163,8 @@ class FinetuneConfig:
                              "every block trained the input rows get their gradient already")
         if self.keep_layers < 0 or self.train_layers < 0:
             raise ValueError(f"keep_layers ({self.keep_layers}) and train_layers ({self.train_layers}) must be >= 0")
-        if self.id_input_rows and 0 < self.keep_layers <= self.train_layers:
+        kept = blocks_after_pruning(self.keep_layers, None)  # the base's block count is not known here
+        if self.id_input_rows and kept is not None and self.train_layers >= kept:
             raise ValueError(f"id_input_rows needs frozen blocks below the trained ones: train_layers "
                              f"({self.train_layers}) must be below keep_layers ({self.keep_layers})")
         if self.base_token_rows_lr_mult < 0:
